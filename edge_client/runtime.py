@@ -1,0 +1,157 @@
+"""ONNX Runtime on-device training, torch-free.
+
+``onnxruntime.training``'s package ``__init__`` imports torch (through its optim module), which
+a device does not have. We register a bare package object for ``onnxruntime.training`` whose
+``__path__`` points at the real folder, so ``onnxruntime.training.api`` imports alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.bundle import Bundle
+from edge_client.errors import BundleError
+from edge_client.data import Batch, EncodedDataset
+
+
+def training_api():
+    """Import ``onnxruntime.training.api`` without importing torch."""
+    if "onnxruntime.training" not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        if spec is None or spec.submodule_search_locations is None:
+            raise BundleError("onnxruntime is not installed; install onnxruntime-training-cpu==1.19.2")
+        folder = Path(list(spec.submodule_search_locations)[0]) / "training"
+        if not (folder / "api").is_dir():
+            raise BundleError(
+                "this onnxruntime has no training API: install onnxruntime-training-cpu "
+                "(and not plain onnxruntime, which shares its folder)"
+            )
+        package = types.ModuleType("onnxruntime.training")
+        package.__path__ = [str(folder)]
+        sys.modules["onnxruntime.training"] = package
+    return importlib.import_module("onnxruntime.training.api")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Session knobs that decide the device's step time and memory."""
+
+    intra_op_threads: int = 0  # 0: ORT picks (all cores)
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"  # none | basic | extended | all
+
+
+def _session_options(opts: RuntimeOptions):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # warnings about unused initializers are noise on a device
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opts.graph_optimization]
+    return so
+
+
+class Trainer:
+    """One bundle loaded into ONNX Runtime: train steps, evaluation, adapter get/set."""
+
+    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None, options: RuntimeOptions = RuntimeOptions()):
+        api = training_api()
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        ckpt = Path(checkpoint) if checkpoint is not None else bundle.path("checkpoint")
+        try:
+            self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+            so = _session_options(options)
+            self.module = api.Module(
+                str(bundle.path("training_model.onnx")), self.state, str(bundle.path("eval_model.onnx")),
+                device="cpu", session_options=so,
+            )
+            self.optimizer = api.Optimizer(str(bundle.path("optimizer_model.onnx")), self.module)
+        except Exception as exc:  # ORT raises its own types; name the bundle in the message
+            raise BundleError(f"{bundle.root}: ONNX Runtime could not load the artifacts: {exc}") from exc
+        self._names = [p.name for p in self.manifest.trainable]
+
+    # -- adapter state -------------------------------------------------------------------
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        params = self.state.parameters
+        return {name: np.array(params[name].data, dtype=np.float32, copy=True) for name in self._names}
+
+    def set_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        shapes = self.manifest.shapes
+        params = self.state.parameters
+        for name, value in tensors.items():
+            if name not in shapes:
+                raise BundleError(f"adapter tensor {name} is not trainable in this bundle")
+            if tuple(value.shape) != shapes[name]:
+                raise BundleError(f"adapter tensor {name} has shape {value.shape}, bundle expects {shapes[name]}")
+            params[name].data = np.ascontiguousarray(value, dtype=np.float32)
+
+    def set_frozen(self, name: str, value: np.ndarray) -> None:
+        """Overwrite a frozen parameter (strategies that fold a residual into base weights)."""
+        params = self.state.parameters
+        if name not in params:
+            raise BundleError(f"parameter {name} is not in the checkpoint")
+        params[name].data = np.ascontiguousarray(value, dtype=np.float32)
+
+    def save(self, path: str | Path) -> None:
+        training_api().CheckpointState.save_checkpoint(self.state, str(path))
+
+    # -- compute -------------------------------------------------------------------------
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(float(lr))
+
+    def _inputs(self, batch: Batch):
+        if self.manifest.task == "causal-lm":
+            return batch.input_ids, batch.attention_mask, batch.labels.reshape(-1)
+        return batch.input_ids, batch.attention_mask, batch.labels
+
+    def train_step(self, batch: Batch) -> float:
+        self.module.train()
+        outputs = self.module(*self._inputs(batch))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        loss = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        return float(loss)
+
+    def eval_batch(self, batch: Batch) -> tuple[float, np.ndarray]:
+        """Mean loss and logits of one batch (no parameter change)."""
+        self.module.eval()
+        loss, logits = self.module(*self._inputs(batch))
+        return float(loss), logits
+
+    def evaluate(self, data: EncodedDataset, batch_size: int = 32) -> dict[str, float]:
+        """Loss (and accuracy for classification / next-token accuracy for LMs) over a data set."""
+        total_loss = 0.0
+        correct = 0
+        counted = 0
+        weight = 0
+        for batch in data.batches(batch_size):
+            loss, logits = self.eval_batch(batch)
+            if self.manifest.task == "causal-lm":
+                labels = batch.labels.reshape(-1)
+                keep = labels != -100
+                n = int(keep.sum())
+                correct += int((logits.argmax(axis=-1)[keep] == labels[keep]).sum())
+            else:
+                n = len(batch.labels)
+                correct += int((logits.argmax(axis=-1) == batch.labels).sum())
+            total_loss += loss * n
+            counted += n
+            weight += n
+        if counted == 0:
+            return {"loss": float("nan"), "accuracy": float("nan"), "examples": 0}
+        return {"loss": total_loss / weight, "accuracy": correct / counted, "examples": len(data)}

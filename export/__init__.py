@@ -1,0 +1,1 @@
+"""Build-host side of fedlora: Hugging Face model + peft LoRA -> ONNX -> ORT training artifacts."""

@@ -1,0 +1,50 @@
+"""``fedlora-export``: local HF model folder -> artifact bundles (one per rank)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edge_client.errors import FedloraError
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlora-export", description=__doc__)
+    parser.add_argument("model_dir", help="local Hugging Face model folder (no hub access)")
+    parser.add_argument("-o", "--output", required=True, help="output folder; bundles go to <output>/r<rank>")
+    parser.add_argument("--task", default="auto", choices=["auto", "seq-cls", "causal-lm"])
+    parser.add_argument("--labels", type=_csv, default=(), help="class names for seq-cls, comma separated")
+    parser.add_argument("--num-labels", type=int, help="instead of --labels: classes named 0..N-1")
+    parser.add_argument("--targets", type=_csv, default=(), help="LoRA target modules (default per architecture)")
+    parser.add_argument("--ranks", type=_csv, default=("8",), help="rank ladder, e.g. 2,4,8,16")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--opset", type=int, default=16)
+    parser.add_argument("--gguf-file", help="the .gguf file in model_dir to load")
+    parser.add_argument("--model-id", help="name recorded in the manifest (default: folder name)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the PyTorch-vs-ORT self-check")
+    args = parser.parse_args(argv)
+
+    from export.config import ExportConfig
+    from export.exporter import export
+
+    labels = args.labels or (tuple(str(i) for i in range(args.num_labels)) if args.num_labels else ())
+    try:
+        cfg = ExportConfig(
+            model_dir=args.model_dir, output_dir=args.output, task=args.task, labels=labels, targets=args.targets,
+            ranks=tuple(int(r) for r in args.ranks), alpha=args.alpha, max_length=args.max_length, opset=args.opset,
+            gguf_file=args.gguf_file, model_id=args.model_id, verify=not args.no_verify,
+        )
+        export(cfg)
+    except (FedloraError, ValueError) as exc:
+        print(f"fedlora-export: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Turn a local Hugging Face model into fedlora artifact bundles, one per LoRA rank.
+
+Stages per rank: wrap the model with peft LoRA -> ``torch.onnx.export`` (legacy exporter,
+training mode, no constant folding: see the traps in the design notes) -> rename parameters
+to peft's adapter keys -> ``generate_artifacts`` (only LoRA and head trainable) -> manifest
+with hashes -> self-check (one training step in PyTorch and in ORT must give the same loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.bundle import MANIFEST_NAME, Bundle, Manifest, ParamSpec, sha256_file
+from edge_client.errors import BundleError, ConfigError, FedloraError
+from export.config import DEFAULT_TARGETS, ExportConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+IGNORE_INDEX = -100
+
+
+class ExportError(FedloraError):
+    """The export or its self-check failed."""
+
+
+def log(message: str) -> None:
+    print(f"[export] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stage(name: str, timings: dict[str, float]):
+    log(f"{name} ...")
+    start = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - start
+    timings[name] = round(elapsed, 3)
+    log(f"{name} done in {elapsed:.1f}s")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel
+    tokenizer: object
+    task: str
+    model_type: str
+    labels: tuple[str, ...]
+
+
+def _find_gguf(cfg: ExportConfig) -> str | None:
+    if cfg.gguf_file:
+        if not (cfg.model_dir / cfg.gguf_file).is_file():
+            raise ConfigError(f"gguf_file {cfg.gguf_file} not found in {cfg.model_dir}")
+        return cfg.gguf_file
+    if (cfg.model_dir / "config.json").is_file():
+        return None
+    found = sorted(p.name for p in cfg.model_dir.glob("*.gguf"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigError(f"{cfg.model_dir} has no config.json and no .gguf file: not a Hugging Face model folder")
+    raise ConfigError(f"{cfg.model_dir} has several .gguf files, choose one with --gguf-file: {found}")
+
+
+def load_model(cfg: ExportConfig) -> LoadedModel:
+    """Load model and tokenizer from the local folder, with every dropout set to 0.
+
+    Dropout is off so the exported graph is deterministic: the self-check compares PyTorch
+    and ORT losses exactly, and LoRA on small adapters trains well without it.
+    """
+    import torch
+    import transformers
+
+    gguf = _find_gguf(cfg)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(cfg.model_dir, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{cfg.model_dir}: cannot read the model config ({exc})") from exc
+    task = cfg.task
+    if task == "auto":
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs) else "seq-cls"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model_dir, **kwargs)
+    except Exception as exc:
+        raise ExportError(f"{cfg.model_dir}: no usable tokenizer ({type(exc).__name__}: {exc})") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{cfg.model_dir}: the tokenizer has no fast (tokenizer.json) form, which the device needs")
+
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "classifier_dropout",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    labels = tuple(cfg.labels)
+    common = dict(config=config, attn_implementation="eager", torch_dtype=torch.float32, **kwargs)
+    if task == "seq-cls":
+        if not labels:
+            raise ConfigError("seq-cls export needs the class labels (--labels a,b,c)")
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+        torch.manual_seed(cfg.seed)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, **common)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_dir, **common)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+    return LoadedModel(model, tokenizer, task, config.model_type, labels)
+
+
+def _targets(cfg: ExportConfig, model_type: str) -> tuple[str, ...]:
+    if cfg.targets:
+        return tuple(cfg.targets)
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError(f"no default LoRA targets for model type {model_type!r}; name them with --targets")
+    return DEFAULT_TARGETS[model_type]
+
+
+def _head_names(model) -> tuple[str, ...]:
+    """Modules that are new for the task and must train (the classifier of a seq-cls model)."""
+    names = [n for n in ("classifier", "score") if hasattr(model, n)]
+    return tuple(names)
+
+
+def peft_key(torch_name: str) -> str:
+    """Graph name of a parameter: peft's adapter key (``base_model.model.<path>``, no adapter name)."""
+    name = torch_name[len("model."):] if torch_name.startswith("model.") else torch_name
+    return name.replace(".default.", ".").replace(".modules_to_save.", ".")
+
+
+def role_of(name: str) -> str:
+    if ".lora_A." in name:
+        return "lora_A"
+    if ".lora_B." in name:
+        return "lora_B"
+    return "head"
+
+
+def build_peft(loaded: LoadedModel, cfg: ExportConfig, rank: int):
+    """A fresh LoRA model of this rank (same seed for every rank) wrapped for export."""
+    import copy
+
+    import peft
+    import torch
+
+    targets = _targets(cfg, loaded.model_type)
+    torch.manual_seed(cfg.seed + rank)
+    base = copy.deepcopy(loaded.model)
+    lora = peft.LoraConfig(r=rank, lora_alpha=cfg.alpha_for(rank), target_modules=list(targets), lora_dropout=0.0,
+                           modules_to_save=list(_head_names(base)) + list(cfg.extra_trainable) or None)
+    try:
+        model = peft.get_peft_model(base, lora)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA targets {list(targets)} do not match modules of this model: {exc}") from exc
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner, causal: bool):
+            super().__init__()
+            self.model = inner
+            self.causal = causal
+
+        def forward(self, input_ids, attention_mask):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            # Causal LM: [B*S, V] so SoftmaxCrossEntropyLoss sees classes on axis 1.
+            return logits.reshape(-1, logits.shape[-1]) if self.causal else logits
+
+    wrapper = Wrapper(model, loaded.task == "causal-lm")
+    wrapper.train()
+    return wrapper, targets
+
+
+def _rename_initializers(model_proto, mapping: dict[str, str]) -> None:
+    graph = model_proto.graph
+    for init in graph.initializer:
+        if init.name in mapping:
+            init.name = mapping[init.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+    for value in list(graph.input) + list(graph.value_info):
+        if value.name in mapping:
+            value.name = mapping[value.name]
+
+
+def export_onnx(wrapper, cfg: ExportConfig, path: Path) -> tuple[list[str], list[str]]:
+    """Legacy TorchScript export in training mode; returns (trainable, frozen) graph names."""
+    import onnx
+    import torch
+
+    ids = torch.ones((2, 16), dtype=torch.int64)
+    mask = torch.ones((2, 16), dtype=torch.int64)
+    torch.onnx.export(
+        wrapper, (ids, mask), str(path), dynamo=False, opset_version=cfg.opset, do_constant_folding=False,
+        training=torch.onnx.TrainingMode.TRAINING, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                      "logits": {0: "rows"}},
+    )
+    proto = onnx.load(str(path))
+    params = dict(wrapper.named_parameters())
+    mapping = {name: peft_key(name) for name in params}
+    in_graph = {init.name for init in proto.graph.initializer}
+    missing = [n for n, p in params.items() if p.requires_grad and n not in in_graph]
+    if missing:
+        raise ExportError(f"trainable parameters were folded away by the exporter: {missing[:3]}")
+    _rename_initializers(proto, mapping)
+    onnx.save(proto, str(path))
+    trainable = [mapping[n] for n, p in params.items() if p.requires_grad]
+    frozen = [mapping[n] for n, p in params.items() if not p.requires_grad and n in in_graph]
+    return trainable, frozen
+
+
+def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str, out: Path) -> None:
+    import onnx
+    from onnxruntime.training import artifacts, onnxblock
+
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    model = onnx.load(str(onnx_path))
+    loss = onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX) if task == "causal-lm" else artifacts.LossType.CrossEntropyLoss
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)  # generate_artifacts may write temp.onnx into the working directory
+        try:
+            artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=frozen, loss=loss, optimizer=artifacts.OptimType.AdamW,
+                artifact_directory=str(out), additional_output_names=["logits"],
+            )
+        finally:
+            os.chdir(cwd)
+
+
+def verification_batch(loaded: LoadedModel, cfg: ExportConfig, vocab_size: int):
+    """Deterministic batch with padding in one row, so masking is exercised too."""
+    rng = np.random.default_rng(cfg.seed)
+    seq = min(cfg.max_length, 24)
+    ids = rng.integers(5, min(vocab_size, 1000), size=(2, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, seq * 2 // 3:] = 0
+    ids[1, seq * 2 // 3:] = loaded.tokenizer.pad_token_id
+    if loaded.task == "causal-lm":
+        labels = np.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = np.where(mask[:, 1:] == 1, ids[:, 1:], IGNORE_INDEX)
+    else:
+        labels = rng.integers(0, len(loaded.labels), size=(2,), dtype=np.int64)
+    return ids, mask, labels
+
+
+def torch_two_losses(wrapper, batch, lr: float) -> tuple[float, float]:
+    """Loss, one AdamW step in ORT's variant (HF AdamW: eps 1e-6 added after bias correction), loss."""
+    import torch
+
+    ids, mask, labels = (torch.from_numpy(x) for x in batch)
+
+    def loss_fn():
+        logits = wrapper(ids, mask)
+        return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]
+    loss1 = loss_fn()
+    loss1.backward()
+    beta1, beta2, eps = 0.9, 0.999, 1e-6
+    with torch.no_grad():
+        for p in trainable:
+            g = p.grad
+            m = (1 - beta1) * g
+            v = (1 - beta2) * g * g
+            step_size = lr * (1 - beta2) ** 0.5 / (1 - beta1)
+            p.sub_(step_size * m / (v.sqrt() + eps))
+        loss2 = loss_fn()
+    return float(loss1.detach()), float(loss2)
+
+
+def ort_two_losses(bundle_dir: Path, batch, lr: float) -> tuple[float, float]:
+    from edge_client.data import Batch
+    from edge_client.runtime import Trainer
+
+    trainer = Trainer(Bundle(bundle_dir))
+    trainer.set_learning_rate(lr)
+    b = Batch(*batch)
+    loss1 = trainer.train_step(b)
+    loss2, _ = trainer.eval_batch(b)
+    return loss1, loss2
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import peft
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir: Path) -> Path:
+    timings: dict[str, float] = {}
+    out = cfg.output_dir / f"r{rank}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    wrapper, targets = build_peft(loaded, cfg, rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        with stage(f"r={rank}: torch.onnx.export", timings):
+            trainable, frozen = export_onnx(wrapper, cfg, onnx_path)
+        with stage(f"r={rank}: generate_artifacts", timings):
+            generate(onnx_path, trainable, frozen, loaded.task, out)
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    params = dict((peft_key(n), p) for n, p in wrapper.named_parameters())
+    specs = tuple(ParamSpec(name, tuple(params[name].shape), role_of(name)) for name in trainable)
+    files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = Manifest(
+        model_id=cfg.model_id or cfg.model_dir.name, task=loaded.task, rank=rank, alpha=cfg.alpha_for(rank),
+        targets=tuple(targets), max_length=cfg.max_length, pad_token_id=int(loaded.tokenizer.pad_token_id),
+        trainable=specs, input_names=("input_ids", "attention_mask"), files=files, labels=loaded.labels,
+        tokenizer="tokenizer/tokenizer.json",
+        extra={"model_type": loaded.model_type, "versions": _versions(), "export_seconds": timings,
+               "frozen_params": len(frozen)},
+    )
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1) + "\n", encoding="utf-8")
+    if cfg.verify:
+        with stage(f"r={rank}: self-check (one step in PyTorch and ORT)", timings):
+            batch = verification_batch(loaded, cfg, loaded.model.config.vocab_size)
+            ort1, ort2 = ort_two_losses(out, batch, cfg.verify_lr)
+            pt1, pt2 = torch_two_losses(wrapper, batch, cfg.verify_lr)
+            check = {"torch_loss": [pt1, pt2], "ort_loss": [ort1, ort2],
+                     "rel_diff": [abs(ort1 - pt1) / max(abs(pt1), 1e-12), abs(ort2 - pt2) / max(abs(pt2), 1e-12)],
+                     "tolerance": cfg.verify_tolerance}
+            log(f"r={rank}: loss before step torch {pt1:.6f} ort {ort1:.6f}; after step torch {pt2:.6f} ort {ort2:.6f}")
+            if max(check["rel_diff"]) > cfg.verify_tolerance:
+                raise ExportError(
+                    f"self-check failed for rank {rank}: ORT and PyTorch losses differ by "
+                    f"{max(check['rel_diff']):.2e} relative (> {cfg.verify_tolerance:g}): {check}"
+                )
+        data = json.loads((out / MANIFEST_NAME).read_text())
+        data["self_check"] = check
+        data["export_seconds"] = timings
+        (out / MANIFEST_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    Bundle(out)  # re-read and verify what we wrote
+    return out
+
+
+def export(cfg: ExportConfig) -> list[Path]:
+    """Export every rank of the ladder; returns the bundle folders."""
+    timings: dict[str, float] = {}
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    with stage(f"load {cfg.model_dir}", timings):
+        loaded = load_model(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tmp) / "tokenizer"
+        loaded.tokenizer.save_pretrained(tok_dir)
+        for extra in tok_dir.glob("*"):
+            if extra.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                extra.unlink()
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise ExportError(f"{cfg.model_dir}: the tokenizer did not produce tokenizer.json")
+        bundles = []
+        for i, rank in enumerate(cfg.ranks, start=1):
+            log(f"rank {rank} ({i}/{len(cfg.ranks)})")
+            bundles.append(export_rank(loaded, cfg, rank, tok_dir))
+    ladder = {
+        "model_id": cfg.model_id or cfg.model_dir.name,
+        "task": loaded.task,
+        "ranks": {str(r): {"path": f"r{r}"} for r in cfg.ranks},
+    }
+    for rank, path in zip(cfg.ranks, bundles):
+        m = Bundle(path, verify=False).manifest
+        ladder["ranks"][str(rank)]["adapter_parameters"] = m.adapter_size
+        ladder["ranks"][str(rank)]["adapter_bytes_fp32"] = 4 * m.adapter_size
+    (cfg.output_dir / "ladder.json").write_text(json.dumps(ladder, indent=1) + "\n", encoding="utf-8")
+    log(f"wrote {len(bundles)} bundle(s) to {cfg.output_dir}")
+    return bundles
