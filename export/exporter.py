@@ -49,6 +49,32 @@ def stage(name: str, timings: dict[str, float]):
     log(f"{name} done in {elapsed:.1f}s")
 
 
+class _Captured:
+    def __init__(self, file):
+        self.file = file
+
+    def text(self) -> str:
+        self.file.seek(0)
+        return self.file.read().decode("utf-8", "replace")
+
+
+@contextmanager
+def native_stderr_captured():
+    """Hold back what native code (ORT's graph builder logs at info level) writes to fd 2.
+
+    Shown only when the step fails, so a good export prints our progress lines alone.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield _Captured(tmp)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 @dataclass
 class LoadedModel:
     model: object  # transformers PreTrainedModel
@@ -203,14 +229,19 @@ def export_onnx(wrapper, cfg: ExportConfig, path: Path) -> tuple[list[str], list
     import onnx
     import torch
 
+    import warnings
+
     ids = torch.ones((2, 16), dtype=torch.int64)
     mask = torch.ones((2, 16), dtype=torch.int64)
-    torch.onnx.export(
-        wrapper, (ids, mask), str(path), dynamo=False, opset_version=cfg.opset, do_constant_folding=False,
-        training=torch.onnx.TrainingMode.TRAINING, input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                      "logits": {0: "rows"}},
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            wrapper, (ids, mask), str(path), dynamo=False, opset_version=cfg.opset, do_constant_folding=False,
+            training=torch.onnx.TrainingMode.TRAINING, input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                          "logits": {0: "rows"}},
+        )
     proto = onnx.load(str(path))
     params = dict(wrapper.named_parameters())
     mapping = {name: peft_key(name) for name in params}
@@ -229,19 +260,18 @@ def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str
     import onnx
     from onnxruntime.training import artifacts, onnxblock
 
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)
     model = onnx.load(str(onnx_path))
     loss = onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX) if task == "causal-lm" else artifacts.LossType.CrossEntropyLoss
     cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, native_stderr_captured() as captured:
         os.chdir(scratch)  # generate_artifacts may write temp.onnx into the working directory
         try:
             artifacts.generate_artifacts(
                 model, requires_grad=trainable, frozen_params=frozen, loss=loss, optimizer=artifacts.OptimType.AdamW,
                 artifact_directory=str(out), additional_output_names=["logits"],
             )
+        except Exception as exc:
+            raise ExportError(f"generate_artifacts failed: {exc}\n{captured.text()[-4000:]}") from exc
         finally:
             os.chdir(cwd)
 
