@@ -31,6 +31,24 @@ def read_records(path: str | Path, text_column: str = "text", label_column: str 
     the line and the missing column instead of failing later in training.
     """
     path = Path(path)
+    records = []
+    for line_no, row in read_rows(path):
+        require_columns(path, line_no, row, (text_column, label_column))
+        text = row[text_column]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_no}: column {text_column!r} is not text")
+        label = None if label_column is None else str(row[label_column])
+        records.append(Record(text=text, label=label))
+    return records
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """Every row of a data file as (line number, columns), for readers that need more columns.
+
+    Raises DataError if the file is missing, empty, not UTF-8, of an unknown format, or holds
+    something other than objects.
+    """
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
@@ -48,23 +66,19 @@ def read_records(path: str | Path, text_column: str = "text", label_column: str 
             raise DataError(f"{path}: unsupported data format {suffix!r} (use .csv, .tsv, .jsonl or .json)")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
-    records = []
     for line_no, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line_no}: expected an object with columns, got {type(row).__name__}")
-        for column in (text_column, label_column):
-            if column is not None and column not in row:
-                raise DataError(
-                    f"{path}:{line_no}: no column {column!r} (columns: {', '.join(map(str, row)) or 'none'})"
-                )
-        text = row[text_column]
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{line_no}: column {text_column!r} is not text")
-        label = None if label_column is None else str(row[label_column])
-        records.append(Record(text=text, label=label))
-    if not records:
+    if not rows:
         raise DataError(f"{path}: no records")
-    return records
+    return rows
+
+
+def require_columns(path: str | Path, line_no: int, row: dict, columns: Sequence[str | None]) -> None:
+    """Raise DataError naming the first of ``columns`` (None entries skipped) absent from ``row``."""
+    for column in columns:
+        if column is not None and column not in row:
+            raise DataError(f"{path}:{line_no}: no column {column!r} (columns: {', '.join(map(str, row)) or 'none'})")
 
 
 def _read_delimited(path: Path, delimiter: str):

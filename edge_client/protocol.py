@@ -1,0 +1,271 @@
+"""Protocol v1: topics, the binary envelope, and chunking with reassembly.
+
+See docs/protocol.md for the normative description. Everything here is pure (no sockets),
+so the aggregator, the device and the tests drive it directly.
+
+Envelope (one update or one global adapter)::
+
+    b"FLE1" | u32 header length | header (UTF-8 JSON) | body (encoded tensors, back to back)
+
+Chunk (one MQTT message)::
+
+    b"FLC1" | 16-byte message id | u32 index | u32 count | u64 total size | data
+
+The message id is the first 16 bytes of sha256(envelope), so reassembly checks the whole
+payload's hash before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_client.codecs import get_codec
+from edge_client.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+ENVELOPE_MAGIC = b"FLE1"
+CHUNK_MAGIC = b"FLC1"
+CHUNK_HEADER = struct.Struct("<4s16sIIQ")
+MAX_HEADER_BYTES = 1 << 20
+KINDS = ("update", "global")
+
+
+# -- topics --------------------------------------------------------------------------------
+class Topics:
+    """All topics of one job live under ``fedlora/<job>/``."""
+
+    def __init__(self, job: str, prefix: str = "fedlora"):
+        if not job or any(c in job for c in "/#+\0"):
+            raise ProtocolError(f"job id {job!r} must be non-empty and free of '/', '#', '+'")
+        self.job = job
+        self.base = f"{prefix}/{job}"
+
+    @property
+    def round(self) -> str:
+        return f"{self.base}/round"
+
+    def global_chunk(self, rank: int, index: int) -> str:
+        return f"{self.base}/global/{rank}/{index}"
+
+    def global_filter(self, rank: int) -> str:
+        return f"{self.base}/global/{rank}/+"
+
+    def update(self, device: str) -> str:
+        return f"{self.base}/updates/{device}"
+
+    @property
+    def update_filter(self) -> str:
+        return f"{self.base}/updates/+"
+
+    def status(self, device: str) -> str:
+        return f"{self.base}/status/{device}"
+
+    @property
+    def status_filter(self) -> str:
+        return f"{self.base}/status/+"
+
+    def ack(self, device: str) -> str:
+        return f"{self.base}/ack/{device}"
+
+    def device_of(self, topic: str) -> str:
+        return topic.rsplit("/", 1)[-1]
+
+
+def check_device_id(device: str) -> str:
+    if not device or len(device) > 128 or any(c in device for c in "/#+\0 "):
+        raise ProtocolError(f"device id {device!r} must be 1-128 characters without '/', '#', '+' or spaces")
+    return device
+
+
+# -- envelope ------------------------------------------------------------------------------
+@dataclass
+class Envelope:
+    kind: str
+    job: str
+    round: int
+    sender: str
+    rank: int
+    codec: str
+    tensors: dict[str, np.ndarray]
+    num_examples: int = 0
+    metrics: dict = field(default_factory=dict)
+    base_version: int = 0
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    codec = get_codec(env.codec)
+    parts, specs = [], []
+    for name, array in env.tensors.items():
+        data, meta = codec.encode(np.asarray(array, dtype=np.float32))
+        parts.append(data)
+        specs.append({"name": name, "shape": list(array.shape), "dtype": "float32", "nbytes": len(data), "meta": meta})
+    body = b"".join(parts)
+    header = {
+        "v": PROTOCOL_VERSION, "kind": env.kind, "job": env.job, "round": env.round, "sender": env.sender,
+        "rank": env.rank, "codec": env.codec, "tensors": specs, "num_examples": env.num_examples,
+        "metrics": env.metrics, "base_version": env.base_version, "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return ENVELOPE_MAGIC + struct.pack("<I", len(raw)) + raw + body
+
+
+def decode_envelope(payload: bytes) -> Envelope:
+    """Parse and check an envelope; raise ProtocolError saying what is wrong."""
+    if len(payload) < 8 or payload[:4] != ENVELOPE_MAGIC:
+        raise ProtocolError("not a fedlora envelope (bad magic)")
+    (hlen,) = struct.unpack_from("<I", payload, 4)
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(payload):
+        raise ProtocolError(f"envelope header length {hlen} exceeds the payload")
+    try:
+        header = json.loads(payload[8 : 8 + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"envelope header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("envelope header is not an object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} not supported (this side speaks {PROTOCOL_VERSION})")
+    body = payload[8 + hlen :]
+    try:
+        if hashlib.sha256(body).hexdigest() != header["body_sha256"]:
+            raise ProtocolError("envelope body fails its sha256 check")
+        if header["kind"] not in KINDS:
+            raise ProtocolError(f"unknown envelope kind {header['kind']!r}")
+        codec = get_codec(header["codec"])
+        tensors: dict[str, np.ndarray] = {}
+        offset = 0
+        for spec in header["tensors"]:
+            shape = tuple(int(d) for d in spec["shape"])
+            if any(d < 0 for d in shape):
+                raise ProtocolError(f"tensor {spec['name']} has a negative dimension")
+            end = offset + int(spec["nbytes"])
+            if end > len(body):
+                raise ProtocolError(f"tensor {spec['name']} runs past the end of the body")
+            if spec["name"] in tensors:
+                raise ProtocolError(f"tensor {spec['name']} appears twice")
+            tensors[spec["name"]] = codec.decode(body[offset:end], spec.get("meta") or {}, shape)
+            offset = end
+        if offset != len(body):
+            raise ProtocolError(f"{len(body) - offset} trailing bytes after the last tensor")
+        return Envelope(
+            kind=header["kind"], job=str(header["job"]), round=int(header["round"]), sender=str(header["sender"]),
+            rank=int(header["rank"]), codec=header["codec"], tensors=tensors,
+            num_examples=int(header.get("num_examples", 0)), metrics=dict(header.get("metrics") or {}),
+            base_version=int(header.get("base_version", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed envelope header ({type(exc).__name__}: {exc})") from exc
+
+
+# -- chunking ------------------------------------------------------------------------------
+def message_id(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()[:16]
+
+
+def split_chunks(payload: bytes, max_chunk_payload: int) -> list[bytes]:
+    """Cut a payload into chunk messages whose data part is at most ``max_chunk_payload`` bytes."""
+    if max_chunk_payload < 1:
+        raise ProtocolError(f"chunk size must be positive, got {max_chunk_payload}")
+    mid = message_id(payload)
+    count = max(1, math.ceil(len(payload) / max_chunk_payload))
+    return [
+        CHUNK_HEADER.pack(CHUNK_MAGIC, mid, i, count, len(payload)) + payload[i * max_chunk_payload : (i + 1) * max_chunk_payload]
+        for i in range(count)
+    ]
+
+
+@dataclass
+class Chunk:
+    msg_id: bytes
+    index: int
+    count: int
+    total: int
+    data: bytes
+
+
+def parse_chunk(message: bytes) -> Chunk:
+    if len(message) < CHUNK_HEADER.size:
+        raise ProtocolError(f"chunk of {len(message)} bytes is shorter than its header")
+    magic, mid, index, count, total = CHUNK_HEADER.unpack_from(message)
+    if magic != CHUNK_MAGIC:
+        raise ProtocolError("not a fedlora chunk (bad magic)")
+    if count < 1 or index >= count:
+        raise ProtocolError(f"chunk index {index} out of range for count {count}")
+    return Chunk(mid, index, count, total, message[CHUNK_HEADER.size :])
+
+
+@dataclass
+class _Pending:
+    chunk_count: int
+    total: int
+    parts: dict[int, bytes]
+    first_seen: float
+    received: int = 0
+
+
+class Reassembler:
+    """Collects chunks per (source, message id); returns a payload once complete and hash-checked.
+
+    Duplicates are ignored, order does not matter, an announced size above ``max_bytes`` is
+    refused before anything is buffered, and at most ``max_pending`` partial messages are
+    kept (oldest dropped first) so a flood of first chunks cannot exhaust memory.
+    """
+
+    def __init__(self, max_bytes: int, max_pending: int = 64, clock=time.monotonic):
+        self.max_bytes = max_bytes
+        self.max_pending = max_pending
+        self.clock = clock
+        self._pending: dict[tuple[str, bytes], _Pending] = {}
+        self._done: dict[tuple[str, bytes], None] = {}
+        self.dropped_partials = 0
+
+    def add(self, source: str, message: bytes) -> bytes | None:
+        chunk = parse_chunk(message)
+        key = (source, chunk.msg_id)
+        if key in self._done:
+            return None  # a duplicate of a message already delivered
+        if chunk.total > self.max_bytes:
+            raise ProtocolError(f"message of {chunk.total} bytes from {source} exceeds the limit of {self.max_bytes}")
+        pending = self._pending.get(key)
+        if pending is None:
+            if len(self._pending) >= self.max_pending:
+                oldest = min(self._pending, key=lambda k: self._pending[k].first_seen)
+                del self._pending[oldest]
+                self.dropped_partials += 1
+            pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, self.clock())
+        if (chunk.count, chunk.total) != (pending.chunk_count, pending.total):
+            raise ProtocolError(f"chunk {chunk.index} from {source} disagrees with earlier chunks on count or size")
+        if chunk.index in pending.parts:
+            return None
+        pending.received += len(chunk.data)
+        if pending.received > pending.total:
+            del self._pending[key]
+            raise ProtocolError(f"chunks from {source} carry more bytes than the announced {pending.total}")
+        pending.parts[chunk.index] = chunk.data
+        if len(pending.parts) < pending.chunk_count:
+            return None
+        del self._pending[key]
+        payload = b"".join(pending.parts[i] for i in range(pending.chunk_count))
+        if len(payload) != pending.total or message_id(payload) != chunk.msg_id:
+            raise ProtocolError(f"reassembled message from {source} fails its hash check")
+        self._done[key] = None
+        if len(self._done) > 4096:  # remember recent ids only
+            self._done.pop(next(iter(self._done)))
+        return payload
+
+    def drop_source(self, source: str) -> int:
+        """Forget partial messages of one source (e.g. its round closed); returns how many."""
+        keys = [k for k in self._pending if k[0] == source]
+        for k in keys:
+            del self._pending[k]
+        self.dropped_partials += len(keys)
+        return len(keys)
+
+    def pending_count(self) -> int:
+        return len(self._pending)

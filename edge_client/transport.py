@@ -1,0 +1,256 @@
+"""Thin paho-mqtt adapter shared by the device and the aggregator.
+
+It translates, it does not decide: connect (MQTT 5 when the broker offers it, else 3.1.1),
+re-subscribe after every reconnect, publish QoS 1, cut payloads into chunks below the
+broker's packet limit, and hand every received message to a queue the owner drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_client.errors import ConfigError, FedloraError
+from edge_client.protocol import CHUNK_HEADER, split_chunks
+
+log = logging.getLogger("fedlora.transport")
+
+PROTOCOLS = ("auto", "5", "3.1.1")
+# Room for the fixed header, topic, packet id and MQTT 5 properties inside one packet.
+PACKET_OVERHEAD = 512
+
+
+class TransportError(FedloraError):
+    """The broker cannot be reached, refused us, or did not acknowledge in time."""
+
+
+@dataclass
+class BrokerConfig:
+    """How to reach the broker.
+
+    url: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS).
+    protocol: ``auto`` (MQTT 5, falling back to 3.1.1 if refused), ``5`` or ``3.1.1``.
+    max_packet_size: the packet limit to chunk below when the broker does not announce one
+        (MQTT 5 CONNACK); brokers commonly cap packets, and paho would otherwise send an
+        oversize packet and loop on reconnects.
+    """
+
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: str = "auto"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    max_packet_size: int = 128 * 1024
+    connect_timeout: float = 10.0
+    session_expiry: int = 3600
+
+    def __post_init__(self) -> None:
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+            raise ConfigError(f"broker url {self.url!r} must look like mqtt://host:port or mqtts://host:port")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"broker protocol must be one of {PROTOCOLS}, not {self.protocol!r}")
+        if self.max_packet_size < 1024:
+            raise ConfigError(f"max_packet_size must be at least 1024 bytes, got {self.max_packet_size}")
+        if self.keepalive < 5:
+            raise ConfigError("keepalive must be at least 5 seconds")
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parsed = urlparse(self.url)
+        return parsed.port or (8883 if self.tls else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme in ("mqtts", "ssl")
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttLink:
+    """One MQTT connection. Received messages land in ``self.inbox`` (a queue of Message)."""
+
+    def __init__(self, cfg: BrokerConfig, client_id: str | None = None,
+                 will: tuple[str, bytes] | None = None, persistent: bool = True):
+        self.cfg = cfg
+        self.client_id = client_id or f"fedlora-{uuid.uuid4().hex[:12]}"
+        self.will = will
+        self.persistent = persistent
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.connected = threading.Event()
+        self.protocol: str | None = None
+        self.broker_max_packet: int | None = None
+        self.on_connect_hooks: list[Callable[[], None]] = []
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._client: mqtt.Client | None = None
+        self._refused: str | None = None
+
+    # -- connection ----------------------------------------------------------------------
+    def _make_client(self, protocol: str) -> mqtt.Client:
+        v5 = protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else not self.persistent,
+        )
+        if self.cfg.username is not None:
+            client.username_pw_set(self.cfg.username, self.cfg.password)
+        if self.cfg.tls:
+            client.tls_set(ca_certs=self.cfg.ca_file, certfile=self.cfg.cert_file, keyfile=self.cfg.key_file,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self.will is not None:
+            client.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(32)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def connect(self) -> "MqttLink":
+        """Connect, trying MQTT 5 first under ``auto``; raise TransportError if it fails."""
+        order = ["5", "3.1.1"] if self.cfg.protocol == "auto" else [self.cfg.protocol]
+        errors = []
+        for protocol in order:
+            client = self._make_client(protocol)
+            self._refused = None
+            self.connected.clear()
+            props = None
+            if protocol == "5":
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self.cfg.session_expiry if self.persistent else 0
+            try:
+                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
+                               clean_start=not self.persistent if protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                               properties=props)
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"cannot reach broker {self.cfg.url}: {exc}") from exc
+            client.loop_start()
+            deadline = time.monotonic() + self.cfg.connect_timeout
+            while time.monotonic() < deadline and not self.connected.is_set() and self._refused is None:
+                time.sleep(0.01)
+            if self.connected.is_set():
+                self._client = client
+                self.protocol = protocol
+                log.info("connected to %s with MQTT %s as %s", self.cfg.url, protocol, self.client_id)
+                return self
+            client.loop_stop()
+            client.disconnect()
+            errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK within %.0fs' % self.cfg.connect_timeout}")
+        raise TransportError(f"broker {self.cfg.url} refused the connection ({'; '.join(errors)})")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            return
+        if properties is not None and hasattr(properties, "MaximumPacketSize"):
+            self.broker_max_packet = int(properties.MaximumPacketSize)
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        for topic, qos in subs:
+            client.subscribe(topic, qos)
+        self.connected.set()
+        for hook in list(self.on_connect_hooks):
+            try:
+                hook()
+            except Exception:  # a hook must not kill paho's network thread
+                log.exception("on-connect hook failed")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if reason_code.value != 0:
+            log.warning("disconnected from %s (%s); paho reconnects with backoff", self.cfg.url, reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        self.connected.clear()
+
+    # -- traffic -------------------------------------------------------------------------
+    @property
+    def client(self) -> mqtt.Client:
+        if self._client is None:
+            raise TransportError("not connected; call connect() first")
+        return self._client
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subscriptions[topic] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic, qos)
+
+    def max_chunk_data(self, topic: str) -> int:
+        """Bytes of chunk data that fit one packet on this topic under the effective limit."""
+        limit = self.cfg.max_packet_size
+        if self.broker_max_packet:
+            limit = min(limit, self.broker_max_packet)
+        room = limit - PACKET_OVERHEAD - len(topic.encode()) - CHUNK_HEADER.size
+        if room < 64:
+            raise TransportError(f"packet limit {limit} leaves no room for data on topic {topic}")
+        return room
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        return info
+
+    def publish_chunked(self, topic: str, payload: bytes, retain_topic: Callable[[int], str] | None = None,
+                        timeout: float = 120.0) -> int:
+        """Send ``payload`` as chunks and wait for every PUBACK; returns the chunk count.
+
+        With ``retain_topic``, chunk i goes retained to ``retain_topic(i)`` (global adapters);
+        otherwise every chunk goes to ``topic`` (updates).
+        """
+        probe = retain_topic(0) if retain_topic else topic
+        chunks = split_chunks(payload, self.max_chunk_data(probe))
+        infos = []
+        for i, chunk in enumerate(chunks):
+            if retain_topic:
+                infos.append(self.publish(retain_topic(i), chunk, retain=True))
+            else:
+                infos.append(self.publish(topic, chunk))
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransportError(f"broker did not acknowledge all {len(chunks)} chunks on {probe} within {timeout:.0f}s")
+            try:
+                info.wait_for_publish(timeout=remaining)
+            except (RuntimeError, ValueError) as exc:
+                raise TransportError(f"publish on {probe} failed: {exc}") from exc
+            if not info.is_published():
+                raise TransportError(f"broker did not acknowledge all {len(chunks)} chunks on {probe} within {timeout:.0f}s")
+        return len(chunks)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)

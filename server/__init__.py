@@ -1,0 +1,1 @@
+"""fedlora aggregator: rounds, LoRA-aware aggregation strategies, MQTT, metrics, Kubernetes."""

@@ -1,0 +1,186 @@
+"""Round orchestration as a plain state machine: no sockets, no files, the clock passed in.
+
+The aggregator feeds it device status changes and decoded updates, and asks it on every
+tick whether a round should open or close. Every decision (which devices, accept or
+reject an update and why, when to close) is made here, so tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_client.errors import ConfigError, UpdateRejected
+from server.strategy import ClientUpdate, Partial, Strategy
+
+
+@dataclass
+class RoundSettings:
+    """When rounds open and close.
+
+    rounds: rounds to run, then the job is finished (0: run forever).
+    min_devices: devices that must be online before a round opens.
+    devices_per_round: devices selected per round among those online (0: all of them).
+    min_updates: accepted updates needed to close a round at its deadline; fewer fails it.
+    round_timeout: seconds from opening to the deadline.
+    max_update_norm: an update whose L2 norm exceeds this is rejected (0: no limit).
+    """
+
+    rounds: int = 10
+    min_devices: int = 2
+    devices_per_round: int = 0
+    min_updates: int = 1
+    round_timeout: float = 600.0
+    max_update_norm: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ConfigError("rounds must be >= 0")
+        if self.min_devices < 1:
+            raise ConfigError("min_devices must be >= 1")
+        if self.devices_per_round < 0:
+            raise ConfigError("devices_per_round must be >= 0 (0 selects every online device)")
+        if self.min_updates < 1:
+            raise ConfigError("min_updates must be >= 1")
+        if self.devices_per_round and self.min_updates > self.devices_per_round:
+            raise ConfigError(f"min_updates {self.min_updates} exceeds devices_per_round {self.devices_per_round}")
+        if self.round_timeout <= 0:
+            raise ConfigError("round_timeout must be positive")
+        if self.max_update_norm < 0:
+            raise ConfigError("max_update_norm must be >= 0")
+
+
+@dataclass
+class DeviceInfo:
+    device: str
+    online: bool = False
+    rank: int = 0
+    num_examples: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass
+class OpenRound:
+    round: int
+    selected: list[str]
+    opened_at: float
+    deadline: float
+    base_version: int
+    accepted: dict[str, int] = field(default_factory=dict)  # device -> num_examples
+    partial: Partial = field(default_factory=Partial)
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    ok: bool
+    reason: str
+    selected: list[str]
+    accepted: dict[str, int]
+    partial: Partial
+    duration: float
+
+
+class Coordinator:
+    """Selects devices, opens rounds, judges updates, and says when a round is over."""
+
+    def __init__(self, settings: RoundSettings, strategy: Strategy, job: str, clock, seed: int = 0,
+                 next_round: int = 1, completed: int = 0, version: int = 0):
+        self.settings = settings
+        self.strategy = strategy
+        self.job = job
+        self.clock = clock
+        self.rng = random.Random(seed)
+        self.devices: dict[str, DeviceInfo] = {}
+        self.open: OpenRound | None = None
+        self.next_round = next_round
+        self.completed = completed
+        self.version = version  # round id that produced the current global adapter (0: initial)
+
+    # -- devices -------------------------------------------------------------------------
+    def device_status(self, device: str, online: bool, rank: int = 0, num_examples: int = 0) -> None:
+        info = self.devices.setdefault(device, DeviceInfo(device))
+        info.online = online
+        info.last_seen = self.clock()
+        if online:
+            info.rank = rank or info.rank
+            info.num_examples = num_examples or info.num_examples
+
+    def online(self) -> list[str]:
+        return sorted(d for d, info in self.devices.items() if info.online)
+
+    @property
+    def finished(self) -> bool:
+        return self.settings.rounds > 0 and self.completed >= self.settings.rounds
+
+    # -- opening -------------------------------------------------------------------------
+    def maybe_open(self) -> OpenRound | None:
+        if self.open is not None or self.finished:
+            return None
+        online = self.online()
+        if len(online) < self.settings.min_devices:
+            return None
+        k = self.settings.devices_per_round or len(online)
+        selected = sorted(self.rng.sample(online, min(k, len(online))))
+        now = self.clock()
+        self.open = OpenRound(self.next_round, selected, now, now + self.settings.round_timeout, self.version,
+                              partial=self.strategy.new_partial())
+        self.next_round += 1
+        return self.open
+
+    def resume(self, state: OpenRound) -> None:
+        """Re-install a round persisted before a restart (its deadline is kept)."""
+        self.open = state
+        self.next_round = max(self.next_round, state.round + 1)
+
+    # -- updates -------------------------------------------------------------------------
+    def judge(self, job: str, update: ClientUpdate) -> None:
+        """Raise UpdateRejected unless the update belongs in the open round."""
+        rnd = self.open
+        if job != self.job:
+            raise UpdateRejected("wrong_job", f"update for job {job!r}, this aggregator runs {self.job!r}")
+        if rnd is None:
+            raise UpdateRejected("no_open_round", f"round {update.round} from {update.device} arrived while no round is open")
+        if update.round != rnd.round:
+            reason = "stale_round" if update.round < rnd.round else "future_round"
+            raise UpdateRejected(reason, f"update for round {update.round}, open round is {rnd.round}")
+        if update.device not in rnd.selected:
+            raise UpdateRejected("not_selected", f"device {update.device} was not selected for round {rnd.round}")
+        if update.device in rnd.accepted:
+            raise UpdateRejected("duplicate", f"device {update.device} already contributed to round {rnd.round}")
+        self.strategy.check(update)
+        if self.settings.max_update_norm:
+            norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.tensors.values())))
+            if norm > self.settings.max_update_norm:
+                raise UpdateRejected("norm_too_large", f"update norm {norm:.3g} exceeds {self.settings.max_update_norm:g}")
+
+    def accept(self, update: ClientUpdate) -> None:
+        rnd = self.open
+        assert rnd is not None
+        rnd.partial = self.strategy.accumulate(rnd.partial, update)
+        rnd.accepted[update.device] = update.num_examples
+
+    # -- closing -------------------------------------------------------------------------
+    def maybe_close(self) -> RoundOutcome | None:
+        """Close when every selected device reported or dropped out, or at the deadline."""
+        rnd = self.open
+        if rnd is None:
+            return None
+        now = self.clock()
+        waiting = [d for d in rnd.selected if d not in rnd.accepted and self.devices.get(d, DeviceInfo(d)).online]
+        enough = len(rnd.accepted) >= self.settings.min_updates
+        if waiting and now < rnd.deadline:
+            return None
+        if not waiting and not enough and now < rnd.deadline:
+            return None  # everyone left: wait for the deadline, someone may come back
+        self.open = None
+        ok = enough
+        if ok:
+            self.completed += 1
+            self.version = rnd.round
+            reason = "all_reported" if not waiting else "deadline"
+        else:
+            reason = f"quorum_not_met ({len(rnd.accepted)}/{self.settings.min_updates})"
+        return RoundOutcome(rnd.round, ok, reason, rnd.selected, dict(rnd.accepted), rnd.partial, now - rnd.opened_at)
