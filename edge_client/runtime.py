@@ -155,3 +155,16 @@ class Trainer:
         if counted == 0:
             return {"loss": float("nan"), "accuracy": float("nan"), "examples": 0}
         return {"loss": total_loss / weight, "accuracy": correct / counted, "examples": len(data)}
+
+
+def read_parameters(bundle: Bundle, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Read parameters from the bundle's checkpoint without building a session (the
+    aggregator's initial global adapter); default: the trainable ones."""
+    api = training_api()
+    state = api.CheckpointState.load_checkpoint(str(bundle.path("checkpoint")))
+    wanted = names if names is not None else [p.name for p in bundle.manifest.trainable]
+    params = state.parameters
+    missing = [n for n in wanted if n not in params]
+    if missing:
+        raise BundleError(f"{bundle.root}: checkpoint lacks parameters {missing[:3]}")
+    return {n: np.array(params[n].data, dtype=np.float32, copy=True) for n in wanted}

@@ -29,6 +29,7 @@ log = logging.getLogger("fedlora.transport")
 PROTOCOLS = ("auto", "5", "3.1.1")
 # Room for the fixed header, topic, packet id and MQTT 5 properties inside one packet.
 PACKET_OVERHEAD = 512
+V5_PROBE_S = 2.0
 
 
 class TransportError(FedloraError):
@@ -128,6 +129,7 @@ class MqttLink:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = lambda c, u: setattr(self, "_refused", self._refused or "connection failed")
         client.on_message = self._on_message
         return client
 
@@ -150,7 +152,10 @@ class MqttLink:
             except (OSError, ssl.SSLError) as exc:
                 raise TransportError(f"cannot reach broker {self.cfg.url}: {exc}") from exc
             client.loop_start()
-            deadline = time.monotonic() + self.cfg.connect_timeout
+            # Under auto, a broker that ignores an MQTT 5 CONNECT (amqtt waits silently) costs
+            # at most V5_PROBE_S before we fall back to 3.1.1.
+            wait = min(self.cfg.connect_timeout, V5_PROBE_S) if len(order) > 1 and protocol == "5" else self.cfg.connect_timeout
+            deadline = time.monotonic() + wait
             while time.monotonic() < deadline and not self.connected.is_set() and self._refused is None:
                 time.sleep(0.01)
             if self.connected.is_set():
@@ -158,9 +163,10 @@ class MqttLink:
                 self.protocol = protocol
                 log.info("connected to %s with MQTT %s as %s", self.cfg.url, protocol, self.client_id)
                 return self
-            client.loop_stop()
+            self._refused = self._refused or "no CONNACK"
             client.disconnect()
-            errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK within %.0fs' % self.cfg.connect_timeout}")
+            client.loop_stop()
+            errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK within %.0fs' % wait}")
         raise TransportError(f"broker {self.cfg.url} refused the connection ({'; '.join(errors)})")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -181,6 +187,10 @@ class MqttLink:
                 log.exception("on-connect hook failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self._client is None and self._refused is None:
+            # Closed before CONNACK during connect(): a broker that does not speak this
+            # protocol version (amqtt and MQTT 5) just drops the socket.
+            self._refused = f"connection closed before CONNACK ({reason_code})"
         self.connected.clear()
         if reason_code.value != 0:
             log.warning("disconnected from %s (%s); paho reconnects with backoff", self.cfg.url, reason_code)

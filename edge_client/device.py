@@ -1,0 +1,339 @@
+"""The device loop: join, wait for a round, train the adapter locally, send the update.
+
+State that must survive a restart lives in ``state_dir``: the last round whose update was
+acknowledged, the encoded pending update (resent until acknowledged, so a crash between
+training and acknowledgement loses nothing), and the local adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.bundle import Bundle
+from edge_client.config import load
+from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
+from edge_client.errors import ConfigError, FedloraError, ProtocolError
+from edge_client.protocol import Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope
+from edge_client.runtime import RuntimeOptions, Trainer
+from edge_client.transport import BrokerConfig, MqttLink
+
+log = logging.getLogger("fedlora.device")
+
+RESEND_AFTER_S = 30.0
+
+
+@dataclass
+class DeviceConfig:
+    """One device's settings.
+
+    device_id: unique id; also the MQTT topic segment a broker ACL pins the device to.
+    bundle: artifact bundle folder for this device's rank.
+    data: local training data (.csv/.tsv/.jsonl/.json) with ``text_column`` and ``label_column``.
+    eval_data: optional local test data; else ``eval_fraction`` of ``data`` is held out.
+    state_dir: where the device keeps its round, pending update and local adapter.
+    threads: ONNX Runtime intra-op threads (0: all cores).
+    max_local_steps: cap on the announced local steps (0: no cap), for slow devices.
+    exit_when_finished: stop when the aggregator announces the job finished.
+    """
+
+    device_id: str = ""
+    job: str = "default"
+    bundle: Path | None = None
+    data: Path | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_data: Path | None = None
+    eval_fraction: float = 0.1
+    state_dir: Path = Path("fedlora-device")
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    threads: int = 0
+    max_local_steps: int = 0
+    seed: int = 0
+    exit_when_finished: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ConfigError("device_id is required")
+        try:
+            check_device_id(self.device_id)
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.bundle is None or self.data is None:
+            raise ConfigError("bundle and data are required")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.threads < 0 or self.max_local_steps < 0:
+            raise ConfigError("threads and max_local_steps must be >= 0")
+
+
+def load_device_config(path: str | Path | None = None, overrides: dict | None = None) -> DeviceConfig:
+    return load(DeviceConfig, path, env_prefix="FEDLORA_DEVICE", overrides=overrides)
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+@dataclass
+class LocalData:
+    train: EncodedDataset
+    test: EncodedDataset | None
+
+
+def load_local_data(cfg: DeviceConfig, bundle: Bundle) -> LocalData:
+    m = bundle.manifest
+    encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
+    label_column = cfg.label_column if m.task == "seq-cls" else None
+
+    def encode(path: Path) -> EncodedDataset:
+        records = read_records(path, cfg.text_column, label_column)
+        return encode_classification(records, encoder, m.labels) if m.task == "seq-cls" else encode_causal_lm(records, encoder)
+
+    train = encode(cfg.data)
+    if cfg.eval_data is not None:
+        return LocalData(train, encode(cfg.eval_data))
+    n_eval = int(len(train) * cfg.eval_fraction)
+    if n_eval == 0:
+        return LocalData(train, None)
+    order = np.random.default_rng(cfg.seed).permutation(len(train))
+    return LocalData(train.subset(np.sort(order[n_eval:])), train.subset(np.sort(order[:n_eval])))
+
+
+class DeviceState:
+    """``state.json`` + ``pending.bin`` + ``adapter.npz`` in the state directory."""
+
+    def __init__(self, root: Path, job: str):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = root / "state.json"
+        self.pending_path = root / "pending.bin"
+        self.adapter_path = root / "adapter.npz"
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if data and data.get("job") != job:
+            data = {}  # a new job: start fresh
+        self.job = job
+        self.last_round: int = int(data.get("last_round", 0))
+        self.pending_round: int | None = data.get("pending_round")
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"job": self.job, "last_round": self.last_round, "pending_round": self.pending_round}))
+        os.replace(tmp, self.path)
+
+    def set_pending(self, round_id: int, payload: bytes) -> None:
+        tmp = self.pending_path.with_suffix(".tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, self.pending_path)
+        self.pending_round = round_id
+        self.save()
+
+    def pending_payload(self) -> bytes | None:
+        if self.pending_round is None or not self.pending_path.is_file():
+            return None
+        return self.pending_path.read_bytes()
+
+    def clear_pending(self, acked_round: int | None) -> None:
+        if acked_round is not None:
+            self.last_round = max(self.last_round, acked_round)
+        self.pending_round = None
+        self.save()
+        if self.pending_path.exists():
+            self.pending_path.unlink()
+
+    def save_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        tmp = self.root / "adapter.tmp.npz"
+        np.savez(tmp, **tensors)
+        os.replace(tmp, self.adapter_path)
+
+
+class Device:
+    def __init__(self, cfg: DeviceConfig, link: MqttLink | None = None):
+        self.cfg = cfg
+        self.bundle = Bundle(cfg.bundle)
+        self.manifest = self.bundle.manifest
+        self.topics = Topics(cfg.job)
+        self.data = load_local_data(cfg, self.bundle)
+        self.trainer = Trainer(self.bundle, options=RuntimeOptions(intra_op_threads=cfg.threads))
+        self.state = DeviceState(Path(cfg.state_dir), cfg.job)
+        will = (self.topics.status(cfg.device_id), json.dumps({"state": "offline"}).encode())
+        self.link = link or MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-{cfg.device_id}", will=will)
+        self.reassembler = Reassembler(max_bytes=1 << 31)
+        self.announcement: dict | None = None
+        self.global_version: int | None = None
+        self.global_tensors: dict[str, np.ndarray] | None = None
+        self._sent_at: float | None = None
+        self.rounds_trained = 0
+
+    # -- messages ------------------------------------------------------------------------
+    def status_payload(self, state: str = "online") -> bytes:
+        return json.dumps({"state": state, "rank": self.manifest.rank, "num_examples": len(self.data.train),
+                           "model_id": self.manifest.model_id}).encode()
+
+    def _announce_online(self) -> None:
+        self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(), retain=True)
+        self._sent_at = None  # after a reconnect, resend a pending update at once
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.round:
+            try:
+                self.announcement = json.loads(payload)
+            except ValueError:
+                log.warning("ignoring a malformed round announcement")
+        elif topic.startswith(f"{self.topics.base}/global/"):
+            if payload:
+                self._handle_global_chunk(payload)
+        elif topic == self.topics.ack(self.cfg.device_id):
+            self._handle_ack(payload)
+
+    def _handle_global_chunk(self, payload: bytes) -> None:
+        try:
+            complete = self.reassembler.add("aggregator", payload)
+            if complete is None:
+                return
+            env = decode_envelope(complete)
+        except ProtocolError as exc:
+            log.warning("dropping a bad global adapter message: %s", exc)
+            return
+        if env.kind != "global" or env.job != self.cfg.job:
+            return
+        shapes = self.manifest.shapes
+        if set(env.tensors) != set(shapes) or any(tuple(v.shape) != shapes[k] for k, v in env.tensors.items()):
+            log.error("global adapter version %d does not match this bundle's tensors; ignored", env.round)
+            return
+        if self.global_version is None or env.round >= self.global_version:
+            self.global_version, self.global_tensors = env.round, env.tensors
+
+    def _handle_ack(self, payload: bytes) -> None:
+        try:
+            ack = json.loads(payload)
+        except ValueError:
+            return
+        if self.state.pending_round is None or ack.get("round") != self.state.pending_round:
+            return
+        if ack.get("result") == "accepted":
+            log.info("round %s: update accepted", ack["round"])
+        else:
+            log.error("round %s: update rejected (%s: %s)", ack.get("round"), ack.get("reason"), ack.get("detail"))
+        self.state.clear_pending(ack["round"])
+
+    # -- work ----------------------------------------------------------------------------
+    def due_round(self) -> dict | None:
+        """The open round this device should train now, if any."""
+        ann = self.announcement
+        if not ann or ann.get("state") != "open" or self.cfg.device_id not in ann.get("selected", []):
+            return None
+        if ann["round"] <= self.state.last_round or self.state.pending_round == ann["round"]:
+            return None
+        if self.global_version != ann.get("global_version"):
+            return None  # wait for the matching global adapter
+        return ann
+
+    def train_round(self, ann: dict) -> bytes:
+        """Train on the announced global adapter and return the encoded update envelope."""
+        train = ann["train"]
+        steps = int(train["local_steps"])
+        if self.cfg.max_local_steps:
+            steps = min(steps, self.cfg.max_local_steps)
+        start = time.perf_counter()
+        global_tensors = self.global_tensors
+        assert global_tensors is not None
+        self.trainer.set_adapter(global_tensors)
+        self.trainer.set_learning_rate(float(train["lr"]))
+        rng = np.random.default_rng([self.cfg.seed, int(ann["round"])])
+        losses, times = [], []
+        for batch in self.data.train.sample_batches(int(train["batch_size"]), steps, rng):
+            t0 = time.perf_counter()
+            losses.append(self.trainer.train_step(batch))
+            times.append(time.perf_counter() - t0)
+        local = self.trainer.get_adapter()
+        self.state.save_adapter(local)
+        metrics = {"train_loss": float(np.mean(losses[-max(1, len(losses) // 2):])), "steps": steps,
+                   "step_time_s": statistics.median(times), "train_seconds": time.perf_counter() - start}
+        if self.data.test is not None:
+            result = self.trainer.evaluate(self.data.test)
+            metrics.update(eval_loss=result["loss"], eval_accuracy=result["accuracy"], eval_examples=result["examples"])
+        metrics["peak_rss_bytes"] = peak_rss_bytes()
+        delta = {name: local[name] - global_tensors[name] for name in local}
+        env = Envelope(kind="update", job=self.cfg.job, round=int(ann["round"]), sender=self.cfg.device_id,
+                       rank=self.manifest.rank, codec=ann.get("codec", "fp32"), tensors=delta,
+                       num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]))
+        log.info("round %s: %d steps, loss %.4f, %.2fs", ann["round"], steps, metrics["train_loss"], metrics["train_seconds"])
+        self.rounds_trained += 1
+        return encode_envelope(env)
+
+    def send_pending(self) -> None:
+        payload = self.state.pending_payload()
+        if payload is None:
+            return
+        if self._sent_at is not None and time.monotonic() - self._sent_at < RESEND_AFTER_S:
+            return
+        if not self.link.connected.is_set():
+            return
+        self._sent_at = time.monotonic()
+        try:
+            n = self.link.publish_chunked(self.topics.update(self.cfg.device_id), payload)
+            log.info("round %s: update sent (%d bytes, %d chunks)", self.state.pending_round, len(payload), n)
+        except FedloraError as exc:
+            log.warning("sending the update failed, will retry: %s", exc)
+            self._sent_at = None
+
+    def step(self) -> None:
+        ann = self.announcement
+        if self.state.pending_round is not None and ann and ann.get("state") == "open" and ann["round"] > self.state.pending_round:
+            log.warning("round %s closed before our update was acknowledged; dropping it", self.state.pending_round)
+            self.state.clear_pending(None)
+        due = self.due_round()
+        if due is not None:
+            if time.time() > float(due["deadline"]):
+                log.warning("round %s: deadline passed before training started; skipping", due["round"])
+                self.state.last_round = int(due["round"])
+                self.state.save()
+            else:
+                self.state.set_pending(int(due["round"]), self.train_round(due))
+                self._sent_at = None
+        self.send_pending()
+
+    def finished(self) -> bool:
+        ann = self.announcement
+        return bool(ann and ann.get("state") == "finished" and self.state.pending_round is None)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        self.link.on_connect_hooks.append(self._announce_online)
+        self.link.subscribe(self.topics.round)
+        self.link.subscribe(self.topics.global_filter(self.manifest.rank))
+        self.link.subscribe(self.topics.ack(self.cfg.device_id))
+        if not self.link.connected.is_set():
+            self.link.connect()
+        log.info("device %s online: %d training examples, rank %d", self.cfg.device_id, len(self.data.train), self.manifest.rank)
+        try:
+            while not stop.is_set():
+                try:
+                    msg = self.link.inbox.get(timeout=0.5)
+                    self.handle(msg.topic, msg.payload)
+                    while not self.link.inbox.empty():
+                        msg = self.link.inbox.get_nowait()
+                        self.handle(msg.topic, msg.payload)
+                except Exception as exc:  # queue.Empty, or a handler bug we log and survive
+                    if type(exc).__name__ != "Empty":
+                        log.exception("error handling a message")
+                self.step()
+                if self.cfg.exit_when_finished and self.finished():
+                    log.info("job %s finished", self.cfg.job)
+                    break
+        finally:
+            self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload("offline"), retain=True)
+            time.sleep(0.1)
+            self.link.close()

@@ -1,0 +1,84 @@
+"""Aggregator configuration: one dataclass, from a YAML/JSON file, ``FEDLORA_*`` environment
+variables and command-line overrides (in rising precedence)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_client.codecs import CODECS
+from edge_client.config import load
+from edge_client.errors import ConfigError
+from edge_client.transport import BrokerConfig
+from server.rounds import RoundSettings
+
+STRATEGIES = ("fedavg",)
+
+
+@dataclass
+class TrainSettings:
+    """What each device does in a round (sent in the round announcement).
+
+    local_steps: optimizer steps per round; batch_size: examples per step; lr: AdamW rate.
+    """
+
+    local_steps: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise ConfigError("train.local_steps must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"train.lr must be in (0, 1), got {self.lr}")
+
+
+@dataclass
+class ServerConfig:
+    """The aggregator's settings.
+
+    job: job id; all topics live under ``fedlora/<job>/``.
+    bundle: artifact bundle folder (its manifest defines the adapter; its checkpoint the
+        initial global adapter).
+    state_dir: where round state is persisted (a PersistentVolume on Kubernetes).
+    strategy: aggregation strategy name.
+    codec: codec of the global adapter on the downlink; uplink codec is announced per round.
+    max_update_bytes: largest update accepted (announced size, before reassembly).
+    http_host / http_port: metrics and health endpoints (port 0: off).
+    """
+
+    job: str = "default"
+    bundle: Path | None = None
+    state_dir: Path = Path("fedlora-state")
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    rounds: RoundSettings = field(default_factory=RoundSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    codec: str = "fp32"
+    uplink_codec: str = "fp32"
+    max_update_bytes: int = 64 * 1024 * 1024
+    http_host: str = "0.0.0.0"
+    http_port: int = 9100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bundle is None:
+            raise ConfigError("bundle is required: the artifact bundle folder the devices train")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        for key in ("codec", "uplink_codec"):
+            if getattr(self, key) not in CODECS:
+                raise ConfigError(f"{key} must be one of {sorted(CODECS)}, not {getattr(self, key)!r}")
+        if self.max_update_bytes < 1024:
+            raise ConfigError("max_update_bytes must be at least 1024")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port must be 0..65535, got {self.http_port}")
+        if self.server_lr <= 0:
+            raise ConfigError("server_lr must be positive")
+
+
+def load_server_config(path: str | Path | None = None, overrides: dict | None = None) -> ServerConfig:
+    return load(ServerConfig, path, env_prefix="FEDLORA", overrides=overrides)
