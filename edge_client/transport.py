@@ -109,6 +109,7 @@ class MqttLink:
         self._lock = threading.Lock()
         self._client: mqtt.Client | None = None
         self._refused: str | None = None
+        self._connecting = False
 
     # -- connection ----------------------------------------------------------------------
     def _make_client(self, protocol: str) -> mqtt.Client:
@@ -139,6 +140,8 @@ class MqttLink:
         errors = []
         for protocol in order:
             client = self._make_client(protocol)
+            self._client = client  # on-connect hooks publish through it
+            self._connecting = True
             self._refused = None
             self.connected.clear()
             props = None
@@ -150,6 +153,8 @@ class MqttLink:
                                clean_start=not self.persistent if protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                                properties=props)
             except (OSError, ssl.SSLError) as exc:
+                self._client = None
+                self._connecting = False
                 raise TransportError(f"cannot reach broker {self.cfg.url}: {exc}") from exc
             client.loop_start()
             # Under auto, a broker that ignores an MQTT 5 CONNECT (amqtt waits silently) costs
@@ -158,14 +163,15 @@ class MqttLink:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and not self.connected.is_set() and self._refused is None:
                 time.sleep(0.01)
+            self._connecting = False
             if self.connected.is_set():
-                self._client = client
                 self.protocol = protocol
                 log.info("connected to %s with MQTT %s as %s", self.cfg.url, protocol, self.client_id)
                 return self
             self._refused = self._refused or "no CONNACK"
             client.disconnect()
             client.loop_stop()
+            self._client = None
             errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK within %.0fs' % wait}")
         raise TransportError(f"broker {self.cfg.url} refused the connection ({'; '.join(errors)})")
 
@@ -187,7 +193,7 @@ class MqttLink:
                 log.exception("on-connect hook failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if self._client is None and self._refused is None:
+        if self._connecting and self._refused is None:
             # Closed before CONNACK during connect(): a broker that does not speak this
             # protocol version (amqtt and MQTT 5) just drops the socket.
             self._refused = f"connection closed before CONNACK ({reason_code})"

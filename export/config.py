@@ -56,8 +56,8 @@ class ExportConfig:
     extra_trainable: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        self.model_dir = Path(self.model_dir)
-        self.output_dir = Path(self.output_dir)
+        self.model_dir = Path(self.model_dir).resolve()
+        self.output_dir = Path(self.output_dir).resolve()
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {self.model_dir} is not a folder (a local Hugging Face model folder is needed)")
         if self.task not in ("auto", "seq-cls", "causal-lm"):

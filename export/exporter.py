@@ -108,6 +108,8 @@ def load_model(cfg: ExportConfig) -> LoadedModel:
     import torch
     import transformers
 
+    transformers.utils.logging.set_verbosity_error()  # the load report; our progress lines say what happens
+    transformers.utils.logging.disable_progress_bar()
     gguf = _find_gguf(cfg)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:

