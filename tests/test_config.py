@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from edge_client.config import load
+from edge_client.device import DeviceConfig, load_device_config
+from edge_client.errors import ConfigError
+from edge_client.transport import BrokerConfig
+from server.config import ServerConfig, load_server_config
+
+
+def test_file_then_env_then_overrides(tmp_path, monkeypatch):
+    path = tmp_path / "server.yaml"
+    path.write_text("job: j1\nbundle: /b\nrounds:\n  rounds: 5\n  min_devices: 3\nbroker:\n  url: mqtt://h:1883\n")
+    monkeypatch.setenv("FEDLORA_ROUNDS_ROUNDS", "7")
+    monkeypatch.setenv("FEDLORA_BROKER_USERNAME", "agg")
+    cfg = load_server_config(path, overrides={"job": "j2"})
+    assert (cfg.job, cfg.rounds.rounds, cfg.rounds.min_devices, cfg.broker.url, cfg.broker.username) == (
+        "j2", 7, 3, "mqtt://h:1883", "agg")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"bundle": "/b", "strategy": "nope"}, "strategy"),
+    ({"bundle": "/b", "rounds": {"rounds": "many"}}, "rounds.rounds"),
+    ({"bundle": "/b", "http_port": 70000}, "http_port"),
+    ({"bundle": "/b", "codec": "zip"}, "codec"),
+    ({"bundle": "/b", "typo": 1}, "unknown key"),
+    ({}, "bundle is required"),
+    ({"bundle": "/b", "broker": {"url": "http://x"}}, "broker url"),
+    ({"bundle": "/b", "train": {"lr": 5}}, "lr"),
+])
+def test_bad_server_values_fail_with_the_key(tmp_path, values, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=message):
+        load(ServerConfig, path)
+
+
+def test_device_config_checks(tmp_path):
+    with pytest.raises(ConfigError, match="device_id"):
+        load_device_config(overrides={"bundle": "b", "data": "d"})
+    with pytest.raises(ConfigError, match="device id"):
+        load_device_config(overrides={"device_id": "a/b", "bundle": "b", "data": "d"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_device_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        load_device_config(tmp_path / "bad.json")
+    cfg = load_device_config(overrides={"device_id": "d1", "bundle": "b", "data": "d", "threads": "2"})
+    assert isinstance(cfg, DeviceConfig) and cfg.threads == 2
+
+
+def test_broker_config_validation():
+    assert BrokerConfig(url="mqtts://h").port == 8883
+    for kw in ({"url": "h:1"}, {"protocol": "4"}, {"max_packet_size": 10}):
+        with pytest.raises(ConfigError):
+            BrokerConfig(**kw)

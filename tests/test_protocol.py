@@ -1,0 +1,113 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from edge_client.errors import ProtocolError
+from edge_client.protocol import (
+    CHUNK_HEADER, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope, split_chunks,
+)
+
+
+def _env(**kw):
+    base = dict(kind="update", job="j", round=3, sender="d1", rank=4, codec="fp32",
+                tensors={"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float32)},
+                num_examples=17, metrics={"train_loss": 0.5})
+    base.update(kw)
+    return Envelope(**base)
+
+
+def test_envelope_round_trip_is_exact():
+    env = _env()
+    back = decode_envelope(encode_envelope(env))
+    assert (back.kind, back.job, back.round, back.sender, back.rank, back.num_examples) == ("update", "j", 3, "d1", 4, 17)
+    assert back.metrics == {"train_loss": 0.5}
+    for name in env.tensors:
+        np.testing.assert_array_equal(back.tensors[name], env.tensors[name])
+
+
+def test_fp16_codec_is_within_half_precision():
+    x = np.random.default_rng(0).normal(size=(50,)).astype(np.float32)
+    back = decode_envelope(encode_envelope(_env(codec="fp16", tensors={"x": x})))
+    np.testing.assert_allclose(back.tensors["x"], x, rtol=2**-10, atol=1e-4)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b"XXXX" + b[4:], "bad magic"),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "sha256"),
+    (lambda b: b[:10], "exceeds the payload"),
+])
+def test_corrupted_envelopes_are_refused(mutate, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode_envelope(mutate(encode_envelope(_env())))
+
+
+def test_unknown_codec_and_version_are_refused():
+    raw = encode_envelope(_env())
+    with pytest.raises(ProtocolError, match="unknown codec"):
+        decode_envelope(raw.replace(b'"codec":"fp32"', b'"codec":"zzzz"'))
+    with pytest.raises(ProtocolError, match="protocol version"):
+        decode_envelope(raw.replace(b'"v":1', b'"v":9'))
+
+
+def test_chunks_reassemble_in_any_order_with_duplicates():
+    payload = bytes(range(256)) * 40
+    chunks = split_chunks(payload, 1000)
+    assert len(chunks) == 11 and all(len(c) <= 1000 + CHUNK_HEADER.size for c in chunks)
+    r = Reassembler(max_bytes=1 << 20)
+    order = [5, 0, 0, 10, 3, 5, 1, 2, 4, 6, 7, 8]
+    results = [r.add("dev", chunks[i]) for i in order]
+    assert all(x is None for x in results)
+    assert r.add("dev", chunks[9]) == payload
+    assert r.add("dev", chunks[2]) is None  # a late duplicate after completion
+    assert r.pending_count() == 0
+
+
+def test_reassembler_refuses_oversize_before_buffering():
+    chunks = split_chunks(b"x" * 5000, 1000)
+    r = Reassembler(max_bytes=4096)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        r.add("dev", chunks[0])
+    assert r.pending_count() == 0
+
+
+def test_reassembler_detects_tampered_chunk():
+    chunks = split_chunks(b"abcdefgh" * 100, 300)
+    bad = chunks[1][:-1] + b"!"
+    r = Reassembler(max_bytes=1 << 20)
+    r.add("dev", chunks[0])
+    r.add("dev", bad)
+    with pytest.raises(ProtocolError, match="hash"):
+        r.add("dev", chunks[2])
+
+
+def test_reassembler_bounds_pending_messages():
+    r = Reassembler(max_bytes=1 << 20, max_pending=3)
+    for i in range(5):
+        r.add("dev", split_chunks(bytes([i]) * 100, 10)[0])
+    assert r.pending_count() == 3 and r.dropped_partials == 2
+
+
+def test_chunk_garbage_is_refused():
+    with pytest.raises(ProtocolError):
+        Reassembler(1 << 20).add("dev", b"short")
+    with pytest.raises(ProtocolError, match="magic"):
+        Reassembler(1 << 20).add("dev", b"ABCD" + bytes(CHUNK_HEADER.size))
+
+
+def test_topics_and_ids():
+    t = Topics("job1")
+    assert t.update("d7") == "fedlora/job1/updates/d7"
+    assert t.device_of(t.update("d7")) == "d7"
+    assert t.global_chunk(8, 2) == "fedlora/job1/global/8/2"
+    for bad in ("", "a/b", "a+b", "x#"):
+        with pytest.raises(ProtocolError):
+            Topics(bad)
+        with pytest.raises(ProtocolError):
+            check_device_id(bad)
+
+
+def test_message_id_is_payload_hash_prefix():
+    payload = b"hello" * 100
+    chunk = split_chunks(payload, 64)[0]
+    assert chunk[4:20] == hashlib.sha256(payload).digest()[:16]
