@@ -31,6 +31,10 @@ from edge_client.transport import BrokerConfig, MqttLink
 log = logging.getLogger("fedlora.device")
 
 RESEND_AFTER_S = 30.0
+# A broker may drop a QoS 1 delivery to a busy device (amqtt does after a PUBACK timeout,
+# and ORT's training step holds the GIL, so paho's thread answers late). Round and global
+# state are retained, so an idle device re-subscribes now and then to fetch them again.
+RESYNC_AFTER_S = 20.0
 
 
 @dataclass
@@ -174,6 +178,7 @@ class Device:
         self.global_version: int | None = None
         self.global_tensors: dict[str, np.ndarray] | None = None
         self._sent_at: float | None = None
+        self._last_progress = time.monotonic()
         self.rounds_trained = 0
 
     # -- messages ------------------------------------------------------------------------
@@ -186,6 +191,7 @@ class Device:
         self._sent_at = None  # after a reconnect, resend a pending update at once
 
     def handle(self, topic: str, payload: bytes) -> None:
+        self._last_progress = time.monotonic()
         if topic == self.topics.round:
             try:
                 self.announcement = json.loads(payload)
@@ -304,8 +310,16 @@ class Device:
                 self.state.set_pending(int(due["round"]), self.train_round(due))
                 self._sent_at = None
         self.send_pending()
+        self.resync_if_stale()
 
-    def finished(self) -> bool:
+    def resync_if_stale(self) -> None:
+        if time.monotonic() - self._last_progress < RESYNC_AFTER_S or not self.link.connected.is_set():
+            return
+        self._last_progress = time.monotonic()
+        self.link.resubscribe(self.topics.round)
+        ann = self.announcement
+        if ann is None or ann.get("global_version") != self.global_version:
+            self.link.resubscribe(self.topics.global_filter(self.manifest.rank))(self) -> bool:
         ann = self.announcement
         return bool(ann and ann.get("state") == "finished" and self.state.pending_round is None)
 

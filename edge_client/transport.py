@@ -242,6 +242,10 @@ class MqttLink:
         if self.connected.is_set():
             self.client.subscribe(topic, qos)
 
+    def resubscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe again so the broker re-sends the topic's retained message."""
+        self.subscribe(topic, qos)
+
     def max_chunk_data(self, topic: str) -> int:
         """Bytes of chunk data that fit one packet on this topic under the effective limit."""
         limit = self.cfg.max_packet_size

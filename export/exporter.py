@@ -342,6 +342,13 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def model_id(cfg: ExportConfig) -> str:
+    """The name recorded in manifests: given, or the folder's (its parent's for a folder named 'model')."""
+    if cfg.model_id:
+        return cfg.model_id
+    return cfg.model_dir.parent.name if cfg.model_dir.name == "model" else cfg.model_dir.name
+
+
 def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir: Path) -> Path:
     timings: dict[str, float] = {}
     out = cfg.output_dir / f"r{rank}"
@@ -360,7 +367,7 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
     specs = tuple(ParamSpec(name, tuple(params[name].shape), role_of(name)) for name in trainable)
     files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
     manifest = Manifest(
-        model_id=cfg.model_id or cfg.model_dir.name, task=loaded.task, rank=rank, alpha=cfg.alpha_for(rank),
+        model_id=model_id(cfg), task=loaded.task, rank=rank, alpha=cfg.alpha_for(rank),
         targets=tuple(targets), max_length=cfg.max_length, pad_token_id=int(loaded.tokenizer.pad_token_id),
         trainable=specs, input_names=("input_ids", "attention_mask"), files=files, labels=loaded.labels,
         tokenizer="tokenizer/tokenizer.json",
@@ -409,7 +416,7 @@ def export(cfg: ExportConfig) -> list[Path]:
             log(f"rank {rank} ({i}/{len(cfg.ranks)})")
             bundles.append(export_rank(loaded, cfg, rank, tok_dir))
     ladder = {
-        "model_id": cfg.model_id or cfg.model_dir.name,
+        "model_id": model_id(cfg),
         "task": loaded.task,
         "ranks": {str(r): {"path": f"r{r}"} for r in cfg.ranks},
     }

