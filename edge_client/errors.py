@@ -21,6 +21,10 @@ class ProtocolError(FedloraError):
     """A message on the wire is malformed, oversize, or fails its hash check."""
 
 
+class PayloadTooLarge(ProtocolError):
+    """A message announces more bytes than the receiver accepts."""
+
+
 class UpdateRejected(FedloraError):
     """An update was refused by the aggregator; ``reason`` is a short machine-readable code."""
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_client.codecs import get_codec
-from edge_client.errors import ProtocolError
+from edge_client.errors import PayloadTooLarge, ProtocolError
 
 PROTOCOL_VERSION = 1
 ENVELOPE_MAGIC = b"FLE1"
@@ -229,9 +229,10 @@ class Reassembler:
         chunk = parse_chunk(message)
         key = (source, chunk.msg_id)
         if key in self._done:
-            return None  # a duplicate of a message already delivered
+            return None  # a duplicate of a message already delivered or refused
         if chunk.total > self.max_bytes:
-            raise ProtocolError(f"message of {chunk.total} bytes from {source} exceeds the limit of {self.max_bytes}")
+            self._remember(key)  # refuse the message once, not once per chunk
+            raise PayloadTooLarge(f"message of {chunk.total} bytes from {source} exceeds the limit of {self.max_bytes}")
         pending = self._pending.get(key)
         if pending is None:
             if len(self._pending) >= self.max_pending:
@@ -254,10 +255,13 @@ class Reassembler:
         payload = b"".join(pending.parts[i] for i in range(pending.chunk_count))
         if len(payload) != pending.total or message_id(payload) != chunk.msg_id:
             raise ProtocolError(f"reassembled message from {source} fails its hash check")
+        self._remember(key)
+        return payload
+
+    def _remember(self, key: tuple[str, bytes]) -> None:
         self._done[key] = None
         if len(self._done) > 4096:  # remember recent ids only
             self._done.pop(next(iter(self._done)))
-        return payload
 
     def drop_source(self, source: str) -> int:
         """Forget partial messages of one source (e.g. its round closed); returns how many."""

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from edge_client.bundle import Bundle
-from edge_client.errors import ProtocolError, UpdateRejected
+from edge_client.errors import PayloadTooLarge, ProtocolError, UpdateRejected
 from edge_client.protocol import PROTOCOL_VERSION, Envelope, Reassembler, Topics, decode_envelope, encode_envelope
 from edge_client.runtime import read_parameters
 from edge_client.transport import MqttLink
@@ -191,6 +191,9 @@ class Aggregator:
                 raise ProtocolError(f"expected an update envelope, got {env.kind!r}")
             if env.sender != device:
                 raise UpdateRejected("sender_mismatch", f"envelope says {env.sender!r} but came on the topic of {device!r}")
+        except PayloadTooLarge as exc:
+            self.reject(device, None, UpdateRejected("too_large", str(exc)))
+            return
         except ProtocolError as exc:
             self.reject(device, None, UpdateRejected("malformed", str(exc)))
             return

@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from edge_client.errors import ProtocolError
+from edge_client.errors import PayloadTooLarge, ProtocolError
 from edge_client.protocol import (
     CHUNK_HEADER, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope, split_chunks,
 )
@@ -66,9 +66,10 @@ def test_chunks_reassemble_in_any_order_with_duplicates():
 def test_reassembler_refuses_oversize_before_buffering():
     chunks = split_chunks(b"x" * 5000, 1000)
     r = Reassembler(max_bytes=4096)
-    with pytest.raises(ProtocolError, match="exceeds the limit"):
+    with pytest.raises(PayloadTooLarge, match="exceeds the limit"):
         r.add("dev", chunks[0])
     assert r.pending_count() == 0
+    assert r.add("dev", chunks[1]) is None  # refused once, later chunks are dropped quietly
 
 
 def test_reassembler_detects_tampered_chunk():
