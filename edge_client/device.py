@@ -319,7 +319,9 @@ class Device:
         self.link.resubscribe(self.topics.round)
         ann = self.announcement
         if ann is None or ann.get("global_version") != self.global_version:
-            self.link.resubscribe(self.topics.global_filter(self.manifest.rank))(self) -> bool:
+            self.link.resubscribe(self.topics.global_filter(self.manifest.rank))
+
+    def finished(self) -> bool:
         ann = self.announcement
         return bool(ann and ann.get("state") == "finished" and self.state.pending_round is None)
 

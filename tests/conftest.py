@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundles"))
-BBC_LABELS = ("business", "entertainment", "politics", "sport", "tech")
+BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
 def free_port() -> int:

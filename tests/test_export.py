@@ -19,7 +19,7 @@ def test_minilm_ladder_is_self_checked_and_only_lora_and_head_train(minilm_bundl
         bundle = Bundle(minilm_bundles / f"r{rank}")
         m = bundle.manifest
         assert m.task == "seq-cls" and m.rank == rank and m.alpha == 2 * rank and m.targets == ("query", "value")
-        assert m.labels == ("business", "entertainment", "politics", "sport", "tech")
+        assert m.labels == ("business", "entertainment", "politics", "sports", "tech")
         check = m.extra["self_check"]
         assert max(check["rel_diff"]) <= 1e-4 and check["torch_loss"][0] != check["torch_loss"][1]
         roles = {p.role for p in m.trainable}
