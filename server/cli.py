@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--devices", type=int, default=10)
     sim.add_argument("--split", default="dirichlet", help="iid | dirichlet | group")
     sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skewed)")
-    sim.add_argument("--rounds", type=int, default=10)
+    sim.add_argument("--rounds", type=int, default=5)
     sim.add_argument("--local-steps", type=int, default=20)
     sim.add_argument("--batch-size", type=int, default=8)
     sim.add_argument("--lr", type=float, default=2e-3)

@@ -64,7 +64,7 @@ class SimulateConfig:
     devices: int = 10
     split: str = "dirichlet"
     alpha: float = 0.5
-    rounds: int = 10
+    rounds: int = 5
     local_steps: int = 20
     batch_size: int = 8
     lr: float = 2e-3
