@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_client.bundle import MANIFEST_NAME, Bundle, Manifest, ParamSpec, sha256_file
-from edge_client.errors import BundleError, ConfigError, FedloraError
+from edge_client.errors import ConfigError, FedloraError
 from export.config import DEFAULT_TARGETS, ExportConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

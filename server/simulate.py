@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +218,6 @@ def run_simulation(cfg: SimulateConfig) -> dict:
                                           env=env, cwd=Path(__file__).resolve().parent.parent))
         print(f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
               flush=True)
-        stop = threading.Event()
         reported = 0
         aggregator.start()
         while not aggregator.coordinator.finished:
@@ -231,7 +229,6 @@ def run_simulation(cfg: SimulateConfig) -> dict:
             if len(dead) == len(procs):
                 raise RuntimeError(f"all device processes exited; see {out}/devices/*/device.log")
         aggregator.announce()
-        stop.set()
         for p in procs:
             try:
                 p.wait(timeout=60)

@@ -6,7 +6,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from edge_client.bundle import Bundle
 from edge_client.protocol import Envelope, Topics, encode_envelope, split_chunks
@@ -108,7 +107,7 @@ def test_bad_updates_are_rejected_with_reasons_and_the_round_still_completes(tmp
                 dev.link.publish(dev.topics.update("d1"), payload).wait_for_publish(5)
             else:
                 dev.send(payload)
-            wait_for(lambda: dev.ack_count() >= i, what=f"ack for {reason}")
+            wait_for(lambda n=i: dev.ack_count() >= n, what=f"ack for {reason}")
             assert dev.acks[-1]["result"] == "rejected" and dev.acks[-1]["reason"] == reason, dev.acks[-1]
         assert "exceeds the limit" in dev.acks[-1]["detail"]
         assert agg.coordinator.open is not None and agg.coordinator.completed == 0  # still waiting, unharmed

@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import numpy as np
-import pytest
 
 from server.simulate import SimulateConfig, run_simulation
 
