@@ -24,11 +24,11 @@ from edge_client.protocol import PROTOCOL_VERSION, Envelope, Reassembler, Topics
 from edge_client.runtime import read_parameters
 from edge_client.transport import MqttLink
 from server.config import ServerConfig
-from server.fedavg import FedAvg
+from server.strategies.fedavg import FedAvg
 from server.metrics import Metrics
 from server.rounds import Coordinator, RoundOutcome
 from server.store import StateStore
-from server.strategy import ClientUpdate, Strategy
+from server.strategies.base import ClientUpdate, Strategy
 
 log = logging.getLogger("fedlora.aggregator")
 

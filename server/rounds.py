@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_client.errors import ConfigError, UpdateRejected
-from server.strategy import ClientUpdate, Partial, Strategy
+from server.strategies.base import ClientUpdate, Partial, Strategy
 
 
 @dataclass

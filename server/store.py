@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from server.rounds import OpenRound
-from server.strategy import Partial
+from server.strategies.base import Partial
 
 STATE_FORMAT = 1
 

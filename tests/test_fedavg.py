@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from edge_client.errors import UpdateRejected
-from server.fedavg import FedAvg
-from server.strategy import ClientUpdate
+from server.strategies.fedavg import FedAvg
+from server.strategies.base import ClientUpdate
 
 SHAPES = {"A": (1, 2), "B": (2, 1)}
 

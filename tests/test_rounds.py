@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from edge_client.errors import ConfigError, UpdateRejected
-from server.fedavg import FedAvg
+from server.strategies.fedavg import FedAvg
 from server.rounds import Coordinator, RoundSettings
-from server.strategy import ClientUpdate
+from server.strategies.base import ClientUpdate
 
 SHAPES = {"A": (2,)}
 

@@ -2,7 +2,7 @@ import numpy as np
 
 from server.rounds import OpenRound
 from server.store import StateStore
-from server.strategy import Partial
+from server.strategies.base import Partial
 
 
 def test_state_round_trips_with_open_round_and_partial(tmp_path):

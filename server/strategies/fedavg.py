@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_client.errors import UpdateRejected
-from server.strategy import ClientUpdate, Partial, Strategy, check_same_tensors
+from server.strategies.base import ClientUpdate, Partial, Strategy, check_same_tensors
 
 
 def weighted_sum_into(sums: dict[str, np.ndarray], tensors: dict[str, np.ndarray], weight: float) -> None:

@@ -1,0 +1,1 @@
+"""LoRA-aware aggregation strategies: one module per method, one interface (``base.Strategy``)."""
