@@ -147,3 +147,36 @@ class Bundle:
                 raise BundleError(
                     f"{self.root}: {name} is corrupted (sha256 {actual[:12]}..., manifest says {expected[:12]}...)"
                 )
+
+
+def choose_bundle(path: str | Path, memory_budget_bytes: int = 0, rank: int = 0) -> Path:
+    """The bundle folder a device should train.
+
+    ``path`` is a bundle (has manifest.json) or an exporter output with a rank ladder
+    (``ladder.json`` and ``r<rank>/`` folders). From a ladder: the given ``rank``; else the
+    largest rank whose measured peak memory fits ``memory_budget_bytes``; else the largest.
+    """
+    root = Path(path)
+    if (root / MANIFEST_NAME).is_file():
+        return root
+    ladder_path = root / "ladder.json"
+    if not ladder_path.is_file():
+        raise BundleError(f"{root}: neither a bundle (manifest.json) nor a rank ladder (ladder.json)")
+    try:
+        ranks = {int(r): info for r, info in json.loads(ladder_path.read_text(encoding="utf-8"))["ranks"].items()}
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{ladder_path}: malformed ladder ({exc})") from exc
+    if rank:
+        if rank not in ranks:
+            raise BundleError(f"{root}: rank {rank} is not in the ladder {sorted(ranks)}")
+        chosen = rank
+    elif memory_budget_bytes:
+        fitting = [r for r, info in ranks.items() if info.get("peak_rss_bytes", 0) <= memory_budget_bytes]
+        if not fitting:
+            need = min(info.get("peak_rss_bytes", 0) for info in ranks.values())
+            raise BundleError(f"{root}: no rank fits the memory budget of {memory_budget_bytes / 2**20:.0f} MiB "
+                              f"(the smallest needs {need / 2**20:.0f} MiB)")
+        chosen = max(fitting)
+    else:
+        chosen = max(ranks)
+    return root / ranks[chosen].get("path", f"r{chosen}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.bundle import Bundle
+from edge_client.bundle import Bundle, choose_bundle
 from edge_client.config import load
 from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
@@ -42,7 +42,9 @@ class DeviceConfig:
     """One device's settings.
 
     device_id: unique id; also the MQTT topic segment a broker ACL pins the device to.
-    bundle: artifact bundle folder for this device's rank.
+    bundle: artifact bundle folder, or an exporter output with a rank ladder: then the device
+        takes ``rank`` if set, else the largest rank whose measured training peak memory fits
+        ``memory_budget_mb`` (0: no budget, the largest rank).
     data: local training data (.csv/.tsv/.jsonl/.json) with ``text_column`` and ``label_column``.
     eval_data: optional local test data; else ``eval_fraction`` of ``data`` is held out.
     state_dir: where the device keeps its round, pending update and local adapter.
@@ -63,6 +65,8 @@ class DeviceConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     threads: int = 0
     max_local_steps: int = 0
+    memory_budget_mb: int = 0
+    rank: int = 0
     seed: int = 0
     exit_when_finished: bool = False
 
@@ -77,8 +81,8 @@ class DeviceConfig:
             raise ConfigError("bundle and data are required")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.threads < 0 or self.max_local_steps < 0:
-            raise ConfigError("threads and max_local_steps must be >= 0")
+        if self.threads < 0 or self.max_local_steps < 0 or self.memory_budget_mb < 0 or self.rank < 0:
+            raise ConfigError("threads, max_local_steps, memory_budget_mb and rank must be >= 0")
 
 
 def load_device_config(path: str | Path | None = None, overrides: dict | None = None) -> DeviceConfig:
@@ -165,7 +169,7 @@ class DeviceState:
 class Device:
     def __init__(self, cfg: DeviceConfig, link: MqttLink | None = None):
         self.cfg = cfg
-        self.bundle = Bundle(cfg.bundle)
+        self.bundle = Bundle(choose_bundle(cfg.bundle, cfg.memory_budget_mb * 2**20, cfg.rank))
         self.manifest = self.bundle.manifest
         self.topics = Topics(cfg.job)
         self.data = load_local_data(cfg, self.bundle)
@@ -268,7 +272,9 @@ class Device:
         metrics = {"train_loss": float(np.mean(losses[-max(1, len(losses) // 2):])), "steps": steps,
                    "step_time_s": statistics.median(times), "train_seconds": time.perf_counter() - start}
         if self.data.test is not None:
-            result = self.trainer.evaluate(self.data.test)
+            # Evaluate at the training batch size: a larger batch would raise the peak memory
+            # above what the rank was chosen for.
+            result = self.trainer.evaluate(self.data.test, batch_size=int(train["batch_size"]))
             metrics.update(eval_loss=result["loss"], eval_accuracy=result["accuracy"], eval_examples=result["examples"])
         metrics["peak_rss_bytes"] = peak_rss_bytes()
         delta = {name: local[name] - global_tensors[name] for name in local}

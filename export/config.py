@@ -36,6 +36,9 @@ class ExportConfig:
     opset: ONNX opset (16: opset 17's LayerNormalization breaks ORT's gradient builder).
     verify: run one training step in PyTorch and ORT and compare the losses.
     verify_tolerance: relative loss difference allowed by the self-check.
+    measure: record each rank's peak memory and step time for one training step at
+        ``measure_batch`` x ``max_length`` (a fresh process, one thread), for devices to
+        choose a rank against their memory budget.
     """
 
     model_dir: Path
@@ -51,6 +54,8 @@ class ExportConfig:
     verify: bool = True
     verify_tolerance: float = 1e-4
     verify_lr: float = 1e-3
+    measure: bool = True
+    measure_batch: int = 8
     gguf_file: str | None = None
     model_id: str | None = None
     extra_trainable: tuple[str, ...] = field(default_factory=tuple)

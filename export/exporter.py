@@ -393,8 +393,29 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
         data["self_check"] = check
         data["export_seconds"] = timings
         (out / MANIFEST_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    if cfg.measure:
+        with stage(f"r={rank}: measure one training step (batch {cfg.measure_batch} x {cfg.max_length})", timings):
+            memory = measure_step(out, cfg.measure_batch, cfg.max_length)
+        log(f"r={rank}: peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB, step {memory['step_time_s'] * 1000:.0f} ms")
+        data = json.loads((out / MANIFEST_NAME).read_text())
+        data["memory"] = memory
+        data["export_seconds"] = timings
+        (out / MANIFEST_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     Bundle(out)  # re-read and verify what we wrote
     return out
+
+
+def measure_step(bundle_dir: Path, batch: int, seq: int) -> dict:
+    """Peak memory and step time of one training step, in a fresh torch-free process."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "edge_client.probe", str(bundle_dir), "--batch", str(batch), "--seq", str(seq),
+           "--steps", "2", "--threads", "1"]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if proc.returncode != 0:
+        raise ExportError(f"measuring the training step failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def export(cfg: ExportConfig) -> list[Path]:
@@ -424,6 +445,9 @@ def export(cfg: ExportConfig) -> list[Path]:
         m = Bundle(path, verify=False).manifest
         ladder["ranks"][str(rank)]["adapter_parameters"] = m.adapter_size
         ladder["ranks"][str(rank)]["adapter_bytes_fp32"] = 4 * m.adapter_size
+        if "memory" in m.extra:
+            ladder["ranks"][str(rank)]["peak_rss_bytes"] = m.extra["memory"]["peak_rss_bytes"]
+            ladder["ranks"][str(rank)]["step_time_s"] = m.extra["memory"]["step_time_s"]
     (cfg.output_dir / "ladder.json").write_text(json.dumps(ladder, indent=1) + "\n", encoding="utf-8")
     log(f"wrote {len(bundles)} bundle(s) to {cfg.output_dir}")
     return bundles

@@ -105,3 +105,26 @@ def test_ort_trainer_learns_and_adapter_round_trips(minilm_bundle):
     name = next(iter(adapter))
     with pytest.raises(BundleError, match="shape"):
         trainer.set_adapter({name: np.zeros((1, 1), np.float32)})
+
+
+def test_ladder_records_memory_and_devices_choose_a_rank(minilm_bundles):
+    from edge_client.bundle import choose_bundle
+
+    ladder = json.loads((minilm_bundles / "ladder.json").read_text())["ranks"]
+    for rank in ("2", "4"):
+        m = Bundle(minilm_bundles / f"r{rank}").manifest
+        assert m.extra["memory"]["peak_rss_bytes"] == ladder[rank]["peak_rss_bytes"] > 100 * 2**20
+        assert m.extra["memory"]["torch_loaded"] is False
+        assert ladder[rank]["adapter_parameters"] == m.adapter_size
+    assert choose_bundle(minilm_bundles).name == "r4"  # no budget: the largest rank
+    assert choose_bundle(minilm_bundles, rank=2).name == "r2"
+    big = max(ladder[r]["peak_rss_bytes"] for r in ladder)
+    small = min(ladder[r]["peak_rss_bytes"] for r in ladder)
+    assert choose_bundle(minilm_bundles, memory_budget_bytes=big).name == "r4"
+    if small < big:
+        assert choose_bundle(minilm_bundles, memory_budget_bytes=small).name == "r2"
+    with pytest.raises(BundleError, match="no rank fits"):
+        choose_bundle(minilm_bundles, memory_budget_bytes=small - 1)
+    with pytest.raises(BundleError, match="not in the ladder"):
+        choose_bundle(minilm_bundles, rank=16)
+    assert choose_bundle(minilm_bundles / "r2").name == "r2"
