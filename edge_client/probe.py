@@ -27,8 +27,11 @@ def measure(bundle_dir: str, batch: int, seq: int, steps: int, threads: int) -> 
     seq = min(seq, m.max_length)
     trainer = Trainer(bundle, options=RuntimeOptions(intra_op_threads=threads))
     loaded_rss = peak_rss_bytes()
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(bundle.path(m.tokenizer))).get_vocab_size()
     rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 2000, size=(batch, seq)).astype(np.int64)
+    ids = rng.integers(min(5, vocab - 1), vocab, size=(batch, seq)).astype(np.int64)
     if m.task == "causal-lm":
         labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -100)], axis=1).astype(np.int64)
     else:
