@@ -1,9 +1,15 @@
+"""FedAvg through the call shapes server/aggregator.py and server/rounds.py use today: a name ->
+shape mapping for the layout, updates as deltas, and ``finalize(partial, dict)`` returning a
+dict (``global + server_lr * mean(delta)``). The GlobalModel interface and every other
+strategy are tested in test_strategies.py; this file goes when the aggregator switches.
+"""
+
 import numpy as np
 import pytest
 
 from edge_client.errors import UpdateRejected
+from server.strategies.base import ClientUpdate, GlobalModel
 from server.strategies.fedavg import FedAvg
-from server.strategies.base import ClientUpdate
 
 SHAPES = {"A": (1, 2), "B": (2, 1)}
 
@@ -61,3 +67,20 @@ def test_unusable_updates_are_rejected_with_reason(make, reason):
     with pytest.raises(UpdateRejected) as info:
         FedAvg(SHAPES, rank=1).check(make())
     assert info.value.reason == reason
+
+
+def test_delta_path_matches_full_tensor_path_when_full_is_global_plus_delta():
+    rng = np.random.default_rng(4)
+    glob = {"x.lora_A.weight": rng.normal(size=(1, 2)).astype(np.float32),
+            "x.lora_B.weight": rng.normal(size=(2, 1)).astype(np.float32)}
+    shapes = {k: v.shape for k, v in glob.items()}
+    deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()} for _ in range(3)]
+    s = FedAvg(shapes, rank=1, server_lr=0.7)
+    by_delta, by_full = s.new_partial(), s.new_partial()
+    for i, d in enumerate(deltas):
+        s.accumulate(by_delta, ClientUpdate(f"d{i}", 1, 1, i + 1, d))
+        s.accumulate(by_full, ClientUpdate(f"d{i}", 1, 1, i + 1, {k: glob[k] + v for k, v in d.items()}))
+    old = s.finalize(by_delta, glob)
+    new = s.finalize(by_full, GlobalModel(1, glob))
+    for k in glob:
+        np.testing.assert_allclose(new.tensors[k], old[k], rtol=1e-5, atol=1e-6)

@@ -1,68 +1,72 @@
-"""FedAvg over LoRA factors (FedAvg-LoRA).
+"""FedAvg over LoRA factors (FedAvg-LoRA): the same-rank baseline.
 
-McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data"
-(AISTATS 2017), applied to LoRA as in Zhang et al., "Towards Building the Federated GPT:
-Federated Instruction Tuning" (FedIT, ICASSP 2024): A and B (and the head) are averaged
-separately, weighted by the number of local examples.
-
-Parameters:
-    shapes: name -> shape of every trainable tensor (from the bundle's manifest).
-    server_lr: step size applied to the averaged delta (default 1.0: plain FedAvg).
-
-All devices must share one rank: averaging factors of different ranks is undefined, so
-mixed-rank updates are rejected (rank-aware strategies handle that case).
+McMahan, Moore, Ramage, Hampson and Agüera y Arcas, "Communication-Efficient Learning of Deep
+Networks from Decentralized Data", AISTATS 2017; applied to LoRA as in Zhang et al., "Towards
+Building the Federated GPT: Federated Instruction Tuning" (FedIT), ICASSP 2024.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
-from edge_client.errors import UpdateRejected
-from server.strategies.base import ClientUpdate, Partial, Strategy, check_same_tensors
+from server.strategies.base import (
+    AdapterLayout,
+    ClientUpdate,
+    GlobalModel,
+    Partial,
+    Strategy,
+    weighted_sum_into,
+)
 
-
-def weighted_sum_into(sums: dict[str, np.ndarray], tensors: dict[str, np.ndarray], weight: float) -> None:
-    """sums[name] += weight * tensors[name], in place (float64 to keep long sums exact)."""
-    for name, value in tensors.items():
-        acc = sums.get(name)
-        if acc is None:
-            sums[name] = weight * value.astype(np.float64)
-        else:
-            acc += weight * value
+__all__ = ["FedAvg", "weighted_sum_into"]
 
 
 class FedAvg(Strategy):
+    """A, B and the head averaged separately, weighted by the devices' example counts.
+
+    With ``p_i = n_i / sum_j n_j``:  ``A = sum_i p_i A_i``,  ``B = sum_i p_i B_i``, and then
+    ``x_new = x_global + server_lr * (x_mean - x_global)`` for every tensor. Note that
+    ``mean(B) @ mean(A) != mean(B @ A)``: the product the devices trained is not what the
+    server gets (FedEx-LoRA and FLoRA fix that). All devices must train one rank; an update
+    of another rank is rejected with ``rank_mismatch``.
+
+    Parameters:
+        layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
+        rank: required; the one rank every device trains (the bundle manifest's rank).
+        server_lr: step size towards the average (default 1.0: plain FedAvg).
+    """
+
     name = "fedavg"
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], rank: int, server_lr: float = 1.0):
-        super().__init__(shapes)
-        self.rank = rank
-        self.server_lr = server_lr
+    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, server_lr: float = 1.0):
+        super().__init__(layout, rank)
+        self.server_lr = float(server_lr)
 
-    def check(self, update: ClientUpdate) -> None:
-        if update.rank != self.rank:
-            raise UpdateRejected("rank_mismatch", f"rank {update.rank} cannot be averaged with rank {self.rank} (fedavg needs one rank)")
-        if update.num_examples <= 0:
-            raise UpdateRejected("no_examples", f"num_examples is {update.num_examples}")
-        check_same_tensors(update, self.shapes)
+    def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
+        weighted_sum_into(sums, {t: update.tensors[t] for m in self.layout.modules for t in (m.a, m.b)}, n)
 
-    def accumulate(self, partial: Partial, update: ClientUpdate) -> Partial:
-        weighted_sum_into(partial.sums, update.tensors, float(update.num_examples))
-        partial.weight += update.num_examples
-        partial.count += 1
-        partial.devices.append(update.device)
-        return partial
+    def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
+        for m in self.layout.modules:
+            out.tensors[m.a] = (partial.sums[m.a] / partial.weight).astype(np.float32)
+            out.tensors[m.b] = (partial.sums[m.b] / partial.weight).astype(np.float32)
 
-    def merge(self, a: Partial, b: Partial) -> Partial:
-        out = Partial(sums={k: v.copy() for k, v in a.sums.items()}, weight=a.weight, count=a.count,
-                      devices=a.devices + b.devices)
-        weighted_sum_into(out.sums, b.sums, 1.0)
-        out.weight += b.weight
-        out.count += b.count
+    def finalize(self, partial: Partial, model: GlobalModel | dict[str, np.ndarray]):
+        if not isinstance(model, GlobalModel):
+            return self._finalize_deltas(partial, model)
+        out = super().finalize(partial, model)
+        if self.server_lr != 1.0 and partial.weight > 0:
+            for name, value in out.tensors.items():
+                old = model.tensors[name].astype(np.float64)
+                out.tensors[name] = (old + self.server_lr * (value - old)).astype(np.float32)
         return out
 
-    def finalize(self, partial: Partial, global_adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _finalize_deltas(self, partial: Partial, global_adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The interface before GlobalModel: updates were deltas (local - global) and the
+        global adapter a plain dict; ``global + server_lr * mean(delta)``. Kept only while
+        server/aggregator.py still calls it that way; remove with that call."""
         if partial.weight <= 0:
             return {k: v.copy() for k, v in global_adapter.items()}
-        scale = self.server_lr / partial.weight
-        return {name: (value + scale * partial.sums[name]).astype(np.float32) for name, value in global_adapter.items()}
+        step = self.server_lr / partial.weight
+        return {name: (value + step * partial.sums[name]).astype(np.float32) for name, value in global_adapter.items()}
