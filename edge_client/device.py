@@ -24,7 +24,9 @@ from edge_client.bundle import Bundle, choose_bundle
 from edge_client.config import load
 from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
-from edge_client.protocol import Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope
+from edge_client.protocol import (
+    BASE_DELTA_PREFIX, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope,
+)
 from edge_client.runtime import RuntimeOptions, Trainer
 from edge_client.transport import BrokerConfig, MqttLink
 
@@ -160,6 +162,16 @@ class DeviceState:
         if self.pending_path.exists():
             self.pending_path.unlink()
 
+    def restore_adapter(self, trainer: Trainer) -> None:
+        """Load the local adapter a previous run saved (personal tensors survive a restart)."""
+        if not self.adapter_path.is_file():
+            return
+        try:
+            with np.load(self.adapter_path, allow_pickle=False) as data:
+                trainer.set_adapter({k: data[k] for k in data.files})
+        except (OSError, ValueError, FedloraError) as exc:
+            log.warning("ignoring the saved local adapter %s: %s", self.adapter_path, exc)
+
     def save_adapter(self, tensors: dict[str, np.ndarray]) -> None:
         tmp = self.root / "adapter.tmp.npz"
         np.savez(tmp, **tensors)
@@ -175,6 +187,7 @@ class Device:
         self.data = load_local_data(cfg, self.bundle)
         self.trainer = Trainer(self.bundle, options=RuntimeOptions(intra_op_threads=cfg.threads))
         self.state = DeviceState(Path(cfg.state_dir), cfg.job)
+        self.state.restore_adapter(self.trainer)
         will = (self.topics.status(cfg.device_id), json.dumps({"state": "offline"}).encode())
         self.link = link or MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-{cfg.device_id}", will=will)
         self.reassembler = Reassembler(max_bytes=1 << 31)
@@ -219,8 +232,10 @@ class Device:
         if env.kind != "global" or env.job != self.cfg.job:
             return
         shapes = self.manifest.shapes
-        if set(env.tensors) != set(shapes) or any(tuple(v.shape) != shapes[k] for k, v in env.tensors.items()):
-            log.error("global adapter version %d does not match this bundle's tensors; ignored", env.round)
+        adapter = {k: v for k, v in env.tensors.items() if not k.startswith(BASE_DELTA_PREFIX)}
+        if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in adapter.items()):
+            log.error("global adapter version %d (rank %d) does not match this bundle's tensors; ignored",
+                      env.round, env.rank)
             return
         if self.global_version is None or env.round >= self.global_version:
             self.global_version, self.global_tensors = env.round, env.tensors
@@ -257,15 +272,19 @@ class Device:
         if self.cfg.max_local_steps:
             steps = min(steps, self.cfg.max_local_steps)
         start = time.perf_counter()
-        global_tensors = self.global_tensors
-        assert global_tensors is not None
-        self.trainer.set_adapter(global_tensors)
+        assert self.global_tensors is not None
+        start_from = self.trainer.apply_global(self.global_tensors)
+        # FFA-LoRA keeps A at its initial value: restore it after every step (cheap: A is small).
+        frozen = {} if ann.get("strategy", {}).get("trains_a", True) else {
+            p.name: v for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values()) if p.role == "lora_A"}
         self.trainer.set_learning_rate(float(train["lr"]))
         rng = np.random.default_rng([self.cfg.seed, int(ann["round"])])
         losses, times = [], []
         for batch in self.data.train.sample_batches(int(train["batch_size"]), steps, rng):
             t0 = time.perf_counter()
             losses.append(self.trainer.train_step(batch))
+            if frozen:
+                self.trainer.set_adapter(frozen)
             times.append(time.perf_counter() - t0)
         local = self.trainer.get_adapter()
         self.state.save_adapter(local)
@@ -277,7 +296,9 @@ class Device:
             result = self.trainer.evaluate(self.data.test, batch_size=int(train["batch_size"]))
             metrics.update(eval_loss=result["loss"], eval_accuracy=result["accuracy"], eval_examples=result["examples"])
         metrics["peak_rss_bytes"] = peak_rss_bytes()
-        delta = {name: local[name] - global_tensors[name] for name in local}
+        # The delta of exactly what the aggregator sent: a personal B (FedSA-LoRA) or a frozen A
+        # (FFA-LoRA) is not sent back.
+        delta = {name: local[name] - start_from[name] for name in start_from}
         env = Envelope(kind="update", job=self.cfg.job, round=int(ann["round"]), sender=self.cfg.device_id,
                        rank=self.manifest.rank, codec=ann.get("codec", "fp32"), tensors=delta,
                        num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]))

@@ -35,6 +35,9 @@ CHUNK_MAGIC = b"FLC1"
 CHUNK_HEADER = struct.Struct("<4s16sIIQ")
 MAX_HEADER_BYTES = 1 << 20
 KINDS = ("update", "global")
+# Global envelopes may carry changes to frozen base weights (FLoRA, FedEx-LoRA) under this
+# prefix; the device adds them to its checkpoint's original weights.
+BASE_DELTA_PREFIX = "base_delta/"
 
 
 # -- topics --------------------------------------------------------------------------------

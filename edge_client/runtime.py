@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_client.bundle import Bundle
 from edge_client.errors import BundleError
+from edge_client.protocol import BASE_DELTA_PREFIX
 from edge_client.data import Batch, EncodedDataset
 
 
@@ -94,6 +95,7 @@ class Trainer:
         except Exception as exc:  # ORT raises its own types; name the bundle in the message
             raise BundleError(f"{bundle.root}: ONNX Runtime could not load the artifacts: {exc}") from exc
         self._names = [p.name for p in self.manifest.trainable]
+        self._frozen_original: dict[str, np.ndarray] = {}
 
     # -- adapter state -------------------------------------------------------------------
     def get_adapter(self) -> dict[str, np.ndarray]:
@@ -110,12 +112,29 @@ class Trainer:
                 raise BundleError(f"adapter tensor {name} has shape {value.shape}, bundle expects {shapes[name]}")
             params[name].data = np.ascontiguousarray(value, dtype=np.float32)
 
-    def set_frozen(self, name: str, value: np.ndarray) -> None:
-        """Overwrite a frozen parameter (strategies that fold a residual into base weights)."""
+    def set_base_delta(self, name: str, delta: np.ndarray) -> None:
+        """Make frozen weight ``name`` equal its exported value plus ``delta`` (strategies that
+        fold the aggregate into base weights send the cumulative change)."""
         params = self.state.parameters
         if name not in params:
-            raise BundleError(f"parameter {name} is not in the checkpoint")
-        params[name].data = np.ascontiguousarray(value, dtype=np.float32)
+            raise BundleError(f"frozen weight {name} is not in the checkpoint")
+        original = self._frozen_original.get(name)
+        if original is None:
+            original = self._frozen_original[name] = np.array(params[name].data, dtype=np.float32, copy=True)
+        if delta.shape != original.shape:
+            raise BundleError(f"change to {name} has shape {delta.shape}, the weight is {original.shape}")
+        params[name].data = np.ascontiguousarray(original + delta, dtype=np.float32)
+
+    def apply_global(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Load what the aggregator sent: adapter tensors, and ``base_delta/<name>`` changes to
+        frozen weights. Tensors it did not send (a personal B, a frozen A) stay as they are.
+        Returns the adapter part."""
+        adapter = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA_PREFIX)}
+        self.set_adapter(adapter)
+        for key, value in tensors.items():
+            if key.startswith(BASE_DELTA_PREFIX):
+                self.set_base_delta(key[len(BASE_DELTA_PREFIX):], value)
+        return adapter
 
     def save(self, path: str | Path) -> None:
         training_api().CheckpointState.save_checkpoint(self.state, str(path))

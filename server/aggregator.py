@@ -18,17 +18,19 @@ from typing import Callable
 
 import numpy as np
 
-from edge_client.bundle import Bundle
+from edge_client.bundle import Bundle, choose_bundle
 from edge_client.errors import PayloadTooLarge, ProtocolError, UpdateRejected
-from edge_client.protocol import PROTOCOL_VERSION, Envelope, Reassembler, Topics, decode_envelope, encode_envelope
+from edge_client.protocol import (
+    BASE_DELTA_PREFIX, PROTOCOL_VERSION, Envelope, Reassembler, Topics, decode_envelope, encode_envelope,
+)
 from edge_client.runtime import read_parameters
 from edge_client.transport import MqttLink
 from server.config import ServerConfig
-from server.strategies.fedavg import FedAvg
 from server.metrics import Metrics
 from server.rounds import Coordinator, RoundOutcome
 from server.store import StateStore
-from server.strategies.base import ClientUpdate, Strategy
+from server.strategies import make_strategy as build_strategy
+from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Strategy
 
 log = logging.getLogger("fedlora.aggregator")
 
@@ -36,32 +38,44 @@ Evaluator = Callable[[dict[str, np.ndarray]], dict]
 
 
 def make_strategy(cfg: ServerConfig, bundle: Bundle) -> Strategy:
+    """The configured strategy over the adapter of ``bundle`` (the top of the rank ladder)."""
     m = bundle.manifest
-    if cfg.strategy == "fedavg":
-        return FedAvg(m.shapes, rank=m.rank, server_lr=cfg.server_lr)
-    raise AssertionError(cfg.strategy)  # ServerConfig validated the name
+    params = {"server_lr": cfg.server_lr} if cfg.strategy == "fedavg" else {}
+    return build_strategy(cfg.strategy, AdapterLayout.from_manifest(m), rank=m.rank, **params)
+
+
+def downlink_tensors(strategy: Strategy, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
+    """What a device of ``rank`` loads: its adapter slice, plus the cumulative change to frozen
+    weights (FLoRA, FedEx-LoRA) under ``base_delta/<name>``."""
+    tensors = strategy.for_device(model, rank)
+    tensors.update({BASE_DELTA_PREFIX + name: value for name, value in model.base_delta.items()})
+    return tensors
 
 
 class Aggregator:
     def __init__(self, cfg: ServerConfig, link: MqttLink, metrics: Metrics | None = None,
-                 evaluator: Evaluator | None = None, clock=time.time):
+                 evaluator: Evaluator | None = None, clock=time.time,
+                 on_round_closed: Callable[[dict], None] | None = None):
         self.cfg = cfg
+        self.on_round_closed = on_round_closed  # called with each closed round's history entry
         self.link = link
         self.metrics = metrics or Metrics()
         self.evaluator = evaluator
         self.clock = clock
         self.topics = Topics(cfg.job)
-        self.bundle = Bundle(cfg.bundle)
+        self.bundle = Bundle(choose_bundle(cfg.bundle))  # a ladder: its largest rank
         self.manifest = self.bundle.manifest
         self.strategy = make_strategy(cfg, self.bundle)
         self.store = StateStore(cfg.state_dir)
         self.reassembler = Reassembler(cfg.max_update_bytes)
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics: list[dict] = []
-        self._published_chunks = 0
+        self._published: dict[int, tuple[int, int]] = {}  # rank -> (version, chunks) on the broker
+        self._sent: dict[int, dict[str, np.ndarray]] = {}  # rank -> adapter tensors of that version
+        self._payload_bytes: dict[int, int] = {}
         saved = self.store.load()
         if saved is None:
-            self.global_adapter = read_parameters(self.bundle)
+            self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
             self.history: list[dict] = []
             self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed)
             self._save(global_changed=True)
@@ -69,7 +83,7 @@ class Aggregator:
         else:
             if saved["job"] != cfg.job:
                 raise ProtocolError(f"state dir {cfg.state_dir} belongs to job {saved['job']!r}, not {cfg.job!r}")
-            self.global_adapter = saved["global"]
+            self.model = GlobalModel(self.manifest.rank, saved["global"], saved["base_delta"], saved["version"])
             self.history = saved["history"]
             self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed + saved["next_round"],
                                            next_round=saved["next_round"], completed=saved["completed"],
@@ -79,26 +93,49 @@ class Aggregator:
             log.info("resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"])
             self.store.event("job_resumed", completed=saved["completed"], version=saved["version"])
 
+    @property
+    def global_adapter(self) -> dict[str, np.ndarray]:
+        """The global adapter at the largest rank (and the head)."""
+        return self.model.tensors
+
     # -- persistence and publishing ------------------------------------------------------
     def _save(self, global_changed: bool = False) -> None:
         c = self.coordinator
         self.store.save(job=self.cfg.job, next_round=c.next_round, completed=c.completed, version=c.version,
-                        history=self.history, global_adapter=self.global_adapter if global_changed else None,
-                        open_round=c.open)
+                        history=self.history, global_adapter=self.model.tensors if global_changed else None,
+                        base_delta=self.model.base_delta if global_changed else None, open_round=c.open)
+
+    def ranks_served(self) -> list[int]:
+        """The largest rank, and the ranks of devices that announced themselves."""
+        ranks = {self.manifest.rank}
+        ranks.update(info.rank for info in self.coordinator.devices.values() if info.rank)
+        return sorted(r for r in ranks if self._rank_ok(r))
+
+    def _rank_ok(self, rank: int) -> bool:
+        return 1 <= rank <= self.manifest.rank and (not self.strategy.same_rank or rank == self.manifest.rank)
 
     def publish_global(self) -> int:
-        env = Envelope(kind="global", job=self.cfg.job, round=self.coordinator.version, sender="aggregator",
-                       rank=self.manifest.rank, codec=self.cfg.codec, tensors=self.global_adapter)
-        payload = encode_envelope(env)
-        rank = self.manifest.rank
-        count = self.link.publish_chunked(self.topics.global_chunk(rank, 0), payload,
-                                          retain_topic=lambda i: self.topics.global_chunk(rank, i))
-        for stale in range(count, self._published_chunks):  # clear chunks a larger earlier version left
-            self.link.publish(self.topics.global_chunk(rank, stale), b"", retain=True)
-        self._published_chunks = count
-        self.metrics.bytes_out.labels("wire").inc(len(payload))
-        self.metrics.bytes_out.labels("raw").inc(sum(v.nbytes for v in self.global_adapter.values()))
-        return len(payload)
+        """Publish the current version for every served rank not yet holding it; bytes sent."""
+        sent = 0
+        version = self.coordinator.version
+        for rank in self.ranks_served():
+            if self._published.get(rank, (None, 0))[0] == version:
+                continue
+            tensors = downlink_tensors(self.strategy, self.model, rank)
+            self._sent[rank] = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA_PREFIX)}
+            env = Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator", rank=rank,
+                           codec=self.cfg.codec, tensors=tensors)
+            payload = encode_envelope(env)
+            count = self.link.publish_chunked(self.topics.global_chunk(rank, 0), payload,
+                                              retain_topic=lambda i, r=rank: self.topics.global_chunk(r, i))
+            for stale in range(count, self._published.get(rank, (None, 0))[1]):  # chunks an earlier version left
+                self.link.publish(self.topics.global_chunk(rank, stale), b"", retain=True)
+            self._published[rank] = (version, count)
+            self._payload_bytes[rank] = len(payload)
+            self.metrics.bytes_out.labels("wire").inc(len(payload))
+            self.metrics.bytes_out.labels("raw").inc(sum(v.nbytes for v in tensors.values()))
+            sent += len(payload)
+        return sent
 
     def announcement(self) -> dict:
         c = self.coordinator
@@ -107,6 +144,7 @@ class Aggregator:
         if c.open is not None:
             return {**base, "state": "open", "round": c.open.round, "deadline": c.open.deadline,
                     "selected": c.open.selected, "codec": self.cfg.uplink_codec,
+                "strategy": {"name": self.strategy.name, "trains_a": self.strategy.trains_a},
                     "train": {"local_steps": self.cfg.train.local_steps, "batch_size": self.cfg.train.batch_size,
                               "lr": self.cfg.train.lr}}
         return {**base, "state": "finished" if c.finished else "waiting", "round": c.next_round - 1}
@@ -121,6 +159,7 @@ class Aggregator:
         self.link.on_connect_hooks.append(self.announce)
         self.publish_global()
         self.announce()
+        self.metrics.last_progress.set_to_current_time()
 
     def run(self, stop: threading.Event, poll: float = 0.2) -> None:
         self.start()
@@ -176,6 +215,8 @@ class Aggregator:
             online = status.get("state") == "online"
             self.coordinator.device_status(device, online, rank=int(status.get("rank", 0)),
                                            num_examples=int(status.get("num_examples", 0)))
+            if online:
+                self.publish_global()  # a rank no one held before gets its slice now
         except (ValueError, TypeError, AttributeError) as exc:
             log.warning("ignoring malformed status from %s: %s", device, exc)
 
@@ -200,14 +241,20 @@ class Aggregator:
         except UpdateRejected as exc:
             self.reject(device, None, exc)
             return
-        update = ClientUpdate(device=device, round=env.round, rank=env.rank, num_examples=env.num_examples,
-                              tensors=env.tensors, metrics=env.metrics)
+        delta = ClientUpdate(device=device, round=env.round, rank=env.rank, num_examples=env.num_examples,
+                             tensors=env.tensors, metrics=env.metrics)
         try:
-            self.coordinator.judge(env.job, update)
+            self.coordinator.judge(env.job, delta)
+            base = self._sent.get(env.rank)
+            if base is None or env.base_version != self.coordinator.version:
+                raise UpdateRejected("wrong_base", f"update starts from version {env.base_version} at rank {env.rank}; "
+                                                   f"the round started from version {self.coordinator.version}")
         except UpdateRejected as exc:
             self.reject(device, env.round, exc)
             return
-        self.coordinator.accept(update)
+        # Strategies combine the devices' full local tensors: what we sent plus the delta.
+        full = {name: base[name] + value if name in base else value for name, value in env.tensors.items()}
+        self.coordinator.accept(ClientUpdate(device, env.round, env.rank, env.num_examples, full, env.metrics))
         self._save()  # persisted before the ack
         raw = sum(v.size * 4 for v in env.tensors.values())
         self._round_bytes["raw"] += raw
@@ -250,20 +297,25 @@ class Aggregator:
                  "uplink_bytes_wire": self._round_bytes["wire"], "uplink_bytes_raw": self._round_bytes["raw"]}
         entry.update(_summarize(self._round_metrics))
         self.metrics.round_duration.observe(outcome.duration)
+        self.metrics.selected.set(len(outcome.selected))
+        self.metrics.participants.set(len(outcome.accepted))  # failed rounds too: the gauge is "last closed round"
+        self.metrics.last_progress.set_to_current_time()
         if outcome.ok:
             start = time.perf_counter()
-            self.global_adapter = self.strategy.finalize(outcome.partial, self.global_adapter)
+            self.model = self.strategy.finalize(outcome.partial, self.model)
+            self.model.version = self.coordinator.version  # versions are the round ids that made them
             entry["aggregation_s"] = round(time.perf_counter() - start, 4)
             self.metrics.aggregation_seconds.observe(entry["aggregation_s"])
             self.metrics.rounds_completed.inc()
-            self.metrics.participants.set(len(outcome.accepted))
         else:
             self.metrics.rounds_failed.inc()
         self.history.append(entry)
         self._save(global_changed=outcome.ok)
         if outcome.ok:
-            down = self.publish_global()
-            entry["downlink_bytes_wire"] = down * len(outcome.selected)
+            self.publish_global()
+            ranks = {d: info.rank for d, info in self.coordinator.devices.items()}
+            entry["downlink_bytes_wire"] = sum(self._payload_bytes.get(ranks.get(d) or self.manifest.rank, 0)
+                                               for d in outcome.selected)
         self.store.event("round_closed", **entry)
         log.info("round %d closed (%s): %d/%d updates", outcome.round, outcome.reason, len(outcome.accepted),
                  len(outcome.selected))
@@ -271,13 +323,15 @@ class Aggregator:
             # Let devices start the next round while the aggregator evaluates this one.
             self.open_next()
             self.announce()
-            result = self.evaluator(self.global_adapter)
+            result = self.evaluator(downlink_tensors(self.strategy, self.model, self.manifest.rank))
             entry["eval"] = result
             if "loss" in result:
                 self.metrics.eval_loss.set(result["loss"])
             if "accuracy" in result:
                 self.metrics.eval_accuracy.set(result["accuracy"])
             self._save()
+        if self.on_round_closed is not None:
+            self.on_round_closed(entry)
 
 
 def _summarize(device_metrics: list[dict]) -> dict:

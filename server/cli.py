@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--batch-size", type=int, default=8)
     sim.add_argument("--lr", type=float, default=2e-3)
     sim.add_argument("--rank", type=int, default=8)
+    sim.add_argument("--ranks", type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
+                     help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")
+    sim.add_argument("--strategy", default="fedavg",
+                     help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flora | fedex-lora")
     sim.add_argument("--max-length", type=int, default=128)
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--out", default="runs/latest", help="report folder")
@@ -68,33 +72,139 @@ def server_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from edge_client.transport import MqttLink
-    from server.aggregator import Aggregator
     from server.config import load_server_config
-    from server.metrics import HealthServer, Metrics
 
     overrides = {"bundle": args.bundle, "state_dir": args.state_dir, "job": args.job, "http_port": args.http_port}
     if args.broker:
         overrides["broker"] = {"url": args.broker}
     try:
-        cfg = load_server_config(args.config, overrides)
-        metrics = Metrics()
-        link = MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-aggregator")
-        http = HealthServer(metrics, cfg.http_host, cfg.http_port, ready=link.connected.is_set).start() if cfg.http_port else None
-        link.connect()
-        aggregator = Aggregator(cfg, link, metrics)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        aggregator.run(stop)
-        link.close()
-        if http:
-            http.stop()
+        return _serve(load_server_config(args.config, overrides))
     except FedloraError as exc:
         print(f"fedlora-server: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _serve(cfg) -> int:
+    """Run the aggregator until the job is done (or forever, with exit_when_finished off) or
+    SIGTERM. With leader election, rounds run only while this replica holds the Lease: each
+    term connects to the broker, resumes from the persisted state, and ends the moment the
+    Lease is lost; the Lease is released only after the last step, for a quick hand-over."""
+    from edge_client.bundle import Bundle
+    from server.metrics import HealthServer, Metrics
+
+    log = logging.getLogger("fedlora.server")
+    Bundle(cfg.bundle)  # every replica fails fast on a bad bundle, not only the one that leads
+    metrics = Metrics()
+    metrics.round_timeout.set(cfg.rounds.round_timeout)
+    stop = threading.Event()  # SIGTERM / SIGINT
+    term_over = threading.Event()  # stop, or leadership lost: ends one term of running rounds
+
+    def on_signal(*_):
+        stop.set()
+        term_over.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    kube = cfg.kubernetes
+    elector = recorder = None
+    identity = lease = ""
+    if kube.leader_election or kube.events:
+        from kubernetes import client
+
+        from server import k8s
+        from server.leader import LeaderElector, LeaseLock
+
+        identity = kube.identity or k8s.default_identity()
+        namespace = kube.namespace or k8s.default_namespace()
+        lease = f"{namespace}/{kube.lease_name}"
+        api = k8s.api_client(f"fedlora-aggregator ({identity})")
+        timeout = min(5.0, kube.renew_deadline / 2)
+        if kube.events:
+            recorder = k8s.EventRecorder(
+                client.CoreV1Api(api), namespace, identity, kube.pod_uid, request_timeout=timeout,
+                on_result=lambda ok: ok or metrics.kubernetes_errors.labels("event_create").inc()).start()
+        if kube.leader_election:
+            elector = LeaderElector(
+                LeaseLock(client.CoordinationV1Api(api), namespace, kube.lease_name, request_timeout=timeout), identity,
+                lease_duration=kube.lease_duration, renew_deadline=kube.renew_deadline, retry_period=kube.retry_period,
+                on_stopped_leading=term_over.set,
+                on_api_error=lambda op, exc: metrics.kubernetes_errors.labels(f"lease_{op}").inc())
+
+    current: dict = {"link": None}
+
+    def ready():
+        link = current["link"]
+        if link is not None:
+            return True if link.connected.is_set() else "leader, not connected to the broker"
+        if elector is not None:
+            return True if elector.healthy() else "standby, cannot reach the Kubernetes API"
+        return "starting"
+
+    http = HealthServer(metrics, cfg.http_host, cfg.http_port, ready=ready).start() if cfg.http_port else None
+    election_stop = threading.Event()
+    try:
+        if elector is not None:
+            elector.start(election_stop)
+            log.info("%s campaigning for lease %s", identity, lease)
+        while not stop.is_set():
+            if elector is not None:
+                if not elector.wait_for_leadership(timeout=1.0):
+                    continue
+                term_over.clear()
+                if not elector.is_leader():
+                    continue
+                if recorder is not None:
+                    recorder.leader_elected(identity, lease)
+            leading = elector.is_leader if elector is not None else (lambda: True)
+            metrics.leader.set(1)
+            finished = _lead(cfg, metrics, current, leading, term_over, recorder)
+            metrics.leader.set(0)
+            if elector is None or (finished and cfg.exit_when_finished):
+                break
+            log.info("stopped running rounds (%s)", "shutting down" if stop.is_set() else "lost the lease")
+    finally:
+        election_stop.set()
+        if elector is not None:
+            elector.join(timeout=kube.retry_period + 10)
+            elector.release()
+        if recorder is not None:
+            recorder.stop()
+        if http:
+            http.stop()
     return 0
+
+
+def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, recorder) -> bool:
+    """One term: connect, resume from the persisted state, step while leading. True if the job is done."""
+    from edge_client.transport import MqttLink
+    from server.aggregator import Aggregator
+
+    # One client id for every replica: the broker hands the session (and the updates queued
+    # while no aggregator was connected) to the new leader, and drops an old one still on.
+    link = MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-aggregator")
+    current["link"] = link
+    try:
+        link.connect_retrying(term_over)
+        if term_over.is_set() or not leading():
+            return False
+        aggregator = Aggregator(cfg, link, metrics, on_round_closed=recorder.round_closed if recorder else None)
+        aggregator.start()
+        while not term_over.is_set() and leading():
+            finished = aggregator.coordinator.finished
+            metrics.job_finished.set(int(finished))
+            if finished and cfg.exit_when_finished:
+                break
+            aggregator.step(0.2)  # a finished job still answers late updates and reconnects
+        if leading():  # stopped, not deposed: handle what arrived, leave the announcement current
+            aggregator.step(0)
+            aggregator.announce()
+        return aggregator.coordinator.finished
+    finally:
+        link.close()
+        current["link"] = None
 
 
 if __name__ == "__main__":

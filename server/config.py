@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client.codecs import CODECS
+from edge_client.codecs import get_codec
 from edge_client.config import load
-from edge_client.errors import ConfigError
+from edge_client.errors import ConfigError, ProtocolError
 from edge_client.transport import BrokerConfig
 from server.rounds import RoundSettings
+from server.strategies import STRATEGIES as STRATEGY_CLASSES
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = tuple(STRATEGY_CLASSES)
 
 
 @dataclass
@@ -36,6 +37,40 @@ class TrainSettings:
 
 
 @dataclass
+class KubernetesSettings:
+    """Kubernetes integration (the Helm chart turns it on; off elsewhere).
+
+    leader_election: only the holder of a coordination.k8s.io/v1 Lease runs rounds; other
+        replicas wait as standbys and take over, from the persisted state, when it goes.
+    events: record round completions and leadership changes as Events on this pod.
+    namespace: where the Lease and the Events live ('' : the pod's own namespace).
+    lease_name: the Lease all replicas of one aggregator campaign for.
+    identity: this replica's name in the Lease ('' : the pod name, from POD_NAME or the host name).
+    pod_uid: the pod's uid, so ``kubectl describe pod`` lists its Events ('' : unknown).
+    lease_duration / renew_deadline / retry_period: seconds, as client-go's (15 / 10 / 2).
+    """
+
+    leader_election: bool = False
+    events: bool = False
+    namespace: str = ""
+    lease_name: str = "fedlora-aggregator"
+    identity: str = ""
+    pod_uid: str = ""
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.lease_duration > self.renew_deadline > self.retry_period > 0:
+            raise ConfigError(f"kubernetes: need lease_duration > renew_deadline > retry_period > 0, got "
+                              f"{self.lease_duration} / {self.renew_deadline} / {self.retry_period}")
+        if self.lease_duration < 1:
+            raise ConfigError("kubernetes.lease_duration must be at least 1 second")
+        if not self.lease_name:
+            raise ConfigError("kubernetes.lease_name must not be empty")
+
+
+@dataclass
 class ServerConfig:
     """The aggregator's settings.
 
@@ -47,6 +82,9 @@ class ServerConfig:
     codec: codec of the global adapter on the downlink; uplink codec is announced per round.
     max_update_bytes: largest update accepted (announced size, before reassembly).
     http_host / http_port: metrics and health endpoints (port 0: off).
+    exit_when_finished: exit once every round is done; false keeps serving metrics and
+        health until stopped (on Kubernetes, where an exit would restart the pod).
+    kubernetes: leader election and Events (see KubernetesSettings).
     """
 
     job: str = "default"
@@ -63,6 +101,8 @@ class ServerConfig:
     http_host: str = "0.0.0.0"
     http_port: int = 9100
     seed: int = 0
+    exit_when_finished: bool = True
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
     def __post_init__(self) -> None:
         if self.bundle is None:
@@ -70,8 +110,10 @@ class ServerConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
         for key in ("codec", "uplink_codec"):
-            if getattr(self, key) not in CODECS:
-                raise ConfigError(f"{key} must be one of {sorted(CODECS)}, not {getattr(self, key)!r}")
+            try:
+                get_codec(getattr(self, key))
+            except ProtocolError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         if self.max_update_bytes < 1024:
             raise ConfigError("max_update_bytes must be at least 1024")
         if not 0 <= self.http_port <= 65535:

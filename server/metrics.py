@@ -6,12 +6,17 @@ per-device labels, so thousands of devices do not explode cardinality.
 
 from __future__ import annotations
 
+import platform
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# A `_created` series per counter and histogram would double the series for nothing.
+disable_created_metrics()
 
 
 class Metrics:
@@ -35,12 +40,47 @@ class Metrics:
                                              registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
         self.device_peak_rss = Histogram("fedlora_device_peak_rss_bytes", "Device-reported peak resident memory",
                                          registry=r, buckets=tuple(2**i * 2**20 for i in range(5, 15)))
+        for kind in ("wire", "raw"):  # export 0 from the start, so rate() works before the first round
+            self.bytes_in.labels(kind)
+            self.bytes_out.labels(kind)
+        self.updates.labels("accepted", "ok")
+        # No evaluation yet is "unknown", not a loss of 0.
+        self.eval_loss.set(float("nan"))
+        self.eval_accuracy.set(float("nan"))
+        self.selected = Gauge("fedlora_round_selected", "Devices selected for the last closed round", registry=r)
+        self.last_progress = Gauge("fedlora_last_progress_timestamp_seconds",
+                                   "Unix time of the last round closed, or of the start of this leader's term", registry=r)
+        self.round_timeout = Gauge("fedlora_round_timeout_seconds", "Configured time from opening a round to its deadline",
+                                   registry=r)
+        self.job_finished = Gauge("fedlora_job_finished", "1 once every configured round is done", registry=r)
+        self.leader = Gauge("fedlora_leader", "1 if this replica runs rounds (holds the leader Lease), else 0", registry=r)
+        self.kubernetes_errors = Counter("fedlora_kubernetes_errors_total",
+                                         "Failed calls to the Kubernetes API, by operation", ["operation"], registry=r)
+        self.build_info = Info("fedlora_build", "Version of the aggregator", registry=r)
+        self.build_info.info({"version": _version(), "python_version": platform.python_version()})
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedlora")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class HealthServer:
-    """/metrics for Prometheus, /healthz (the process serves), /readyz (connected to the broker)."""
+    """/metrics for Prometheus, /healthz (the process serves), /readyz (``ready()``).
 
-    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], bool]):
+    ``ready()`` returns True, or False / a short reason why not (the 503's body). ``host`` may
+    be an IPv6 address (``::`` listens on every address of the pod).
+    """
+
+    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], "bool | str"]):
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,8 +90,10 @@ class HealthServer:
                 elif self.path == "/healthz":
                     body, ctype, code = b"ok\n", "text/plain", 200
                 elif self.path == "/readyz":
-                    ok = ready()
-                    body, ctype, code = (b"ready\n" if ok else b"not connected to the broker\n"), "text/plain", 200 if ok else 503
+                    result = ready()
+                    reason = result if isinstance(result, str) else "not connected to the broker"
+                    ok = result is True
+                    body, ctype, code = (b"ready\n" if ok else f"{reason}\n".encode()), "text/plain", 200 if ok else 503
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)
@@ -63,7 +105,8 @@ class HealthServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        self.httpd = server_class((host, port), Handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fedlora-http", daemon=True)
 

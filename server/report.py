@@ -78,8 +78,8 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
         lines += ["", "## Centralized baseline", "", "| round equivalent | test acc | test loss |", "|---|---|---|"]
         lines += [f"| {c['round']} | {c['accuracy']:.4f} | {c['loss']:.4f} |" for c in centralized]
     if devices:
-        lines += ["", "## Devices", "", "| device | train examples | label histogram |", "|---|---|---|"]
-        lines += [f"| {d['device']} | {d['examples']} | {d['histogram']} |" for d in devices]
+        lines += ["", "## Devices", "", "| device | rank | train examples | label histogram |", "|---|---|---|---|"]
+        lines += [f"| {d['device']} | {d.get('rank', '')} | {d['examples']} | {d['histogram']} |" for d in devices]
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", "", "![loss](loss.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.bundle import Bundle
+from edge_client.bundle import Bundle, choose_bundle
 from edge_client.data import EncodedDataset, TextEncoder, encode_classification, Record
 from edge_client.errors import BundleError, ConfigError
 from edge_client.runtime import RuntimeOptions, Trainer
@@ -50,6 +50,9 @@ class SimulateConfig:
     bundle: an already exported bundle folder to use instead of exporting ``model``.
     dataset: bbc-news, 20newsgroups, rotten-tomatoes, or a local .csv/.jsonl path.
     split: iid, dirichlet (over labels, ``alpha``) or group (by ``group_column``; natural).
+    rank: the LoRA rank of every device; ``ranks`` instead gives a mix, assigned to devices in
+        turn (device i trains ``ranks[i % len(ranks)]``), for the rank-aware strategies.
+    strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flora, fedex-lora).
     max_train: subsample the training set (0: all) for quick runs.
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
     """
@@ -68,6 +71,8 @@ class SimulateConfig:
     batch_size: int = 8
     lr: float = 2e-3
     rank: int = 8
+    ranks: tuple[int, ...] = ()
+    strategy: str = "fedavg"
     max_length: int = 128
     broker: str | None = None
     out: Path = Path("runs/latest")
@@ -93,25 +98,35 @@ class SimulateConfig:
             raise ConfigError("rounds must be >= 1")
         if self.alpha <= 0:
             raise ConfigError("alpha must be positive")
+        from server.config import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        self.ranks = tuple(int(r) for r in self.ranks) or (int(self.rank),)
+        if any(r < 1 for r in self.ranks):
+            raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")
 
 
-def ensure_bundle(model_dir: Path, labels: list[str], rank: int, max_length: int, cache: Path) -> Path:
-    """Export once per (model, labels, rank, length); later runs reuse the verified bundle."""
+def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], max_length: int, cache: Path) -> Path:
+    """Export once per (model, labels, ranks, length); later runs reuse the verified bundles.
+    Returns the ladder folder (``ladder.json`` and one ``r<rank>`` bundle per rank)."""
     from export.config import ExportConfig
 
-    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), labels, rank, max_length]).encode()).hexdigest()[:16]
+    ranks = tuple(sorted(set(ranks)))
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), labels, ranks, max_length]).encode()).hexdigest()[:16]
     root = cache / "bundles" / f"{model_dir.name}-{key}"
-    bundle_dir = root / f"r{rank}"
     try:
-        Bundle(bundle_dir)
-        print(f"[simulate] reusing bundle {bundle_dir}", flush=True)
-        return bundle_dir
+        for rank in ranks:
+            Bundle(root / f"r{rank}")
+        if (root / "ladder.json").is_file():
+            print(f"[simulate] reusing bundles {root}", flush=True)
+            return root
     except BundleError:
         pass
     from export.exporter import export
 
-    export(ExportConfig(model_dir=model_dir, output_dir=root, labels=tuple(labels), ranks=(rank,), max_length=max_length))
-    return bundle_dir
+    export(ExportConfig(model_dir=model_dir, output_dir=root, labels=tuple(labels), ranks=ranks, max_length=max_length))
+    return root
 
 
 class CentralEvaluator:
@@ -121,8 +136,8 @@ class CentralEvaluator:
         self.trainer = Trainer(bundle, options=RuntimeOptions(intra_op_threads=threads))
         self.test = test
 
-    def __call__(self, adapter: dict[str, np.ndarray]) -> dict:
-        self.trainer.set_adapter(adapter)
+    def __call__(self, tensors: dict[str, np.ndarray]) -> dict:
+        self.trainer.apply_global(tensors)
         return self.trainer.evaluate(self.test, batch_size=32)
 
 
@@ -158,14 +173,16 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     print(f"[simulate] data {data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.labels)} classes", flush=True)
     if cfg.bundle:
         bundle_dir = Path(cfg.bundle)
-        bundle = Bundle(bundle_dir)
+        bundle = Bundle(choose_bundle(bundle_dir))
+        if not (bundle_dir / "ladder.json").is_file():
+            cfg.ranks = (bundle.manifest.rank,)  # one bundle: every device trains its rank
         if list(bundle.manifest.labels) != list(data.labels):
             raise ConfigError(f"bundle {bundle_dir} was exported for labels {list(bundle.manifest.labels)}, "
                               f"the data set has {data.labels}")
     else:
         model_dir = Path(cfg.model) if cfg.model else default_model_dir()
-        bundle_dir = ensure_bundle(model_dir, data.labels, cfg.rank, cfg.max_length, Path(cfg.cache))
-        bundle = Bundle(bundle_dir)
+        bundle_dir = ensure_bundle(model_dir, data.labels, cfg.ranks, cfg.max_length, Path(cfg.cache))
+        bundle = Bundle(choose_bundle(bundle_dir))  # the largest rank: the aggregator's adapter
     shards = partition(data.train, cfg.devices, cfg.split, alpha=cfg.alpha, seed=cfg.seed)
     devices = []
     for i, idx in enumerate(shards):
@@ -173,7 +190,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         ddir = out / "devices" / device_id
         examples = [data.train[j] for j in idx]
         write_jsonl(ddir / "data.jsonl", examples)
-        devices.append({"device": device_id, "dir": ddir, "examples": len(examples),
+        devices.append({"device": device_id, "dir": ddir, "examples": len(examples), "rank": cfg.ranks[i % len(cfg.ranks)],
                         "histogram": label_histogram(examples, data.labels).tolist()})
     test_examples = data.test
     if cfg.eval_max and len(test_examples) > cfg.eval_max:
@@ -196,6 +213,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
         rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout),
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr), uplink_codec=cfg.codec,
+        strategy=cfg.strategy,
     )
     if (out / "aggregator").exists():
         import shutil
@@ -208,7 +226,8 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     try:
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
         for d in devices:
-            dcfg = {"device_id": d["device"], "job": job, "bundle": str(bundle_dir), "data": str(d["dir"] / "data.jsonl"),
+            dcfg = {"device_id": d["device"], "job": job, "bundle": str(bundle_dir), "rank": d["rank"],
+                    "data": str(d["dir"] / "data.jsonl"),
                     "state_dir": str(d["dir"] / "state"), "broker": {"url": broker_cfg.url, "protocol": broker_cfg.protocol},
                     "threads": cfg.device_threads, "seed": cfg.seed, "exit_when_finished": True}
             (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
@@ -256,7 +275,8 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     settings = {"model": bundle.manifest.model_id, "dataset": data.name, "train/test": f"{len(data.train)}/{len(test_examples)}",
                 "devices": cfg.devices, "split": cfg.split + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else ""),
                 "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
-                "LoRA rank": bundle.manifest.rank, "max length": bundle.manifest.max_length, "strategy": server_cfg.strategy,
+                "LoRA rank": ", ".join(map(str, sorted(set(cfg.ranks)))) if not cfg.bundle else bundle.manifest.rank,
+                "max length": bundle.manifest.max_length, "strategy": server_cfg.strategy,
                 "uplink codec": cfg.codec, "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
     write_metrics(out, history)
     if centralized:

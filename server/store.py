@@ -54,6 +54,7 @@ class StateStore:
         self.state_path = self.root / "state.json"
         self.global_path = self.root / "global.npz"
         self.partial_path = self.root / "partial.npz"
+        self.base_delta_path = self.root / "base_delta.npz"
         self.events_path = self.root / "events.jsonl"
 
     # -- whole state ---------------------------------------------------------------------
@@ -65,6 +66,7 @@ class StateStore:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"{self.state_path}: unsupported state format {state.get('format')!r}")
         state["global"] = _load_arrays(self.global_path)
+        state["base_delta"] = _load_arrays(self.base_delta_path) if self.base_delta_path.is_file() else {}
         open_round = state.get("open_round")
         if open_round:
             partial = Partial(weight=open_round["partial_weight"], count=len(open_round["accepted"]),
@@ -79,10 +81,14 @@ class StateStore:
         return state
 
     def save(self, *, job: str, next_round: int, completed: int, version: int, history: list[dict],
-             global_adapter: dict[str, np.ndarray] | None, open_round: OpenRound | None) -> None:
-        """Persist everything; ``global_adapter`` None keeps the saved one (it did not change)."""
+             global_adapter: dict[str, np.ndarray] | None, open_round: OpenRound | None,
+             base_delta: dict[str, np.ndarray] | None = None) -> None:
+        """Persist everything; ``global_adapter`` None keeps the saved one (it did not change),
+        and so does ``base_delta`` None (changes folded into frozen weights, FLoRA/FedEx-LoRA)."""
         if global_adapter is not None:
             _save_arrays(self.global_path, global_adapter)
+        if base_delta is not None:
+            _save_arrays(self.base_delta_path, base_delta)
         round_json = None
         if open_round is not None:
             if open_round.accepted:

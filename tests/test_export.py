@@ -14,7 +14,7 @@ from export.exporter import ExportError, export
 
 def test_minilm_ladder_is_self_checked_and_only_lora_and_head_train(minilm_bundles):
     ladder = json.loads((minilm_bundles / "ladder.json").read_text())
-    assert sorted(ladder["ranks"]) == ["2", "4"]
+    assert sorted(ladder["ranks"], key=int) == ["2", "4", "8"]
     for rank in (2, 4):
         bundle = Bundle(minilm_bundles / f"r{rank}")
         m = bundle.manifest
@@ -111,18 +111,18 @@ def test_ladder_records_memory_and_devices_choose_a_rank(minilm_bundles):
     from edge_client.bundle import choose_bundle
 
     ladder = json.loads((minilm_bundles / "ladder.json").read_text())["ranks"]
-    for rank in ("2", "4"):
+    for rank in ("2", "4", "8"):
         m = Bundle(minilm_bundles / f"r{rank}").manifest
         assert m.extra["memory"]["peak_rss_bytes"] == ladder[rank]["peak_rss_bytes"] > 100 * 2**20
         assert m.extra["memory"]["torch_loaded"] is False
         assert ladder[rank]["adapter_parameters"] == m.adapter_size
-    assert choose_bundle(minilm_bundles).name == "r4"  # no budget: the largest rank
+    assert choose_bundle(minilm_bundles).name == "r8"  # no budget: the largest rank
     assert choose_bundle(minilm_bundles, rank=2).name == "r2"
-    big = max(ladder[r]["peak_rss_bytes"] for r in ladder)
-    small = min(ladder[r]["peak_rss_bytes"] for r in ladder)
-    assert choose_bundle(minilm_bundles, memory_budget_bytes=big).name == "r4"
-    if small < big:
-        assert choose_bundle(minilm_bundles, memory_budget_bytes=small).name == "r2"
+    need = {int(r): ladder[r]["peak_rss_bytes"] for r in ladder}
+    for budget in sorted(need.values()):
+        expected = max(r for r, n in need.items() if n <= budget)
+        assert choose_bundle(minilm_bundles, memory_budget_bytes=budget).name == f"r{expected}"
+    small = min(need.values())
     with pytest.raises(BundleError, match="no rank fits"):
         choose_bundle(minilm_bundles, memory_budget_bytes=small - 1)
     with pytest.raises(BundleError, match="not in the ladder"):

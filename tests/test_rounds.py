@@ -4,7 +4,7 @@ import pytest
 from edge_client.errors import ConfigError, UpdateRejected
 from server.strategies.fedavg import FedAvg
 from server.rounds import Coordinator, RoundSettings
-from server.strategies.base import ClientUpdate
+from server.strategies.base import ClientUpdate, GlobalModel
 
 SHAPES = {"A": (2,)}
 
@@ -71,7 +71,8 @@ def test_closes_when_all_selected_reported():
     out = c.maybe_close()
     assert out.ok and out.reason == "all_reported" and out.accepted == {"a": 1, "b": 3}
     assert c.completed == 1 and c.version == rnd.round
-    np.testing.assert_allclose(c.strategy.finalize(out.partial, {"A": np.zeros(2, np.float32)})["A"], [2.5, 2.5])
+    model = c.strategy.finalize(out.partial, GlobalModel(1, {"A": np.zeros(2, np.float32)}))
+    np.testing.assert_allclose(model.tensors["A"], [2.5, 2.5])
 
 
 def test_dropout_closes_early_and_deadline_closes_with_quorum():

@@ -52,21 +52,10 @@ class FedAvg(Strategy):
             out.tensors[m.a] = (partial.sums[m.a] / partial.weight).astype(np.float32)
             out.tensors[m.b] = (partial.sums[m.b] / partial.weight).astype(np.float32)
 
-    def finalize(self, partial: Partial, model: GlobalModel | dict[str, np.ndarray]):
-        if not isinstance(model, GlobalModel):
-            return self._finalize_deltas(partial, model)
+    def finalize(self, partial: Partial, model: GlobalModel) -> GlobalModel:
         out = super().finalize(partial, model)
         if self.server_lr != 1.0 and partial.weight > 0:
             for name, value in out.tensors.items():
                 old = model.tensors[name].astype(np.float64)
                 out.tensors[name] = (old + self.server_lr * (value - old)).astype(np.float32)
         return out
-
-    def _finalize_deltas(self, partial: Partial, global_adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The interface before GlobalModel: updates were deltas (local - global) and the
-        global adapter a plain dict; ``global + server_lr * mean(delta)``. Kept only while
-        server/aggregator.py still calls it that way; remove with that call."""
-        if partial.weight <= 0:
-            return {k: v.copy() for k, v in global_adapter.items()}
-        step = self.server_lr / partial.weight
-        return {name: (value + step * partial.sums[name]).astype(np.float32) for name, value in global_adapter.items()}
