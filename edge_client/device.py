@@ -23,7 +23,9 @@ import numpy as np
 from edge_client.bundle import Bundle, choose_bundle
 from edge_client.config import load
 from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
+from edge_client.codecs import get_codec
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
+from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from edge_client.protocol import (
     BASE_DELTA_PREFIX, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope,
 )
@@ -130,6 +132,7 @@ class DeviceState:
         self.path = root / "state.json"
         self.pending_path = root / "pending.bin"
         self.adapter_path = root / "adapter.npz"
+        self.feedback_path = root / "feedback.npz"
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if data and data.get("job") != job:
             data = {}  # a new job: start fresh
@@ -188,6 +191,7 @@ class Device:
         self.trainer = Trainer(self.bundle, options=RuntimeOptions(intra_op_threads=cfg.threads))
         self.state = DeviceState(Path(cfg.state_dir), cfg.job)
         self.state.restore_adapter(self.trainer)
+        self.feedback = ErrorFeedback.load(self.state.feedback_path)
         will = (self.topics.status(cfg.device_id), json.dumps({"state": "offline"}).encode())
         self.link = link or MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-{cfg.device_id}", will=will)
         self.reassembler = Reassembler(max_bytes=1 << 31)
@@ -304,7 +308,10 @@ class Device:
                        num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]))
         log.info("round %s: %d steps, loss %.4f, %.2fs", ann["round"], steps, metrics["train_loss"], metrics["train_seconds"])
         self.rounds_trained += 1
-        return encode_envelope(env)
+        if get_codec(env.codec).lossless:
+            return encode_envelope(env)
+        # What the lossy codec drops this round is kept and added to the next update.
+        return encode_with_feedback(env, self.feedback)
 
     def send_pending(self) -> None:
         payload = self.state.pending_payload()
@@ -335,6 +342,7 @@ class Device:
                 self.state.save()
             else:
                 self.state.set_pending(int(due["round"]), self.train_round(due))
+                self.feedback.save(self.state.feedback_path)  # after the payload it belongs to
                 self._sent_at = None
         self.send_pending()
         self.resync_if_stale()

@@ -86,3 +86,14 @@ def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bu
         with np.load(state / "base_delta.npz") as deltas:
             assert deltas.files and any(np.abs(deltas[k]).max() > 0 for k in deltas.files)
     assert Bundle(minilm_bundles / "r8").manifest.rank == 8
+
+
+def test_compressed_uplink_with_error_feedback(tmp_path, minilm_bundle, edge_python, amqtt_broker):
+    fp32 = run_simulation(_small(tmp_path / "fp32", minilm_bundle, edge_python, broker=amqtt_broker.url))
+    cfg = _small(tmp_path / "small", minilm_bundle, edge_python, broker=amqtt_broker.url, codec="topk0.1+int8+zlib")
+    small = run_simulation(cfg)
+    _check_run(small, cfg.out)
+    up = lambda r: sum(h["uplink_bytes_wire"] for h in r["history"])  # noqa: E731
+    assert up(small) * 8 < up(fp32)
+    # what compression dropped is kept on each device, across restarts
+    assert all((d / "state" / "feedback.npz").is_file() for d in (cfg.out / "devices").iterdir())
