@@ -220,13 +220,17 @@ class Device:
                 log.warning("ignoring a malformed round announcement")
         elif topic.startswith(f"{self.topics.base}/global/"):
             if payload:
-                self._handle_global_chunk(payload)
+                self._handle_global_chunk(payload, delta=False)
+        elif topic.startswith(f"{self.topics.base}/gdelta/"):
+            if payload:
+                self._handle_global_chunk(payload, delta=True)
         elif topic == self.topics.ack(self.cfg.device_id):
             self._handle_ack(payload)
 
-    def _handle_global_chunk(self, payload: bytes) -> None:
+    def _handle_global_chunk(self, payload: bytes, delta: bool) -> None:
+        """A chunk of the full global copy, or of the change from the previous version."""
         try:
-            complete = self.reassembler.add("aggregator", payload)
+            complete = self.reassembler.add("delta" if delta else "full", payload)
             if complete is None:
                 return
             env = decode_envelope(complete)
@@ -241,7 +245,17 @@ class Device:
             log.error("global adapter version %d (rank %d) does not match this bundle's tensors; ignored",
                       env.round, env.rank)
             return
-        if self.global_version is None or env.round >= self.global_version:
+        if delta:
+            held = self.global_tensors
+            if held is None or env.base_version != self.global_version or set(env.tensors) != set(held):
+                if self.global_version is None or env.round > self.global_version:
+                    self.link.subscribe(self.topics.global_filter(self.manifest.rank))  # behind: fetch the full copy
+                return
+            self.global_version = env.round
+            self.global_tensors = {k: (held[k] + env.tensors[k]).astype(np.float32) for k in held}
+            # Deltas work for us: stop downloading full copies until we fall behind again.
+            self.link.unsubscribe(self.topics.global_filter(self.manifest.rank))
+        elif self.global_version is None or env.round >= self.global_version:
             self.global_version, self.global_tensors = env.round, env.tensors
 
     def _handle_ack(self, payload: bytes) -> None:
@@ -365,6 +379,7 @@ class Device:
         self.link.on_connect_hooks.append(self._announce_online)
         self.link.subscribe(self.topics.round)
         self.link.subscribe(self.topics.global_filter(self.manifest.rank))
+        self.link.subscribe(self.topics.delta_filter(self.manifest.rank))
         self.link.subscribe(self.topics.ack(self.cfg.device_id))
         if not self.link.connected.is_set():
             self.link.connect_retrying(stop)

@@ -60,6 +60,12 @@ class Topics:
     def global_filter(self, rank: int) -> str:
         return f"{self.base}/global/{rank}/+"
 
+    def delta_chunk(self, rank: int, index: int) -> str:
+        return f"{self.base}/gdelta/{rank}/{index}"
+
+    def delta_filter(self, rank: int) -> str:
+        return f"{self.base}/gdelta/{rank}/+"
+
     def update(self, device: str) -> str:
         return f"{self.base}/updates/{device}"
 

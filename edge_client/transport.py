@@ -242,6 +242,12 @@ class MqttLink:
         if self.connected.is_set():
             self.client.subscribe(topic, qos)
 
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic, None)
+        if self.connected.is_set():
+            self.client.unsubscribe(topic)
+
     def resubscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe again so the broker re-sends the topic's retained message."""
         self.subscribe(topic, qos)

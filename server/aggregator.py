@@ -70,9 +70,12 @@ class Aggregator:
         self.reassembler = Reassembler(cfg.max_update_bytes)
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics: list[dict] = []
-        self._published: dict[int, tuple[int, int]] = {}  # rank -> (version, chunks) on the broker
+        # rank -> (version, full-copy chunks, delta chunks) on the broker
+        self._published: dict[int, tuple[int | None, int, int]] = {}
+        self._views: dict[int, dict[str, np.ndarray]] = {}  # rank -> what its devices hold
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # rank -> adapter tensors of that version
         self._payload_bytes: dict[int, int] = {}
+        self._delta_bytes: dict[int, int] = {}
         saved = self.store.load()
         if saved is None:
             self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
@@ -115,27 +118,52 @@ class Aggregator:
         return 1 <= rank <= self.manifest.rank and (not self.strategy.same_rank or rank == self.manifest.rank)
 
     def publish_global(self) -> int:
-        """Publish the current version for every served rank not yet holding it; bytes sent."""
+        """Publish the current version for every served rank not yet holding it; bytes sent.
+
+        Per rank: a full copy (retained, ``cfg.codec``) for devices that are new or behind and,
+        with ``downlink_codec``, the change from the previous version (retained) for the rest.
+        ``_sent[rank]`` is exactly what devices hold afterwards (decoded, not intended), so the
+        aggregator rebuilds their local adapters from their deltas without error.
+        """
         sent = 0
         version = self.coordinator.version
         for rank in self.ranks_served():
-            if self._published.get(rank, (None, 0))[0] == version:
+            previous = self._published.get(rank, (None, 0, 0))
+            if previous[0] == version:
                 continue
-            tensors = downlink_tensors(self.strategy, self.model, rank)
-            self._sent[rank] = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA_PREFIX)}
-            env = Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator", rank=rank,
-                           codec=self.cfg.codec, tensors=tensors)
-            payload = encode_envelope(env)
-            count = self.link.publish_chunked(self.topics.global_chunk(rank, 0), payload,
-                                              retain_topic=lambda i, r=rank: self.topics.global_chunk(r, i))
-            for stale in range(count, self._published.get(rank, (None, 0))[1]):  # chunks an earlier version left
-                self.link.publish(self.topics.global_chunk(rank, stale), b"", retain=True)
-            self._published[rank] = (version, count)
-            self._payload_bytes[rank] = len(payload)
-            self.metrics.bytes_out.labels("wire").inc(len(payload))
-            self.metrics.bytes_out.labels("raw").inc(sum(v.nbytes for v in tensors.values()))
-            sent += len(payload)
+            target = downlink_tensors(self.strategy, self.model, rank)
+            view = self._views.get(rank)
+            delta_chunks = previous[2]
+            if self.cfg.downlink_codec and view is not None and previous[0] is not None and \
+                    set(view) == set(target) and all(view[k].shape == target[k].shape for k in target):
+                delta = {k: target[k] - view[k] for k in target}
+                payload = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
+                                                   rank=rank, codec=self.cfg.downlink_codec, tensors=delta,
+                                                   base_version=previous[0]))
+                decoded = decode_envelope(payload).tensors
+                target = {k: (view[k] + decoded[k]).astype(np.float32) for k in target}
+                delta_chunks = self._publish_retained(lambda i, r=rank: self.topics.delta_chunk(r, i), payload,
+                                                      previous[2])
+                self._delta_bytes[rank] = len(payload)
+                self.metrics.bytes_out.labels("wire").inc(len(payload))
+                sent += len(payload)
+            full = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
+                                            rank=rank, codec=self.cfg.codec, tensors=target))
+            self._views[rank] = decode_envelope(full).tensors
+            self._sent[rank] = {k: v for k, v in self._views[rank].items() if not k.startswith(BASE_DELTA_PREFIX)}
+            count = self._publish_retained(lambda i, r=rank: self.topics.global_chunk(r, i), full, previous[1])
+            self._published[rank] = (version, count, delta_chunks)
+            self._payload_bytes[rank] = len(full)
+            self.metrics.bytes_out.labels("wire").inc(len(full))
+            self.metrics.bytes_out.labels("raw").inc(sum(v.nbytes for v in target.values()))
+            sent += len(full)
         return sent
+
+    def _publish_retained(self, topic_of: Callable[[int], str], payload: bytes, previous_chunks: int) -> int:
+        count = self.link.publish_chunked(topic_of(0), payload, retain_topic=topic_of)
+        for stale in range(count, previous_chunks):  # chunks a larger earlier version left behind
+            self.link.publish(topic_of(stale), b"", retain=True)
+        return count
 
     def announcement(self) -> dict:
         c = self.coordinator
@@ -314,8 +342,8 @@ class Aggregator:
         if outcome.ok:
             self.publish_global()
             ranks = {d: info.rank for d, info in self.coordinator.devices.items()}
-            entry["downlink_bytes_wire"] = sum(self._payload_bytes.get(ranks.get(d) or self.manifest.rank, 0)
-                                               for d in outcome.selected)
+            sizes = self._delta_bytes if self.cfg.downlink_codec and self._delta_bytes else self._payload_bytes
+            entry["downlink_bytes_wire"] = sum(sizes.get(ranks.get(d) or self.manifest.rank, 0) for d in outcome.selected)
         self.store.event("round_closed", **entry)
         log.info("round %d closed (%s): %d/%d updates", outcome.round, outcome.reason, len(outcome.accepted),
                  len(outcome.selected))

@@ -79,7 +79,11 @@ class ServerConfig:
         initial global adapter).
     state_dir: where round state is persisted (a PersistentVolume on Kubernetes).
     strategy: aggregation strategy name.
-    codec: codec of the global adapter on the downlink; uplink codec is announced per round.
+    codec: codec of the full global adapter copy (retained for devices that are new or behind).
+    downlink_codec: when set, each new version is also published as a delta from the previous
+        one in this codec (devices that hold the previous version download only that); the
+        full copy must then be lossless so both paths give devices the same adapter.
+    uplink_codec: the devices' update codec, announced per round (lossy ones use error feedback).
     max_update_bytes: largest update accepted (announced size, before reassembly).
     http_host / http_port: metrics and health endpoints (port 0: off).
     exit_when_finished: exit once every round is done; false keeps serving metrics and
@@ -96,6 +100,7 @@ class ServerConfig:
     strategy: str = "fedavg"
     server_lr: float = 1.0
     codec: str = "fp32"
+    downlink_codec: str = ""
     uplink_codec: str = "fp32"
     max_update_bytes: int = 64 * 1024 * 1024
     http_host: str = "0.0.0.0"
@@ -109,11 +114,13 @@ class ServerConfig:
             raise ConfigError("bundle is required: the artifact bundle folder the devices train")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
-        for key in ("codec", "uplink_codec"):
+        for key in ("codec", "uplink_codec") + (("downlink_codec",) if self.downlink_codec else ()):
             try:
                 get_codec(getattr(self, key))
             except ProtocolError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
+        if self.downlink_codec and not get_codec(self.codec).lossless:
+            raise ConfigError(f"codec {self.codec!r} must be lossless when downlink_codec is set")
         if self.max_update_bytes < 1024:
             raise ConfigError("max_update_bytes must be at least 1024")
         if not 0 <= self.http_port <= 65535:

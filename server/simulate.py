@@ -85,6 +85,7 @@ class SimulateConfig:
     round_timeout: float = 900.0
     device_python: str = sys.executable
     codec: str = "fp32"
+    downlink_codec: str = ""
     extra_device_env: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -213,7 +214,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
         rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout),
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr), uplink_codec=cfg.codec,
-        strategy=cfg.strategy,
+        strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
     )
     if (out / "aggregator").exists():
         import shutil
@@ -277,7 +278,9 @@ def run_simulation(cfg: SimulateConfig) -> dict:
                 "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
                 "LoRA rank": ", ".join(map(str, sorted(set(cfg.ranks)))) if not cfg.bundle else bundle.manifest.rank,
                 "max length": bundle.manifest.max_length, "strategy": server_cfg.strategy,
-                "uplink codec": cfg.codec, "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
+                "uplink codec": cfg.codec,
+                "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
+                "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
     write_metrics(out, history)
     if centralized:
         (out / "centralized.jsonl").write_text("".join(json.dumps(c) + "\n" for c in centralized))

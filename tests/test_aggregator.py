@@ -158,3 +158,55 @@ def test_restart_resumes_from_last_completed_round(tmp_path, minilm_bundle, mosq
         thread2.join(10)
         link2.close()
         dev.link.close()
+
+
+def test_downlink_delta_plus_previous_version_equals_the_full_copy(tmp_path, minilm_bundle, mosquitto):
+    from edge_client.protocol import Reassembler, decode_envelope
+
+    bundle = Bundle(minilm_bundle)
+    cfg = ServerConfig(job="down", bundle=minilm_bundle, state_dir=tmp_path / "state", http_port=0,
+                       broker=BrokerConfig(url=mosquitto.url), downlink_codec="int8",
+                       rounds=RoundSettings(rounds=2, min_devices=1, round_timeout=60), train=TrainSettings(local_steps=1))
+    link = MqttLink(cfg.broker, client_id="agg-down").connect()
+    agg = Aggregator(cfg, link)
+    stop = threading.Event()
+    thread = threading.Thread(target=agg.run, args=(stop,), daemon=True)
+    thread.start()
+    dev = FakeDevice(mosquitto.url, "down", "d1")
+    rank = bundle.manifest.rank
+    watcher = MqttLink(BrokerConfig(url=mosquitto.url), client_id="watch").connect()
+    watcher.subscribe(dev.topics.global_filter(rank))
+    watcher.subscribe(dev.topics.delta_filter(rank))
+    fulls, deltas, r = {}, {}, Reassembler(1 << 26)
+    try:
+        dev.online()
+        rnd = wait_for(dev.open_round, what="round 1")["round"]
+        rng = np.random.default_rng(0)
+        tensors = {p.name: rng.normal(0, 0.01, p.shape).astype(np.float32) for p in bundle.manifest.trainable}
+        dev.send(update_payload(bundle, "down", "d1", rnd, tensors=tensors))
+
+        def collect():
+            while not watcher.inbox.empty():
+                m = watcher.inbox.get()
+                if not m.payload:
+                    continue
+                payload = r.add(m.topic.split("/")[2], m.payload)
+                if payload is not None:
+                    env = decode_envelope(payload)
+                    (deltas if "/gdelta/" in m.topic else fulls)[env.round] = env
+            return 1 in fulls and 1 in deltas and 0 in fulls
+
+        wait_for(collect, what="versions 0 and 1 and the delta between them")
+        d = deltas[1]
+        assert d.codec == "int8" and d.base_version == 0
+        for name, full in fulls[1].tensors.items():
+            np.testing.assert_array_equal(full, (fulls[0].tensors[name] + d.tensors[name]).astype(np.float32))
+        # the aggregator rebuilds device tensors from exactly what they hold
+        for name, held in agg._sent[rank].items():
+            np.testing.assert_array_equal(held, fulls[1].tensors[name])
+    finally:
+        stop.set()
+        thread.join(10)
+        link.close()
+        dev.link.close()
+        watcher.close()

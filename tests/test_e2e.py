@@ -90,10 +90,13 @@ def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bu
 
 def test_compressed_uplink_with_error_feedback(tmp_path, minilm_bundle, edge_python, amqtt_broker):
     fp32 = run_simulation(_small(tmp_path / "fp32", minilm_bundle, edge_python, broker=amqtt_broker.url))
-    cfg = _small(tmp_path / "small", minilm_bundle, edge_python, broker=amqtt_broker.url, codec="topk0.1+int8+zlib")
+    cfg = _small(tmp_path / "small", minilm_bundle, edge_python, broker=amqtt_broker.url, codec="topk0.1+int8+zlib",
+                 downlink_codec="int8+zlib")
     small = run_simulation(cfg)
     _check_run(small, cfg.out)
     up = lambda r: sum(h["uplink_bytes_wire"] for h in r["history"])  # noqa: E731
     assert up(small) * 8 < up(fp32)
+    down = lambda r: r["history"][-1]["downlink_bytes_wire"]  # noqa: E731
+    assert down(small) * 3 < down(fp32)  # round 2's global went out as an int8 delta
     # what compression dropped is kept on each device, across restarts
     assert all((d / "state" / "feedback.npz").is_file() for d in (cfg.out / "devices").iterdir())
