@@ -291,7 +291,7 @@ class Aggregator:
         self._observe_device(env.metrics)
         self.metrics.updates.labels("accepted", "ok").inc()
         self.store.event("update_accepted", round=env.round, device=device, num_examples=env.num_examples,
-                         bytes=len(payload), metrics=env.metrics)
+                         bytes=len(payload), raw_bytes=raw, codec=env.codec, metrics=env.metrics)
         self.ack(device, env.round, "accepted")
 
     def _observe_device(self, metrics: dict) -> None:

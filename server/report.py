@@ -78,8 +78,16 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
         lines += ["", "## Centralized baseline", "", "| round equivalent | test acc | test loss |", "|---|---|---|"]
         lines += [f"| {c['round']} | {c['accuracy']:.4f} | {c['loss']:.4f} |" for c in centralized]
     if devices:
-        lines += ["", "## Devices", "", "| device | rank | train examples | label histogram |", "|---|---|---|---|"]
-        lines += [f"| {d['device']} | {d.get('rank', '')} | {d['examples']} | {d['histogram']} |" for d in devices]
+        lines += ["", "## Devices", "",
+                  "| device | rank | train examples | label histogram | updates | uplink raw | uplink wire |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['device']} | {d.get('rank', '')} | {d['examples']} | {d['histogram']} | {d.get('updates', 0)} | "
+                  f"{_fmt_bytes(d.get('uplink_raw', 0))} | {_fmt_bytes(d.get('uplink_wire', 0))} |" for d in devices]
+        wire = sum(d.get("uplink_wire", 0) for d in devices)
+        raw = sum(d.get("uplink_raw", 0) for d in devices)
+        if wire:
+            lines += ["", f"Uplink for the job: {_fmt_bytes(raw)} raw, {_fmt_bytes(wire)} on the wire "
+                          f"({raw / wire:.1f}x)."]
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", "", "![loss](loss.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -285,10 +285,24 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     if centralized:
         (out / "centralized.jsonl").write_text("".join(json.dumps(c) + "\n" for c in centralized))
     plot(out, history, centralized)
-    report = write_report(out, settings, history, centralized, [{k: v for k, v in d.items() if k != "dir"} for d in devices], wall)
+    per_device = uplink_by_device(aggregator.store.events())
+    rows = [{**{k: v for k, v in d.items() if k != "dir"}, **per_device.get(d["device"], {})} for d in devices]
+    report = write_report(out, settings, history, centralized, rows, wall)
     final = history[-1]["eval"] if history and history[-1].get("eval") else {}
     print(f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}", flush=True)
     return {"history": history, "centralized": centralized, "report": str(report), "final": final, "wall_s": wall}
+
+
+def uplink_by_device(events: list[dict]) -> dict[str, dict]:
+    """Per device: accepted updates and their uplink bytes, raw (fp32) and on the wire."""
+    out: dict[str, dict] = {}
+    for e in events:
+        if e["event"] == "update_accepted":
+            d = out.setdefault(e["device"], {"updates": 0, "uplink_wire": 0, "uplink_raw": 0})
+            d["updates"] += 1
+            d["uplink_wire"] += e.get("bytes", 0)
+            d["uplink_raw"] += e.get("raw_bytes", 0)
+    return out
 
 
 def _print_round(h: dict, rounds: int) -> None:
