@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +49,7 @@ def read_config_file(path: str | Path) -> dict:
 def _convert(key: str, value: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is typing.Union or origin is types.UnionType:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             if type(None) in args:
                 return None

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The test suite: set up (first time only), make sure a real Mosquitto is there, run pytest.
+# The test suite: set up (first time only), make sure a real Mosquitto and Prometheus are there, run pytest.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+if { ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; } || ! command -v promtool >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[test] installing mosquitto"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+    echo "[test] installing mosquitto and prometheus"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto prometheus >/dev/null
   else
-    echo "test: the tests need a real Mosquitto broker: sudo apt-get install mosquitto" >&2
+    echo "test: the tests need a real Mosquitto broker and Prometheus: sudo apt-get install mosquitto prometheus" >&2
     exit 2
   fi
 fi

@@ -92,11 +92,11 @@ def _serve(cfg) -> int:
     SIGTERM. With leader election, rounds run only while this replica holds the Lease: each
     term connects to the broker, resumes from the persisted state, and ends the moment the
     Lease is lost; the Lease is released only after the last step, for a quick hand-over."""
-    from edge_client.bundle import Bundle
+    from edge_client.bundle import Bundle, choose_bundle
     from server.metrics import HealthServer, Metrics
 
     log = logging.getLogger("fedlora.server")
-    Bundle(cfg.bundle)  # every replica fails fast on a bad bundle, not only the one that leads
+    Bundle(choose_bundle(cfg.bundle))  # every replica fails fast on a bad bundle, not only the one that leads
     metrics = Metrics()
     metrics.round_timeout.set(cfg.rounds.round_timeout)
     stop = threading.Event()  # SIGTERM / SIGINT

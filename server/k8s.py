@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from edge_client.errors import ConfigError
+
 log = logging.getLogger("fedlora.k8s")
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -31,12 +33,15 @@ def api_client(user_agent: str):
     kubeconfig (``KUBECONFIG`` or ``~/.kube/config``)."""
     from kubernetes import client, config
 
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-        configuration = client.Configuration.get_default_copy()
-    else:
-        configuration = client.Configuration()
-        config.load_kube_config(client_configuration=configuration)
+    configuration = client.Configuration()
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)  # re-reads the rotated token
+        else:
+            config.load_kube_config(client_configuration=configuration)
+    except config.ConfigException as exc:
+        raise ConfigError(f"kubernetes.leader_election / kubernetes.events need the Kubernetes API, but neither "
+                          f"in-cluster credentials nor a kubeconfig were found ({exc})") from exc
     api = client.ApiClient(configuration)
     api.user_agent = user_agent  # the API server's audit log names us
     return api

@@ -135,31 +135,35 @@ def test_concurrent_candidates_elect_exactly_one(apiserver):
     candidates = [elector(apiserver.url, f"c{i}", clock) for i in range(6)]
 
     def race(group):
-        barrier = threading.Barrier(len(group))
-
-        def go(c):
-            barrier.wait()
-            c.step()
-
-        threads = [threading.Thread(target=go, args=(c,)) for c in group]
+        """Every candidate reads the Lease before any of them writes: a true race for the write."""
+        read = threading.Barrier(len(group), timeout=20)
+        for c in group:
+            def get(real=c.lock.get):
+                lease = real()
+                read.wait()
+                return lease
+            c.lock.get = get
+        threads = [threading.Thread(target=c.step) for c in group]
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(30)
+        for c in group:
+            del c.lock.get  # back to the class's method
         return [c for c in group if c.is_leader()]
 
     leaders = race(candidates)  # all POST an absent Lease: one 201, the rest 409 AlreadyExists
     assert len(leaders) == 1
-    assert sum(1 for r in apiserver.requests if r[0] == "POST" and r[2] == 409) >= 1
-    for c in candidates:
-        c.step()
-    clock.advance(16)  # the holder stopped renewing; every standby sees the Lease expired
-    assert not leaders[0].is_leader()
+    assert sum(1 for r in apiserver.requests if r[0] == "POST" and r[2] == 409) == len(candidates) - 1
     standbys = [c for c in candidates if c is not leaders[0]]
+    for c in [leaders[0], *standbys]:  # the holder renews once, then every standby sees that record
+        c.step()
+    clock.advance(16)  # ...and then the holder stops renewing: every standby sees the Lease expired
+    assert not leaders[0].is_leader()
     leaders = race(standbys)  # all PUT on the same resourceVersion: one wins, the rest get 409 Conflict
     assert len(leaders) == 1
     assert apiserver.holder(NS, LEASE) == leaders[0].identity
-    assert sum(1 for r in apiserver.requests if r[0] == "PUT" and r[2] == 409) >= 1
+    assert sum(1 for r in apiserver.requests if r[0] == "PUT" and r[2] == 409) == len(standbys) - 1
 
 
 def test_losing_the_api_server_ends_leadership_by_the_renew_deadline(apiserver):
