@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,9 @@ class DeviceConfig:
     threads: ONNX Runtime intra-op threads (0: all cores).
     max_local_steps: cap on the announced local steps (0: no cap), for slow devices.
     exit_when_finished: stop when the aggregator announces the job finished.
+    train_window: local time span ``"HH:MM-HH:MM"`` in which to train (may cross midnight:
+        ``"22:00-06:00"``); outside it an open round waits, pending updates are still sent.
+        Empty: any time.
     """
 
     device_id: str = ""
@@ -73,6 +78,7 @@ class DeviceConfig:
     rank: int = 0
     seed: int = 0
     exit_when_finished: bool = False
+    train_window: str = ""
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -87,6 +93,25 @@ class DeviceConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.threads < 0 or self.max_local_steps < 0 or self.memory_budget_mb < 0 or self.rank < 0:
             raise ConfigError("threads, max_local_steps, memory_budget_mb and rank must be >= 0")
+        if self.train_window:
+            parse_train_window(self.train_window)
+
+
+def parse_train_window(window: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` as (start, end) minutes after local midnight; the end is exclusive."""
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", window)
+    start, end = (int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])) if m else (-1, -1)
+    if not m or int(m[2]) > 59 or int(m[4]) > 59 or start >= 24 * 60 or end > 24 * 60 or start == end:
+        raise ConfigError(f"train_window must look like 22:00-06:00 (local time, start != end), not {window!r}")
+    return start, end
+
+
+def in_train_window(window: str, now: datetime) -> bool:
+    if not window:
+        return True
+    start, end = parse_train_window(window)
+    minute = now.hour * 60 + now.minute
+    return start <= minute < end if start < end else (minute >= start or minute < end)
 
 
 def load_device_config(path: str | Path | None = None, overrides: dict | None = None) -> DeviceConfig:
@@ -94,6 +119,15 @@ def load_device_config(path: str | Path | None = None, overrides: dict | None = 
 
 
 def peak_rss_bytes() -> int:
+    # Linux: VmHWM, this process's own peak. ru_maxrss also holds the parent's RSS at fork (kept
+    # across exec), so a probe started by the exporter (torch loaded) would report ~1.4 GB.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -201,6 +235,7 @@ class Device:
         self._sent_at: float | None = None
         self._last_progress = time.monotonic()
         self.rounds_trained = 0
+        self._window_wait_round: int | None = None
 
     # -- messages ------------------------------------------------------------------------
     def status_payload(self, state: str = "online") -> bytes:
@@ -281,6 +316,11 @@ class Device:
             return None
         if self.global_version != ann.get("global_version"):
             return None  # wait for the matching global adapter
+        if not in_train_window(self.cfg.train_window, datetime.now()):
+            if self._window_wait_round != ann["round"]:
+                self._window_wait_round = ann["round"]
+                log.info("round %s is open; waiting for the training window %s", ann["round"], self.cfg.train_window)
+            return None
         return ann
 
     def train_round(self, ann: dict) -> bytes:
@@ -289,6 +329,7 @@ class Device:
         steps = int(train["local_steps"])
         if self.cfg.max_local_steps:
             steps = min(steps, self.cfg.max_local_steps)
+        log.info("round %s: training %d local steps (batch %s)", ann["round"], steps, train["batch_size"])
         start = time.perf_counter()
         assert self.global_tensors is not None
         start_from = self.trainer.apply_global(self.global_tensors)

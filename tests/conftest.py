@@ -57,7 +57,7 @@ def _export_cached(name: str, **kwargs) -> Path:
 @pytest.fixture(scope="session")
 def minilm_bundles() -> Path:
     """MiniLM-L6 (real weights) for BBC's 5 classes, ranks 2, 4 and 8, 32 tokens: small and quick."""
-    return _export_cached("minilm-bbc-r2r4r8-len32", model_dir=minilm_dir(), labels=BBC_LABELS, ranks=(2, 4, 8), max_length=32)
+    return _export_cached("minilm-bbc-r2r4r8-len32-v3", model_dir=minilm_dir(), labels=BBC_LABELS, ranks=(2, 4, 8), max_length=32)
 
 
 @pytest.fixture(scope="session")
