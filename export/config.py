@@ -34,6 +34,9 @@ class ExportConfig:
         so adapters of different ranks are comparable and zero-padding between them is exact.
     max_length: sequence length the device tokenizes to.
     opset: ONNX opset (16: opset 17's LayerNormalization breaks ORT's gradient builder).
+    cpu_gradient_ops: replace ORT's single-threaded CPU gradient kernels (LayerNorm, GELU,
+        softmax) in the training graph by the same math in standard ops that use every
+        core (docs/benchmarks.md); False keeps generate_artifacts' graph as it is.
     verify: run one training step in PyTorch and ORT and compare the losses.
     verify_tolerance: relative loss difference allowed by the self-check.
     measure: record each rank's peak memory and step time for one training step at
@@ -51,6 +54,7 @@ class ExportConfig:
     max_length: int = 128
     opset: int = 16
     seed: int = 0
+    cpu_gradient_ops: bool = True
     verify: bool = True
     verify_tolerance: float = 1e-4
     verify_lr: float = 1e-3

@@ -2,7 +2,8 @@
 
 Stages per rank: wrap the model with peft LoRA -> ``torch.onnx.export`` (legacy exporter,
 training mode, no constant folding: see the traps in the design notes) -> rename parameters
-to peft's adapter keys -> ``generate_artifacts`` (only LoRA and head trainable) -> manifest
+to peft's adapter keys -> ``generate_artifacts`` (only LoRA and head trainable) -> CPU
+gradient kernels swapped for multi-threaded ops (``rewrite_cpu_gradients``) -> manifest
 with hashes -> self-check (one training step in PyTorch and in ORT must give the same loss).
 """
 
@@ -278,6 +279,78 @@ def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str
             os.chdir(cwd)
 
 
+def _cpu_gradient_math(node, read: set[str]) -> list[tuple] | None:
+    """The standard ops that compute ``node``'s used outputs, as (op, inputs, output, attributes)."""
+    if node.domain != "com.microsoft" or any(a.name == "axis" and a.i != -1 for a in node.attribute):
+        return None
+
+    def t(name: str) -> str:
+        return f"{node.name or node.op_type}/cpu/{name}"
+
+    if node.op_type == "LayerNormalizationGrad" and not read & set(node.output[1:]):
+        # dX = inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dY * scale, xhat = (X - mean) * inv_std
+        dy, x, scale, mean, inv_std = node.input[:5]
+        return [("Sub", [x, mean], t("xc"), {}), ("Mul", [t("xc"), inv_std], t("xhat"), {}),
+                ("Mul", [dy, scale], t("g"), {}), ("ReduceMean", [t("g")], t("g_mean"), {"axes": [-1]}),
+                ("Mul", [t("g"), t("xhat")], t("gx"), {}), ("ReduceMean", [t("gx")], t("gx_mean"), {"axes": [-1]}),
+                ("Mul", [t("xhat"), t("gx_mean")], t("c"), {}), ("Sub", [t("g"), t("g_mean")], t("d"), {}),
+                ("Sub", [t("d"), t("c")], t("e"), {}), ("Mul", [t("e"), inv_std], node.output[0], {})]
+    if node.op_type == "GeluGrad":
+        # dX = dY * (Phi(x) + x * phi(x)), Phi(x) = (1 + erf(x / sqrt 2)) / 2, phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+        dy, x = node.input[:2]
+        return [("Mul", [x, "fedlora.sqrt1_2"], t("xs"), {}), ("Erf", [t("xs")], t("erf"), {}),
+                ("Add", [t("erf"), "fedlora.one"], t("erf1"), {}), ("Mul", [t("erf1"), "fedlora.half"], t("cdf"), {}),
+                ("Mul", [x, x], t("x2"), {}), ("Mul", [t("x2"), "fedlora.minus_half"], t("x2h"), {}),
+                ("Exp", [t("x2h")], t("ex"), {}), ("Mul", [t("ex"), "fedlora.inv_sqrt_2pi"], t("pdf"), {}),
+                ("Mul", [x, t("pdf")], t("xpdf"), {}), ("Add", [t("cdf"), t("xpdf")], t("slope"), {}),
+                ("Mul", [dy, t("slope")], node.output[0], {})]
+    if node.op_type == "SoftmaxGrad_13":
+        # dX = Y * (dY - sum(dY * Y))
+        dy, y = node.input[:2]
+        return [("Mul", [dy, y], t("dyy"), {}), ("ReduceSum", [t("dyy"), "fedlora.last_axis"], t("s"), {}),
+                ("Sub", [dy, t("s")], t("d"), {}), ("Mul", [y, t("d")], node.output[0], {})]
+    return None
+
+
+def rewrite_cpu_gradients(training_model: Path) -> dict[str, int]:
+    """Swap ORT's single-threaded CPU gradient kernels for the same math in standard ONNX ops.
+
+    ORT's CPU LayerNormalizationGrad, GeluGrad and SoftmaxGrad_13 are Eigen loops on one thread,
+    and LayerNormalizationGrad also computes the scale and bias gradients that frozen LayerNorms
+    throw away. On a 2-core device they took a fifth of a MiniLM training step; Sub, Mul,
+    ReduceMean, Erf and Exp run on the intra-op pool (docs/benchmarks.md). The constants are
+    float32, as load_model's models are. Returns how many nodes of each type were replaced; the
+    self-check then compares the trained losses with PyTorch.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(training_model), load_external_data=False)
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not 13 <= opset < 18:  # ReduceMean takes axes as an attribute, ReduceSum as an input
+        return {}
+    read = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    nodes, counts = [], {}
+    for node in graph.node:
+        math = _cpu_gradient_math(node, read)
+        if math is None:
+            nodes.append(node)
+            continue
+        nodes += [helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs)
+                  for kind, inputs, output, attrs in math]
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if counts:
+        constants = {"fedlora.half": 0.5, "fedlora.one": 1.0, "fedlora.minus_half": -0.5,
+                     "fedlora.sqrt1_2": 0.5**0.5, "fedlora.inv_sqrt_2pi": (2 * np.pi) ** -0.5}
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in constants.items())
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "fedlora.last_axis"))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(training_model))
+    return counts
+
+
 def verification_batch(loaded: LoadedModel, cfg: ExportConfig, vocab_size: int):
     """Deterministic batch with padding in one row, so masking is exercised too."""
     rng = np.random.default_rng(cfg.seed)
@@ -362,6 +435,8 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
             trainable, frozen = export_onnx(wrapper, cfg, onnx_path)
         with stage(f"r={rank}: generate_artifacts", timings):
             generate(onnx_path, trainable, frozen, loaded.task, out)
+    if cfg.cpu_gradient_ops:
+        log(f"r={rank}: gradient kernels rewritten for multi-core CPUs: {rewrite_cpu_gradients(out / 'training_model.onnx')}")
     shutil.copytree(tokenizer_dir, out / "tokenizer")
     params = dict((peft_key(n), p) for n, p in wrapper.named_parameters())
     specs = tuple(ParamSpec(name, tuple(params[name].shape), role_of(name)) for name in trainable)
