@@ -30,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 IGNORE_INDEX = -100
+# Bumped whenever the exported graphs change, so caches of exported bundles are rebuilt.
+EXPORT_RECIPE = 2
 
 
 class ExportError(FedloraError):

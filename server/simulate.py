@@ -112,9 +112,11 @@ def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], ma
     """Export once per (model, labels, ranks, length); later runs reuse the verified bundles.
     Returns the ladder folder (``ladder.json`` and one ``r<rank>`` bundle per rank)."""
     from export.config import ExportConfig
+    from export.exporter import EXPORT_RECIPE
 
     ranks = tuple(sorted(set(ranks)))
-    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), labels, ranks, max_length]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), labels, ranks, max_length, EXPORT_RECIPE]).encode())
+    key = key.hexdigest()[:16]
     root = cache / "bundles" / f"{model_dir.name}-{key}"
     try:
         for rank in ranks:
