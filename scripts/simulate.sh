@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/fedlora simulate "$@"
+# Device processes run in the torch-free device environment, as on a real device.
+exec .venv/bin/fedlora simulate --device-python "$PWD/.venv-edge/bin/python" "$@"
