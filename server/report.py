@@ -27,6 +27,7 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
     rounds = [h["round"] for h in history if h.get("eval")]
@@ -37,6 +38,7 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
             ax.plot([c["round"] for c in centralized], [c[key] for c in centralized], marker="s", linestyle="--",
                     label="centralized, same sample passes")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

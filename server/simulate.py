@@ -226,6 +226,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     evaluator = CentralEvaluator(bundle, test)
     aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator)
     procs = []
+    grace = 0.0
     try:
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
         for d in devices:
@@ -250,15 +251,13 @@ def run_simulation(cfg: SimulateConfig) -> dict:
             dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
             if len(dead) == len(procs):
                 raise RuntimeError(f"all device processes exited; see {out}/devices/*/device.log")
-        aggregator.announce()
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.terminate()
+        aggregator.announce()  # "finished": devices exit by themselves
+        grace = time.monotonic() + 60
     finally:
-        for p in procs:
-            if p.poll() is None:
+        for p in procs:  # after an error, or devices that did not exit in time
+            try:
+                p.wait(timeout=max(0.0, grace - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 p.terminate()
         for p in procs:
             try:

@@ -6,12 +6,10 @@ Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025 (arXiv:241
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import numpy as np
 
 from server.strategies.base import (
-    AdapterLayout,
     ClientUpdate,
     GlobalModel,
     Partial,
@@ -41,9 +39,6 @@ class FedSALoRA(Strategy):
 
     name = "fedsa-lora"
     uploads_b = False
-
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int):
-        super().__init__(layout, rank)
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         weighted_sum_into(sums, {m.a: update.tensors[m.a] for m in self.layout.modules}, n)

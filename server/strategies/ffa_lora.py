@@ -5,12 +5,10 @@ Youbang Sun, Zitao Li, Yaliang Li and Bolin Ding, "Improving LoRA in Privacy-pre
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import numpy as np
 
 from server.strategies.base import (
-    AdapterLayout,
     ClientUpdate,
     GlobalModel,
     Partial,
@@ -41,9 +39,6 @@ class FFALoRA(Strategy):
 
     name = "ffa-lora"
     trains_a = False
-
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int):
-        super().__init__(layout, rank)
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         weighted_sum_into(sums, {m.b: update.tensors[m.b] for m in self.layout.modules}, n)
