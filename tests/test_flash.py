@@ -164,7 +164,7 @@ def test_placeholder_bundle_for_a_memory_budget(tmp_path, minilm_bundles, client
     doc = stage_bundle(BundleOptions(minilm_bundles, config, tmp_path / "o.tgz", placeholder=True,
                                      cache_dir=WHEEL_CACHE, client_wheel=client_wheel), tmp_path / "stage")
     root = tmp_path / "stage" / "fedlora-edge-bundle"
-    assert verify_tree(root) == doc and doc["rank"] == expected < max(peaks) and doc["credentials"] == "placeholder"
+    assert verify_tree(root) == doc and doc["rank"] == expected and doc["credentials"] == "placeholder"
     assert Bundle(root / "artifacts").manifest.rank == expected
     assert sorted(p.name for p in (root / "artifacts").iterdir()) == sorted(
         {"manifest.json"} | {n.split("/")[0] for n in Bundle(root / "artifacts").manifest.files})
