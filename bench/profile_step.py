@@ -80,8 +80,9 @@ def summarize(events: list[dict], skip: int, top: int) -> str:
         by_node[e["name"][: -len("_kernel_time")]] += e["dur"]
     n = max(1, len(runs))
     total = sum(by_op.values())
-    lines = [f"{n} profiled steps: step (model_run) {np.median([r['dur'] for r in runs]) / 1000:.1f} ms median, "
-             f"kernels {total / n / 1000:.1f} ms/step", "", "| op type | ms/step | share | nodes |", "|---|---:|---:|---:|"]
+    head = (f"{n} profiled steps: step (model_run) {np.median([r['dur'] for r in runs]) / 1000:.1f} ms median, "
+            f"kernels {total / n / 1000:.1f} ms/step")
+    lines = [head, "", "| op type | ms/step | share | nodes |", "|---|---:|---:|---:|"]
     lines += [f"| {op} | {d / n / 1000:.2f} | {100 * d / total:.1f}% | {count[op] // n} |" for op, d in by_op.most_common(top)]
     lines += ["", "slowest nodes (ms/step):"]
     lines += [f"  {d / n / 1000:6.2f}  {name}" for name, d in by_node.most_common(top)]

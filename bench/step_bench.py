@@ -188,25 +188,30 @@ def versions() -> dict[str, str]:
     return out
 
 
-def ensure_bundle(cache: Path, model_dir: Path, seq: int, cpu_gradient_ops: bool = True) -> Path:
-    """Export the MiniLM bundle once; again when the exporter's code or the versions change."""
+def ensure_bundle(cache: Path, model_dir: Path, seq: int, cpu_gradient_ops: bool = True, variant: str = "",
+                  extra: dict | None = None, via: tuple[str, str] | None = None) -> Path:
+    """Export the MiniLM bundle once; again when the exporter's code, the settings or the versions change.
+
+    ``variant``/``extra``: a named export with other ExportConfig fields; ``via``: (script, mode)
+    of another internal export entry point (bench/variants.py's sdpa export).
+    """
     import hashlib
     import subprocess
 
-    spec = {"model_dir": str(model_dir), "output_dir": str(cache / f"minilm-r{RANK}-len{seq}"
-                                                            f"{'' if cpu_gradient_ops else '-no-cpu-gradient-ops'}"),
-            "labels": list(LABELS), "ranks": [RANK], "max_length": seq, "model_id": "all-MiniLM-L6-v2",
-            "cpu_gradient_ops": cpu_gradient_ops}
+    name = f"minilm-r{RANK}-len{seq}{'' if cpu_gradient_ops else '-no-cpu-gradient-ops'}{variant}"
+    spec = {"model_dir": str(model_dir), "output_dir": str(cache / name), "labels": list(LABELS), "ranks": [RANK],
+            "max_length": seq, "model_id": "all-MiniLM-L6-v2", "cpu_gradient_ops": cpu_gradient_ops, **(extra or {})}
+    script, mode = via or (str(Path(__file__).resolve()), "--export")
     out = Path(spec["output_dir"])
-    digest = hashlib.sha256(json.dumps([spec, versions()]).encode())
+    digest = hashlib.sha256(json.dumps([spec, mode, versions()]).encode())
     for name in ("export/exporter.py", "export/config.py"):
         digest.update((ROOT / name).read_bytes())
     key_file, bundle = out / "bench_key", out / f"r{RANK}"
     if key_file.is_file() and key_file.read_text() == digest.hexdigest() and (bundle / "manifest.json").is_file():
         return bundle
     print(f"[bench] exporting {out.name} ...", flush=True)
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--export", json.dumps(spec)], cwd=ROOT,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, script, mode, json.dumps(spec)], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
         sys.exit(f"[bench] export failed:\n{done.stderr[-4000:]}")
     for line in done.stderr.splitlines():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -144,6 +143,7 @@ def only_rewrite(before: Path, out: Path, op_type: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -157,27 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="update the variants section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     model_dir = step_bench.model_dir_default()
-    started = time.time()
+    started, machine = time.time(), step_bench.machine()
     bundles = {"now": step_bench.ensure_bundle(args.cache, model_dir, args.seq),
                "before": step_bench.ensure_bundle(args.cache, model_dir, args.seq, cpu_gradient_ops=False)}
-    for name, script, extra in (("opset14", step_bench.__file__, {"opset": 14}), ("sdpa", __file__, {})):
-        out = args.cache / f"variant-{name}-len{args.seq}"
-        if not (out / f"r{step_bench.RANK}" / "manifest.json").is_file():
-            print(f"[variants] exporting {out.name} ...", flush=True)
-            spec = {"model_dir": str(model_dir), "output_dir": str(out), "labels": list(step_bench.LABELS),
-                    "ranks": [step_bench.RANK], "max_length": args.seq, "cpu_gradient_ops": False, **extra}
-            mode = "--export" if name == "opset14" else "--export-sdpa"
-            done = subprocess.run([sys.executable, str(Path(script).resolve()), mode, json.dumps(spec)], cwd=ROOT,
-                                  capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                sys.exit(f"[variants] export {name} failed:\n{done.stderr[-3000:]}")
-        bundles[name] = out / f"r{step_bench.RANK}"
+    bundles["opset14"] = step_bench.ensure_bundle(args.cache, model_dir, args.seq, False, "-opset14", {"opset": 14})
+    bundles["sdpa"] = step_bench.ensure_bundle(args.cache, model_dir, args.seq, False, "-sdpa",
+                                               via=(str(Path(__file__).resolve()), "--export-sdpa"))
     for op_type in ("LayerNormalizationGrad", "GeluGrad", "SoftmaxGrad_13"):
         bundles[f"only:{op_type}"] = only_rewrite(bundles["before"], args.cache / f"variant-only-{op_type}", op_type)
     batch_file = args.cache / f"batch-{args.batch}x{args.seq}.npz"
     step_bench.make_batch(bundles["now"], args.batch, args.seq, batch_file)
-
-    import tempfile
 
     print(f"[variants] {len(VARIANTS)} variants, one worker each, {args.warmup} + {args.steps} steps each", flush=True)
     with tempfile.TemporaryDirectory() as logdir:
@@ -196,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(rows)
     print(table)
     if args.write:
-        m = step_bench.machine()
+        m = machine
         cmd = " ".join([".venv/bin/python", "bench/variants.py", *(sys.argv[1:] if argv is None else argv)])
         header = (f"Command: `{cmd}` ({time.time() - started:.0f} s, {time.strftime('%Y-%m-%d')}, {m['nproc']} cores, "
                   f"{m['cpu']}, load average {m['loadavg_start']:.2f}); batch {args.batch} x {args.seq}, "
