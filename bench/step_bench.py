@@ -300,9 +300,15 @@ def run_sides(args, bundles: dict[str, Path], batch_file: Path, threads: int, lo
         workers.append(Worker(key, spec, args.edge_python if kind == "ort" else sys.executable,
                               logdir / f"{key}-t{threads}.log"))
     result = round_robin(workers, args.warmup, args.steps, args.chunk, args.pause)
+    import numpy as np
+
+    torch_ms = np.asarray(result["torch"]["times_ms"])
     for key in ("ort", "ort_before"):
         if key in result:
-            result[f"{key}/torch"] = {"median": result[key]["median_ms"] / result["torch"]["median_ms"],
+            # paired: step i of each worker ran in the same round, so their ratio is immune to the
+            # machine speeding up or slowing down during the run; its median is the headline
+            result[f"{key}/torch"] = {"paired": float(np.median(np.asarray(result[key]["times_ms"]) / torch_ms)),
+                                      "median": result[key]["median_ms"] / result["torch"]["median_ms"],
                                       "peak_rss": result[key]["peak_rss_mib"] / result["torch"]["peak_rss_mib"]}
     return result
 
@@ -369,8 +375,8 @@ def table(results: dict) -> str:
         for key in ("ort", "ort_before"):
             if f"{key}/torch" in r:
                 q = r[f"{key}/torch"]
-                rows.append(f"| {threads} | **{SIDES[key][0]} / PyTorch** | **{q['median']:.2f}x** | | | "
-                            f"**{q['peak_rss']:.2f}x** | |")
+                rows.append(f"| {threads} | **{SIDES[key][0]} / PyTorch** | **{q['paired']:.2f}x** "
+                            f"(of medians {q['median']:.2f}x) | | | **{q['peak_rss']:.2f}x** | |")
     return "\n".join(rows)
 
 
@@ -386,7 +392,9 @@ def write_docs(md: Path, png: Path, results: dict, info: dict) -> None:
             f"query and value plus a new {len(LABELS)}-class head, forward + backward + AdamW, batch "
             f"{info['batch']} x {info['seq']} ({info['source']}; no padding). PyTorch attention: "
             f"`{info['torch_attn']}`. {info['steps']} timed steps after {info['warmup']} warm-up steps, in "
-            f"chunks of {info['chunk']} that go round the worker processes. Peak RSS is the worker's "
+            f"chunks of {info['chunk']} that go round the worker processes; a time ratio is the median over "
+            f"rounds of the two sides' step times in the same round (the ratio of the medians in brackets). "
+            f"Peak RSS is the worker's "
             f"`ru_maxrss`; the ORT workers never import torch (asserted). \"Before\": the bundle exported "
             f"without `cpu_gradient_ops` and ORT's buffer reuse on, as the client was when this issue was opened.")
     body = "\n".join([SECTION_BEGIN, command, "", machine_line, "", work, "", table(results), "",
