@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_client.codecs import CODECS
-from edge_client.protocol import Envelope, decode_envelope, encode_envelope
+from edge_client.protocol import HEADER_ZLIB, Envelope, decode_envelope, encode_envelope
 
 DEFAULT = list(CODECS) + ["int4-b32", "topk0.05+int8+zlib", "topk0.01+int8+zlib", "int4+lzma", "topk0.1+int8+lzma"]
 
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         back = decode_envelope(payload).tensors
         err = np.concatenate([back[k].ravel() for k in update]) - flat
         fp32_bytes = fp32_bytes or (len(payload) if spec == "fp32" else None)
-        body = len(payload) - 8 - struct.unpack_from("<I", payload, 4)[0]  # minus magic, length, JSON header
+        body = len(payload) - 8 - (struct.unpack_from("<I", payload, 4)[0] & ~HEADER_ZLIB)  # minus magic, length, header
         rows.append((spec, len(payload), body, float(np.abs(err).max()), float(np.linalg.norm(err) / np.linalg.norm(flat)),
                      median_ms(lambda e=env: encode_envelope(e), args.runs), median_ms(lambda p=payload: decode_envelope(p), args.runs)))
 

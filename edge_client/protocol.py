@@ -7,6 +7,11 @@ Envelope (one update or one global adapter)::
 
     b"FLE1" | u32 header length | header (UTF-8 JSON) | body (encoded tensors, back to back)
 
+If bit 31 of the header length is set, the header is zlib-compressed UTF-8 JSON (senders
+compress it whenever that is smaller: the tensor names repeat, so ~4 KB become ~0.5 KB, which
+matters once a codec has shrunk the body to a few KB). Either way the JSON is at most
+``MAX_HEADER_BYTES``.
+
 Chunk (one MQTT message)::
 
     b"FLC1" | 16-byte message id | u32 index | u32 count | u64 total size | data
@@ -22,6 +27,7 @@ import json
 import math
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +40,7 @@ ENVELOPE_MAGIC = b"FLE1"
 CHUNK_MAGIC = b"FLC1"
 CHUNK_HEADER = struct.Struct("<4s16sIIQ")
 MAX_HEADER_BYTES = 1 << 20
+HEADER_ZLIB = 1 << 31  # flag bit in the header length word
 KINDS = ("update", "global")
 # Global envelopes may carry changes to frozen base weights (FLoRA, FedEx-LoRA) under this
 # prefix; the device adds them to its checkpoint's original weights.
@@ -122,25 +129,46 @@ def encode_envelope(env: Envelope) -> bytes:
         "metrics": env.metrics, "base_version": env.base_version, "body_sha256": hashlib.sha256(body).hexdigest(),
     }
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"envelope header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    packed = zlib.compress(raw, 9)
+    if len(packed) < len(raw):
+        return ENVELOPE_MAGIC + struct.pack("<I", len(packed) | HEADER_ZLIB) + packed + body
     return ENVELOPE_MAGIC + struct.pack("<I", len(raw)) + raw + body
+
+
+def _read_header(payload: bytes) -> tuple[dict, int]:
+    """The envelope's header object and where the body starts."""
+    (word,) = struct.unpack_from("<I", payload, 4)
+    hlen = word & ~HEADER_ZLIB
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(payload):
+        raise ProtocolError(f"envelope header length {hlen} exceeds the payload")
+    raw = payload[8 : 8 + hlen]
+    if word & HEADER_ZLIB:
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(raw, MAX_HEADER_BYTES)
+        except zlib.error as exc:
+            raise ProtocolError(f"envelope header is not valid zlib data ({exc})") from exc
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ProtocolError(f"compressed envelope header is truncated or inflates beyond {MAX_HEADER_BYTES} bytes")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"envelope header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("envelope header is not an object")
+    return header, 8 + hlen
 
 
 def decode_envelope(payload: bytes) -> Envelope:
     """Parse and check an envelope; raise ProtocolError saying what is wrong."""
     if len(payload) < 8 or payload[:4] != ENVELOPE_MAGIC:
         raise ProtocolError("not a fedlora envelope (bad magic)")
-    (hlen,) = struct.unpack_from("<I", payload, 4)
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(payload):
-        raise ProtocolError(f"envelope header length {hlen} exceeds the payload")
-    try:
-        header = json.loads(payload[8 : 8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"envelope header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ProtocolError("envelope header is not an object")
+    header, body_start = _read_header(payload)
     if header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r} not supported (this side speaks {PROTOCOL_VERSION})")
-    body = payload[8 + hlen :]
+    body = payload[body_start:]
     try:
         if hashlib.sha256(body).hexdigest() != header["body_sha256"]:
             raise ProtocolError("envelope body fails its sha256 check")

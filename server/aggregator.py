@@ -255,7 +255,9 @@ class Aggregator:
             payload = self.reassembler.add(device, message)
             if payload is None:
                 return
+            t0 = time.perf_counter()
             env = decode_envelope(payload)
+            decode_ms = 1000 * (time.perf_counter() - t0)
             if env.kind != "update":
                 raise ProtocolError(f"expected an update envelope, got {env.kind!r}")
             if env.sender != device:
@@ -291,7 +293,8 @@ class Aggregator:
         self._observe_device(env.metrics)
         self.metrics.updates.labels("accepted", "ok").inc()
         self.store.event("update_accepted", round=env.round, device=device, num_examples=env.num_examples,
-                         bytes=len(payload), raw_bytes=raw, codec=env.codec, metrics=env.metrics)
+                         bytes=len(payload), raw_bytes=raw, codec=env.codec, decode_ms=round(decode_ms, 3),
+                         metrics=env.metrics)
         self.ack(device, env.round, "accepted")
 
     def _observe_device(self, metrics: dict) -> None:

@@ -1,11 +1,13 @@
 import hashlib
+import struct
+import zlib
 
 import numpy as np
 import pytest
 
 from edge_client.errors import PayloadTooLarge, ProtocolError
 from edge_client.protocol import (
-    CHUNK_HEADER, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope, split_chunks,
+    CHUNK_HEADER, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope, split_chunks,
 )
 
 
@@ -42,12 +44,53 @@ def test_corrupted_envelopes_are_refused(mutate, message):
         decode_envelope(mutate(encode_envelope(_env())))
 
 
-def test_unknown_codec_and_version_are_refused():
-    raw = encode_envelope(_env())
+def _plain_header(payload: bytes) -> tuple[bytes, bytes]:
+    """An envelope's header as plain JSON bytes, and its body."""
+    word = struct.unpack_from("<I", payload, 4)[0]
+    hlen = word & ~HEADER_ZLIB
+    raw = payload[8 : 8 + hlen]
+    return (zlib.decompress(raw) if word & HEADER_ZLIB else raw), payload[8 + hlen :]
+
+
+def _with_header(header: bytes, body: bytes, compressed: bool = False) -> bytes:
+    if compressed:
+        header = zlib.compress(header)
+        return ENVELOPE_MAGIC + struct.pack("<I", len(header) | HEADER_ZLIB) + header + body
+    return ENVELOPE_MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def test_header_is_compressed_and_plain_headers_still_decode():
+    env = _env(tensors={f"base_model.model.layer.{i}.attention.self.query.lora_A.weight": np.ones((2, 3), np.float32)
+                        for i in range(12)})
+    payload = encode_envelope(env)
+    assert struct.unpack_from("<I", payload, 4)[0] & HEADER_ZLIB
+    header, body = _plain_header(payload)
+    assert len(payload) < 8 + len(header) + len(body) - 500  # the names repeat: compression pays
+    plain = decode_envelope(_with_header(header, body))
+    assert plain.tensors.keys() == env.tensors.keys()
+    assert all(np.array_equal(plain.tensors[k], v) for k, v in env.tensors.items())
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_unknown_codec_and_version_are_refused(compressed):
+    header, body = _plain_header(encode_envelope(_env()))
     with pytest.raises(ProtocolError, match="unknown codec"):
-        decode_envelope(raw.replace(b'"codec":"fp32"', b'"codec":"zzzz"'))
+        decode_envelope(_with_header(header.replace(b'"codec":"fp32"', b'"codec":"zzzz"'), body, compressed))
     with pytest.raises(ProtocolError, match="protocol version"):
-        decode_envelope(raw.replace(b'"v":1', b'"v":9'))
+        decode_envelope(_with_header(header.replace(b'"v":1', b'"v":9'), body, compressed))
+
+
+def test_compressed_header_bombs_and_garbage_are_refused():
+    header, body = _plain_header(encode_envelope(_env()))
+    bomb = zlib.compress(b"[" * (MAX_HEADER_BYTES + 1), 9)
+    with pytest.raises(ProtocolError, match="inflates beyond"):
+        decode_envelope(ENVELOPE_MAGIC + struct.pack("<I", len(bomb) | HEADER_ZLIB) + bomb + body)
+    junk = b"not zlib at all"
+    with pytest.raises(ProtocolError, match="not valid zlib"):
+        decode_envelope(ENVELOPE_MAGIC + struct.pack("<I", len(junk) | HEADER_ZLIB) + junk + body)
+    cut = zlib.compress(header)[:-6]
+    with pytest.raises(ProtocolError, match="truncated"):
+        decode_envelope(ENVELOPE_MAGIC + struct.pack("<I", len(cut) | HEADER_ZLIB) + cut + body)
 
 
 def test_chunks_reassemble_in_any_order_with_duplicates():

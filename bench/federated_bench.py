@@ -1,0 +1,318 @@
+"""Federated runs on real data: aggregation strategies (homogeneous and mixed ranks) and uplink codecs.
+
+Each configuration is one real ``fedlora simulate`` run in its own process: embedded amqtt
+broker, one torch-free device process per device training ONNX Runtime artifacts, the
+aggregator evaluating the global adapter on the held-out test set after every round. Rows are
+appended to ``docs/federated_bench.json`` as runs finish, so an interrupted sweep resumes where
+it stopped (a row is identified by all of its settings). Every invocation then rewrites the
+two sections of ``docs/benchmarks.md`` it owns and the plots next to it.
+
+Suites:
+
+* ``strategies``: every strategy at homogeneous rank 8, FedAvg also at the smallest common rank
+  2, and the rank-aware strategies with devices at ranks 2/4/8/16 in turn, per data set and
+  Dirichlet alpha.
+* ``codecs``: FedAvg at rank 8 with each uplink codec (error feedback on for the lossy ones),
+  at ``--codec-alpha``; accuracy against total uplink bytes.
+
+    .venv/bin/python bench/federated_bench.py --suite strategies --datasets bbc-news --alphas 0.1
+    .venv/bin/python bench/federated_bench.py --suite codecs --datasets bbc-news,20newsgroups
+    .venv/bin/python bench/federated_bench.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "federated_bench.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+
+STRATEGY_CONFIGS = [
+    ("fedavg", (2,)), ("fedavg", (8,)), ("ffa-lora", (8,)), ("fedsa-lora", (8,)), ("fedex-lora", (8,)),
+    ("hetlora", (8,)), ("flexlora", (8,)), ("flora", (8,)),
+    ("hetlora", (2, 4, 8, 16)), ("flexlora", (2, 4, 8, 16)), ("flora", (2, 4, 8, 16)),
+]
+CODECS = ["fp32", "int8", "int4", "topk0.1+int8", "topk0.05+int8", "topk0.02+int8+zlib"]
+SETTINGS = ("devices", "rounds", "local_steps", "max_length", "lr", "seed")
+
+
+def summarize(out: Path) -> dict:
+    """The numbers of one finished run, from its report folder."""
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in (out / "aggregator" / "events.jsonl").read_text().splitlines()]
+    accs = [h["eval"]["accuracy"] for h in history if h.get("eval")]
+    best = max(accs) if accs else float("nan")
+    local: dict[str, tuple[float, int]] = {}  # each device's last accuracy on its own held-out split
+    decode_ms = []
+    for e in events:
+        if e["event"] != "update_accepted":
+            continue
+        decode_ms.append(e.get("decode_ms", float("nan")))
+        m = e.get("metrics", {})
+        if "eval_accuracy" in m:
+            local[e["device"]] = (m["eval_accuracy"], int(m.get("eval_examples", 1)))
+    n_local = sum(n for _, n in local.values())
+    return {
+        "accuracy_per_round": [round(a, 4) for a in accs],
+        "final_accuracy": accs[-1] if accs else float("nan"), "best_accuracy": best,
+        "rounds_to_95pct_best": next((i + 1 for i, a in enumerate(accs) if a >= 0.95 * best), None),
+        "uplink_bytes_total": sum(h["uplink_bytes_wire"] for h in history),
+        "uplink_raw_bytes_total": sum(h["uplink_bytes_raw"] for h in history),
+        "uplink_bytes_per_round": statistics.mean(h["uplink_bytes_wire"] for h in history),
+        "downlink_bytes_per_round": statistics.mean(h.get("downlink_bytes_wire", 0) for h in history),
+        "aggregation_ms_per_round": 1000 * statistics.mean(h.get("aggregation_s", 0) for h in history),
+        "decode_ms_median": statistics.median(decode_ms) if decode_ms else None,
+        "updates_accepted": len(decode_ms),
+        "device_local_accuracy": sum(a * n for a, n in local.values()) / n_local if n_local else None,
+        "device_local_examples": n_local, "device_local_devices": len(local),
+    }
+
+
+def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str) -> dict:
+    name = f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_')}"
+    out = ROOT / "runs" / "bench" / name
+    edge_python = ROOT / ".venv-edge" / "bin" / "python"
+    cmd = [sys.executable, "-m", "server.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
+           "--split", "dirichlet", "--alpha", str(alpha), "--rounds", str(args.rounds),
+           "--local-steps", str(args.local_steps), "--max-length", str(args.max_length), "--lr", str(args.lr),
+           "--seed", str(args.seed), "--ranks", ",".join(map(str, ranks)), "--strategy", strategy,
+           "--codec", codec, "--eval-max", str(args.eval_max), "--out", str(out),
+           "--device-python", str(edge_python if edge_python.is_file() else sys.executable)]
+    print(f"[bench] {name}: {' '.join(cmd[3:])}", flush=True)
+    start = time.time()
+    with open(ROOT / "runs" / "bench" / f"{name}.log", "wb") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see runs/bench/{name}.log")
+    row = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
+           **{k: getattr(args, k) for k in SETTINGS}, **summarize(out), "wall_s": round(time.time() - start, 1)}
+    print(f"[bench] {name}: final accuracy {row['final_accuracy']:.4f} (best {row['best_accuracy']:.4f}), "
+          f"{row['uplink_bytes_total'] / 1e6:.1f} MB up, {row['wall_s']:.0f}s", flush=True)
+    return row
+
+
+def _key(row: dict) -> tuple:
+    return (row["dataset"], row["alpha"], row["strategy"], list(row["ranks"]), row["codec"],
+            *(row[k] for k in SETTINGS))
+
+
+# -- report --------------------------------------------------------------------------------
+def _ranks(r: dict) -> str:
+    return "/".join(map(str, r["ranks"]))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def strategy_table(rows: list[dict]) -> str:
+    lines = ["| data set | alpha | strategy | ranks | final acc | best acc | rounds to 95% of best | uplink/round | "
+             "downlink/round | aggregation/round | device-local acc |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        local = f"{r['device_local_accuracy']:.3f}" if r.get("device_local_accuracy") is not None else ""
+        lines.append(f"| {r['dataset']} | {r['alpha']} | {r['strategy']} | {_ranks(r)} | {r['final_accuracy']:.3f} | "
+                     f"{r['best_accuracy']:.3f} | {r['rounds_to_95pct_best']} | {_mb(r['uplink_bytes_per_round'])} | "
+                     f"{_mb(r['downlink_bytes_per_round'])} | {r['aggregation_ms_per_round']:.1f} ms | {local} |")
+    return "\n".join(lines)
+
+
+def strategy_targets(rows: list[dict]) -> str:
+    """The issue's targets per data set at the smallest alpha measured: the best mixed-rank
+    strategy against FedAvg at rank 2 (>= +2 points) and against homogeneous rank 8 (>= -1)."""
+    lines = ["| data set | alpha | best mixed-rank | FedAvg r2 | vs FedAvg r2 (target >= +2.0) | best rank 8 | "
+             "vs best rank 8 (target >= -1.0) | FedAvg r8 | vs FedAvg r8 |", "|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
+        sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
+        mixed = [r for r in sel if len(r["ranks"]) > 1]
+        r2 = [r for r in sel if r["strategy"] == "fedavg" and r["ranks"] == [2]]
+        r8 = [r for r in sel if r["ranks"] == [8]]
+        avg8 = [r for r in r8 if r["strategy"] == "fedavg"]
+        if not (mixed and r2 and r8):
+            continue
+        m = max(mixed, key=lambda r: r["final_accuracy"])
+        h = max(r8, key=lambda r: r["final_accuracy"])
+        d2 = 100 * (m["final_accuracy"] - r2[0]["final_accuracy"])
+        d8 = 100 * (m["final_accuracy"] - h["final_accuracy"])
+        a8 = (f"{avg8[0]['final_accuracy']:.3f} | {100 * (m['final_accuracy'] - avg8[0]['final_accuracy']):+.1f} "
+              f"{'met' if m['final_accuracy'] - avg8[0]['final_accuracy'] >= -0.01 else 'missed'}") if avg8 else " | "
+        lines.append(f"| {dataset} | {alpha} | {m['strategy']} {m['final_accuracy']:.3f} | {r2[0]['final_accuracy']:.3f} | "
+                     f"{d2:+.1f} {'met' if d2 >= 2.0 else 'missed'} | {h['strategy']} {h['final_accuracy']:.3f} | "
+                     f"{d8:+.1f} {'met' if d8 >= -1.0 else 'missed'} | {a8} |")
+    return "\n".join(lines)
+
+
+def codec_table(rows: list[dict]) -> str:
+    lines = ["| data set | alpha | codec | final acc | vs fp32 (points) | best acc | uplink total (wire) | "
+             "fewer bytes than fp32 | target | decode ms/update (aggregator) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+    for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
+        sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
+        ref = next((r for r in sel if r["codec"] == "fp32"), None)
+        for r in sorted(sel, key=lambda r: -r["uplink_bytes_total"]):
+            diff = ratio = None
+            if ref:
+                diff = 100 * (r["final_accuracy"] - ref["final_accuracy"])
+                ratio = ref["uplink_bytes_total"] / r["uplink_bytes_total"]
+            target = ""
+            if ratio is not None and ratio >= 16:
+                need = -1.0 if ratio >= 32 else -0.5
+                target = f"{'>=32x' if ratio >= 32 else '>=16x'}, within {-need:.1f}: {'met' if diff >= need else 'missed'}"
+            lines.append(f"| {dataset} | {alpha} | `{r['codec']}` | {r['final_accuracy']:.3f} | "
+                         f"{'' if diff is None else f'{diff:+.1f}'} | {r['best_accuracy']:.3f} | "
+                         f"{_mb(r['uplink_bytes_total'])} | {'' if ratio is None else f'{ratio:.1f}x'} | {target} | "
+                         f"{r['decode_ms_median']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_strategies(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["dataset"], r["alpha"]) for r in rows})
+    cols = min(3, len(groups))
+    nrows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    for ax, (dataset, alpha) in zip(axes.flat, groups):
+        sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
+        labels = [f"{r['strategy']}\n{_ranks(r)}" for r in sel]
+        x = range(len(sel))
+        ax.bar(x, [r["final_accuracy"] for r in sel], color=["tab:orange" if len(r["ranks"]) > 1 else "tab:blue" for r in sel])
+        ax.scatter(x, [r["best_accuracy"] for r in sel], marker="_", color="black", s=120, label="best round", zorder=3)
+        ax.set_xticks(list(x), labels, rotation=60, fontsize=7)
+        ax.set_ylim(max(0.0, min(r["final_accuracy"] for r in sel) - 0.05), 1.0)
+        ax.set_title(f"{dataset}, Dirichlet alpha {alpha}")
+        ax.set_ylabel("final test accuracy (blue: rank 8 or 2, orange: ranks 2/4/8/16)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_codecs(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["dataset"], r["alpha"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.6), squeeze=False)
+    for ax, (dataset, alpha) in zip(axes[0], groups):
+        sel = sorted((r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)), key=lambda r: r["uplink_bytes_total"])
+        mb = [r["uplink_bytes_total"] / 1e6 for r in sel]
+        acc = [r["final_accuracy"] for r in sel]
+        ax.plot(mb, acc, "o-", color="tab:blue")
+        for r, x, y in zip(sel, mb, acc):
+            ax.annotate(r["codec"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ref = next((r for r in sel if r["codec"] == "fp32"), None)
+        if ref:
+            ax.axhline(ref["final_accuracy"] - 0.005, color="tab:green", ls="--", lw=0.8, label="fp32 - 0.5 point")
+            ax.axhline(ref["final_accuracy"] - 0.01, color="tab:red", ls=":", lw=0.8, label="fp32 - 1 point")
+            for k, style in ((16, "--"), (32, ":")):
+                ax.axvline(ref["uplink_bytes_total"] / 1e6 / k, color="gray", ls=style, lw=0.8)
+                ax.annotate(f"{k}x", (ref["uplink_bytes_total"] / 1e6 / k, min(acc)), fontsize=7, color="gray")
+        ax.set_xscale("log")
+        ax.set_xlabel("total uplink bytes on the wire (MB, log)")
+        ax.set_ylabel("final test accuracy")
+        ax.set_title(f"{dataset}, Dirichlet alpha {alpha}, FedAvg rank 8")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _settings_line(rows: list[dict]) -> str:
+    s = sorted({tuple(r[k] for k in SETTINGS) for r in rows})
+    return "; ".join(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in zip(SETTINGS, one)) for one in s)
+
+
+def write_section(name: str, body: str) -> None:
+    begin = f"<!-- {name}:begin (written by bench/federated_bench.py; edits here are overwritten) -->"
+    end = f"<!-- {name}:end -->"
+    text = DOC.read_text(encoding="utf-8")
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(text, encoding="utf-8")
+
+
+def report(rows: list[dict]) -> None:
+    strat = [r for r in rows if r["codec"] == "fp32" and (r["strategy"], tuple(r["ranks"])) in STRATEGY_CONFIGS]
+    strat = [r for r in strat if any(o["alpha"] == r["alpha"] and o["dataset"] == r["dataset"] and o["strategy"] != "fedavg"
+                                     for o in strat)]  # cells the strategy suite ran, not just a codec baseline
+    codec = [r for r in rows if r["strategy"] == "fedavg" and r["ranks"] == [8]
+             and any(o["codec"] != "fp32" and (o["dataset"], o["alpha"]) == (r["dataset"], r["alpha"]) for o in rows)]
+    if strat:
+        plot_strategies(strat, DOC.parent / "strategy_bench.png")
+        write_section("federated_bench:strategies", "\n".join([
+            f"Settings: {_settings_line(strat)}; {sum(r['wall_s'] for r in strat) / 60:.0f} min of runs.", "",
+            strategy_table(strat), "", "Targets (final accuracy, points):", "", strategy_targets(strat), "",
+            "![final accuracy per strategy](strategy_bench.png)"]))
+    if codec:
+        plot_codecs(codec, DOC.parent / "codec_accuracy.png")
+        write_section("federated_bench:codecs", "\n".join([
+            f"Settings: {_settings_line(codec)}; {sum(r['wall_s'] for r in codec) / 60:.0f} min of runs.", "",
+            codec_table(codec), "", "![accuracy against uplink bytes](codec_accuracy.png)"]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="strategies,codecs", help="strategies, codecs or both (comma-separated)")
+    parser.add_argument("--datasets", default="bbc-news,20newsgroups")
+    parser.add_argument("--alphas", default="0.1,0.5,1.0", help="Dirichlet alphas of the strategy suite")
+    parser.add_argument("--codec-alpha", type=float, default=0.5)
+    parser.add_argument("--codecs", default=",".join(CODECS))
+    parser.add_argument("--only", help="comma-separated strategy names to run (strategy suite)")
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-max", type=int, default=2000, help="test examples the aggregator evaluates on")
+    parser.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON only")
+    args = parser.parse_args()
+
+    rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    plan = []
+    suites = set(args.suite.split(","))
+    if not suites <= {"strategies", "codecs"}:
+        parser.error(f"unknown suite in {args.suite!r}")
+    only = set(args.only.split(",")) if args.only else None
+    for dataset in args.datasets.split(","):
+        if "strategies" in suites:
+            for alpha in (float(a) for a in args.alphas.split(",")):
+                plan += [(dataset, alpha, s, ranks, "fp32") for s, ranks in STRATEGY_CONFIGS if not only or s in only]
+        if "codecs" in suites:
+            plan += [(dataset, args.codec_alpha, "fedavg", (8,), c) for c in args.codecs.split(",")]
+    (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
+    for dataset, alpha, strategy, ranks, codec in [] if args.report_only else plan:
+        probe = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
+                 **{k: getattr(args, k) for k in SETTINGS}}
+        if any(_key(r) == _key(probe) for r in rows):
+            continue
+        rows.append(run_one(args, dataset, alpha, strategy, ranks, codec))
+        RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+        report(rows)
+    report(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
