@@ -28,6 +28,7 @@ from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, enco
 from edge_client.codecs import get_codec
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
+from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
 from edge_client.protocol import (
     BASE_DELTA_PREFIX, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope,
 )
@@ -173,10 +174,12 @@ class DeviceState:
         self.job = job
         self.last_round: int = int(data.get("last_round", 0))
         self.pending_round: int | None = data.get("pending_round")
+        self.rank: int | None = data.get("rank")  # set once HetLoRA self-pruning lowered it
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"job": self.job, "last_round": self.last_round, "pending_round": self.pending_round}))
+        tmp.write_text(json.dumps({"job": self.job, "last_round": self.last_round, "pending_round": self.pending_round,
+                                   "rank": self.rank}))
         os.replace(tmp, self.path)
 
     def set_pending(self, round_id: int, payload: bytes) -> None:
@@ -225,6 +228,9 @@ class Device:
         self.trainer = Trainer(self.bundle, options=RuntimeOptions(intra_op_threads=cfg.threads))
         self.state = DeviceState(Path(cfg.state_dir), cfg.job)
         self.state.restore_adapter(self.trainer)
+        # The rank this device downloads, trains and sends: the bundle's, or less once HetLoRA
+        # self-pruning gave components up (they stay zero in the bundle's larger tensors).
+        self.rank = self.state.rank if self.state.rank and self.state.rank <= self.manifest.rank else self.manifest.rank
         self.feedback = ErrorFeedback.load(self.state.feedback_path)
         will = (self.topics.status(cfg.device_id), json.dumps({"state": "offline"}).encode())
         self.link = link or MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-{cfg.device_id}", will=will)
@@ -239,7 +245,7 @@ class Device:
 
     # -- messages ------------------------------------------------------------------------
     def status_payload(self, state: str = "online") -> bytes:
-        return json.dumps({"state": state, "rank": self.manifest.rank, "num_examples": len(self.data.train),
+        return json.dumps({"state": state, "rank": self.rank, "num_examples": len(self.data.train),
                            "model_id": self.manifest.model_id}).encode()
 
     def _announce_online(self) -> None:
@@ -274,7 +280,7 @@ class Device:
             return
         if env.kind != "global" or env.job != self.cfg.job:
             return
-        shapes = self.manifest.shapes
+        shapes = rank_shapes(self.manifest.shapes, self.rank)
         adapter = {k: v for k, v in env.tensors.items() if not k.startswith(BASE_DELTA_PREFIX)}
         if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in adapter.items()):
             log.error("global adapter version %d (rank %d) does not match this bundle's tensors; ignored",
@@ -284,12 +290,12 @@ class Device:
             held = self.global_tensors
             if held is None or env.base_version != self.global_version or set(env.tensors) != set(held):
                 if self.global_version is None or env.round > self.global_version:
-                    self.link.subscribe(self.topics.global_filter(self.manifest.rank))  # behind: fetch the full copy
+                    self.link.subscribe(self.topics.global_filter(self.rank))  # behind: fetch the full copy
                 return
             self.global_version = env.round
             self.global_tensors = {k: (held[k] + env.tensors[k]).astype(np.float32) for k in held}
             # Deltas work for us: stop downloading full copies until we fall behind again.
-            self.link.unsubscribe(self.topics.global_filter(self.manifest.rank))
+            self.link.unsubscribe(self.topics.global_filter(self.rank))
         elif self.global_version is None or env.round >= self.global_version:
             self.global_version, self.global_tensors = env.round, env.tensors
 
@@ -332,7 +338,7 @@ class Device:
         log.info("round %s: training %d local steps (batch %s)", ann["round"], steps, train["batch_size"])
         start = time.perf_counter()
         assert self.global_tensors is not None
-        start_from = self.trainer.apply_global(self.global_tensors)
+        start_from = self.trainer.apply_global(pad_rank(self.global_tensors, self.manifest.shapes))
         # FFA-LoRA keeps A at its initial value: restore it after every step (cheap: A is small).
         frozen = {} if ann.get("strategy", {}).get("trains_a", True) else {
             p.name: v for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values()) if p.role == "lora_A"}
@@ -346,6 +352,13 @@ class Device:
                 self.trainer.set_adapter(frozen)
             times.append(time.perf_counter() - t0)
         local = self.trainer.get_adapter()
+        sent_rank, threshold = self.rank, float(ann.get("strategy", {}).get("prune_threshold", 0.0))
+        new_rank = pruned_rank(truncate_rank(local, self.rank), self.rank, threshold) if threshold > 0 else self.rank
+        if new_rank < self.rank:
+            # This update, at the old rank, carries the zeroed tail: under HetLoRA's
+            # zero-padding that is the same as sending the truncation.
+            local = pad_rank(truncate_rank(local, new_rank), self.manifest.shapes)
+            self.trainer.set_adapter(local)
         self.state.save_adapter(local)
         metrics = {"train_loss": float(np.mean(losses[-max(1, len(losses) // 2):])), "steps": steps,
                    "step_time_s": statistics.median(times), "train_seconds": time.perf_counter() - start}
@@ -357,16 +370,31 @@ class Device:
         metrics["peak_rss_bytes"] = peak_rss_bytes()
         # The delta of exactly what the aggregator sent: a personal B (FedSA-LoRA) or a frozen A
         # (FFA-LoRA) is not sent back.
-        delta = {name: local[name] - start_from[name] for name in start_from}
+        delta = truncate_rank({name: local[name] - start_from[name] for name in start_from}, sent_rank)
         env = Envelope(kind="update", job=self.cfg.job, round=int(ann["round"]), sender=self.cfg.device_id,
-                       rank=self.manifest.rank, codec=ann.get("codec", "fp32"), tensors=delta,
+                       rank=sent_rank, codec=ann.get("codec", "fp32"), tensors=delta,
                        num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]))
         log.info("round %s: %d steps, loss %.4f, %.2fs", ann["round"], steps, metrics["train_loss"], metrics["train_seconds"])
         self.rounds_trained += 1
-        if get_codec(env.codec).lossless:
-            return encode_envelope(env)
-        # What the lossy codec drops this round is kept and added to the next update.
-        return encode_with_feedback(env, self.feedback)
+        # What a lossy codec drops this round is kept and added to the next update.
+        payload = encode_envelope(env) if get_codec(env.codec).lossless else encode_with_feedback(env, self.feedback)
+        if new_rank < sent_rank:
+            self._switch_rank(new_rank)
+        return payload
+
+    def _switch_rank(self, rank: int) -> None:
+        """HetLoRA self-pruning gave components up: from now on download, train and send rank
+        ``rank``. The aggregator learns it from our status message and publishes that slice."""
+        log.info("rank self-pruning: rank %d -> %d", self.rank, rank)
+        self.link.unsubscribe(self.topics.global_filter(self.rank))
+        self.link.unsubscribe(self.topics.delta_filter(self.rank))
+        self.rank = self.state.rank = rank
+        self.state.save()
+        self.feedback.residual = truncate_rank(self.feedback.residual, rank)
+        self.global_version, self.global_tensors = None, None  # wait for the full copy at the new rank
+        self.link.subscribe(self.topics.global_filter(rank))
+        self.link.subscribe(self.topics.delta_filter(rank))
+        self._announce_online()
 
     def send_pending(self) -> None:
         payload = self.state.pending_payload()
@@ -409,7 +437,7 @@ class Device:
         self.link.resubscribe(self.topics.round)
         ann = self.announcement
         if ann is None or ann.get("global_version") != self.global_version:
-            self.link.resubscribe(self.topics.global_filter(self.manifest.rank))
+            self.link.resubscribe(self.topics.global_filter(self.rank))
 
     def finished(self) -> bool:
         ann = self.announcement
@@ -419,14 +447,14 @@ class Device:
         stop = stop or threading.Event()
         self.link.on_connect_hooks.append(self._announce_online)
         self.link.subscribe(self.topics.round)
-        self.link.subscribe(self.topics.global_filter(self.manifest.rank))
-        self.link.subscribe(self.topics.delta_filter(self.manifest.rank))
+        self.link.subscribe(self.topics.global_filter(self.rank))
+        self.link.subscribe(self.topics.delta_filter(self.rank))
         self.link.subscribe(self.topics.ack(self.cfg.device_id))
         if not self.link.connected.is_set():
             self.link.connect_retrying(stop)
             if stop.is_set():
                 return
-        log.info("device %s online: %d training examples, rank %d", self.cfg.device_id, len(self.data.train), self.manifest.rank)
+        log.info("device %s online: %d training examples, rank %d", self.cfg.device_id, len(self.data.train), self.rank)
         try:
             while not stop.is_set():
                 try:

@@ -172,7 +172,8 @@ class Aggregator:
         if c.open is not None:
             return {**base, "state": "open", "round": c.open.round, "deadline": c.open.deadline,
                     "selected": c.open.selected, "codec": self.cfg.uplink_codec,
-                "strategy": {"name": self.strategy.name, "trains_a": self.strategy.trains_a},
+                "strategy": {"name": self.strategy.name, "trains_a": self.strategy.trains_a,
+                             **({"prune_threshold": self.cfg.prune_threshold} if self.cfg.prune_threshold else {})},
                     "train": {"local_steps": self.cfg.train.local_steps, "batch_size": self.cfg.train.batch_size,
                               "lr": self.cfg.train.lr}}
         return {**base, "state": "finished" if c.finished else "waiting", "round": c.next_round - 1}
@@ -292,7 +293,7 @@ class Aggregator:
         self._round_metrics.append(env.metrics)
         self._observe_device(env.metrics)
         self.metrics.updates.labels("accepted", "ok").inc()
-        self.store.event("update_accepted", round=env.round, device=device, num_examples=env.num_examples,
+        self.store.event("update_accepted", round=env.round, device=device, rank=env.rank, num_examples=env.num_examples,
                          bytes=len(payload), raw_bytes=raw, codec=env.codec, decode_ms=round(decode_ms, 3),
                          metrics=env.metrics)
         self.ack(device, env.round, "accepted")

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")
     sim.add_argument("--strategy", default="fedavg",
                      help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flora | fedex-lora")
+    sim.add_argument("--prune-threshold", type=float, default=0.0,
+                     help="hetlora: devices give up trailing rank components weaker than this fraction of their strongest")
     sim.add_argument("--max-length", type=int, default=128)
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--out", default="runs/latest", help="report folder")

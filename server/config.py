@@ -79,6 +79,8 @@ class ServerConfig:
         initial global adapter).
     state_dir: where round state is persisted (a PersistentVolume on Kubernetes).
     strategy: aggregation strategy name.
+    prune_threshold: HetLoRA only: devices give up trailing rank components weaker than this
+        fraction of their strongest (0: no self-pruning; see ``edge_client.lora.pruned_rank``).
     codec: codec of the full global adapter copy (retained for devices that are new or behind).
     downlink_codec: when set, each new version is also published as a delta from the previous
         one in this codec (devices that hold the previous version download only that); the
@@ -99,6 +101,7 @@ class ServerConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     strategy: str = "fedavg"
     server_lr: float = 1.0
+    prune_threshold: float = 0.0
     codec: str = "fp32"
     downlink_codec: str = ""
     uplink_codec: str = "fp32"
@@ -127,6 +130,10 @@ class ServerConfig:
             raise ConfigError(f"http_port must be 0..65535, got {self.http_port}")
         if self.server_lr <= 0:
             raise ConfigError("server_lr must be positive")
+        if not 0 <= self.prune_threshold < 1:
+            raise ConfigError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
+        if self.prune_threshold and self.strategy != "hetlora":
+            raise ConfigError(f"prune_threshold is HetLoRA's rank self-pruning; strategy is {self.strategy!r}")
 
 
 def load_server_config(path: str | Path | None = None, overrides: dict | None = None) -> ServerConfig:

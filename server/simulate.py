@@ -53,6 +53,7 @@ class SimulateConfig:
     rank: the LoRA rank of every device; ``ranks`` instead gives a mix, assigned to devices in
         turn (device i trains ``ranks[i % len(ranks)]``), for the rank-aware strategies.
     strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flora, fedex-lora).
+    prune_threshold: HetLoRA rank self-pruning on the devices (0: off; see ServerConfig).
     max_train: subsample the training set (0: all) for quick runs.
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
     """
@@ -73,6 +74,7 @@ class SimulateConfig:
     rank: int = 8
     ranks: tuple[int, ...] = ()
     strategy: str = "fedavg"
+    prune_threshold: float = 0.0
     max_length: int = 128
     broker: str | None = None
     out: Path = Path("runs/latest")
@@ -216,7 +218,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
         rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout),
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr), uplink_codec=cfg.codec,
-        strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
+        strategy=cfg.strategy, downlink_codec=cfg.downlink_codec, prune_threshold=cfg.prune_threshold,
     )
     if (out / "aggregator").exists():
         import shutil

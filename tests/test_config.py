@@ -28,6 +28,8 @@ def test_file_then_env_then_overrides(tmp_path, monkeypatch):
     ({}, "bundle is required"),
     ({"bundle": "/b", "broker": {"url": "http://x"}}, "broker url"),
     ({"bundle": "/b", "train": {"lr": 5}}, "lr"),
+    ({"bundle": "/b", "strategy": "hetlora", "prune_threshold": 1.0}, "prune_threshold"),
+    ({"bundle": "/b", "strategy": "fedavg", "prune_threshold": 0.5}, "HetLoRA's rank self-pruning"),
 ])
 def test_bad_server_values_fail_with_the_key(tmp_path, values, message):
     path = tmp_path / "c.json"

@@ -88,6 +88,36 @@ def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bu
     assert Bundle(minilm_bundles / "r8").manifest.rank == 8
 
 
+def test_hetlora_devices_prune_their_rank_and_keep_training(tmp_path, minilm_bundles, edge_python, mosquitto):
+    """With a threshold near 1 a device keeps components only up to its strongest one, so most
+    devices prune: a device announces the smaller rank and trains and sends that rank from the
+    next round on (the update of the round it pruned in, at the old rank, carries the zeroed tail)."""
+    import re
+
+    cfg = _small(tmp_path, minilm_bundles, edge_python, broker=mosquitto.url, split="iid", strategy="hetlora",
+                 ranks=(2, 4, 8), prune_threshold=0.99)
+    result = run_simulation(cfg)
+    _check_run(result, cfg.out)
+    events = [json.loads(line) for line in (cfg.out / "aggregator" / "events.jsonl").read_text().splitlines()]
+    sent = {(e["device"], e["round"]): e["rank"] for e in events if e["event"] == "update_accepted"}
+    pruned = {}
+    for log in (cfg.out / "devices").glob("*/device.log"):
+        device, rank, rnd = log.parent.name, None, None
+        for line in log.read_text().splitlines():
+            if m := re.search(r"training examples, rank (\d+)", line):
+                rank = int(m.group(1))
+            elif m := re.search(r"round (\d+): training", line):
+                rnd = int(m.group(1))
+                assert sent[(device, rnd)] == rank  # every update goes out at the rank trained
+            elif m := re.search(r"rank self-pruning: rank (\d+) -> (\d+)", line):
+                assert int(m.group(1)) == rank > int(m.group(2))
+                rank = int(m.group(2))
+                pruned.setdefault(device, []).append((rnd, rank))
+    assert any(steps[0][0] == 1 for steps in pruned.values()), f"no device pruned in round 1: {pruned}"
+    state = json.loads((cfg.out / "devices" / next(iter(pruned)) / "state" / "state.json").read_text())
+    assert state["rank"] == pruned[next(iter(pruned))][-1][1]  # kept across restarts
+
+
 def test_compressed_uplink_with_error_feedback(tmp_path, minilm_bundle, edge_python, amqtt_broker):
     fp32 = run_simulation(_small(tmp_path / "fp32", minilm_bundle, edge_python, broker=amqtt_broker.url))
     cfg = _small(tmp_path / "small", minilm_bundle, edge_python, broker=amqtt_broker.url, codec="topk0.1+int8+zlib",

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_client.errors import ConfigError
+from edge_client.lora import component_norms, self_prune  # noqa: F401  (HetLoRA's device side, re-exported)
 from server.strategies.base import (
     AdapterLayout,
     ClientUpdate,
@@ -45,8 +46,11 @@ class HetLoRA(Strategy):
     the top-r truncation ``A[:r]``, ``B[:, :r]`` (``for_device``). Head tensors: the
     example-weighted mean.
 
-    Rank self-pruning happens on the device between rounds: ``self_prune`` below decides
-    the new rank; the device then reports the smaller rank and trains the truncation.
+    Rank self-pruning happens on the device (``prune_threshold``, sent in the round
+    announcement): after local training it gives up trailing components that carry little
+    of its update (``edge_client.lora.pruned_rank``), zeroes them, announces the smaller rank
+    and from then on downloads, trains and sends that truncation. Its last update at the old
+    rank carries the zeroed tail, which under zero-padding is the same as the truncation.
 
     Parameters:
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
@@ -84,31 +88,3 @@ def product_norm(a: np.ndarray, b: np.ndarray) -> float:
     """||B @ A||_F without forming the (out x in) product: trace((B^T B)(A A^T)), r x r."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float(np.sqrt(max(0.0, float(np.sum((b.T @ b) * (a @ a.T))))))
-
-
-def component_norms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """||B[:, j]|| * ||A[j]|| for every rank component j: the Frobenius norm of its rank-one
-    contribution ``B[:, j] A[j]`` to ``B @ A``."""
-    return np.linalg.norm(b, axis=0) * np.linalg.norm(a, axis=1)
-
-
-def self_prune(a: np.ndarray, b: np.ndarray, rank: int, threshold: float) -> int:
-    """The rank a device keeps: ``rank`` less the trailing components of its A (r x in) and
-    B (out x r) whose norm (``component_norms``) is below ``threshold`` x the largest.
-
-    Only trailing components are dropped, so the kept adapter is the truncation
-    ``A[:new]``, ``B[:, :new]`` that HetLoRA's padding and truncation assume. Never below 1.
-    Pure numpy: the device may call it after local training.
-
-    The paper prunes with a decay rule on a regularised tail norm (Cho et al., Sec. 3);
-    this threshold rule is a simpler, deterministic stand-in with the same effect: ranks
-    the device's data does not use are given up.
-    """
-    if not 0 <= threshold <= 1:
-        raise ConfigError(f"self_prune: threshold must be in [0, 1], got {threshold}")
-    norms = component_norms(a[:rank], b[:, :rank])
-    top = float(norms.max()) if norms.size else 0.0
-    if top == 0.0:
-        return 1
-    keep = np.nonzero(norms >= threshold * top)[0]
-    return max(1, int(keep[-1]) + 1)
