@@ -26,6 +26,7 @@ and no tensor may exceed ``MAX_ELEMENTS``. Every failure is a ``ProtocolError``.
 
 from __future__ import annotations
 
+import abc
 import functools
 import lzma
 import math
@@ -42,7 +43,7 @@ MAX_SPEC_CHARS = 80
 DEFAULT_BLOCK = 64
 
 
-class Codec:
+class Codec(abc.ABC):
     """Base class: ``encode(array) -> (bytes, meta)``, ``decode(data, meta, shape) -> float32``.
 
     Subclasses implement ``_encode(flat float32) -> bytes`` and ``_decode(bytes, n) -> flat``.
@@ -62,24 +63,26 @@ class Codec:
         flat = self._decode(bytes(data), element_count(shape))
         return flat.astype(np.float32, copy=False).reshape(shape)
 
+    @abc.abstractmethod
     def elementwise_bound(self, array: np.ndarray) -> np.ndarray:
         """Upper bound on ``|decode(encode(x)) - x|`` at each element (finite ``x``)."""
-        raise NotImplementedError
 
     def bound(self, array: np.ndarray, ord: float = np.inf) -> float:
         """Norm of ``elementwise_bound``: max abs error (``ord=inf``) or error L2 norm (``ord=2``)."""
         e = np.asarray(self.elementwise_bound(array), dtype=np.float64).reshape(-1)
         return float(np.linalg.norm(e, ord)) if e.size else 0.0
 
+    @abc.abstractmethod
     def max_nbytes(self, n: int) -> int:
         """The most bytes a valid encoding of ``n`` elements can take (the decompression limit)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _encode(self, flat: np.ndarray) -> bytes:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _decode(self, data: bytes, n: int) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
@@ -101,8 +104,9 @@ def _expect_size(data: bytes, size: int, what: str) -> None:
 class _FixedSize(Codec):
     """A value codec whose encoding of ``n`` elements is exactly ``nbytes(n)`` bytes."""
 
+    @abc.abstractmethod
     def nbytes(self, n: int) -> int:
-        raise NotImplementedError
+        ...
 
     def max_nbytes(self, n: int) -> int:
         return self.nbytes(n)

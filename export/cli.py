@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-file", help="the .gguf file in model_dir to load")
     parser.add_argument("--model-id", help="name recorded in the manifest (default: folder name)")
     parser.add_argument("--no-verify", action="store_true", help="skip the PyTorch-vs-ORT self-check")
+    parser.add_argument("--no-cpu-gradient-ops", action="store_true",
+                        help="keep ORT's single-threaded LayerNorm/GELU/Softmax gradient kernels instead of "
+                             "rewriting them into multi-threaded standard ops (for non-CPU execution providers)")
+    parser.add_argument("--no-measure", action="store_true", help="skip the per-rank memory and step-time probe")
     args = parser.parse_args(argv)
 
     from export.config import ExportConfig
@@ -38,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=args.model_dir, output_dir=args.output, task=args.task, labels=labels, targets=args.targets,
             ranks=tuple(int(r) for r in args.ranks), alpha=args.alpha, max_length=args.max_length, opset=args.opset,
             gguf_file=args.gguf_file, model_id=args.model_id, verify=not args.no_verify,
+            cpu_gradient_ops=not args.no_cpu_gradient_ops, measure=not args.no_measure,
         )
         export(cfg)
     except (FedloraError, ValueError) as exc:

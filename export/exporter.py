@@ -437,8 +437,9 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
             trainable, frozen = export_onnx(wrapper, cfg, onnx_path)
         with stage(f"r={rank}: generate_artifacts", timings):
             generate(onnx_path, trainable, frozen, loaded.task, out)
+    rewrites = rewrite_cpu_gradients(out / "training_model.onnx") if cfg.cpu_gradient_ops else {}
     if cfg.cpu_gradient_ops:
-        log(f"r={rank}: gradient kernels rewritten for multi-core CPUs: {rewrite_cpu_gradients(out / 'training_model.onnx')}")
+        log(f"r={rank}: gradient kernels rewritten for multi-core CPUs: {rewrites}")
     shutil.copytree(tokenizer_dir, out / "tokenizer")
     params = dict((peft_key(n), p) for n, p in wrapper.named_parameters())
     specs = tuple(ParamSpec(name, tuple(params[name].shape), role_of(name)) for name in trainable)
@@ -449,7 +450,7 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
         trainable=specs, input_names=("input_ids", "attention_mask"), files=files, labels=loaded.labels,
         tokenizer="tokenizer/tokenizer.json",
         extra={"model_type": loaded.model_type, "versions": _versions(), "export_seconds": timings,
-               "frozen_params": len(frozen)},
+               "frozen_params": len(frozen), "gradient_rewrites": rewrites},
     )
     (out / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1) + "\n", encoding="utf-8")
     if cfg.verify:

@@ -24,6 +24,7 @@ Conventions shared by every strategy:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -216,7 +217,7 @@ def pad_b(b: np.ndarray, rank: int) -> np.ndarray:
     return np.pad(b, ((0, 0), (0, rank - b.shape[1])))
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Base class: the checks, the partial sums and their merge that every strategy shares.
 
     Parameters:
@@ -277,9 +278,9 @@ class Strategy:
         partial.devices.append(update.device)
         return partial
 
+    @abc.abstractmethod
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         """Add the update's LoRA terms, weighted by ``n`` (its example count), to ``sums``."""
-        raise NotImplementedError
 
     def merge(self, a: Partial, b: Partial) -> Partial:
         """The partial of both sets of updates; neither input is changed."""
@@ -299,9 +300,9 @@ class Strategy:
         self.finalize_modules(partial, model, out)
         return out
 
+    @abc.abstractmethod
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
         """Set ``out``'s module tensors (and base_delta) from a non-empty ``partial``."""
-        raise NotImplementedError
 
     def for_device(self, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
         """The adapter tensors a device of ``rank`` loads: the rank-``rank`` slice of the global
