@@ -72,11 +72,16 @@ def summarize(out: Path) -> dict:
         "updates_accepted": len(decode_ms),
         "device_local_accuracy": sum(a * n for a, n in local.values()) / n_local if n_local else None,
         "device_local_examples": n_local, "device_local_devices": len(local),
+        "device_local": {d: {"accuracy": round(a, 4), "examples": n} for d, (a, n) in sorted(local.items())},
     }
 
 
+def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str) -> str:
+    return f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_')}"
+
+
 def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str) -> dict:
-    name = f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_')}"
+    name = _name(dataset, alpha, strategy, ranks, codec)
     out = ROOT / "runs" / "bench" / name
     edge_python = ROOT / ".venv-edge" / "bin" / "python"
     cmd = [sys.executable, "-m", "server.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
@@ -172,6 +177,24 @@ def codec_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def personalization_table(rows: list[dict]) -> str:
+    """FedSA-LoRA's target, per device: accuracy on its own held-out split after local training,
+    next to FedAvg's at the same rank, for the most skewed cells."""
+    lines = []
+    for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
+        sel = {r["strategy"]: r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha) and r["ranks"] == [8]}
+        sa, avg = sel.get("fedsa-lora"), sel.get("fedavg")
+        if alpha != min(r["alpha"] for r in rows) or not sa or not avg or not sa.get("device_local"):
+            continue
+        lines += [f"{dataset}, alpha {alpha}, rank 8: each device's accuracy on its own held-out split", "",
+                  "| device | held-out examples | FedSA-LoRA | FedAvg |", "|---|---:|---:|---:|"]
+        for device, v in sa["device_local"].items():
+            other = avg.get("device_local", {}).get(device, {}).get("accuracy")
+            lines.append(f"| {device} | {v['examples']} | {v['accuracy']:.3f} | {'' if other is None else f'{other:.3f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot_strategies(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -263,6 +286,7 @@ def report(rows: list[dict]) -> None:
         write_section("federated_bench:strategies", "\n".join([
             f"Settings: {_settings_line(strat)}; {sum(r['wall_s'] for r in strat) / 60:.0f} min of runs.", "",
             strategy_table(strat), "", "Targets (final accuracy, points):", "", strategy_targets(strat), "",
+            personalization_table(strat),
             "![final accuracy per strategy](strategy_bench.png)"]))
     if codec:
         plot_codecs(codec, DOC.parent / "codec_accuracy.png")
@@ -290,6 +314,10 @@ def main() -> int:
     args = parser.parse_args()
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    for r in rows:  # rows written before per-device numbers were kept: read them from the run folder
+        out = ROOT / "runs" / "bench" / _name(r["dataset"], r["alpha"], r["strategy"], tuple(r["ranks"]), r["codec"])
+        if "device_local" not in r and (out / "metrics.jsonl").is_file():
+            r["device_local"] = summarize(out)["device_local"]
     plan = []
     suites = set(args.suite.split(","))
     if not suites <= {"strategies", "codecs"}:
