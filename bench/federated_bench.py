@@ -196,31 +196,47 @@ def personalization_table(rows: list[dict]) -> str:
 
 
 def plot_strategies(rows: list[dict], path: Path) -> None:
+    """Per data set and alpha: final accuracy per configuration (bars; a tick marks the best
+    round) and test accuracy after every round (curves; dashed: mixed ranks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     groups = sorted({(r["dataset"], r["alpha"]) for r in rows})
     cols = min(3, len(groups))
-    nrows = -(-len(groups) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(groups):]:
-        ax.axis("off")
-    for ax, (dataset, alpha) in zip(axes.flat, groups):
+    grid = -(-len(groups) // cols)
+    fig, axes = plt.subplots(2 * grid, cols, figsize=(6 * cols, 8.5 * grid), squeeze=False)
+    for i in range(len(groups), grid * cols):
+        axes[2 * (i // cols)][i % cols].axis("off")
+        axes[2 * (i // cols) + 1][i % cols].axis("off")
+    for i, (dataset, alpha) in enumerate(groups):
         sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
-        labels = [f"{r['strategy']}\n{_ranks(r)}" for r in sel]
+        top, col = 2 * (i // cols), i % cols
+        ax = axes[top][col]
         x = range(len(sel))
         ax.bar(x, [r["final_accuracy"] for r in sel], color=["tab:orange" if len(r["ranks"]) > 1 else "tab:blue" for r in sel])
-        ax.scatter(x, [r["best_accuracy"] for r in sel], marker="_", color="black", s=120, label="best round", zorder=3)
-        ax.set_xticks(list(x), labels, rotation=60, fontsize=7)
+        ax.scatter(x, [r["best_accuracy"] for r in sel], marker="_", color="black", s=120, zorder=3)
+        ax.set_xticks(list(x), [f"{r['strategy']}\n{_ranks(r)}" for r in sel], rotation=60, fontsize=7)
         ax.set_ylim(max(0.0, min(r["final_accuracy"] for r in sel) - 0.05), 1.0)
         ax.set_title(f"{dataset}, Dirichlet alpha {alpha}")
-        ax.set_ylabel("final test accuracy (blue: rank 8 or 2, orange: ranks 2/4/8/16)")
+        ax.set_ylabel("final test accuracy")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(handles=[Patch(color="tab:blue", label="one rank"), Patch(color="tab:orange", label="ranks 2/4/8/16"),
+                           plt.Line2D([], [], color="black", marker="_", ls="", label="best round")],
+                  loc="lower right", fontsize=7)
+        ax = axes[top + 1][col]
+        for r in sel:
+            acc = r.get("accuracy_per_round", [])
+            ax.plot(range(1, len(acc) + 1), acc, ls="--" if len(r["ranks"]) > 1 else "-", marker=".",
+                    label=f"{r['strategy']} {_ranks(r)}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
