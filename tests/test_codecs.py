@@ -26,6 +26,7 @@ from edge_client.codecs import (
     Entropy,
     Float16,
     Float32,
+    ScaledSign,
     TopK,
     get_codec,
     parse_codec,
@@ -349,15 +350,26 @@ def contraction(codec, n):
         return 2.0**-8, 2.0**-134, np.inf
     if isinstance(codec, BlockQuant):  # error <= step * s per element, s <= max|block| / qmax * (1 + 2**-7)
         return _quant_factor(codec, 1), 2.0**-148, np.inf
+    if isinstance(codec, ScaledSign):
+        return _sign_factor(codec, n), 2.0**-140, 2
     if isinstance(codec, TopK):  # ||err||^2 <= ||dropped||^2 + q^2 ||kept||^2 and ||kept||^2 >= (k/n) ||x||^2
         k, v = codec.k(n), codec.values
         q, a = {Float16: (2.0**-11, 2.0**-25), BFloat16: (2.0**-8, 2.0**-134), Float32: (0.0, 0.0)}.get(type(v), (None, None))
         if isinstance(v, BlockQuant):
             q, a = _quant_factor(v, math.sqrt(min(v.block, k))), 2.0**-148
+        if isinstance(v, ScaledSign):
+            q, a = _sign_factor(v, k), 2.0**-140
         if q >= 1:
             return None, None, 2
         return math.sqrt(1 - k / n * (1 - q * q)), a * math.sqrt(k), 2
     raise AssertionError(codec)
+
+
+def _sign_factor(v, n):
+    """Per block of m elements with s = mean|x|: ||x - s sign(x)||^2 = ||x||^2 - (sum|x|)^2 / m
+    <= (1 - 1/m) ||x||^2; s rounded to bf16 (relative error d <= 2**-8) adds d^2 m s^2 <= d^2 ||x||^2."""
+    m = max(1, min(v.block, n))
+    return math.sqrt(1 - 1 / m + (2.0**-8 + 2.0**-22) ** 2) * (1 + 2.0**-20)
 
 
 def _quant_factor(v, sqrt_block):
@@ -465,3 +477,17 @@ def test_error_feedback_tolerates_missing_corrupt_and_mismatched_state(tmp_path,
     empty = ErrorFeedback()
     empty.save(tmp_path / "empty.npz")
     assert ErrorFeedback.load(tmp_path / "empty.npz").residual == {}
+
+
+def test_scaled_sign_is_the_l2_best_one_bit_code_and_refuses_bad_bits():
+    x = np.array([3.0, -1.0, 0.0, 2.0, -2.0], np.float32)
+    codec = get_codec("sign-b8")
+    data, meta = codec.encode(x)
+    assert len(data) == 2 + 1  # one bf16 scale, five sign bits in one byte
+    s = 1.6015625  # mean|x| = 1.6, to the nearest bfloat16
+    np.testing.assert_array_equal(codec.decode(data, meta, x.shape), np.float32([s, -s, s, s, -s]))
+    np.testing.assert_allclose(codec.elementwise_bound(x), [3 - s, s - 1, s, 2 - s, 2 - s], rtol=1e-5)
+    with pytest.raises(ProtocolError, match="padding bits"):
+        codec.decode(data[:2] + bytes([data[2] | 0x80]), meta, x.shape)
+    with pytest.raises(ProtocolError, match="block scale"):
+        codec.decode(b"\x80\xbf" + data[2:], meta, x.shape)  # bf16 -1.0
