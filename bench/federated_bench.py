@@ -329,6 +329,7 @@ def main() -> int:
     parser.add_argument("--codec-alpha", type=float, default=0.5)
     parser.add_argument("--codecs", default=",".join(CODECS))
     parser.add_argument("--only", help="comma-separated strategy names to run (strategy suite)")
+    parser.add_argument("--configs", help="strategy suite: run these, in this order, e.g. fedavg:2,flexlora:2/4/8/16")
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=10)
@@ -351,8 +352,11 @@ def main() -> int:
     only = set(args.only.split(",")) if args.only else None
     for dataset in args.datasets.split(","):
         if "strategies" in suites:
+            configs = [(s, ranks) for s, ranks in STRATEGY_CONFIGS if not only or s in only]
+            if args.configs:
+                configs = [(c.split(":")[0], tuple(int(r) for r in c.split(":")[1].split("/"))) for c in args.configs.split(",")]
             for alpha in (float(a) for a in args.alphas.split(",")):
-                plan += [(dataset, alpha, s, ranks, "fp32") for s, ranks in STRATEGY_CONFIGS if not only or s in only]
+                plan += [(dataset, alpha, s, ranks, "fp32") for s, ranks in configs]
         if "codecs" in suites:
             plan += [(dataset, args.codec_alpha, "fedavg", (8,), c) for c in args.codecs.split(",")]
     (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
