@@ -254,14 +254,15 @@ def plot_codecs(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = sorted({(r["dataset"], r["alpha"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
     for ax, (dataset, alpha) in zip(axes[0], groups):
         sel = sorted((r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)), key=lambda r: r["uplink_bytes_total"])
         mb = [r["uplink_bytes_total"] / 1e6 for r in sel]
         acc = [r["final_accuracy"] for r in sel]
-        ax.plot(mb, acc, "o-", color="tab:blue")
+        ax.scatter(mb, acc, color="tab:blue", zorder=3)
         for r, x, y in zip(sel, mb, acc):
             ax.annotate(r["codec"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ref = next((r for r in sel if r["codec"] == "fp32"), None)
@@ -270,11 +271,14 @@ def plot_codecs(rows: list[dict], path: Path) -> None:
             ax.axhline(ref["final_accuracy"] - 0.01, color="tab:red", ls=":", lw=0.8, label="fp32 - 1 point")
             for k, style in ((16, "--"), (32, ":")):
                 ax.axvline(ref["uplink_bytes_total"] / 1e6 / k, color="gray", ls=style, lw=0.8)
-                ax.annotate(f"{k}x", (ref["uplink_bytes_total"] / 1e6 / k, min(acc)), fontsize=7, color="gray")
+                ax.text(ref["uplink_bytes_total"] / 1e6 / k, 1.01, f"{k}x fewer", fontsize=7, color="gray",
+                        ha="center", transform=ax.get_xaxis_transform())
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("total uplink bytes on the wire (MB, log)")
         ax.set_ylabel("final test accuracy")
-        ax.set_title(f"{dataset}, Dirichlet alpha {alpha}, FedAvg rank 8")
+        ax.set_title(f"{dataset}, Dirichlet alpha {alpha}, FedAvg rank 8", pad=14)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
