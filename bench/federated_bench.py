@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from docsection import replace_section  # bench/ is the script's folder, not a package
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "federated_bench.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -294,14 +296,7 @@ def _settings_line(rows: list[dict]) -> str:
 def write_section(name: str, body: str) -> None:
     begin = f"<!-- {name}:begin (written by bench/federated_bench.py; edits here are overwritten) -->"
     end = f"<!-- {name}:end -->"
-    text = DOC.read_text(encoding="utf-8")
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    replace_section(DOC, begin, end, f"{begin}\n{body}\n{end}")
 
 
 def report(rows: list[dict]) -> None:

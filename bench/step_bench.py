@@ -28,6 +28,8 @@ import time
 import types
 from pathlib import Path
 
+from docsection import replace_section  # bench/ is the script's folder, not a package
+
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ("business", "entertainment", "politics", "sports", "tech")  # the BBC News folders, in order
 RANK = 8
@@ -399,13 +401,7 @@ def write_docs(md: Path, png: Path, results: dict, info: dict) -> None:
             f"without `cpu_gradient_ops` and ORT's buffer reuse on, as the client was when this issue was opened.")
     body = "\n".join([SECTION_BEGIN, command, "", machine_line, "", work, "", table(results), "",
                       f"![step time and peak RSS]({png.name})", SECTION_END])
-    text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        text = head + body + rest.split(SECTION_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Device training step: ORT client vs PyTorch + peft\n\n" + body + "\n"
-    md.write_text(text, encoding="utf-8")
+    replace_section(md, SECTION_BEGIN, SECTION_END, body, "## Device training step: ORT client vs PyTorch + peft")
 
 
 def plot(png: Path, results: dict, info: dict) -> None:

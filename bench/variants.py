@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_bench  # the bench folder is not a package
+from docsection import replace_section
 
 ROOT = step_bench.ROOT
 SECTION_BEGIN = "<!-- variants:begin (written by bench/variants.py; edits here are overwritten) -->"
@@ -195,14 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['cpu']}, load average {m['loadavg_start']:.2f}); batch {args.batch} x {args.seq}, "
                   f"{args.threads} threads.")
         body = f"{SECTION_BEGIN}\n{header}\n\n{table}\n{SECTION_END}"
-        md = ROOT / "docs" / "benchmarks.md"
-        text = md.read_text(encoding="utf-8") if md.is_file() else "# Benchmarks\n"
-        if SECTION_BEGIN in text and SECTION_END in text:
-            head, rest = text.split(SECTION_BEGIN, 1)
-            text = head + body + rest.split(SECTION_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n### Variants measured\n\n" + body + "\n"
-        md.write_text(text, encoding="utf-8")
+        replace_section(ROOT / "docs" / "benchmarks.md", SECTION_BEGIN, SECTION_END, body, "### Variants measured")
     return 0
 
 

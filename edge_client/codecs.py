@@ -203,7 +203,31 @@ def _ceil_bf16(s: np.ndarray) -> np.ndarray:
     return ((u + 0xFFFF) >> 16).astype(np.uint16)
 
 
-class BlockQuant(_FixedSize):
+class _BlockScaled(_FixedSize):
+    """A value codec that stores one bfloat16 scale per block of ``block`` elements first."""
+
+    block: int
+
+    def _blocks(self, n):
+        return -(-n // self.block)
+
+    def _element_scales(self, bits: np.ndarray, n: int) -> np.ndarray:
+        return np.repeat(_from_bf16_bits(bits), self.block)[:n]
+
+    def _check_finite(self, flat: np.ndarray) -> None:
+        if not np.isfinite(flat).all():
+            raise ProtocolError(f"{self.name} cannot encode non-finite values (NaN or inf in the update)")
+
+    def _read_scale_bits(self, data: bytes, n: int) -> np.ndarray:
+        """The block scales' bf16 bits at the start of ``data``, checked finite and >= 0."""
+        bits = np.frombuffer(data, "<u2", count=self._blocks(n))
+        scales = _from_bf16_bits(bits)
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise ProtocolError(f"{self.name} tensor has a negative, NaN or infinite block scale")
+        return bits
+
+
+class BlockQuant(_BlockScaled):
     """Blockwise symmetric integer quantization (int8 or int4) with one scale per block.
 
     The flat tensor is cut into blocks of ``block`` elements; each block stores the scale
@@ -231,9 +255,6 @@ class BlockQuant(_FixedSize):
     def nbytes(self, n):
         return self._code_bytes(n) + 2 * self._blocks(n)
 
-    def _blocks(self, n):
-        return -(-n // self.block)
-
     def _code_bytes(self, n):
         return n if self.bits == 8 else (n + 1) // 2
 
@@ -245,12 +266,8 @@ class BlockQuant(_FixedSize):
         absmax = padded.reshape(nb, self.block).max(axis=1).astype(np.float64)
         return _ceil_bf16(absmax / self.qmax)
 
-    def _element_scales(self, bits: np.ndarray, n: int) -> np.ndarray:
-        return np.repeat(_from_bf16_bits(bits), self.block)[:n]
-
     def _encode(self, flat):
-        if not np.isfinite(flat).all():
-            raise ProtocolError(f"{self.name} cannot encode non-finite values (NaN or inf in the update)")
+        self._check_finite(flat)
         scale_bits = self._scale_bits(flat)
         s = self._element_scales(scale_bits, flat.size).astype(np.float64)
         y = np.divide(flat, s, out=np.zeros(flat.size), where=s > 0)
@@ -267,11 +284,8 @@ class BlockQuant(_FixedSize):
 
     def _decode(self, data, n):
         _expect_size(data, self.nbytes(n), f"{self.name} tensor of {n} elements")
-        nb = self._blocks(n)
-        scales = _from_bf16_bits(np.frombuffer(data, "<u2", count=nb))
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise ProtocolError(f"{self.name} tensor has a negative, NaN or infinite block scale")
-        raw = np.frombuffer(data, np.uint8, offset=2 * nb)
+        scale_bits = self._read_scale_bits(data, n)
+        raw = np.frombuffer(data, np.uint8, offset=2 * scale_bits.size)
         if self.bits == 8:
             q = raw.view(np.int8)
         else:
@@ -283,7 +297,7 @@ class BlockQuant(_FixedSize):
         if q.size and (q == -self.qmax - 1).any():
             raise ProtocolError(f"{self.name} tensor has a code outside [-{self.qmax}, {self.qmax}]")
         with np.errstate(over="ignore"):  # only scales near fp32's limit overflow; the bound says so
-            return q.astype(np.float32) * self._element_scales(np.frombuffer(data, "<u2", count=nb), n)
+            return q.astype(np.float32) * self._element_scales(scale_bits, n)
 
     def elementwise_bound(self, array):
         flat = np.asarray(array, np.float32).reshape(-1)
@@ -293,7 +307,7 @@ class BlockQuant(_FixedSize):
         return bound.reshape(np.shape(array))
 
 
-class ScaledSign(_FixedSize):
+class ScaledSign(_BlockScaled):
     """One bit per element: the sign, times one scale per block, the block's mean ``|x|``.
 
     The compressor of EF-signSGD (Karimireddy et al., ICML 2019): the scaled sign is the best
@@ -311,10 +325,10 @@ class ScaledSign(_FixedSize):
         self.name = "sign" + (f"-b{self.block}" if self.block != 256 else "")
 
     def nbytes(self, n):
-        return -(-n // 8) + 2 * -(-n // self.block)
+        return -(-n // 8) + 2 * self._blocks(n)
 
     def _scales(self, flat: np.ndarray) -> np.ndarray:
-        nb = -(-flat.size // self.block)
+        nb = self._blocks(flat.size)
         padded = np.zeros(nb * self.block, np.float64)
         padded[: flat.size] = np.abs(flat)
         counts = np.full(nb, self.block, np.float64)
@@ -324,23 +338,15 @@ class ScaledSign(_FixedSize):
         bits = _to_bf16_bits(mean.astype(np.float32))
         return np.where(np.isfinite(_from_bf16_bits(bits)), bits, np.uint16(0x7F7F)).astype(np.uint16)
 
-    def _element_scales(self, bits: np.ndarray, n: int) -> np.ndarray:
-        return np.repeat(_from_bf16_bits(bits), self.block)[:n]
-
     def _encode(self, flat):
-        if not np.isfinite(flat).all():
-            raise ProtocolError(f"{self.name} cannot encode non-finite values (NaN or inf in the update)")
+        self._check_finite(flat)
         bits = self._scales(flat)
         return bits.astype("<u2").tobytes() + np.packbits(flat < 0, bitorder="little").tobytes()
 
     def _decode(self, data, n):
         _expect_size(data, self.nbytes(n), f"{self.name} tensor of {n} elements")
-        nb = -(-n // self.block)
-        scale_bits = np.frombuffer(data, "<u2", count=nb)
-        scales = _from_bf16_bits(scale_bits)
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise ProtocolError(f"{self.name} tensor has a negative, NaN or infinite block scale")
-        raw = np.frombuffer(data, np.uint8, offset=2 * nb)
+        scale_bits = self._read_scale_bits(data, n)
+        raw = np.frombuffer(data, np.uint8, offset=2 * scale_bits.size)
         if n % 8 and raw[-1] >> (n % 8):
             raise ProtocolError(f"{self.name} tensor has non-zero padding bits")
         negative = np.unpackbits(raw, count=n, bitorder="little").astype(bool)
