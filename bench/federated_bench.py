@@ -13,7 +13,8 @@ Suites:
   2, and the rank-aware strategies with devices at ranks 2/4/8/16 in turn, per data set and
   Dirichlet alpha.
 * ``codecs``: FedAvg at rank 8 with each uplink codec (error feedback on for the lossy ones),
-  at ``--codec-alpha``; accuracy against total uplink bytes.
+  at ``--codec-alpha``; accuracy against total uplink bytes. ``sign|int8`` sends the LoRA
+  factors in ``sign`` and the classifier head in ``int8``.
 
     .venv/bin/python bench/federated_bench.py --suite strategies --datasets bbc-news --alphas 0.1
     .venv/bin/python bench/federated_bench.py --suite codecs --datasets bbc-news,20newsgroups
@@ -79,7 +80,7 @@ def summarize(out: Path) -> dict:
 
 
 def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str) -> str:
-    return f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_')}"
+    return f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_').replace('|', '-head-')}"
 
 
 def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str) -> dict:
@@ -90,7 +91,8 @@ def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, .
            "--split", "dirichlet", "--alpha", str(alpha), "--rounds", str(args.rounds),
            "--local-steps", str(args.local_steps), "--max-length", str(args.max_length), "--lr", str(args.lr),
            "--seed", str(args.seed), "--ranks", ",".join(map(str, ranks)), "--strategy", strategy,
-           "--codec", codec, "--eval-max", str(args.eval_max), "--out", str(out),
+           "--codec", codec.split("|")[0], "--head-codec", codec.partition("|")[2], "--eval-max", str(args.eval_max),
+           "--out", str(out),
            "--device-python", str(edge_python if edge_python.is_file() else sys.executable)]
     print(f"[bench] {name}: {' '.join(cmd[3:])}", flush=True)
     start = time.time()

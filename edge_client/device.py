@@ -28,7 +28,7 @@ from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, enco
 from edge_client.codecs import get_codec
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
-from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
+from edge_client.lora import lora_pairs, pad_rank, pruned_rank, rank_shapes, truncate_rank
 from edge_client.protocol import (
     BASE_DELTA_PREFIX, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope,
 )
@@ -371,13 +371,17 @@ class Device:
         # The delta of exactly what the aggregator sent: a personal B (FedSA-LoRA) or a frozen A
         # (FFA-LoRA) is not sent back.
         delta = truncate_rank({name: local[name] - start_from[name] for name in start_from}, sent_rank)
+        head_codec = ann.get("head_codec")
+        lora = {name for pair in lora_pairs(self.manifest.shapes) for name in pair}
         env = Envelope(kind="update", job=self.cfg.job, round=int(ann["round"]), sender=self.cfg.device_id,
                        rank=sent_rank, codec=ann.get("codec", "fp32"), tensors=delta,
-                       num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]))
+                       num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]),
+                       tensor_codecs={name: head_codec for name in delta if name not in lora} if head_codec else {})
         log.info("round %s: %d steps, loss %.4f, %.2fs", ann["round"], steps, metrics["train_loss"], metrics["train_seconds"])
         self.rounds_trained += 1
         # What a lossy codec drops this round is kept and added to the next update.
-        payload = encode_envelope(env) if get_codec(env.codec).lossless else encode_with_feedback(env, self.feedback)
+        lossless = all(get_codec(c).lossless for c in {env.codec, *env.tensor_codecs.values()})
+        payload = encode_envelope(env) if lossless else encode_with_feedback(env, self.feedback)
         if new_rank < sent_rank:
             self._switch_rank(new_rank)
         return payload

@@ -113,15 +113,17 @@ class Envelope:
     num_examples: int = 0
     metrics: dict = field(default_factory=dict)
     base_version: int = 0
+    tensor_codecs: dict[str, str] = field(default_factory=dict)  # per-tensor exceptions to ``codec``
 
 
 def encode_envelope(env: Envelope) -> bytes:
-    codec = get_codec(env.codec)
     parts, specs = [], []
     for name, array in env.tensors.items():
-        data, meta = codec.encode(np.asarray(array, dtype=np.float32))
+        spec_codec = env.tensor_codecs.get(name, env.codec)
+        data, meta = get_codec(spec_codec).encode(np.asarray(array, dtype=np.float32))
         parts.append(data)
-        specs.append({"name": name, "shape": list(array.shape), "dtype": "float32", "nbytes": len(data), "meta": meta})
+        specs.append({"name": name, "shape": list(array.shape), "dtype": "float32", "nbytes": len(data), "meta": meta,
+                      **({"codec": spec_codec} if spec_codec != env.codec else {})})
     body = b"".join(parts)
     header = {
         "v": PROTOCOL_VERSION, "kind": env.kind, "job": env.job, "round": env.round, "sender": env.sender,
@@ -176,6 +178,7 @@ def decode_envelope(payload: bytes) -> Envelope:
             raise ProtocolError(f"unknown envelope kind {header['kind']!r}")
         codec = get_codec(header["codec"])
         tensors: dict[str, np.ndarray] = {}
+        tensor_codecs: dict[str, str] = {}
         offset = 0
         for spec in header["tensors"]:
             shape = tuple(int(d) for d in spec["shape"])
@@ -186,7 +189,10 @@ def decode_envelope(payload: bytes) -> Envelope:
                 raise ProtocolError(f"tensor {spec['name']} runs past the end of the body")
             if spec["name"] in tensors:
                 raise ProtocolError(f"tensor {spec['name']} appears twice")
-            tensors[spec["name"]] = codec.decode(body[offset:end], spec.get("meta") or {}, shape)
+            if "codec" in spec:
+                tensor_codecs[spec["name"]] = spec["codec"]
+            tensor_codec = get_codec(spec["codec"]) if "codec" in spec else codec
+            tensors[spec["name"]] = tensor_codec.decode(body[offset:end], spec.get("meta") or {}, shape)
             offset = end
         if offset != len(body):
             raise ProtocolError(f"{len(body) - offset} trailing bytes after the last tensor")
@@ -194,7 +200,7 @@ def decode_envelope(payload: bytes) -> Envelope:
             kind=header["kind"], job=str(header["job"]), round=int(header["round"]), sender=str(header["sender"]),
             rank=int(header["rank"]), codec=header["codec"], tensors=tensors,
             num_examples=int(header.get("num_examples", 0)), metrics=dict(header.get("metrics") or {}),
-            base_version=int(header.get("base_version", 0)),
+            base_version=int(header.get("base_version", 0)), tensor_codecs=tensor_codecs,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed envelope header ({type(exc).__name__}: {exc})") from exc

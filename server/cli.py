@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--eval-max", type=int, default=0, help="evaluate on at most this many test examples (0: all)")
     sim.add_argument("--device-python", help="python of the device processes (default: this one)")
     sim.add_argument("--codec", default="fp32", help="uplink codec, e.g. fp16, int8, topk0.05+int8+zlib")
+    sim.add_argument("--head-codec", default="", help="uplink codec of the classifier head (default: --codec)")
     sim.add_argument("--downlink-codec", default="", help="send each new global version as a delta in this codec")
     sim.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

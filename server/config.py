@@ -86,6 +86,8 @@ class ServerConfig:
         one in this codec (devices that hold the previous version download only that); the
         full copy must then be lossless so both paths give devices the same adapter.
     uplink_codec: the devices' update codec, announced per round (lossy ones use error feedback).
+    uplink_head_codec: when set, the codec of the update's tensors that are not LoRA factors
+        (the classifier head, new and dense: sparsifying it stalls training); empty: uplink_codec.
     max_update_bytes: largest update accepted (announced size, before reassembly).
     http_host / http_port: metrics and health endpoints (port 0: off).
     exit_when_finished: exit once every round is done; false keeps serving metrics and
@@ -105,6 +107,7 @@ class ServerConfig:
     codec: str = "fp32"
     downlink_codec: str = ""
     uplink_codec: str = "fp32"
+    uplink_head_codec: str = ""
     max_update_bytes: int = 64 * 1024 * 1024
     http_host: str = "0.0.0.0"
     http_port: int = 9100
@@ -117,7 +120,8 @@ class ServerConfig:
             raise ConfigError("bundle is required: the artifact bundle folder the devices train")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
-        for key in ("codec", "uplink_codec") + (("downlink_codec",) if self.downlink_codec else ()):
+        optional = tuple(k for k in ("downlink_codec", "uplink_head_codec") if getattr(self, k))
+        for key in ("codec", "uplink_codec") + optional:
             try:
                 get_codec(getattr(self, key))
             except ProtocolError as exc:

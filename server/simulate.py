@@ -54,6 +54,8 @@ class SimulateConfig:
         turn (device i trains ``ranks[i % len(ranks)]``), for the rank-aware strategies.
     strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flora, fedex-lora).
     prune_threshold: HetLoRA rank self-pruning on the devices (0: off; see ServerConfig).
+    codec / head_codec / downlink_codec: uplink codec, the uplink codec of the classifier head
+        (empty: ``codec``), and the codec of global deltas (empty: full copies only).
     max_train: subsample the training set (0: all) for quick runs.
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
     """
@@ -87,6 +89,7 @@ class SimulateConfig:
     round_timeout: float = 900.0
     device_python: str = sys.executable
     codec: str = "fp32"
+    head_codec: str = ""
     downlink_codec: str = ""
     extra_device_env: dict = field(default_factory=dict)
 
@@ -218,7 +221,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
         rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout),
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr), uplink_codec=cfg.codec,
-        strategy=cfg.strategy, downlink_codec=cfg.downlink_codec, prune_threshold=cfg.prune_threshold,
+        uplink_head_codec=cfg.head_codec, strategy=cfg.strategy, downlink_codec=cfg.downlink_codec, prune_threshold=cfg.prune_threshold,
     )
     if (out / "aggregator").exists():
         import shutil
@@ -281,7 +284,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
                 "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
                 "LoRA rank": ", ".join(map(str, sorted(set(cfg.ranks)))) if not cfg.bundle else bundle.manifest.rank,
                 "max length": bundle.manifest.max_length, "strategy": server_cfg.strategy,
-                "uplink codec": cfg.codec,
+                "uplink codec": cfg.codec + (f" (head: {cfg.head_codec})" if cfg.head_codec else ""),
                 "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
                 "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
     write_metrics(out, history)

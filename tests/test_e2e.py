@@ -121,7 +121,7 @@ def test_hetlora_devices_prune_their_rank_and_keep_training(tmp_path, minilm_bun
 def test_compressed_uplink_with_error_feedback(tmp_path, minilm_bundle, edge_python, amqtt_broker):
     fp32 = run_simulation(_small(tmp_path / "fp32", minilm_bundle, edge_python, broker=amqtt_broker.url))
     cfg = _small(tmp_path / "small", minilm_bundle, edge_python, broker=amqtt_broker.url, codec="topk0.1+int8+zlib",
-                 downlink_codec="int8+zlib")
+                 head_codec="int8", downlink_codec="int8+zlib")
     small = run_simulation(cfg)
     _check_run(small, cfg.out)
     up = lambda r: sum(h["uplink_bytes_wire"] for h in r["history"])  # noqa: E731

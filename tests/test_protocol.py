@@ -1,4 +1,5 @@
 import hashlib
+import json
 import struct
 import zlib
 
@@ -57,6 +58,22 @@ def _with_header(header: bytes, body: bytes, compressed: bool = False) -> bytes:
         header = zlib.compress(header)
         return ENVELOPE_MAGIC + struct.pack("<I", len(header) | HEADER_ZLIB) + header + body
     return ENVELOPE_MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def test_tensors_can_have_their_own_codec():
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+    env = _env(codec="sign", tensors={"lora_A": x, "head": x}, tensor_codecs={"head": "fp32"})
+    payload = encode_envelope(env)
+    header, _ = _plain_header(payload)
+    specs = {t["name"]: t for t in json.loads(header)["tensors"]}
+    assert "codec" not in specs["lora_A"] and specs["head"]["codec"] == "fp32"  # only exceptions are named
+    back = decode_envelope(payload)
+    np.testing.assert_array_equal(back.tensors["head"], x)
+    assert np.unique(np.abs(back.tensors["lora_A"])).size == 1  # one scale: sign
+    assert back.tensor_codecs == {"head": "fp32"}
+    for bad in (b'"codec":"zzz"', b'"codec":7'):
+        with pytest.raises(ProtocolError, match="codec"):
+            decode_envelope(_with_header(header.replace(b'"codec":"fp32"', bad), _plain_header(payload)[1]))
 
 
 def test_header_is_compressed_and_plain_headers_still_decode():
