@@ -166,6 +166,12 @@ def strategy_targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _codec_label(codec: str) -> str:
+    """``sign|int8`` (LoRA factors | classifier head) as markdown; a bare ``|`` would split the cell."""
+    lora, _, head = codec.partition("|")
+    return f"`{lora}`, head `{head}`" if head else f"`{lora}`"
+
+
 def codec_table(rows: list[dict]) -> str:
     lines = ["| data set | alpha | codec | final acc | vs fp32 | last 3 rounds | vs fp32 | uplink total (wire) | "
              "fewer bytes than fp32 | target (final / last 3) | decode ms/update |",
@@ -184,7 +190,7 @@ def codec_table(rows: list[dict]) -> str:
                 verdict = lambda d: "met" if d >= need else "missed"  # noqa: E731
                 target = f"{'>=32x' if ratio >= 32 else '>=16x'} within {-need:.1f}: {verdict(d_final)} / {verdict(d_last)}"
             fmt = lambda d: "" if d is None else f"{d:+.1f}"  # noqa: E731
-            lines.append(f"| {dataset} | {alpha} | `{r['codec']}` | {final(r):.3f} | {fmt(d_final)} | {last3(r):.3f} | "
+            lines.append(f"| {dataset} | {alpha} | {_codec_label(r['codec'])} | {final(r):.3f} | {fmt(d_final)} | {last3(r):.3f} | "
                          f"{fmt(d_last)} | {_mb(r['uplink_bytes_total'])} | {'' if ratio is None else f'{ratio:.1f}x'} | "
                          f"{target} | {r['decode_ms_median']:.2f} |")
     return "\n".join(lines)
@@ -268,7 +274,7 @@ def plot_codecs(rows: list[dict], path: Path) -> None:
         acc = [r["final_accuracy"] for r in sel]
         ax.scatter(mb, acc, color="tab:blue", zorder=3)
         for r, x, y in zip(sel, mb, acc):
-            ax.annotate(r["codec"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(r["codec"].replace("|", ", head "), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ref = next((r for r in sel if r["codec"] == "fp32"), None)
         if ref:
             ax.axhline(ref["final_accuracy"] - 0.005, color="tab:green", ls="--", lw=0.8, label="fp32 - 0.5 point")
