@@ -42,7 +42,7 @@ STRATEGY_CONFIGS = [
     ("hetlora", (8,)), ("flexlora", (8,)), ("flora", (8,)),
     ("hetlora", (2, 4, 8, 16)), ("flexlora", (2, 4, 8, 16)), ("flora", (2, 4, 8, 16)),
 ]
-CODECS = ["fp32", "int8", "int4", "sign", "topk0.1+int8", "topk0.1+sign", "topk0.05+int8", "topk0.02+int8+zlib"]
+CODECS = ["fp32", "int8", "int4", "sign", "sign|int8", "topk0.1+int8", "topk0.1+sign", "topk0.05+int8", "topk0.02+int8+zlib"]
 SETTINGS = ("devices", "rounds", "local_steps", "max_length", "lr", "seed")
 
 
