@@ -173,8 +173,8 @@ class Aggregator:
             return {**base, "state": "open", "round": c.open.round, "deadline": c.open.deadline,
                     "selected": c.open.selected, "codec": self.cfg.uplink_codec,
                     **({"head_codec": self.cfg.uplink_head_codec} if self.cfg.uplink_head_codec else {}),
-                "strategy": {"name": self.strategy.name, "trains_a": self.strategy.trains_a,
-                             **({"prune_threshold": self.cfg.prune_threshold} if self.cfg.prune_threshold else {})},
+                    "strategy": {"name": self.strategy.name, "trains_a": self.strategy.trains_a,
+                                 **({"prune_threshold": self.cfg.prune_threshold} if self.cfg.prune_threshold else {})},
                     "train": {"local_steps": self.cfg.train.local_steps, "batch_size": self.cfg.train.batch_size,
                               "lr": self.cfg.train.lr}}
         return {**base, "state": "finished" if c.finished else "waiting", "round": c.next_round - 1}
