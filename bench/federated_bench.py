@@ -214,6 +214,11 @@ def personalization_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _config_index(r: dict) -> int:
+    key = (r["strategy"], tuple(r["ranks"]))
+    return STRATEGY_CONFIGS.index(key) if key in STRATEGY_CONFIGS else len(STRATEGY_CONFIGS)
+
+
 def plot_strategies(rows: list[dict], path: Path) -> None:
     """Per data set and alpha: final accuracy per configuration (bars; a tick marks the best
     round) and test accuracy after every round (curves; dashed: mixed ranks)."""
@@ -246,10 +251,10 @@ def plot_strategies(rows: list[dict], path: Path) -> None:
                            plt.Line2D([], [], color="black", marker="_", ls="", label="best round")],
                   loc="lower right", fontsize=7)
         ax = axes[top + 1][col]
-        for r in sel:
+        for r in sorted(sel, key=_config_index):  # one color per configuration, the same in every panel
             acc = r.get("accuracy_per_round", [])
             ax.plot(range(1, len(acc) + 1), acc, ls="--" if len(r["ranks"]) > 1 else "-", marker=".",
-                    label=f"{r['strategy']} {_ranks(r)}")
+                    color=plt.get_cmap("tab20")(_config_index(r) % 20), label=f"{r['strategy']} {_ranks(r)}")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
