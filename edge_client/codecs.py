@@ -9,11 +9,13 @@ A codec is named by a *spec*: up to three stages joined by ``+``, in this order:
     sparsify = "topk" FRACTION                      keep the ceil(FRACTION * n) largest |x|
     values   = "fp32" | "fp16" | "bf16"             (fp32 when left out)
              | ("int8" | "int4") ["-b" BLOCK] ["-sr"]
+             | "sign" ["-b" BLOCK]                  one bit per value times the block's mean |x|
     entropy  = "zlib" | "lzma" | "zstd"             lossless; zstd needs the zstandard package
 
 FRACTION is a decimal in (0, 1) such as ``0.01`` or ``1e-3``; BLOCK is the quantization block
-(8..65536 elements, default 64); ``-sr`` rounds stochastically (unbiased) instead of to nearest.
-Examples: ``fp16``, ``int4-b32``, ``int8-sr``, ``topk0.05+int8``, ``topk0.01+int4+zlib``.
+(8..65536 elements, default 64; 256 for ``sign``); ``-sr`` rounds stochastically (unbiased)
+instead of to nearest. Examples: ``fp16``, ``int4-b32``, ``int8-sr``, ``topk0.05+int8``,
+``topk0.01+int4+zlib``, ``sign``, ``topk0.1+sign``.
 
 Every codec states its error bound in its docstring and as ``elementwise_bound(x)`` (the most
 ``|decode(encode(x)) - x|`` can be at each element of a finite ``x``) and ``bound(x, ord)`` (that

@@ -28,7 +28,7 @@ from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, enco
 from edge_client.codecs import get_codec
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
-from edge_client.lora import lora_pairs, pad_rank, pruned_rank, rank_shapes, truncate_rank
+from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
 from edge_client.protocol import (
     BASE_DELTA_PREFIX, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope,
 )
@@ -353,7 +353,7 @@ class Device:
             times.append(time.perf_counter() - t0)
         local = self.trainer.get_adapter()
         sent_rank, threshold = self.rank, float(ann.get("strategy", {}).get("prune_threshold", 0.0))
-        new_rank = pruned_rank(truncate_rank(local, self.rank), self.rank, threshold) if threshold > 0 else self.rank
+        new_rank = pruned_rank(local, self.rank, threshold) if threshold > 0 else self.rank
         if new_rank < self.rank:
             # This update, at the old rank, carries the zeroed tail: under HetLoRA's
             # zero-padding that is the same as sending the truncation.
@@ -372,11 +372,11 @@ class Device:
         # (FFA-LoRA) is not sent back.
         delta = truncate_rank({name: local[name] - start_from[name] for name in start_from}, sent_rank)
         head_codec = ann.get("head_codec")
-        lora = {name for pair in lora_pairs(self.manifest.shapes) for name in pair}
+        head = {p.name for p in self.manifest.trainable if p.role == "head"}
         env = Envelope(kind="update", job=self.cfg.job, round=int(ann["round"]), sender=self.cfg.device_id,
                        rank=sent_rank, codec=ann.get("codec", "fp32"), tensors=delta,
                        num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]),
-                       tensor_codecs={name: head_codec for name in delta if name not in lora} if head_codec else {})
+                       tensor_codecs={name: head_codec for name in delta if name in head} if head_codec else {})
         log.info("round %s: %d steps, loss %.4f, %.2fs", ann["round"], steps, metrics["train_loss"], metrics["train_seconds"])
         self.rounds_trained += 1
         # What a lossy codec drops this round is kept and added to the next update.

@@ -42,23 +42,31 @@ def rank_shapes(shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, t
     return out
 
 
+def pad_a(a: np.ndarray, rank: int) -> np.ndarray:
+    """A (r x in) with zero rows appended up to ``rank``: the extra components contribute nothing."""
+    return np.pad(a, ((0, rank - a.shape[0]), (0, 0)))
+
+
+def pad_b(b: np.ndarray, rank: int) -> np.ndarray:
+    """B (out x r) with zero columns appended up to ``rank``."""
+    return np.pad(b, ((0, 0), (0, rank - b.shape[1])))
+
+
 def pad_rank(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Zero rows of A and zero columns of B up to ``shapes`` (a larger rank). ``B @ A`` is
     unchanged, and under training the padded components stay exactly zero: each one's A-row
     gradient is a multiple of its B column and vice versa."""
-    out = {}
+    out = dict(tensors)
     for name, value in tensors.items():
-        want = tuple(shapes.get(name, value.shape))
-        if tuple(value.shape) != want:
-            if value.ndim != 2 or len(want) != 2 or value.shape[0] > want[0] or value.shape[1] > want[1] or \
-                    (name.endswith(A_SUFFIX) and value.shape[1] != want[1]) or \
-                    (name.endswith(B_SUFFIX) and value.shape[0] != want[0]) or \
-                    not name.endswith((A_SUFFIX, B_SUFFIX)):
-                raise ConfigError(f"cannot pad {name} of shape {tuple(value.shape)} to {want}")
-            padded = np.zeros(want, dtype=np.float32)
-            padded[: value.shape[0], : value.shape[1]] = value
-            value = padded
-        out[name] = value
+        have, want = tuple(value.shape), tuple(shapes.get(name, value.shape))
+        if have == want:
+            continue
+        if name.endswith(A_SUFFIX) and len(have) == len(want) == 2 and have[1] == want[1] and have[0] <= want[0]:
+            out[name] = pad_a(value, want[0])
+        elif name.endswith(B_SUFFIX) and len(have) == len(want) == 2 and have[0] == want[0] and have[1] <= want[1]:
+            out[name] = pad_b(value, want[1])
+        else:
+            raise ConfigError(f"cannot pad {name} of shape {have} to {want}")
     return out
 
 

@@ -437,8 +437,9 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
             trainable, frozen = export_onnx(wrapper, cfg, onnx_path)
         with stage(f"r={rank}: generate_artifacts", timings):
             generate(onnx_path, trainable, frozen, loaded.task, out)
-    rewrites = rewrite_cpu_gradients(out / "training_model.onnx") if cfg.cpu_gradient_ops else {}
+    rewrites = {}
     if cfg.cpu_gradient_ops:
+        rewrites = rewrite_cpu_gradients(out / "training_model.onnx")
         log(f"r={rank}: gradient kernels rewritten for multi-core CPUs: {rewrites}")
     shutil.copytree(tokenizer_dir, out / "tokenizer")
     params = dict((peft_key(n), p) for n, p in wrapper.named_parameters())

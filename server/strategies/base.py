@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_client.errors import BundleError, ConfigError, UpdateRejected
+from edge_client.lora import pad_a, pad_b  # noqa: F401  (zero-padding across ranks, for the strategies)
 
 
 @dataclass(frozen=True)
@@ -205,16 +206,6 @@ def check_same_tensors(update: ClientUpdate, shapes: Mapping[str, tuple[int, ...
             raise UpdateRejected("wrong_shape", f"{name} has shape {tuple(value.shape)}, expected {expected}")
         if not np.isfinite(value).all():
             raise UpdateRejected("non_finite", f"{name} contains NaN or infinity")
-
-
-def pad_a(a: np.ndarray, rank: int) -> np.ndarray:
-    """A (r x in) with zero rows appended up to ``rank``: the extra components contribute nothing."""
-    return np.pad(a, ((0, rank - a.shape[0]), (0, 0)))
-
-
-def pad_b(b: np.ndarray, rank: int) -> np.ndarray:
-    """B (out x r) with zero columns appended up to ``rank``."""
-    return np.pad(b, ((0, 0), (0, rank - b.shape[1])))
 
 
 class Strategy(abc.ABC):

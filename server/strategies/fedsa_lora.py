@@ -6,7 +6,6 @@ Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025 (arXiv:241
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from server.strategies.base import (

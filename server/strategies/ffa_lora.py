@@ -5,7 +5,6 @@ Youbang Sun, Zitao Li, Yaliang Li and Bolin Ding, "Improving LoRA in Privacy-pre
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from server.strategies.base import (
