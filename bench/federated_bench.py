@@ -43,7 +43,8 @@ STRATEGY_CONFIGS = [
     ("hetlora", (2, 4, 8, 16)), ("flexlora", (2, 4, 8, 16)), ("flora", (2, 4, 8, 16)),
 ]
 CODECS = ["fp32", "int8", "int4", "sign", "sign|int8", "topk0.1+int8", "topk0.1+sign", "topk0.05+int8", "topk0.02+int8+zlib"]
-SETTINGS = ("devices", "rounds", "local_steps", "max_length", "lr", "seed")
+SETTINGS = ("devices", "rounds", "local_steps", "max_length", "lr", "eval_max", "seed")
+RUN_SETTINGS = SETTINGS[:-1]  # rows that differ only in the seed are repeats of one configuration
 
 
 def summarize(out: Path) -> dict:
@@ -79,18 +80,19 @@ def summarize(out: Path) -> dict:
     }
 
 
-def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str) -> str:
-    return f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_').replace('|', '-head-')}"
+def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int = 0) -> str:
+    name = f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_').replace('|', '-head-')}"
+    return name + (f"-s{seed}" if seed else "")
 
 
-def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str) -> dict:
-    name = _name(dataset, alpha, strategy, ranks, codec)
+def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int) -> dict:
+    name = _name(dataset, alpha, strategy, ranks, codec, seed)
     out = ROOT / "runs" / "bench" / name
     edge_python = ROOT / ".venv-edge" / "bin" / "python"
     cmd = [sys.executable, "-m", "server.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
            "--split", "dirichlet", "--alpha", str(alpha), "--rounds", str(args.rounds),
            "--local-steps", str(args.local_steps), "--max-length", str(args.max_length), "--lr", str(args.lr),
-           "--seed", str(args.seed), "--ranks", ",".join(map(str, ranks)), "--strategy", strategy,
+           "--seed", str(seed), "--ranks", ",".join(map(str, ranks)), "--strategy", strategy,
            "--codec", codec.split("|")[0], "--head-codec", codec.partition("|")[2], "--eval-max", str(args.eval_max),
            "--out", str(out),
            "--device-python", str(edge_python if edge_python.is_file() else sys.executable)]
@@ -101,18 +103,41 @@ def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, .
     if proc.returncode != 0:
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see runs/bench/{name}.log")
     row = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
-           **{k: getattr(args, k) for k in SETTINGS}, **summarize(out), "wall_s": round(time.time() - start, 1)}
+           **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed, **summarize(out), "wall_s": round(time.time() - start, 1)}
     print(f"[bench] {name}: final accuracy {row['final_accuracy']:.4f} (best {row['best_accuracy']:.4f}), "
           f"{row['uplink_bytes_total'] / 1e6:.1f} MB up, {row['wall_s']:.0f}s", flush=True)
     return row
 
 
 def _key(row: dict) -> tuple:
-    return (row["dataset"], row["alpha"], row["strategy"], list(row["ranks"]), row["codec"],
+    return (row["dataset"], row["alpha"], row["strategy"], tuple(row["ranks"]), row["codec"],
             *(row[k] for k in SETTINGS))
 
 
 # -- report --------------------------------------------------------------------------------
+def merge_seeds(rows: list[dict]) -> list[dict]:
+    """One row per configuration: the mean over its seeds of every number, the accuracy of
+    every round included (``final_std``: the spread of the final accuracy across seeds). Device-
+    local details are the first seed's."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_key(r)[:-1], []).append(r)
+    merged = []
+    for runs in groups.values():
+        runs.sort(key=lambda r: r["seed"])
+        row = dict(runs[0], seeds=[r["seed"] for r in runs])
+        for k, v in runs[0].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SETTINGS and k != "alpha":
+                values = [r[k] for r in runs if r.get(k) is not None]
+                row[k] = statistics.mean(values) if values else None
+        curves = [r["accuracy_per_round"] for r in runs if r.get("accuracy_per_round")]
+        if curves and len({len(c) for c in curves}) == 1:
+            row["accuracy_per_round"] = [statistics.mean(a) for a in zip(*curves)]
+        row["final_std"] = statistics.stdev(r["final_accuracy"] for r in runs) if len(runs) > 1 else None
+        merged.append(row)
+    return merged
+
+
 def _ranks(r: dict) -> str:
     return "/".join(map(str, r["ranks"]))
 
@@ -122,15 +147,24 @@ def _mb(n: float) -> str:
 
 
 def strategy_table(rows: list[dict]) -> str:
-    lines = ["| data set | alpha | strategy | ranks | final acc | last 3 rounds | best acc | rounds to 95% of best | "
+    lines = ["| data set | alpha | strategy | ranks | seeds | final acc | last 3 rounds | best acc | rounds to 95% of best | "
              "uplink/round | downlink/round | aggregation/round | device-local acc |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         local = f"{r['device_local_accuracy']:.3f}" if r.get("device_local_accuracy") is not None else ""
-        lines.append(f"| {r['dataset']} | {r['alpha']} | {r['strategy']} | {_ranks(r)} | {r['final_accuracy']:.3f} | "
+        lines.append(f"| {r['dataset']} | {r['alpha']} | {r['strategy']} | {_ranks(r)} | {_seeds(r)} | {_final(r)} | "
                      f"{last3(r):.3f} | {r['best_accuracy']:.3f} | {r['rounds_to_95pct_best']} | {_mb(r['uplink_bytes_per_round'])} | "
                      f"{_mb(r['downlink_bytes_per_round'])} | {r['aggregation_ms_per_round']:.1f} ms | {local} |")
     return "\n".join(lines)
+
+
+def _seeds(r: dict) -> str:
+    return str(len(r.get("seeds", [r["seed"]])))
+
+
+def _final(r: dict) -> str:
+    """The final accuracy, with its standard deviation across seeds where there are several."""
+    return f"{r['final_accuracy']:.3f}" + (f" ± {r['final_std']:.3f}" if r.get("final_std") is not None else "")
 
 
 def last3(r: dict) -> float:
@@ -160,9 +194,9 @@ def strategy_targets(rows: list[dict]) -> str:
         for label, acc in (("final", final), ("last 3 rounds", last3)):
             m, h = max(mixed, key=acc), max(r8, key=acc)
             d2, d8, da = (100 * (acc(m) - acc(x)) for x in (r2, h, avg8))
-            lines.append(f"| {dataset} | {alpha} | {label} | {m['strategy']} {acc(m):.3f} | {acc(r2):.3f} | "
-                         f"{d2:+.1f} {'met' if d2 >= 2.0 else 'missed'} | {h['strategy']} {acc(h):.3f} | "
-                         f"{d8:+.1f} {'met' if d8 >= -1.0 else 'missed'} | {acc(avg8):.3f} | {da:+.1f} |")
+            lines.append(f"| {dataset} | {alpha} | {label} | {m['strategy']} {acc(m):.3f} ({_seeds(m)}) | {acc(r2):.3f} ({_seeds(r2)}) | "
+                         f"{d2:+.1f} {'met' if d2 >= 2.0 else 'missed'} | {h['strategy']} {acc(h):.3f} ({_seeds(h)}) | "
+                         f"{d8:+.1f} {'met' if d8 >= -1.0 else 'missed'} | {acc(avg8):.3f} ({_seeds(avg8)}) | {da:+.1f} |")
     return "\n".join(lines)
 
 
@@ -173,9 +207,9 @@ def _codec_label(codec: str) -> str:
 
 
 def codec_table(rows: list[dict]) -> str:
-    lines = ["| data set | alpha | codec | final acc | vs fp32 | last 3 rounds | vs fp32 | uplink total (wire) | "
+    lines = ["| data set | alpha | codec | seeds | final acc | vs fp32 | last 3 rounds | vs fp32 | uplink total (wire) | "
              "fewer bytes than fp32 | target (final / last 3) | decode ms/update |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
         sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
         ref = next((r for r in sel if r["codec"] == "fp32"), None)
@@ -190,7 +224,7 @@ def codec_table(rows: list[dict]) -> str:
                 verdict = lambda d: "met" if d >= need else "missed"  # noqa: E731
                 target = f"{'>=32x' if ratio >= 32 else '>=16x'} within {-need:.1f}: {verdict(d_final)} / {verdict(d_last)}"
             fmt = lambda d: "" if d is None else f"{d:+.1f}"  # noqa: E731
-            lines.append(f"| {dataset} | {alpha} | {_codec_label(r['codec'])} | {final(r):.3f} | {fmt(d_final)} | {last3(r):.3f} | "
+            lines.append(f"| {dataset} | {alpha} | {_codec_label(r['codec'])} | {_seeds(r)} | {_final(r)} | {fmt(d_final)} | {last3(r):.3f} | "
                          f"{fmt(d_last)} | {_mb(r['uplink_bytes_total'])} | {'' if ratio is None else f'{ratio:.1f}x'} | "
                          f"{target} | {r['decode_ms_median']:.2f} |")
     return "\n".join(lines)
@@ -302,8 +336,10 @@ def plot_codecs(rows: list[dict], path: Path) -> None:
 
 
 def _settings_line(rows: list[dict]) -> str:
-    s = sorted({tuple(r[k] for k in SETTINGS) for r in rows})
-    return "; ".join(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in zip(SETTINGS, one)) for one in s)
+    s = sorted({tuple(r[k] for k in RUN_SETTINGS) for r in rows})
+    seeds = sorted({seed for r in rows for seed in r.get("seeds", [r["seed"]])})
+    return "; ".join(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in zip(RUN_SETTINGS, one)) for one in s) + \
+        f"; seeds {', '.join(map(str, seeds))} (tables: the mean over a configuration's seeds)"
 
 
 def write_section(name: str, body: str) -> None:
@@ -313,6 +349,7 @@ def write_section(name: str, body: str) -> None:
 
 
 def report(rows: list[dict]) -> None:
+    rows = merge_seeds(rows)
     strat = [r for r in rows if r["codec"] == "fp32" and (r["strategy"], tuple(r["ranks"])) in STRATEGY_CONFIGS]
     strat = [r for r in strat if any(o["alpha"] == r["alpha"] and o["dataset"] == r["dataset"] and o["strategy"] != "fedavg"
                                      for o in strat)]  # cells the strategy suite ran, not just a codec baseline
@@ -321,7 +358,7 @@ def report(rows: list[dict]) -> None:
     if strat:
         plot_strategies(strat, DOC.parent / "strategy_bench.png")
         write_section("federated_bench:strategies", "\n".join([
-            f"Settings: {_settings_line(strat)}; {sum(r['wall_s'] for r in strat) / 60:.0f} min of runs.", "",
+            f"Settings: {_settings_line(strat)}; {sum(r['wall_s'] * len(r['seeds']) for r in strat) / 60:.0f} min of runs.", "",
             strategy_table(strat), "", "Targets (accuracy points; FedSA-LoRA left out of \"best rank 8\": its global "
             "model lacks the personal B):", "", strategy_targets(strat), "",
             personalization_table(strat),
@@ -329,7 +366,7 @@ def report(rows: list[dict]) -> None:
     if codec:
         plot_codecs(codec, DOC.parent / "codec_accuracy.png")
         write_section("federated_bench:codecs", "\n".join([
-            f"Settings: {_settings_line(codec)}; {sum(r['wall_s'] for r in codec) / 60:.0f} min of runs.", "",
+            f"Settings: {_settings_line(codec)}; {sum(r['wall_s'] * len(r['seeds']) for r in codec) / 60:.0f} min of runs.", "",
             codec_table(codec), "", "![accuracy against uplink bytes](codec_accuracy.png)"]))
 
 
@@ -347,14 +384,15 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds: each configuration runs once per seed")
     parser.add_argument("--eval-max", type=int, default=2000, help="test examples the aggregator evaluates on")
     parser.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON only")
     args = parser.parse_args()
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    for r in rows:  # rows written before per-device numbers were kept: read them from the run folder
-        out = ROOT / "runs" / "bench" / _name(r["dataset"], r["alpha"], r["strategy"], tuple(r["ranks"]), r["codec"])
+    for r in rows:
+        r.setdefault("eval_max", 2000)  # rows from before it was recorded: the bench always passed its default  # rows written before per-device numbers were kept: read them from the run folder
+        out = ROOT / "runs" / "bench" / _name(r["dataset"], r["alpha"], r["strategy"], tuple(r["ranks"]), r["codec"], r["seed"])
         if "device_local" not in r and (out / "metrics.jsonl").is_file():
             r["device_local"] = summarize(out)["device_local"]
     plan = []
@@ -371,13 +409,14 @@ def main() -> int:
                 plan += [(dataset, alpha, s, ranks, "fp32") for s, ranks in configs]
         if "codecs" in suites:
             plan += [(dataset, args.codec_alpha, "fedavg", (8,), c) for c in args.codecs.split(",")]
+    plan = [(*p, seed) for seed in (int(s) for s in args.seeds.split(",")) for p in plan]  # one seed of everything first
     (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
-    for dataset, alpha, strategy, ranks, codec in [] if args.report_only else plan:
+    for dataset, alpha, strategy, ranks, codec, seed in [] if args.report_only else plan:
         probe = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
-                 **{k: getattr(args, k) for k in SETTINGS}}
+                 **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed}
         if any(_key(r) == _key(probe) for r in rows):
             continue
-        rows.append(run_one(args, dataset, alpha, strategy, ranks, codec))
+        rows.append(run_one(args, dataset, alpha, strategy, ranks, codec, seed))
         RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
         report(rows)
     report(rows)

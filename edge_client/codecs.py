@@ -7,6 +7,7 @@ A codec is named by a *spec*: up to three stages joined by ``+``, in this order:
 
     spec     = [sparsify "+"] values ["+" entropy]  |  sparsify ["+" entropy]  |  entropy
     sparsify = "topk" FRACTION                      keep the ceil(FRACTION * n) largest |x|
+             | "randk" FRACTION                     keep each entry with probability FRACTION
     values   = "fp32" | "fp16" | "bf16"             (fp32 when left out)
              | ("int8" | "int4") ["-b" BLOCK] ["-sr"]
              | "sign" ["-b" BLOCK]                  one bit per value times the block's mean |x|
@@ -15,7 +16,7 @@ A codec is named by a *spec*: up to three stages joined by ``+``, in this order:
 FRACTION is a decimal in (0, 1) such as ``0.01`` or ``1e-3``; BLOCK is the quantization block
 (8..65536 elements, default 64; 256 for ``sign``); ``-sr`` rounds stochastically (unbiased)
 instead of to nearest. Examples: ``fp16``, ``int4-b32``, ``int8-sr``, ``topk0.05+int8``,
-``topk0.01+int4+zlib``, ``sign``, ``topk0.1+sign``.
+``topk0.01+int4+zlib``, ``sign``, ``topk0.1+sign``, ``randk0.7+sign``.
 
 Every codec states its error bound in its docstring and as ``elementwise_bound(x)`` (the most
 ``|decode(encode(x)) - x|`` can be at each element of a finite ``x``) and ``bound(x, ord)`` (that
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import hashlib
 import lzma
 import math
 import re
@@ -367,7 +369,59 @@ _IDX_BITMAP, _IDX_VARINT, _IDX_U8, _IDX_U16, _IDX_U32 = range(5)
 _IDX_DTYPES = {_IDX_U8: "<u1", _IDX_U16: "<u2", _IDX_U32: "<u4"}
 
 
-class TopK(Codec):
+class _Sparse(Codec):
+    """A sparsifier: keeps some entries (``_select``), sends them through a dense value codec
+    (``values``, fp32 by default) in index order, and drops the rest.
+
+    Bound per element: ``|x|`` where dropped, the value codec's bound where kept.
+    """
+
+    prefix: str
+
+    def __init__(self, fraction: str | float, values: _FixedSize | None = None):
+        # the shortest decimal of the float, taken exactly: the name and the selection always agree
+        text = repr(float(fraction)).removesuffix(".0")
+        self.fraction = Fraction(text)
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"the {self.prefix} fraction must be in (0, 1), got {fraction}")
+        self.values = values or Float32()
+        self.name = f"{self.prefix}{text}" + ("" if isinstance(self.values, Float32) else f"+{self.values.name}")
+
+    @abc.abstractmethod
+    def _select(self, flat: np.ndarray) -> np.ndarray:
+        """The sorted indices of the entries kept."""
+
+    @abc.abstractmethod
+    def _encode_sparse(self, flat: np.ndarray) -> bytes:
+        """The encoding of a non-empty, finite ``flat``."""
+
+    @abc.abstractmethod
+    def _decode_sparse(self, data: bytes, n: int) -> np.ndarray:
+        """The ``n > 0`` values ``data`` encodes (ProtocolError if it encodes none)."""
+
+    def _encode(self, flat):
+        if not flat.size:
+            return b""
+        if not np.isfinite(flat).all():
+            raise ProtocolError(f"{self.name} cannot encode non-finite values (NaN or inf in the update)")
+        return self._encode_sparse(flat)
+
+    def _decode(self, data, n):
+        if n == 0:
+            _expect_size(data, 0, "an empty tensor")
+            return np.zeros(0, np.float32)
+        return self._decode_sparse(data, n)
+
+    def elementwise_bound(self, array):
+        flat = np.asarray(array, np.float32).reshape(-1)
+        bound = np.abs(flat).astype(np.float64)
+        if flat.size:
+            idx = self._select(flat)
+            bound[idx] = self.values.elementwise_bound(flat[idx])
+        return bound.reshape(np.shape(array))
+
+
+class TopK(_Sparse):
     """Top-k sparsification: keep the ``k = ceil(fraction * n)`` entries of largest magnitude.
 
     The kept values go through a dense value codec (``values``, fp32 by default) in index
@@ -382,14 +436,7 @@ class TopK(Codec):
     most ``sqrt(1 - k/n) * ||x||``.
     """
 
-    def __init__(self, fraction: str | float, values: _FixedSize | None = None):
-        # the shortest decimal of the float, taken exactly: the name and k(n) always agree
-        text = repr(float(fraction)).removesuffix(".0")
-        self.fraction = Fraction(text)
-        if not 0 < self.fraction < 1:
-            raise ValueError(f"the topk fraction must be in (0, 1), got {fraction}")
-        self.values = values or Float32()
-        self.name = f"topk{text}" + ("" if isinstance(self.values, Float32) else f"+{self.values.name}")
+    prefix = "topk"
 
     def k(self, n: int) -> int:
         return min(n, max(1, math.ceil(self.fraction * n))) if n else 0
@@ -404,11 +451,7 @@ class TopK(Codec):
             return np.arange(flat.size)
         return np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
 
-    def _encode(self, flat):
-        if not flat.size:
-            return b""
-        if not np.isfinite(flat).all():
-            raise ProtocolError(f"{self.name} cannot encode non-finite values (NaN or inf in the update)")
+    def _encode_sparse(self, flat):
         idx = self._select(flat)
         gaps = np.diff(idx, prepend=-1) - 1
         top = int(gaps.max())
@@ -420,10 +463,7 @@ class TopK(Codec):
         tag = min(options, key=lambda t: len(options[t]))
         return bytes([tag]) + options[tag] + self.values._encode(flat[idx])
 
-    def _decode(self, data, n):
-        if n == 0:
-            _expect_size(data, 0, "an empty tensor")
-            return np.zeros(0, np.float32)
+    def _decode_sparse(self, data, n):
         k = self.k(n)
         vbytes = self.values.nbytes(k)
         if len(data) < 1 + vbytes:
@@ -448,13 +488,57 @@ class TopK(Codec):
         out[idx] = self.values._decode(data[len(data) - vbytes :], k)
         return out
 
-    def elementwise_bound(self, array):
-        flat = np.asarray(array, np.float32).reshape(-1)
-        bound = np.abs(flat).astype(np.float64)
-        if flat.size:
-            idx = self._select(flat)
-            bound[idx] = self.values.elementwise_bound(flat[idx])
-        return bound.reshape(np.shape(array))
+
+class RandK(_Sparse):
+    """Random sparsification with a shared seed: keep each entry with probability ``fraction``.
+
+    The positions cost nothing on the wire: they follow from an 8-byte seed that leads the
+    payload, expanded with SHAKE-128 (the standard library's, so device and aggregator agree
+    whatever their numpy versions) into one 16-bit draw per entry; entry ``i`` is kept when
+    its draw is below ``round(fraction * 65536)``. The seed is a hash of the tensor itself, so
+    an encoding is reproducible and a new update (error feedback changes it every round) gets
+    new positions. Unlike top-k, every coordinate is sent at the same rate, so with error
+    feedback nothing waits for many rounds; the cost is that the kept values are not the
+    largest. Layout: the seed, then the kept values through the value codec, in index order.
+    Size ``8 + values.nbytes(kept)``; ``kept`` is about ``fraction * n``.
+
+    Bound per element: ``|x|`` where dropped, the value codec's bound where kept. In
+    expectation over seeds, the dropped part's squared L2 norm is ``(1 - fraction) ||x||^2``.
+    """
+
+    prefix = "randk"
+    SEED_BYTES = 8
+
+    def threshold(self) -> int:
+        return min(65535, max(1, round(self.fraction * 65536)))
+
+    def _mask(self, seed: bytes, n: int) -> np.ndarray:
+        draws = np.frombuffer(hashlib.shake_128(seed).digest(2 * n), "<u2")
+        return draws < self.threshold()
+
+    def _select(self, flat: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(self._mask(self._seed(flat), flat.size))
+
+    @staticmethod
+    def _seed(flat: np.ndarray) -> bytes:
+        return hashlib.blake2b(flat.astype("<f4", copy=False).tobytes(), digest_size=RandK.SEED_BYTES).digest()
+
+    def max_nbytes(self, n):
+        return self.SEED_BYTES + self.values.nbytes(n) if n else 0
+
+    def _encode_sparse(self, flat):
+        seed = self._seed(flat)
+        return seed + self.values._encode(flat[self._mask(seed, flat.size)])
+
+    def _decode_sparse(self, data, n):
+        if len(data) < self.SEED_BYTES:
+            raise ProtocolError(f"{self.name} tensor of {n} elements is truncated ({len(data)} bytes)")
+        mask = self._mask(data[: self.SEED_BYTES], n)
+        kept = int(np.count_nonzero(mask))
+        _expect_size(data, self.SEED_BYTES + self.values.nbytes(kept), f"{self.name} tensor of {n} elements ({kept} kept)")
+        out = np.zeros(n, np.float32)
+        out[mask] = self.values._decode(data[self.SEED_BYTES :], kept)
+        return out
 
 
 def _bitmap(idx: np.ndarray, n: int) -> bytes:
@@ -581,11 +665,12 @@ def _zstandard():
 
 
 # -- specs ---------------------------------------------------------------------------------
-_TOPK = re.compile(r"topk((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+_SPARSE = re.compile(r"(topk|randk)((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+_SPARSIFIERS = {"topk": TopK, "randk": RandK}
 _QUANT = re.compile(r"int(8|4)((?:-b\d+|-sr)*)")
 _SIGN = re.compile(r"sign(?:-b(\d+))?")
 _FLOATS = {"fp32": Float32, "fp16": Float16, "bf16": BFloat16}
-GRAMMAR = "[topk<fraction>+][fp32|fp16|bf16|int8|int4[-b<block>][-sr]|sign[-b<block>]][+zlib|+lzma|+zstd]"
+GRAMMAR = "[topk<fraction>+|randk<fraction>+][fp32|fp16|bf16|int8|int4[-b<block>][-sr]|sign[-b<block>]][+zlib|+lzma|+zstd]"
 
 
 def parse_codec(spec: str, *, seed=None) -> Codec:
@@ -595,13 +680,13 @@ def parse_codec(spec: str, *, seed=None) -> Codec:
         raise ProtocolError(f"unknown codec {spec!r}: a codec spec is a non-empty string of at most {MAX_SPEC_CHARS} characters")
     sparsify = values = entropy = None
     for stage in spec.split("+"):
-        m_topk, m_quant, m_sign = _TOPK.fullmatch(stage), _QUANT.fullmatch(stage), _SIGN.fullmatch(stage)
-        if m_topk:
+        m_sparse, m_quant, m_sign = _SPARSE.fullmatch(stage), _QUANT.fullmatch(stage), _SIGN.fullmatch(stage)
+        if m_sparse:
             if sparsify or values or entropy:
-                raise ProtocolError(f"codec {spec!r}: topk must come first, once")
-            sparsify = m_topk.group(1)
-            if not 0 < float(sparsify) < 1:
-                raise ProtocolError(f"codec {spec!r}: the topk fraction must be in (0, 1), got {sparsify}")
+                raise ProtocolError(f"codec {spec!r}: topk/randk must come first, once")
+            sparsify = m_sparse.groups()
+            if not 0 < float(sparsify[1]) < 1:
+                raise ProtocolError(f"codec {spec!r}: the {sparsify[0]} fraction must be in (0, 1), got {sparsify[1]}")
         elif stage in _FLOATS or m_quant or m_sign:
             if values or entropy:
                 raise ProtocolError(f"codec {spec!r}: one value stage ({stage!r}), before any entropy stage")
@@ -617,7 +702,7 @@ def parse_codec(spec: str, *, seed=None) -> Codec:
             raise ProtocolError(f"unknown codec {spec!r}: stage {stage!r} is not one of {GRAMMAR}")
     codec: Codec = values or Float32()
     if sparsify is not None:
-        codec = TopK(sparsify, codec)
+        codec = _SPARSIFIERS[sparsify[0]](sparsify[1], codec)
     return Entropy(codec, entropy) if entropy else codec
 
 
@@ -638,7 +723,7 @@ def _block_size(spec: str, block: str) -> int:
 PRESETS = (
     "fp32", "fp16", "bf16", "int8", "int4", "int8-sr", "int4-sr", "fp32+zlib", "int8+zlib", "int4+zlib",
     "topk0.1", "topk0.1+int8", "topk0.05+int8", "topk0.01+int8", "topk0.1+int4", "topk0.05+int4+zlib",
-    "sign", "sign-b64", "topk0.25+sign",
+    "sign", "sign-b64", "topk0.25+sign", "randk0.5", "randk0.7+sign",
 )
 CODECS: dict[str, Codec] = {c.name: c for c in map(parse_codec, PRESETS)}
 

@@ -7,6 +7,7 @@ error feedback's accumulated error equal to its residual and bounded over many r
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 import math
@@ -26,6 +27,7 @@ from edge_client.codecs import (
     Entropy,
     Float16,
     Float32,
+    RandK,
     ScaledSign,
     TopK,
     get_codec,
@@ -39,6 +41,7 @@ HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
 SPECS = sorted(set(CODECS) | {
     "zlib", "bf16+lzma", "fp16+zlib", "int8-b8", "int4-b8", "int8-b1000", "int4-b128-sr", "int8-sr+lzma",
     "topk0.3+fp16", "topk0.5+bf16+zlib", "topk0.2+int4-b8-sr", "topk0.001+int8", "topk0.9", "topk1e-2+int4+lzma",
+    "randk0.3+int8", "randk0.9+fp16+zlib", "randk0.01",
 } | ({"int8+zstd", "topk0.05+int4+zstd"} if HAS_ZSTD else set()))
 LOSSY = [s for s in SPECS if not get_codec(s).lossless]
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,6 +112,53 @@ def test_topk_keeps_the_largest_and_drops_the_rest(x, fraction):
     assert np.linalg.norm(x - y) <= math.sqrt(1 - k / x.size) * np.linalg.norm(x) * (1 + 1e-5) + 1e-30
 
 
+@PROPERTY
+@given(x=hnp.arrays(np.float32, st.integers(1, 300), elements=typical), fraction=st.sampled_from(["0.1", "0.5", "0.7"]))
+def test_randk_keeps_the_entries_its_seed_names_exactly(x, fraction):
+    codec = get_codec(f"randk{fraction}")
+    data, _ = codec.encode(x)
+    y = codec.decode(data, {}, x.shape)
+    # the mask is SHAKE-128 of the leading seed, one little-endian 16-bit draw per entry
+    stream = hashlib.shake_128(data[:8]).digest(2 * x.size)
+    keep = np.array([int.from_bytes(stream[2 * i : 2 * i + 2], "little") < round(float(fraction) * 65536)
+                     for i in range(x.size)])
+    assert len(data) == 8 + 4 * int(keep.sum())
+    np.testing.assert_array_equal(y[keep], x[keep])
+    assert not y[~keep].any()
+    assert data == codec.encode(x.copy())[0]  # the seed is a hash of the tensor: reproducible
+
+
+def test_randk_draws_new_positions_per_tensor_and_keeps_its_fraction_on_average():
+    rng = np.random.default_rng(5)
+    codec = get_codec("randk0.7")
+    kept, dropped_energy, masks = [], [], set()
+    for _ in range(200):
+        x = rng.normal(size=1000).astype(np.float32)
+        y = codec.decode(codec.encode(x)[0], {}, x.shape)
+        kept.append(np.count_nonzero(y) / x.size)
+        dropped_energy.append(float(np.sum((x - y).astype(np.float64) ** 2) / np.sum(x.astype(np.float64) ** 2)))
+        masks.add(np.packbits(y != 0).tobytes())
+    assert len(masks) == 200  # every update its own positions: error feedback sends each entry in turn
+    # Binomial(1000, 0.7) per tensor: the mean of 200 lies within 0.005 of 0.7 with overwhelming probability
+    assert abs(np.mean(kept) - 0.7) < 0.005
+    assert abs(np.mean(dropped_energy) - 0.3) < 0.01  # E||x - C(x)||^2 = (1 - p) ||x||^2
+
+
+@pytest.mark.parametrize("p", [0.5, 0.7])
+def test_error_feedback_residual_under_randk_settles_where_theory_puts_it(p):
+    # r' = (1 - mask) (u + r) with independent updates: E||r||^2 -> (1 - p) / p E||u||^2, not growing
+    rng = np.random.default_rng(0)
+    fb, norms = ErrorFeedback(), []
+    for t in range(60):
+        u = {"w": rng.normal(size=(64, 64)).astype(np.float32)}
+        env = Envelope(kind="update", job="j", round=t, sender="d", rank=4, codec=f"randk{p}", tensors=u)
+        encode_with_feedback(env, fb)
+        norms.append(float(np.linalg.norm(fb.residual["w"])) / 64)  # ||u|| is about 64
+    settled = np.mean(norms[30:])
+    assert settled == pytest.approx(math.sqrt((1 - p) / p), rel=0.15)
+    assert max(norms[30:]) < 1.5 * math.sqrt((1 - p) / p)
+
+
 def test_lossless_pipelines_are_exact_on_special_values():
     x = np.array([0.0, -0.0, 1e-45, -3.4028235e38, np.inf, -np.inf, np.nan, 1.5], np.float32)
     for spec in ("fp32", "zlib", "fp32+lzma") + (("fp32+zstd",) if HAS_ZSTD else ()):
@@ -146,6 +196,7 @@ def test_compressed_sizes_are_as_promised():
     assert fp32 / encoded_size("topk0.1+int8+lzma", x) > 25  # entropy coding squeezes the gaps
     assert fp32 / encoded_size("topk0.01+int8", x) > 150
     assert fp32 / encoded_size("topk0.01+int4+zlib", x) > 200
+    assert fp32 / encoded_size("randk0.5+sign", x) > 55  # positions cost 8 bytes a tensor; one bit per kept value
     assert encoded_size("int4+zlib", x) <= encoded_size("int4", x) * 1.01 + 64
     # lossless stages pay off on structured tensors (a zero-initialised B factor, say)
     assert encoded_size("zlib", np.zeros((384, 8), np.float32)) < 100
@@ -217,10 +268,10 @@ def test_specs_parse_to_canonical_names():
 @pytest.mark.parametrize("spec, message", [
     ("zzzz", "unknown codec"), ("int16", "unknown codec"), ("topk", "unknown codec"), ("topk0.1+", "unknown codec"),
     ("", "unknown codec"), ("x" * 200, "unknown codec"), ("topk0", "fraction"), ("topk1", "fraction"),
-    ("topk1.5", "fraction"), ("topk-0.1", "unknown codec"), ("topknan", "unknown codec"), ("topk1e-400", "fraction"),
+    ("topk1.5", "fraction"), ("randk0", "randk fraction"), ("randk1", "randk fraction"), ("topk-0.1", "unknown codec"), ("topknan", "unknown codec"), ("topk1e-400", "fraction"),
     ("int8-b7", "block size"), ("int8-b70000", "block size"), ("int8-b064", "block size"), ("int8-bx", "unknown codec"),
     ("int8-sr-sr", "repeated"), ("int8-b8-b16", "repeated"), ("int8+fp16", "one value stage"),
-    ("zlib+int8", "before any entropy"), ("fp16+topk0.1", "topk must come first"), ("topk0.1+topk0.2", "topk must come first"),
+    ("zlib+int8", "before any entropy"), ("fp16+topk0.1", "must come first"), ("topk0.1+topk0.2", "must come first"), ("randk0.5+topk0.1", "must come first"),
     ("zlib+lzma", "at most one entropy"),
 ])
 def test_invalid_specs_are_refused_clearly(spec, message):
@@ -248,7 +299,7 @@ def test_truncated_and_extended_payloads_are_refused(spec):
     for bad in (data[:-1], data[: len(data) // 2], data + b"\0", data + b"\xff" * 3, b""):
         with pytest.raises(ProtocolError):
             codec.decode(bad, meta, x.shape)
-    if not isinstance(inner(codec), TopK):  # a sparse payload fits any shape with the same k
+    if not isinstance(inner(codec), (TopK, RandK)):  # a sparse payload fits any shape with the same k
         for shape in ((13, 10), (12, 9), (1,)):
             with pytest.raises(ProtocolError):
                 codec.decode(data, meta, shape)
@@ -352,6 +403,8 @@ def contraction(codec, n):
         return _quant_factor(codec, 1), 2.0**-148, np.inf
     if isinstance(codec, ScaledSign):
         return _sign_factor(codec, n), 2.0**-140, 2
+    if isinstance(codec, RandK):  # positions are pseudo-random: no worst-case contraction, only in expectation
+        return None, None, 2
     if isinstance(codec, TopK):  # ||err||^2 <= ||dropped||^2 + q^2 ||kept||^2 and ||kept||^2 >= (k/n) ||x||^2
         k, v = codec.k(n), codec.values
         q, a = {Float16: (2.0**-11, 2.0**-25), BFloat16: (2.0**-8, 2.0**-134), Float32: (0.0, 0.0)}.get(type(v), (None, None))
