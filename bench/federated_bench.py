@@ -180,11 +180,14 @@ def final(r: dict) -> float:
 def strategy_targets(rows: list[dict]) -> str:
     """The issue's targets per data set and alpha, on the final round and on the mean of the
     last three: the best mixed-rank strategy against FedAvg at rank 2 (>= +2 points) and
-    against the best homogeneous rank 8 (>= -1 point)."""
+    against the best homogeneous rank 8 (>= -1 point), among the configurations of the cell run
+    with the most seeds, compared on their means over seeds."""
     lines = ["| data set | alpha | accuracy | best mixed-rank | FedAvg r2 | vs FedAvg r2 (target >= +2.0) | best rank 8 | "
              "vs best rank 8 (target >= -1.0) | FedAvg r8 | vs FedAvg r8 |", "|---|---:|---|---|---:|---:|---|---:|---:|---:|"]
     for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
         sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
+        most = max(len(r["seeds"]) for r in sel)
+        sel = [r for r in sel if len(r["seeds"]) == most]  # like with like: a best of one seed is luckier than a mean
         mixed = [r for r in sel if len(r["ranks"]) > 1]
         r2 = next((r for r in sel if r["strategy"] == "fedavg" and r["ranks"] == [2]), None)
         r8 = [r for r in sel if r["ranks"] == [8] and r["strategy"] != "fedsa-lora"]  # FedSA's global model is not its product
@@ -359,7 +362,8 @@ def report(rows: list[dict]) -> None:
         plot_strategies(strat, DOC.parent / "strategy_bench.png")
         write_section("federated_bench:strategies", "\n".join([
             f"Settings: {_settings_line(strat)}; {sum(r['wall_s'] * len(r['seeds']) for r in strat) / 60:.0f} min of runs.", "",
-            strategy_table(strat), "", "Targets (accuracy points; FedSA-LoRA left out of \"best rank 8\": its global "
+            strategy_table(strat), "", "Targets (accuracy points, means over seeds; in each cell only the configurations "
+            "run with the most seeds compete, in brackets; FedSA-LoRA is left out of \"best rank 8\": its global "
             "model lacks the personal B):", "", strategy_targets(strat), "",
             personalization_table(strat),
             "![final accuracy per strategy](strategy_bench.png)"]))
