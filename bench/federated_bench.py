@@ -42,7 +42,8 @@ STRATEGY_CONFIGS = [
     ("hetlora", (8,)), ("flexlora", (8,)), ("flora", (8,)),
     ("hetlora", (2, 4, 8, 16)), ("flexlora", (2, 4, 8, 16)), ("flora", (2, 4, 8, 16)),
 ]
-CODECS = ["fp32", "int8", "int4", "sign", "sign|int8", "topk0.1+int8", "topk0.1+sign", "topk0.05+int8", "topk0.02+int8+zlib"]
+CODECS = ["fp32", "int8", "int4", "sign", "sign|int8", "topk0.1+int8", "topk0.1+sign", "topk0.05+int8", "topk0.02+int8+zlib",
+          "randk0.7+sign|int4", "randk0.5+sign|int4"]
 SETTINGS = ("devices", "rounds", "local_steps", "max_length", "lr", "eval_max", "seed")
 RUN_SETTINGS = SETTINGS[:-1]  # rows that differ only in the seed are repeats of one configuration
 
@@ -153,7 +154,7 @@ def strategy_table(rows: list[dict]) -> str:
     for r in rows:
         local = f"{r['device_local_accuracy']:.3f}" if r.get("device_local_accuracy") is not None else ""
         lines.append(f"| {r['dataset']} | {r['alpha']} | {r['strategy']} | {_ranks(r)} | {_seeds(r)} | {_final(r)} | "
-                     f"{last3(r):.3f} | {r['best_accuracy']:.3f} | {r['rounds_to_95pct_best']} | {_mb(r['uplink_bytes_per_round'])} | "
+                     f"{last3(r):.3f} | {r['best_accuracy']:.3f} | {r['rounds_to_95pct_best']:.3g} | {_mb(r['uplink_bytes_per_round'])} | "
                      f"{_mb(r['downlink_bytes_per_round'])} | {r['aggregation_ms_per_round']:.1f} ms | {local} |")
     return "\n".join(lines)
 
