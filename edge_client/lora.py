@@ -86,18 +86,12 @@ def _keep(norms: np.ndarray, threshold: float) -> int:
     return max(1, int(keep[-1]) + 1)
 
 
-def self_prune(a: np.ndarray, b: np.ndarray, rank: int, threshold: float) -> int:
-    """The rank one module keeps: ``rank`` less its trailing components whose norm
-    (``component_norms``) is below ``threshold`` x the largest. Only trailing components are
-    dropped, so the kept adapter is the truncation HetLoRA's padding assumes. Never below 1."""
-    return _keep(component_norms(a[:rank], b[:, :rank]), threshold)
-
-
 def pruned_rank(tensors: Mapping[str, np.ndarray], rank: int, threshold: float) -> int:
     """HetLoRA rank self-pruning for a whole adapter (Cho et al., EMNLP 2024, Sec. 3): the
     device's rank is one number (it picks its downlink by it), so component j's strength is
-    its energy over all modules, ``sqrt(sum_m ||B_m[:, j]|| ||A_m[j]||^2)``, and trailing
-    components weaker than ``threshold`` x the strongest are given up.
+    its energy over all modules, ``sqrt(sum_m (||B_m[:, j]|| ||A_m[j]||)^2)``, and trailing
+    components weaker than ``threshold`` x the strongest are given up. Only trailing ones go,
+    so the kept adapter is the truncation HetLoRA's padding assumes; never below 1.
 
     The paper decays the rank when a regularised tail norm stops shrinking; this threshold rule
     is a deterministic stand-in with the same effect: ranks the device's data does not use are

@@ -176,7 +176,7 @@ def decode_envelope(payload: bytes) -> Envelope:
             raise ProtocolError("envelope body fails its sha256 check")
         if header["kind"] not in KINDS:
             raise ProtocolError(f"unknown envelope kind {header['kind']!r}")
-        codec = get_codec(header["codec"])
+        get_codec(header["codec"])  # an unknown spec is refused even with no tensors
         tensors: dict[str, np.ndarray] = {}
         tensor_codecs: dict[str, str] = {}
         offset = 0
@@ -191,7 +191,7 @@ def decode_envelope(payload: bytes) -> Envelope:
                 raise ProtocolError(f"tensor {spec['name']} appears twice")
             if "codec" in spec:
                 tensor_codecs[spec["name"]] = spec["codec"]
-            tensor_codec = get_codec(spec["codec"]) if "codec" in spec else codec
+            tensor_codec = get_codec(tensor_codecs.get(spec["name"], header["codec"]))
             tensors[spec["name"]] = tensor_codec.decode(body[offset:end], spec.get("meta") or {}, shape)
             offset = end
         if offset != len(body):

@@ -10,6 +10,7 @@ import pytest
 
 from edge_client.bundle import Manifest, ParamSpec
 from edge_client.errors import BundleError, ConfigError, UpdateRejected
+from edge_client.lora import component_norms, pad_a, pad_b, pruned_rank
 from server.strategies import STRATEGIES, make_strategy
 from server.strategies.base import (
     AdapterLayout,
@@ -17,12 +18,10 @@ from server.strategies.base import (
     GlobalModel,
     LoraModule,
     Partial,
-    pad_a,
-    pad_b,
 )
 from server.strategies.flexlora import svd_factors
 from server.strategies.flora import reinit_a, stack
-from server.strategies.hetlora import component_norms, product_norm, self_prune
+from server.strategies.hetlora import product_norm
 
 M = LoraModule.named("m", in_features=3, out_features=2)
 LAYOUT = AdapterLayout((M,), {"cls": (2,)}, scale=2.0)
@@ -167,6 +166,11 @@ def test_hetlora_example_weighted_hand_computed():
     # plain mean of the padded factors: the rank-1 device's zero row halves component 2
     np.testing.assert_allclose(new.tensors[M.a], [[0.5, 0.5, 0], [0, 0, 0.5]])
     np.testing.assert_allclose(new.tensors[M.b], [[4.5, 0], [2, 4]])
+
+
+def self_prune(a, b, rank, threshold):
+    """HetLoRA rank self-pruning of an adapter with one module."""
+    return pruned_rank({"m.lora_A.weight": a, "m.lora_B.weight": b}, rank, threshold)
 
 
 def test_hetlora_self_prune_drops_only_weak_trailing_components():

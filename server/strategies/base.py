@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_client.errors import BundleError, ConfigError, UpdateRejected
-from edge_client.lora import pad_a, pad_b  # noqa: F401  (zero-padding across ranks, for the strategies)
 
 
 @dataclass(frozen=True)

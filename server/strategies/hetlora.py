@@ -11,15 +11,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_client.errors import ConfigError
-from edge_client.lora import component_norms, self_prune  # noqa: F401  (HetLoRA's device side, re-exported)
+from edge_client.lora import pad_a, pad_b
 from server.strategies.base import (
     AdapterLayout,
     ClientUpdate,
     GlobalModel,
     Partial,
     Strategy,
-    pad_a,
-    pad_b,
     weighted_sum_into,
 )
 
