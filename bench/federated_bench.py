@@ -40,7 +40,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 STRATEGY_CONFIGS = [
     ("fedavg", (2,)), ("fedavg", (8,)), ("ffa-lora", (8,)), ("fedsa-lora", (8,)), ("fedex-lora", (8,)),
     ("hetlora", (8,)), ("flexlora", (8,)), ("flora", (8,)),
-    ("hetlora", (2, 4, 8, 16)), ("flexlora", (2, 4, 8, 16)), ("flora", (2, 4, 8, 16)),
+    ("hetlora", (2, 4, 8, 16)), ("flexlora", (2, 4, 8, 16)), ("flexlora-delta", (2, 4, 8, 16)), ("flora", (2, 4, 8, 16)),
 ]
 CODECS = ["fp32", "int8", "int4", "sign", "sign|int8", "topk0.1+int8", "topk0.1+sign", "topk0.05+int8", "topk0.02+int8+zlib",
           "randk0.7+sign|int4", "randk0.5+sign|int4"]

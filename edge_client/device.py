@@ -30,7 +30,7 @@ from edge_client.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
 from edge_client.protocol import (
-    BASE_DELTA_PREFIX, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope,
+    Envelope, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes,
 )
 from edge_client.runtime import RuntimeOptions, Trainer
 from edge_client.transport import BrokerConfig, MqttLink
@@ -275,13 +275,14 @@ class Device:
             if complete is None:
                 return
             env = decode_envelope(complete)
+            frozen_changes(env.tensors)  # factored changes to frozen weights must pair up
         except ProtocolError as exc:
             log.warning("dropping a bad global adapter message: %s", exc)
             return
         if env.kind != "global" or env.job != self.cfg.job:
             return
         shapes = rank_shapes(self.manifest.shapes, self.rank)
-        adapter = {k: v for k, v in env.tensors.items() if not k.startswith(BASE_DELTA_PREFIX)}
+        adapter = adapter_part(env.tensors)
         if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in adapter.items()):
             log.error("global adapter version %d (rank %d) does not match this bundle's tensors; ignored",
                       env.round, env.rank)

@@ -42,9 +42,40 @@ CHUNK_HEADER = struct.Struct("<4s16sIIQ")
 MAX_HEADER_BYTES = 1 << 20
 HEADER_ZLIB = 1 << 31  # flag bit in the header length word
 KINDS = ("update", "global")
-# Global envelopes may carry changes to frozen base weights (FLoRA, FedEx-LoRA) under this
-# prefix; the device adds them to its checkpoint's original weights.
+# Global envelopes may carry changes to frozen base weights: dense under ``base_delta/<weight>``
+# (FLoRA, FedEx-LoRA), or factored as ``base_b/<weight> @ base_a/<weight>`` (flexlora-delta:
+# the part of the global adapter beyond the device's rank, LoRA scale included in B). The
+# device sets each weight to its checkpoint's original value plus the sum of its changes.
 BASE_DELTA_PREFIX = "base_delta/"
+BASE_A_PREFIX = "base_a/"
+BASE_B_PREFIX = "base_b/"
+FROZEN_PREFIXES = (BASE_DELTA_PREFIX, BASE_A_PREFIX, BASE_B_PREFIX)
+
+
+def adapter_part(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The adapter tensors of a global envelope: everything but changes to frozen weights."""
+    return {k: v for k, v in tensors.items() if not k.startswith(FROZEN_PREFIXES)}
+
+
+def frozen_changes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Frozen weight name -> its total change (dense ``base_delta/`` plus factored
+    ``base_b/ @ base_a/``) in a global envelope; ProtocolError for an unpaired or
+    mis-shaped factor."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        if key.startswith(BASE_DELTA_PREFIX):
+            name = key[len(BASE_DELTA_PREFIX):]
+            out[name] = out.get(name, 0) + np.asarray(value, dtype=np.float32)
+    a_names = {k[len(BASE_A_PREFIX):] for k in tensors if k.startswith(BASE_A_PREFIX)}
+    b_names = {k[len(BASE_B_PREFIX):] for k in tensors if k.startswith(BASE_B_PREFIX)}
+    if a_names != b_names:
+        raise ProtocolError(f"factored weight changes come in pairs; unpaired: {sorted(a_names ^ b_names)[0]}")
+    for name in sorted(a_names):
+        a, b = tensors[BASE_A_PREFIX + name], tensors[BASE_B_PREFIX + name]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ProtocolError(f"change to {name}: B {tuple(b.shape)} @ A {tuple(a.shape)} is not a matrix product")
+        out[name] = out.get(name, 0) + (b.astype(np.float32) @ a.astype(np.float32))
+    return out
 
 
 # -- topics --------------------------------------------------------------------------------

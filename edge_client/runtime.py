@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_client.bundle import Bundle
 from edge_client.errors import BundleError
-from edge_client.protocol import BASE_DELTA_PREFIX
+from edge_client.protocol import adapter_part, frozen_changes
 from edge_client.data import Batch, EncodedDataset
 
 
@@ -131,14 +131,13 @@ class Trainer:
         params[name].data = np.ascontiguousarray(original + delta, dtype=np.float32)
 
     def apply_global(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Load what the aggregator sent: adapter tensors, and ``base_delta/<name>`` changes to
-        frozen weights. Tensors it did not send (a personal B, a frozen A) stay as they are.
-        Returns the adapter part."""
-        adapter = {k: v for k, v in tensors.items() if not k.startswith(BASE_DELTA_PREFIX)}
+        """Load what the aggregator sent: adapter tensors, and changes to frozen weights
+        (``edge_client.protocol.frozen_changes``). Tensors it did not send (a personal B, a
+        frozen A) stay as they are. Returns the adapter part."""
+        adapter = adapter_part(tensors)
         self.set_adapter(adapter)
-        for key, value in tensors.items():
-            if key.startswith(BASE_DELTA_PREFIX):
-                self.set_base_delta(key[len(BASE_DELTA_PREFIX):], value)
+        for name, change in frozen_changes(tensors).items():
+            self.set_base_delta(name, change)
         return adapter
 
     def save(self, path: str | Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from edge_client.bundle import Bundle, choose_bundle
 from edge_client.errors import PayloadTooLarge, ProtocolError, UpdateRejected
 from edge_client.protocol import (
-    BASE_DELTA_PREFIX, PROTOCOL_VERSION, Envelope, Reassembler, Topics, decode_envelope, encode_envelope,
+    BASE_DELTA_PREFIX, PROTOCOL_VERSION, Envelope, Reassembler, Topics, adapter_part, decode_envelope, encode_envelope,
 )
 from edge_client.runtime import read_parameters
 from edge_client.transport import MqttLink
@@ -45,10 +45,12 @@ def make_strategy(cfg: ServerConfig, bundle: Bundle) -> Strategy:
 
 
 def downlink_tensors(strategy: Strategy, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
-    """What a device of ``rank`` loads: its adapter slice, plus the cumulative change to frozen
-    weights (FLoRA, FedEx-LoRA) under ``base_delta/<name>``."""
+    """What a device of ``rank`` loads: its adapter slice, the cumulative change to frozen
+    weights (FLoRA, FedEx-LoRA) under ``base_delta/<name>``, and the strategy's factored
+    frozen changes (``Strategy.frozen_for_device``)."""
     tensors = strategy.for_device(model, rank)
     tensors.update({BASE_DELTA_PREFIX + name: value for name, value in model.base_delta.items()})
+    tensors.update(strategy.frozen_for_device(model, rank))
     return tensors
 
 
@@ -150,7 +152,7 @@ class Aggregator:
             full = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
                                             rank=rank, codec=self.cfg.codec, tensors=target))
             self._views[rank] = decode_envelope(full).tensors
-            self._sent[rank] = {k: v for k, v in self._views[rank].items() if not k.startswith(BASE_DELTA_PREFIX)}
+            self._sent[rank] = adapter_part(self._views[rank])
             count = self._publish_retained(lambda i, r=rank: self.topics.global_chunk(r, i), full, previous[1])
             self._published[rank] = (version, count, delta_chunks)
             self._payload_bytes[rank] = len(full)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--ranks", type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
                      help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")
     sim.add_argument("--strategy", default="fedavg",
-                     help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flora | fedex-lora")
+                     help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora")
     sim.add_argument("--prune-threshold", type=float, default=0.0,
                      help="hetlora: devices give up trailing rank components weaker than this fraction of their strongest")
     sim.add_argument("--max-length", type=int, default=128)

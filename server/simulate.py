@@ -52,7 +52,7 @@ class SimulateConfig:
     split: iid, dirichlet (over labels, ``alpha``) or group (by ``group_column``; natural).
     rank: the LoRA rank of every device; ``ranks`` instead gives a mix, assigned to devices in
         turn (device i trains ``ranks[i % len(ranks)]``), for the rank-aware strategies.
-    strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flora, fedex-lora).
+    strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flexlora-delta, flora, fedex-lora).
     prune_threshold: HetLoRA rank self-pruning on the devices (0: off; see ServerConfig).
     codec / head_codec / downlink_codec: uplink codec, the uplink codec of the classifier head
         (empty: ``codec``), and the codec of global deltas (empty: full copies only).

@@ -61,7 +61,7 @@ def test_device_environment_has_no_torch(edge_python, minilm_bundle):
 
 @pytest.mark.parametrize("strategy, ranks", [
     ("fedavg", (4,)), ("ffa-lora", (4,)), ("fedsa-lora", (4,)), ("fedex-lora", (4,)),
-    ("hetlora", (2, 4, 8)), ("flexlora", (2, 4, 8)), ("flora", (2, 4, 8)),
+    ("hetlora", (2, 4, 8)), ("flexlora", (2, 4, 8)), ("flexlora-delta", (2, 4, 8)), ("flora", (2, 4, 8)),
 ])
 def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bundles, edge_python, mosquitto,
                                                              strategy, ranks):

@@ -121,6 +121,38 @@ def test_ort_trainer_learns_and_adapter_round_trips(minilm_bundle):
         trainer.set_adapter({name: np.zeros((1, 1), np.float32)})
 
 
+def test_a_low_rank_device_with_the_tail_folded_computes_what_the_whole_adapter_does(minilm_bundles):
+    """flexlora-delta's downlink: a rank-2 device gets A[:2], B[:, :2] to train and the rest of
+    a rank-8 global as frozen factors; its model is then exactly the rank-8 model (real
+    artifacts of both ranks, same exported base weights)."""
+    from edge_client.data import Batch
+    from edge_client.protocol import BASE_A_PREFIX, BASE_B_PREFIX
+    from edge_client.runtime import Trainer
+    from server.strategies import make_strategy
+    from server.strategies.base import AdapterLayout, GlobalModel
+
+    big, small = Trainer(Bundle(minilm_bundles / "r8")), Trainer(Bundle(minilm_bundles / "r2"))
+    rng = np.random.default_rng(3)
+    tensors = {k: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32) for k, v in big.get_adapter().items()}
+    strategy = make_strategy("flexlora-delta", AdapterLayout.from_manifest(big.manifest), rank=8)
+    glob = GlobalModel(8, tensors)
+    big.apply_global(strategy.for_device(glob, 8))
+    sent = {**strategy.for_device(glob, 2), **strategy.frozen_for_device(glob, 2)}
+    assert any(k.startswith(BASE_A_PREFIX) for k in sent) and any(k.startswith(BASE_B_PREFIX) for k in sent)
+    small.apply_global(sent)
+    ids = rng.integers(1000, 2000, size=(4, 16)).astype(np.int64)
+    batch = Batch(ids, np.ones_like(ids), np.array([0, 1, 2, 3], dtype=np.int64))
+    truncated = Trainer(Bundle(minilm_bundles / "r2"))
+    truncated.apply_global(strategy.for_device(glob, 2))
+    assert abs(small.eval_batch(batch)[0] - big.eval_batch(batch)[0]) < 1e-4
+    assert abs(truncated.eval_batch(batch)[0] - big.eval_batch(batch)[0]) > 1e-3  # the tail matters here
+    # the next version replaces the folded change rather than adding to it
+    glob = GlobalModel(8, {k: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32) for k, v in tensors.items()})
+    big.apply_global(strategy.for_device(glob, 8))
+    small.apply_global({**strategy.for_device(glob, 2), **strategy.frozen_for_device(glob, 2)})
+    assert abs(small.eval_batch(batch)[0] - big.eval_batch(batch)[0]) < 1e-4
+
+
 def test_ladder_records_memory_and_devices_choose_a_rank(minilm_bundles):
     from edge_client.bundle import choose_bundle
 

@@ -8,7 +8,8 @@ import pytest
 
 from edge_client.errors import PayloadTooLarge, ProtocolError
 from edge_client.protocol import (
-    CHUNK_HEADER, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES, Envelope, Reassembler, Topics, check_device_id, decode_envelope, encode_envelope, split_chunks,
+    BASE_A_PREFIX, BASE_B_PREFIX, BASE_DELTA_PREFIX, CHUNK_HEADER, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES, Envelope,
+    Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes, split_chunks,
 )
 
 
@@ -172,3 +173,24 @@ def test_message_id_is_payload_hash_prefix():
     payload = b"hello" * 100
     chunk = split_chunks(payload, 64)[0]
     assert chunk[4:20] == hashlib.sha256(payload).digest()[:16]
+
+
+def test_frozen_changes_sum_dense_and_factored_changes_per_weight():
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((4, 2), np.float32)
+    tensors = {"x.lora_A.weight": np.zeros((2, 3), np.float32), BASE_DELTA_PREFIX + "w": np.ones((4, 3), np.float32),
+               BASE_A_PREFIX + "w": a, BASE_B_PREFIX + "w": b, BASE_A_PREFIX + "v": a[:1], BASE_B_PREFIX + "v": b[:, :1]}
+    changes = frozen_changes(tensors)
+    assert set(changes) == {"w", "v"} and set(adapter_part(tensors)) == {"x.lora_A.weight"}
+    np.testing.assert_allclose(changes["w"], 1 + b @ a)
+    np.testing.assert_allclose(changes["v"], b[:, :1] @ a[:1])
+
+
+@pytest.mark.parametrize("tensors, match", [
+    ({BASE_A_PREFIX + "w": np.ones((2, 3), np.float32)}, "pairs"),
+    ({BASE_B_PREFIX + "w": np.ones((4, 2), np.float32)}, "pairs"),
+    ({BASE_A_PREFIX + "w": np.ones((2, 3), np.float32), BASE_B_PREFIX + "w": np.ones((4, 3), np.float32)}, "product"),
+    ({BASE_A_PREFIX + "w": np.ones(3, np.float32), BASE_B_PREFIX + "w": np.ones((4, 1), np.float32)}, "product"),
+])
+def test_frozen_changes_refuse_unpaired_or_misshaped_factors(tensors, match):
+    with pytest.raises(ProtocolError, match=match):
+        frozen_changes(tensors)

@@ -11,6 +11,7 @@ import pytest
 from edge_client.bundle import Manifest, ParamSpec
 from edge_client.errors import BundleError, ConfigError, UpdateRejected
 from edge_client.lora import component_norms, pad_a, pad_b, pruned_rank
+from edge_client.protocol import BASE_A_PREFIX, frozen_changes
 from server.strategies import STRATEGIES, make_strategy
 from server.strategies.base import (
     AdapterLayout,
@@ -220,6 +221,58 @@ def test_flexlora_truncation_is_the_best_rank_r_approximation():
         assert np.linalg.norm(delta - approx) == pytest.approx(np.sqrt(np.sum(sv[r:] ** 2)), abs=1e-5)
 
 
+def test_flexlora_delta_keeps_what_low_rank_devices_could_not_hold():
+    # global product diag(3, 1) in SVD form (scale 2: b * a = 1.5 and 0.5)
+    a, b = svd_factors(np.diag([3.0, 1.0, 0.0])[:2], rank=2, scale=2.0)
+    glob = model(2, a=a, b=b)
+    plain, delta = STRATEGIES["flexlora"](LAYOUT, rank=2), STRATEGIES["flexlora-delta"](LAYOUT, rank=2)
+    # both devices train nothing: each sends back the slice it received
+    echo = [upd(f"d{r}", 1, **{k: v for k, v in zip("ab", (t[M.a], t[M.b]))}) for r in (1, 2)
+            for t in [plain.for_device(glob, r)]]
+    # FlexLoRA: mean of (3 e1e1^T) and diag(3, 1): the second component halves
+    np.testing.assert_allclose(effective(run(plain, glob, echo), 0.0), [[3, 0, 0], [0, 0.5, 0]], atol=1e-6)
+    # the variant: nothing changed, nothing moves
+    np.testing.assert_allclose(effective(run(delta, glob, echo), 0.0), [[3, 0, 0], [0, 1, 0]], atol=1e-6)
+
+
+def test_flexlora_delta_devices_compute_with_the_whole_global():
+    rng = np.random.default_rng(4)
+    s = STRATEGIES["flexlora-delta"](LAYOUT, rank=2)
+    glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
+    sent = {**s.for_device(glob, 1), **s.frozen_for_device(glob, 1)}
+    assert sent[M.a].shape == (1, 3) and sent[BASE_A_PREFIX + M.base].shape == (1, 3)
+    folded = frozen_changes(sent)[M.base]  # the scale is in base_b
+    np.testing.assert_allclose(effective(sent, folded), effective(glob, 0.0), rtol=1e-6, atol=1e-6)
+    assert s.frozen_for_device(glob, 2) == {} and STRATEGIES["flexlora"](LAYOUT, rank=2).frozen_for_device(glob, 1) == {}
+
+
+def test_flexlora_delta_is_the_global_plus_the_mean_change():
+    rng = np.random.default_rng(5)
+    mod = LoraModule.named("big", in_features=7, out_features=5)
+    layout = AdapterLayout((mod,), {}, scale=2.0)
+    s = STRATEGIES["flexlora-delta"](layout, rank=4)
+    a, b = svd_factors(rng.normal(size=(5, 7)), rank=4, scale=2.0)
+    glob = model(4, a=a, b=b, layout=layout)
+    g = effective(glob, 0.0, layout=layout, m=mod)
+    updates, want, ns = [], g.copy(), [3, 1, 2, 5]
+    for i, (n, r) in enumerate(zip(ns, [1, 2, 4, 2])):
+        start = s.for_device(glob, r)
+        sent = {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in start.items()}
+        updates.append(ClientUpdate(f"d{i}", 1, r, n, sent))
+        want += n / sum(ns) * (effective(sent, 0.0, layout=layout, m=mod) - effective(start, 0.0, layout=layout, m=mod))
+    new = run(s, glob, updates)
+    u, sv, vt = np.linalg.svd(want)
+    np.testing.assert_allclose(effective(new, 0.0, layout=layout, m=mod), (u[:, :4] * sv[:4]) @ vt[:4], atol=1e-5)
+
+
+def test_flexlora_delta_with_one_rank_is_flexlora():
+    rng = np.random.default_rng(6)
+    glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
+    updates = [upd(f"d{i}", i + 1, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), rng.normal(size=2)) for i in range(3)]
+    assert_models_close(run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2), glob, updates),
+                        run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates))
+
+
 def test_svd_factors_pads_beyond_the_rank_of_the_matrix():
     a, b = svd_factors(np.array([[2.0, 0, 0], [0, 0, 0]]), rank=3, scale=1.0)
     assert a.shape == (3, 3) and b.shape == (2, 3)
@@ -309,11 +362,12 @@ def assert_models_close(x, y):
 
 
 def test_registry_names_every_strategy_and_builds_by_name():
-    assert set(STRATEGIES) == {"fedavg", "ffa-lora", "fedsa-lora", "hetlora", "flexlora", "flora", "fedex-lora"}
+    assert set(STRATEGIES) == {"fedavg", "ffa-lora", "fedsa-lora", "hetlora", "flexlora", "flexlora-delta", "flora",
+                               "fedex-lora"}
     assert all(cls.name == key for key, cls in STRATEGIES.items())
     s = make_strategy("hetlora", LAYOUT, rank=2, weighting="examples")
     assert s.name == "hetlora" and s.weighting == "examples" and s.rank == 2
-    with pytest.raises(ConfigError, match="known: fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flora, fedex-lora"):
+    with pytest.raises(ConfigError, match="known: fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flexlora-delta, flora, fedex-lora"):
         make_strategy("fedprox", LAYOUT, rank=2)
     with pytest.raises(ConfigError, match="flora"):
         make_strategy("flora", LAYOUT, rank=2, weighting="examples")
@@ -406,7 +460,7 @@ def test_one_rank_strategies_serve_their_rank_only(name):
         s.for_device(model(2), 1)
 
 
-@pytest.mark.parametrize("name", ["hetlora", "flexlora", "flora"])
+@pytest.mark.parametrize("name", ["hetlora", "flexlora", "flexlora-delta", "flora"])
 def test_rank_heterogeneous_strategies_serve_every_rank_up_to_the_global(name):
     s = STRATEGIES[name](LAYOUT, rank=2)
     glob = model(2, a=np.arange(6.0).reshape(2, 3), b=np.arange(4.0).reshape(2, 2))

@@ -12,7 +12,7 @@ from server.strategies.fedavg import FedAvg
 from server.strategies.fedex_lora import FedExLoRA
 from server.strategies.fedsa_lora import FedSALoRA
 from server.strategies.ffa_lora import FFALoRA
-from server.strategies.flexlora import FlexLoRA
+from server.strategies.flexlora import FlexLoRA, FlexLoRADelta
 from server.strategies.flora import FLoRA
 from server.strategies.hetlora import HetLoRA
 
@@ -22,6 +22,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedsa-lora": FedSALoRA,
     "hetlora": HetLoRA,
     "flexlora": FlexLoRA,
+    "flexlora-delta": FlexLoRADelta,
     "flora": FLoRA,
     "fedex-lora": FedExLoRA,
 }

@@ -313,6 +313,12 @@ class Strategy(abc.ABC):
         out.update({h: model.tensors[h].copy() for h in self.layout.head})
         return out
 
+    def frozen_for_device(self, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
+        """Factored changes to frozen weights a device of ``rank`` also loads, as
+        ``base_a/<LoraModule.base>`` (k x in) and ``base_b/<LoraModule.base>`` (out x k, LoRA
+        scale included): the device adds ``base_b @ base_a`` to that weight. None by default."""
+        return {}
+
 
 def module_product(update: ClientUpdate, m: LoraModule) -> np.ndarray:
     """B_i @ A_i of one module of one update, in float64 (out x in)."""
