@@ -81,18 +81,20 @@ def summarize(out: Path) -> dict:
     }
 
 
-def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int = 0) -> str:
+def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int = 0,
+          lr_rank_power: float = 0.0) -> str:
     name = f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_').replace('|', '-head-')}"
-    return name + (f"-s{seed}" if seed else "")
+    return name + (f"-lrp{lr_rank_power:g}" if lr_rank_power else "") + (f"-s{seed}" if seed else "")
 
 
 def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int) -> dict:
-    name = _name(dataset, alpha, strategy, ranks, codec, seed)
+    name = _name(dataset, alpha, strategy, ranks, codec, seed, args.lr_rank_power)
     out = ROOT / "runs" / "bench" / name
     edge_python = ROOT / ".venv-edge" / "bin" / "python"
     cmd = [sys.executable, "-m", "server.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
            "--split", "dirichlet", "--alpha", str(alpha), "--rounds", str(args.rounds),
            "--local-steps", str(args.local_steps), "--max-length", str(args.max_length), "--lr", str(args.lr),
+           "--lr-rank-power", str(args.lr_rank_power),
            "--seed", str(seed), "--ranks", ",".join(map(str, ranks)), "--strategy", strategy,
            "--codec", codec.split("|")[0], "--head-codec", codec.partition("|")[2], "--eval-max", str(args.eval_max),
            "--out", str(out),
@@ -104,14 +106,14 @@ def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, .
     if proc.returncode != 0:
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see runs/bench/{name}.log")
     row = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
-           **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed, **summarize(out), "wall_s": round(time.time() - start, 1)}
+           "lr_rank_power": args.lr_rank_power, **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed, **summarize(out), "wall_s": round(time.time() - start, 1)}
     print(f"[bench] {name}: final accuracy {row['final_accuracy']:.4f} (best {row['best_accuracy']:.4f}), "
           f"{row['uplink_bytes_total'] / 1e6:.1f} MB up, {row['wall_s']:.0f}s", flush=True)
     return row
 
 
 def _key(row: dict) -> tuple:
-    return (row["dataset"], row["alpha"], row["strategy"], tuple(row["ranks"]), row["codec"],
+    return (row["dataset"], row["alpha"], row["strategy"], tuple(row["ranks"]), row["codec"], row["lr_rank_power"],
             *(row[k] for k in SETTINGS))
 
 
@@ -128,7 +130,7 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
         runs.sort(key=lambda r: r["seed"])
         row = dict(runs[0], seeds=[r["seed"] for r in runs])
         for k, v in runs[0].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SETTINGS and k != "alpha":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SETTINGS + ("alpha", "lr_rank_power"):
                 values = [r[k] for r in runs if r.get(k) is not None]
                 row[k] = statistics.mean(values) if values else None
         curves = [r["accuracy_per_round"] for r in runs if r.get("accuracy_per_round")]
@@ -143,6 +145,11 @@ def _ranks(r: dict) -> str:
     return "/".join(map(str, r["ranks"]))
 
 
+def _strategy(r: dict) -> str:
+    """The strategy, and the rank-dependent learning rate when the run used one."""
+    return r["strategy"] + (f" lr x (R/r)^{r['lr_rank_power']:g}" if r["lr_rank_power"] else "")
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -153,7 +160,7 @@ def strategy_table(rows: list[dict]) -> str:
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         local = f"{r['device_local_accuracy']:.3f}" if r.get("device_local_accuracy") is not None else ""
-        lines.append(f"| {r['dataset']} | {r['alpha']} | {r['strategy']} | {_ranks(r)} | {_seeds(r)} | {_final(r)} | "
+        lines.append(f"| {r['dataset']} | {r['alpha']} | {_strategy(r)} | {_ranks(r)} | {_seeds(r)} | {_final(r)} | "
                      f"{last3(r):.3f} | {r['best_accuracy']:.3f} | {r['rounds_to_95pct_best']:.3g} | {_mb(r['uplink_bytes_per_round'])} | "
                      f"{_mb(r['downlink_bytes_per_round'])} | {r['aggregation_ms_per_round']:.1f} ms | {local} |")
     return "\n".join(lines)
@@ -198,8 +205,8 @@ def strategy_targets(rows: list[dict]) -> str:
         for label, acc in (("final", final), ("last 3 rounds", last3)):
             m, h = max(mixed, key=acc), max(r8, key=acc)
             d2, d8, da = (100 * (acc(m) - acc(x)) for x in (r2, h, avg8))
-            lines.append(f"| {dataset} | {alpha} | {label} | {m['strategy']} {acc(m):.3f} ({_seeds(m)}) | {acc(r2):.3f} ({_seeds(r2)}) | "
-                         f"{d2:+.1f} {'met' if d2 >= 2.0 else 'missed'} | {h['strategy']} {acc(h):.3f} ({_seeds(h)}) | "
+            lines.append(f"| {dataset} | {alpha} | {label} | {_strategy(m)} {acc(m):.3f} ({_seeds(m)}) | {acc(r2):.3f} ({_seeds(r2)}) | "
+                         f"{d2:+.1f} {'met' if d2 >= 2.0 else 'missed'} | {_strategy(h)} {acc(h):.3f} ({_seeds(h)}) | "
                          f"{d8:+.1f} {'met' if d8 >= -1.0 else 'missed'} | {acc(avg8):.3f} ({_seeds(avg8)}) | {da:+.1f} |")
     return "\n".join(lines)
 
@@ -280,7 +287,7 @@ def plot_strategies(rows: list[dict], path: Path) -> None:
         x = range(len(sel))
         ax.bar(x, [r["final_accuracy"] for r in sel], color=["tab:orange" if len(r["ranks"]) > 1 else "tab:blue" for r in sel])
         ax.scatter(x, [r["best_accuracy"] for r in sel], marker="_", color="black", s=120, zorder=3)
-        ax.set_xticks(list(x), [f"{r['strategy']}\n{_ranks(r)}" for r in sel], rotation=60, fontsize=7)
+        ax.set_xticks(list(x), [f"{_strategy(r)}\n{_ranks(r)}" for r in sel], rotation=60, fontsize=7)
         ax.set_ylim(max(0.0, min(r["final_accuracy"] for r in sel) - 0.05), 1.0)
         ax.set_title(f"{dataset}, Dirichlet alpha {alpha}")
         ax.set_ylabel("final test accuracy")
@@ -292,7 +299,7 @@ def plot_strategies(rows: list[dict], path: Path) -> None:
         for r in sorted(sel, key=_config_index):  # one color per configuration, the same in every panel
             acc = r.get("accuracy_per_round", [])
             ax.plot(range(1, len(acc) + 1), acc, ls="--" if len(r["ranks"]) > 1 else "-", marker=".",
-                    color=plt.get_cmap("tab20")(_config_index(r) % 20), label=f"{r['strategy']} {_ranks(r)}")
+                    color=plt.get_cmap("tab20")(_config_index(r) % 20), label=f"{_strategy(r)} {_ranks(r)}")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -389,15 +396,20 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr-rank-power", type=float, default=0.0,
+                        help="mixed ranks: rank-r devices train at lr * (max rank / r) ** this (shown with the strategy)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each configuration runs once per seed")
     parser.add_argument("--eval-max", type=int, default=2000, help="test examples the aggregator evaluates on")
     parser.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON only")
     args = parser.parse_args()
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    for r in rows:
-        r.setdefault("eval_max", 2000)  # rows from before it was recorded: the bench always passed its default  # rows written before per-device numbers were kept: read them from the run folder
-        out = ROOT / "runs" / "bench" / _name(r["dataset"], r["alpha"], r["strategy"], tuple(r["ranks"]), r["codec"], r["seed"])
+    for r in rows:  # rows from before a setting was recorded ran with the bench's default
+        r.setdefault("eval_max", 2000)
+        r.setdefault("lr_rank_power", 0.0)
+        # rows written before per-device numbers were kept: read them from the run folder
+        out = ROOT / "runs" / "bench" / _name(r["dataset"], r["alpha"], r["strategy"], tuple(r["ranks"]), r["codec"],
+                                             r["seed"], r["lr_rank_power"])
         if "device_local" not in r and (out / "metrics.jsonl").is_file():
             r["device_local"] = summarize(out)["device_local"]
     plan = []
@@ -418,7 +430,7 @@ def main() -> int:
     (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
     for dataset, alpha, strategy, ranks, codec, seed in [] if args.report_only else plan:
         probe = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
-                 **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed}
+                 "lr_rank_power": args.lr_rank_power, **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed}
         if any(_key(r) == _key(probe) for r in rows):
             continue
         rows.append(run_one(args, dataset, alpha, strategy, ranks, codec, seed))

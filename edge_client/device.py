@@ -218,6 +218,15 @@ class DeviceState:
         os.replace(tmp, self.adapter_path)
 
 
+def round_lr(train: dict, global_rank: int, rank: int) -> float:
+    """The announced learning rate for a device of ``rank``: ``lr * (global_rank / rank) **
+    lr_rank_power`` (``server.config.TrainSettings``; no power: ``lr``)."""
+    lr, power = float(train["lr"]), float(train.get("lr_rank_power", 0.0))
+    if not 0 < lr < 1 or not 0 <= power <= 2:
+        raise ProtocolError(f"announced lr {lr} or lr_rank_power {power} is out of range")
+    return lr * (max(global_rank, rank) / rank) ** power
+
+
 class Device:
     def __init__(self, cfg: DeviceConfig, link: MqttLink | None = None):
         self.cfg = cfg
@@ -256,9 +265,12 @@ class Device:
         self._last_progress = time.monotonic()
         if topic == self.topics.round:
             try:
-                self.announcement = json.loads(payload)
-            except ValueError:
-                log.warning("ignoring a malformed round announcement")
+                ann = json.loads(payload)
+                if isinstance(ann, dict) and ann.get("state") == "open":
+                    round_lr(ann["train"], int(ann.get("rank", self.rank)), self.rank)
+                self.announcement = ann
+            except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+                log.warning("ignoring a malformed round announcement: %s", exc)
         elif topic.startswith(f"{self.topics.base}/global/"):
             if payload:
                 self._handle_global_chunk(payload, delta=False)
@@ -336,14 +348,15 @@ class Device:
         steps = int(train["local_steps"])
         if self.cfg.max_local_steps:
             steps = min(steps, self.cfg.max_local_steps)
-        log.info("round %s: training %d local steps (batch %s)", ann["round"], steps, train["batch_size"])
+        lr = round_lr(train, int(ann.get("rank", self.rank)), self.rank)
+        log.info("round %s: training %d local steps (batch %s, lr %g)", ann["round"], steps, train["batch_size"], lr)
         start = time.perf_counter()
         assert self.global_tensors is not None
         start_from = self.trainer.apply_global(pad_rank(self.global_tensors, self.manifest.shapes))
         # FFA-LoRA keeps A at its initial value: restore it after every step (cheap: A is small).
         frozen = {} if ann.get("strategy", {}).get("trains_a", True) else {
             p.name: v for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values()) if p.role == "lora_A"}
-        self.trainer.set_learning_rate(float(train["lr"]))
+        self.trainer.set_learning_rate(lr)
         rng = np.random.default_rng([self.cfg.seed, int(ann["round"])])
         losses, times = [], []
         for batch in self.data.train.sample_batches(int(train["batch_size"]), steps, rng):

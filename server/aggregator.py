@@ -178,7 +178,8 @@ class Aggregator:
                     "strategy": {"name": self.strategy.name, "trains_a": self.strategy.trains_a,
                                  **({"prune_threshold": self.cfg.prune_threshold} if self.cfg.prune_threshold else {})},
                     "train": {"local_steps": self.cfg.train.local_steps, "batch_size": self.cfg.train.batch_size,
-                              "lr": self.cfg.train.lr}}
+                              "lr": self.cfg.train.lr,
+                              **({"lr_rank_power": self.cfg.train.lr_rank_power} if self.cfg.train.lr_rank_power else {})}}
         return {**base, "state": "finished" if c.finished else "waiting", "round": c.next_round - 1}
 
     def announce(self) -> None:

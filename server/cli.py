@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--local-steps", type=int, default=20)
     sim.add_argument("--batch-size", type=int, default=8)
     sim.add_argument("--lr", type=float, default=2e-3)
+    sim.add_argument("--lr-rank-power", type=float, default=0.0,
+                     help="mixed ranks: a rank-r device trains at lr * (max rank / r) ** this (0.5: rsLoRA's ratio)")
     sim.add_argument("--rank", type=int, default=8)
     sim.add_argument("--ranks", type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
                      help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")

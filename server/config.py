@@ -21,11 +21,17 @@ class TrainSettings:
     """What each device does in a round (sent in the round announcement).
 
     local_steps: optimizer steps per round; batch_size: examples per step; lr: AdamW rate.
+    lr_rank_power: mixed ranks: a device of rank r trains at ``lr * (R / r) ** lr_rank_power``,
+        R the global adapter's rank (0: the same rate at every rank). Every rank of a ladder
+        has LoRA scale 2 (alpha = 2 r), and under Adam each factor entry moves about ``lr`` per
+        step, so a rank-r product moves roughly in proportion to sqrt(r) to r: 0.5 evens out
+        the first (the ratio rsLoRA's alpha / sqrt(r) scaling gives), 1 the second.
     """
 
     local_steps: int = 20
     batch_size: int = 8
     lr: float = 1e-3
+    lr_rank_power: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -34,6 +40,8 @@ class TrainSettings:
             raise ConfigError("train.batch_size must be >= 1")
         if not 0 < self.lr < 1:
             raise ConfigError(f"train.lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.lr_rank_power <= 2:
+            raise ConfigError(f"train.lr_rank_power must be in [0, 2], got {self.lr_rank_power}")
 
 
 @dataclass

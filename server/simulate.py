@@ -54,6 +54,8 @@ class SimulateConfig:
         turn (device i trains ``ranks[i % len(ranks)]``), for the rank-aware strategies.
     strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flexlora-delta, flora, fedex-lora).
     prune_threshold: HetLoRA rank self-pruning on the devices (0: off; see ServerConfig).
+    lr_rank_power: mixed ranks: rank-r devices train at ``lr * (max rank / r) ** power``
+        (0: off; see ``server.config.TrainSettings``).
     codec / head_codec / downlink_codec: uplink codec, the uplink codec of the classifier head
         (empty: ``codec``), and the codec of global deltas (empty: full copies only).
     max_train: subsample the training set (0: all) for quick runs.
@@ -73,6 +75,7 @@ class SimulateConfig:
     local_steps: int = 20
     batch_size: int = 8
     lr: float = 2e-3
+    lr_rank_power: float = 0.0
     rank: int = 8
     ranks: tuple[int, ...] = ()
     strategy: str = "fedavg"
@@ -220,7 +223,8 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     server_cfg = ServerConfig(
         job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
         rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout),
-        train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr), uplink_codec=cfg.codec,
+        train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                            lr_rank_power=cfg.lr_rank_power), uplink_codec=cfg.codec,
         uplink_head_codec=cfg.head_codec, strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
         prune_threshold=cfg.prune_threshold,
     )

@@ -4,9 +4,9 @@ import pytest
 
 from edge_client.config import load
 from edge_client.device import DeviceConfig, load_device_config
-from edge_client.errors import ConfigError
+from edge_client.errors import ConfigError, ProtocolError
 from edge_client.transport import BrokerConfig
-from server.config import ServerConfig, load_server_config
+from server.config import ServerConfig, TrainSettings, load_server_config
 
 
 def test_file_then_env_then_overrides(tmp_path, monkeypatch):
@@ -57,3 +57,18 @@ def test_broker_config_validation():
     for kw in ({"url": "h:1"}, {"protocol": "4"}, {"max_packet_size": 10}):
         with pytest.raises(ConfigError):
             BrokerConfig(**kw)
+
+
+def test_rank_dependent_learning_rate_is_checked_on_both_sides():
+    from edge_client.device import round_lr
+
+    with pytest.raises(ConfigError, match="lr_rank_power"):
+        TrainSettings(lr_rank_power=3)
+    with pytest.raises(ConfigError, match="lr_rank_power"):
+        TrainSettings(lr_rank_power=-0.5)
+    assert round_lr({"lr": 0.002}, 16, 2) == 0.002
+    assert round_lr({"lr": 0.002, "lr_rank_power": 0.5}, 16, 4) == pytest.approx(0.004)
+    assert round_lr({"lr": 0.002, "lr_rank_power": 1.0}, 16, 16) == pytest.approx(0.002)
+    for bad in ({"lr": 0.002, "lr_rank_power": 5}, {"lr": 2.0}, {"lr": -1}):
+        with pytest.raises(ProtocolError, match="out of range"):
+            round_lr(bad, 16, 4)

@@ -68,8 +68,9 @@ def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bu
     """Devices of ranks 2, 4 and 8 (or one rank for the same-rank methods) in one job."""
     from edge_client.bundle import Bundle
 
+    power = 0.5 if strategy == "flexlora-delta" else 0.0  # and the rank-dependent learning rate
     cfg = _small(tmp_path, minilm_bundles, edge_python, broker=mosquitto.url, split="iid", strategy=strategy,
-                 ranks=ranks, centralized=False)
+                 ranks=ranks, centralized=False, lr_rank_power=power)
     if len(ranks) == 1:
         cfg.bundle = minilm_bundles / f"r{ranks[0]}"
     result = run_simulation(cfg)
@@ -79,6 +80,10 @@ def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bu
     logs = [p.read_text() for p in (cfg.out / "devices").glob("*/device.log")]
     trained = sorted(int(re.search(r"training examples, rank (\d+)", log).group(1)) for log in logs)
     assert trained == sorted(ranks * (3 // len(ranks)))
+    for log in logs:  # lr * (max rank / rank) ** power
+        rank = int(re.search(r"training examples, rank (\d+)", log).group(1))
+        lrs = [float(x) for x in re.findall(r"local steps \(batch \d+, lr ([0-9.e-]+)\)", log)]
+        assert lrs == [pytest.approx(cfg.lr * (max(ranks) / rank) ** power, rel=1e-4)] * 2
     state = cfg.out / "aggregator"
     if strategy in ("flora", "fedex-lora"):
         import numpy as np
