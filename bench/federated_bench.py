@@ -185,17 +185,30 @@ def final(r: dict) -> float:
     return r["final_accuracy"]
 
 
-def strategy_targets(rows: list[dict]) -> str:
+def target_seeds(raw: list[dict]) -> set[int]:
+    """The seeds a cell's targets are judged on: the largest set that FedAvg at ranks 2 and 8
+    and some mixed-rank configuration all ran (like with like: a best of one seed is luckier
+    than a mean of three, and a mean over other federations is no baseline)."""
+    seeds: dict[tuple, set[int]] = {}
+    for r in raw:
+        seeds.setdefault(_key(r)[:-1], set()).add(r["seed"])
+    base = [v for k, v in seeds.items() if k[2] == "fedavg" and k[3] in ((2,), (8,))]
+    if len(base) < 2:
+        return set()
+    return max((base[0] & base[1] & v for k, v in seeds.items() if len(k[3]) > 1), key=len, default=set())
+
+
+def strategy_targets(raw: list[dict]) -> str:
     """The issue's targets per data set and alpha, on the final round and on the mean of the
     last three: the best mixed-rank strategy against FedAvg at rank 2 (>= +2 points) and
-    against the best homogeneous rank 8 (>= -1 point), among the configurations of the cell run
-    with the most seeds, compared on their means over seeds."""
+    against the best homogeneous rank 8 (>= -1 point), among the configurations that ran every
+    seed of ``target_seeds``, compared on their means over exactly those seeds."""
     lines = ["| data set | alpha | accuracy | best mixed-rank | FedAvg r2 | vs FedAvg r2 (target >= +2.0) | best rank 8 | "
              "vs best rank 8 (target >= -1.0) | FedAvg r8 | vs FedAvg r8 |", "|---|---:|---|---|---:|---:|---|---:|---:|---:|"]
-    for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
-        sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
-        most = max(len(r["seeds"]) for r in sel)
-        sel = [r for r in sel if len(r["seeds"]) == most]  # like with like: a best of one seed is luckier than a mean
+    for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in raw}):
+        cell = [r for r in raw if (r["dataset"], r["alpha"]) == (dataset, alpha)]
+        seeds = target_seeds(cell)
+        sel = [r for r in merge_seeds([r for r in cell if r["seed"] in seeds]) if set(r["seeds"]) == seeds]
         mixed = [r for r in sel if len(r["ranks"]) > 1]
         r2 = next((r for r in sel if r["strategy"] == "fedavg" and r["ranks"] == [2]), None)
         r8 = [r for r in sel if r["ranks"] == [8] and r["strategy"] != "fedsa-lora"]  # FedSA's global model is not its product
@@ -217,15 +230,25 @@ def _codec_label(codec: str) -> str:
     return f"`{lora}`, head `{head}`" if head else f"`{lora}`"
 
 
-def codec_table(rows: list[dict]) -> str:
+def paired_fp32(row: dict, raw: list[dict]) -> dict | None:
+    """fp32 over exactly the seeds ``row`` (merged) ran, same cell and settings: a codec is
+    compared with the federations it saw, not with a mean over others. None if fp32 lacks one."""
+    base = [x for x in raw if x["codec"] == "fp32" and x["strategy"] == row["strategy"] and x["ranks"] == row["ranks"]
+            and (x["dataset"], x["alpha"], x["lr_rank_power"]) == (row["dataset"], row["alpha"], row["lr_rank_power"])
+            and all(x[k] == row[k] for k in RUN_SETTINGS) and x["seed"] in row["seeds"]]
+    return merge_seeds(base)[0] if sorted(x["seed"] for x in base) == sorted(row["seeds"]) else None
+
+
+def codec_table(rows: list[dict], raw: list[dict]) -> str:
+    """One line per codec (means over its seeds), against fp32 over the same seeds."""
     lines = ["| data set | alpha | codec | seeds | final acc | vs fp32 | last 3 rounds | vs fp32 | uplink total (wire) | "
              "fewer bytes than fp32 | target (final / last 3) | decode ms/update |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
         sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
-        ref = next((r for r in sel if r["codec"] == "fp32"), None)
         for r in sorted(sel, key=lambda r: -r["uplink_bytes_total"]):
             d_final = d_last = ratio = None
+            ref = paired_fp32(r, raw)
             if ref:
                 d_final, d_last = 100 * (final(r) - final(ref)), 100 * (last3(r) - last3(ref))
                 ratio = ref["uplink_bytes_total"] / r["uplink_bytes_total"]
@@ -338,7 +361,8 @@ def plot_codecs(rows: list[dict], path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("total uplink bytes on the wire (MB, log)")
         ax.set_ylabel("final test accuracy")
-        ax.set_title(f"{dataset}, Dirichlet alpha {alpha}, FedAvg rank 8", pad=14)
+        seeds = ", ".join(map(str, sel[0]["seeds"])) if sel else ""
+        ax.set_title(f"{dataset}, Dirichlet alpha {alpha}, FedAvg rank 8, seeds {seeds}", pad=14)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
@@ -359,7 +383,22 @@ def write_section(name: str, body: str) -> None:
     replace_section(DOC, begin, end, f"{begin}\n{body}\n{end}")
 
 
+def common_seeds(rows: list[dict]) -> list[dict]:
+    """Per data set and alpha, only the seeds every configuration there ran (for plots, where a
+    point and its reference line must come from the same federations)."""
+    out = []
+    for cell in {(r["dataset"], r["alpha"]) for r in rows}:
+        sel = [r for r in rows if (r["dataset"], r["alpha"]) == cell]
+        configs: dict[tuple, set] = {}
+        for r in sel:
+            configs.setdefault(_key(r)[:-1], set()).add(r["seed"])
+        common = set.intersection(*configs.values())
+        out += [r for r in sel if r["seed"] in common]
+    return out
+
+
 def report(rows: list[dict]) -> None:
+    raw = rows
     rows = merge_seeds(rows)
     strat = [r for r in rows if r["codec"] == "fp32" and (r["strategy"], tuple(r["ranks"])) in STRATEGY_CONFIGS]
     strat = [r for r in strat if any(o["alpha"] == r["alpha"] and o["dataset"] == r["dataset"] and o["strategy"] != "fedavg"
@@ -371,15 +410,18 @@ def report(rows: list[dict]) -> None:
         write_section("federated_bench:strategies", "\n".join([
             f"Settings: {_settings_line(strat)}; {sum(r['wall_s'] * len(r['seeds']) for r in strat) / 60:.0f} min of runs.", "",
             strategy_table(strat), "", "Targets (accuracy points, means over seeds; in each cell only the configurations "
-            "run with the most seeds compete, in brackets; FedSA-LoRA is left out of \"best rank 8\": its global "
-            "model lacks the personal B):", "", strategy_targets(strat), "",
+            "that ran the same, largest set of seeds compete, over those seeds only (count in brackets); FedSA-LoRA is "
+            "left out of \"best rank 8\": its global model lacks the personal B):", "",
+            strategy_targets([r for r in raw if any(_key(r)[:-1] == _key(c)[:-1] for c in strat)]), "",
             personalization_table(strat),
             "![final accuracy per strategy](strategy_bench.png)"]))
     if codec:
-        plot_codecs(codec, DOC.parent / "codec_accuracy.png")
+        codec_raw = [r for r in raw if any(_key(r)[:-1] == _key(c)[:-1] for c in codec)]
+        plot_codecs(merge_seeds(common_seeds(codec_raw)), DOC.parent / "codec_accuracy.png")
         write_section("federated_bench:codecs", "\n".join([
             f"Settings: {_settings_line(codec)}; {sum(r['wall_s'] * len(r['seeds']) for r in codec) / 60:.0f} min of runs.", "",
-            codec_table(codec), "", "![accuracy against uplink bytes](codec_accuracy.png)"]))
+            "\"vs fp32\": against fp32 run with the same seeds (paired); the plot shows the seeds every codec of a "
+            "data set ran.", "", codec_table(codec, raw), "", "![accuracy against uplink bytes](codec_accuracy.png)"]))
 
 
 def main() -> int:
