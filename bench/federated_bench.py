@@ -284,7 +284,7 @@ def personalization_table(rows: list[dict]) -> str:
 
 def _config_index(r: dict) -> int:
     key = (r["strategy"], tuple(r["ranks"]))
-    return STRATEGY_CONFIGS.index(key) if key in STRATEGY_CONFIGS else len(STRATEGY_CONFIGS)
+    return STRATEGY_CONFIGS.index(key) if key in STRATEGY_CONFIGS and not r["lr_rank_power"] else len(STRATEGY_CONFIGS)
 
 
 def plot_strategies(rows: list[dict], path: Path) -> None:
