@@ -192,7 +192,7 @@ def target_seeds(raw: list[dict]) -> set[int]:
     seeds: dict[tuple, set[int]] = {}
     for r in raw:
         seeds.setdefault(_key(r)[:-1], set()).add(r["seed"])
-    base = [v for k, v in seeds.items() if k[2] == "fedavg" and k[3] in ((2,), (8,))]
+    base = [v for k, v in seeds.items() if k[2] == "fedavg" and k[3] in ((2,), (8,)) and not k[5]]  # k[5]: lr_rank_power
     if len(base) < 2:
         return set()
     return max((base[0] & base[1] & v for k, v in seeds.items() if len(k[3]) > 1), key=len, default=set())
