@@ -46,6 +46,9 @@ CODECS = ["fp32", "int8", "int4", "sign", "sign|int8", "topk0.1+int8", "topk0.1+
           "randk0.7+sign|int4", "randk0.5+sign|int4"]
 SETTINGS = ("devices", "rounds", "local_steps", "max_length", "lr", "eval_max", "seed")
 RUN_SETTINGS = SETTINGS[:-1]  # rows that differ only in the seed are repeats of one configuration
+# Mixed-rank tuning knobs (0: off), part of a configuration: train.lr_rank_power on the devices,
+# flexlora-delta's rank_norm_power on the server.
+TUNING = {"lr_rank_power": ("lrp", "lr x (R/r)^{:g}"), "rank_norm_power": ("rnp", "change / (r/R)^{:g}")}
 
 
 def summarize(out: Path) -> dict:
@@ -82,19 +85,21 @@ def summarize(out: Path) -> dict:
 
 
 def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int = 0,
-          lr_rank_power: float = 0.0) -> str:
+          tuning: dict | None = None) -> str:
     name = f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_').replace('|', '-head-')}"
-    return name + (f"-lrp{lr_rank_power:g}" if lr_rank_power else "") + (f"-s{seed}" if seed else "")
+    name += "".join(f"-{short}{(tuning or {}).get(k):g}" for k, (short, _) in TUNING.items() if (tuning or {}).get(k))
+    return name + (f"-s{seed}" if seed else "")
 
 
 def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int) -> dict:
-    name = _name(dataset, alpha, strategy, ranks, codec, seed, args.lr_rank_power)
+    tuning = {k: getattr(args, k) for k in TUNING}
+    name = _name(dataset, alpha, strategy, ranks, codec, seed, tuning)
     out = ROOT / "runs" / "bench" / name
     edge_python = ROOT / ".venv-edge" / "bin" / "python"
     cmd = [sys.executable, "-m", "server.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
            "--split", "dirichlet", "--alpha", str(alpha), "--rounds", str(args.rounds),
            "--local-steps", str(args.local_steps), "--max-length", str(args.max_length), "--lr", str(args.lr),
-           "--lr-rank-power", str(args.lr_rank_power),
+           "--lr-rank-power", str(args.lr_rank_power), "--rank-norm-power", str(args.rank_norm_power),
            "--seed", str(seed), "--ranks", ",".join(map(str, ranks)), "--strategy", strategy,
            "--codec", codec.split("|")[0], "--head-codec", codec.partition("|")[2], "--eval-max", str(args.eval_max),
            "--out", str(out),
@@ -106,14 +111,15 @@ def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, .
     if proc.returncode != 0:
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see runs/bench/{name}.log")
     row = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
-           "lr_rank_power": args.lr_rank_power, **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed, **summarize(out), "wall_s": round(time.time() - start, 1)}
+           **tuning, **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed, **summarize(out),
+           "wall_s": round(time.time() - start, 1)}
     print(f"[bench] {name}: final accuracy {row['final_accuracy']:.4f} (best {row['best_accuracy']:.4f}), "
           f"{row['uplink_bytes_total'] / 1e6:.1f} MB up, {row['wall_s']:.0f}s", flush=True)
     return row
 
 
 def _key(row: dict) -> tuple:
-    return (row["dataset"], row["alpha"], row["strategy"], tuple(row["ranks"]), row["codec"], row["lr_rank_power"],
+    return (row["dataset"], row["alpha"], row["strategy"], tuple(row["ranks"]), row["codec"], *(row[k] for k in TUNING),
             *(row[k] for k in SETTINGS))
 
 
@@ -130,7 +136,7 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
         runs.sort(key=lambda r: r["seed"])
         row = dict(runs[0], seeds=[r["seed"] for r in runs])
         for k, v in runs[0].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SETTINGS + ("alpha", "lr_rank_power"):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (*SETTINGS, *TUNING, "alpha"):
                 values = [r[k] for r in runs if r.get(k) is not None]
                 row[k] = statistics.mean(values) if values else None
         curves = [r["accuracy_per_round"] for r in runs if r.get("accuracy_per_round")]
@@ -146,8 +152,8 @@ def _ranks(r: dict) -> str:
 
 
 def _strategy(r: dict) -> str:
-    """The strategy, and the rank-dependent learning rate when the run used one."""
-    return r["strategy"] + (f" lr x (R/r)^{r['lr_rank_power']:g}" if r["lr_rank_power"] else "")
+    """The strategy, and the mixed-rank tuning when the run used some."""
+    return " ".join([r["strategy"], *(label.format(r[k]) for k, (_, label) in TUNING.items() if r[k])])
 
 
 def _mb(n: float) -> str:
@@ -192,7 +198,7 @@ def target_seeds(raw: list[dict]) -> set[int]:
     seeds: dict[tuple, set[int]] = {}
     for r in raw:
         seeds.setdefault(_key(r)[:-1], set()).add(r["seed"])
-    base = [v for k, v in seeds.items() if k[2] == "fedavg" and k[3] in ((2,), (8,)) and not k[5]]  # k[5]: lr_rank_power
+    base = [v for k, v in seeds.items() if k[2] == "fedavg" and k[3] in ((2,), (8,)) and not any(k[5:5 + len(TUNING)])]
     if len(base) < 2:
         return set()
     return max((base[0] & base[1] & v for k, v in seeds.items() if len(k[3]) > 1), key=len, default=set())
@@ -234,8 +240,8 @@ def paired_fp32(row: dict, raw: list[dict]) -> dict | None:
     """fp32 over exactly the seeds ``row`` (merged) ran, same cell and settings: a codec is
     compared with the federations it saw, not with a mean over others. None if fp32 lacks one."""
     base = [x for x in raw if x["codec"] == "fp32" and x["strategy"] == row["strategy"] and x["ranks"] == row["ranks"]
-            and (x["dataset"], x["alpha"], x["lr_rank_power"]) == (row["dataset"], row["alpha"], row["lr_rank_power"])
-            and all(x[k] == row[k] for k in RUN_SETTINGS) and x["seed"] in row["seeds"]]
+            and (x["dataset"], x["alpha"]) == (row["dataset"], row["alpha"])
+            and all(x[k] == row[k] for k in (*TUNING, *RUN_SETTINGS)) and x["seed"] in row["seeds"]]
     return merge_seeds(base)[0] if sorted(x["seed"] for x in base) == sorted(row["seeds"]) else None
 
 
@@ -283,8 +289,12 @@ def personalization_table(rows: list[dict]) -> str:
 
 
 def _config_index(r: dict) -> int:
+    """A configuration's place (and plot color): the suite's order, then tuned runs by knob."""
+    tuned = [i for i, k in enumerate(TUNING) if r[k]]
+    if tuned:
+        return len(STRATEGY_CONFIGS) + 1 + tuned[0]
     key = (r["strategy"], tuple(r["ranks"]))
-    return STRATEGY_CONFIGS.index(key) if key in STRATEGY_CONFIGS and not r["lr_rank_power"] else len(STRATEGY_CONFIGS)
+    return STRATEGY_CONFIGS.index(key) if key in STRATEGY_CONFIGS else len(STRATEGY_CONFIGS)
 
 
 def plot_strategies(rows: list[dict], path: Path) -> None:
@@ -440,6 +450,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lr-rank-power", type=float, default=0.0,
                         help="mixed ranks: rank-r devices train at lr * (max rank / r) ** this (shown with the strategy)")
+    parser.add_argument("--rank-norm-power", type=float, default=0.0,
+                        help="flexlora-delta: each device's change counts divided by (r / max rank) ** this")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each configuration runs once per seed")
     parser.add_argument("--eval-max", type=int, default=2000, help="test examples the aggregator evaluates on")
     parser.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON only")
@@ -448,10 +460,11 @@ def main() -> int:
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for r in rows:  # rows from before a setting was recorded ran with the bench's default
         r.setdefault("eval_max", 2000)
-        r.setdefault("lr_rank_power", 0.0)
+        for k in TUNING:
+            r.setdefault(k, 0.0)
         # rows written before per-device numbers were kept: read them from the run folder
         out = ROOT / "runs" / "bench" / _name(r["dataset"], r["alpha"], r["strategy"], tuple(r["ranks"]), r["codec"],
-                                             r["seed"], r["lr_rank_power"])
+                                             r["seed"], {k: r[k] for k in TUNING})
         if "device_local" not in r and (out / "metrics.jsonl").is_file():
             r["device_local"] = summarize(out)["device_local"]
     plan = []
@@ -472,7 +485,7 @@ def main() -> int:
     (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
     for dataset, alpha, strategy, ranks, codec, seed in [] if args.report_only else plan:
         probe = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "ranks": list(ranks), "codec": codec,
-                 "lr_rank_power": args.lr_rank_power, **{k: getattr(args, k) for k in RUN_SETTINGS}, "seed": seed}
+                 **{k: getattr(args, k) for k in (*TUNING, *RUN_SETTINGS)}, "seed": seed}
         if any(_key(r) == _key(probe) for r in rows):
             continue
         rows.append(run_one(args, dataset, alpha, strategy, ranks, codec, seed))

@@ -40,7 +40,8 @@ Evaluator = Callable[[dict[str, np.ndarray]], dict]
 def make_strategy(cfg: ServerConfig, bundle: Bundle) -> Strategy:
     """The configured strategy over the adapter of ``bundle`` (the top of the rank ladder)."""
     m = bundle.manifest
-    params = {"server_lr": cfg.server_lr} if cfg.strategy == "fedavg" else {}
+    params = ({"server_lr": cfg.server_lr} if cfg.strategy == "fedavg" else
+              {"rank_norm_power": cfg.rank_norm_power} if cfg.strategy == "flexlora-delta" else {})
     return build_strategy(cfg.strategy, AdapterLayout.from_manifest(m), rank=m.rank, **params)
 
 

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora")
     sim.add_argument("--prune-threshold", type=float, default=0.0,
                      help="hetlora: devices give up trailing rank components weaker than this fraction of their strongest")
+    sim.add_argument("--rank-norm-power", type=float, default=0.0,
+                     help="flexlora-delta: divide each device's change by (rank / max rank) ** this (0.5: Adam's pace)")
     sim.add_argument("--max-length", type=int, default=128)
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--out", default="runs/latest", help="report folder")

@@ -89,6 +89,9 @@ class ServerConfig:
     strategy: aggregation strategy name.
     prune_threshold: HetLoRA only: devices give up trailing rank components weaker than this
         fraction of their strongest (0: no self-pruning; see ``edge_client.lora.pruned_rank``).
+    rank_norm_power: flexlora-delta only: each device's change counts divided by
+        ``(rank / top rank) ** rank_norm_power``, its rank's pace (0: off; 0.5 matches Adam;
+        see ``server.strategies.flexlora.FlexLoRADelta``).
     codec: codec of the full global adapter copy (retained for devices that are new or behind).
     downlink_codec: when set, each new version is also published as a delta from the previous
         one in this codec (devices that hold the previous version download only that); the
@@ -112,6 +115,7 @@ class ServerConfig:
     strategy: str = "fedavg"
     server_lr: float = 1.0
     prune_threshold: float = 0.0
+    rank_norm_power: float = 0.0
     codec: str = "fp32"
     downlink_codec: str = ""
     uplink_codec: str = "fp32"
@@ -146,6 +150,10 @@ class ServerConfig:
             raise ConfigError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
         if self.prune_threshold and self.strategy != "hetlora":
             raise ConfigError(f"prune_threshold is HetLoRA's rank self-pruning; strategy is {self.strategy!r}")
+        if not 0 <= self.rank_norm_power <= 2:
+            raise ConfigError(f"rank_norm_power must be in [0, 2], got {self.rank_norm_power}")
+        if self.rank_norm_power and self.strategy != "flexlora-delta":
+            raise ConfigError(f"rank_norm_power is flexlora-delta's rank normalization; strategy is {self.strategy!r}")
 
 
 def load_server_config(path: str | Path | None = None, overrides: dict | None = None) -> ServerConfig:

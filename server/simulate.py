@@ -54,6 +54,8 @@ class SimulateConfig:
         turn (device i trains ``ranks[i % len(ranks)]``), for the rank-aware strategies.
     strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flexlora-delta, flora, fedex-lora).
     prune_threshold: HetLoRA rank self-pruning on the devices (0: off; see ServerConfig).
+    rank_norm_power: flexlora-delta: each device's change divided by its rank's pace
+        ``(rank / max rank) ** power`` (0: off; see ServerConfig).
     lr_rank_power: mixed ranks: rank-r devices train at ``lr * (max rank / r) ** power``
         (0: off; see ``server.config.TrainSettings``).
     codec / head_codec / downlink_codec: uplink codec, the uplink codec of the classifier head
@@ -80,6 +82,7 @@ class SimulateConfig:
     ranks: tuple[int, ...] = ()
     strategy: str = "fedavg"
     prune_threshold: float = 0.0
+    rank_norm_power: float = 0.0
     max_length: int = 128
     broker: str | None = None
     out: Path = Path("runs/latest")
@@ -226,7 +229,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                             lr_rank_power=cfg.lr_rank_power), uplink_codec=cfg.codec,
         uplink_head_codec=cfg.head_codec, strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
-        prune_threshold=cfg.prune_threshold,
+        prune_threshold=cfg.prune_threshold, rank_norm_power=cfg.rank_norm_power,
     )
     if (out / "aggregator").exists():
         import shutil

@@ -30,6 +30,8 @@ def test_file_then_env_then_overrides(tmp_path, monkeypatch):
     ({"bundle": "/b", "train": {"lr": 5}}, "lr"),
     ({"bundle": "/b", "strategy": "hetlora", "prune_threshold": 1.0}, "prune_threshold"),
     ({"bundle": "/b", "strategy": "fedavg", "prune_threshold": 0.5}, "HetLoRA's rank self-pruning"),
+    ({"bundle": "/b", "strategy": "flexlora-delta", "rank_norm_power": 3}, "rank_norm_power must be in"),
+    ({"bundle": "/b", "strategy": "flexlora", "rank_norm_power": 0.5}, "flexlora-delta's rank normalization"),
 ])
 def test_bad_server_values_fail_with_the_key(tmp_path, values, message):
     path = tmp_path / "c.json"

@@ -68,9 +68,10 @@ def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bu
     """Devices of ranks 2, 4 and 8 (or one rank for the same-rank methods) in one job."""
     from edge_client.bundle import Bundle
 
-    power = 0.5 if strategy == "flexlora-delta" else 0.0  # one mixed-rank job also runs the rank-dependent lr
+    # one mixed-rank job also runs the rank-dependent lr and the rank-normalized average
+    power = 0.5 if strategy == "flexlora-delta" else 0.0
     cfg = _small(tmp_path, minilm_bundles, edge_python, broker=mosquitto.url, split="iid", strategy=strategy,
-                 ranks=ranks, centralized=False, lr_rank_power=power)
+                 ranks=ranks, centralized=False, lr_rank_power=power, rank_norm_power=power)
     if len(ranks) == 1:
         cfg.bundle = minilm_bundles / f"r{ranks[0]}"
     result = run_simulation(cfg)

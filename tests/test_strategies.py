@@ -273,6 +273,59 @@ def test_flexlora_delta_with_one_rank_is_flexlora():
                         run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates))
 
 
+def test_flexlora_delta_rank_norm_hand_computed():
+    # global diag(3, 1); the rank-1 device doubles its component (change [[3,0,0],[0,0,0]]), the
+    # rank-2 device changes nothing; one example each
+    a, b = svd_factors(np.diag([3.0, 1.0, 0.0])[:2], rank=2, scale=2.0)
+    glob = model(2, a=a, b=b)
+    s = STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=1.0)
+    one, two = s.for_device(glob, 1), s.for_device(glob, 2)
+    updates = [upd("r1", 1, one[M.a], 2 * one[M.b]), upd("r2", 1, two[M.a], two[M.b])]
+    # tau = 1/2 and 1, tau_eff = 3/4: G + 3/4 * (1/2 * D1 / (1/2) + 1/2 * 0) = G + 0.75 D1
+    np.testing.assert_allclose(effective(run(s, glob, updates), 0.0), [[5.25, 0, 0], [0, 1, 0]], atol=1e-5)
+    # unnormalized: the plain mean of the changes, G + 0.5 D1
+    plain = STRATEGIES["flexlora-delta"](LAYOUT, rank=2)
+    np.testing.assert_allclose(effective(run(plain, glob, updates), 0.0), [[4.5, 0, 0], [0, 1, 0]], atol=1e-5)
+
+
+def test_flexlora_delta_rank_norm_is_the_paced_mean_change():
+    rng = np.random.default_rng(7)
+    mod = LoraModule.named("big", in_features=7, out_features=5)
+    layout = AdapterLayout((mod,), {"cls": (2,)}, scale=2.0)
+    s = STRATEGIES["flexlora-delta"](layout, rank=4, rank_norm_power=0.5)
+    a, b = svd_factors(rng.normal(size=(5, 7)), rank=4, scale=2.0)
+    glob = model(4, a=a, b=b, layout=layout)
+    ns, ranks = [3, 1, 2, 5], [1, 2, 4, 2]
+    taus = [(r / 4) ** 0.5 for r in ranks]
+    tau_eff = sum(n * t for n, t in zip(ns, taus)) / sum(ns)
+    updates, want, heads = [], effective(glob, 0.0, layout=layout, m=mod), []
+    for i, (n, r, tau) in enumerate(zip(ns, ranks, taus)):
+        start = s.for_device(glob, r)
+        sent = {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in start.items()}
+        updates.append(ClientUpdate(f"d{i}", 1, r, n, sent))
+        change = effective(sent, 0.0, layout=layout, m=mod) - effective(start, 0.0, layout=layout, m=mod)
+        want += tau_eff * n / sum(ns) * change / tau
+        heads.append(n * sent["cls"].astype(np.float64))
+    new = run(s, glob, updates)
+    u, sv, vt = np.linalg.svd(want)
+    np.testing.assert_allclose(effective(new, 0.0, layout=layout, m=mod), (u[:, :4] * sv[:4]) @ vt[:4], atol=1e-5)
+    np.testing.assert_allclose(new.tensors["cls"], sum(heads) / sum(ns), rtol=1e-6)  # the head: example-weighted
+
+
+def test_flexlora_delta_rank_norm_with_one_rank_is_flexlora():
+    rng = np.random.default_rng(8)
+    glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
+    updates = [upd(f"d{i}", i + 1, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), rng.normal(size=2)) for i in range(3)]
+    assert_models_close(run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=0.5), glob, updates),
+                        run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates))
+
+
+@pytest.mark.parametrize("power", [-0.1, 2.5, float("nan")])
+def test_flexlora_delta_rank_norm_power_out_of_range_is_refused(power):
+    with pytest.raises(ConfigError, match="rank_norm_power"):
+        make_strategy("flexlora-delta", LAYOUT, rank=2, rank_norm_power=power)
+
+
 def test_svd_factors_pads_beyond_the_rank_of_the_matrix():
     a, b = svd_factors(np.array([[2.0, 0, 0], [0, 0, 0]]), rank=3, scale=1.0)
     assert a.shape == (3, 3) and b.shape == (2, 3)
@@ -375,10 +428,11 @@ def test_registry_names_every_strategy_and_builds_by_name():
         make_strategy("hetlora", LAYOUT, rank=2, weighting="norm")
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
-def test_merge_of_partials_equals_partial_of_all(name):
+@pytest.mark.parametrize("name, params", [(name, {}) for name in STRATEGIES] +
+                         [("flexlora-delta", {"rank_norm_power": 0.5})], ids=[*STRATEGIES, "flexlora-delta-rank-norm"])
+def test_merge_of_partials_equals_partial_of_all(name, params):
     rng = np.random.default_rng(sum(map(ord, name)))
-    s = STRATEGIES[name](LAYOUT, rank=2)
+    s = STRATEGIES[name](LAYOUT, rank=2, **params)
     glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
     updates = random_updates(name, rng)
     whole = s.new_partial()

@@ -85,16 +85,14 @@ class FlexLoRA(Strategy):
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
         if model.rank != self.rank:
             raise ConfigError(f"{self.name} was set up for rank {self.rank}, the global model holds rank {model.rank}")
-        scale = self.layout.scale
         for m in self.layout.modules:
-            delta = scale * partial.sums[m.key("BA")] / partial.weight
-            self.add_tails(delta, partial, model, m)
-            a, b = svd_factors(delta, self.rank, scale)
+            a, b = svd_factors(self.module_delta(partial, model, m), self.rank, self.layout.scale)
             out.tensors[m.a] = a.astype(np.float32)
             out.tensors[m.b] = b.astype(np.float32)
 
-    def add_tails(self, delta: np.ndarray, partial: Partial, model: GlobalModel, m: LoraModule) -> None:
-        """FlexLoRA as published adds nothing: what no device sent is dropped."""
+    def module_delta(self, partial: Partial, model: GlobalModel, m: LoraModule) -> np.ndarray:
+        """The new global product of module ``m`` before truncation: the weighted mean."""
+        return self.layout.scale * partial.sums[m.key("BA")] / partial.weight
 
 
 class FlexLoRADelta(FlexLoRA):
@@ -112,31 +110,67 @@ class FlexLoRADelta(FlexLoRA):
     Here the device of rank r also receives the tail as frozen factors (``base_a``/``base_b``
     = ``A[r:]``, ``scale * B[:, r:]``; ``frozen_for_device``), adds it to its frozen weights
     and trains the top-r slice on top, so its effective weight is exactly ``W + G`` and what
-    it holds afterwards is ``(G - T_r(G)) + P_i``. The server averages that:
+    it holds afterwards is ``(G - T_r(G)) + P_i``. Its change is ``D_i = P_i - T_{r_i}(G)``,
+    and the server adds the mean change to the global:
 
-        dW = sum_i p_i ((G - T_{r_i}(G)) + P_i) = G + sum_i p_i (P_i - T_{r_i}(G))
+        dW = G + tau_eff * sum_i p_i D_i / tau_i,    tau_i = (r_i / rank) ** rank_norm_power,
+                                                     tau_eff = sum_i p_i tau_i
 
-    and redistributes ``dW`` by SVD as FlexLoRA does. A round in which no device changes
-    anything leaves the global as it was; with one rank for all (r_i = rank) the tails are
-    empty and it is FlexLoRA. The partial adds one scalar per module and device rank (the
-    weight of the devices of that rank), so it stays a plain sum. The downlink carries the
-    whole global adapter to every device (the tail as factors, not dense): a rank-16
-    adapter's bytes instead of the device's slice.
+    and redistributes ``dW`` by SVD as FlexLoRA does. With ``rank_norm_power`` 0 (the default) every
+    tau is 1 and this is the plain example-weighted mean of the changes.
+
+    ``rank_norm_power`` > 0 normalizes each device's change by its rank's pace, as FedNova
+    (Jianyu Wang, Qinghua Liu, Hao Liang, Gauri Joshi and H. Vincent Poor, "Tackling the
+    Objective Inconsistency Problem in Heterogeneous Federated Optimization", NeurIPS 2020)
+    normalizes by the number of local steps. Under Adam every trained entry moves by about the
+    learning rate per step, so a rank-r device's product moves about ``sqrt(r)`` as far as a
+    rank-1 device's in the same steps (0.5). Unnormalized, the mean points where the high-rank
+    devices' data points, which under label skew means towards their classes; normalized,
+    each device's direction counts by its examples alone, and ``tau_eff`` keeps the step as
+    long as the plain mean's. The device's learning rate is untouched (compare
+    ``train.lr_rank_power``, which speeds up the low-rank devices' local training instead).
+
+    A round in which no device changes anything leaves the global as it was; with one rank
+    for all every tau is the same and it is FlexLoRA. The partial adds, per module, the weight
+    of the devices of each rank and the sum of ``n_i tau_i``, so it stays a plain sum. The
+    downlink carries the whole global adapter to every device (the tail as factors, not
+    dense): a rank-16 adapter's bytes instead of the device's slice.
+
+    Parameters:
+        layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
+        rank: required; the global adapter's rank, the largest a device may train.
+        rank_norm_power: exponent of the rank normalization, in [0, 2] (default 0.0: off).
     """
 
     name = "flexlora-delta"
 
-    def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
-        super().accumulate_modules(sums, update, n)
-        if update.rank < self.rank:
-            weighted_sum_into(sums, {m.key(f"weight_r{update.rank}"): np.array(1.0) for m in self.layout.modules}, n)
+    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, rank_norm_power: float = 0.0):
+        super().__init__(layout, rank)
+        if not 0 <= rank_norm_power <= 2:
+            raise ConfigError(f"{self.name}: rank_norm_power must be in [0, 2], got {rank_norm_power}")
+        self.rank_norm_power = float(rank_norm_power)
 
-    def add_tails(self, delta: np.ndarray, partial: Partial, model: GlobalModel, m: LoraModule) -> None:
+    def pace(self, rank: int) -> float:
+        """tau of a device of ``rank``: ``(rank / self.rank) ** rank_norm_power``."""
+        return (rank / self.rank) ** self.rank_norm_power
+
+    def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
+        tau = self.pace(update.rank)
+        weighted_sum_into(sums, {m.key("BA"): module_product(update, m) for m in self.layout.modules}, n / tau)
+        one = np.array(1.0)
+        weighted_sum_into(sums, {m.key(f"weight_r{update.rank}"): one for m in self.layout.modules}, n / tau)
+        weighted_sum_into(sums, {m.key("pace"): one for m in self.layout.modules}, n * tau)
+
+    def module_delta(self, partial: Partial, model: GlobalModel, m: LoraModule) -> np.ndarray:
+        scale = self.layout.scale
         a, b = model.tensors[m.a].astype(np.float64), model.tensors[m.b].astype(np.float64)
-        for r in range(1, self.rank):
+        change = scale * partial.sums[m.key("BA")]  # sum_i (n_i / tau_i) P_i, minus the starts:
+        for r in range(1, self.rank + 1):
             w = partial.sums.get(m.key(f"weight_r{r}"))
             if w is not None and float(w) > 0:
-                delta += (float(w) / partial.weight) * self.layout.scale * (b[:, r:] @ a[r:])
+                change -= float(w) * scale * (b[:, :r] @ a[:r])
+        pace = float(partial.sums[m.key("pace")]) / partial.weight  # tau_eff
+        return scale * (b @ a) + (pace / partial.weight) * change
 
     def frozen_for_device(self, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
         if rank >= model.rank:
