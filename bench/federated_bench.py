@@ -314,7 +314,7 @@ def plot_strategies(rows: list[dict], path: Path) -> None:
         axes[2 * (i // cols)][i % cols].axis("off")
         axes[2 * (i // cols) + 1][i % cols].axis("off")
     for i, (dataset, alpha) in enumerate(groups):
-        sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
+        sel = sorted((r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)), key=_config_index)
         top, col = 2 * (i // cols), i % cols
         ax = axes[top][col]
         x = range(len(sel))
@@ -329,7 +329,7 @@ def plot_strategies(rows: list[dict], path: Path) -> None:
                            plt.Line2D([], [], color="black", marker="_", ls="", label="best round")],
                   loc="lower right", fontsize=7)
         ax = axes[top + 1][col]
-        for r in sorted(sel, key=_config_index):  # one color per configuration, the same in every panel
+        for r in sel:  # one color per configuration, the same in every panel
             acc = r.get("accuracy_per_round", [])
             ax.plot(range(1, len(acc) + 1), acc, ls="--" if len(r["ranks"]) > 1 else "-", marker=".",
                     color=plt.get_cmap("tab20")(_config_index(r) % 20), label=f"{_strategy(r)} {_ranks(r)}")
@@ -413,6 +413,7 @@ def report(rows: list[dict]) -> None:
     strat = [r for r in rows if r["codec"] == "fp32" and (r["strategy"], tuple(r["ranks"])) in STRATEGY_CONFIGS]
     strat = [r for r in strat if any(o["alpha"] == r["alpha"] and o["dataset"] == r["dataset"] and o["strategy"] != "fedavg"
                                      for o in strat)]  # cells the strategy suite ran, not just a codec baseline
+    strat.sort(key=lambda r: (r["dataset"], r["alpha"], _config_index(r)))
     codec = [r for r in rows if r["strategy"] == "fedavg" and r["ranks"] == [8]
              and any(o["codec"] != "fp32" and (o["dataset"], o["alpha"]) == (r["dataset"], r["alpha"]) for o in rows)]
     if strat:
