@@ -321,13 +321,13 @@ def plot_strategies(rows: list[dict], path: Path) -> None:
         ax.bar(x, [r["final_accuracy"] for r in sel], color=["tab:orange" if len(r["ranks"]) > 1 else "tab:blue" for r in sel])
         ax.scatter(x, [r["best_accuracy"] for r in sel], marker="_", color="black", s=120, zorder=3)
         ax.set_xticks(list(x), [f"{_strategy(r)}\n{_ranks(r)}" for r in sel], rotation=60, fontsize=7)
-        ax.set_ylim(max(0.0, min(r["final_accuracy"] for r in sel) - 0.05), 1.0)
+        ax.set_ylim(max(0.0, min(r["final_accuracy"] for r in sel) - 0.05), 1.12)  # room for the legend above 1.0
         ax.set_title(f"{dataset}, Dirichlet alpha {alpha}")
         ax.set_ylabel("final test accuracy")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(handles=[Patch(color="tab:blue", label="one rank"), Patch(color="tab:orange", label="ranks 2/4/8/16"),
                            plt.Line2D([], [], color="black", marker="_", ls="", label="best round")],
-                  loc="lower right", fontsize=7)
+                  loc="upper right", ncol=3, fontsize=7)
         ax = axes[top + 1][col]
         for r in sel:  # one color per configuration, the same in every panel
             acc = r.get("accuracy_per_round", [])
