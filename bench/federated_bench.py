@@ -87,7 +87,8 @@ def summarize(out: Path) -> dict:
 def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int = 0,
           tuning: dict | None = None) -> str:
     name = f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_').replace('|', '-head-')}"
-    name += "".join(f"-{short}{(tuning or {}).get(k):g}" for k, (short, _) in TUNING.items() if (tuning or {}).get(k))
+    tuning = tuning or {}
+    name += "".join(f"-{short}{tuning[k]:g}" for k, (short, _) in TUNING.items() if tuning.get(k))
     return name + (f"-s{seed}" if seed else "")
 
 

@@ -124,7 +124,7 @@ class FlexLoRADelta(FlexLoRA):
     Objective Inconsistency Problem in Heterogeneous Federated Optimization", NeurIPS 2020)
     normalizes by the number of local steps. Under Adam every trained entry moves by about the
     learning rate per step, so a rank-r device's product moves about ``sqrt(r)`` as far as a
-    rank-1 device's in the same steps (0.5). Unnormalized, the mean points where the high-rank
+    rank-1 device's in the same steps (hence 0.5). Unnormalized, the mean points where the high-rank
     devices' data points, which under label skew means towards their classes; normalized,
     each device's direction counts by its examples alone, and ``tau_eff`` keeps the step as
     long as the plain mean's. The device's learning rate is untouched (compare
