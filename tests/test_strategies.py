@@ -312,12 +312,16 @@ def test_flexlora_delta_rank_norm_is_the_paced_mean_change():
     np.testing.assert_allclose(new.tensors["cls"], sum(heads) / sum(ns), rtol=1e-6)  # the head: example-weighted
 
 
-def test_flexlora_delta_rank_norm_with_one_rank_is_flexlora():
+def test_flexlora_delta_rank_norm_with_one_rank_changes_nothing():
     rng = np.random.default_rng(8)
     glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
     updates = [upd(f"d{i}", i + 1, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), rng.normal(size=2)) for i in range(3)]
     assert_models_close(run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=0.5), glob, updates),
                         run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates))
+    # devices all below the global rank, but of one rank: every pace is the same and cancels
+    low = [upd(f"d{i}", i + 1, rng.normal(size=(1, 3)), rng.normal(size=(2, 1)), rng.normal(size=2)) for i in range(3)]
+    assert_models_close(run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=0.5), glob, low),
+                        run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2), glob, low))
 
 
 @pytest.mark.parametrize("power", [-0.1, 2.5, float("nan")])
