@@ -31,6 +31,7 @@ from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
 from edge_client.protocol import (
     Envelope, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes,
+    message_id,
 )
 from edge_client.runtime import RuntimeOptions, Trainer
 from edge_client.transport import BrokerConfig, MqttLink
@@ -38,6 +39,9 @@ from edge_client.transport import BrokerConfig, MqttLink
 log = logging.getLogger("fedlora.device")
 
 RESEND_AFTER_S = 30.0
+# A repair request that arrives this soon after a whole update went out was most likely asked
+# while that send was still on its way (a slow link): the aggregator asks again if it must.
+REPAIR_GRACE_S = 10.0
 # A broker may drop a QoS 1 delivery to a busy device (amqtt does after a PUBACK timeout,
 # and ORT's training step holds the GIL, so paho's thread answers late). Round and global
 # state are retained, so an idle device re-subscribes now and then to fetch them again.
@@ -248,6 +252,7 @@ class Device:
         self.global_version: int | None = None
         self.global_tensors: dict[str, np.ndarray] | None = None
         self._sent_at: float | None = None
+        self._sent_whole_at: float | None = None  # when every chunk of the pending update was acked by the broker
         self._last_progress = time.monotonic()
         self.rounds_trained = 0
         self._window_wait_round: int | None = None
@@ -316,6 +321,11 @@ class Device:
         try:
             ack = json.loads(payload)
         except ValueError:
+            return
+        if not isinstance(ack, dict):
+            return
+        if ack.get("result") == "incomplete":
+            self._repair(ack)
             return
         if self.state.pending_round is None or ack.get("round") != self.state.pending_round:
             return
@@ -425,10 +435,32 @@ class Device:
         self._sent_at = time.monotonic()
         try:
             n = self.link.publish_chunked(self.topics.update(self.cfg.device_id), payload)
+            self._sent_whole_at = time.monotonic()
             log.info("round %s: update sent (%d bytes, %d chunks)", self.state.pending_round, len(payload), n)
         except FedloraError as exc:
             log.warning("sending the update failed, will retry: %s", exc)
             self._sent_at = None
+
+    def _repair(self, request: dict) -> None:
+        """The aggregator holds part of our pending update: resend the chunks it names."""
+        payload = self.state.pending_payload()
+        if payload is None or request.get("msg_id") != message_id(payload).hex() or not self.link.connected.is_set():
+            return  # not (or no longer) what we are sending
+        if self._sent_whole_at is not None and time.monotonic() - self._sent_whole_at < REPAIR_GRACE_S:
+            return
+        topic = self.topics.update(self.cfg.device_id)
+        count, missing = request.get("count"), request.get("missing")
+        indices = None  # our chunking changed (another packet limit): the aggregator starts over
+        if count == self.link.chunk_count(topic, len(payload)) and isinstance(missing, list):
+            indices = {i for i in missing if isinstance(i, int) and 0 <= i < count}
+            if not indices:
+                return
+        try:
+            n = self.link.publish_chunked(topic, payload, indices=indices)
+            self._sent_at = time.monotonic()
+            log.info("round %s: resent %d chunks the aggregator was missing", self.state.pending_round, n)
+        except FedloraError as exc:
+            log.warning("resending missing chunks failed, will retry: %s", exc)
 
     def step(self) -> None:
         ann = self.announcement

@@ -23,7 +23,9 @@ payload's hash before anything is decoded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import math
 import struct
 import time
@@ -35,11 +37,15 @@ import numpy as np
 from edge_client.codecs import get_codec
 from edge_client.errors import PayloadTooLarge, ProtocolError
 
+log = logging.getLogger("fedlora.protocol")
+
 PROTOCOL_VERSION = 1
 ENVELOPE_MAGIC = b"FLE1"
 CHUNK_MAGIC = b"FLC1"
 CHUNK_HEADER = struct.Struct("<4s16sIIQ")
 MAX_HEADER_BYTES = 1 << 20
+# Most chunk indices one repair request names; the sender resends those and is asked again.
+MAX_MISSING = 1024
 HEADER_ZLIB = 1 << 31  # flag bit in the header length word
 KINDS = ("update", "global")
 # Global envelopes may carry changes to frozen base weights: dense under ``base_delta/<weight>``
@@ -271,6 +277,8 @@ def parse_chunk(message: bytes) -> Chunk:
         raise ProtocolError("not a fedlora chunk (bad magic)")
     if count < 1 or index >= count:
         raise ProtocolError(f"chunk index {index} out of range for count {count}")
+    if count > max(1, total):
+        raise ProtocolError(f"{count} chunks cannot carry a message of {total} bytes")
     return Chunk(mid, index, count, total, message[CHUNK_HEADER.size :])
 
 
@@ -281,6 +289,19 @@ class _Pending:
     parts: dict[int, bytes]
     first_seen: float
     received: int = 0
+    last_seen: float = 0.0  # when the last new chunk arrived
+    max_gap: float = 0.0  # the longest wait between two new chunks so far (a slow link's pace)
+    requested_at: float | None = None  # when the missing chunks were last asked for
+
+
+@dataclass
+class Stall:
+    """A partial message that stopped growing: what to ask its sender for."""
+
+    source: str
+    msg_id: bytes
+    count: int
+    missing: list[int]
 
 
 class Reassembler:
@@ -288,7 +309,10 @@ class Reassembler:
 
     Duplicates are ignored, order does not matter, an announced size above ``max_bytes`` is
     refused before anything is buffered, and at most ``max_pending`` partial messages are
-    kept (oldest dropped first) so a flood of first chunks cannot exhaust memory.
+    kept (oldest dropped first) so a flood of first chunks cannot exhaust memory. A message
+    resent with another chunk size (the sender reconnected under a different packet limit)
+    starts over: its id is its hash, so the bytes are the same. ``stalled`` lists the partial
+    messages that stopped growing, with the chunk indices still missing, for a repair request.
     """
 
     def __init__(self, max_bytes: int, max_pending: int = 64, clock=time.monotonic):
@@ -314,10 +338,18 @@ class Reassembler:
                 del self._pending[oldest]
                 self.dropped_partials += 1
             pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, self.clock())
-        if (chunk.count, chunk.total) != (pending.chunk_count, pending.total):
-            raise ProtocolError(f"chunk {chunk.index} from {source} disagrees with earlier chunks on count or size")
+        if chunk.total != pending.total:
+            raise ProtocolError(f"chunk {chunk.index} from {source} disagrees with earlier chunks on the message size")
+        if chunk.count != pending.chunk_count:
+            log.info("message from %s resent in %d chunks instead of %d; starting it over", source, chunk.count,
+                     pending.chunk_count)
+            pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, pending.first_seen)
         if chunk.index in pending.parts:
             return None
+        now = self.clock()
+        if pending.parts and pending.requested_at is None:  # the sender's own pace, not a reply's delay
+            pending.max_gap = max(pending.max_gap, now - pending.last_seen)
+        pending.last_seen = now
         pending.received += len(chunk.data)
         if pending.received > pending.total:
             del self._pending[key]
@@ -336,6 +368,20 @@ class Reassembler:
         self._done[key] = None
         if len(self._done) > 4096:  # remember recent ids only
             self._done.pop(next(iter(self._done)))
+
+    def stalled(self, idle_s: float, max_missing: int = MAX_MISSING) -> list[Stall]:
+        """Partial messages without a new chunk for ``idle_s`` seconds (or three times the longest
+        wait between their chunks so far, on a slow link) and not asked for in that time, each
+        with (up to ``max_missing`` of) its missing chunk indices; marks them asked."""
+        now = self.clock()
+        stalls = []
+        for (source, mid), p in self._pending.items():
+            if now - max(p.last_seen, p.requested_at or 0.0) < max(idle_s, 3 * p.max_gap):
+                continue
+            p.requested_at = now
+            missing = list(itertools.islice((i for i in range(p.chunk_count) if i not in p.parts), max_missing))
+            stalls.append(Stall(source, mid, p.chunk_count, missing))
+        return stalls
 
     def drop_source(self, source: str) -> int:
         """Forget partial messages of one source (e.g. its round closed); returns how many."""

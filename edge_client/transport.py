@@ -8,6 +8,7 @@ broker's packet limit, and hand every received message to a queue the owner drai
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import ssl
@@ -262,6 +263,10 @@ class MqttLink:
             raise TransportError(f"packet limit {limit} leaves no room for data on topic {topic}")
         return room
 
+    def chunk_count(self, topic: str, size: int) -> int:
+        """How many chunks ``publish_chunked`` cuts a payload of ``size`` bytes into on ``topic``."""
+        return max(1, math.ceil(size / self.max_chunk_data(topic)))
+
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> mqtt.MQTTMessageInfo:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -269,16 +274,19 @@ class MqttLink:
         return info
 
     def publish_chunked(self, topic: str, payload: bytes, retain_topic: Callable[[int], str] | None = None,
-                        timeout: float = 120.0) -> int:
-        """Send ``payload`` as chunks and wait for every PUBACK; returns the chunk count.
+                        timeout: float = 120.0, indices: set[int] | None = None) -> int:
+        """Send ``payload`` as chunks and wait for every PUBACK; returns how many were sent.
 
         With ``retain_topic``, chunk i goes retained to ``retain_topic(i)`` (global adapters);
-        otherwise every chunk goes to ``topic`` (updates).
+        otherwise every chunk goes to ``topic`` (updates). ``indices``: send only these chunks
+        (a repair; see ``chunk_count``), all of them when None.
         """
         probe = retain_topic(0) if retain_topic else topic
         chunks = split_chunks(payload, self.max_chunk_data(probe))
         infos = []
         for i, chunk in enumerate(chunks):
+            if indices is not None and i not in indices:
+                continue
             if retain_topic:
                 infos.append(self.publish(retain_topic(i), chunk, retain=True))
             else:
@@ -287,14 +295,14 @@ class MqttLink:
         for info in infos:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TransportError(f"broker did not acknowledge all {len(chunks)} chunks on {probe} within {timeout:.0f}s")
+                raise TransportError(f"broker did not acknowledge all {len(infos)} chunks on {probe} within {timeout:.0f}s")
             try:
                 info.wait_for_publish(timeout=remaining)
             except (RuntimeError, ValueError) as exc:
                 raise TransportError(f"publish on {probe} failed: {exc}") from exc
             if not info.is_published():
-                raise TransportError(f"broker did not acknowledge all {len(chunks)} chunks on {probe} within {timeout:.0f}s")
-        return len(chunks)
+                raise TransportError(f"broker did not acknowledge all {len(infos)} chunks on {probe} within {timeout:.0f}s")
+        return len(infos)
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)

@@ -215,6 +215,7 @@ class Aggregator:
         self.tick()
 
     def tick(self) -> None:
+        self.request_missing_chunks()
         outcome = self.coordinator.maybe_close()
         if outcome is not None:
             self.close_round(outcome)
@@ -319,6 +320,21 @@ class Aggregator:
         self.metrics.updates.labels("rejected", exc.reason).inc()
         self.store.event("update_rejected", round=round_id, device=device, reason=exc.reason, detail=exc.detail)
         self.ack(device, round_id, "rejected", exc.reason, exc.detail)
+
+    def request_missing_chunks(self) -> None:
+        """Ask each device whose update stopped arriving part way for the chunks still missing."""
+        if not self.cfg.chunk_repair_after_s:
+            return
+        rnd = self.coordinator.open
+        for stall in self.reassembler.stalled(self.cfg.chunk_repair_after_s):
+            if rnd is None or stall.source not in rnd.selected:
+                continue  # dropped when its round closes
+            body = {"round": rnd.round, "result": "incomplete", "msg_id": stall.msg_id.hex(), "count": stall.count,
+                    "missing": stall.missing}
+            self.link.publish(self.topics.ack(stall.source), json.dumps(body).encode())
+            self.metrics.chunk_repairs.inc()
+            self.metrics.chunks_requested.inc(len(stall.missing))
+            log.info("asked %s for %d missing chunks of %d", stall.source, len(stall.missing), stall.count)
 
     def ack(self, device: str, round_id: int | None, result: str, reason: str = "", detail: str = "") -> None:
         body = {"round": round_id, "result": result, "reason": reason, "detail": detail}

@@ -100,6 +100,9 @@ class ServerConfig:
     uplink_head_codec: when set, the codec of the update's tensors that are not LoRA factors
         (the classifier head, new and dense: sparsifying it stalls training); empty: uplink_codec.
     max_update_bytes: largest update accepted (announced size, before reassembly).
+    chunk_repair_after_s: a partial update that gets no new chunk for this long is asked for
+        its missing chunks on the device's ack topic, and again after each such pause (0: off;
+        devices then resend whole updates every 30 s).
     http_host / http_port: metrics and health endpoints (port 0: off).
     exit_when_finished: exit once every round is done; false keeps serving metrics and
         health until stopped (on Kubernetes, where an exit would restart the pod).
@@ -121,6 +124,7 @@ class ServerConfig:
     uplink_codec: str = "fp32"
     uplink_head_codec: str = ""
     max_update_bytes: int = 64 * 1024 * 1024
+    chunk_repair_after_s: float = 5.0
     http_host: str = "0.0.0.0"
     http_port: int = 9100
     seed: int = 0
@@ -142,6 +146,8 @@ class ServerConfig:
             raise ConfigError(f"codec {self.codec!r} must be lossless when downlink_codec is set")
         if self.max_update_bytes < 1024:
             raise ConfigError("max_update_bytes must be at least 1024")
+        if not (self.chunk_repair_after_s == 0 or 0.5 <= self.chunk_repair_after_s <= 3600):
+            raise ConfigError(f"chunk_repair_after_s must be 0 (off) or in [0.5, 3600], got {self.chunk_repair_after_s}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port must be 0..65535, got {self.http_port}")
         if self.server_lr <= 0:

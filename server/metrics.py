@@ -31,6 +31,10 @@ class Metrics:
         self.participants = Gauge("fedlora_round_participants", "Accepted updates in the last closed round", registry=r)
         self.updates = Counter("fedlora_updates_total", "Updates received, by result and reason", ["result", "reason"], registry=r)
         self.bytes_in = Counter("fedlora_uplink_bytes_total", "Update bytes received", ["kind"], registry=r)
+        self.chunk_repairs = Counter("fedlora_chunk_repair_requests_total",
+                                     "Requests to a device for the missing chunks of a stalled update", registry=r)
+        self.chunks_requested = Counter("fedlora_chunks_requested_total",
+                                        "Chunk indices named in those requests", registry=r)
         self.bytes_out = Counter("fedlora_downlink_bytes_total", "Global adapter bytes published", ["kind"], registry=r)
         self.aggregation_seconds = Histogram("fedlora_aggregation_seconds", "Time to finalize a round", registry=r,
                                              buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))

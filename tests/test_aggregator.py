@@ -59,11 +59,11 @@ class FakeDevice:
         return opened[-1] if opened else None
 
 
-def start_aggregator(bundle_dir, state_dir, url, job="faults", rounds=2, max_update_bytes=64 << 20):
+def start_aggregator(bundle_dir, state_dir, url, job="faults", rounds=2, max_update_bytes=64 << 20, **settings):
     cfg = ServerConfig(job=job, bundle=bundle_dir, state_dir=state_dir, http_port=0,
                        broker=BrokerConfig(url=url, protocol="3.1.1"), max_update_bytes=max_update_bytes,
                        rounds=RoundSettings(rounds=rounds, min_devices=1, round_timeout=60),
-                       train=TrainSettings(local_steps=1))
+                       train=TrainSettings(local_steps=1), **settings)
     link = MqttLink(cfg.broker, client_id=f"agg-{job}").connect()
     agg = Aggregator(cfg, link)
     stop = threading.Event()

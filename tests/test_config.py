@@ -32,6 +32,8 @@ def test_file_then_env_then_overrides(tmp_path, monkeypatch):
     ({"bundle": "/b", "strategy": "fedavg", "prune_threshold": 0.5}, "HetLoRA's rank self-pruning"),
     ({"bundle": "/b", "strategy": "flexlora-delta", "rank_norm_power": 3}, "rank_norm_power must be in"),
     ({"bundle": "/b", "strategy": "flexlora", "rank_norm_power": 0.5}, "flexlora-delta's rank normalization"),
+    ({"bundle": "/b", "chunk_repair_after_s": 0.1}, "chunk_repair_after_s must be 0"),
+    ({"bundle": "/b", "chunk_repair_after_s": -1}, "chunk_repair_after_s must be 0"),
 ])
 def test_bad_server_values_fail_with_the_key(tmp_path, values, message):
     path = tmp_path / "c.json"

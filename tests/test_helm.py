@@ -112,6 +112,7 @@ WRONG_VALUES = {
     "broker: {auth: {users: [{username: dev1}]}}": "password is required",
     "persistence: {accessModes: [ReadWriteSometimes]}": "persistence.accessModes.0: persistence.accessModes.0 must be one of",
     "metrics: {serviceMonitor: {enable: true}}": "Additional property enable is not allowed",
+    "config: {chunk_repair_after_s: 0.1}": "config.chunk_repair_after_s: Must validate at least one schema",
 }
 
 

@@ -8,8 +8,9 @@ import pytest
 
 from edge_client.errors import PayloadTooLarge, ProtocolError
 from edge_client.protocol import (
-    BASE_A_PREFIX, BASE_B_PREFIX, BASE_DELTA_PREFIX, CHUNK_HEADER, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES, Envelope,
-    Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes, split_chunks,
+    BASE_A_PREFIX, BASE_B_PREFIX, BASE_DELTA_PREFIX, CHUNK_HEADER, CHUNK_MAGIC, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES,
+    Envelope, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes,
+    message_id, split_chunks,
 )
 
 
@@ -148,6 +149,70 @@ def test_reassembler_bounds_pending_messages():
     for i in range(5):
         r.add("dev", split_chunks(bytes([i]) * 100, 10)[0])
     assert r.pending_count() == 3 and r.dropped_partials == 2
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stalled_messages_list_their_missing_chunks_once_per_pause():
+    clock = FakeClock()
+    r = Reassembler(max_bytes=1 << 20, clock=clock)
+    chunks = split_chunks(bytes(range(256)) * 40, 1000)  # 11 chunks
+    for i in (0, 2, 3, 7):
+        r.add("dev", chunks[i])
+    clock.now += 4.9
+    assert r.stalled(5.0) == []  # still arriving
+    clock.now += 0.2
+    [stall] = r.stalled(5.0)
+    assert (stall.source, stall.msg_id, stall.count) == ("dev", message_id(bytes(range(256)) * 40), 11)
+    assert stall.missing == [1, 4, 5, 6, 8, 9, 10]
+    clock.now += 3.0
+    assert r.stalled(5.0) == []  # asked already: wait another pause before asking again
+    r.add("dev", chunks[4])  # a resent chunk resets the pause
+    clock.now += 4.0
+    assert r.stalled(5.0) == []
+    clock.now += 1.0
+    assert r.stalled(5.0, max_missing=2)[0].missing == [1, 5]  # capped, lowest first
+
+
+def test_a_slow_link_gets_a_longer_pause_before_it_is_asked():
+    clock = FakeClock()
+    r = Reassembler(max_bytes=1 << 20, clock=clock)
+    chunks = split_chunks(bytes(range(256)) * 40, 1000)
+    for i in range(3):  # a chunk every 4 s
+        r.add("dev", chunks[i])
+        clock.now += 4.0
+    clock.now += 7.0  # 11 s since the last chunk: less than 3 x 4 s
+    assert r.stalled(5.0) == []
+    clock.now += 1.0
+    assert r.stalled(5.0)[0].missing == list(range(3, 11))
+
+
+def test_a_message_resent_with_another_chunk_size_starts_over():
+    payload = bytes(range(256)) * 40
+    r = Reassembler(max_bytes=1 << 20)
+    for c in split_chunks(payload, 1000)[:6]:
+        assert r.add("dev", c) is None
+    resent = split_chunks(payload, 3000)  # the device reconnected under a smaller packet limit
+    assert [r.add("dev", c) for c in resent] == [None, None, None, payload]
+    assert r.pending_count() == 0
+
+
+def test_chunks_that_disagree_on_the_size_or_claim_too_many_parts_are_refused():
+    payload = b"abcdefgh" * 100
+    r = Reassembler(max_bytes=1 << 20)
+    r.add("dev", split_chunks(payload, 300)[0])
+    forged = CHUNK_HEADER.pack(CHUNK_MAGIC, message_id(payload), 1, 3, len(payload) + 1) + b"x" * 300
+    with pytest.raises(ProtocolError, match="message size"):
+        r.add("dev", forged)
+    too_many = CHUNK_HEADER.pack(CHUNK_MAGIC, message_id(b"ab"), 0, 1 << 30, 2) + b"a"
+    with pytest.raises(ProtocolError, match="cannot carry"):
+        Reassembler(1 << 20).add("dev", too_many)
 
 
 def test_chunk_garbage_is_refused():

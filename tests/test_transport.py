@@ -1,14 +1,17 @@
 """Chunked transport through a real Mosquitto whose packet and message limits are smaller
-than the update, with chunks dropped, duplicated and reordered, and a device that loses its
-connection in the middle of an update."""
+than the update, with chunks dropped, duplicated and reordered, a device that loses its
+connection in the middle of an update, and the aggregator asking a real device for the
+chunks it is missing."""
 
+import json
+import os
 import random
 import time
 
 import numpy as np
 import pytest
 
-from edge_client.protocol import Envelope, Reassembler, decode_envelope, encode_envelope, split_chunks
+from edge_client.protocol import Envelope, Reassembler, Topics, decode_envelope, encode_envelope, split_chunks
 from edge_client.transport import BrokerConfig, MqttLink
 from tests.test_aggregator import FakeDevice, start_aggregator, update_payload, wait_for
 
@@ -133,3 +136,64 @@ def test_device_disconnected_mid_update_finishes_it_after_reconnecting(tmp_path,
         stop.set()
         thread.join(10)
         link.close()
+
+
+def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tmp_path, minilm_bundle, mosquitto):
+    from conftest import BBC_LABELS
+    from edge_client.bundle import Bundle
+    from edge_client.device import Device, DeviceConfig
+
+    job, topics = "repair", Topics("repair")
+    agg, stop, thread, link = start_aggregator(minilm_bundle, tmp_path / "state", mosquitto.url, job=job, rounds=1,
+                                               chunk_repair_after_s=0.5)
+    data = tmp_path / "local.csv"
+    data.write_text("text,label\n" + "".join(f"story {i},{BBC_LABELS[i % 5]}\n" for i in range(20)))
+    dev = Device(DeviceConfig(device_id="d1", job=job, bundle=minilm_bundle, data=data, state_dir=tmp_path / "dev",
+                              broker=BrokerConfig(url=mosquitto.url, protocol="3.1.1", max_packet_size=20_000)))
+    spy = MqttLink(BrokerConfig(url=mosquitto.url, protocol="3.1.1")).connect()
+    spy.subscribe(topics.update("d1"))
+    try:
+        dev.link.connect()
+        dev.link.subscribe(topics.round)
+        dev.link.subscribe(topics.ack("d1"))
+        dev.link.publish(topics.status("d1"), dev.status_payload(), retain=True)
+
+        def pump():
+            while not dev.link.inbox.empty():
+                msg = dev.link.inbox.get()
+                dev.handle(msg.topic, msg.payload)
+            ann = dev.announcement
+            return ann if ann and ann.get("state") == "open" else None
+
+        rnd = wait_for(pump, what="round 1")["round"]
+        payload = update_payload(Bundle(minilm_bundle), job, "d1", rnd)
+        dev.state.set_pending(rnd, payload)
+        chunks = split_chunks(payload, dev.link.max_chunk_data(topics.update("d1")))
+        assert len(chunks) > 6
+        lost = {1, 4, len(chunks) - 1}
+        for i, c in enumerate(chunks):
+            if i not in lost:  # the link loses three chunks
+                dev.link.publish(topics.update("d1"), c).wait_for_publish(5)
+        # The device does not resend on its own here (its 30 s resend is not driven): only the
+        # aggregator's request for the missing chunks can complete the update.
+        wait_for(lambda: (pump(), dev.state.pending_round is None)[1], what="the device's ack")
+        events = [e["event"] for e in agg.store.events()]
+        assert events.count("update_accepted") == 1 and "update_rejected" not in events, events
+        wait_for(lambda: agg.coordinator.completed == 1, what="the round to complete")
+        assert agg.metrics.chunk_repairs._value.get() >= 1 and agg.metrics.chunks_requested._value.get() >= len(lost)
+        time.sleep(0.3)
+        seen = []
+        while not spy.inbox.empty():
+            seen.append(spy.inbox.get().payload)
+        assert len(seen) == len(chunks) and sorted(seen) == sorted(chunks)  # the lost three, resent once each
+        # A request for a message the device no longer holds is ignored.
+        dev.handle(topics.ack("d1"), json.dumps({"result": "incomplete", "msg_id": os.urandom(16).hex(), "count": 3,
+                                                 "missing": [0]}).encode())
+        time.sleep(0.3)
+        assert spy.inbox.empty()
+    finally:
+        stop.set()
+        thread.join(10)
+        link.close()
+        dev.link.close()
+        spy.close()
