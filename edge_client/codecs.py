@@ -9,13 +9,13 @@ A codec is named by a *spec*: up to three stages joined by ``+``, in this order:
     sparsify = "topk" FRACTION                      keep the ceil(FRACTION * n) largest |x|
              | "randk" FRACTION                     keep each entry with probability FRACTION
     values   = "fp32" | "fp16" | "bf16"             (fp32 when left out)
-             | ("int8" | "int4") ["-b" BLOCK] ["-sr"]
+             | ("int8" | "int4" | "int2") ["-b" BLOCK] ["-sr"]
              | "sign" ["-b" BLOCK]                  one bit per value times the block's mean |x|
     entropy  = "zlib" | "lzma" | "zstd"             lossless; zstd needs the zstandard package
 
 FRACTION is a decimal in (0, 1) such as ``0.01`` or ``1e-3``; BLOCK is the quantization block
 (8..65536 elements, default 64; 256 for ``sign``); ``-sr`` rounds stochastically (unbiased)
-instead of to nearest. Examples: ``fp16``, ``int4-b32``, ``int8-sr``, ``topk0.05+int8``,
+instead of to nearest. Examples: ``fp16``, ``int4-b32``, ``int8-sr``, ``int2``, ``topk0.05+int8``,
 ``topk0.01+int4+zlib``, ``sign``, ``topk0.1+sign``, ``randk0.7+sign``.
 
 Every codec states its error bound in its docstring and as ``elementwise_bound(x)`` (the most
@@ -202,7 +202,8 @@ def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
 def _ceil_bf16(s: np.ndarray) -> np.ndarray:
     """Smallest bfloat16 >= each (non-negative, finite) float64 in ``s``, as bit patterns."""
     s32 = s.astype(np.float32)
-    s32 = np.where(s32.astype(np.float64) < s, np.nextafter(s32, np.float32(np.inf)), s32)
+    with np.errstate(over="ignore"):  # past bf16's largest finite value: inf, which callers clamp
+        s32 = np.where(s32.astype(np.float64) < s, np.nextafter(s32, np.float32(np.inf)), s32)
     u = s32.view(np.uint32).astype(np.uint64)
     return ((u + 0xFFFF) >> 16).astype(np.uint16)
 
@@ -232,27 +233,29 @@ class _BlockScaled(_FixedSize):
 
 
 class BlockQuant(_BlockScaled):
-    """Blockwise symmetric integer quantization (int8 or int4) with one scale per block.
+    """Blockwise symmetric integer quantization (int8, int4 or int2) with one scale per block.
 
     The flat tensor is cut into blocks of ``block`` elements; each block stores the scale
-    ``s >= max|x| / qmax`` (qmax = 127 for int8, 7 for int4) as bfloat16 rounded *up*, so no
-    value clips, and codes ``q = round(x / s)`` in ``[-qmax, qmax]``; int4 codes are packed two
-    per byte (low nibble first). Layout: ``ceil(n / block)`` little-endian bf16 scales, then the
-    codes. Size: ``n + 2 ceil(n / block)`` bytes (int8) or ``ceil(n / 2) + 2 ceil(n / block)``.
+    ``s >= max|x| / qmax`` (qmax = 127 for int8, 7 for int4, 1 for int2) as bfloat16 rounded
+    *up*, so no value clips, and codes ``q = round(x / s)`` in ``[-qmax, qmax]`` (int2 is
+    ternary: -s, 0 or s). Narrow codes are packed into bytes low bits first (two int4 or four
+    int2 codes a byte) as two's complement; the code ``-qmax - 1`` is invalid. Layout:
+    ``ceil(n / block)`` little-endian bf16 scales, then the codes. Size: ``ceil(n * bits / 8) +
+    2 ceil(n / block)`` bytes.
 
     Bound per element: ``s * (1/2 + qmax 2**-23) + 2**-149`` with nearest rounding, and
     ``s * (1 + qmax 2**-23) + 2**-149`` with stochastic rounding (``-sr``), where ``s`` is the
     element's block scale (so about ``max|block| / 254`` for int8, ``max|block| / 14`` for
-    int4); inf for blocks beyond ``|x| ~ 2**127``, whose decoded values may overflow. Stochastic rounding picks ``floor`` or ``ceil`` of ``x / s`` with the probabilities
+    int4, ``max|block| / 2`` for int2); inf for blocks beyond ``|x| ~ 2**127``, whose decoded values may overflow. Stochastic rounding picks ``floor`` or ``ceil`` of ``x / s`` with the probabilities
     that make the decoded value unbiased; its RNG is seeded (``seed``), decoding needs none.
     Non-finite input cannot be quantized and is refused.
     """
 
     def __init__(self, bits: int, block: int = DEFAULT_BLOCK, stochastic: bool = False, seed=None):
-        if bits not in (8, 4):
-            raise ValueError("bits must be 8 or 4")
+        if bits not in (8, 4, 2):
+            raise ValueError("bits must be 8, 4 or 2")
         self.bits, self.block, self.stochastic = bits, int(block), bool(stochastic)
-        self.qmax = 127 if bits == 8 else 7
+        self.qmax = (1 << (bits - 1)) - 1
         self.rng = np.random.default_rng(seed)
         self.name = f"int{bits}" + (f"-b{self.block}" if self.block != DEFAULT_BLOCK else "") + ("-sr" if stochastic else "")
 
@@ -260,7 +263,7 @@ class BlockQuant(_BlockScaled):
         return self._code_bytes(n) + 2 * self._blocks(n)
 
     def _code_bytes(self, n):
-        return n if self.bits == 8 else (n + 1) // 2
+        return -(-n * self.bits // 8)
 
     def _scale_bits(self, flat: np.ndarray) -> np.ndarray:
         """Per block, the smallest bf16 scale with ``max|block| <= qmax * scale``."""
@@ -268,7 +271,9 @@ class BlockQuant(_BlockScaled):
         padded = np.zeros(nb * self.block, np.float32)
         padded[: flat.size] = np.abs(flat)
         absmax = padded.reshape(nb, self.block).max(axis=1).astype(np.float64)
-        return _ceil_bf16(absmax / self.qmax)
+        # int2 (qmax 1) near fp32's limit would round up to inf: the largest finite bf16 clips
+        # those values by less than 0.4%, well within the bound of half a scale
+        return np.minimum(_ceil_bf16(absmax / self.qmax), np.uint16(0x7F7F))
 
     def _encode(self, flat):
         self._check_finite(flat)
@@ -280,10 +285,11 @@ class BlockQuant(_BlockScaled):
         if self.bits == 8:
             codes = q.tobytes()
         else:
-            nib = (q.astype(np.uint8) & 0x0F)
-            if nib.size % 2:
-                nib = np.append(nib, np.uint8(0))
-            codes = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+            per = 8 // self.bits
+            fields = np.zeros(-(-q.size // per) * per, np.uint8)
+            fields[: q.size] = q.astype(np.uint8) & ((1 << self.bits) - 1)
+            fields = fields.reshape(-1, per) << (self.bits * np.arange(per, dtype=np.uint8))
+            codes = np.bitwise_or.reduce(fields, axis=1).astype(np.uint8).tobytes()
         return scale_bits.astype("<u2").tobytes() + codes
 
     def _decode(self, data, n):
@@ -293,11 +299,12 @@ class BlockQuant(_BlockScaled):
         if self.bits == 8:
             q = raw.view(np.int8)
         else:
-            if n % 2 and raw[-1] >> 4:
-                raise ProtocolError(f"{self.name} tensor has a non-zero padding nibble")
-            nib = np.empty(2 * raw.size, np.uint8)
-            nib[0::2], nib[1::2] = raw & 0x0F, raw >> 4
-            q = ((nib[:n] ^ 8).astype(np.int8) - 8).astype(np.int8)
+            per, half = 8 // self.bits, 1 << (self.bits - 1)
+            fields = (raw[:, None] >> (self.bits * np.arange(per, dtype=np.uint8))) & ((1 << self.bits) - 1)
+            fields = fields.reshape(-1)
+            if fields[n:].any():
+                raise ProtocolError(f"{self.name} tensor has non-zero padding bits")
+            q = ((fields[:n] ^ half).astype(np.int8) - half).astype(np.int8)
         if q.size and (q == -self.qmax - 1).any():
             raise ProtocolError(f"{self.name} tensor has a code outside [-{self.qmax}, {self.qmax}]")
         with np.errstate(over="ignore"):  # only scales near fp32's limit overflow; the bound says so
@@ -667,10 +674,10 @@ def _zstandard():
 # -- specs ---------------------------------------------------------------------------------
 _SPARSE = re.compile(r"(topk|randk)((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 _SPARSIFIERS = {"topk": TopK, "randk": RandK}
-_QUANT = re.compile(r"int(8|4)((?:-b\d+|-sr)*)")
+_QUANT = re.compile(r"int(8|4|2)((?:-b\d+|-sr)*)")
 _SIGN = re.compile(r"sign(?:-b(\d+))?")
 _FLOATS = {"fp32": Float32, "fp16": Float16, "bf16": BFloat16}
-GRAMMAR = "[topk<fraction>+|randk<fraction>+][fp32|fp16|bf16|int8|int4[-b<block>][-sr]|sign[-b<block>]][+zlib|+lzma|+zstd]"
+GRAMMAR = "[topk<fraction>+|randk<fraction>+][fp32|fp16|bf16|int8|int4|int2[-b<block>][-sr]|sign[-b<block>]][+zlib|+lzma|+zstd]"
 
 
 def parse_codec(spec: str, *, seed=None) -> Codec:

@@ -41,7 +41,7 @@ HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
 SPECS = sorted(set(CODECS) | {
     "zlib", "bf16+lzma", "fp16+zlib", "int8-b8", "int4-b8", "int8-b1000", "int4-b128-sr", "int8-sr+lzma",
     "topk0.3+fp16", "topk0.5+bf16+zlib", "topk0.2+int4-b8-sr", "topk0.001+int8", "topk0.9", "topk1e-2+int4+lzma",
-    "randk0.3+int8", "randk0.9+fp16+zlib", "randk0.01",
+    "randk0.3+int8", "randk0.9+fp16+zlib", "randk0.01", "int2", "int2-b8-sr", "int2-b128", "randk0.7+int2+zlib",
 } | ({"int8+zstd", "topk0.05+int4+zstd"} if HAS_ZSTD else set()))
 LOSSY = [s for s in SPECS if not get_codec(s).lossless]
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,6 +189,8 @@ def test_compressed_sizes_are_as_promised():
     assert encoded_size("fp16", x) == encoded_size("bf16", x) == fp32 // 2
     assert encoded_size("int8", x) == x.size + 2 * x.size // 64  # codes + one bf16 scale per block
     assert encoded_size("int4", x) == x.size // 2 + 2 * x.size // 64
+    assert encoded_size("int2", x) == x.size // 4 + 2 * x.size // 64
+    assert get_codec("int2").max_nbytes(7) == 2 + 2 and get_codec("int4").max_nbytes(7) == 4 + 2
     assert fp32 / encoded_size("int8", x) > 3.8 and fp32 / encoded_size("int8-b1024", x) > 3.99
     assert fp32 / encoded_size("int4", x) > 7.5 and fp32 / encoded_size("int4-b256", x) > 7.8
     assert fp32 / encoded_size("topk0.1", x) > 7
@@ -347,6 +349,14 @@ def test_hostile_scales_codes_and_indices_are_refused():
         int4.decode(good4[:-1] + bytes([good4[-1] | 0x10]), {}, (7,))
     with pytest.raises(ProtocolError, match="code outside"):
         int4.decode(good4[:2] + b"\x88" + good4[3:], {}, (7,))
+    int2 = get_codec("int2-b8")
+    good2 = int2.encode(np.float32([1, -1, 0, 1, 1, -1]))[0]  # codes 01 11 00 01 | 01 11 + padding
+    assert good2[2:] == bytes([0b01_00_11_01, 0b00_00_11_01])
+    np.testing.assert_array_equal(int2.decode(good2, {}, (6,)), [1, -1, 0, 1, 1, -1])
+    with pytest.raises(ProtocolError, match="padding"):
+        int2.decode(good2[:-1] + bytes([good2[-1] | 0x40]), {}, (6,))
+    with pytest.raises(ProtocolError, match="code outside"):
+        int2.decode(good2[:2] + bytes([0b10]) + good2[3:], {}, (6,))
     topk = get_codec("topk0.25")  # n = 8 -> k = 2 values of 4 bytes
     values = np.float32([1, 2]).tobytes()
     assert topk.decode(b"\x02\x01\x03" + values, {}, (8,))[[1, 5]].tolist() == [1, 2]
@@ -400,7 +410,8 @@ def contraction(codec, n):
     if isinstance(codec, BFloat16):
         return 2.0**-8, 2.0**-134, np.inf
     if isinstance(codec, BlockQuant):  # error <= step * s per element, s <= max|block| / qmax * (1 + 2**-7)
-        return _quant_factor(codec, 1), 2.0**-148, np.inf
+        rho = _quant_factor(codec, 1)  # >= 1 for int2-sr (its error may reach max|block|): none in the worst case
+        return (rho, 2.0**-148, np.inf) if rho < 1 else (None, None, np.inf)
     if isinstance(codec, ScaledSign):
         return _sign_factor(codec, n), 2.0**-140, 2
     if isinstance(codec, RandK):  # positions are pseudo-random: no worst-case contraction, only in expectation
