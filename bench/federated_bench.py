@@ -231,6 +231,11 @@ def strategy_targets(raw: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(r: dict) -> tuple:
+    """Where runs compete: a data set and alpha at one round budget (codec runs may add a longer one)."""
+    return r["dataset"], r["alpha"], r["rounds"]
+
+
 def _codec_label(codec: str) -> str:
     """``sign|int8`` (LoRA factors | classifier head) as markdown; a bare ``|`` would split the cell."""
     lora, _, head = codec.partition("|")
@@ -248,11 +253,11 @@ def paired_fp32(row: dict, raw: list[dict]) -> dict | None:
 
 def codec_table(rows: list[dict], raw: list[dict]) -> str:
     """One line per codec (means over its seeds), against fp32 over the same seeds."""
-    lines = ["| data set | alpha | codec | seeds | final acc | vs fp32 | last 3 rounds | vs fp32 | uplink total (wire) | "
+    lines = ["| data set | alpha | rounds | codec | seeds | final acc | vs fp32 | last 3 rounds | vs fp32 | uplink total (wire) | "
              "fewer bytes than fp32 | target (final / last 3) | decode ms/update |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}):
-        sel = [r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)]
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for dataset, alpha, rounds in sorted({_cell(r) for r in rows}):
+        sel = [r for r in rows if _cell(r) == (dataset, alpha, rounds)]
         for r in sorted(sel, key=lambda r: -r["uplink_bytes_total"]):
             d_final = d_last = ratio = None
             ref = paired_fp32(r, raw)
@@ -265,7 +270,7 @@ def codec_table(rows: list[dict], raw: list[dict]) -> str:
                 verdict = lambda d: "met" if d >= need else "missed"  # noqa: E731
                 target = f"{'>=32x' if ratio >= 32 else '>=16x'} within {-need:.1f}: {verdict(d_final)} / {verdict(d_last)}"
             fmt = lambda d: "" if d is None else f"{d:+.1f}"  # noqa: E731
-            lines.append(f"| {dataset} | {alpha} | {_codec_label(r['codec'])} | {_seeds(r)} | {_final(r)} | {fmt(d_final)} | {last3(r):.3f} | "
+            lines.append(f"| {dataset} | {alpha} | {rounds} | {_codec_label(r['codec'])} | {_seeds(r)} | {_final(r)} | {fmt(d_final)} | {last3(r):.3f} | "
                          f"{fmt(d_last)} | {_mb(r['uplink_bytes_total'])} | {'' if ratio is None else f'{ratio:.1f}x'} | "
                          f"{target} | {r['decode_ms_median']:.2f} |")
     return "\n".join(lines)
@@ -350,10 +355,10 @@ def plot_codecs(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    groups = sorted({(r["dataset"], r["alpha"]) for r in rows})
+    groups = sorted({_cell(r) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
-    for ax, (dataset, alpha) in zip(axes[0], groups):
-        sel = sorted((r for r in rows if (r["dataset"], r["alpha"]) == (dataset, alpha)), key=lambda r: r["uplink_bytes_total"])
+    for ax, (dataset, alpha, rounds) in zip(axes[0], groups):
+        sel = sorted((r for r in rows if _cell(r) == (dataset, alpha, rounds)), key=lambda r: r["uplink_bytes_total"])
         mb = [r["uplink_bytes_total"] / 1e6 for r in sel]
         acc = [r["final_accuracy"] for r in sel]
         ax.scatter(mb, acc, color="tab:blue", zorder=3)
@@ -373,7 +378,7 @@ def plot_codecs(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("total uplink bytes on the wire (MB, log)")
         ax.set_ylabel("final test accuracy")
         seeds = ", ".join(map(str, sel[0]["seeds"])) if sel else ""
-        ax.set_title(f"{dataset}, Dirichlet alpha {alpha}, FedAvg rank 8, seeds {seeds}", pad=14)
+        ax.set_title(f"{dataset}, alpha {alpha}, {rounds} rounds, FedAvg rank 8, seeds {seeds}", pad=14)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
@@ -395,11 +400,11 @@ def write_section(name: str, body: str) -> None:
 
 
 def common_seeds(rows: list[dict]) -> list[dict]:
-    """Per data set and alpha, only the seeds every configuration there ran (for plots, where a
+    """Per data set, alpha and round budget, only the seeds every configuration there ran (for plots, where a
     point and its reference line must come from the same federations)."""
     out = []
-    for cell in {(r["dataset"], r["alpha"]) for r in rows}:
-        sel = [r for r in rows if (r["dataset"], r["alpha"]) == cell]
+    for cell in {_cell(r) for r in rows}:
+        sel = [r for r in rows if _cell(r) == cell]
         configs: dict[tuple, set] = {}
         for r in sel:
             configs.setdefault(_key(r)[:-1], set()).add(r["seed"])
@@ -412,11 +417,11 @@ def report(rows: list[dict]) -> None:
     raw = rows
     rows = merge_seeds(rows)
     strat = [r for r in rows if r["codec"] == "fp32" and (r["strategy"], tuple(r["ranks"])) in STRATEGY_CONFIGS]
-    strat = [r for r in strat if any(o["alpha"] == r["alpha"] and o["dataset"] == r["dataset"] and o["strategy"] != "fedavg"
+    strat = [r for r in strat if any(_cell(o) == _cell(r) and o["strategy"] != "fedavg"
                                      for o in strat)]  # cells the strategy suite ran, not just a codec baseline
     strat.sort(key=lambda r: (r["dataset"], r["alpha"], _config_index(r)))
     codec = [r for r in rows if r["strategy"] == "fedavg" and r["ranks"] == [8]
-             and any(o["codec"] != "fp32" and (o["dataset"], o["alpha"]) == (r["dataset"], r["alpha"]) for o in rows)]
+             and any(o["codec"] != "fp32" and _cell(o) == _cell(r) for o in rows)]
     if strat:
         plot_strategies(strat, DOC.parent / "strategy_bench.png")
         write_section("federated_bench:strategies", "\n".join([
