@@ -85,16 +85,16 @@ def summarize(out: Path) -> dict:
 
 
 def _name(dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int = 0,
-          tuning: dict | None = None) -> str:
+          tuning: dict | None = None, rounds: int = 10) -> str:
     name = f"{dataset}-a{alpha}-{strategy}-r{'_'.join(map(str, ranks))}-{codec.replace('+', '_').replace('|', '-head-')}"
     tuning = tuning or {}
     name += "".join(f"-{short}{tuning[k]:g}" for k, (short, _) in TUNING.items() if tuning.get(k))
-    return name + (f"-s{seed}" if seed else "")
+    return name + (f"-R{rounds}" if rounds != 10 else "") + (f"-s{seed}" if seed else "")
 
 
 def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, ...], codec: str, seed: int) -> dict:
     tuning = {k: getattr(args, k) for k in TUNING}
-    name = _name(dataset, alpha, strategy, ranks, codec, seed, tuning)
+    name = _name(dataset, alpha, strategy, ranks, codec, seed, tuning, args.rounds)
     out = ROOT / "runs" / "bench" / name
     edge_python = ROOT / ".venv-edge" / "bin" / "python"
     cmd = [sys.executable, "-m", "server.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
@@ -471,7 +471,7 @@ def main() -> int:
             r.setdefault(k, 0.0)
         # rows written before per-device numbers were kept: read them from the run folder
         out = ROOT / "runs" / "bench" / _name(r["dataset"], r["alpha"], r["strategy"], tuple(r["ranks"]), r["codec"],
-                                             r["seed"], {k: r[k] for k in TUNING})
+                                             r["seed"], {k: r[k] for k in TUNING}, r["rounds"])
         if "device_local" not in r and (out / "metrics.jsonl").is_file():
             r["device_local"] = summarize(out)["device_local"]
     plan = []

@@ -246,9 +246,10 @@ class BlockQuant(_BlockScaled):
     Bound per element: ``s * (1/2 + qmax 2**-23) + 2**-149`` with nearest rounding, and
     ``s * (1 + qmax 2**-23) + 2**-149`` with stochastic rounding (``-sr``), where ``s`` is the
     element's block scale (so about ``max|block| / 254`` for int8, ``max|block| / 14`` for
-    int4, ``max|block| / 2`` for int2); inf for blocks beyond ``|x| ~ 2**127``, whose decoded values may overflow. Stochastic rounding picks ``floor`` or ``ceil`` of ``x / s`` with the probabilities
-    that make the decoded value unbiased; its RNG is seeded (``seed``), decoding needs none.
-    Non-finite input cannot be quantized and is refused.
+    int4, ``max|block| / 2`` for int2); inf for blocks beyond ``|x| ~ 2**127``, whose decoded
+    values may overflow. Stochastic rounding picks ``floor`` or ``ceil`` of ``x / s`` with the
+    probabilities that make the decoded value unbiased; its RNG is seeded (``seed``), decoding
+    needs none. Non-finite input cannot be quantized and is refused.
     """
 
     def __init__(self, bits: int, block: int = DEFAULT_BLOCK, stochastic: bool = False, seed=None):

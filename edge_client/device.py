@@ -39,9 +39,6 @@ from edge_client.transport import BrokerConfig, MqttLink
 log = logging.getLogger("fedlora.device")
 
 RESEND_AFTER_S = 30.0
-# A repair request that arrives this soon after a whole update went out was most likely asked
-# while that send was still on its way (a slow link): the aggregator asks again if it must.
-REPAIR_GRACE_S = 10.0
 # A broker may drop a QoS 1 delivery to a busy device (amqtt does after a PUBACK timeout,
 # and ORT's training step holds the GIL, so paho's thread answers late). Round and global
 # state are retained, so an idle device re-subscribes now and then to fetch them again.
@@ -252,7 +249,7 @@ class Device:
         self.global_version: int | None = None
         self.global_tensors: dict[str, np.ndarray] | None = None
         self._sent_at: float | None = None
-        self._sent_whole_at: float | None = None  # when every chunk of the pending update was acked by the broker
+        self._sent_whole_at: float | None = None  # when the broker had acked every chunk of the update
         self._last_progress = time.monotonic()
         self.rounds_trained = 0
         self._window_wait_round: int | None = None
@@ -266,7 +263,8 @@ class Device:
         self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(), retain=True)
         self._sent_at = None  # after a reconnect, resend a pending update at once
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
+        """One message; ``received_at`` (time.monotonic) is when it arrived, if it waited in the inbox."""
         self._last_progress = time.monotonic()
         if topic == self.topics.round:
             try:
@@ -283,7 +281,7 @@ class Device:
             if payload:
                 self._handle_global_chunk(payload, delta=True)
         elif topic == self.topics.ack(self.cfg.device_id):
-            self._handle_ack(payload)
+            self._handle_ack(payload, self._last_progress if received_at is None else received_at)
 
     def _handle_global_chunk(self, payload: bytes, delta: bool) -> None:
         """A chunk of the full global copy, or of the change from the previous version."""
@@ -317,7 +315,7 @@ class Device:
         elif self.global_version is None or env.round >= self.global_version:
             self.global_version, self.global_tensors = env.round, env.tensors
 
-    def _handle_ack(self, payload: bytes) -> None:
+    def _handle_ack(self, payload: bytes, received_at: float) -> None:
         try:
             ack = json.loads(payload)
         except ValueError:
@@ -325,7 +323,7 @@ class Device:
         if not isinstance(ack, dict):
             return
         if ack.get("result") == "incomplete":
-            self._repair(ack)
+            self._repair(ack, received_at)
             return
         if self.state.pending_round is None or ack.get("round") != self.state.pending_round:
             return
@@ -441,13 +439,13 @@ class Device:
             log.warning("sending the update failed, will retry: %s", exc)
             self._sent_at = None
 
-    def _repair(self, request: dict) -> None:
+    def _repair(self, request: dict, received_at: float) -> None:
         """The aggregator holds part of our pending update: resend the chunks it names."""
         payload = self.state.pending_payload()
         if payload is None or request.get("msg_id") != message_id(payload).hex() or not self.link.connected.is_set():
             return  # not (or no longer) what we are sending
-        if self._sent_whole_at is not None and time.monotonic() - self._sent_whole_at < REPAIR_GRACE_S:
-            return
+        if self._sent_whole_at is not None and received_at < self._sent_whole_at:
+            return  # asked while our whole update was still going out (a slow link): it may be complete now
         topic = self.topics.update(self.cfg.device_id)
         count, missing = request.get("count"), request.get("missing")
         indices = None  # our chunking changed (another packet limit): the aggregator starts over
@@ -509,10 +507,10 @@ class Device:
             while not stop.is_set():
                 try:
                     msg = self.link.inbox.get(timeout=0.5)
-                    self.handle(msg.topic, msg.payload)
+                    self.handle(msg.topic, msg.payload, msg.received_at)
                     while not self.link.inbox.empty():
                         msg = self.link.inbox.get_nowait()
-                        self.handle(msg.topic, msg.payload)
+                        self.handle(msg.topic, msg.payload, msg.received_at)
                 except Exception as exc:  # queue.Empty, or a handler bug we log and survive
                     if type(exc).__name__ != "Empty":
                         log.exception("error handling a message")

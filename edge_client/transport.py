@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlparse
 
@@ -91,6 +91,7 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    received_at: float = field(default_factory=time.monotonic)
 
 
 class MqttLink:

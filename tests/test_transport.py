@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from edge_client.protocol import Envelope, Reassembler, Topics, decode_envelope, encode_envelope, split_chunks
+from edge_client.protocol import (
+    Envelope, Reassembler, Topics, decode_envelope, encode_envelope, message_id, split_chunks,
+)
 from edge_client.transport import BrokerConfig, MqttLink
 from tests.test_aggregator import FakeDevice, start_aggregator, update_payload, wait_for
 
@@ -171,9 +173,17 @@ def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tm
         chunks = split_chunks(payload, dev.link.max_chunk_data(topics.update("d1")))
         assert len(chunks) > 6
         lost = {1, 4, len(chunks) - 1}
+        asked_before = time.monotonic()
         for i, c in enumerate(chunks):
             if i not in lost:  # the link loses three chunks
                 dev.link.publish(topics.update("d1"), c).wait_for_publish(5)
+        dev._sent_whole_at = time.monotonic()  # as send_pending records it
+        # A request that waited in the inbox while the whole update went out is stale: ignored.
+        stale = {"round": rnd, "result": "incomplete", "msg_id": message_id(payload).hex(), "count": len(chunks),
+                 "missing": sorted(lost)}
+        dev.handle(topics.ack("d1"), json.dumps(stale).encode(), received_at=asked_before)
+        time.sleep(0.3)
+        assert agg.reassembler.pending_count() == 1 and spy.inbox.qsize() == len(chunks) - len(lost)
         # The device does not resend on its own here (its 30 s resend is not driven): only the
         # aggregator's request for the missing chunks can complete the update.
         wait_for(lambda: (pump(), dev.state.pending_round is None)[1], what="the device's ack")
