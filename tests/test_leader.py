@@ -7,6 +7,7 @@ leaders, and checks that no round ever ran outside its runner's tenure."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -399,4 +400,6 @@ def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(tmp
     completed = [(e["reportingInstance"], e["message"].split(":")[0]) for e in apiserver.events if e["reason"] == "RoundCompleted"]
     assert completed == [("agg-a", "Round 1 completed"), ("agg-b", "Round 2 completed"), ("agg-a", "Round 3 completed")]
     elected = [e["involvedObject"]["name"] for e in apiserver.events if e["reason"] == "LeaderElected"]
-    assert elected == ["agg-a", "agg-b", "agg-a"]
+    # A starved leader that misses its renew deadline steps down and may win its own Lease back
+    # (the holder never changes, as the tenures above show): that elects it twice in a row.
+    assert [name for name, _ in itertools.groupby(elected)] == ["agg-a", "agg-b", "agg-a"]
