@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edge_client.codecs import CODECS
 from edge_client.protocol import HEADER_ZLIB, Envelope, decode_envelope, encode_envelope
 
-DEFAULT = list(CODECS) + ["int4-b32", "topk0.05+int8+zlib", "topk0.01+int8+zlib", "int4+lzma", "topk0.1+int8+lzma", "topk0.1+sign"]
+DEFAULT = list(CODECS) + ["int4-b32", "int2", "topk0.05+int8+zlib", "topk0.01+int8+zlib", "int4+lzma", "topk0.1+int8+lzma", "topk0.1+sign"]
 
 
 def minilm_r8_update(seed: int = 0) -> dict[str, np.ndarray]:
