@@ -7,6 +7,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -147,7 +148,7 @@ def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tm
 
     job, topics = "repair", Topics("repair")
     agg, stop, thread, link = start_aggregator(minilm_bundle, tmp_path / "state", mosquitto.url, job=job, rounds=1,
-                                               chunk_repair_after_s=0.5)
+                                               chunk_repair_after_s=1.0)
     data = tmp_path / "local.csv"
     data.write_text("text,label\n" + "".join(f"story {i},{BBC_LABELS[i % 5]}\n" for i in range(20)))
     dev = Device(DeviceConfig(device_id="d1", job=job, bundle=minilm_bundle, data=data, state_dir=tmp_path / "dev",
@@ -195,7 +196,9 @@ def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tm
         seen = []
         while not spy.inbox.empty():
             seen.append(spy.inbox.get().payload)
-        assert len(seen) == len(chunks) and sorted(seen) == sorted(chunks)  # the lost three, resent once each
+        assert sorted(set(seen)) == sorted(chunks)
+        # Nothing the aggregator held was sent again: extra copies (a re-ask on a slow machine) are of lost chunks only.
+        assert set(Counter(seen) - Counter(chunks)) <= {chunks[i] for i in lost}
         # A request for a message the device no longer holds is ignored.
         dev.handle(topics.ack("d1"), json.dumps({"result": "incomplete", "msg_id": os.urandom(16).hex(), "count": 3,
                                                  "missing": [0]}).encode())
