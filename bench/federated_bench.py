@@ -400,8 +400,8 @@ def write_section(name: str, body: str) -> None:
 
 
 def common_seeds(rows: list[dict]) -> list[dict]:
-    """Per data set, alpha and round budget, only the seeds every configuration there ran (for plots, where a
-    point and its reference line must come from the same federations)."""
+    """Per data set, alpha and round budget, only the seeds every configuration there ran (for
+    plots, where a point and its reference line must come from the same federations)."""
     out = []
     for cell in {_cell(r) for r in rows}:
         sel = [r for r in rows if _cell(r) == cell]
