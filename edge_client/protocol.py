@@ -30,24 +30,24 @@ import math
 import struct
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_client.codecs import get_codec
+from edge_client.codecs import element_count, get_codec
 from edge_client.errors import PayloadTooLarge, ProtocolError
+from edge_client.lora import A_SUFFIX, lora_pairs
+from edge_client.messages import (
+    MAX_HEADER_BYTES, MAX_MISSING, PROTOCOL_VERSION, EnvelopeHeader, TopicRef, parse_header, parse_json, parse_topic,
+)
 
 log = logging.getLogger("fedlora.protocol")
 
-PROTOCOL_VERSION = 1
 ENVELOPE_MAGIC = b"FLE1"
 CHUNK_MAGIC = b"FLC1"
 CHUNK_HEADER = struct.Struct("<4s16sIIQ")
-MAX_HEADER_BYTES = 1 << 20
-# Most chunk indices one repair request names; the sender resends those and is asked again.
-MAX_MISSING = 1024
 HEADER_ZLIB = 1 << 31  # flag bit in the header length word
-KINDS = ("update", "global")
 # Global envelopes may carry changes to frozen base weights: dense under ``base_delta/<weight>``
 # (FLoRA, FedEx-LoRA), or factored as ``base_b/<weight> @ base_a/<weight>`` (flexlora-delta:
 # the part of the global adapter beyond the device's rank, LoRA scale included in B). The
@@ -127,8 +127,9 @@ class Topics:
     def ack(self, device: str) -> str:
         return f"{self.base}/ack/{device}"
 
-    def device_of(self, topic: str) -> str:
-        return topic.rsplit("/", 1)[-1]
+    def parse(self, topic: str) -> TopicRef:
+        """What a topic of this job names (``messages.parse_topic``); ProtocolError otherwise."""
+        return parse_topic(topic, self.base)
 
 
 def check_device_id(device: str) -> str:
@@ -176,8 +177,8 @@ def encode_envelope(env: Envelope) -> bytes:
     return ENVELOPE_MAGIC + struct.pack("<I", len(raw)) + raw + body
 
 
-def _read_header(payload: bytes) -> tuple[dict, int]:
-    """The envelope's header object and where the body starts."""
+def _read_header(payload: bytes) -> tuple[EnvelopeHeader, int]:
+    """The envelope's typed header and where the body starts."""
     (word,) = struct.unpack_from("<I", payload, 4)
     hlen = word & ~HEADER_ZLIB
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(payload):
@@ -191,56 +192,89 @@ def _read_header(payload: bytes) -> tuple[dict, int]:
             raise ProtocolError(f"envelope header is not valid zlib data ({exc})") from exc
         if inflater.unconsumed_tail or not inflater.eof:
             raise ProtocolError(f"compressed envelope header is truncated or inflates beyond {MAX_HEADER_BYTES} bytes")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"envelope header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ProtocolError("envelope header is not an object")
-    return header, 8 + hlen
+    return parse_header(parse_json(raw, "envelope header", MAX_HEADER_BYTES)), 8 + hlen
 
 
-def decode_envelope(payload: bytes) -> Envelope:
-    """Parse and check an envelope; raise ProtocolError saying what is wrong."""
-    if len(payload) < 8 or payload[:4] != ENVELOPE_MAGIC:
+@dataclass(frozen=True)
+class EnvelopeLimits:
+    """What a receiver accepts, checked against the header before any tensor is decoded.
+
+    shapes: tensor name -> its largest shape (the job's adapter at its top rank; frozen-weight
+        changes under their prefixes); a tensor must have the same number of dimensions and no
+        dimension above these.
+    max_elements: the most values all tensors together may decode to.
+    """
+
+    shapes: Mapping[str, tuple[int, ...]]
+    max_elements: int
+
+    @classmethod
+    def for_update(cls, shapes: Mapping[str, tuple[int, ...]]) -> EnvelopeLimits:
+        """An update of the adapter whose top-rank shapes are ``shapes``."""
+        return cls(dict(shapes), sum(math.prod(s) for s in shapes.values()))
+
+    @classmethod
+    def for_global(cls, shapes: Mapping[str, tuple[int, ...]]) -> EnvelopeLimits:
+        """A global envelope: the adapter, plus per adapted weight (out x in) a dense change and a
+        factored one of rank at most min(out, in)."""
+        limits = dict(shapes)
+        extra = 0
+        for a, b in lora_pairs(shapes):
+            base = a[: -len(A_SUFFIX)] + "base_layer.weight"
+            out, inp = shapes[b][0], shapes[a][1]
+            k = min(out, inp)
+            limits[BASE_DELTA_PREFIX + base] = (out, inp)
+            limits[BASE_A_PREFIX + base] = (k, inp)
+            limits[BASE_B_PREFIX + base] = (out, k)
+            extra += out * inp + k * (out + inp)
+        return cls(limits, sum(math.prod(s) for s in shapes.values()) + extra)
+
+    def check(self, header: EnvelopeHeader) -> None:
+        total = 0
+        for spec in header.tensors:
+            limit = self.shapes.get(spec.name)
+            if limit is None:
+                raise ProtocolError(f"tensor {spec.name[:120]} is not part of this job's adapter")
+            if len(spec.shape) != len(limit) or any(d > m for d, m in zip(spec.shape, limit)):
+                raise ProtocolError(f"tensor {spec.name[:120]} has shape {spec.shape}, beyond {tuple(limit)}")
+            total += spec.size
+        if total > self.max_elements:
+            raise ProtocolError(f"envelope decodes to {total} values, more than the {self.max_elements} of this job's adapter")
+
+
+def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Envelope:
+    """Parse and check an envelope; raise ProtocolError saying what is wrong.
+
+    Before any tensor is decoded: the header is typed and bounded (``messages.parse_header``),
+    ``limits`` (if given) bound names, shapes and the total size, every tensor's byte count is
+    at most what its codec can take for its shape, and the byte counts add up to the body."""
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) < 8 or payload[:4] != ENVELOPE_MAGIC:
         raise ProtocolError("not a fedlora envelope (bad magic)")
     header, body_start = _read_header(payload)
-    if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {header.get('v')!r} not supported (this side speaks {PROTOCOL_VERSION})")
-    body = payload[body_start:]
-    try:
-        if hashlib.sha256(body).hexdigest() != header["body_sha256"]:
-            raise ProtocolError("envelope body fails its sha256 check")
-        if header["kind"] not in KINDS:
-            raise ProtocolError(f"unknown envelope kind {header['kind']!r}")
-        get_codec(header["codec"])  # an unknown spec is refused even with no tensors
-        tensors: dict[str, np.ndarray] = {}
-        tensor_codecs: dict[str, str] = {}
-        offset = 0
-        for spec in header["tensors"]:
-            shape = tuple(int(d) for d in spec["shape"])
-            if any(d < 0 for d in shape):
-                raise ProtocolError(f"tensor {spec['name']} has a negative dimension")
-            end = offset + int(spec["nbytes"])
-            if end > len(body):
-                raise ProtocolError(f"tensor {spec['name']} runs past the end of the body")
-            if spec["name"] in tensors:
-                raise ProtocolError(f"tensor {spec['name']} appears twice")
-            if "codec" in spec:
-                tensor_codecs[spec["name"]] = spec["codec"]
-            tensor_codec = get_codec(tensor_codecs.get(spec["name"], header["codec"]))
-            tensors[spec["name"]] = tensor_codec.decode(body[offset:end], spec.get("meta") or {}, shape)
-            offset = end
-        if offset != len(body):
-            raise ProtocolError(f"{len(body) - offset} trailing bytes after the last tensor")
-        return Envelope(
-            kind=header["kind"], job=str(header["job"]), round=int(header["round"]), sender=str(header["sender"]),
-            rank=int(header["rank"]), codec=header["codec"], tensors=tensors,
-            num_examples=int(header.get("num_examples", 0)), metrics=dict(header.get("metrics") or {}),
-            base_version=int(header.get("base_version", 0)), tensor_codecs=tensor_codecs,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"malformed envelope header ({type(exc).__name__}: {exc})") from exc
+    if limits is not None:
+        limits.check(header)
+    body = memoryview(payload)[body_start:]
+    codecs = [get_codec(header.codec_of(spec)) for spec in header.tensors]
+    for spec, codec in zip(header.tensors, codecs):
+        element_count(spec.shape)
+        if spec.nbytes > codec.max_nbytes(spec.size):
+            raise ProtocolError(f"tensor {spec.name[:120]} claims {spec.nbytes} bytes, more than its codec "
+                                f"needs for shape {spec.shape}")
+    declared = sum(spec.nbytes for spec in header.tensors)
+    if declared != len(body):
+        raise ProtocolError(f"tensors declare {declared} bytes but the body has {len(body)}")
+    if hashlib.sha256(body).hexdigest() != header.body_sha256:
+        raise ProtocolError("envelope body fails its sha256 check")
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec, codec in zip(header.tensors, codecs):
+        end = offset + spec.nbytes
+        tensors[spec.name] = codec.decode(bytes(body[offset:end]), {}, spec.shape)
+        offset = end
+    return Envelope(kind=header.kind.value, job=header.job, round=header.round, sender=header.sender,
+                    rank=header.rank, codec=header.codec, tensors=tensors, num_examples=header.num_examples,
+                    metrics=dict(header.metrics), base_version=header.base_version,
+                    tensor_codecs={spec.name: spec.codec for spec in header.tensors if spec.codec})
 
 
 # -- chunking ------------------------------------------------------------------------------
@@ -304,24 +338,44 @@ class Stall:
     missing: list[int]
 
 
+class ReassemblyBusy(ProtocolError):
+    """The receiver holds as many partial messages (or bytes) as it may: send again later."""
+
+
+CHUNK_OVERHEAD = 256  # bytes of bookkeeping counted against the limits for every buffered chunk
+
+
 class Reassembler:
     """Collects chunks per (source, message id); returns a payload once complete and hash-checked.
 
-    Duplicates are ignored, order does not matter, an announced size above ``max_bytes`` is
-    refused before anything is buffered, and at most ``max_pending`` partial messages are
-    kept (oldest dropped first) so a flood of first chunks cannot exhaust memory. A message
-    resent with another chunk size (the sender reconnected under a different packet limit)
-    starts over: its id is its hash, so the bytes are the same. ``stalled`` lists the partial
-    messages that stopped growing, with the chunk indices still missing, for a repair request.
+    Duplicates are ignored and order does not matter. Every limit is per source first, so one
+    source cannot take another's room:
+
+    * an announced size above ``max_bytes`` is refused before anything is buffered;
+    * a source holds at most ``per_source`` partial messages (a new one drops that source's
+      oldest, never another source's);
+    * all sources together hold at most ``max_pending`` partial messages and ``max_buffered``
+      bytes (chunk data plus ``CHUNK_OVERHEAD`` each); when full, a partial message idle for
+      ``evict_idle_s`` makes room, else the new chunk is refused with ``ReassemblyBusy`` (the
+      sender retries; nothing of another source is dropped).
+
+    A message resent with another chunk size (the sender reconnected under a different packet
+    limit) starts over: its id is its hash, so the bytes are the same. ``stalled`` lists the
+    partial messages that stopped growing, with the chunk indices still missing, for a repair.
     """
 
-    def __init__(self, max_bytes: int, max_pending: int = 64, clock=time.monotonic):
+    def __init__(self, max_bytes: int, max_pending: int = 1024, clock=time.monotonic, per_source: int = 2,
+                 max_buffered: int | None = None, evict_idle_s: float = 120.0):
         self.max_bytes = max_bytes
         self.max_pending = max_pending
+        self.per_source = per_source
+        self.max_buffered = max_buffered if max_buffered is not None else max(4 * max_bytes, 256 << 20)
+        self.evict_idle_s = evict_idle_s
         self.clock = clock
         self._pending: dict[tuple[str, bytes], _Pending] = {}
         self._done: dict[tuple[str, bytes], None] = {}
         self.dropped_partials = 0
+        self.buffered = 0  # bytes held, overhead included
 
     def add(self, source: str, message: bytes) -> bytes | None:
         chunk = parse_chunk(message)
@@ -333,36 +387,62 @@ class Reassembler:
             raise PayloadTooLarge(f"message of {chunk.total} bytes from {source} exceeds the limit of {self.max_bytes}")
         pending = self._pending.get(key)
         if pending is None:
-            if len(self._pending) >= self.max_pending:
-                oldest = min(self._pending, key=lambda k: self._pending[k].first_seen)
-                del self._pending[oldest]
-                self.dropped_partials += 1
-            pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, self.clock())
+            pending = self._new_partial(key, chunk)
         if chunk.total != pending.total:
             raise ProtocolError(f"chunk {chunk.index} from {source} disagrees with earlier chunks on the message size")
         if chunk.count != pending.chunk_count:
             log.info("message from %s resent in %d chunks instead of %d; starting it over", source, chunk.count,
                      pending.chunk_count)
+            self._drop(key)
             pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, pending.first_seen)
         if chunk.index in pending.parts:
             return None
+        cost = len(chunk.data) + CHUNK_OVERHEAD
+        if self.buffered + cost > self.max_buffered and not self._evict_idle(exclude=key):
+            raise ReassemblyBusy(f"receiver holds {self.buffered} bytes of partial messages; {source} must send again later")
         now = self.clock()
         if pending.parts and pending.requested_at is None:  # the sender's own pace, not a reply's delay
             pending.max_gap = max(pending.max_gap, now - pending.last_seen)
         pending.last_seen = now
         pending.received += len(chunk.data)
         if pending.received > pending.total:
-            del self._pending[key]
+            self._drop(key)
             raise ProtocolError(f"chunks from {source} carry more bytes than the announced {pending.total}")
         pending.parts[chunk.index] = chunk.data
+        self.buffered += cost
         if len(pending.parts) < pending.chunk_count:
             return None
-        del self._pending[key]
+        self._drop(key)
         payload = b"".join(pending.parts[i] for i in range(pending.chunk_count))
         if len(payload) != pending.total or message_id(payload) != chunk.msg_id:
             raise ProtocolError(f"reassembled message from {source} fails its hash check")
         self._remember(key)
         return payload
+
+    def _new_partial(self, key: tuple[str, bytes], chunk: Chunk) -> _Pending:
+        own = [k for k in self._pending if k[0] == key[0]]
+        if len(own) >= self.per_source:
+            self._drop(min(own, key=lambda k: self._pending[k].first_seen))
+            self.dropped_partials += 1
+        elif len(self._pending) >= self.max_pending and not self._evict_idle(exclude=key):
+            raise ReassemblyBusy(f"receiver holds {len(self._pending)} partial messages; {key[0]} must send again later")
+        pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, self.clock())
+        return pending
+
+    def _evict_idle(self, exclude: tuple[str, bytes]) -> bool:
+        """Drop the partial message idle longest, if idle for ``evict_idle_s``; True if one went."""
+        now = self.clock()
+        idle = [k for k, p in self._pending.items() if k != exclude and now - max(p.last_seen, p.first_seen) >= self.evict_idle_s]
+        if not idle:
+            return False
+        self._drop(min(idle, key=lambda k: max(self._pending[k].last_seen, self._pending[k].first_seen)))
+        self.dropped_partials += 1
+        return True
+
+    def _drop(self, key: tuple[str, bytes]) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            self.buffered -= sum(len(d) + CHUNK_OVERHEAD for d in pending.parts.values())
 
     def _remember(self, key: tuple[str, bytes]) -> None:
         self._done[key] = None
@@ -387,7 +467,7 @@ class Reassembler:
         """Forget partial messages of one source (e.g. its round closed); returns how many."""
         keys = [k for k in self._pending if k[0] == source]
         for k in keys:
-            del self._pending[k]
+            self._drop(k)
         self.dropped_partials += len(keys)
         return len(keys)
 

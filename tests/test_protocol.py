@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from edge_client.errors import PayloadTooLarge, ProtocolError
+from edge_client.messages import TopicKind, TopicRef
 from edge_client.protocol import (
+    ReassemblyBusy,
     BASE_A_PREFIX, BASE_B_PREFIX, BASE_DELTA_PREFIX, CHUNK_HEADER, CHUNK_MAGIC, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES,
     Envelope, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes,
     message_id, split_chunks,
@@ -144,11 +146,38 @@ def test_reassembler_detects_tampered_chunk():
         r.add("dev", chunks[2])
 
 
-def test_reassembler_bounds_pending_messages():
-    r = Reassembler(max_bytes=1 << 20, max_pending=3)
+def test_reassembler_bounds_pending_messages_per_source():
+    r = Reassembler(max_bytes=1 << 20, max_pending=3, per_source=2)
     for i in range(5):
-        r.add("dev", split_chunks(bytes([i]) * 100, 10)[0])
-    assert r.pending_count() == 3 and r.dropped_partials == 2
+        r.add("flood", split_chunks(bytes([i]) * 100, 10)[0])
+    assert r.pending_count() == 2 and r.dropped_partials == 3  # the flooding source drops its own
+
+
+def test_one_source_cannot_evict_another_sources_upload():
+    clock = FakeClock()
+    r = Reassembler(max_bytes=1 << 20, max_pending=2, per_source=2, clock=clock, evict_idle_s=60)
+    honest = split_chunks(b"honest update" * 40, 100)
+    r.add("honest", honest[0])
+    r.add("flood", split_chunks(b"x" * 100, 10)[0])
+    with pytest.raises(ReassemblyBusy):
+        r.add("flood2", split_chunks(b"y" * 100, 10)[0])  # full: refused, nobody evicted
+    for c in honest[1:-1]:
+        r.add("honest", c)
+    assert r.add("honest", honest[-1]) == b"honest update" * 40
+    clock.now += 61  # an idle partial makes room once it has been idle long enough
+    r.add("late", split_chunks(b"z" * 100, 10)[0])
+    assert r.pending_count() == 2
+
+
+def test_reassembler_bounds_buffered_bytes():
+    r = Reassembler(max_bytes=1 << 20, max_buffered=3000, evict_idle_s=1e9)
+    first = split_chunks(bytes(5000), 1000)
+    r.add("a", first[0])
+    r.add("a", first[1])
+    with pytest.raises(ReassemblyBusy):
+        r.add("b", split_chunks(bytes(2000), 1000)[0])
+    r.drop_source("a")
+    assert r.buffered == 0
 
 
 class FakeClock:
@@ -225,8 +254,16 @@ def test_chunk_garbage_is_refused():
 def test_topics_and_ids():
     t = Topics("job1")
     assert t.update("d7") == "fedlora/job1/updates/d7"
-    assert t.device_of(t.update("d7")) == "d7"
+    assert t.parse(t.update("d7")) == TopicRef(TopicKind.UPDATES, device="d7")
     assert t.global_chunk(8, 2) == "fedlora/job1/global/8/2"
+    assert t.parse(t.global_chunk(8, 2)) == TopicRef(TopicKind.GLOBAL, rank=8, index=2)
+    assert t.parse(t.round) == TopicRef(TopicKind.ROUND)
+    # parsed, not matched by prefix: extra levels, other jobs and bad ids are refused
+    for topic in ("fedlora/job1/updates/d7/x", "fedlora/job10/updates/d7", "fedlora/job1/updates/",
+                  "fedlora/job1/global/0/1", "fedlora/job1/global/8/x", "fedlora/job1/round/x", "fedlora/job1/other/d",
+                  "fedlora/job1/status/" + "d" * 129):
+        with pytest.raises(ProtocolError):
+            t.parse(topic)
     for bad in ("", "a/b", "a+b", "x#"):
         with pytest.raises(ProtocolError):
             Topics(bad)
