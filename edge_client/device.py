@@ -7,9 +7,7 @@ training and acknowledgement loses nothing), and the local adapter.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import resource
 import statistics
@@ -23,14 +21,45 @@ from pathlib import Path
 import numpy as np
 
 from edge_client.bundle import Bundle, choose_bundle
-from edge_client.config import load
-from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
 from edge_client.codecs import get_codec
+from edge_client.config import load
+from edge_client.data import (
+    EncodedDataset,
+    TextEncoder,
+    encode_causal_lm,
+    encode_classification,
+    read_records,
+)
+from edge_client.device_state import DeviceState
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
+from edge_client.guard import Refusals
 from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
+from edge_client.messages import (
+    MAX_HEADER_BYTES,
+    AckResult,
+    Announcement,
+    RepairRequest,
+    RoundState,
+    Status,
+    TopicKind,
+    TrainInfo,
+    parse_ack,
+    parse_announcement,
+)
+from edge_client.messages import (
+    DeviceState as Presence,
+)
 from edge_client.protocol import (
-    Envelope, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes,
+    Envelope,
+    EnvelopeLimits,
+    Reassembler,
+    Topics,
+    adapter_part,
+    check_device_id,
+    decode_envelope,
+    encode_envelope,
+    frozen_changes,
     message_id,
 )
 from edge_client.runtime import RuntimeOptions, Trainer
@@ -43,6 +72,8 @@ RESEND_AFTER_S = 30.0
 # and ORT's training step holds the GIL, so paho's thread answers late). Round and global
 # state are retained, so an idle device re-subscribes now and then to fetch them again.
 RESYNC_AFTER_S = 20.0
+# Ack reasons that mean "not now": the device keeps its update and sends it again later.
+RETRY_REASONS = ("retry_later",)
 
 
 @dataclass
@@ -159,70 +190,10 @@ def load_local_data(cfg: DeviceConfig, bundle: Bundle) -> LocalData:
     return LocalData(train.subset(np.sort(order[n_eval:])), train.subset(np.sort(order[:n_eval])))
 
 
-class DeviceState:
-    """``state.json`` + ``pending.bin`` + ``adapter.npz`` in the state directory."""
-
-    def __init__(self, root: Path, job: str):
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.path = root / "state.json"
-        self.pending_path = root / "pending.bin"
-        self.adapter_path = root / "adapter.npz"
-        self.feedback_path = root / "feedback.npz"
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if data and data.get("job") != job:
-            data = {}  # a new job: start fresh
-        self.job = job
-        self.last_round: int = int(data.get("last_round", 0))
-        self.pending_round: int | None = data.get("pending_round")
-        self.rank: int | None = data.get("rank")  # set once HetLoRA self-pruning lowered it
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"job": self.job, "last_round": self.last_round, "pending_round": self.pending_round,
-                                   "rank": self.rank}))
-        os.replace(tmp, self.path)
-
-    def set_pending(self, round_id: int, payload: bytes) -> None:
-        tmp = self.pending_path.with_suffix(".tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, self.pending_path)
-        self.pending_round = round_id
-        self.save()
-
-    def pending_payload(self) -> bytes | None:
-        if self.pending_round is None or not self.pending_path.is_file():
-            return None
-        return self.pending_path.read_bytes()
-
-    def clear_pending(self, acked_round: int | None) -> None:
-        if acked_round is not None:
-            self.last_round = max(self.last_round, acked_round)
-        self.pending_round = None
-        self.save()
-        if self.pending_path.exists():
-            self.pending_path.unlink()
-
-    def restore_adapter(self, trainer: Trainer) -> None:
-        """Load the local adapter a previous run saved (personal tensors survive a restart)."""
-        if not self.adapter_path.is_file():
-            return
-        try:
-            with np.load(self.adapter_path, allow_pickle=False) as data:
-                trainer.set_adapter({k: data[k] for k in data.files})
-        except (OSError, ValueError, FedloraError) as exc:
-            log.warning("ignoring the saved local adapter %s: %s", self.adapter_path, exc)
-
-    def save_adapter(self, tensors: dict[str, np.ndarray]) -> None:
-        tmp = self.root / "adapter.tmp.npz"
-        np.savez(tmp, **tensors)
-        os.replace(tmp, self.adapter_path)
-
-
-def round_lr(train: dict, global_rank: int, rank: int) -> float:
+def round_lr(train: TrainInfo, global_rank: int, rank: int) -> float:
     """The announced learning rate for a device of ``rank``: ``lr * (global_rank / rank) **
     lr_rank_power`` (``server.config.TrainSettings``; no power: ``lr``)."""
-    lr, power = float(train["lr"]), float(train.get("lr_rank_power", 0.0))
+    lr, power = train.lr, train.lr_rank_power
     if not 0 < lr < 1 or not 0 <= power <= 2:
         raise ProtocolError(f"announced lr {lr} or lr_rank_power {power} is out of range")
     return lr * (max(global_rank, rank) / rank) ** power
@@ -242,10 +213,15 @@ class Device:
         # self-pruning gave components up (they stay zero in the bundle's larger tensors).
         self.rank = self.state.rank if self.state.rank and self.state.rank <= self.manifest.rank else self.manifest.rank
         self.feedback = ErrorFeedback.load(self.state.feedback_path)
-        will = (self.topics.status(cfg.device_id), json.dumps({"state": "offline"}).encode())
+        will = (self.topics.status(cfg.device_id), Status(Presence.OFFLINE).to_bytes())
         self.link = link or MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-{cfg.device_id}", will=will)
-        self.reassembler = Reassembler(max_bytes=1 << 31)
-        self.announcement: dict | None = None
+        # A global envelope holds at most this rank's adapter and changes to the adapted
+        # weights; nothing on the downlink may make the device buffer or decode more.
+        self.global_limits = EnvelopeLimits.for_global(self.manifest.shapes)
+        max_bytes = 8 + MAX_HEADER_BYTES + 9 * self.global_limits.max_elements
+        self.reassembler = Reassembler(max_bytes=max_bytes, max_pending=4, per_source=2, max_buffered=2 * max_bytes)
+        self.refusals = Refusals(log)
+        self.announcement: Announcement | None = None
         self.global_version: int | None = None
         self.global_tensors: dict[str, np.ndarray] | None = None
         self._sent_at: float | None = None
@@ -255,53 +231,60 @@ class Device:
         self._window_wait_round: int | None = None
 
     # -- messages ------------------------------------------------------------------------
-    def status_payload(self, state: str = "online") -> bytes:
-        return json.dumps({"state": state, "rank": self.rank, "num_examples": len(self.data.train),
-                           "model_id": self.manifest.model_id}).encode()
+    def status_payload(self, state: Presence = Presence.ONLINE) -> bytes:
+        return Status(state, self.rank, len(self.data.train), self.manifest.model_id[:256]).to_bytes()
 
     def _announce_online(self) -> None:
         self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(), retain=True)
         self._sent_at = None  # after a reconnect, resend a pending update at once
 
     def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
-        """One message; ``received_at`` (time.monotonic) is when it arrived, if it waited in the inbox."""
+        """One message, contained: a malformed or hostile one is refused with a (throttled) log
+        line and never ends the device. ``received_at`` (time.monotonic) is when it arrived, if
+        it waited in the inbox."""
         self._last_progress = time.monotonic()
-        if topic == self.topics.round:
-            try:
-                ann = json.loads(payload)
-                if isinstance(ann, dict) and ann.get("state") == "open":
-                    round_lr(ann["train"], int(ann.get("rank", self.rank)), self.rank)
-                self.announcement = ann
-            except (ValueError, KeyError, TypeError, ProtocolError) as exc:
-                log.warning("ignoring a malformed round announcement: %s", exc)
-        elif topic.startswith(f"{self.topics.base}/global/"):
-            if payload:
-                self._handle_global_chunk(payload, delta=False)
-        elif topic.startswith(f"{self.topics.base}/gdelta/"):
-            if payload:
-                self._handle_global_chunk(payload, delta=True)
-        elif topic == self.topics.ack(self.cfg.device_id):
-            self._handle_ack(payload, self._last_progress if received_at is None else received_at)
+        kind = "unknown"
+        try:
+            ref = self.topics.parse(topic)
+            kind = ref.kind.value
+            if not payload:
+                return  # a cleared retained message
+            if ref.kind is TopicKind.ROUND:
+                self._handle_announcement(payload)
+            elif ref.kind in (TopicKind.GLOBAL, TopicKind.GDELTA):
+                self._handle_global_chunk(payload, delta=ref.kind is TopicKind.GDELTA)
+            elif ref.kind is TopicKind.ACK and ref.device == self.cfg.device_id:
+                self._handle_ack(payload, self._last_progress if received_at is None else received_at)
+            else:
+                self.refusals.refuse(kind, "unexpected_topic", f"nothing is handled on {topic[:120]}")
+        except ProtocolError as exc:
+            self.refusals.refuse(kind, "malformed", str(exc))
+        except Exception as exc:  # an input nobody foresaw: refuse it, keep the device running
+            self.refusals.refuse(kind, "internal_error", f"{type(exc).__name__}: {exc}", unexpected=True)
+
+    def _handle_announcement(self, payload: bytes) -> None:
+        ann = parse_announcement(payload)
+        if ann.job != self.cfg.job:
+            raise ProtocolError(f"announcement for job {ann.job!r} on the topic of job {self.cfg.job!r}")
+        if ann.is_open:
+            assert ann.train is not None
+            round_lr(ann.train, ann.rank, self.rank)
+        self.announcement = ann
 
     def _handle_global_chunk(self, payload: bytes, delta: bool) -> None:
         """A chunk of the full global copy, or of the change from the previous version."""
-        try:
-            complete = self.reassembler.add("delta" if delta else "full", payload)
-            if complete is None:
-                return
-            env = decode_envelope(complete)
-            frozen_changes(env.tensors)  # factored changes to frozen weights must pair up
-        except ProtocolError as exc:
-            log.warning("dropping a bad global adapter message: %s", exc)
+        complete = self.reassembler.add("delta" if delta else "full", payload)
+        if complete is None:
             return
+        env = decode_envelope(complete, self.global_limits)
+        frozen_changes(env.tensors)  # factored changes to frozen weights must pair up
         if env.kind != "global" or env.job != self.cfg.job:
-            return
+            raise ProtocolError(f"a {env.kind} envelope of job {env.job!r} on a global topic of job {self.cfg.job!r}")
         shapes = rank_shapes(self.manifest.shapes, self.rank)
         adapter = adapter_part(env.tensors)
         if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in adapter.items()):
-            log.error("global adapter version %d (rank %d) does not match this bundle's tensors; ignored",
-                      env.round, env.rank)
-            return
+            raise ProtocolError(f"global adapter version {env.round} (rank {env.rank}) does not match this bundle's "
+                                f"tensors at rank {self.rank}")
         if delta:
             held = self.global_tensors
             if held is None or env.base_version != self.global_version or set(env.tensors) != set(held):
@@ -316,65 +299,66 @@ class Device:
             self.global_version, self.global_tensors = env.round, env.tensors
 
     def _handle_ack(self, payload: bytes, received_at: float) -> None:
-        try:
-            ack = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(ack, dict):
-            return
-        if ack.get("result") == "incomplete":
+        ack = parse_ack(payload)
+        if isinstance(ack, RepairRequest):
             self._repair(ack, received_at)
             return
-        if self.state.pending_round is None or ack.get("round") != self.state.pending_round:
+        if self.state.pending_round is None or ack.round != self.state.pending_round:
             return
-        if ack.get("result") == "accepted":
-            log.info("round %s: update accepted", ack["round"])
+        if ack.result is AckResult.ACCEPTED:
+            log.info("round %s: update accepted", ack.round)
+        elif ack.reason in RETRY_REASONS:
+            log.warning("round %s: the aggregator cannot take the update now (%s); sending it again in %.0fs",
+                        ack.round, ack.detail[:200], RESEND_AFTER_S)
+            self._sent_at = time.monotonic()
+            return
         else:
-            log.error("round %s: update rejected (%s: %s)", ack.get("round"), ack.get("reason"), ack.get("detail"))
-        self.state.clear_pending(ack["round"])
+            log.error("round %s: update rejected (%s: %s)", ack.round, ack.reason, ack.detail[:200])
+        self.state.clear_pending(ack.round)
 
     # -- work ----------------------------------------------------------------------------
-    def due_round(self) -> dict | None:
+    def due_round(self) -> Announcement | None:
         """The open round this device should train now, if any."""
         ann = self.announcement
-        if not ann or ann.get("state") != "open" or self.cfg.device_id not in ann.get("selected", []):
+        if not ann or not ann.is_open or self.cfg.device_id not in ann.selected:
             return None
-        if ann["round"] <= self.state.last_round or self.state.pending_round == ann["round"]:
+        if ann.round <= self.state.last_round or self.state.pending_round == ann.round:
             return None
-        if self.global_version != ann.get("global_version"):
+        if self.global_version != ann.global_version:
             return None  # wait for the matching global adapter
         if not in_train_window(self.cfg.train_window, datetime.now()):
-            if self._window_wait_round != ann["round"]:
-                self._window_wait_round = ann["round"]
-                log.info("round %s is open; waiting for the training window %s", ann["round"], self.cfg.train_window)
+            if self._window_wait_round != ann.round:
+                self._window_wait_round = ann.round
+                log.info("round %s is open; waiting for the training window %s", ann.round, self.cfg.train_window)
             return None
         return ann
 
-    def train_round(self, ann: dict) -> bytes:
+    def train_round(self, ann: Announcement) -> bytes:
         """Train on the announced global adapter and return the encoded update envelope."""
-        train = ann["train"]
-        steps = int(train["local_steps"])
+        train, strategy = ann.train, ann.strategy
+        assert train is not None and strategy is not None
+        steps = train.local_steps
         if self.cfg.max_local_steps:
             steps = min(steps, self.cfg.max_local_steps)
-        lr = round_lr(train, int(ann.get("rank", self.rank)), self.rank)
-        log.info("round %s: training %d local steps (batch %s, lr %g)", ann["round"], steps, train["batch_size"], lr)
+        lr = round_lr(train, ann.rank, self.rank)
+        log.info("round %s: training %d local steps (batch %s, lr %g)", ann.round, steps, train.batch_size, lr)
         start = time.perf_counter()
         assert self.global_tensors is not None
         start_from = self.trainer.apply_global(pad_rank(self.global_tensors, self.manifest.shapes))
         # FFA-LoRA keeps A at its initial value: restore it after every step (cheap: A is small).
-        frozen = {} if ann.get("strategy", {}).get("trains_a", True) else {
+        frozen = {} if strategy.trains_a else {
             p.name: v for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values()) if p.role == "lora_A"}
         self.trainer.set_learning_rate(lr)
-        rng = np.random.default_rng([self.cfg.seed, int(ann["round"])])
+        rng = np.random.default_rng([self.cfg.seed, ann.round])
         losses, times = [], []
-        for batch in self.data.train.sample_batches(int(train["batch_size"]), steps, rng):
+        for batch in self.data.train.sample_batches(train.batch_size, steps, rng):
             t0 = time.perf_counter()
             losses.append(self.trainer.train_step(batch))
             if frozen:
                 self.trainer.set_adapter(frozen)
             times.append(time.perf_counter() - t0)
         local = self.trainer.get_adapter()
-        sent_rank, threshold = self.rank, float(ann.get("strategy", {}).get("prune_threshold", 0.0))
+        sent_rank, threshold = self.rank, strategy.prune_threshold
         new_rank = pruned_rank(local, self.rank, threshold) if threshold > 0 else self.rank
         if new_rank < self.rank:
             # This update, at the old rank, carries the zeroed tail: under HetLoRA's
@@ -387,19 +371,19 @@ class Device:
         if self.data.test is not None:
             # Evaluate at the training batch size: a larger batch would raise the peak memory
             # above what the rank was chosen for.
-            result = self.trainer.evaluate(self.data.test, batch_size=int(train["batch_size"]))
+            result = self.trainer.evaluate(self.data.test, batch_size=train.batch_size)
             metrics.update(eval_loss=result["loss"], eval_accuracy=result["accuracy"], eval_examples=result["examples"])
         metrics["peak_rss_bytes"] = peak_rss_bytes()
         # The delta of exactly what the aggregator sent: a personal B (FedSA-LoRA) or a frozen A
         # (FFA-LoRA) is not sent back.
         delta = truncate_rank({name: local[name] - start_from[name] for name in start_from}, sent_rank)
-        head_codec = ann.get("head_codec")
+        head_codec = ann.head_codec
         head = {p.name for p in self.manifest.trainable if p.role == "head"}
-        env = Envelope(kind="update", job=self.cfg.job, round=int(ann["round"]), sender=self.cfg.device_id,
-                       rank=sent_rank, codec=ann.get("codec", "fp32"), tensors=delta,
-                       num_examples=len(self.data.train), metrics=metrics, base_version=int(ann["global_version"]),
+        env = Envelope(kind="update", job=self.cfg.job, round=ann.round, sender=self.cfg.device_id,
+                       rank=sent_rank, codec=ann.codec, tensors=delta,
+                       num_examples=len(self.data.train), metrics=metrics, base_version=ann.global_version,
                        tensor_codecs={name: head_codec for name in delta if name in head} if head_codec else {})
-        log.info("round %s: %d steps, loss %.4f, %.2fs", ann["round"], steps, metrics["train_loss"], metrics["train_seconds"])
+        log.info("round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"])
         self.rounds_trained += 1
         # What a lossy codec drops this round is kept and added to the next update.
         lossless = all(get_codec(c).lossless for c in {env.codec, *env.tensor_codecs.values()})
@@ -439,18 +423,17 @@ class Device:
             log.warning("sending the update failed, will retry: %s", exc)
             self._sent_at = None
 
-    def _repair(self, request: dict, received_at: float) -> None:
+    def _repair(self, request: RepairRequest, received_at: float) -> None:
         """The aggregator holds part of our pending update: resend the chunks it names."""
         payload = self.state.pending_payload()
-        if payload is None or request.get("msg_id") != message_id(payload).hex() or not self.link.connected.is_set():
+        if payload is None or request.msg_id != message_id(payload).hex() or not self.link.connected.is_set():
             return  # not (or no longer) what we are sending
         if self._sent_whole_at is not None and received_at < self._sent_whole_at:
             return  # asked while our whole update was still going out (a slow link): it may be complete now
         topic = self.topics.update(self.cfg.device_id)
-        count, missing = request.get("count"), request.get("missing")
         indices = None  # our chunking changed (another packet limit): the aggregator starts over
-        if count == self.link.chunk_count(topic, len(payload)) and isinstance(missing, list):
-            indices = {i for i in missing if isinstance(i, int) and 0 <= i < count}
+        if request.count == self.link.chunk_count(topic, len(payload)):
+            indices = set(request.missing)  # each below count: the parser checked
             if not indices:
                 return
         try:
@@ -462,17 +445,24 @@ class Device:
 
     def step(self) -> None:
         ann = self.announcement
-        if self.state.pending_round is not None and ann and ann.get("state") == "open" and ann["round"] > self.state.pending_round:
+        if self.state.pending_round is not None and ann and ann.is_open and ann.round > self.state.pending_round:
             log.warning("round %s closed before our update was acknowledged; dropping it", self.state.pending_round)
             self.state.clear_pending(None)
         due = self.due_round()
         if due is not None:
-            if time.time() > float(due["deadline"]):
-                log.warning("round %s: deadline passed before training started; skipping", due["round"])
-                self.state.last_round = int(due["round"])
+            if time.time() > due.deadline:
+                log.warning("round %s: deadline passed before training started; skipping", due.round)
+                self.state.last_round = due.round
                 self.state.save()
             else:
-                self.state.set_pending(int(due["round"]), self.train_round(due))
+                try:
+                    payload = self.train_round(due)
+                except Exception:  # what an announcement made training do must not crash-loop the device
+                    log.exception("round %s: training failed; skipping the round", due.round)
+                    self.state.last_round = due.round
+                    self.state.save()
+                    return
+                self.state.set_pending(due.round, payload)
                 self.feedback.save(self.state.feedback_path)  # after the payload it belongs to
                 self._sent_at = None
         self.send_pending()
@@ -484,12 +474,12 @@ class Device:
         self._last_progress = time.monotonic()
         self.link.resubscribe(self.topics.round)
         ann = self.announcement
-        if ann is None or ann.get("global_version") != self.global_version:
+        if ann is None or ann.global_version != self.global_version:
             self.link.resubscribe(self.topics.global_filter(self.rank))
 
     def finished(self) -> bool:
         ann = self.announcement
-        return bool(ann and ann.get("state") == "finished" and self.state.pending_round is None)
+        return bool(ann and ann.state is RoundState.FINISHED and self.state.pending_round is None)
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
@@ -519,6 +509,6 @@ class Device:
                     log.info("job %s finished", self.cfg.job)
                     break
         finally:
-            self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload("offline"), retain=True)
+            self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(Presence.OFFLINE), retain=True)
             time.sleep(0.1)
             self.link.close()

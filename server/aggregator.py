@@ -9,7 +9,6 @@ adapter published (retained) -> next round announced (retained).
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import threading
@@ -20,15 +19,21 @@ import numpy as np
 
 from edge_client.bundle import Bundle, choose_bundle
 from edge_client.errors import PayloadTooLarge, ProtocolError, UpdateRejected
+from edge_client.guard import Refusals, SenderLimits
+from edge_client.messages import (
+    Ack, AckResult, Announcement, DeviceState, RepairRequest, RoundState, StrategyInfo, TopicKind, TrainInfo,
+    parse_status,
+)
 from edge_client.protocol import (
-    BASE_DELTA_PREFIX, PROTOCOL_VERSION, Envelope, Reassembler, Topics, adapter_part, decode_envelope, encode_envelope,
+    BASE_DELTA_PREFIX, Envelope, EnvelopeLimits, Reassembler, ReassemblyBusy, Topics, adapter_part, decode_envelope,
+    encode_envelope,
 )
 from edge_client.runtime import read_parameters
 from edge_client.transport import MqttLink
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.rounds import Coordinator, RoundOutcome
-from server.store import StateStore
+from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
 from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Strategy
 
@@ -58,7 +63,7 @@ def downlink_tensors(strategy: Strategy, model: GlobalModel, rank: int) -> dict[
 class Aggregator:
     def __init__(self, cfg: ServerConfig, link: MqttLink, metrics: Metrics | None = None,
                  evaluator: Evaluator | None = None, clock=time.time,
-                 on_round_closed: Callable[[dict], None] | None = None):
+                 on_round_closed: Callable[[dict], None] | None = None, claim_term: bool = False):
         self.cfg = cfg
         self.on_round_closed = on_round_closed  # called with each closed round's history entry
         self.link = link
@@ -70,7 +75,19 @@ class Aggregator:
         self.manifest = self.bundle.manifest
         self.strategy = make_strategy(cfg, self.bundle)
         self.store = StateStore(cfg.state_dir)
-        self.reassembler = Reassembler(cfg.max_update_bytes)
+        if claim_term:  # a new leader: writes of any older one are refused from now on
+            self.store.claim_term()
+        limits = cfg.device_limits
+        self.reassembler = Reassembler(cfg.max_update_bytes, max_pending=limits.max_partials,
+                                       per_source=limits.partials_per_device, max_buffered=limits.max_buffered_bytes)
+        self.update_limits = EnvelopeLimits.for_update(self.manifest.shapes)
+        self.senders = SenderLimits(limits.messages_per_s, limits.message_burst, limits.bytes_per_s,
+                                    limits.byte_burst or 2 * cfg.max_update_bytes)
+        self.refusals = Refusals(log)
+        self.last_step = time.monotonic()  # the main loop's heartbeat (/healthz)
+        self._resync = False  # set on a reconnect: republish everything retained
+        self._announced, self._announced_at = b"", -float("inf")
+        self._foreign_announcement = False
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics: list[dict] = []
         # rank -> (version, full-copy chunks, delta chunks) on the broker
@@ -85,7 +102,7 @@ class Aggregator:
             self.history: list[dict] = []
             self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed)
             self._save(global_changed=True)
-            self.store.event("job_started", job=cfg.job, strategy=self.strategy.name)
+            self._event("job_started", job=cfg.job, strategy=self.strategy.name)
         else:
             if saved["job"] != cfg.job:
                 raise ProtocolError(f"state dir {cfg.state_dir} belongs to job {saved['job']!r}, not {cfg.job!r}")
@@ -97,7 +114,7 @@ class Aggregator:
             if saved["open_round"] is not None:
                 self.coordinator.resume(saved["open_round"])
             log.info("resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"])
-            self.store.event("job_resumed", completed=saved["completed"], version=saved["version"])
+            self._event("job_resumed", completed=saved["completed"], version=saved["version"])
 
     @property
     def global_adapter(self) -> dict[str, np.ndarray]:
@@ -168,32 +185,54 @@ class Aggregator:
             self.link.publish(topic_of(stale), b"", retain=True)
         return count
 
-    def announcement(self) -> dict:
+    def announcement(self) -> Announcement:
         c = self.coordinator
-        base = {"v": PROTOCOL_VERSION, "job": self.cfg.job, "global_version": c.version, "rank": self.manifest.rank,
-                "completed": c.completed, "rounds": self.cfg.rounds.rounds}
-        if c.open is not None:
-            return {**base, "state": "open", "round": c.open.round, "deadline": c.open.deadline,
-                    "selected": c.open.selected, "codec": self.cfg.uplink_codec,
-                    **({"head_codec": self.cfg.uplink_head_codec} if self.cfg.uplink_head_codec else {}),
-                    "strategy": {"name": self.strategy.name, "trains_a": self.strategy.trains_a,
-                                 **({"prune_threshold": self.cfg.prune_threshold} if self.cfg.prune_threshold else {})},
-                    "train": {"local_steps": self.cfg.train.local_steps, "batch_size": self.cfg.train.batch_size,
-                              "lr": self.cfg.train.lr,
-                              **({"lr_rank_power": self.cfg.train.lr_rank_power} if self.cfg.train.lr_rank_power else {})}}
-        return {**base, "state": "finished" if c.finished else "waiting", "round": c.next_round - 1}
+        base = dict(job=self.cfg.job, global_version=c.version, rank=self.manifest.rank, completed=c.completed,
+                    rounds=self.cfg.rounds.rounds)
+        if c.open is None:
+            return Announcement(**base, state=RoundState.FINISHED if c.finished else RoundState.WAITING,
+                                round=c.next_round - 1)
+        t = self.cfg.train
+        return Announcement(
+            **base, state=RoundState.OPEN, round=c.open.round, deadline=c.open.deadline, selected=tuple(c.open.selected),
+            codec=self.cfg.uplink_codec, head_codec=self.cfg.uplink_head_codec,
+            strategy=StrategyInfo(self.strategy.name, self.strategy.trains_a, self.cfg.prune_threshold),
+            train=TrainInfo(t.local_steps, t.batch_size, t.lr, t.lr_rank_power))
 
     def announce(self) -> None:
-        self.link.publish(self.topics.round, json.dumps(self.announcement()).encode(), retain=True)
+        self._announced = self.announcement().to_bytes()
+        self._announced_at = time.monotonic()
+        self.link.publish(self.topics.round, self._announced, retain=True)
+
+    def check_announcement(self, payload: bytes) -> None:
+        """What the broker holds on the round topic must be our announcement: anything else (a
+        client that may write there, a broker that lost it) is replaced, at most once a second."""
+        if payload != self._announced:
+            self.refuse("round", "foreign_announcement", f"{len(payload)} bytes on the round topic are not ours")
+            self._foreign_announcement = True  # replaced by the next tick, at most once a second
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.link.subscribe(self.topics.status_filter)
         self.link.subscribe(self.topics.update_filter)
-        self.link.on_connect_hooks.append(self.announce)
+        self.link.subscribe(self.topics.round)  # to notice a foreign or lost announcement
+        self.link.on_connect_hooks.append(self._on_reconnect)
         self.publish_global()
         self.announce()
         self.metrics.last_progress.set_to_current_time()
+
+    def _on_reconnect(self) -> None:
+        # paho's network thread: publishing (and waiting for PUBACKs) here would deadlock it.
+        self._resync = True
+
+    def republish(self) -> None:
+        """After a reconnect the broker may have lost its retained messages (restarted without
+        persistence): publish the announcement and every served global adapter again."""
+        self._resync = False
+        self._published = {rank: (None, chunks, deltas) for rank, (_, chunks, deltas) in self._published.items()}
+        self.publish_global()
+        self.announce()
+        log.info("reconnected: republished the round announcement and %d global adapters", len(self._published))
 
     def run(self, stop: threading.Event, poll: float = 0.2) -> None:
         self.start()
@@ -213,8 +252,14 @@ class Aggregator:
                 break
             self.handle(msg.topic, msg.payload)
         self.tick()
+        self.last_step = time.monotonic()
 
     def tick(self) -> None:
+        if self._resync:
+            self.republish()
+        if self._foreign_announcement and time.monotonic() - self._announced_at >= 1.0:
+            self._foreign_announcement = False
+            self.announce()
         self.request_missing_chunks()
         outcome = self.coordinator.maybe_close()
         if outcome is not None:
@@ -231,29 +276,48 @@ class Aggregator:
         self._round_metrics = []
         self.metrics.round.set(opened.round)
         self._save()
-        self.store.event("round_opened", round=opened.round, selected=opened.selected, base_version=opened.base_version)
+        self._event("round_opened", round=opened.round, selected=opened.selected, base_version=opened.base_version,
+                    max_weight=opened.max_weight)
         log.info("round %d open: %d devices selected", opened.round, len(opened.selected))
         return True
 
     # -- messages ------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
-        if topic.startswith(self.topics.base + "/status/"):
-            self.handle_status(self.topics.device_of(topic), payload)
-        elif topic.startswith(self.topics.base + "/updates/"):
-            self.handle_chunk(self.topics.device_of(topic), payload)
+        """One message, contained: whatever it holds, the process goes on. A refused message is
+        counted in ``fedlora_messages_refused_total{kind,reason}`` and logged (throttled)."""
+        kind = "unknown"
+        try:
+            ref = self.topics.parse(topic)
+            kind = ref.kind.value
+            if not self.senders.allow(ref.device, len(payload)):
+                self.refuse(kind, "rate_limited", f"{ref.device} exceeds its message or byte rate")
+            elif ref.kind is TopicKind.STATUS:
+                self.handle_status(ref.device, payload)
+            elif ref.kind is TopicKind.UPDATES:
+                self.handle_chunk(ref.device, payload)
+            elif ref.kind is TopicKind.ROUND:
+                self.check_announcement(payload)
+            else:
+                self.refuse(kind, "unexpected_topic", f"nothing is handled on {topic[:120]}")
+        except ProtocolError as exc:
+            self.refuse(kind, "malformed", str(exc))
+        except StaleTerm:
+            raise  # another replica leads now: this one must stop, not carry on
+        except Exception as exc:  # a bug or an input nobody foresaw: refuse the message, keep serving
+            self.refuse(kind, "internal_error", f"{type(exc).__name__}: {exc}", unexpected=True)
+
+    def refuse(self, kind: str, reason: str, detail: str, unexpected: bool = False) -> None:
+        self.metrics.messages_refused.labels(kind, reason).inc()
+        self.refusals.refuse(kind, reason, detail, unexpected)
 
     def handle_status(self, device: str, payload: bytes) -> None:
         if not payload:
-            return
-        try:
-            status = json.loads(payload)
-            online = status.get("state") == "online"
-            self.coordinator.device_status(device, online, rank=int(status.get("rank", 0)),
-                                           num_examples=int(status.get("num_examples", 0)))
-            if online:
-                self.publish_global()  # a rank no one held before gets its slice now
-        except (ValueError, TypeError, AttributeError) as exc:
-            log.warning("ignoring malformed status from %s: %s", device, exc)
+            return  # a cleared retained status
+        status = parse_status(payload)
+        online = status.state is DeviceState.ONLINE
+        self.coordinator.device_status(device, online, rank=status.rank, num_examples=status.num_examples)
+        if online:
+            self.publish_global()  # a rank no one held before gets its slice now
 
     def handle_chunk(self, device: str, message: bytes) -> None:
         self.metrics.bytes_in.labels("wire").inc(len(message))
@@ -263,12 +327,15 @@ class Aggregator:
             if payload is None:
                 return
             t0 = time.perf_counter()
-            env = decode_envelope(payload)
+            env = decode_envelope(payload, self.update_limits)
             decode_ms = 1000 * (time.perf_counter() - t0)
             if env.kind != "update":
                 raise ProtocolError(f"expected an update envelope, got {env.kind!r}")
             if env.sender != device:
                 raise UpdateRejected("sender_mismatch", f"envelope says {env.sender!r} but came on the topic of {device!r}")
+        except ReassemblyBusy as exc:
+            self.refuse("updates", "busy", str(exc))  # the device resends; an ack per chunk would be a flood
+            return
         except PayloadTooLarge as exc:
             self.reject(device, None, UpdateRejected("too_large", str(exc)))
             return
@@ -278,31 +345,44 @@ class Aggregator:
         except UpdateRejected as exc:
             self.reject(device, None, exc)
             return
-        delta = ClientUpdate(device=device, round=env.round, rank=env.rank, num_examples=env.num_examples,
-                             tensors=env.tensors, metrics=env.metrics)
         try:
-            self.coordinator.judge(env.job, delta)
-            base = self._sent.get(env.rank)
-            if base is None or env.base_version != self.coordinator.version:
-                raise UpdateRejected("wrong_base", f"update starts from version {env.base_version} at rank {env.rank}; "
-                                                   f"the round started from version {self.coordinator.version}")
+            self.accept(device, env, len(payload), decode_ms)
         except UpdateRejected as exc:
             self.reject(device, env.round, exc)
-            return
+
+    def accept(self, device: str, env: Envelope, nbytes: int, decode_ms: float) -> None:
+        """Judge a decoded update, add it to the round, persist, then acknowledge it."""
+        delta = ClientUpdate(device=device, round=env.round, rank=env.rank, num_examples=env.num_examples,
+                             tensors=env.tensors, metrics=env.metrics)
+        bounded = self.coordinator.judge(env.job, delta)
+        base = self._sent.get(env.rank)
+        if base is None or env.base_version != self.coordinator.version:
+            raise UpdateRejected("wrong_base", f"update starts from version {env.base_version} at rank {env.rank}; "
+                                               f"the round started from version {self.coordinator.version}")
+        kept = bounded.update
         # Strategies combine the devices' full local tensors: what we sent plus the delta.
-        full = {name: base[name] + value if name in base else value for name, value in env.tensors.items()}
-        self.coordinator.accept(ClientUpdate(device, env.round, env.rank, env.num_examples, full, env.metrics))
-        self._save()  # persisted before the ack
+        full = {name: base[name] + value if name in base else value for name, value in kept.tensors.items()}
+        undo = self.coordinator.accept(ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics))
+        try:
+            self._save()  # persisted before the ack
+        except StoreUnavailable as exc:
+            undo()  # memory back to the last commit: the device sends again and nothing counts twice
+            self.metrics.store_errors.inc()
+            raise UpdateRejected("retry_later", f"the aggregator cannot persist updates now ({exc})") from None
         raw = sum(v.size * 4 for v in env.tensors.values())
         self._round_bytes["raw"] += raw
         self.metrics.bytes_in.labels("raw").inc(raw)
         self._round_metrics.append(env.metrics)
         self._observe_device(env.metrics)
         self.metrics.updates.labels("accepted", "ok").inc()
-        self.store.event("update_accepted", round=env.round, device=device, rank=env.rank, num_examples=env.num_examples,
-                         bytes=len(payload), raw_bytes=raw, codec=env.codec, decode_ms=round(decode_ms, 3),
-                         metrics=env.metrics)
-        self.ack(device, env.round, "accepted")
+        if bounded.clipped:
+            self.metrics.updates_bounded.labels("norm_clipped").inc()
+        if bounded.weight_capped:
+            self.metrics.updates_bounded.labels("weight_capped").inc()
+        self._event("update_accepted", round=env.round, device=device, rank=env.rank, num_examples=env.num_examples,
+                    weight=kept.num_examples, norm=round(bounded.norm, 6), clipped=bounded.clipped, bytes=nbytes,
+                    raw_bytes=raw, codec=env.codec, decode_ms=round(decode_ms, 3), metrics=env.metrics)
+        self.ack(device, env.round, AckResult.ACCEPTED)
 
     def _observe_device(self, metrics: dict) -> None:
         if isinstance(metrics.get("step_time_s"), (int, float)):
@@ -314,12 +394,20 @@ class Aggregator:
         if exc.reason == "duplicate":
             # The device missed our ack and resent: confirm again, change nothing.
             self.metrics.updates.labels("duplicate", exc.reason).inc()
-            self.ack(device, round_id, "accepted", "duplicate")
+            self.ack(device, round_id, AckResult.ACCEPTED, "duplicate")
             return
-        log.warning("rejected update from %s (round %s): %s", device, round_id, exc)
+        self.refusals.refuse("update", exc.reason, f"from {device} (round {round_id}): {exc.detail}")
         self.metrics.updates.labels("rejected", exc.reason).inc()
-        self.store.event("update_rejected", round=round_id, device=device, reason=exc.reason, detail=exc.detail)
-        self.ack(device, round_id, "rejected", exc.reason, exc.detail)
+        self._event("update_rejected", round=round_id, device=device, reason=exc.reason, detail=exc.detail)
+        self.ack(device, round_id, AckResult.REJECTED, exc.reason, exc.detail)
+
+    def _event(self, kind: str, **fields) -> None:
+        """Log an event; the log is best effort (a full disk must not stop rounds)."""
+        try:
+            self.store.event(kind, **fields)
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.inc()
+            self.refusals.refuse("event", "store_unavailable", str(exc))
 
     def request_missing_chunks(self) -> None:
         """Ask each device whose update stopped arriving part way for the chunks still missing."""
@@ -329,16 +417,14 @@ class Aggregator:
         for stall in self.reassembler.stalled(self.cfg.chunk_repair_after_s):
             if rnd is None or stall.source not in rnd.selected:
                 continue  # dropped when its round closes
-            body = {"round": rnd.round, "result": "incomplete", "msg_id": stall.msg_id.hex(), "count": stall.count,
-                    "missing": stall.missing}
-            self.link.publish(self.topics.ack(stall.source), json.dumps(body).encode())
+            request = RepairRequest(rnd.round, stall.msg_id.hex(), stall.count, tuple(stall.missing))
+            self.link.publish(self.topics.ack(stall.source), request.to_bytes())
             self.metrics.chunk_repairs.inc()
             self.metrics.chunks_requested.inc(len(stall.missing))
             log.info("asked %s for %d missing chunks of %d", stall.source, len(stall.missing), stall.count)
 
-    def ack(self, device: str, round_id: int | None, result: str, reason: str = "", detail: str = "") -> None:
-        body = {"round": round_id, "result": result, "reason": reason, "detail": detail}
-        self.link.publish(self.topics.ack(device), json.dumps(body).encode())
+    def ack(self, device: str, round_id: int | None, result: AckResult, reason: str = "", detail: str = "") -> None:
+        self.link.publish(self.topics.ack(device), Ack(round_id, result, reason, detail).to_bytes())
 
     # -- closing -------------------------------------------------------------------------
     def close_round(self, outcome: RoundOutcome) -> None:
@@ -369,7 +455,7 @@ class Aggregator:
             ranks = {d: info.rank for d, info in self.coordinator.devices.items()}
             sizes = self._delta_bytes if self.cfg.downlink_codec and self._delta_bytes else self._payload_bytes
             entry["downlink_bytes_wire"] = sum(sizes.get(ranks.get(d) or self.manifest.rank, 0) for d in outcome.selected)
-        self.store.event("round_closed", **entry)
+        self._event("round_closed", **entry)
         log.info("round %d closed (%s): %d/%d updates", outcome.round, outcome.reason, len(outcome.accepted),
                  len(outcome.selected))
         if outcome.ok and self.evaluator is not None:

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from edge_client.errors import FedloraError
 
@@ -151,7 +152,17 @@ def _serve(cfg) -> int:
             return True if elector.healthy() else "standby, cannot reach the Kubernetes API"
         return "starting"
 
-    http = HealthServer(metrics, cfg.http_host, cfg.http_port, ready=ready).start() if cfg.http_port else None
+    def health():
+        aggregator = current.get("aggregator")
+        if aggregator is None:
+            return True  # standby or starting: nothing to be stuck in
+        stalled = time.monotonic() - aggregator.last_step
+        if stalled > cfg.health_stall_s:
+            return f"main loop made no progress for {stalled:.0f}s"
+        state = aggregator.store.healthy()
+        return True if state is True else f"degraded: {state}"
+
+    http = HealthServer(metrics, cfg.http_host, cfg.http_port, ready=ready, health=health).start() if cfg.http_port else None
     election_stop = threading.Event()
     try:
         if elector is not None:
@@ -189,6 +200,7 @@ def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, reco
     """One term: connect, resume from the persisted state, step while leading. True if the job is done."""
     from edge_client.transport import MqttLink
     from server.aggregator import Aggregator
+    from server.store import StaleTerm
 
     # One client id for every replica: the broker hands the session (and the updates queued
     # while no aggregator was connected) to the new leader, and drops an old one still on.
@@ -198,7 +210,11 @@ def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, reco
         link.connect_retrying(term_over)
         if term_over.is_set() or not leading():
             return False
-        aggregator = Aggregator(cfg, link, metrics, on_round_closed=recorder.round_closed if recorder else None)
+        # Under leader election each term claims the store: a deposed leader that still runs
+        # (a long pause, a partition) can no longer write.
+        aggregator = Aggregator(cfg, link, metrics, on_round_closed=recorder.round_closed if recorder else None,
+                                claim_term=cfg.kubernetes.leader_election)
+        current["aggregator"] = aggregator
         aggregator.start()
         while not term_over.is_set() and leading():
             finished = aggregator.coordinator.finished
@@ -210,9 +226,13 @@ def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, reco
             aggregator.step(0)
             aggregator.announce()
         return aggregator.coordinator.finished
+    except StaleTerm as exc:
+        logging.getLogger("fedlora.server").error("stopped leading: %s", exc)
+        return False
     finally:
         link.close()
         current["link"] = None
+        current["aggregator"] = None
 
 
 if __name__ == "__main__":

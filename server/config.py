@@ -79,6 +79,39 @@ class KubernetesSettings:
 
 
 @dataclass
+class DeviceLimits:
+    """What one device (one topic id) may cost the aggregator; beyond it, its messages are
+    refused and counted (``fedlora_messages_refused_total``), never another device's.
+
+    messages_per_s / message_burst: message rate per device (token bucket; 0: no limit).
+    bytes_per_s / byte_burst: byte rate per device (0: no limit; byte_burst 0: twice
+        ``max_update_bytes``, so a whole update always fits one burst).
+    partials_per_device: partial (chunked) updates one device may have in flight; a new one
+        drops that device's oldest.
+    max_partials / max_buffered_bytes: partial updates and their bytes over all devices; when
+        full, a partial idle for two minutes makes room, else new uploads wait (the device resends).
+    """
+
+    messages_per_s: float = 200.0
+    message_burst: float = 2000.0
+    bytes_per_s: float = 32 * 1024 * 1024
+    byte_burst: int = 0
+    partials_per_device: int = 2
+    max_partials: int = 4096
+    max_buffered_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if min(self.messages_per_s, self.message_burst, self.bytes_per_s, self.byte_burst) < 0:
+            raise ConfigError("device_limits: rates and bursts must be >= 0")
+        if self.messages_per_s and self.message_burst < 1:
+            raise ConfigError("device_limits.message_burst must be >= 1 when messages_per_s is set")
+        if not 1 <= self.partials_per_device <= 64:
+            raise ConfigError(f"device_limits.partials_per_device must be in [1, 64], got {self.partials_per_device}")
+        if self.max_partials < 1 or self.max_buffered_bytes < 1 << 20:
+            raise ConfigError("device_limits: max_partials must be >= 1 and max_buffered_bytes >= 1 MiB")
+
+
+@dataclass
 class ServerConfig:
     """The aggregator's settings.
 
@@ -103,6 +136,9 @@ class ServerConfig:
     chunk_repair_after_s: a partial update that gets no new chunk for this long is asked for
         its missing chunks on the device's ack topic, and again after each such pause (0: off;
         devices then resend whole updates every 30 s).
+    device_limits: per-device rate and memory limits (see DeviceLimits).
+    health_stall_s: /healthz fails when the leader's main loop has not completed a step for
+        this long (a stuck leader is restarted and replaced).
     http_host / http_port: metrics and health endpoints (port 0: off).
     exit_when_finished: exit once every round is done; false keeps serving metrics and
         health until stopped (on Kubernetes, where an exit would restart the pod).
@@ -125,6 +161,8 @@ class ServerConfig:
     uplink_head_codec: str = ""
     max_update_bytes: int = 64 * 1024 * 1024
     chunk_repair_after_s: float = 5.0
+    device_limits: DeviceLimits = field(default_factory=DeviceLimits)
+    health_stall_s: float = 120.0
     http_host: str = "0.0.0.0"
     http_port: int = 9100
     seed: int = 0
@@ -148,6 +186,8 @@ class ServerConfig:
             raise ConfigError("max_update_bytes must be at least 1024")
         if not (self.chunk_repair_after_s == 0 or 0.5 <= self.chunk_repair_after_s <= 3600):
             raise ConfigError(f"chunk_repair_after_s must be 0 (off) or in [0.5, 3600], got {self.chunk_repair_after_s}")
+        if self.health_stall_s < 5:
+            raise ConfigError(f"health_stall_s must be at least 5 seconds, got {self.health_stall_s}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port must be 0..65535, got {self.http_port}")
         if self.server_lr <= 0:

@@ -30,6 +30,12 @@ class Metrics:
         self.devices_online = Gauge("fedlora_devices_online", "Devices whose status is online", registry=r)
         self.participants = Gauge("fedlora_round_participants", "Accepted updates in the last closed round", registry=r)
         self.updates = Counter("fedlora_updates_total", "Updates received, by result and reason", ["result", "reason"], registry=r)
+        self.messages_refused = Counter("fedlora_messages_refused_total",
+                                        "Messages refused before they could change anything, by topic kind and reason",
+                                        ["kind", "reason"], registry=r)
+        self.updates_bounded = Counter("fedlora_updates_bounded_total",
+                                       "Accepted updates whose norm was clipped or weight capped", ["bound"], registry=r)
+        self.store_errors = Counter("fedlora_store_errors_total", "Failed writes to the state volume", registry=r)
         self.bytes_in = Counter("fedlora_uplink_bytes_total", "Update bytes received", ["kind"], registry=r)
         self.chunk_repairs = Counter("fedlora_chunk_repair_requests_total",
                                      "Requests to a device for the missing chunks of a stalled update", registry=r)
@@ -78,13 +84,17 @@ class _IPv6Server(ThreadingHTTPServer):
 
 
 class HealthServer:
-    """/metrics for Prometheus, /healthz (the process serves), /readyz (``ready()``).
+    """/metrics for Prometheus, /healthz (``health()``), /readyz (``ready()``).
 
-    ``ready()`` returns True, or False / a short reason why not (the 503's body). ``host`` may
+    ``ready()`` returns True, or False / a short reason why not (the 503's body). ``health()``
+    returns True (200 ``ok``), a reason starting with ``degraded`` (200 with that text: the
+    process works but something needs an operator, e.g. a full state volume, which a restart
+    would not mend), or another reason (503: restart me, e.g. a stuck main loop). ``host`` may
     be an IPv6 address (``::`` listens on every address of the pod).
     """
 
-    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], "bool | str"]):
+    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], "bool | str"],
+                 health: Callable[[], "bool | str"] = lambda: True):
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -92,7 +102,10 @@ class HealthServer:
                 if self.path.startswith("/metrics"):
                     body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
                 elif self.path == "/healthz":
-                    body, ctype, code = b"ok\n", "text/plain", 200
+                    result = health()
+                    text = "ok" if result is True else str(result)
+                    code = 200 if result is True or text.startswith("degraded") else 503
+                    body, ctype = f"{text}\n".encode(), "text/plain"
                 elif self.path == "/readyz":
                     result = ready()
                     reason = result if isinstance(result, str) else "not connected to the broker"

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from edge_client.errors import ConfigError, UpdateRejected
 from server.strategies.base import ClientUpdate, Partial, Strategy
+
+
+NORM_BOUNDS = ("clip", "reject")
 
 
 @dataclass
@@ -25,7 +29,15 @@ class RoundSettings:
     devices_per_round: devices selected per round among those online (0: all of them).
     min_updates: accepted updates needed to close a round at its deadline; fewer fails it.
     round_timeout: seconds from opening to the deadline.
-    max_update_norm: an update whose L2 norm exceeds this is rejected (0: no limit).
+    max_update_norm: bound on an update's L2 norm (the change a device sends; 0: no bound).
+    norm_bound: what happens to an update above ``max_update_norm``: ``clip`` scales it down to
+        the bound (DP-FedAvg's clipping: one device's pull is bounded, its data still counts),
+        ``reject`` refuses it (reason ``norm_too_large``).
+    max_weight_ratio: a device's aggregation weight (its claimed ``num_examples``) is capped at
+        this multiple of the median ``num_examples`` the round's selected devices announced in
+        their status (0: no cap). A device that lies about its data size then moves the global
+        by at most its bounded share: ``ratio / (ratio + others)`` of the weight.
+    max_num_examples: absolute cap on a device's weight (0: none).
     """
 
     rounds: int = 10
@@ -34,6 +46,9 @@ class RoundSettings:
     min_updates: int = 1
     round_timeout: float = 600.0
     max_update_norm: float = 1e4
+    norm_bound: str = "clip"
+    max_weight_ratio: float = 3.0
+    max_num_examples: int = 0
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -50,6 +65,12 @@ class RoundSettings:
             raise ConfigError("round_timeout must be positive")
         if self.max_update_norm < 0:
             raise ConfigError("max_update_norm must be >= 0")
+        if self.norm_bound not in NORM_BOUNDS:
+            raise ConfigError(f"norm_bound must be one of {', '.join(NORM_BOUNDS)}, not {self.norm_bound!r}")
+        if self.max_weight_ratio != 0 and not 1 <= self.max_weight_ratio <= 1e6:
+            raise ConfigError(f"max_weight_ratio must be 0 (off) or in [1, 1e6], got {self.max_weight_ratio}")
+        if self.max_num_examples < 0:
+            raise ConfigError("max_num_examples must be >= 0 (0: no cap)")
 
 
 @dataclass
@@ -68,8 +89,24 @@ class OpenRound:
     opened_at: float
     deadline: float
     base_version: int
-    accepted: dict[str, int] = field(default_factory=dict)  # device -> num_examples
+    accepted: dict[str, int] = field(default_factory=dict)  # device -> the weight it was given
     partial: Partial = field(default_factory=Partial)
+    max_weight: int = 0  # a device's weight cap this round (0: none), fixed when the round opens
+
+
+@dataclass
+class Bounded:
+    """An update after the round's bounds: ``update`` carries the capped weight and clipped
+    tensors; ``norm`` is its norm as sent."""
+
+    update: ClientUpdate
+    norm: float
+    clipped: bool = False
+    weight_capped: bool = False
+
+
+def update_norm(tensors: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in tensors.values())))
 
 
 @dataclass
@@ -126,9 +163,20 @@ class Coordinator:
         selected = sorted(self.rng.sample(online, min(k, len(online))))
         now = self.clock()
         self.open = OpenRound(self.next_round, selected, now, now + self.settings.round_timeout, self.version,
-                              partial=self.strategy.new_partial())
+                              partial=self.strategy.new_partial(), max_weight=self.weight_cap(selected))
         self.next_round += 1
         return self.open
+
+    def weight_cap(self, selected: list[str]) -> int:
+        """The most weight one device of ``selected`` may get (0: no cap): ``max_weight_ratio``
+        times the median of the data sizes they announced, and at most ``max_num_examples``."""
+        caps = []
+        claimed = [self.devices[d].num_examples for d in selected if d in self.devices and self.devices[d].num_examples > 0]
+        if self.settings.max_weight_ratio and claimed:
+            caps.append(max(1, int(self.settings.max_weight_ratio * float(np.median(claimed)))))
+        if self.settings.max_num_examples:
+            caps.append(self.settings.max_num_examples)
+        return min(caps) if caps else 0
 
     def resume(self, state: OpenRound) -> None:
         """Re-install a round persisted before a restart (its deadline is kept)."""
@@ -136,8 +184,9 @@ class Coordinator:
         self.next_round = max(self.next_round, state.round + 1)
 
     # -- updates -------------------------------------------------------------------------
-    def judge(self, job: str, update: ClientUpdate) -> None:
-        """Raise UpdateRejected unless the update belongs in the open round."""
+    def judge(self, job: str, update: ClientUpdate) -> Bounded:
+        """Raise UpdateRejected unless the update belongs in the open round; else the update as
+        it may count (``bounded``)."""
         rnd = self.open
         if job != self.job:
             raise UpdateRejected("wrong_job", f"update for job {job!r}, this aggregator runs {self.job!r}")
@@ -151,16 +200,39 @@ class Coordinator:
         if update.device in rnd.accepted:
             raise UpdateRejected("duplicate", f"device {update.device} already contributed to round {rnd.round}")
         self.strategy.check(update)
-        if self.settings.max_update_norm:
-            norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.tensors.values())))
-            if norm > self.settings.max_update_norm:
-                raise UpdateRejected("norm_too_large", f"update norm {norm:.3g} exceeds {self.settings.max_update_norm:g}")
+        return self.bounded(update)
 
-    def accept(self, update: ClientUpdate) -> None:
+    def bounded(self, update: ClientUpdate) -> Bounded:
+        """The update as it may count: its weight capped (``OpenRound.max_weight``) and its
+        tensors clipped to ``max_update_norm`` (or UpdateRejected under ``norm_bound: reject``)."""
         rnd = self.open
         assert rnd is not None
+        weight = min(update.num_examples, rnd.max_weight) if rnd.max_weight else update.num_examples
+        norm = update_norm(update.tensors)
+        bound = self.settings.max_update_norm
+        tensors = update.tensors
+        if bound and norm > bound:
+            if self.settings.norm_bound == "reject":
+                raise UpdateRejected("norm_too_large", f"update norm {norm:.3g} exceeds {bound:g}")
+            scale = np.float32(bound / norm)
+            tensors = {k: v * scale for k, v in update.tensors.items()}
+        return Bounded(ClientUpdate(update.device, update.round, update.rank, weight, tensors, update.metrics), norm,
+                       clipped=tensors is not update.tensors, weight_capped=weight < update.num_examples)
+
+    def accept(self, update: ClientUpdate) -> Callable[[], None]:
+        """Add the update to the open round; returns an undo (to the state before this call),
+        for when the update cannot be persisted."""
+        rnd = self.open
+        assert rnd is not None
+        before = Partial({k: np.array(v, copy=True) for k, v in rnd.partial.sums.items()}, rnd.partial.weight,
+                         rnd.partial.count, list(rnd.partial.devices)), dict(rnd.accepted)
+
+        def undo() -> None:
+            rnd.partial, rnd.accepted = before
+
         rnd.partial = self.strategy.accumulate(rnd.partial, update)
         rnd.accepted[update.device] = update.num_examples
+        return undo
 
     # -- closing -------------------------------------------------------------------------
     def maybe_close(self) -> RoundOutcome | None:

@@ -98,7 +98,7 @@ def test_bad_updates_are_rejected_with_reasons_and_the_round_still_completes(tmp
             (b"\x00garbage" * 10, "malformed"),
             (update_payload(bundle, "faults", "d1", rnd, tensors=wrong_shape, codec="fp16"), "wrong_shape"),
             (update_payload(bundle, "faults", "d1", rnd, tensors=nan, codec="fp16"), "non_finite"),
-            (update_payload(bundle, "faults", "d1", rnd - 1, codec="fp16"), "stale_round"),
+            (update_payload(bundle, "faults", "d1", rnd - 1, codec="fp16", base_version=0), "stale_round"),
             (update_payload(bundle, "faults", "d1", rnd, codec="fp16", base_version=rnd + 3), "wrong_base"),
             (update_payload(bundle, "other-job", "d1", rnd, codec="fp16"), "wrong_job"),
             (update_payload(bundle, "faults", "d1", rnd, codec="fp16", sender="d2"), "sender_mismatch"),

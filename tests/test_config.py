@@ -65,14 +65,26 @@ def test_broker_config_validation():
 
 def test_rank_dependent_learning_rate_is_checked_on_both_sides():
     from edge_client.device import round_lr
+    from edge_client.messages import parse_announcement
 
     with pytest.raises(ConfigError, match="lr_rank_power"):
         TrainSettings(lr_rank_power=3)
     with pytest.raises(ConfigError, match="lr_rank_power"):
         TrainSettings(lr_rank_power=-0.5)
-    assert round_lr({"lr": 0.002}, 16, 2) == 0.002
-    assert round_lr({"lr": 0.002, "lr_rank_power": 0.5}, 16, 4) == pytest.approx(0.004)
-    assert round_lr({"lr": 0.002, "lr_rank_power": 1.0}, 16, 16) == pytest.approx(0.002)
-    for bad in ({"lr": 0.002, "lr_rank_power": 5}, {"lr": 2.0}, {"lr": -1}):
+    from edge_client.messages import TrainInfo
+
+    def info(lr, power=0.0):
+        return TrainInfo(local_steps=1, batch_size=1, lr=lr, lr_rank_power=power)
+
+    assert round_lr(info(0.002), 16, 2) == 0.002
+    assert round_lr(info(0.002, 0.5), 16, 4) == pytest.approx(0.004)
+    assert round_lr(info(0.002, 1.0), 16, 16) == pytest.approx(0.002)
+    for bad in (info(0.002, 5), info(2.0), info(-1)):
         with pytest.raises(ProtocolError, match="out of range"):
             round_lr(bad, 16, 4)
+    # and the parser refuses them before round_lr sees them
+    ann = {"v": 1, "job": "j", "state": "open", "round": 1, "global_version": 0, "rank": 16, "deadline": 1.0,
+           "selected": ["d"], "strategy": {"name": "fedavg"}, "train": {"local_steps": 1, "batch_size": 1, "lr": 0.1}}
+    for train in ({"lr_rank_power": 5}, {"lr": 2.0}, {"lr": -1}):
+        with pytest.raises(ProtocolError, match="outside"):
+            parse_announcement(json.dumps({**ann, "train": {**ann["train"], **train}}).encode())

@@ -95,7 +95,9 @@ def test_due_round_waits_outside_the_training_window(monkeypatch):
 
     import edge_client.device as device
 
-    ann = {"state": "open", "round": 3, "selected": ["d"], "global_version": 2}
+    from edge_client.messages import Announcement, RoundState
+
+    ann = Announcement(job="j", state=RoundState.OPEN, round=3, global_version=2, rank=4, selected=("d",))
     fake = types.SimpleNamespace(announcement=ann, cfg=types.SimpleNamespace(device_id="d", train_window="22:00-06:00"),
                                  state=types.SimpleNamespace(last_round=2, pending_round=None), global_version=2,
                                  _window_wait_round=None)

@@ -41,7 +41,7 @@ def test_opens_only_with_enough_devices_online_and_selects_among_them():
 
 
 def test_judge_gives_each_reason():
-    c, _ = make()
+    c, _ = make(RoundSettings(rounds=3, min_devices=2, round_timeout=60, norm_bound="reject"))
     for d in ("a", "b", "x"):
         c.device_status(d, True)
     c.settings.devices_per_round = 0
@@ -113,3 +113,34 @@ def test_finishes_after_configured_rounds():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ConfigError):
         RoundSettings(**kw)
+
+
+def test_norm_bound_clips_by_default_and_weights_are_capped_by_the_median_claim():
+    c, _ = make(RoundSettings(rounds=3, min_devices=2, round_timeout=60, max_update_norm=2.0, max_weight_ratio=3.0))
+    for d, n in (("a", 10), ("b", 20), ("c", 30), ("liar", 10**12)):
+        c.device_status(d, True, num_examples=n)
+    rnd = c.maybe_open()
+    assert rnd.max_weight == 3 * 25  # the median of 10, 20, 30 and the liar's claim, times 3
+    honest = c.judge("job", update("a", rnd.round, value=0.5, n=10))
+    assert not honest.clipped and not honest.weight_capped and honest.update.num_examples == 10
+    liar = c.judge("job", update("liar", rnd.round, value=1e6, n=10**12))
+    assert liar.clipped and liar.weight_capped and liar.update.num_examples == 75
+    assert np.linalg.norm(liar.update.tensors["A"]) == pytest.approx(2.0, rel=1e-6)
+    assert liar.norm == pytest.approx(1e6 * np.sqrt(2))
+    # The liar's share of the aggregate is bounded: 75 of 10 + 75.
+    c.accept(honest.update)
+    c.accept(liar.update)
+    assert c.open.partial.weight == 85
+
+
+def test_accept_can_be_undone():
+    c, _ = make()
+    for d in ("a", "b"):
+        c.device_status(d, True)
+    rnd = c.maybe_open()
+    c.accept(update("a", rnd.round, value=1.0, n=2))
+    before = {k: v.copy() for k, v in c.open.partial.sums.items()}
+    undo = c.accept(update("b", rnd.round, value=5.0, n=3))
+    undo()
+    assert c.open.accepted == {"a": 2} and c.open.partial.weight == 2
+    np.testing.assert_array_equal(c.open.partial.sums["A"], before["A"])
