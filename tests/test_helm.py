@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,11 +27,12 @@ KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")  # the chart's kubeVersion floor, and
 NAMESPACE = "fedlora"
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True,
-                         env={**os.environ, "HELM_CACHE_HOME": str(CHART.parent.parent / ".cache" / "helm" / "home"),
-                              "HELM_CONFIG_HOME": str(CHART.parent.parent / ".cache" / "helm" / "home"),
-                              "HELM_DATA_HOME": str(CHART.parent.parent / ".cache" / "helm" / "home")})
+def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
+    home = str(CHART.parent.parent / ".cache" / "helm" / "home")
+    env = {**os.environ, "HELM_CACHE_HOME": home, "HELM_CONFIG_HOME": home, "HELM_DATA_HOME": home}
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(kubeconfig)
+    out = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}")
     return out
@@ -46,13 +49,16 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def render(values: Path | None = None, *sets: str, chart: Path = CHART) -> list[dict]:
+def render(values: Path | None = None, *sets: str, chart: Path = CHART, kubeconfig: Path | None = None) -> list[dict]:
+    """helm template; with ``kubeconfig`` (a SecretsApi) its ``lookup`` calls see that cluster."""
     args = ["template", "rel", str(chart), "--namespace", NAMESPACE]
+    if kubeconfig is not None:
+        args.append("--dry-run=server")
     if values is not None:
         args += ["-f", str(values)]
     for s in sets:
         args += ["--set", s]
-    return [d for d in yaml.load_all(helm(*args).stdout, Loader=StrictLoader) if d]
+    return [d for d in yaml.load_all(helm(*args, kubeconfig=kubeconfig).stdout, Loader=StrictLoader) if d]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +119,10 @@ WRONG_VALUES = {
     "persistence: {accessModes: [ReadWriteSometimes]}": "persistence.accessModes.0: persistence.accessModes.0 must be one of",
     "metrics: {serviceMonitor: {enable: true}}": "Additional property enable is not allowed",
     "config: {chunk_repair_after_s: 0.1}": "config.chunk_repair_after_s: Must validate at least one schema",
+    "config: {rounds: {norm_bound: drop}}": "config.rounds.norm_bound: config.rounds.norm_bound must be one of",
+    "config: {device_limits: {partials_per_device: 0}}": "config.device_limits.partials_per_device: Must be greater",
+    "config: {device_limits: {messages_per_second: 5}}": "Additional property messages_per_second is not allowed",
+    "broker: {tls: {generated: {ipAddresses: [mqtt.example.com]}}}": "broker.tls.generated.ipAddresses.0: Does not match",
 }
 
 
@@ -131,11 +141,31 @@ def test_schema_rejects_wrong_values(values, tmp_path):
     (["replicaCount=2", "persistence.accessModes={ReadWriteMany}", "leaderElection.enabled=false"], "needs leaderElection.enabled"),
     (["leaderElection.renewDeadline=20"], "renewDeadline must be less than"),
     (["broker.enabled=false"], "set config.broker.url"),
-    (["broker.tls.enabled=true"], "broker.tls.existingSecret"),
     (["bundle.existingClaim="], "needs its artifact bundle"),
+    # broker settings that cannot work together
+    (["config.broker.url=mqtts://emqx.mqtt.svc:8883"], "names an external broker while broker.enabled deploys the bundled one"),
+    (["broker.enabled=false", "config.broker.url=mqtts://emqx:8883", "broker.auth.users[0].username=dev1",
+      "broker.auth.users[0].password=p"], "configure the bundled broker, which is off"),
+    (["broker.tls.enabled=false", "broker.plain=true", "config.broker.url=mqtts://rel-fedlora-aggregator-broker:8883"],
+     "is TLS but the bundled broker does not serve TLS"),
+    (["config.broker.url=mqtt://rel-fedlora-aggregator-broker.fedlora.svc:1883"],
+     "is plain MQTT but the bundled broker serves only TLS"),
+    (["config.broker.url=mqtts://rel-fedlora-aggregator-broker:1883"], "names port 1883, but the bundled broker serves TLS on 8883"),
+    (["broker.tls.enabled=false"], "the bundled broker needs a listener"),
+    (["broker.tls.requireClientCertificate=true"], "the aggregator needs a client certificate too"),
+    (["broker.tls.requireClientCertificate=true", "mqtt.tls.clientCertSecret=agg-cert", "broker.plain=true"],
+     "would skip the certificate check on the plain listener"),
+    (["broker.tls.requireClientCertificate=true", "broker.tls.enabled=false", "broker.plain=true"],
+     "requireClientCertificate needs broker.tls.enabled"),
+    (["broker.tls.enabled=false", "broker.plain=true", "mqtt.tls.clientCertSecret=agg-cert"],
+     "the aggregator connects without TLS"),
+    (["broker.auth.allowAnonymous=true"], "Mosquitto refuses every client without a user name"),
+    (["broker.auth.users[0].username=fedlora-aggregator", "broker.auth.users[0].password=p"],
+     "the aggregator's user name (mqtt.auth.username)"),
+    (["config.job=a%u"], "the bundled broker's ACL patterns would read"),
 ])
 def test_inconsistent_values_fail_with_a_message(sets, message):
-    args = ["template", "rel", str(CHART)]
+    args = ["template", "rel", str(CHART), "--namespace", NAMESPACE]
     for s in sets:
         args += ["--set", s]
     out = helm(*args, check=False)
@@ -159,6 +189,15 @@ def test_rendered_config_is_a_valid_server_config(rendered, name):
     assert cfg.exit_when_finished is False  # an exit would restart the pod
     assert cfg.kubernetes.leader_election and cfg.kubernetes.events
     assert cfg.kubernetes.lease_name == "rel-fedlora-aggregator"
+
+
+def test_device_limits_reach_the_aggregator_config():
+    from edge_client.config import build
+
+    config = server_yaml(render(None, "config.device_limits.messages_per_s=20", "config.device_limits.byte_burst=1048576"))
+    assert config["device_limits"] == {"messages_per_s": 20, "byte_burst": 1048576}
+    limits = build(ServerConfig, config, where="server.yaml").device_limits
+    assert limits.messages_per_s == 20 and limits.byte_burst == 1 << 20 and limits.partials_per_device == 2  # the rest: defaults
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -296,88 +335,329 @@ def test_every_value_is_documented_and_the_readme_table_is_current():
     assert readme == readme_with_table(readme), "the values table is stale: run python tests/helm_tools.py readme"
 
 
+# -- the bundled broker: TLS, client ids and the ACL -------------------------------------
+BROKER = "rel-fedlora-aggregator-broker"
+BROKER_TLS = "rel-fedlora-aggregator-broker-tls"
+DEVICE_ACL = [
+    "pattern read fedlora/default/round",
+    "pattern read fedlora/default/global/#",
+    "pattern read fedlora/default/gdelta/#",
+    "pattern read fedlora/default/ack/%u",
+    "pattern write fedlora/default/status/%u",
+    "pattern write fedlora/default/updates/%u",
+]
+AGGREGATOR_ACL = [
+    "user fedlora-aggregator",
+    "topic read fedlora/default/updates/+",
+    "topic read fedlora/default/status/+",
+    "topic write fedlora/default/round",
+    "topic write fedlora/default/global/#",
+    "topic write fedlora/default/gdelta/#",
+    "topic write fedlora/default/ack/+",
+]
+
+
+def acl_lines(text: str) -> list[str]:
+    """The lines of an ACL file or mosquitto.conf that Mosquitto reads (no comments, no blanks)."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def secret_text(secret: dict, key: str) -> str:
+    import base64
+
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def test_default_broker_is_tls_only_with_a_generated_ca_the_aggregator_trusts(rendered, tmp_path):
+    import ssl
+
+    from helm_tools import tls_handshake
+
+    docs = rendered["default"]
+    conf = find(docs, "ConfigMap", BROKER)["data"]["mosquitto.conf"]
+    lines = acl_lines(conf)
+    assert "listener 8883" in lines and "listener 1883" not in lines  # no clear-text listener by default
+    # A listener option: it must follow its listener line (before any, Mosquitto opens a default listener on 1883).
+    assert lines[lines.index("listener 8883") + 1] == "use_username_as_clientid true"
+    assert lines.count("use_username_as_clientid true") == 1 and "allow_anonymous false" in lines
+    secret = find(docs, "Secret", BROKER_TLS)
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+    # The broker pod mounts the certificate and the CA, never the CA's key.
+    broker = find(docs, "Deployment", BROKER)["spec"]["template"]["spec"]
+    certs = {v["name"]: v for v in broker["volumes"]}["certs"]["secret"]
+    assert certs["secretName"] == BROKER_TLS and sorted(i["key"] for i in certs["items"]) == ["ca.crt", "tls.crt", "tls.key"]
+    # The aggregator connects over TLS by the Service name and verifies with that CA.
+    config = server_yaml(docs)
+    assert config["broker"]["url"] == f"mqtts://{BROKER}:8883"
+    assert config["broker"]["ca_file"] == "/etc/fedlora/mqtt-ca/ca.crt"
+    pod = find(docs, "Deployment", "rel-fedlora-aggregator")["spec"]["template"]["spec"]
+    ca = {v["name"]: v for v in pod["volumes"]}["mqtt-ca"]["secret"]
+    assert ca == {"secretName": BROKER_TLS, "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    # The certificate is signed by the CA and names the Service as the aggregator and in-cluster clients call it.
+    cert, key, ca_pem = (secret_text(secret, k) for k in ("tls.crt", "tls.key", "ca.crt"))
+    for name in (BROKER, f"{BROKER}.{NAMESPACE}.svc", f"{BROKER}.{NAMESPACE}.svc.cluster.local"):
+        tls_handshake(cert, key, ca_pem, name, tmp_path)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_handshake(cert, key, ca_pem, "mqtt.example.com", tmp_path)  # a name it does not hold
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_handshake(cert, key, secret_text(find(render(None), "Secret", BROKER_TLS), "ca.crt"), BROKER, tmp_path)
+
+
+def test_default_acl_pins_devices_and_the_aggregator_to_their_topics(rendered):
+    lines = acl_lines(find(rendered["default"], "ConfigMap", BROKER)["data"]["acl"])
+    assert lines == AGGREGATOR_ACL + DEVICE_ACL
+    # A renamed job and aggregator account move the ACL with them.
+    docs = render(None, "config.job=bbc-news", "mqtt.auth.username=agg")
+    lines = acl_lines(find(docs, "ConfigMap", BROKER)["data"]["acl"])
+    assert lines[0] == "user agg" and "pattern read fedlora/bbc-news/gdelta/#" in lines
+    assert not [line for line in lines if "fedlora/default/" in line or "fedlora/+/" in line]
+
+
+def test_consistent_broker_variants_render(tmp_path):
+    # The bundled broker named explicitly, by its short or full name.
+    for url in (f"mqtts://{BROKER}:8883", f"mqtts://{BROKER}.{NAMESPACE}.svc.cluster.local:8883"):
+        assert server_yaml(render(None, f"config.broker.url={url}"))["broker"]["ca_file"] == "/etc/fedlora/mqtt-ca/ca.crt"
+    # Anonymous clients, once client ids are not taken from user names.
+    conf = find(render(None, "broker.auth.allowAnonymous=true", "broker.auth.useUsernameAsClientId=false"),
+                "ConfigMap", BROKER)["data"]["mosquitto.conf"]
+    assert "allow_anonymous true" in conf and not [line for line in acl_lines(conf) if "use_username_as_clientid" in line]
+    # Client certificates: the broker requires them and the aggregator presents one.
+    docs = render(None, "broker.tls.requireClientCertificate=true", "mqtt.tls.clientCertSecret=agg-cert")
+    conf = find(docs, "ConfigMap", BROKER)["data"]["mosquitto.conf"]
+    assert "require_certificate true" in conf and "cafile /mosquitto/certs/ca.crt" in conf
+    broker = server_yaml(docs)["broker"]
+    assert broker["cert_file"] == "/etc/fedlora/mqtt-client/tls.crt" and broker["key_file"] == "/etc/fedlora/mqtt-client/tls.key"
+    # Plain MQTT next to TLS, and the certificate's extra names.
+    docs = render(None, "broker.plain=true", "broker.tls.generated.dnsNames={mqtt.example.com}",
+                  "broker.tls.generated.ipAddresses={203.0.113.7}")
+    conf = find(docs, "ConfigMap", BROKER)["data"]["mosquitto.conf"]
+    assert "listener 1883" in conf and "listener 8883" in conf
+    secret = find(docs, "Secret", BROKER_TLS)
+    for name in ("mqtt.example.com", "203.0.113.7", BROKER):
+        from helm_tools import tls_handshake
+
+        tls_handshake(secret_text(secret, "tls.crt"), secret_text(secret, "tls.key"), secret_text(secret, "ca.crt"),
+                      name, tmp_path)
+    # The operator's own certificate: no Secret generated.
+    docs = render(None, "broker.tls.existingSecret=my-cert")
+    assert not [d for d in docs if d["metadata"]["name"] == BROKER_TLS]
+    assert server_yaml(docs)["broker"]["url"] == f"mqtts://{BROKER}:8883"
+
+
+def test_generated_ca_and_passwords_are_kept_across_upgrades(tmp_path):
+    """helm template --dry-run=server against a loopback API server: what the chart's lookup
+    finds in the cluster is reused, and only the server certificate is re-signed when its names change."""
+    import ssl
+
+    from helm_tools import SecretsApi, tls_handshake
+
+    with SecretsApi(NAMESPACE) as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+        install = render(None, kubeconfig=kubeconfig)
+        assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{BROKER_TLS}" in api.requests  # lookup asked the cluster
+        tls, mqtt_secret = find(install, "Secret", BROKER_TLS), find(install, "Secret", "rel-fedlora-aggregator-mqtt")
+        api.store(tls)
+        api.store(mqtt_secret)
+
+        upgrade = render(None, kubeconfig=kubeconfig)
+        assert find(upgrade, "Secret", BROKER_TLS)["data"] == tls["data"]  # same CA, same certificate
+        assert find(upgrade, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]["password"] == \
+            mqtt_secret["stringData"]["password"]
+
+        renamed = render(None, "broker.tls.generated.dnsNames={mqtt.example.com}", kubeconfig=kubeconfig)
+        new = find(renamed, "Secret", BROKER_TLS)
+        assert new["data"]["ca.crt"] == tls["data"]["ca.crt"] and new["data"]["ca.key"] == tls["data"]["ca.key"]
+        assert new["data"]["tls.crt"] != tls["data"]["tls.crt"]  # re-signed with the new name
+        ca = secret_text(tls, "ca.crt")  # what the devices were given at install
+        tls_handshake(secret_text(new, "tls.crt"), secret_text(new, "tls.key"), ca, "mqtt.example.com", tmp_path)
+        tls_handshake(secret_text(new, "tls.crt"), secret_text(new, "tls.key"), ca, BROKER, tmp_path)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tls_handshake(secret_text(tls, "tls.crt"), secret_text(tls, "tls.key"), ca, "mqtt.example.com", tmp_path)
+
+    # Without a cluster (plain helm template) every render makes a new CA: the docs say so.
+    assert find(render(None), "Secret", BROKER_TLS)["data"]["ca.crt"] != tls["data"]["ca.crt"]
+
+
 # -- the bundled broker's rendered config in a real Mosquitto ------------------------------
+class RenderedBroker:
+    """Debian's Mosquitto started on the chart's rendered mosquitto.conf, ACL, password file
+    (hashed by the init container's own script) and certificates, paths moved into a temp dir."""
+
+    def __init__(self, docs: list[dict], workdir: Path):
+        from conftest import free_port
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        data = find(docs, "ConfigMap", BROKER)["data"]
+        (workdir / "secret").mkdir()
+        (workdir / "secret" / "passwords").write_text(
+            find(docs, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]["passwords"])
+        passwd = workdir / "passwd"
+        pod = find(docs, "Deployment", BROKER)["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        script = init["command"][-1].replace("/secret/passwords", str(workdir / "secret" / "passwords")) \
+            .replace("/mosquitto/auth/passwd", str(passwd))
+        subprocess.run([*init["command"][:-1], script], check=True)  # the init container's own script
+        self.hashed = passwd.read_text()
+        (workdir / "acl").write_text(data["acl"])
+        certs = workdir / "certs"
+        certs.mkdir()
+        tls = find(docs, "Secret", BROKER_TLS)
+        mounted = {v["name"]: v for v in pod["volumes"]}["certs"]["secret"]["items"]
+        for item in mounted:  # exactly what the pod mounts
+            (certs / item["path"]).write_text(secret_text(tls, item["key"]))
+        self.ca_file = certs / "ca.crt"
+        self.port = free_port()
+        conf = data["mosquitto.conf"].replace("/mosquitto/auth/passwd", str(passwd)) \
+            .replace("/mosquitto/config/acl", str(workdir / "acl")).replace("/mosquitto/data/", f"{workdir}/") \
+            .replace("/mosquitto/certs/", f"{certs}/").replace("listener 8883", f"listener {self.port} 127.0.0.1")
+        if os.geteuid() == 0:
+            conf = "user root\n" + conf
+        (workdir / "mosquitto.conf").write_text(conf)
+        self.conf = conf
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.log = open(workdir / "mosquitto.log", "wb")
+        self.proc = subprocess.Popen([binary, "-c", str(workdir / "mosquitto.conf")], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.links = []
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"mosquitto did not start: {self.log_text()}")
+                time.sleep(0.02)
+
+    def log_text(self) -> str:
+        return (self.workdir / "mosquitto.log").read_text(errors="replace")
+
+    def link(self, user: str, password: str, client_id: str, protocol: str = "5", ca_file: Path | None | str = "",
+             host: str = "127.0.0.1"):
+        """A connected MqttLink (the devices' and the aggregator's own client) over TLS."""
+        from edge_client.transport import BrokerConfig, MqttLink
+
+        cfg = BrokerConfig(url=f"mqtts://{host}:{self.port}", protocol=protocol, username=user, password=password,
+                           ca_file=str(self.ca_file if ca_file == "" else ca_file) if ca_file is not None else None,
+                           connect_timeout=5)
+        link = MqttLink(cfg, client_id=client_id)
+        self.links.append(link)
+        return link.connect()
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def drain(link, settle: float = 0.3, expect: int = 0, timeout: float = 5.0) -> list[tuple[str, bytes]]:
+    """The messages in ``link``'s inbox: wait for ``expect`` of them, then ``settle`` more seconds
+    for anything the ACL let through by mistake."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expect and time.monotonic() < deadline:
+        try:
+            m = link.inbox.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        got.append((m.topic, m.payload))
+    time.sleep(settle)
+    while not link.inbox.empty():
+        m = link.inbox.get()
+        got.append((m.topic, m.payload))
+    return got
+
+
+BROKER_USERS = ("mqtt.auth.password=agg-pass", "broker.auth.users[0].username=dev1", "broker.auth.users[0].password=pass1",
+                "broker.auth.users[1].username=dev2", "broker.auth.users[1].password=pass2",
+                "broker.tls.generated.ipAddresses={127.0.0.1}")
+
+
 def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
-    """Render the broker with device accounts, hash the password file as the init container
-    does, start Debian's Mosquitto on it, and check what the ACL lets each account do."""
-    import paho.mqtt.client as mqtt
+    """The default chart's broker (TLS only, generated CA, use_username_as_clientid, the ACL)
+    with two devices and the aggregator, each connecting with the client id it uses in production."""
+    from edge_client.protocol import Topics
+    from edge_client.transport import TransportError
 
-    from conftest import free_port
-
-    docs = render(None, "mqtt.auth.password=agg-pass", "broker.auth.users[0].username=dev1",
-                  "broker.auth.users[0].password=pass1", "broker.auth.users[1].username=dev2",
-                  "broker.auth.users[1].password=pass2")
-    data = find(docs, "ConfigMap", "rel-fedlora-aggregator-broker")["data"]
-    (tmp_path / "secret").mkdir()
-    (tmp_path / "secret" / "passwords").write_text(find(docs, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]["passwords"])
-    passwd = tmp_path / "passwd"
-    broker_pod = find(docs, "Deployment", "rel-fedlora-aggregator-broker")["spec"]["template"]["spec"]
-    (init,) = broker_pod["initContainers"]
-    script = init["command"][-1].replace("/secret/passwords", str(tmp_path / "secret" / "passwords")) \
-        .replace("/mosquitto/auth/passwd", str(passwd))
-    subprocess.run([*init["command"][:-1], script], check=True)  # the init container's own script
-    assert "dev1:" in passwd.read_text() and "agg-pass" not in passwd.read_text()  # hashed
-    (tmp_path / "acl").write_text(data["acl"])
-    port = free_port()
-    conf = data["mosquitto.conf"].replace("/mosquitto/auth/passwd", str(passwd)) \
-        .replace("/mosquitto/config/acl", str(tmp_path / "acl")).replace("/mosquitto/data/", f"{tmp_path}/") \
-        .replace("listener 1883", f"listener {port} 127.0.0.1")
-    if os.geteuid() == 0:
-        conf = "user root\n" + conf
-    (tmp_path / "mosquitto.conf").write_text(conf)
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    log = open(tmp_path / "mosquitto.log", "wb")
-    proc = subprocess.Popen([binary, "-c", str(tmp_path / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT)
-    clients = []
+    t = Topics("default")
+    broker = RenderedBroker(render(None, *BROKER_USERS), tmp_path / "broker")
     try:
-        def connect(user, password):
-            got = []
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{time.monotonic_ns()}")
-            c.username_pw_set(user, password)
-            c.on_message = lambda cl, ud, msg: got.append((msg.topic, msg.payload))
-            result = {}
-            c.on_connect = lambda cl, ud, flags, rc, props: result.setdefault("rc", rc)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    c.connect("127.0.0.1", port)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise AssertionError((tmp_path / "mosquitto.log").read_text())
-                    time.sleep(0.05)
-            c.loop_start()
-            clients.append(c)
-            while "rc" not in result and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return c, got, result.get("rc")
+        assert "dev1:" in broker.hashed and "agg-pass" not in broker.hashed  # hashed
+        agg = broker.link("fedlora-aggregator", "agg-pass", "fedlora-default-aggregator")
+        with pytest.raises(TransportError):
+            broker.link("dev1", "wrong", "fedlora-default-dev1")  # passwords are checked
+        with pytest.raises(TransportError):
+            broker.link("dev1", "pass1", "fedlora-default-dev1", ca_file=None)  # the system CAs do not know it
+        with pytest.raises(TransportError):
+            broker.link("dev1", "pass1", "fedlora-default-dev1", host="localhost")  # a name the certificate lacks
 
-        agg, agg_got, rc = connect("fedlora-aggregator", "agg-pass")
-        assert rc is not None and not rc.is_failure
-        _, _, bad = connect("dev1", "wrong")
-        assert bad is not None and bad.is_failure  # passwords are checked
-        dev1, dev1_got, rc = connect("dev1", "pass1")
-        assert not rc.is_failure
-        agg.subscribe("fedlora/+/updates/+", qos=1)
-        dev1.subscribe("fedlora/job/round", qos=1)
-        dev1.subscribe("fedlora/job/ack/dev1", qos=1)
-        dev1.subscribe("fedlora/job/ack/dev2", qos=1)  # another device's acks: the ACL hides them
-        time.sleep(0.3)
-        dev1.publish("fedlora/job/updates/dev1", b"mine", qos=1).wait_for_publish(5)
-        dev1.publish("fedlora/job/updates/dev2", b"forged", qos=1).wait_for_publish(5)
-        agg.publish("fedlora/job/round", b"open", qos=1).wait_for_publish(5)
-        agg.publish("fedlora/job/ack/dev1", b"ack1", qos=1).wait_for_publish(5)
-        agg.publish("fedlora/job/ack/dev2", b"ack2", qos=1).wait_for_publish(5)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (len(agg_got) < 1 or len(dev1_got) < 2):
-            time.sleep(0.02)
-        time.sleep(0.3)  # anything the ACL let through by mistake would arrive by now
-        assert agg_got == [("fedlora/job/updates/dev1", b"mine")]
-        assert sorted(dev1_got) == [("fedlora/job/ack/dev1", b"ack1"), ("fedlora/job/round", b"open")]
+        # (1) Devices read the retained round, global adapter and delta, and their own acks only.
+        agg.subscribe(t.update_filter)
+        agg.subscribe(t.status_filter)
+        agg.publish(t.round, b"round-1", retain=True).wait_for_publish(5)
+        agg.publish(t.global_chunk(8, 0), b"global-8", retain=True).wait_for_publish(5)
+        agg.publish(t.delta_chunk(8, 0), b"gdelta-8", retain=True).wait_for_publish(5)
+        dev1 = broker.link("dev1", "pass1", "fedlora-default-dev1", protocol="auto")
+        for topic in (t.round, t.global_filter(8), t.delta_filter(8), t.ack("dev1"), t.ack("dev2"), t.update_filter,
+                      t.status_filter):
+            dev1.subscribe(topic)
+        assert sorted(drain(dev1, expect=3)) == [(t.delta_chunk(8, 0), b"gdelta-8"), (t.global_chunk(8, 0), b"global-8"),
+                                                 (t.round, b"round-1")]
+        assert dev1.refused_subscriptions == {}  # Mosquitto's acl_file grants and filters at delivery
+        agg.publish(t.ack("dev1"), b"ack1").wait_for_publish(5)
+        agg.publish(t.ack("dev2"), b"ack2").wait_for_publish(5)
+        assert drain(dev1, expect=1) == [(t.ack("dev1"), b"ack1")]  # not dev2's
+
+        # (2) A device writes only its own update and status; it cannot forge another
+        # device's update or the aggregator's round and global adapter.
+        for topic, payload in ((t.update("dev1"), b"mine"), (t.update("dev2"), b"forged"),
+                               (t.status("dev1"), b"online"), (t.status("dev2"), b"forged"),
+                               (t.round, b"forged"), (t.global_chunk(8, 0), b"forged"), (t.ack("dev2"), b"forged")):
+            dev1.publish(topic, payload, retain=topic in (t.round, t.global_chunk(8, 0))).wait_for_publish(5)
+        assert sorted(drain(agg, expect=2)) == [(t.status("dev1"), b"online"), (t.update("dev1"), b"mine")]
+        dev2 = broker.link("dev2", "pass2", "fedlora-default-dev2", protocol="3.1.1")
+        dev2.subscribe(t.round)
+        dev2.subscribe(t.global_filter(8))
+        dev2.subscribe(t.ack("dev2"))
+        assert sorted(drain(dev2, expect=2)) == [(t.global_chunk(8, 0), b"global-8"), (t.round, b"round-1")]
+        dev2.close()
+
+        # (3) No account can take the aggregator's (or another device's) session: the broker
+        # replaces a client id by the user name, so these connect as "dev2" and leave the others on.
+        for client_id in ("fedlora-default-aggregator", "fedlora-aggregator", "fedlora-default-dev1", "dev1"):
+            thief = broker.link("dev2", "pass2", client_id)
+            thief.subscribe(t.update_filter)
+            time.sleep(0.5)
+            thief.close()
+        assert agg.connected.is_set() and agg.reconnects == 0
+        assert dev1.connected.is_set() and dev1.reconnects == 0
+        dev1.publish(t.update("dev1"), b"still-here").wait_for_publish(5)
+        assert drain(agg, expect=1) == [(t.update("dev1"), b"still-here")]  # the aggregator's session is intact
     finally:
-        for c in clients:
-            c.loop_stop()
-            c.disconnect()
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        broker.close()
+    opened = [line for line in broker.log_text().splitlines() if "listen socket on port" in line]
+    assert opened and all(f"port {broker.port}." in line for line in opened), opened  # its one listener, no default 1883
+
+
+def test_without_username_client_ids_a_device_account_can_kick_the_aggregator(tmp_path):
+    """The control for (3) above: with useUsernameAsClientId=false the same client id under a
+    device's account takes the aggregator's session over."""
+    from edge_client.protocol import Topics
+
+    docs = render(None, *BROKER_USERS, "broker.auth.useUsernameAsClientId=false")
+    broker = RenderedBroker(docs, tmp_path / "broker")
+    assert not [line for line in acl_lines(broker.conf) if "use_username_as_clientid" in line]
+    try:
+        agg = broker.link("fedlora-aggregator", "agg-pass", "fedlora-default-aggregator")
+        agg.subscribe(Topics("default").update_filter)
+        thief = broker.link("dev2", "pass2", "fedlora-default-aggregator")
+        thief.close()
+        deadline = time.monotonic() + 10
+        while agg.reconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agg.reconnects >= 1  # it was thrown off (and paho reconnected)
+    finally:
+        broker.close()

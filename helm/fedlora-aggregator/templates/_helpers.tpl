@@ -100,7 +100,7 @@ app.kubernetes.io/component: broker
 {{/* Whether the aggregator talks TLS to the broker. */}}
 {{- define "fedlora.brokerTLS" -}}
 {{- if .Values.config.broker.url }}
-{{- if hasPrefix "mqtts://" .Values.config.broker.url }}true{{ end }}
+{{- if or (hasPrefix "mqtts://" .Values.config.broker.url) (hasPrefix "ssl://" .Values.config.broker.url) }}true{{ end }}
 {{- else if and .Values.broker.enabled .Values.broker.tls.enabled }}true{{- end }}
 {{- end }}
 
@@ -114,13 +114,39 @@ app.kubernetes.io/component: broker
 {{- end }}
 {{- end }}
 
+{{/* The names of the bundled broker's Service inside the cluster, shortest first. */}}
+{{- define "fedlora.brokerHosts" -}}
+{{- $b := include "fedlora.brokerName" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $b (printf "%s.%s" $b $ns) (printf "%s.%s.svc" $b $ns) (printf "%s.%s.svc.cluster.local" $b $ns) | toJson }}
+{{- end }}
+
+{{/* Whether the aggregator connects to the bundled broker. */}}
+{{- define "fedlora.usesBundledBroker" -}}
+{{- if .Values.broker.enabled }}
+{{- if not .Values.config.broker.url }}true
+{{- else if has (urlParse .Values.config.broker.url).hostname (include "fedlora.brokerHosts" . | fromJsonArray) }}true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with the bundled broker's certificate: the operator's, or the chart's own. */}}
+{{- define "fedlora.brokerTlsSecret" -}}
+{{- default (printf "%s-tls" (include "fedlora.brokerName" .)) .Values.broker.tls.existingSecret }}
+{{- end }}
+
 {{/* Secret with the CA the aggregator verifies the broker with ('' : the system's). */}}
 {{- define "fedlora.caSecret" -}}
 {{- if .Values.mqtt.tls.caSecret }}
 {{- .Values.mqtt.tls.caSecret }}
-{{- else if and .Values.broker.enabled .Values.broker.tls.enabled (not .Values.config.broker.url) }}
-{{- .Values.broker.tls.existingSecret }}
+{{- else if and (include "fedlora.usesBundledBroker" .) .Values.broker.tls.enabled }}
+{{- include "fedlora.brokerTlsSecret" . }}
 {{- end }}
+{{- end }}
+
+{{/* Key of the CA certificate in that Secret. */}}
+{{- define "fedlora.caKey" -}}
+{{- if .Values.mqtt.tls.caSecret }}{{ .Values.mqtt.tls.caKey }}{{ else }}ca.crt{{ end }}
 {{- end }}
 
 {{/* Checks that span several values (the schema checks each value alone). */}}
@@ -143,9 +169,7 @@ app.kubernetes.io/component: broker
 {{- if and (not .Values.config.broker.url) (not .Values.broker.enabled) }}
 {{- fail "set config.broker.url to your broker, or broker.enabled=true for the bundled Mosquitto" }}
 {{- end }}
-{{- if and .Values.broker.enabled .Values.broker.tls.enabled (not .Values.broker.tls.existingSecret) }}
-{{- fail "broker.tls.enabled needs broker.tls.existingSecret (a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt)" }}
-{{- end }}
+{{- include "fedlora.validateBroker" . }}
 {{- if and .Values.broker.enabled (not .Values.broker.plain) (not .Values.broker.tls.enabled) }}
 {{- fail "the bundled broker needs a listener: broker.plain or broker.tls.enabled" }}
 {{- end }}
@@ -162,5 +186,59 @@ app.kubernetes.io/component: broker
 {{- printf "%s-broker-passwords" (include "fedlora.fullname" .) }}
 {{- else }}
 {{- printf "%s-mqtt" (include "fedlora.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The broker settings that cannot work together. */}}
+{{- define "fedlora.validateBroker" -}}
+{{- $b := .Values.broker }}
+{{- $url := .Values.config.broker.url }}
+{{- if and $b.enabled $url (not (include "fedlora.usesBundledBroker" .)) }}
+{{- fail (printf "config.broker.url (%s) names an external broker while broker.enabled deploys the bundled one: the devices would log in to a broker the aggregator does not use. Set broker.enabled=false for the external broker, or leave config.broker.url empty for the bundled one" $url) }}
+{{- end }}
+{{- if and $b.enabled $url (include "fedlora.usesBundledBroker" .) }}
+{{- $u := urlParse $url }}
+{{- $tls := include "fedlora.brokerTLS" . }}
+{{- $port := trimPrefix (printf "%s:" $u.hostname) $u.host }}
+{{- if and $tls (not $b.tls.enabled) }}
+{{- fail (printf "config.broker.url (%s) is TLS but the bundled broker does not serve TLS (broker.tls.enabled=false)" $url) }}
+{{- end }}
+{{- if and (not $tls) (not $b.plain) }}
+{{- fail (printf "config.broker.url (%s) is plain MQTT but the bundled broker serves only TLS (broker.plain=false): use mqtts://%s:%d" $url $u.hostname (int $b.service.tlsPort)) }}
+{{- end }}
+{{- $want := ternary $b.service.tlsPort $b.service.port (not (empty $tls)) | int }}
+{{- if and $port (ne (int $port) $want) }}
+{{- fail (printf "config.broker.url (%s) names port %s, but the bundled broker serves %s on %d" $url $port (ternary "TLS" "plain MQTT" (not (empty $tls))) $want) }}
+{{- end }}
+{{- end }}
+{{- if not $b.enabled }}
+{{- if or $b.auth.users $b.auth.existingSecret $b.acl }}
+{{- fail "broker.auth.users, broker.auth.existingSecret and broker.acl configure the bundled broker, which is off (broker.enabled=false): configure the accounts and ACL in your external broker (docs/security.md) and remove them here" }}
+{{- end }}
+{{- else }}
+{{- if and $b.auth.allowAnonymous $b.auth.useUsernameAsClientId }}
+{{- fail "broker.auth.allowAnonymous=true cannot work with broker.auth.useUsernameAsClientId=true: Mosquitto refuses every client without a user name when it takes client ids from user names. Keep anonymous access off (recommended) or set useUsernameAsClientId=false" }}
+{{- end }}
+{{- if and $b.tls.requireClientCertificate (not $b.tls.enabled) }}
+{{- fail "broker.tls.requireClientCertificate needs broker.tls.enabled: client certificates are checked on the TLS listener" }}
+{{- end }}
+{{- if and $b.tls.requireClientCertificate $b.plain }}
+{{- fail "broker.tls.requireClientCertificate with broker.plain=true: a client would skip the certificate check on the plain listener. Set broker.plain=false" }}
+{{- end }}
+{{- if and $b.tls.requireClientCertificate (include "fedlora.usesBundledBroker" .) (not .Values.mqtt.tls.clientCertSecret) }}
+{{- fail "broker.tls.requireClientCertificate: the aggregator needs a client certificate too. Set mqtt.tls.clientCertSecret to a kubernetes.io/tls Secret signed by the broker's CA" }}
+{{- end }}
+{{- $aggregator := .Values.mqtt.auth.username }}
+{{- range $b.auth.users }}
+{{- if and $aggregator (eq .username $aggregator) }}
+{{- fail (printf "broker.auth.users has an account named %q, the aggregator's user name (mqtt.auth.username): it would get the aggregator's rights. Give the device another id" .username) }}
+{{- end }}
+{{- end }}
+{{- if and (not $b.acl) (contains "%" .Values.config.job) }}
+{{- fail (printf "config.job %q contains %%: the bundled broker's ACL patterns would read %%u or %%c in it as a user name or client id" .Values.config.job) }}
+{{- end }}
+{{- end }}
+{{- if and (or .Values.mqtt.tls.clientCertSecret .Values.mqtt.tls.caSecret) (not (include "fedlora.brokerTLS" .)) }}
+{{- fail (printf "mqtt.tls.caSecret / mqtt.tls.clientCertSecret are set but the aggregator connects without TLS (%s): use an mqtts:// URL or remove them" (include "fedlora.brokerUrl" .)) }}
 {{- end }}
 {{- end }}
