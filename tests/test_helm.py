@@ -527,6 +527,7 @@ class RenderedBroker:
                 break
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
                     raise AssertionError(f"mosquitto did not start: {self.log_text()}")
                 time.sleep(0.02)
 
@@ -649,8 +650,8 @@ def test_without_username_client_ids_a_device_account_can_kick_the_aggregator(tm
 
     docs = render(None, *BROKER_USERS, "broker.auth.useUsernameAsClientId=false")
     broker = RenderedBroker(docs, tmp_path / "broker")
-    assert not [line for line in acl_lines(broker.conf) if "use_username_as_clientid" in line]
     try:
+        assert not [line for line in acl_lines(broker.conf) if "use_username_as_clientid" in line]
         agg = broker.link("fedlora-aggregator", "agg-pass", "fedlora-default-aggregator")
         agg.subscribe(Topics("default").update_filter)
         thief = broker.link("dev2", "pass2", "fedlora-default-aggregator")
