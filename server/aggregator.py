@@ -100,7 +100,8 @@ class Aggregator:
         if saved is None:
             self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
             self.history: list[dict] = []
-            self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed)
+            self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed,
+                                           norm_prior=self.norm_prior())
             self._save(global_changed=True)
             self._event("job_started", job=cfg.job, strategy=self.strategy.name)
         else:
@@ -110,11 +111,22 @@ class Aggregator:
             self.history = saved["history"]
             self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed + saved["next_round"],
                                            next_round=saved["next_round"], completed=saved["completed"],
-                                           version=saved["version"])
+                                           version=saved["version"], norm_prior=self.norm_prior(),
+                                           median_norm=next((h["median_norm"] for h in reversed(self.history)
+                                                             if h.get("ok") and h.get("median_norm")), 0.0))
             if saved["open_round"] is not None:
                 self.coordinator.resume(saved["open_round"])
             log.info("resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"])
             self._event("job_resumed", completed=saved["completed"], version=saved["version"])
+
+    def norm_prior(self) -> float:
+        """The first round's update norm bound: under AdamW each value moves at most about
+        ``lr`` a step, so an honest change is at most ``lr * steps * sqrt(values)`` long. With
+        ``lr_rank_power`` p a rank-r device trains at ``lr * (R / r) ** p`` on about r / R of
+        the values: up to ``R ** (p - 1/2)`` times more, for p above 1/2."""
+        t = self.cfg.train
+        boost = self.manifest.rank ** max(0.0, t.lr_rank_power - 0.5)
+        return t.lr * boost * t.local_steps * self.manifest.adapter_size ** 0.5
 
     @property
     def global_adapter(self) -> dict[str, np.ndarray]:
@@ -277,7 +289,7 @@ class Aggregator:
         self.metrics.round.set(opened.round)
         self._save()
         self._event("round_opened", round=opened.round, selected=opened.selected, base_version=opened.base_version,
-                    max_weight=opened.max_weight)
+                    max_weight=opened.max_weight, max_norm=round(opened.max_norm, 6))
         log.info("round %d open: %d devices selected", opened.round, len(opened.selected))
         return True
 
@@ -362,7 +374,8 @@ class Aggregator:
         kept = bounded.update
         # Strategies combine the devices' full local tensors: what we sent plus the delta.
         full = {name: base[name] + value if name in base else value for name, value in kept.tensors.items()}
-        undo = self.coordinator.accept(ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics))
+        undo = self.coordinator.accept(ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics),
+                                       bounded.norm)
         try:
             self._save()  # persisted before the ack
         except StoreUnavailable as exc:
@@ -433,7 +446,8 @@ class Aggregator:
         entry = {"round": outcome.round, "ok": outcome.ok, "reason": outcome.reason,
                  "selected": len(outcome.selected), "participants": len(outcome.accepted),
                  "examples": int(sum(outcome.accepted.values())), "duration_s": round(outcome.duration, 3),
-                 "uplink_bytes_wire": self._round_bytes["wire"], "uplink_bytes_raw": self._round_bytes["raw"]}
+                 "uplink_bytes_wire": self._round_bytes["wire"], "uplink_bytes_raw": self._round_bytes["raw"],
+                 "median_norm": round(outcome.median_norm, 6)}
         entry.update(_summarize(self._round_metrics))
         self.metrics.round_duration.observe(outcome.duration)
         self.metrics.selected.set(len(outcome.selected))

@@ -29,8 +29,13 @@ class RoundSettings:
     devices_per_round: devices selected per round among those online (0: all of them).
     min_updates: accepted updates needed to close a round at its deadline; fewer fails it.
     round_timeout: seconds from opening to the deadline.
-    max_update_norm: bound on an update's L2 norm (the change a device sends; 0: no bound).
-    norm_bound: what happens to an update above ``max_update_norm``: ``clip`` scales it down to
+    max_update_norm: absolute bound on an update's L2 norm (the change a device sends; 0: none).
+    norm_clip_multiple: the bound of each round after the first is also this multiple of the
+        median norm of the previous completed round's updates (robust while fewer than half of
+        them lie; 0: off). The first round's bound, with no history, is what AdamW can move the
+        adapter honestly: ``lr * local_steps * sqrt(adapter values)`` (the aggregator's
+        ``norm_prior``). The smallest bound that applies is the round's ``norm_bound``.
+    norm_bound: what happens to an update above the round's bound: ``clip`` scales it down to
         the bound (DP-FedAvg's clipping: one device's pull is bounded, its data still counts),
         ``reject`` refuses it (reason ``norm_too_large``).
     max_weight_ratio: a device's aggregation weight (its claimed ``num_examples``) is capped at
@@ -45,7 +50,8 @@ class RoundSettings:
     devices_per_round: int = 0
     min_updates: int = 1
     round_timeout: float = 600.0
-    max_update_norm: float = 1e4
+    max_update_norm: float = 0.0
+    norm_clip_multiple: float = 3.0
     norm_bound: str = "clip"
     max_weight_ratio: float = 3.0
     max_num_examples: int = 0
@@ -65,6 +71,8 @@ class RoundSettings:
             raise ConfigError("round_timeout must be positive")
         if self.max_update_norm < 0:
             raise ConfigError("max_update_norm must be >= 0")
+        if self.norm_clip_multiple != 0 and not 1 <= self.norm_clip_multiple <= 1e6:
+            raise ConfigError(f"norm_clip_multiple must be 0 (off) or in [1, 1e6], got {self.norm_clip_multiple}")
         if self.norm_bound not in NORM_BOUNDS:
             raise ConfigError(f"norm_bound must be one of {', '.join(NORM_BOUNDS)}, not {self.norm_bound!r}")
         if self.max_weight_ratio != 0 and not 1 <= self.max_weight_ratio <= 1e6:
@@ -92,6 +100,8 @@ class OpenRound:
     accepted: dict[str, int] = field(default_factory=dict)  # device -> the weight it was given
     partial: Partial = field(default_factory=Partial)
     max_weight: int = 0  # a device's weight cap this round (0: none), fixed when the round opens
+    max_norm: float = 0.0  # the update norm bound of this round (0: none), fixed when the round opens
+    norms: list[float] = field(default_factory=list)  # norms of the accepted updates, as sent
 
 
 @dataclass
@@ -118,13 +128,15 @@ class RoundOutcome:
     accepted: dict[str, int]
     partial: Partial
     duration: float
+    median_norm: float = 0.0  # of the accepted updates, as sent: the next round's clipping reference
 
 
 class Coordinator:
     """Selects devices, opens rounds, judges updates, and says when a round is over."""
 
     def __init__(self, settings: RoundSettings, strategy: Strategy, job: str, clock, seed: int = 0,
-                 next_round: int = 1, completed: int = 0, version: int = 0):
+                 next_round: int = 1, completed: int = 0, version: int = 0, norm_prior: float = 0.0,
+                 median_norm: float = 0.0):
         self.settings = settings
         self.strategy = strategy
         self.job = job
@@ -135,6 +147,8 @@ class Coordinator:
         self.next_round = next_round
         self.completed = completed
         self.version = version  # round id that produced the current global adapter (0: initial)
+        self.norm_prior = norm_prior  # the first round's norm bound (see RoundSettings)
+        self.median_norm = median_norm  # of the last completed round's updates (0: none yet)
 
     # -- devices -------------------------------------------------------------------------
     def device_status(self, device: str, online: bool, rank: int = 0, num_examples: int = 0) -> None:
@@ -163,7 +177,8 @@ class Coordinator:
         selected = sorted(self.rng.sample(online, min(k, len(online))))
         now = self.clock()
         self.open = OpenRound(self.next_round, selected, now, now + self.settings.round_timeout, self.version,
-                              partial=self.strategy.new_partial(), max_weight=self.weight_cap(selected))
+                              partial=self.strategy.new_partial(), max_weight=self.weight_cap(selected),
+                              max_norm=self.norm_cap())
         self.next_round += 1
         return self.open
 
@@ -177,6 +192,18 @@ class Coordinator:
         if self.settings.max_num_examples:
             caps.append(self.settings.max_num_examples)
         return min(caps) if caps else 0
+
+    def norm_cap(self) -> float:
+        """This round's update norm bound (0: none): the smallest of ``max_update_norm``, and
+        ``norm_clip_multiple`` times the last round's median norm or, before any round, the prior."""
+        s = self.settings
+        caps = [s.max_update_norm] if s.max_update_norm else []
+        if s.norm_clip_multiple:
+            if self.median_norm > 0:
+                caps.append(s.norm_clip_multiple * self.median_norm)
+            elif self.norm_prior > 0:
+                caps.append(self.norm_prior)
+        return min(caps) if caps else 0.0
 
     def resume(self, state: OpenRound) -> None:
         """Re-install a round persisted before a restart (its deadline is kept)."""
@@ -204,12 +231,12 @@ class Coordinator:
 
     def bounded(self, update: ClientUpdate) -> Bounded:
         """The update as it may count: its weight capped (``OpenRound.max_weight``) and its
-        tensors clipped to ``max_update_norm`` (or UpdateRejected under ``norm_bound: reject``)."""
+        tensors clipped to ``OpenRound.max_norm`` (or UpdateRejected under ``norm_bound: reject``)."""
         rnd = self.open
         assert rnd is not None
         weight = min(update.num_examples, rnd.max_weight) if rnd.max_weight else update.num_examples
         norm = update_norm(update.tensors)
-        bound = self.settings.max_update_norm
+        bound = rnd.max_norm
         tensors = update.tensors
         if bound and norm > bound:
             if self.settings.norm_bound == "reject":
@@ -219,19 +246,20 @@ class Coordinator:
         return Bounded(ClientUpdate(update.device, update.round, update.rank, weight, tensors, update.metrics), norm,
                        clipped=tensors is not update.tensors, weight_capped=weight < update.num_examples)
 
-    def accept(self, update: ClientUpdate) -> Callable[[], None]:
-        """Add the update to the open round; returns an undo (to the state before this call),
-        for when the update cannot be persisted."""
+    def accept(self, update: ClientUpdate, norm: float = 0.0) -> Callable[[], None]:
+        """Add the update (``norm``: its norm as sent) to the open round; returns an undo (to
+        the state before this call), for when the update cannot be persisted."""
         rnd = self.open
         assert rnd is not None
-        before = Partial({k: np.array(v, copy=True) for k, v in rnd.partial.sums.items()}, rnd.partial.weight,
-                         rnd.partial.count, list(rnd.partial.devices)), dict(rnd.accepted)
+        before = (Partial({k: np.array(v, copy=True) for k, v in rnd.partial.sums.items()}, rnd.partial.weight,
+                          rnd.partial.count, list(rnd.partial.devices)), dict(rnd.accepted), list(rnd.norms))
 
         def undo() -> None:
-            rnd.partial, rnd.accepted = before
+            rnd.partial, rnd.accepted, rnd.norms = before
 
         rnd.partial = self.strategy.accumulate(rnd.partial, update)
         rnd.accepted[update.device] = update.num_examples
+        rnd.norms.append(norm)
         return undo
 
     # -- closing -------------------------------------------------------------------------
@@ -249,10 +277,13 @@ class Coordinator:
             return None  # everyone left: wait for the deadline, someone may come back
         self.open = None
         ok = enough
+        median_norm = float(np.median(rnd.norms)) if rnd.norms else 0.0
         if ok:
             self.completed += 1
             self.version = rnd.round
+            self.median_norm = median_norm or self.median_norm
             reason = "all_reported" if not waiting else "deadline"
         else:
             reason = f"quorum_not_met ({len(rnd.accepted)}/{self.settings.min_updates})"
-        return RoundOutcome(rnd.round, ok, reason, rnd.selected, dict(rnd.accepted), rnd.partial, now - rnd.opened_at)
+        return RoundOutcome(rnd.round, ok, reason, rnd.selected, dict(rnd.accepted), rnd.partial, now - rnd.opened_at,
+                            median_norm)

@@ -98,6 +98,11 @@ class SimulateConfig:
     head_codec: str = ""
     downlink_codec: str = ""
     extra_device_env: dict = field(default_factory=dict)
+    # For benchmarks: RoundSettings fields to set (e.g. the robustness bounds), and device
+    # index -> the command that runs that device instead of ``python -m edge_client.cli``
+    # (``--config <device.json>`` is appended), e.g. a hostile device.
+    round_settings: dict = field(default_factory=dict)
+    device_commands: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -225,7 +230,8 @@ def run_simulation(cfg: SimulateConfig) -> dict:
 
     server_cfg = ServerConfig(
         job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
-        rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout),
+        rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout,
+                             **cfg.round_settings),
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                             lr_rank_power=cfg.lr_rank_power), uplink_codec=cfg.codec,
         uplink_head_codec=cfg.head_codec, strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
@@ -242,16 +248,16 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     grace = 0.0
     try:
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
-        for d in devices:
+        for i, d in enumerate(devices):
             dcfg = {"device_id": d["device"], "job": job, "bundle": str(bundle_dir), "rank": d["rank"],
                     "data": str(d["dir"] / "data.jsonl"),
                     "state_dir": str(d["dir"] / "state"), "broker": {"url": broker_cfg.url, "protocol": broker_cfg.protocol},
                     "threads": cfg.device_threads, "seed": cfg.seed, "exit_when_finished": True}
             (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
             log_file = open(d["dir"] / "device.log", "wb")
-            procs.append(subprocess.Popen([cfg.device_python, "-m", "edge_client.cli", "run", "--config",
-                                           str(d["dir"] / "device.json")], stdout=log_file, stderr=subprocess.STDOUT,
-                                          env=env, cwd=Path(__file__).resolve().parent.parent))
+            command = list(cfg.device_commands.get(i, [cfg.device_python, "-m", "edge_client.cli", "run"]))
+            procs.append(subprocess.Popen(command + ["--config", str(d["dir"] / "device.json")], stdout=log_file,
+                                          stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent.parent))
         print(f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
               flush=True)
         reported = 0

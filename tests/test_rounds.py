@@ -41,7 +41,7 @@ def test_opens_only_with_enough_devices_online_and_selects_among_them():
 
 
 def test_judge_gives_each_reason():
-    c, _ = make(RoundSettings(rounds=3, min_devices=2, round_timeout=60, norm_bound="reject"))
+    c, _ = make(RoundSettings(rounds=3, min_devices=2, round_timeout=60, norm_bound="reject", max_update_norm=1e4))
     for d in ("a", "b", "x"):
         c.device_status(d, True)
     c.settings.devices_per_round = 0
@@ -144,3 +144,20 @@ def test_accept_can_be_undone():
     undo()
     assert c.open.accepted == {"a": 2} and c.open.partial.weight == 2
     np.testing.assert_array_equal(c.open.partial.sums["A"], before["A"])
+
+
+def test_the_norm_bound_follows_the_previous_rounds_median():
+    settings = RoundSettings(rounds=3, min_devices=2, round_timeout=60, norm_clip_multiple=3.0)
+    c, _ = make(settings, norm_prior=5.0)
+    for d in ("a", "b", "c"):
+        c.device_status(d, True)
+    rnd = c.maybe_open()
+    assert rnd.max_norm == 5.0  # no history: the prior
+    for d, v in (("a", 1.0), ("b", 2.0), ("c", 100.0)):
+        b = c.judge("job", update(d, rnd.round, value=v))
+        c.accept(b.update, b.norm)
+    outcome = c.maybe_close()
+    assert outcome.median_norm == pytest.approx(2.0 * np.sqrt(2))  # norms as sent: the outlier is not clipped away
+    assert c.maybe_open().max_norm == pytest.approx(3 * 2.0 * np.sqrt(2))
+    settings.max_update_norm = 1.0  # an absolute bound below: the smaller one holds
+    assert c.norm_cap() == 1.0
