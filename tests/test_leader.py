@@ -8,7 +8,6 @@ leaders, and checks that no round ever ran outside its runner's tenure."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import signal
@@ -380,7 +379,9 @@ def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(tmp
         for p in procs:
             p.stop()
 
-    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    from server.store import StateStore
+
+    state = StateStore(tmp_path / "state").load()
     assert state["completed"] == 3
     assert [(h["round"], h["ok"], h["participants"]) for h in state["history"]] == [(1, True, 2), (2, True, 2), (3, True, 2)]
 
