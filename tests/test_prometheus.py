@@ -157,7 +157,7 @@ def test_prometheus_scrapes_a_real_federated_run(tmp_path, minilm_bundle, edge_p
                                    if all(r.get("lastEvaluation", "").startswith("20") for r in g["rules"])], 30,
                           "the rules to be evaluated", logs)
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 5 and all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+        assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
         assert prometheus.api("alerts")["alerts"] == []
 
         # Every dashboard query runs, with the Grafana variables as "All".
