@@ -18,6 +18,25 @@ CACHE = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundle
 BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
+@pytest.fixture(autouse=True)
+def no_unexpected_refusals(monkeypatch):
+    """Production contains whatever escapes a message handler (refused as ``internal_error``);
+    a test treats it as the failure it is."""
+    from edge_client.guard import Refusals
+
+    unexpected: list[str] = []
+    original = Refusals.refuse
+
+    def refuse(self, kind, reason, detail, unexpected_=False, **kw):
+        if kw.get("unexpected", unexpected_):
+            unexpected.append(f"{kind}/{reason}: {detail}")
+        return original(self, kind, reason, detail, kw.get("unexpected", unexpected_))
+
+    monkeypatch.setattr(Refusals, "refuse", refuse)
+    yield unexpected
+    assert not unexpected, f"a message handler raised an unexpected exception: {unexpected[:3]}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -211,3 +211,55 @@ def test_downlink_delta_plus_previous_version_equals_the_full_copy(tmp_path, min
         link.close()
         dev.link.close()
         watcher.close()
+
+
+def test_a_replica_whose_term_was_claimed_stops_writing(tmp_path, minilm_bundle, mosquitto):
+    """A deposed leader that still runs (a pause, a partition) must not write: the new leader's
+    claimed term fences it off, and the error ends its term instead of being contained."""
+    import pytest
+
+    from server.store import StaleTerm, StateStore
+
+    bundle = Bundle(minilm_bundle)
+    state = tmp_path / "state"
+    cfg = ServerConfig(job="fence", bundle=minilm_bundle, state_dir=state, http_port=0,
+                       broker=BrokerConfig(url=mosquitto.url, protocol="3.1.1"),
+                       rounds=RoundSettings(rounds=2, min_devices=1, round_timeout=60, norm_clip_multiple=0))
+    link = MqttLink(cfg.broker, client_id="agg-old").connect()
+    try:
+        old = Aggregator(cfg, link, claim_term=True)
+        old.coordinator.device_status("d1", True, rank=4, num_examples=10)
+        old.publish_global()
+        assert old.open_next()
+        StateStore(state).claim_term()  # another replica becomes leader
+        with pytest.raises(StaleTerm):
+            old.handle(old.topics.update("d1"), split_chunks(update_payload(bundle, "fence", "d1", 1), 1 << 20)[0])
+        assert StateStore(state).load()["open_round"].accepted == {}  # nothing of the old leader's landed
+    finally:
+        link.close()
+
+
+def test_healthz_fails_on_a_stalled_loop_and_says_degraded_on_store_errors():
+    import urllib.error
+    import urllib.request
+
+    from server.metrics import HealthServer, Metrics
+
+    state = {"health": True}
+    server = HealthServer(Metrics(), "127.0.0.1", 0, ready=lambda: True, health=lambda: state["health"]).start()
+
+    def get():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as r:
+                return r.status, r.read().decode().strip()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode().strip()
+
+    try:
+        assert get() == (200, "ok")
+        state["health"] = "main loop made no progress for 130s"
+        assert get() == (503, "main loop made no progress for 130s")
+        state["health"] = "degraded: the state volume is full"
+        assert get() == (200, "degraded: the state volume is full")
+    finally:
+        server.stop()
