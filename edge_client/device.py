@@ -23,44 +23,20 @@ import numpy as np
 from edge_client.bundle import Bundle, choose_bundle
 from edge_client.codecs import get_codec
 from edge_client.config import load
-from edge_client.data import (
-    EncodedDataset,
-    TextEncoder,
-    encode_causal_lm,
-    encode_classification,
-    read_records,
-)
+from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
 from edge_client.device_state import DeviceState
 from edge_client.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from edge_client.guard import Refusals
 from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
+from edge_client.messages import DeviceState as Presence
 from edge_client.messages import (
-    MAX_HEADER_BYTES,
-    AckResult,
-    Announcement,
-    RepairRequest,
-    RoundState,
-    Status,
-    TopicKind,
-    TrainInfo,
-    parse_ack,
-    parse_announcement,
-)
-from edge_client.messages import (
-    DeviceState as Presence,
+    MAX_HEADER_BYTES, RETRY_REASONS, AckResult, Announcement, RepairRequest, RoundState, Status, TopicKind, TrainInfo,
+    parse_ack, parse_announcement,
 )
 from edge_client.protocol import (
-    Envelope,
-    EnvelopeLimits,
-    Reassembler,
-    Topics,
-    adapter_part,
-    check_device_id,
-    decode_envelope,
-    encode_envelope,
-    frozen_changes,
-    message_id,
+    Envelope, EnvelopeLimits, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope,
+    frozen_changes, message_id,
 )
 from edge_client.runtime import RuntimeOptions, Trainer
 from edge_client.transport import BrokerConfig, MqttLink
@@ -72,8 +48,7 @@ RESEND_AFTER_S = 30.0
 # and ORT's training step holds the GIL, so paho's thread answers late). Round and global
 # state are retained, so an idle device re-subscribes now and then to fetch them again.
 RESYNC_AFTER_S = 20.0
-# Ack reasons that mean "not now": the device keeps its update and sends it again later.
-RETRY_REASONS = ("retry_later",)
+ANNOUNCED_AGAIN_RESEND_S = 5.0
 
 
 @dataclass
@@ -269,6 +244,11 @@ class Device:
         if ann.is_open:
             assert ann.train is not None
             round_lr(ann.train, ann.rank, self.rank)
+            if ann.round == self.state.pending_round and self._sent_at is not None and \
+                    time.monotonic() - self._sent_at > ANNOUNCED_AGAIN_RESEND_S:
+                # Our round announced again: the aggregator restarted or reconnected (maybe to a
+                # broker that lost what we sent). Resend now rather than at the 30 s timer.
+                self._sent_at = None
         self.announcement = ann
 
     def _handle_global_chunk(self, payload: bytes, delta: bool) -> None:

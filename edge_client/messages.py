@@ -46,6 +46,7 @@ DEVICE_ID = re.compile(r"[^/#+\0\s]{1,128}")
 JOB_ID = re.compile(r"[^/#+\0\s]{1,128}")
 HEX32 = re.compile(r"[0-9a-f]{32}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() also takes '²', which int() refuses
 
 
 # -- JSON with limits ----------------------------------------------------------------------
@@ -247,7 +248,7 @@ def parse_topic(topic: str, base: str) -> TopicRef:
         return TopicRef(kind)
     if kind in (TopicKind.UPDATES, TopicKind.STATUS, TopicKind.ACK) and len(parts) == 2 and DEVICE_ID.fullmatch(parts[1]):
         return TopicRef(kind, device=parts[1])
-    if kind in (TopicKind.GLOBAL, TopicKind.GDELTA) and len(parts) == 3 and all(p.isdigit() and len(p) <= 9 for p in parts[1:]):
+    if kind in (TopicKind.GLOBAL, TopicKind.GDELTA) and len(parts) == 3 and all(_DIGITS.fullmatch(p) for p in parts[1:]):
         rank, index = int(parts[1]), int(parts[2])
         if 1 <= rank <= MAX_RANK:
             return TopicRef(kind, rank=rank, index=index)
@@ -290,6 +291,11 @@ class AckResult(str, Enum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     INCOMPLETE = "incomplete"  # a repair request
+
+
+# Ack reasons that mean "not now": the device keeps its update and sends it again later, and
+# the aggregator judges that resend anew.
+RETRY_REASONS = ("retry_later",)
 
 
 @dataclass(frozen=True)

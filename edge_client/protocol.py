@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_client.codecs import element_count, get_codec
+from edge_client.codecs import MAX_ELEMENTS, element_count, get_codec
 from edge_client.errors import PayloadTooLarge, ProtocolError
 from edge_client.lora import A_SUFFIX, lora_pairs
 from edge_client.messages import (
@@ -71,7 +71,9 @@ def frozen_changes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for key, value in tensors.items():
         if key.startswith(BASE_DELTA_PREFIX):
             name = key[len(BASE_DELTA_PREFIX):]
-            out[name] = out.get(name, 0) + np.asarray(value, dtype=np.float32)
+            if np.ndim(value) != 2:
+                raise ProtocolError(f"change to {name[:120]} is not a matrix")
+            out[name] = np.asarray(value, dtype=np.float32)
     a_names = {k[len(BASE_A_PREFIX):] for k in tensors if k.startswith(BASE_A_PREFIX)}
     b_names = {k[len(BASE_B_PREFIX):] for k in tensors if k.startswith(BASE_B_PREFIX)}
     if a_names != b_names:
@@ -79,8 +81,13 @@ def frozen_changes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for name in sorted(a_names):
         a, b = tensors[BASE_A_PREFIX + name], tensors[BASE_B_PREFIX + name]
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise ProtocolError(f"change to {name}: B {tuple(b.shape)} @ A {tuple(a.shape)} is not a matrix product")
-        out[name] = out.get(name, 0) + (b.astype(np.float32) @ a.astype(np.float32))
+            raise ProtocolError(f"change to {name[:120]}: B {tuple(b.shape)} @ A {tuple(a.shape)} is not a matrix product")
+        shape = (b.shape[0], a.shape[1])
+        if name in out and out[name].shape != shape:
+            raise ProtocolError(f"change to {name[:120]}: B @ A {shape} disagrees with its dense change {out[name].shape}")
+        element_count(shape)  # the product is dense: refuse one beyond any tensor's limit before building it
+        product = b.astype(np.float32) @ a.astype(np.float32)
+        out[name] = out[name] + product if name in out else product
     return out
 
 
@@ -253,6 +260,8 @@ def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Env
     header, body_start = _read_header(payload)
     if limits is not None:
         limits.check(header)
+    elif sum(spec.size for spec in header.tensors) > MAX_ELEMENTS:  # no job at hand: one tensor's limit in all
+        raise ProtocolError(f"envelope decodes to more than {MAX_ELEMENTS} values")
     body = memoryview(payload)[body_start:]
     codecs = [get_codec(header.codec_of(spec)) for spec in header.tensors]
     for spec, codec in zip(header.tensors, codecs):
@@ -398,8 +407,10 @@ class Reassembler:
         if chunk.index in pending.parts:
             return None
         cost = len(chunk.data) + CHUNK_OVERHEAD
-        if self.buffered + cost > self.max_buffered and not self._evict_idle(exclude=key):
-            raise ReassemblyBusy(f"receiver holds {self.buffered} bytes of partial messages; {source} must send again later")
+        while self.buffered + cost > self.max_buffered:
+            if not self._evict_idle(exclude=key):
+                raise ReassemblyBusy(f"receiver holds {self.buffered} bytes of partial messages; {source} must send "
+                                     f"again later")
         now = self.clock()
         if pending.parts and pending.requested_at is None:  # the sender's own pace, not a reply's delay
             pending.max_gap = max(pending.max_gap, now - pending.last_seen)
@@ -443,6 +454,11 @@ class Reassembler:
         pending = self._pending.pop(key, None)
         if pending is not None:
             self.buffered -= sum(len(d) + CHUNK_OVERHEAD for d in pending.parts.values())
+
+    def forget(self, source: str, msg_id: bytes) -> None:
+        """Take a message out of the delivered set, so an identical resend is reassembled and
+        delivered again (the receiver could not act on it the first time)."""
+        self._done.pop((source, msg_id), None)
 
     def _remember(self, key: tuple[str, bytes]) -> None:
         self._done[key] = None

@@ -13,6 +13,7 @@ import logging
 import statistics
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -21,12 +22,12 @@ from edge_client.bundle import Bundle, choose_bundle
 from edge_client.errors import PayloadTooLarge, ProtocolError, UpdateRejected
 from edge_client.guard import Refusals, SenderLimits
 from edge_client.messages import (
-    Ack, AckResult, Announcement, DeviceState, RepairRequest, RoundState, StrategyInfo, TopicKind, TrainInfo,
-    parse_status,
+    RETRY_REASONS, Ack, AckResult, Announcement, DeviceState, RepairRequest, RoundState, StrategyInfo, TopicKind,
+    TrainInfo, parse_status,
 )
 from edge_client.protocol import (
     BASE_DELTA_PREFIX, Envelope, EnvelopeLimits, Reassembler, ReassemblyBusy, Topics, adapter_part, decode_envelope,
-    encode_envelope,
+    encode_envelope, parse_chunk,
 )
 from edge_client.runtime import read_parameters
 from edge_client.transport import MqttLink
@@ -88,6 +89,7 @@ class Aggregator:
         self._resync = False  # set on a reconnect: republish everything retained
         self._announced, self._announced_at = b"", -float("inf")
         self._foreign_announcement = False
+        self._answered = AnsweredUpdates(lambda device, ack: self.link.publish(self.topics.ack(device), ack.to_bytes()))
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics: list[dict] = []
         # rank -> (version, full-copy chunks, delta chunks) on the broker
@@ -334,7 +336,11 @@ class Aggregator:
     def handle_chunk(self, device: str, message: bytes) -> None:
         self.metrics.bytes_in.labels("wire").inc(len(message))
         self._round_bytes["wire"] += len(message)
+        msg_id: bytes | None = None
         try:
+            msg_id = parse_chunk(message).msg_id
+            if self._answered.again(device, msg_id):
+                return  # a resend of an update we already answered: the answer went out again
             payload = self.reassembler.add(device, message)
             if payload is None:
                 return
@@ -352,15 +358,16 @@ class Aggregator:
             self.reject(device, None, UpdateRejected("too_large", str(exc)))
             return
         except ProtocolError as exc:
-            self.reject(device, None, UpdateRejected("malformed", str(exc)))
+            self.reject(device, None, UpdateRejected("malformed", str(exc)), msg_id)
             return
         except UpdateRejected as exc:
-            self.reject(device, None, exc)
+            self.reject(device, None, exc, msg_id)
             return
         try:
             self.accept(device, env, len(payload), decode_ms)
+            self._answered.remember(device, msg_id, Ack(env.round, AckResult.ACCEPTED))
         except UpdateRejected as exc:
-            self.reject(device, env.round, exc)
+            self.reject(device, env.round, exc, msg_id)
 
     def accept(self, device: str, env: Envelope, nbytes: int, decode_ms: float) -> None:
         """Judge a decoded update, add it to the round, persist, then acknowledge it."""
@@ -403,12 +410,22 @@ class Aggregator:
         if isinstance(metrics.get("peak_rss_bytes"), (int, float)):
             self.metrics.device_peak_rss.observe(metrics["peak_rss_bytes"])
 
-    def reject(self, device: str, round_id: int | None, exc: UpdateRejected) -> None:
+    def reject(self, device: str, round_id: int | None, exc: UpdateRejected, msg_id: bytes | None = None) -> None:
+        """Refuse an update with its reason. ``msg_id``: the update's message id, so a resend of
+        the same bytes gets the same answer without being decoded again, except after a
+        ``retry_later``: then the resend is reassembled and judged anew."""
         if exc.reason == "duplicate":
             # The device missed our ack and resent: confirm again, change nothing.
             self.metrics.updates.labels("duplicate", exc.reason).inc()
             self.ack(device, round_id, AckResult.ACCEPTED, "duplicate")
+            if msg_id is not None:
+                self._answered.remember(device, msg_id, Ack(round_id, AckResult.ACCEPTED, "duplicate"))
             return
+        if msg_id is not None:
+            if exc.reason in RETRY_REASONS:
+                self.reassembler.forget(device, msg_id)
+            else:
+                self._answered.remember(device, msg_id, Ack(round_id, AckResult.REJECTED, exc.reason, exc.detail))
         self.refusals.refuse("update", exc.reason, f"from {device} (round {round_id}): {exc.detail}")
         self.metrics.updates.labels("rejected", exc.reason).inc()
         self._event("update_rejected", round=round_id, device=device, reason=exc.reason, detail=exc.detail)
@@ -438,6 +455,7 @@ class Aggregator:
 
     def ack(self, device: str, round_id: int | None, result: AckResult, reason: str = "", detail: str = "") -> None:
         self.link.publish(self.topics.ack(device), Ack(round_id, result, reason, detail).to_bytes())
+
 
     # -- closing -------------------------------------------------------------------------
     def close_round(self, outcome: RoundOutcome) -> None:
@@ -485,6 +503,35 @@ class Aggregator:
             self._save()
         if self.on_round_closed is not None:
             self.on_round_closed(entry)
+
+
+class AnsweredUpdates:
+    """The answers to the last ``capacity`` updates, by (device, message id). A device that
+    missed its ack resends the same bytes (its pending update): the answer goes out again, at
+    most once per ``every_s`` (a resend is many chunks), without reassembling or judging it."""
+
+    def __init__(self, publish: Callable[[str, Ack], None], capacity: int = 100_000, every_s: float = 5.0):
+        self.publish = publish
+        self.capacity = capacity
+        self.every_s = every_s
+        self._answers: OrderedDict[tuple[str, bytes], tuple[Ack, float]] = OrderedDict()
+
+    def remember(self, device: str, msg_id: bytes, ack: Ack) -> None:
+        self._answers[(device, msg_id)] = (ack, time.monotonic())
+        self._answers.move_to_end((device, msg_id))
+        if len(self._answers) > self.capacity:
+            self._answers.popitem(last=False)
+
+    def again(self, device: str, msg_id: bytes) -> bool:
+        """True if this message was answered; the answer is sent again unless it just was."""
+        known = self._answers.get((device, msg_id))
+        if known is None:
+            return False
+        ack, sent_at = known
+        if time.monotonic() - sent_at >= self.every_s:
+            self.publish(device, ack)
+            self._answers[(device, msg_id)] = (ack, time.monotonic())
+        return True
 
 
 def _summarize(device_metrics: list[dict]) -> dict:

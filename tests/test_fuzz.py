@@ -52,14 +52,9 @@ def _load_fuzz_bench():
 
 fb = _load_fuzz_bench()
 
-# Findings of the full run that are reported and not fixed yet: (target, type, text in where or
-# message). Each has a strict xfail below that turns red once it is fixed: then delete both.
-KNOWN = (
-    ("topic", "ValueError", "in parse_topic"),
-    ("envelope", "ValueError", "in frozen_changes"),
-    ("envelope_global", "ValueError", "in frozen_changes"),
-    ("reassembler", "InvariantViolation", "above max_buffered"),
-)
+# Findings of a full run that are reported and not fixed yet: (target, type, text in where or
+# message), each with a strict xfail test that turns red once it is fixed. None at present.
+KNOWN: tuple[tuple[str, str, str], ...] = ()
 
 
 def _unknown(findings: list[dict]) -> list[dict]:
@@ -155,18 +150,14 @@ def test_harness_counts_memory_and_invariant_findings():
         fb.ReassemblyGen.check(r)
 
 
-# -- known findings (reported, not fixed here) ------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="parse_topic: str.isdigit() accepts '²' and other Unicode digits that int() refuses")
-def test_known_finding_topic_with_a_unicode_digit():
+# -- findings of the first full run, fixed: each stays as a regression test --------------------
+def test_a_topic_with_a_unicode_digit_is_refused():
+    """str.isdigit() accepts '²', which int() refuses."""
     with pytest.raises(ProtocolError):
         parse_topic("fedlora/job1/global/\u00b2/0", "fedlora/job1")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="frozen_changes adds B @ A to base_delta without checking that their shapes agree; "
-                          "the device catches only ProtocolError around it")
-def test_known_finding_frozen_changes_with_disagreeing_shapes():
+def test_frozen_changes_with_disagreeing_shapes_are_refused():
     import numpy as np
 
     from edge_client.protocol import (
@@ -181,16 +172,12 @@ def test_known_finding_frozen_changes_with_disagreeing_shapes():
         "base_delta/" + weight: np.zeros((2, 2), np.float32), "base_a/" + weight: np.zeros((1, 3), np.float32),
         "base_b/" + weight: np.zeros((2, 1), np.float32)})  # all within for_global's (384, 384); B @ A is (2, 3)
     tensors = decode_envelope(encode_envelope(env), EnvelopeLimits.for_global(fb.SHAPES)).tensors
-    try:
+    with pytest.raises(ProtocolError, match="disagrees"):
         frozen_changes(tensors)
-    except ProtocolError:
-        pass
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Reassembler.add keeps a chunk after evicting one idle partial even when that freed "
-                          "less room than the chunk takes, so max_buffered is exceeded")
-def test_known_finding_reassembler_exceeds_max_buffered():
+def test_the_reassembler_never_exceeds_max_buffered():
+    """Evicting one idle partial may free less room than a new chunk takes: evict more, or refuse."""
     from edge_client.protocol import split_chunks
 
     now = [0.0]
@@ -206,10 +193,8 @@ def test_known_finding_reassembler_exceeds_max_buffered():
     assert r.buffered <= r.max_buffered, f"{r.buffered} bytes buffered, max_buffered {r.max_buffered}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="decode_envelope without EnvelopeLimits (the device's path) bounds each tensor "
-                          "(MAX_ELEMENTS) but not their total: 6-byte top-k tensors decode to 256 MiB each")
-def test_known_finding_envelope_without_limits_amplifies():
+def test_an_envelope_without_limits_cannot_amplify():
+    """Without a job's limits, all tensors together may hold at most one tensor's limit."""
     import hashlib
 
     one = bytes([2, 0]) + b"\0\0\x80?"  # topk1e-9 of 2**26 values: k = 1, a u8 gap of 0, the value 1.0
