@@ -13,5 +13,11 @@ if { ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; } || ! c
     exit 2
   fi
 fi
+# The packet-loss fault test makes a network namespace with nftables rules (root only; it says so
+# and skips where it cannot).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v nft >/dev/null || ! command -v ip >/dev/null; }; then
+  echo "[test] installing nftables and iproute2"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || true
+fi
 export FEDLORA_EDGE_PYTHON="$PWD/.venv-edge/bin/python"
 exec .venv/bin/python -m pytest "$@"
