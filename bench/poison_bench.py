@@ -91,7 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--norm", type=float, default=9900.0, help="the norm the lying device scales its update to")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "poison_bench")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="render the last run's poison_bench.json again")
     args = ap.parse_args(argv)
+    if args.report_only:
+        summary = json.loads((args.out / "poison_bench.json").read_text())
+        return report(args, summary, summary)
     runs = {r["name"]: r for r in (
         run("clean", args, args.out, poisoned=False, bounded=True),
         run("poisoned", args, args.out, poisoned=True, bounded=True),
@@ -103,6 +107,10 @@ def main(argv=None) -> int:
     summary = {name: {k: v for k, v in r.items() if k != "global"} | {"distance_to_clean": initial_gap[name]}
                for name, r in runs.items()}
     (args.out / "poison_bench.json").write_text(json.dumps(summary, indent=1))
+    return report(args, runs, summary)
+
+
+def report(args, runs: dict, summary: dict) -> int:
     plot(runs, args.out / "poison_bench.png")
     body = render(args, summary)
     print(body)
