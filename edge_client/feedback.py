@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.protocol import Envelope, decode_envelope, encode_envelope
+from edge_client.protocol import Envelope, EnvelopeLimits, decode_envelope, encode_envelope
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def encode_with_feedback(env: Envelope, feedback: ErrorFeedback) -> bytes:
     """
     sent = feedback.compensate(env.tensors)
     payload = encode_envelope(dataclasses.replace(env, tensors=sent))
-    feedback.record(sent, decode_envelope(payload).tensors)
+    limits = EnvelopeLimits.for_update({name: value.shape for name, value in sent.items()})
+    feedback.record(sent, decode_envelope(payload, limits).tensors)
     return payload
 
 

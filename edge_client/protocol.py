@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_client.codecs import MAX_ELEMENTS, element_count, get_codec
+from edge_client.codecs import element_count, get_codec
 from edge_client.errors import PayloadTooLarge, ProtocolError
 from edge_client.lora import A_SUFFIX, lora_pairs
 from edge_client.messages import (
@@ -202,6 +202,11 @@ def _read_header(payload: bytes) -> tuple[EnvelopeHeader, int]:
     return parse_header(parse_json(raw, "envelope header", MAX_HEADER_BYTES)), 8 + hlen
 
 
+# Receivers decode against their job's EnvelopeLimits; without them (a trusted payload, a tool),
+# an envelope holds at most this many values in all (64 MiB as float32).
+UNLIMITED_MAX_ELEMENTS = 1 << 24
+
+
 @dataclass(frozen=True)
 class EnvelopeLimits:
     """What a receiver accepts, checked against the header before any tensor is decoded.
@@ -260,8 +265,8 @@ def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Env
     header, body_start = _read_header(payload)
     if limits is not None:
         limits.check(header)
-    elif sum(spec.size for spec in header.tensors) > MAX_ELEMENTS:  # no job at hand: one tensor's limit in all
-        raise ProtocolError(f"envelope decodes to more than {MAX_ELEMENTS} values")
+    elif sum(spec.size for spec in header.tensors) > UNLIMITED_MAX_ELEMENTS:
+        raise ProtocolError(f"envelope decodes to more than {UNLIMITED_MAX_ELEMENTS} values")
     body = memoryview(payload)[body_start:]
     codecs = [get_codec(header.codec_of(spec)) for spec in header.tensors]
     for spec, codec in zip(header.tensors, codecs):

@@ -82,6 +82,7 @@ class Aggregator:
         self.reassembler = Reassembler(cfg.max_update_bytes, max_pending=limits.max_partials,
                                        per_source=limits.partials_per_device, max_buffered=limits.max_buffered_bytes)
         self.update_limits = EnvelopeLimits.for_update(self.manifest.shapes)
+        self.global_limits = EnvelopeLimits.for_global(self.manifest.shapes)
         self.senders = SenderLimits(limits.messages_per_s, limits.message_burst, limits.bytes_per_s,
                                     limits.byte_burst or 2 * cfg.max_update_bytes)
         self.refusals = Refusals(log)
@@ -174,7 +175,7 @@ class Aggregator:
                 payload = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
                                                    rank=rank, codec=self.cfg.downlink_codec, tensors=delta,
                                                    base_version=previous[0]))
-                decoded = decode_envelope(payload).tensors
+                decoded = decode_envelope(payload, self.global_limits).tensors
                 target = {k: (view[k] + decoded[k]).astype(np.float32) for k in target}
                 delta_chunks = self._publish_retained(lambda i, r=rank: self.topics.delta_chunk(r, i), payload,
                                                       previous[2])
@@ -183,7 +184,7 @@ class Aggregator:
                 sent += len(payload)
             full = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
                                             rank=rank, codec=self.cfg.codec, tensors=target))
-            self._views[rank] = decode_envelope(full).tensors
+            self._views[rank] = decode_envelope(full, self.global_limits).tensors
             self._sent[rank] = adapter_part(self._views[rank])
             count = self._publish_retained(lambda i, r=rank: self.topics.global_chunk(r, i), full, previous[1])
             self._published[rank] = (version, count, delta_chunks)
