@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -291,6 +292,14 @@ def check_window(cfg) -> Check:
                                f"{'inside the window now' if inside else 'outside it now: open rounds wait'}")
 
 
+def service_running(unit: str = "fedlora-edge.service") -> bool:
+    """True if systemd reports the device's service active (False where there is no systemd)."""
+    try:
+        return subprocess.run(["systemctl", "is-active", "--quiet", unit], timeout=5).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def check_broker(cfg, timeout: float) -> Check:
     import dataclasses
 
@@ -305,7 +314,13 @@ def check_broker(cfg, timeout: float) -> Check:
         socket.create_connection((b.host, b.port), timeout=min(timeout, 5.0)).close()
     except OSError as exc:
         return Check("broker", FAIL, f"cannot reach {b.host}:{b.port}: {exc}")
-    # Its own client id and a clean session: the running service's session stays untouched.
+    if service_running():
+        # Brokers that pin client ids to user names (the chart's Mosquitto does) would hand the
+        # service's session to this login and drop the messages queued for it.
+        return Check("broker", WARN, f"{b.host}:{b.port} reachable; the credentials are not tried while the "
+                                     f"fedlora-edge service runs (stop it to check them)")
+    # Its own client id and a clean session: the running service's session stays untouched
+    # where the broker keeps client ids apart.
     probe_cfg = dataclasses.replace(b, connect_timeout=timeout)
     link = MqttLink(probe_cfg, client_id=f"fedlora-doctor-{cfg.device_id}-{uuid.uuid4().hex[:6]}", persistent=False)
     try:
