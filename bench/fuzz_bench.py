@@ -67,7 +67,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_client.codecs import get_codec, parse_codec
+from edge_client.codecs import MAX_ELEMENTS, get_codec, parse_codec
 from edge_client.errors import ProtocolError
 from edge_client.lora import A_SUFFIX, rank_shapes
 from edge_client.messages import (
@@ -697,6 +697,10 @@ def _frozen_checked(tensors: dict[str, np.ndarray], bound: int) -> dict[str, np.
             b = tensors.get(BASE_B_PREFIX + key[len(BASE_A_PREFIX):])
             if b is not None and a.ndim == 2 and b.ndim == 2 and b.shape[1] == a.shape[0]:
                 size = 4 * b.shape[0] * a.shape[1]
+                if b.shape[0] * a.shape[1] > MAX_ELEMENTS:
+                    # frozen_changes refuses these before building the product (a regression test
+                    # in tests/test_fuzz.py calls it on one); here that refusal is not risked.
+                    raise ProtocolError(f"B @ A of {b.shape[0]} x {a.shape[1]} exceeds {MAX_ELEMENTS} values")
                 if size > bound:
                     raise MemoryBound("frozen_changes (B @ A)", f"frozen_changes would allocate {size / 2**20:,.0f} MiB for B {b.shape} @ A {a.shape}"
                                       f" (bound {bound / 2**20:,.0f} MiB)")

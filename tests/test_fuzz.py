@@ -274,3 +274,14 @@ def test_any_bytes_to_any_codec_raise_only_protocol_error(spec, data, shape):
     from edge_client.codecs import get_codec
 
     _only_protocol_error(get_codec(spec).decode, data, {}, shape)
+
+
+def test_frozen_changes_refuses_a_product_beyond_a_tensors_limit_before_building_it():
+    import numpy as np
+
+    from edge_client.protocol import BASE_A_PREFIX, BASE_B_PREFIX, frozen_changes
+
+    # 16 GiB if it were built: refused from the shapes alone.
+    tensors = {BASE_A_PREFIX + "w": np.ones((1, 1 << 16), np.float32), BASE_B_PREFIX + "w": np.ones((1 << 16, 1), np.float32)}
+    with pytest.raises(ProtocolError, match="exceeds"):
+        frozen_changes(tensors)
