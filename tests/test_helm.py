@@ -305,7 +305,8 @@ def test_monitoring_value_set_scrapes_alerts_and_dashboards(rendered, tmp_path):
     rules.write_text(text)
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
     out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
-    assert out.returncode == 0 and "SUCCESS: 5 rules found" in out.stdout, out.stdout + out.stderr
+    alerts = sum(len(g["rules"]) for g in rule["spec"]["groups"])
+    assert alerts == 7 and out.returncode == 0 and f"SUCCESS: {alerts} rules found" in out.stdout, out.stdout + out.stderr
 
     dashboard = find(docs, "ConfigMap", "rel-fedlora-aggregator-dashboard")
     assert dashboard["metadata"]["namespace"] == "monitoring"

@@ -1,0 +1,64 @@
+"""The import directions of ARCHITECTURE.md, checked on the source (every import statement,
+function-level ones included): the device never pulls in the aggregator, the exporter or a
+build-host library, and the aggregator's image never needs the exporter."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# yaml and zstandard are optional on a device (a YAML config; the zstd codec stage): imported lazily.
+DEVICE_ALLOWED = {"edge_client", "numpy", "paho", "tokenizers", "onnxruntime", "yaml", "zstandard"}
+AGGREGATOR_FORBIDDEN = {"export", "torch", "transformers", "peft", "onnx", "matplotlib", "bench", "tests"}
+SIMULATOR = {"simulate.py", "datasets.py", "report.py", "broker.py", "cli.py"}  # cli: `fedlora simulate`
+EXPORT_FORBIDDEN = {"server", "bench", "tests"}
+
+
+def imports(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def stdlib(name: str) -> bool:
+    import sys
+
+    return name in sys.stdlib_module_names or name == "__future__"
+
+
+def sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", sources("edge_client"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_device_imports_only_its_own_dependencies(path):
+    foreign = {n for n in imports(path) if not stdlib(n)} - DEVICE_ALLOWED
+    assert not foreign, f"{path.relative_to(ROOT)} imports {sorted(foreign)}; a device installs only {sorted(DEVICE_ALLOWED)}"
+
+
+@pytest.mark.parametrize("path", [p for p in sources("server") if p.name not in SIMULATOR],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_aggregator_needs_nothing_of_the_build_host(path):
+    bad = imports(path) & AGGREGATOR_FORBIDDEN
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}; the aggregator image has only the [server] extra"
+
+
+@pytest.mark.parametrize("path", sources("export"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_exporter_does_not_import_the_aggregator(path):
+    bad = imports(path) & EXPORT_FORBIDDEN
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    import torch.nn\n    from server.store import StateStore\n")
+    assert imports(probe) == {"torch", "server"}
