@@ -12,6 +12,7 @@ FROM python:${PYTHON_VERSION}-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
+COPY core ./core
 COPY edge_client ./edge_client
 COPY server ./server
 RUN python -m venv /opt/fedlora \

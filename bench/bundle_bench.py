@@ -141,8 +141,8 @@ def model_dir_default() -> Path | None:
 
 
 def ensure_artifacts(cache: Path, model_dir: Path, rank: int, seq: int) -> Path:
-    from edge_client.bundle import Bundle
-    from edge_client.errors import BundleError
+    from core.bundle import Bundle
+    from core.errors import BundleError
 
     out = cache / f"minilm-r{rank}-len{seq}"
     try:

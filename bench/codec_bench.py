@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_client.codecs import CODECS
-from edge_client.protocol import HEADER_ZLIB, Envelope, decode_envelope, encode_envelope
+from core.codecs import CODECS
+from core.protocol import HEADER_ZLIB, Envelope, decode_envelope, encode_envelope
 
 DEFAULT = list(CODECS) + ["int4-b32", "int2", "topk0.05+int8+zlib", "topk0.01+int8+zlib", "int4+lzma", "topk0.1+int8+lzma", "topk0.1+sign"]
 

@@ -67,10 +67,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_client.codecs import MAX_ELEMENTS, get_codec, parse_codec
-from edge_client.errors import ProtocolError
-from edge_client.lora import A_SUFFIX, rank_shapes
-from edge_client.messages import (
+from core.codecs import MAX_ELEMENTS, get_codec, parse_codec
+from core.errors import ProtocolError
+from core.lora import A_SUFFIX, rank_shapes
+from core.messages import (
     MAX_HEADER_BYTES,
     Ack,
     AckResult,
@@ -88,7 +88,7 @@ from edge_client.messages import (
     parse_status,
     parse_topic,
 )
-from edge_client.protocol import (
+from core.protocol import (
     BASE_A_PREFIX,
     BASE_B_PREFIX,
     BASE_DELTA_PREFIX,

@@ -25,7 +25,7 @@ import step_bench  # the bench folder is not a package
 def profile(bundle: str, batch: int, seq: int, steps: int, threads: int, prefix: str,
             config: dict[str, str] | None = None) -> list[dict]:
     from edge_client import runtime
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
     from edge_client.data import Batch
 
     runtime.training_api()

@@ -72,7 +72,7 @@ def _assert_torch_free() -> None:
 
 
 def _ort_loop(spec):
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
     from edge_client.data import Batch
     from edge_client.runtime import RuntimeOptions, Trainer, training_api
 

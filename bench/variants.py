@@ -76,7 +76,7 @@ def _session_patch(settings: dict):
 
 def _trainer(bundle: str, options: dict, settings: dict, threads: int):
     from edge_client import runtime
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
 
     runtime.training_api()
     saved = runtime._session_options
@@ -125,7 +125,7 @@ def export_sdpa_main(spec: dict) -> int:
 
 def only_rewrite(before: Path, out: Path, op_type: str) -> Path:
     """The "before" bundle with one gradient op type rewritten, manifest hashes updated."""
-    from edge_client.bundle import sha256_file
+    from core.bundle import sha256_file
     from export import exporter
 
     if out.exists():

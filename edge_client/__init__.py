@@ -1,9 +1,8 @@
-"""fedlora edge client: trains LoRA adapters with ONNX Runtime's on-device training API.
-
-This package is the leaf of the dependency graph: it must run on a device with only
-onnxruntime-training-cpu, numpy, paho-mqtt and tokenizers installed. The wire format,
-the artifact manifest and the update codecs live here so the aggregator and the exporter
-share them with the device.
+"""fedlora edge client: the device runtime. It trains LoRA adapters with ONNX Runtime's
+on-device training API and runs the device loop; it also builds and installs the flashable
+bundle. It must run on a device with only onnxruntime-training-cpu, numpy, paho-mqtt and
+tokenizers installed, and imports only ``core`` (the wire format, codecs, transport, manifest
+and config it shares with the aggregator and the exporter) besides those.
 """
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from edge_client.errors import FedloraError
+from core.errors import FedloraError
 
 # Python logging level -> syslog priority, as sd-daemon(3) prefixes ("<3>" error ... "<7>" debug).
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edge_client.errors import DataError
+from core.errors import DataError
 
 IGNORE_INDEX = -100
 

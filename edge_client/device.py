@@ -20,26 +20,26 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.bundle import Bundle, choose_bundle
-from edge_client.codecs import get_codec
-from edge_client.config import load
+from core.bundle import Bundle, choose_bundle
+from core.codecs import get_codec
+from core.config import load
 from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
 from edge_client.device_state import DeviceState
-from edge_client.errors import ConfigError, FedloraError, ProtocolError
+from core.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
-from edge_client.guard import Refusals
-from edge_client.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
-from edge_client.messages import DeviceState as Presence
-from edge_client.messages import (
+from core.guard import Refusals
+from core.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
+from core.messages import DeviceState as Presence
+from core.messages import (
     MAX_HEADER_BYTES, RETRY_REASONS, AckResult, Announcement, RepairRequest, RoundState, Status, TopicKind, TrainInfo,
     parse_ack, parse_announcement,
 )
-from edge_client.protocol import (
+from core.protocol import (
     Envelope, EnvelopeLimits, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope,
     frozen_changes, message_id,
 )
 from edge_client.runtime import RuntimeOptions, Trainer
-from edge_client.transport import BrokerConfig, MqttLink
+from core.transport import BrokerConfig, MqttLink
 
 log = logging.getLogger("fedlora.device")
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable, Union
 
 import numpy as np
 
-from edge_client.errors import FedloraError
+from core.errors import FedloraError
 
 if TYPE_CHECKING:
     from edge_client.runtime import Trainer

@@ -34,7 +34,7 @@ class Check:
 
 
 def _guard(name: str, fn: Callable[[], Check]) -> Check:
-    from edge_client.errors import FedloraError
+    from core.errors import FedloraError
 
     try:
         return fn()
@@ -139,7 +139,7 @@ def load_config(config_path: str | None, env_file: str | None):
 
 
 def check_bundle(cfg, install_root: Path | None, doc: dict | None):
-    from edge_client.bundle import Bundle, choose_bundle, sha256_file
+    from core.bundle import Bundle, choose_bundle, sha256_file
 
     path = choose_bundle(cfg.bundle, cfg.memory_budget_mb * MIB, cfg.rank)
     bundle = Bundle(path, verify=True)
@@ -303,7 +303,7 @@ def service_running(unit: str = "fedlora-edge.service") -> bool:
 def check_broker(cfg, timeout: float) -> Check:
     import dataclasses
 
-    from edge_client.transport import MqttLink, TransportError
+    from core.transport import MqttLink, TransportError
 
     b = cfg.broker
     for name in ("ca_file", "cert_file", "key_file"):

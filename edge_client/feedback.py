@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.protocol import Envelope, EnvelopeLimits, decode_envelope, encode_envelope
+from core.protocol import Envelope, EnvelopeLimits, decode_envelope, encode_envelope
 
 log = logging.getLogger(__name__)
 

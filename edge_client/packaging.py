@@ -43,8 +43,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.bundle import MANIFEST_NAME, Bundle, choose_bundle, sha256_file
-from edge_client.errors import BundleError, ConfigError
+from core.bundle import MANIFEST_NAME, Bundle, choose_bundle, sha256_file
+from core.errors import BundleError, ConfigError
 
 log = logging.getLogger("fedlora.packaging")
 
@@ -66,7 +66,7 @@ CREDENTIAL_ENV = {
 # to put them.
 TLS_FILES = {"ca_file": "ca.pem", "cert_file": "client.crt", "key_file": "client.key"}
 # What pyproject.toml's [tool.setuptools.packages.find] includes: the client wheel's sources.
-SOURCE_PACKAGES = ("edge_client", "server", "export")
+SOURCE_PACKAGES = ("core", "edge_client", "server", "export")
 SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE")
 
 _MANYLINUX = re.compile(r"^manylinux_(\d+)_(\d+)_(\w+)$")
@@ -285,7 +285,7 @@ class DeviceFiles:
 def prepare_device_files(config_path: Path, credentials: Path | None, placeholder: bool) -> DeviceFiles:
     """Split ``config_path`` into device.json (no secrets; paths into the install) and
     credentials.env (the broker username and password, the device id if given there)."""
-    from edge_client.config import read_config_file
+    from core.config import read_config_file
 
     raw = read_config_file(config_path)
     base = config_path.resolve().parent
@@ -333,7 +333,7 @@ def prepare_device_files(config_path: Path, credentials: Path | None, placeholde
 
 def _validate_config(raw: dict, env: dict[str, str], where: Path) -> None:
     """Build DeviceConfig from what the device will see, so a bad value fails on the build host."""
-    from edge_client.config import build
+    from core.config import build
     from edge_client.device import DeviceConfig
 
     values = json.loads(render_text(json.dumps(raw), {"@PREFIX@": "/opt/fedlora-edge", "@STATE_DIR@": "/var/lib/x"}))
@@ -467,7 +467,7 @@ def default_cache_dir() -> Path:
 
 def stage_bundle(opts: BundleOptions, stage_dir: Path) -> dict:
     """Write the bundle's tree into ``stage_dir/fedlora-edge-bundle``; return its manifest."""
-    from edge_client.config import read_config_file
+    from core.config import read_config_file
 
     device = prepare_device_files(opts.config, opts.credentials, opts.placeholder)  # fail fast on a bad config
     root = stage_dir / TOP

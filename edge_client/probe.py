@@ -17,7 +17,7 @@ import numpy as np
 
 
 def measure(bundle_dir: str, batch: int, seq: int, steps: int, threads: int) -> dict:
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
     from edge_client.data import Batch
     from edge_client.device import peak_rss_bytes
     from edge_client.runtime import RuntimeOptions, Trainer

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.bundle import Bundle
-from edge_client.errors import BundleError
-from edge_client.protocol import adapter_part, frozen_changes
+from core.bundle import Bundle
+from core.errors import BundleError
+from core.protocol import adapter_part, frozen_changes
 from edge_client.data import Batch, EncodedDataset
 
 
@@ -132,7 +132,7 @@ class Trainer:
 
     def apply_global(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Load what the aggregator sent: adapter tensors, and changes to frozen weights
-        (``edge_client.protocol.frozen_changes``). Tensors it did not send (a personal B, a
+        (``core.protocol.frozen_changes``). Tensors it did not send (a personal B, a
         frozen A) stay as they are. Returns the adapter part."""
         adapter = adapter_part(tensors)
         self.set_adapter(adapter)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edge_client.errors import FedloraError
+from core.errors import FedloraError
 
 
 def _csv(text: str) -> tuple[str, ...]:

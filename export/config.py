@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 
 # LoRA targets per architecture when the user names none: attention query and value, the
 # choice of the LoRA paper and the usual default of peft for these models.

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.bundle import MANIFEST_NAME, Bundle, Manifest, ParamSpec, sha256_file
-from edge_client.errors import ConfigError, FedloraError
+from core.bundle import MANIFEST_NAME, Bundle, Manifest, ParamSpec, sha256_file
+from core.errors import ConfigError, FedloraError
 from export.config import DEFAULT_TARGETS, ExportConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

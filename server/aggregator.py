@@ -18,19 +18,19 @@ from typing import Callable
 
 import numpy as np
 
-from edge_client.bundle import Bundle, choose_bundle
-from edge_client.errors import PayloadTooLarge, ProtocolError, UpdateRejected
-from edge_client.guard import Refusals, SenderLimits
-from edge_client.messages import (
+from core.bundle import Bundle, choose_bundle
+from core.errors import PayloadTooLarge, ProtocolError, UpdateRejected
+from core.guard import Refusals, SenderLimits
+from core.messages import (
     RETRY_REASONS, Ack, AckResult, Announcement, DeviceState, RepairRequest, RoundState, StrategyInfo, TopicKind,
     TrainInfo, parse_status,
 )
-from edge_client.protocol import (
+from core.protocol import (
     BASE_DELTA_PREFIX, Envelope, EnvelopeLimits, Reassembler, ReassemblyBusy, Topics, adapter_part, decode_envelope,
     encode_envelope, parse_chunk,
 )
 from edge_client.runtime import read_parameters
-from edge_client.transport import MqttLink
+from core.transport import MqttLink
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.rounds import Coordinator, RoundOutcome

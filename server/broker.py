@@ -11,7 +11,7 @@ import logging
 import socket
 import threading
 
-from edge_client.errors import FedloraError
+from core.errors import FedloraError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

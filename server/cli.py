@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from edge_client.errors import FedloraError
+from core.errors import FedloraError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +100,7 @@ def _serve(cfg) -> int:
     SIGTERM. With leader election, rounds run only while this replica holds the Lease: each
     term connects to the broker, resumes from the persisted state, and ends the moment the
     Lease is lost; the Lease is released only after the last step, for a quick hand-over."""
-    from edge_client.bundle import Bundle, choose_bundle
+    from core.bundle import Bundle, choose_bundle
     from server.metrics import HealthServer, Metrics
 
     log = logging.getLogger("fedlora.server")
@@ -198,7 +198,7 @@ def _serve(cfg) -> int:
 
 def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, recorder) -> bool:
     """One term: connect, resume from the persisted state, step while leading. True if the job is done."""
-    from edge_client.transport import MqttLink
+    from core.transport import MqttLink
     from server.aggregator import Aggregator
     from server.store import StaleTerm
 

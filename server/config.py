@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client.codecs import get_codec
-from edge_client.config import load
-from edge_client.errors import ConfigError, ProtocolError
-from edge_client.transport import BrokerConfig
+from core.codecs import get_codec
+from core.config import load
+from core.errors import ConfigError, ProtocolError
+from core.transport import BrokerConfig
 from server.rounds import RoundSettings
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
 
@@ -121,7 +121,7 @@ class ServerConfig:
     state_dir: where round state is persisted (a PersistentVolume on Kubernetes).
     strategy: aggregation strategy name.
     prune_threshold: HetLoRA only: devices give up trailing rank components weaker than this
-        fraction of their strongest (0: no self-pruning; see ``edge_client.lora.pruned_rank``).
+        fraction of their strongest (0: no self-pruning; see ``core.lora.pruned_rank``).
     rank_norm_power: flexlora-delta only: each device's change counts divided by
         ``(rank / top rank) ** rank_norm_power``, its rank's pace (0: off; 0.5 matches Adam;
         see ``server.strategies.flexlora.FlexLoRADelta``).

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge_client.data import read_rows, require_columns
-from edge_client.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 
 @dataclass

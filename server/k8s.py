@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 
 log = logging.getLogger("fedlora.k8s")
 

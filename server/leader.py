@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 
 log = logging.getLogger("fedlora.leader")
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge_client.errors import ConfigError, UpdateRejected
+from core.errors import ConfigError, UpdateRejected
 from server.strategies.base import ClientUpdate, Partial, Strategy
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.bundle import Bundle, choose_bundle
+from core.bundle import Bundle, choose_bundle
 from edge_client.data import EncodedDataset, TextEncoder, encode_classification, Record
-from edge_client.errors import BundleError, ConfigError
+from core.errors import BundleError, ConfigError
 from edge_client.runtime import RuntimeOptions, Trainer
-from edge_client.transport import BrokerConfig, MqttLink
+from core.transport import BrokerConfig, MqttLink
 from server.aggregator import Aggregator
 from server.config import ServerConfig, TrainSettings
 from server.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl

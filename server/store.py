@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_client.device_state import FAULT_POINT_ENV, FaultInjector, fsync_dir
-from edge_client.errors import FedloraError
+from core.errors import FedloraError
 from server.rounds import OpenRound
 from server.strategies.base import Partial
 

@@ -22,7 +22,7 @@ BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 def no_unexpected_refusals(monkeypatch):
     """Production contains whatever escapes a message handler (refused as ``internal_error``);
     a test treats it as the failure it is."""
-    from edge_client.guard import Refusals
+    from core.guard import Refusals
 
     unexpected: list[str] = []
     original = Refusals.refuse
@@ -54,8 +54,8 @@ def minilm_dir() -> Path:
 
 def _export_cached(name: str, **kwargs) -> Path:
     """Export once into the cache; later runs reuse the bundle if its hashes still verify."""
-    from edge_client.bundle import Bundle
-    from edge_client.errors import BundleError
+    from core.bundle import Bundle
+    from core.errors import BundleError
     from export.config import ExportConfig
     from export.exporter import export
 

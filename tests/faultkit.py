@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.bundle import Bundle
-from edge_client.protocol import Envelope, Topics, encode_envelope, split_chunks
-from edge_client.transport import BrokerConfig, MqttLink
+from core.bundle import Bundle
+from core.protocol import Envelope, Topics, encode_envelope, split_chunks
+from core.transport import BrokerConfig, MqttLink
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = Path(sys.executable).parent / "fedlora-server"

@@ -9,7 +9,7 @@ import json
 import struct
 import zlib
 
-from edge_client.protocol import CHUNK_HEADER, CHUNK_MAGIC, ENVELOPE_MAGIC, HEADER_ZLIB, split_chunks
+from core.protocol import CHUNK_HEADER, CHUNK_MAGIC, ENVELOPE_MAGIC, HEADER_ZLIB, split_chunks
 
 
 def hostile_json() -> list[bytes]:

@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 
-from edge_client.bundle import Bundle
-from edge_client.protocol import Envelope, Topics, encode_envelope, split_chunks
+from core.bundle import Bundle
+from core.protocol import Envelope, Topics, encode_envelope, split_chunks
 from edge_client.runtime import read_parameters
-from edge_client.transport import BrokerConfig, MqttLink
+from core.transport import BrokerConfig, MqttLink
 from server.aggregator import Aggregator
 from server.config import ServerConfig, TrainSettings
 from server.rounds import RoundSettings
@@ -162,7 +162,7 @@ def test_restart_resumes_from_last_completed_round(tmp_path, minilm_bundle, mosq
 
 
 def test_downlink_delta_plus_previous_version_equals_the_full_copy(tmp_path, minilm_bundle, mosquitto):
-    from edge_client.protocol import Reassembler, decode_envelope
+    from core.protocol import Reassembler, decode_envelope
 
     bundle = Bundle(minilm_bundle)
     cfg = ServerConfig(job="down", bundle=minilm_bundle, state_dir=tmp_path / "state", http_port=0,

@@ -1,6 +1,7 @@
 """The import directions of ARCHITECTURE.md, checked on the source (every import statement,
-function-level ones included): the device never pulls in the aggregator, the exporter or a
-build-host library, and the aggregator's image never needs the exporter."""
+function-level ones included): the shared core imports nothing of fedlora's other packages, the
+device never pulls in the aggregator, the exporter or a build-host library, and the aggregator's
+image never needs the exporter."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # yaml and zstandard are optional on a device (a YAML config; the zstd codec stage): imported lazily.
-DEVICE_ALLOWED = {"edge_client", "numpy", "paho", "tokenizers", "onnxruntime", "yaml", "zstandard"}
+CORE_ALLOWED = {"core", "numpy", "paho", "yaml", "zstandard"}
+DEVICE_ALLOWED = CORE_ALLOWED | {"edge_client", "tokenizers", "onnxruntime"}
 AGGREGATOR_FORBIDDEN = {"export", "torch", "transformers", "peft", "onnx", "matplotlib", "bench", "tests"}
 SIMULATOR = {"simulate.py", "datasets.py", "report.py", "broker.py", "cli.py"}  # cli: `fedlora simulate`
 EXPORT_FORBIDDEN = {"server", "bench", "tests"}
@@ -37,6 +39,12 @@ def stdlib(name: str) -> bool:
 
 def sources(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", sources("core"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_shared_core_imports_only_itself_and_its_few_dependencies(path):
+    foreign = {n for n in imports(path) if not stdlib(n)} - CORE_ALLOWED
+    assert not foreign, f"{path.relative_to(ROOT)} imports {sorted(foreign)}; the core may import only {sorted(CORE_ALLOWED)}"
 
 
 @pytest.mark.parametrize("path", sources("edge_client"), ids=lambda p: str(p.relative_to(ROOT)))

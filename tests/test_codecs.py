@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edge_client.codecs import (
+from core.codecs import (
     CODECS,
     MAX_ELEMENTS,
     BFloat16,
@@ -33,9 +33,9 @@ from edge_client.codecs import (
     get_codec,
     parse_codec,
 )
-from edge_client.errors import ProtocolError
+from core.errors import ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
-from edge_client.protocol import Envelope, decode_envelope, encode_envelope
+from core.protocol import Envelope, decode_envelope, encode_envelope
 
 HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
 SPECS = sorted(set(CODECS) | {

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from edge_client.config import load
+from core.config import load
 from edge_client.device import DeviceConfig, load_device_config
-from edge_client.errors import ConfigError, ProtocolError
-from edge_client.transport import BrokerConfig
+from core.errors import ConfigError, ProtocolError
+from core.transport import BrokerConfig
 from server.config import ServerConfig, TrainSettings, load_server_config
 
 
@@ -65,13 +65,13 @@ def test_broker_config_validation():
 
 def test_rank_dependent_learning_rate_is_checked_on_both_sides():
     from edge_client.device import round_lr
-    from edge_client.messages import parse_announcement
+    from core.messages import parse_announcement
 
     with pytest.raises(ConfigError, match="lr_rank_power"):
         TrainSettings(lr_rank_power=3)
     with pytest.raises(ConfigError, match="lr_rank_power"):
         TrainSettings(lr_rank_power=-0.5)
-    from edge_client.messages import TrainInfo
+    from core.messages import TrainInfo
 
     def info(lr, power=0.0):
         return TrainInfo(local_steps=1, batch_size=1, lr=lr, lr_rank_power=power)

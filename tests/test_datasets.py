@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_client.data import read_records
-from edge_client.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 from server import datasets
 from server.datasets import (
     Example,

@@ -50,7 +50,7 @@ def test_simulate_against_mosquitto_mqtt5(tmp_path, minilm_bundle, edge_python, 
 
 def test_device_environment_has_no_torch(edge_python, minilm_bundle):
     assert subprocess.run([edge_python, "-c", "import torch"], capture_output=True).returncode != 0
-    code = ("import sys; from edge_client.bundle import Bundle; from edge_client.runtime import Trainer;"
+    code = ("import sys; from core.bundle import Bundle; from edge_client.runtime import Trainer;"
             f"t = Trainer(Bundle({str(minilm_bundle)!r})); print(len(t.get_adapter()));"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'prometheus_client')];"
             "assert not bad, bad")
@@ -66,7 +66,7 @@ def test_device_environment_has_no_torch(edge_python, minilm_bundle):
 def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bundles, edge_python, mosquitto,
                                                              strategy, ranks):
     """Devices of ranks 2, 4 and 8 (or one rank for the same-rank methods) in one job."""
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
 
     # one mixed-rank job also runs the rank-dependent lr and the rank-normalized average
     power = 0.5 if strategy == "flexlora-delta" else 0.0

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from edge_client.bundle import Bundle
-from edge_client.errors import BundleError, ConfigError
+from core.bundle import Bundle
+from core.errors import BundleError, ConfigError
 from export.config import ExportConfig
 from export.exporter import ExportError, export
 
@@ -126,7 +126,7 @@ def test_a_low_rank_device_with_the_tail_folded_computes_what_the_whole_adapter_
     a rank-8 global as frozen factors; its model is then exactly the rank-8 model (real
     artifacts of both ranks, same exported base weights)."""
     from edge_client.data import Batch
-    from edge_client.protocol import BASE_A_PREFIX, BASE_B_PREFIX
+    from core.protocol import BASE_A_PREFIX, BASE_B_PREFIX
     from edge_client.runtime import Trainer
     from server.strategies import make_strategy
     from server.strategies.base import AdapterLayout, GlobalModel
@@ -154,7 +154,7 @@ def test_a_low_rank_device_with_the_tail_folded_computes_what_the_whole_adapter_
 
 
 def test_ladder_records_memory_and_devices_choose_a_rank(minilm_bundles):
-    from edge_client.bundle import choose_bundle
+    from core.bundle import choose_bundle
 
     ladder = json.loads((minilm_bundles / "ladder.json").read_text())["ranks"]
     for rank in ("2", "4", "8"):

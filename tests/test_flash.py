@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL_CACHE = ROOT / ".cache" / "edge-wheelhouse"
@@ -95,7 +95,7 @@ def test_due_round_waits_outside_the_training_window(monkeypatch):
 
     import edge_client.device as device
 
-    from edge_client.messages import Announcement, RoundState
+    from core.messages import Announcement, RoundState
 
     ann = Announcement(job="j", state=RoundState.OPEN, round=3, global_version=2, rank=4, selected=("d",))
     fake = types.SimpleNamespace(announcement=ann, cfg=types.SimpleNamespace(device_id="d", train_window="22:00-06:00"),
@@ -149,7 +149,7 @@ def client_wheel(tmp_path_factory) -> Path:
 def test_placeholder_bundle_for_a_memory_budget(tmp_path, minilm_bundles, client_wheel):
     """A device class with a memory budget and per-device credentials: the rank is picked as the
     device would, the unit is capped and hardened, and a re-install keeps a provisioned device."""
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
     from edge_client.packaging import (PLACEHOLDER_MARK, BundleOptions, install_files, read_env_file, stage_bundle,
                                        verify_tree)
 
@@ -194,7 +194,7 @@ def test_placeholder_bundle_for_a_memory_budget(tmp_path, minilm_bundles, client
     assert settings["PROVISIONED"] == "yes"
     assert read_env_file(prefix / "config" / "credentials.env") == {"FEDLORA_DEVICE_DEVICE_ID": "dev-7"}
     (root / "artifacts" / "checkpoint").write_bytes(b"tampered")
-    from edge_client.errors import BundleError
+    from core.errors import BundleError
 
     with pytest.raises(BundleError, match="artifacts/checkpoint does not match"):
         verify_tree(root)
@@ -243,7 +243,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 def start_aggregator(bundle_dir: Path, state_dir: Path, url: str, rounds: int):
-    from edge_client.transport import BrokerConfig, MqttLink
+    from core.transport import BrokerConfig, MqttLink
     from server.aggregator import Aggregator
     from server.config import ServerConfig, TrainSettings
     from server.rounds import RoundSettings
@@ -447,7 +447,7 @@ def test_slim_placeholder_bundle_installs_offline_and_is_provisioned_after(tmp_p
 
 def test_an_ort_wheel_file_is_bundled_in_place_of_the_pypi_requirement(tmp_path, minilm_bundle, client_wheel):
     """The --ort-wheel plumbing, with the PyPI wheel as the "from-source" file (no aarch64 here)."""
-    from edge_client.bundle import sha256_file
+    from core.bundle import sha256_file
     from edge_client.packaging import (DEFAULT_PLATFORM, BundleOptions, fetch_wheelhouse, plan_download,
                                        stage_bundle, wheel_requirements)
 

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_client.errors import ConfigError, ProtocolError
-from edge_client.messages import (
+from core.errors import ConfigError, ProtocolError
+from core.messages import (
     parse_ack,
     parse_announcement,
     parse_header,
@@ -29,7 +29,7 @@ from edge_client.messages import (
     parse_status,
     parse_topic,
 )
-from edge_client.protocol import (
+from core.protocol import (
     ENVELOPE_MAGIC,
     HEADER_ZLIB,
     Reassembler,
@@ -160,7 +160,7 @@ def test_a_topic_with_a_unicode_digit_is_refused():
 def test_frozen_changes_with_disagreeing_shapes_are_refused():
     import numpy as np
 
-    from edge_client.protocol import (
+    from core.protocol import (
         Envelope,
         EnvelopeLimits,
         encode_envelope,
@@ -178,7 +178,7 @@ def test_frozen_changes_with_disagreeing_shapes_are_refused():
 
 def test_the_reassembler_never_exceeds_max_buffered():
     """Evicting one idle partial may free less room than a new chunk takes: evict more, or refuse."""
-    from edge_client.protocol import split_chunks
+    from core.protocol import split_chunks
 
     now = [0.0]
     r = Reassembler(max_bytes=1 << 16, max_pending=16, max_buffered=4096, evict_idle_s=120, clock=lambda: now[0])
@@ -271,7 +271,7 @@ def test_envelopes_with_any_length_word_raise_only_protocol_error(word, rest, co
 @given(spec=st.sampled_from(fb.SPECS), data=st.binary(max_size=700),
        shape=st.lists(st.integers(0, 70), max_size=3).map(tuple))
 def test_any_bytes_to_any_codec_raise_only_protocol_error(spec, data, shape):
-    from edge_client.codecs import get_codec
+    from core.codecs import get_codec
 
     _only_protocol_error(get_codec(spec).decode, data, {}, shape)
 
@@ -279,7 +279,7 @@ def test_any_bytes_to_any_codec_raise_only_protocol_error(spec, data, shape):
 def test_frozen_changes_refuses_a_product_beyond_a_tensors_limit_before_building_it():
     import numpy as np
 
-    from edge_client.protocol import BASE_A_PREFIX, BASE_B_PREFIX, frozen_changes
+    from core.protocol import BASE_A_PREFIX, BASE_B_PREFIX, frozen_changes
 
     # 16 GiB if it were built: refused from the shapes alone.
     tensors = {BASE_A_PREFIX + "w": np.ones((1, 1 << 16), np.float32), BASE_B_PREFIX + "w": np.ones((1 << 16, 1), np.float32)}

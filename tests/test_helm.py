@@ -180,7 +180,7 @@ def test_schema_knows_the_aggregator_strategies():
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_rendered_config_is_a_valid_server_config(rendered, name):
-    from edge_client.config import build
+    from core.config import build
 
     config = server_yaml(rendered[name])
     cfg = build(ServerConfig, config, where=f"{name} server.yaml")  # the aggregator's own validation
@@ -192,7 +192,7 @@ def test_rendered_config_is_a_valid_server_config(rendered, name):
 
 
 def test_device_limits_reach_the_aggregator_config():
-    from edge_client.config import build
+    from core.config import build
 
     config = server_yaml(render(None, "config.device_limits.messages_per_s=20", "config.device_limits.byte_burst=1048576"))
     assert config["device_limits"] == {"messages_per_s": 20, "byte_burst": 1048576}
@@ -538,7 +538,7 @@ class RenderedBroker:
     def link(self, user: str, password: str, client_id: str, protocol: str = "5", ca_file: Path | None | str = "",
              host: str = "127.0.0.1"):
         """A connected MqttLink (the devices' and the aggregator's own client) over TLS."""
-        from edge_client.transport import BrokerConfig, MqttLink
+        from core.transport import BrokerConfig, MqttLink
 
         cfg = BrokerConfig(url=f"mqtts://{host}:{self.port}", protocol=protocol, username=user, password=password,
                            ca_file=str(self.ca_file if ca_file == "" else ca_file) if ca_file is not None else None,
@@ -581,8 +581,8 @@ BROKER_USERS = ("mqtt.auth.password=agg-pass", "broker.auth.users[0].username=de
 def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
     """The default chart's broker (TLS only, generated CA, use_username_as_clientid, the ACL)
     with two devices and the aggregator, each connecting with the client id it uses in production."""
-    from edge_client.protocol import Topics
-    from edge_client.transport import TransportError
+    from core.protocol import Topics
+    from core.transport import TransportError
 
     t = Topics("default")
     broker = RenderedBroker(render(None, *BROKER_USERS), tmp_path / "broker")
@@ -647,7 +647,7 @@ def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
 def test_without_username_client_ids_a_device_account_can_kick_the_aggregator(tmp_path):
     """The control for (3) above: with useUsernameAsClientId=false the same client id under a
     device's account takes the aggregator's session over."""
-    from edge_client.protocol import Topics
+    from core.protocol import Topics
 
     docs = render(None, *BROKER_USERS, "broker.auth.useUsernameAsClientId=false")
     broker = RenderedBroker(docs, tmp_path / "broker")

@@ -17,9 +17,9 @@ from pathlib import Path
 from conftest import BBC_LABELS, free_port
 from hostile import hostile_chunks, hostile_json, hostile_topics
 
-from edge_client.bundle import Bundle
-from edge_client.protocol import Topics
-from edge_client.transport import BrokerConfig, MqttLink
+from core.bundle import Bundle
+from core.protocol import Topics
+from core.transport import BrokerConfig, MqttLink
 
 JOB = "hostile"
 

@@ -300,7 +300,7 @@ def wait_for(predicate, timeout=30.0, what="condition", procs=()):
 
 
 def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(tmp_path, minilm_bundle, mosquitto, apiserver):
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
     from test_aggregator import FakeDevice, update_payload
 
     lease_duration, renew_deadline, retry = 4.0, 2.5, 0.5

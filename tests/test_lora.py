@@ -1,10 +1,10 @@
-"""Rank truncation, zero-padding and HetLoRA self-pruning on the device (edge_client.lora)."""
+"""Rank truncation, zero-padding and HetLoRA self-pruning on the device (core.lora)."""
 
 import numpy as np
 import pytest
 
-from edge_client.errors import ConfigError
-from edge_client.lora import lora_pairs, pad_rank, pruned_rank, rank_shapes, truncate_rank
+from core.errors import ConfigError
+from core.lora import lora_pairs, pad_rank, pruned_rank, rank_shapes, truncate_rank
 
 A, B = "m.q.lora_A.weight", "m.q.lora_B.weight"
 A2, B2 = "m.v.lora_A.weight", "m.v.lora_B.weight"

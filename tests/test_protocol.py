@@ -6,9 +6,9 @@ import zlib
 import numpy as np
 import pytest
 
-from edge_client.errors import PayloadTooLarge, ProtocolError
-from edge_client.messages import TopicKind, TopicRef
-from edge_client.protocol import (
+from core.errors import PayloadTooLarge, ProtocolError
+from core.messages import TopicKind, TopicRef
+from core.protocol import (
     ReassemblyBusy,
     BASE_A_PREFIX, BASE_B_PREFIX, BASE_DELTA_PREFIX, CHUNK_HEADER, CHUNK_MAGIC, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES,
     Envelope, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes,

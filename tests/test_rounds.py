@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edge_client.errors import ConfigError, UpdateRejected
+from core.errors import ConfigError, UpdateRejected
 from server.strategies.fedavg import FedAvg
 from server.rounds import Coordinator, RoundSettings
 from server.strategies.base import ClientUpdate, GlobalModel

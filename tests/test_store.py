@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import server.store as store_mod
-from edge_client.errors import FedloraError
+from core.errors import FedloraError
 from server.rounds import OpenRound
 from server.store import FAULT_POINT_ENV, FAULT_POINTS, StaleTerm, StateStore, StoreUnavailable
 from server.strategies.base import Partial

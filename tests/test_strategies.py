@@ -8,10 +8,10 @@ tensors, weighted by example counts n_i.
 import numpy as np
 import pytest
 
-from edge_client.bundle import Manifest, ParamSpec
-from edge_client.errors import BundleError, ConfigError, UpdateRejected
-from edge_client.lora import component_norms, pad_a, pad_b, pruned_rank
-from edge_client.protocol import BASE_A_PREFIX, frozen_changes
+from core.bundle import Manifest, ParamSpec
+from core.errors import BundleError, ConfigError, UpdateRejected
+from core.lora import component_norms, pad_a, pad_b, pruned_rank
+from core.protocol import BASE_A_PREFIX, frozen_changes
 from server.strategies import STRATEGIES, make_strategy
 from server.strategies.base import (
     AdapterLayout,

@@ -19,10 +19,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from edge_client.protocol import (
+from core.protocol import (
     Envelope, Reassembler, Topics, decode_envelope, encode_envelope, message_id, split_chunks,
 )
-from edge_client.transport import BrokerConfig, MqttLink
+from core.transport import BrokerConfig, MqttLink
 from tests.test_aggregator import FakeDevice, start_aggregator, update_payload, wait_for
 
 LIMITS = "max_packet_size 20000\nmessage_size_limit 15000\n"
@@ -120,7 +120,7 @@ def test_dropped_duplicated_reordered_chunks_still_give_the_exact_update(mosquit
 
 
 def test_device_disconnected_mid_update_finishes_it_after_reconnecting(tmp_path, minilm_bundle, mosquitto):
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
 
     bundle = Bundle(minilm_bundle)
     agg, stop, thread, link = start_aggregator(minilm_bundle, tmp_path / "state", mosquitto.url, job="cut", rounds=1)
@@ -150,7 +150,7 @@ def test_device_disconnected_mid_update_finishes_it_after_reconnecting(tmp_path,
 
 def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tmp_path, minilm_bundle, mosquitto):
     from conftest import BBC_LABELS
-    from edge_client.bundle import Bundle
+    from core.bundle import Bundle
     from edge_client.device import Device, DeviceConfig
 
     job, topics = "repair", Topics("repair")
@@ -376,7 +376,7 @@ def test_a_slow_reader_gets_backpressure_not_losses(mosquitto):
 
 
 def test_inbox_size_must_be_positive():
-    from edge_client.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         MqttLink(BrokerConfig(), inbox_max=0)

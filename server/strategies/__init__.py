@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 from server.strategies.base import AdapterLayout, Strategy
 from server.strategies.fedavg import FedAvg
 from server.strategies.fedex_lora import FedExLoRA

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_client.errors import BundleError, ConfigError, UpdateRejected
+from core.errors import BundleError, ConfigError, UpdateRejected
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class AdapterLayout:
 
     @classmethod
     def from_manifest(cls, manifest) -> AdapterLayout:
-        """From an ``edge_client.bundle.Manifest``: its trainable specs by role; scale = alpha / rank."""
+        """From an ``core.bundle.Manifest``: its trainable specs by role; scale = alpha / rank."""
         roles = {p.name: p.role for p in manifest.trainable}
         return cls._build(manifest.shapes, roles, float(manifest.alpha) / int(manifest.rank))
 

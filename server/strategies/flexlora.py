@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.errors import ConfigError
-from edge_client.protocol import BASE_A_PREFIX, BASE_B_PREFIX
+from core.errors import ConfigError
+from core.protocol import BASE_A_PREFIX, BASE_B_PREFIX
 from server.strategies.base import (
     AdapterLayout,
     ClientUpdate,

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 from server.strategies.base import (
     AdapterLayout,
     ClientUpdate,

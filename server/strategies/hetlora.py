@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.errors import ConfigError
-from edge_client.lora import pad_a, pad_b
+from core.errors import ConfigError
+from core.lora import pad_a, pad_b
 from server.strategies.base import (
     AdapterLayout,
     ClientUpdate,
@@ -46,7 +46,7 @@ class HetLoRA(Strategy):
 
     Rank self-pruning happens on the device (``prune_threshold``, sent in the round
     announcement): after local training it gives up trailing components that carry little
-    of its update (``edge_client.lora.pruned_rank``), zeroes them, announces the smaller rank
+    of its update (``core.lora.pruned_rank``), zeroes them, announces the smaller rank
     and from then on downloads, trains and sends that truncation. Its last update at the old
     rank carries the zeroed tail, which under zero-padding is the same as the truncation.
 

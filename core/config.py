@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client.errors import BundleError
+from core.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -40,7 +40,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from edge_client.errors import ProtocolError
+from core.errors import ProtocolError
 
 MAX_ELEMENTS = 1 << 26  # per tensor (256 MiB as float32): far above any LoRA factor
 MAX_SPEC_CHARS = 80

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_client.codecs import element_count, get_codec
-from edge_client.errors import PayloadTooLarge, ProtocolError
-from edge_client.lora import A_SUFFIX, lora_pairs
-from edge_client.messages import (
+from core.codecs import element_count, get_codec
+from core.errors import PayloadTooLarge, ProtocolError
+from core.lora import A_SUFFIX, lora_pairs
+from core.messages import (
     MAX_HEADER_BYTES, MAX_MISSING, PROTOCOL_VERSION, EnvelopeHeader, TopicRef, parse_header, parse_json, parse_topic,
 )
 

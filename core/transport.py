@@ -42,8 +42,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_client.errors import ConfigError, FedloraError
-from edge_client.protocol import CHUNK_HEADER, split_chunks
+from core.errors import ConfigError, FedloraError
+from core.protocol import CHUNK_HEADER, split_chunks
 
 log = logging.getLogger("fedlora.transport")
 

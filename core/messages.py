@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
-from edge_client.errors import ProtocolError
+from core.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_DEPTH = 6
@@ -406,7 +406,7 @@ class Announcement:
 
 
 def _codec_spec(value: str, what: str) -> str:
-    from edge_client.codecs import get_codec  # codecs import numpy-heavy code; keep this module light
+    from core.codecs import get_codec  # codecs import numpy-heavy code; keep this module light
 
     try:
         get_codec(value)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.errors import ConfigError
+from core.errors import ConfigError
 
 A_SUFFIX = "lora_A.weight"
 B_SUFFIX = "lora_B.weight"
