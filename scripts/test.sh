@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: set up (first time only), make sure a real Mosquitto and Prometheus are there, run pytest.
-# Extra arguments go to pytest.
+# Extra arguments go to pytest; --fast first runs the unit tests only (no brokers, processes or exports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
@@ -20,4 +20,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v nft >/d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || true
 fi
 export FEDLORA_EDGE_PYTHON="$PWD/.venv-edge/bin/python"
+if [ "${1:-}" = "--fast" ]; then  # unit tests only: no brokers, processes or exports
+  shift
+  exec .venv/bin/python -m pytest -m "not integration" "$@"
+fi
 exec .venv/bin/python -m pytest "$@"

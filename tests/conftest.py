@@ -18,6 +18,18 @@ CACHE = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundle
 BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
+# Fixtures that start real processes, brokers or exports: a test using one is an integration
+# test; `scripts/test.sh --fast` (pytest -m "not integration") runs the others, in well under a minute.
+INTEGRATION_FIXTURES = {"minilm_bundles", "minilm_bundle", "tiny_llama_dir", "edge_python", "amqtt_broker", "mosquitto",
+                        "mosquitto_factory", "client_wheel"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def no_unexpected_refusals(monkeypatch):
     """Production contains whatever escapes a message handler (refused as ``internal_error``);
