@@ -249,12 +249,27 @@ class Aggregator:
         self.announce()
         log.info("reconnected: republished the round announcement and %d global adapters", len(self._published))
 
-    def run(self, stop: threading.Event, poll: float = 0.2) -> None:
+    def run(self, stop: threading.Event | None = None, poll: float = 0.2, *, leading: Callable[[], bool] = lambda: True,
+            exit_when_finished: bool = True, on_step: Callable[[], None] | None = None) -> bool:
+        """The aggregator's one main loop (the server command and the simulator both run it):
+        start, then step until ``stop`` is set, ``leading()`` turns false (leadership lost) or,
+        with ``exit_when_finished``, the job is done; a finished job that keeps running still
+        answers late updates and reconnects. ``on_step`` runs after every step. Unless deposed,
+        it ends with a last step and a current announcement. Returns whether the job is done."""
+        stop = stop or threading.Event()
         self.start()
-        while not stop.is_set() and not self.coordinator.finished:
+        while not stop.is_set() and leading():
+            finished = self.coordinator.finished
+            self.metrics.job_finished.set(int(finished))
+            if finished and exit_when_finished:
+                break
             self.step(poll)
-        self.step(0)
-        self.announce()
+            if on_step is not None:
+                on_step()
+        if leading():  # stopped or done, not deposed: handle what arrived, leave the announcement current
+            self.step(0)
+            self.announce()
+        return self.coordinator.finished
 
     def step(self, timeout: float) -> None:
         """Handle what arrived within ``timeout`` seconds, then open or close rounds."""

@@ -215,17 +215,7 @@ def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, reco
         aggregator = Aggregator(cfg, link, metrics, on_round_closed=recorder.round_closed if recorder else None,
                                 claim_term=cfg.kubernetes.leader_election)
         current["aggregator"] = aggregator
-        aggregator.start()
-        while not term_over.is_set() and leading():
-            finished = aggregator.coordinator.finished
-            metrics.job_finished.set(int(finished))
-            if finished and cfg.exit_when_finished:
-                break
-            aggregator.step(0.2)  # a finished job still answers late updates and reconnects
-        if leading():  # stopped, not deposed: handle what arrived, leave the announcement current
-            aggregator.step(0)
-            aggregator.announce()
-        return aggregator.coordinator.finished
+        return aggregator.run(term_over, leading=leading, exit_when_finished=cfg.exit_when_finished)
     except StaleTerm as exc:
         logging.getLogger("fedlora.server").error("stopped leading: %s", exc)
         return False

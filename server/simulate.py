@@ -261,16 +261,17 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         print(f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
               flush=True)
         reported = 0
-        aggregator.start()
-        while not aggregator.coordinator.finished:
-            aggregator.step(0.2)
+
+        def progress() -> None:
+            nonlocal reported
             while reported < len(aggregator.history):
                 _print_round(aggregator.history[reported], cfg.rounds)
                 reported += 1
             dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
             if len(dead) == len(procs):
                 raise RuntimeError(f"all device processes exited; see {out}/devices/*/device.log")
-        aggregator.announce()  # "finished": devices exit by themselves
+
+        aggregator.run(on_step=progress)  # ends announcing "finished": devices exit by themselves
         grace = time.monotonic() + 60
     finally:
         for p in procs:  # after an error, or devices that did not exit in time
