@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -33,7 +34,7 @@ from edge_client.runtime import read_parameters
 from core.transport import MqttLink
 from server.config import ServerConfig
 from server.metrics import Metrics
-from server.rounds import Coordinator, RoundOutcome
+from server.rounds import Bounded, Coordinator, RoundOutcome
 from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
 from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Strategy
@@ -93,12 +94,7 @@ class Aggregator:
         self._answered = AnsweredUpdates(lambda device, ack: self.link.publish(self.topics.ack(device), ack.to_bytes()))
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics: list[dict] = []
-        # rank -> (version, full-copy chunks, delta chunks) on the broker
-        self._published: dict[int, tuple[int | None, int, int]] = {}
-        self._views: dict[int, dict[str, np.ndarray]] = {}  # rank -> what its devices hold
-        self._sent: dict[int, dict[str, np.ndarray]] = {}  # rank -> adapter tensors of that version
-        self._payload_bytes: dict[int, int] = {}
-        self._delta_bytes: dict[int, int] = {}
+        self._downlinks: dict[int, RankDownlink] = {}  # rank -> what the broker holds for its devices
         saved = self.store.load()
         if saved is None:
             self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
@@ -157,38 +153,37 @@ class Aggregator:
 
         Per rank: a full copy (retained, ``cfg.codec``) for devices that are new or behind and,
         with ``downlink_codec``, the change from the previous version (retained) for the rest.
-        ``_sent[rank]`` is exactly what devices hold afterwards (decoded, not intended), so the
-        aggregator rebuilds their local adapters from their deltas without error.
+        ``RankDownlink.adapter`` is exactly what devices hold afterwards (decoded, not intended),
+        so the aggregator rebuilds their local adapters from their deltas without error.
         """
         sent = 0
         version = self.coordinator.version
         for rank in self.ranks_served():
-            previous = self._published.get(rank, (None, 0, 0))
-            if previous[0] == version:
+            d = self._downlinks.setdefault(rank, RankDownlink())
+            if d.version == version:
                 continue
             target = downlink_tensors(self.strategy, self.model, rank)
-            view = self._views.get(rank)
-            delta_chunks = previous[2]
-            if self.cfg.downlink_codec and view is not None and previous[0] is not None and \
+            view = d.view
+            if self.cfg.downlink_codec and view is not None and d.version is not None and \
                     set(view) == set(target) and all(view[k].shape == target[k].shape for k in target):
                 delta = {k: target[k] - view[k] for k in target}
                 payload = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
                                                    rank=rank, codec=self.cfg.downlink_codec, tensors=delta,
-                                                   base_version=previous[0]))
+                                                   base_version=d.version))
                 decoded = decode_envelope(payload, self.global_limits).tensors
                 target = {k: (view[k] + decoded[k]).astype(np.float32) for k in target}
-                delta_chunks = self._publish_retained(lambda i, r=rank: self.topics.delta_chunk(r, i), payload,
-                                                      previous[2])
-                self._delta_bytes[rank] = len(payload)
+                d.delta_chunks = self._publish_retained(lambda i, r=rank: self.topics.delta_chunk(r, i), payload,
+                                                        d.delta_chunks)
+                d.delta_bytes = len(payload)
                 self.metrics.bytes_out.labels("wire").inc(len(payload))
                 sent += len(payload)
             full = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
                                             rank=rank, codec=self.cfg.codec, tensors=target))
-            self._views[rank] = decode_envelope(full, self.global_limits).tensors
-            self._sent[rank] = adapter_part(self._views[rank])
-            count = self._publish_retained(lambda i, r=rank: self.topics.global_chunk(r, i), full, previous[1])
-            self._published[rank] = (version, count, delta_chunks)
-            self._payload_bytes[rank] = len(full)
+            d.view = decode_envelope(full, self.global_limits).tensors
+            d.adapter = adapter_part(d.view)
+            d.full_chunks = self._publish_retained(lambda i, r=rank: self.topics.global_chunk(r, i), full,
+                                                   d.full_chunks)
+            d.version, d.full_bytes = version, len(full)
             self.metrics.bytes_out.labels("wire").inc(len(full))
             self.metrics.bytes_out.labels("raw").inc(sum(v.nbytes for v in target.values()))
             sent += len(full)
@@ -244,10 +239,11 @@ class Aggregator:
         """After a reconnect the broker may have lost its retained messages (restarted without
         persistence): publish the announcement and every served global adapter again."""
         self._resync = False
-        self._published = {rank: (None, chunks, deltas) for rank, (_, chunks, deltas) in self._published.items()}
+        for downlink in self._downlinks.values():
+            downlink.version = None  # a full copy again (the broker may hold no base for a delta)
         self.publish_global()
         self.announce()
-        log.info("reconnected: republished the round announcement and %d global adapters", len(self._published))
+        log.info("reconnected: republished the round announcement and %d global adapters", len(self._downlinks))
 
     def run(self, stop: threading.Event | None = None, poll: float = 0.2, *, leading: Callable[[], bool] = lambda: True,
             exit_when_finished: bool = True, on_step: Callable[[], None] | None = None) -> bool:
@@ -363,10 +359,6 @@ class Aggregator:
             t0 = time.perf_counter()
             env = decode_envelope(payload, self.update_limits)
             decode_ms = 1000 * (time.perf_counter() - t0)
-            if env.kind != "update":
-                raise ProtocolError(f"expected an update envelope, got {env.kind!r}")
-            if env.sender != device:
-                raise UpdateRejected("sender_mismatch", f"envelope says {env.sender!r} but came on the topic of {device!r}")
         except ReassemblyBusy as exc:
             self.refuse("updates", "busy", str(exc))  # the device resends; an ack per chunk would be a flood
             return
@@ -376,24 +368,34 @@ class Aggregator:
         except ProtocolError as exc:
             self.reject(device, None, UpdateRejected("malformed", str(exc)), msg_id)
             return
-        except UpdateRejected as exc:
-            self.reject(device, None, exc, msg_id)
-            return
         try:
             self.accept(device, env, len(payload), decode_ms)
             self._answered.remember(device, msg_id, Ack(env.round, AckResult.ACCEPTED))
         except UpdateRejected as exc:
             self.reject(device, env.round, exc, msg_id)
 
-    def accept(self, device: str, env: Envelope, nbytes: int, decode_ms: float) -> None:
-        """Judge a decoded update, add it to the round, persist, then acknowledge it."""
+    def admit(self, device: str, env: Envelope) -> tuple[Bounded, dict[str, np.ndarray]]:
+        """Every check an update passes before it counts, in one place: an update envelope from
+        the device of its topic, for this job's open round and a device selected for it, not
+        a duplicate, usable by the strategy, within the round's bounds (``Coordinator.judge``),
+        and computed from the version this round started from. Returns the bounded update and
+        the adapter its device started from; raises UpdateRejected with the reason."""
+        if env.kind != "update":
+            raise UpdateRejected("malformed", f"expected an update envelope, got {env.kind!r}")
+        if env.sender != device:
+            raise UpdateRejected("sender_mismatch", f"envelope says {env.sender!r} but came on the topic of {device!r}")
         delta = ClientUpdate(device=device, round=env.round, rank=env.rank, num_examples=env.num_examples,
                              tensors=env.tensors, metrics=env.metrics)
         bounded = self.coordinator.judge(env.job, delta)
-        base = self._sent.get(env.rank)
-        if base is None or env.base_version != self.coordinator.version:
+        downlink = self._downlinks.get(env.rank)
+        if downlink is None or downlink.adapter is None or env.base_version != self.coordinator.version:
             raise UpdateRejected("wrong_base", f"update starts from version {env.base_version} at rank {env.rank}; "
                                                f"the round started from version {self.coordinator.version}")
+        return bounded, downlink.adapter
+
+    def accept(self, device: str, env: Envelope, nbytes: int, decode_ms: float) -> None:
+        """Admit a decoded update, add it to the round, persist, then acknowledge it."""
+        bounded, base = self.admit(device, env)
         kept = bounded.update
         # Strategies combine the devices' full local tensors: what we sent plus the delta.
         full = {name: base[name] + value if name in base else value for name, value in kept.tensors.items()}
@@ -501,8 +503,9 @@ class Aggregator:
         if outcome.ok:
             self.publish_global()
             ranks = {d: info.rank for d, info in self.coordinator.devices.items()}
-            sizes = self._delta_bytes if self.cfg.downlink_codec and self._delta_bytes else self._payload_bytes
-            entry["downlink_bytes_wire"] = sum(sizes.get(ranks.get(d) or self.manifest.rank, 0) for d in outcome.selected)
+            deltas = bool(self.cfg.downlink_codec) and any(d.delta_bytes for d in self._downlinks.values())
+            entry["downlink_bytes_wire"] = sum(self._downlinks.get(ranks.get(d) or self.manifest.rank, RankDownlink())
+                                               .sent_bytes(deltas) for d in outcome.selected)
         self._event("round_closed", **entry)
         log.info("round %d closed (%s): %d/%d updates", outcome.round, outcome.reason, len(outcome.accepted),
                  len(outcome.selected))
@@ -519,6 +522,31 @@ class Aggregator:
             self._save()
         if self.on_round_closed is not None:
             self.on_round_closed(entry)
+
+
+@dataclass
+class RankDownlink:
+    """What the broker holds for the devices of one rank.
+
+    version: the global version published to them (None: nothing yet, or publish a full copy
+        again, e.g. after a reconnect).
+    full_chunks / delta_chunks: retained chunks of the full copy and of the last delta.
+    view: what its devices hold (decoded as sent, not as intended); adapter: its adapter
+        tensors, the base every update of that rank is a change from.
+    full_bytes / delta_bytes: the size of the last full copy and delta.
+    """
+
+    version: int | None = None
+    full_chunks: int = 0
+    delta_chunks: int = 0
+    view: dict[str, np.ndarray] | None = None
+    adapter: dict[str, np.ndarray] | None = None
+    full_bytes: int = 0
+    delta_bytes: int = 0
+
+    def sent_bytes(self, deltas: bool) -> int:
+        """What one device of this rank downloaded for the last version."""
+        return self.delta_bytes if deltas else self.full_bytes
 
 
 class AnsweredUpdates:

@@ -203,7 +203,7 @@ def test_downlink_delta_plus_previous_version_equals_the_full_copy(tmp_path, min
         for name, full in fulls[1].tensors.items():
             np.testing.assert_array_equal(full, (fulls[0].tensors[name] + d.tensors[name]).astype(np.float32))
         # the aggregator rebuilds device tensors from exactly what they hold
-        for name, held in agg._sent[rank].items():
+        for name, held in agg._downlinks[rank].adapter.items():
             np.testing.assert_array_equal(held, fulls[1].tensors[name])
     finally:
         stop.set()
