@@ -75,7 +75,7 @@ from core.messages import (
     Ack,
     AckResult,
     Announcement,
-    DeviceState,
+    Presence,
     RepairRequest,
     RoundState,
     Status,
@@ -534,8 +534,8 @@ class Corpus:
     @property
     def status(self) -> list[bytes]:
         return self._get("status", lambda: [
-            Status(DeviceState.ONLINE, 8, 1234, "minilm-l6").to_bytes(), Status(DeviceState.OFFLINE).to_bytes(),
-            Status(DeviceState.ONLINE, 4096, 10**12, "m" * 256).to_bytes(), b'{"state":"online"}',
+            Status(Presence.ONLINE, 8, 1234, "minilm-l6").to_bytes(), Status(Presence.OFFLINE).to_bytes(),
+            Status(Presence.ONLINE, 4096, 10**12, "m" * 256).to_bytes(), b'{"state":"online"}',
             b'{"state":"online","rank":null,"num_examples":null,"model_id":null}',
         ])
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_client.cli import setup_logging
 from edge_client.device import Device, load_device_config
-from core.messages import Announcement, DeviceState as Presence, Status
+from core.messages import Announcement, Presence, Status
 from core.protocol import decode_envelope, encode_envelope
 
 log = logging.getLogger("fedlora.poison")

@@ -256,7 +256,9 @@ def parse_topic(topic: str, base: str) -> TopicRef:
 
 
 # -- device status -------------------------------------------------------------------------
-class DeviceState(str, Enum):
+class Presence(str, Enum):
+    """A device's state in its status message."""
+
     ONLINE = "online"
     OFFLINE = "offline"
 
@@ -265,21 +267,21 @@ class DeviceState(str, Enum):
 class Status:
     """``status/<device>`` (retained): the device's presence, rank and data size."""
 
-    state: DeviceState
+    state: Presence
     rank: int = 0
     num_examples: int = 0
     model_id: str = ""
 
     def to_bytes(self) -> bytes:
         body: dict = {"state": self.state.value}
-        if self.state is DeviceState.ONLINE:
+        if self.state is Presence.ONLINE:
             body.update(rank=self.rank, num_examples=self.num_examples, model_id=self.model_id)
         return json.dumps(body).encode()
 
 
 def parse_status(payload: bytes) -> Status:
     f = Fields(parse_json(payload, "status", MAX_STATUS_BYTES), "status")
-    status = Status(state=DeviceState(f.str("state", 16, choices=("online", "offline"))),
+    status = Status(state=Presence(f.str("state", 16, choices=("online", "offline"))),
                     rank=f.int("rank", 0, MAX_RANK, 0), num_examples=f.int("num_examples", 0, MAX_EXAMPLES, 0),
                     model_id=f.str("model_id", 256, ""))
     f.done()

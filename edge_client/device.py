@@ -29,10 +29,9 @@ from core.errors import ConfigError, FedloraError, ProtocolError
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from core.guard import Refusals
 from core.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
-from core.messages import DeviceState as Presence
 from core.messages import (
-    MAX_HEADER_BYTES, RETRY_REASONS, AckResult, Announcement, RepairRequest, RoundState, Status, TopicKind, TrainInfo,
-    parse_ack, parse_announcement,
+    MAX_HEADER_BYTES, RETRY_REASONS, AckResult, Announcement, Presence, RepairRequest, RoundState, Status, TopicKind,
+    TrainInfo, parse_ack, parse_announcement,
 )
 from core.protocol import (
     Envelope, EnvelopeLimits, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope,

@@ -23,7 +23,7 @@ from core.bundle import Bundle, choose_bundle
 from core.errors import PayloadTooLarge, ProtocolError, UpdateRejected
 from core.guard import Refusals, SenderLimits
 from core.messages import (
-    RETRY_REASONS, Ack, AckResult, Announcement, DeviceState, RepairRequest, RoundState, StrategyInfo, TopicKind,
+    RETRY_REASONS, Ack, AckResult, Announcement, Presence, RepairRequest, RoundState, StrategyInfo, TopicKind,
     TrainInfo, parse_status,
 )
 from core.protocol import (
@@ -340,7 +340,7 @@ class Aggregator:
         if not payload:
             return  # a cleared retained status
         status = parse_status(payload)
-        online = status.state is DeviceState.ONLINE
+        online = status.state is Presence.ONLINE
         self.coordinator.device_status(device, online, rank=status.rank, num_examples=status.num_examples)
         if online:
             self.publish_global()  # a rank no one held before gets its slice now
