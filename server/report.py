@@ -51,7 +51,7 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
 
 
 def write_report(out: Path, settings: dict, history: list[dict], centralized: list[dict] | None,
-                 devices: list[dict], wall_seconds: float) -> Path:
+                 devices: list[dict], wall_seconds: float, labels: list[str] | None = None) -> Path:
     lines = ["# fedlora simulate report", "", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in settings.items()]
     evals = [h for h in history if h.get("eval")]
@@ -76,12 +76,16 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
             f"{h['duration_s']:.1f} s | {h.get('aggregation_s', 0) * 1000:.1f} ms | "
             f"{h.get('device_step_time_s_median', float('nan')) * 1000:.0f} ms | "
             f"{_fmt_bytes(h.get('device_peak_rss_bytes_max', 0))} |")
+    lines += ["", "Uplink (wire) per round: every update byte the aggregator received while the round was open, "
+                  "resent chunks and refused updates included; downlink (wire): what the round's selected devices "
+                  "had to download of the new global adapter."]
     if centralized:
         lines += ["", "## Centralized baseline", "", "| round equivalent | test acc | test loss |", "|---|---|---|"]
         lines += [f"| {c['round']} | {c['accuracy']:.4f} | {c['loss']:.4f} |" for c in centralized]
     if devices:
         lines += ["", "## Devices", "",
-                  "| device | rank | train examples | label histogram | updates | uplink raw | uplink wire |",
+                  f"| device | rank | train examples | label histogram ({', '.join(labels) if labels else 'by label'}) "
+                  "| updates | uplink raw | uplink wire |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {d['device']} | {d.get('rank', '')} | {d['examples']} | {d['histogram']} | {d.get('updates', 0)} | "
                   f"{_fmt_bytes(d.get('uplink_raw', 0))} | {_fmt_bytes(d.get('uplink_wire', 0))} |" for d in devices]
@@ -89,7 +93,8 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
         raw = sum(d.get("uplink_raw", 0) for d in devices)
         if wire:
             lines += ["", f"Uplink for the job: {_fmt_bytes(raw)} raw, {_fmt_bytes(wire)} on the wire "
-                          f"({raw / wire:.1f}x)."]
+                          f"({raw / wire:.1f}x): the device columns and this total count each accepted update once "
+                          "(as fp32 tensors, and as encoded), without resends."]
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", "", "![loss](loss.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -308,7 +308,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     plot(out, history, centralized)
     per_device = uplink_by_device(aggregator.store.events())
     rows = [{**{k: v for k, v in d.items() if k != "dir"}, **per_device.get(d["device"], {})} for d in devices]
-    report = write_report(out, settings, history, centralized, rows, wall)
+    report = write_report(out, settings, history, centralized, rows, wall, labels=list(data.labels))
     final = history[-1]["eval"] if history and history[-1].get("eval") else {}
     print(f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}", flush=True)
     return {"history": history, "centralized": centralized, "report": str(report), "final": final, "wall_s": wall}
