@@ -102,6 +102,20 @@ def _find_gguf(cfg: ExportConfig) -> str | None:
     raise ConfigError(f"{cfg.model_dir} has several .gguf files, choose one with --gguf-file: {found}")
 
 
+def _quiet_gguf_progress() -> None:
+    """transformers de-quantizes GGUF tensors under a plain tqdm bar, which its
+    ``disable_progress_bar`` does not reach; our progress lines say what happens."""
+    import functools
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+
+
 def load_model(cfg: ExportConfig) -> LoadedModel:
     """Load model and tokenizer from the local folder, with every dropout set to 0.
 
@@ -115,6 +129,8 @@ def load_model(cfg: ExportConfig) -> LoadedModel:
     transformers.utils.logging.disable_progress_bar()
     gguf = _find_gguf(cfg)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if gguf:
+        _quiet_gguf_progress()
     try:
         config = transformers.AutoConfig.from_pretrained(cfg.model_dir, **kwargs)
     except Exception as exc:
