@@ -68,8 +68,8 @@ def check_python(doc: dict | None) -> Check:
     detail = f"{platform.python_implementation()} {platform.python_version()} on {platform.system()} {machine}"
     if libc:
         detail += f", {libc} {libc_version}"
-    if v < (3, 9):
-        return Check("python", FAIL, detail + "; fedlora needs Python >= 3.9")
+    if v < (3, 10):
+        return Check("python", FAIL, detail + "; fedlora needs Python >= 3.10")
     if doc:
         target = doc.get("target", {})
         want = f"CPython {target.get('python_version')} on {target.get('machine')}"

@@ -6,7 +6,18 @@
 # With --dev also the test tools (pytest, hypothesis, helm, kubernetes-validate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# An interpreter onnxruntime-training 1.19.2 has wheels for (CPython 3.10-3.12; fedlora needs 3.10+):
+# $PYTHON if set, else python3 if it fits, else the first of python3.12, python3.11, python3.10.
+supported() { "$1" -c 'import sys; sys.exit(not ((3, 10) <= sys.version_info[:2] <= (3, 12)))' 2>/dev/null; }
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+else
+  PY=python3
+  if ! supported "$PY"; then
+    for candidate in python3.12 python3.11 python3.10; do
+      if command -v "$candidate" >/dev/null && supported "$candidate"; then PY=$candidate; break; fi
+    done
+  fi
+fi
 stamp_of() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
 EXTRAS="export,server,sim"
@@ -16,8 +27,11 @@ if [ "${1:-}" = "--dev" ]; then EXTRAS="$EXTRAS,dev"; MODE=dev; fi
 # about each one on every call. Keep the real errors, drop that noise.
 pip_quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 
-if ! "$PY" -c 'import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 11)))'; then
-  echo "setup: need Python 3.9-3.11 (onnxruntime-training 1.19.2 wheels); set PYTHON=python3.11" >&2
+if ! supported "$PY"; then
+  found=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "no $PY")
+  echo "setup: need CPython 3.10, 3.11 or 3.12 (found $found): onnxruntime-training 1.19.2, the last release" >&2
+  echo "  with the on-device training API, has no wheels for 3.13 or later. Install python3.11 or python3.12" >&2
+  echo "  (e.g. apt-get install python3.11-venv, or pyenv) and run again, or set PYTHON=/path/to/python3.12." >&2
   exit 2
 fi
 
