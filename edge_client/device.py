@@ -23,10 +23,7 @@ import numpy as np
 from core.bundle import Bundle, choose_bundle
 from core.codecs import get_codec
 from core.config import load
-from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
-from edge_client.device_state import DeviceState
 from core.errors import ConfigError, FedloraError, ProtocolError
-from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from core.guard import Refusals
 from core.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
 from core.messages import (
@@ -37,8 +34,11 @@ from core.protocol import (
     Envelope, EnvelopeLimits, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope,
     frozen_changes, message_id,
 )
-from edge_client.runtime import RuntimeOptions, Trainer
 from core.transport import BrokerConfig, MqttLink
+from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
+from edge_client.device_state import DeviceState
+from edge_client.feedback import ErrorFeedback, encode_with_feedback
+from edge_client.runtime import RuntimeOptions, Trainer
 
 log = logging.getLogger("fedlora.device")
 
