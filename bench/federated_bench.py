@@ -97,7 +97,7 @@ def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, .
     name = _name(dataset, alpha, strategy, ranks, codec, seed, tuning, args.rounds)
     out = ROOT / "runs" / "bench" / name
     edge_python = ROOT / ".venv-edge" / "bin" / "python"
-    cmd = [sys.executable, "-m", "server.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
+    cmd = [sys.executable, "-m", "simulator.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
            "--split", "dirichlet", "--alpha", str(alpha), "--rounds", str(args.rounds),
            "--local-steps", str(args.local_steps), "--max-length", str(args.max_length), "--lr", str(args.lr),
            "--lr-rank-power", str(args.lr_rank_power), "--rank-norm-power", str(args.rank_norm_power),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from docsection import replace_section  # noqa: E402  (bench/ is the script's folder, not a package)
 
-from server.simulate import SimulateConfig, run_simulation  # noqa: E402
+from simulator.run import SimulateConfig, run_simulation  # noqa: E402
 from server.store import StateStore  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"

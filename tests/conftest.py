@@ -133,7 +133,7 @@ def edge_python() -> str:
 
 @pytest.fixture
 def amqtt_broker():
-    from server.broker import EmbeddedBroker
+    from simulator.broker import EmbeddedBroker
 
     broker = EmbeddedBroker().start()
     yield broker

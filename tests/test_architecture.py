@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # yaml and zstandard are optional on a device (a YAML config; the zstd codec stage): imported lazily.
 CORE_ALLOWED = {"core", "numpy", "paho", "yaml", "zstandard"}
 DEVICE_ALLOWED = CORE_ALLOWED | {"edge_client", "tokenizers", "onnxruntime"}
-AGGREGATOR_FORBIDDEN = {"export", "torch", "transformers", "peft", "onnx", "matplotlib", "bench", "tests"}
-SIMULATOR = {"simulate.py", "datasets.py", "report.py", "broker.py", "cli.py"}  # cli: `fedlora simulate`
-EXPORT_FORBIDDEN = {"server", "bench", "tests"}
+AGGREGATOR_FORBIDDEN = {"export", "simulator", "torch", "transformers", "peft", "onnx", "matplotlib", "bench", "tests"}
+EXPORT_FORBIDDEN = {"server", "simulator", "bench", "tests"}
+SIMULATOR_FORBIDDEN = {"bench", "tests"}
 
 
 def imports(path: Path) -> set[str]:
@@ -53,11 +53,17 @@ def test_the_device_imports_only_its_own_dependencies(path):
     assert not foreign, f"{path.relative_to(ROOT)} imports {sorted(foreign)}; a device installs only {sorted(DEVICE_ALLOWED)}"
 
 
-@pytest.mark.parametrize("path", [p for p in sources("server") if p.name not in SIMULATOR],
+@pytest.mark.parametrize("path", sources("server"),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_aggregator_needs_nothing_of_the_build_host(path):
     bad = imports(path) & AGGREGATOR_FORBIDDEN
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}; the aggregator image has only the [server] extra"
+
+
+@pytest.mark.parametrize("path", sources("simulator"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_simulator_uses_the_product_not_the_test_kit(path):
+    bad = imports(path) & SIMULATOR_FORBIDDEN
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
 @pytest.mark.parametrize("path", sources("export"), ids=lambda p: str(p.relative_to(ROOT)))

@@ -10,8 +10,8 @@ import pytest
 
 from edge_client.data import read_records
 from core.errors import ConfigError, DataError
-from server import datasets
-from server.datasets import (
+from simulator import datasets
+from simulator.datasets import (
     Example,
     label_histogram,
     load_dataset,

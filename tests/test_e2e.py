@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from server.simulate import SimulateConfig, run_simulation
+from simulator.run import SimulateConfig, run_simulation
 
 
 def _small(tmp_path, bundle, edge_python, **kw):

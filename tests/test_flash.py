@@ -262,7 +262,7 @@ def start_aggregator(bundle_dir: Path, state_dir: Path, url: str, rounds: int):
 
 def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_path, minilm_bundles, client_wheel,
                                                                          mosquitto_factory):
-    from server.datasets import load_dataset, write_jsonl
+    from simulator.datasets import load_dataset, write_jsonl
 
     offline = offline_wrapper()
     # A broker that wants passwords: the device's come from the bundle's credentials.

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import free_port
-from server.datasets import load_dataset, partition, write_jsonl
+from simulator.datasets import load_dataset, partition, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "fedlora-aggregator"

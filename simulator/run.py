@@ -27,9 +27,9 @@ from edge_client.runtime import RuntimeOptions, Trainer
 from core.transport import BrokerConfig, MqttLink
 from server.aggregator import Aggregator
 from server.config import ServerConfig, TrainSettings
-from server.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
+from simulator.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
 from server.metrics import Metrics
-from server.report import plot, write_metrics, write_report
+from simulator.report import plot, write_metrics, write_report
 from server.rounds import RoundSettings
 
 log = logging.getLogger("fedlora.simulate")
@@ -222,7 +222,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     if cfg.broker:
         broker_cfg = BrokerConfig(url=cfg.broker)
     else:
-        from server.broker import EmbeddedBroker
+        from simulator.broker import EmbeddedBroker
 
         broker = EmbeddedBroker().start()
         broker_cfg = BrokerConfig(url=broker.url, protocol="3.1.1")  # amqtt speaks 3.1.1 only
