@@ -1,0 +1,109 @@
+"""What benchmarks and tests train on: the offline model folders, and their exports made once.
+
+``cached_export`` has one staleness rule. An export goes to ``<cache>/<name>-<key>``, where the
+key hashes the resolved model folder, the export settings (``ExportConfig`` fields) and
+``export.exporter.EXPORT_RECIPE`` (bumped whenever the exported graphs change). It is reused while
+its ``ladder.json`` (written last) is there and every rank's bundle passes ``core.bundle.Bundle``
+(manifest and every file's sha256); otherwise it is exported again, and older exports of the same
+name are removed.
+
+    python -m devkit.assets '{"model_dir": ..., "output_dir": ..., ...}'   # one export (internal)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from export.models import DEFAULT_MODEL, package_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY_CHARS = 16
+
+
+def model_dir(import_name: str = DEFAULT_MODEL) -> Path:
+    """The model folder of an offline model package (default MiniLM-L6); ConfigError names the
+    pip package when it is missing."""
+    return package_model_dir(import_name)
+
+
+def export_key(settings: dict) -> str:
+    """The cache key of an export: its resolved model folder, its settings and the exporter's recipe."""
+    from export.exporter import EXPORT_RECIPE  # numpy and core only: torch stays out of the caller
+
+    fields = {k: v for k, v in settings.items() if k != "model_dir"}
+    text = json.dumps([str(Path(settings["model_dir"]).resolve()), fields, EXPORT_RECIPE], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_CHARS]
+
+
+def reusable(root: Path, ranks: Sequence[int]) -> bool:
+    """Whether ``root`` holds a finished export whose every rank's bundle validates."""
+    from core.bundle import Bundle
+    from core.errors import BundleError
+
+    if not (root / "ladder.json").is_file():
+        return False
+    try:
+        for rank in ranks:
+            Bundle(root / f"r{rank}")
+    except BundleError:
+        return False
+    return True
+
+
+def cached_export(cache: Path, name: str, settings: dict, *, fresh_process: bool = False,
+                  entry: Sequence[str] | None = None) -> Path:
+    """Export ``settings`` (``ExportConfig`` fields but ``output_dir``) once; returns the export's
+    folder (``ladder.json`` and one ``r<rank>`` bundle per rank).
+
+    fresh_process: export in a process of its own (``python -m devkit.assets``), so that torch and
+        the export's memory stay out of the caller (a benchmark that measures its workers' RSS).
+    entry: another internal export command, run in a process of its own with the settings
+        (``output_dir`` added) as its last argument, such as a benchmark's variant of the exporter.
+        What it changes is not in the key: give such an export a ``name`` of its own.
+    """
+    from export.config import ExportConfig
+
+    if "output_dir" in settings:
+        raise ValueError("cached_export chooses the output folder; leave output_dir out of the settings")
+    root = Path(cache) / f"{name}-{export_key(settings)}"
+    ranks = tuple(settings.get("ranks", ExportConfig.ranks))
+    if reusable(root, ranks):
+        return root
+    print(f"[devkit] exporting {root.name} into {root.parent} ...", file=sys.stderr, flush=True)
+    for stale in Path(cache).glob(f"{name}-*"):
+        if re.fullmatch(re.escape(name) + f"-[0-9a-f]{{{KEY_CHARS}}}", stale.name) and stale.is_dir():
+            shutil.rmtree(stale)
+    spec = {**settings, "output_dir": str(root)}
+    if entry is None and not fresh_process:
+        export_main(spec)
+        return root
+    command = [*(entry or [sys.executable, "-m", "devkit.assets"]), json.dumps(spec, default=str)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the export of {root.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    for line in done.stderr.splitlines():
+        if line.startswith("[export] r="):  # per rank: the gradient rewrite, the self-check, the probe
+            print(line, file=sys.stderr)
+    if not reusable(root, ranks):
+        raise RuntimeError(f"the export of {root.name} finished but left no valid bundle for every rank {list(ranks)}")
+    return root
+
+
+def export_main(spec: dict) -> int:
+    """One export of ``spec`` (``ExportConfig`` fields, JSON values)."""
+    from export.config import ExportConfig
+    from export.exporter import export
+
+    export(ExportConfig(**spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(export_main(json.loads(sys.argv[1])))
