@@ -76,3 +76,10 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    import torch.nn\n    from server.store import StateStore\n")
     assert imports(probe) == {"torch", "server"}
+
+
+@pytest.mark.parametrize("path", [p for package in ("core", "edge_client", "server", "simulator", "export")
+                                  for p in sources(package)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_product_package_imports_the_test_and_benchmark_kit(path):
+    # devkit is installed nowhere (no distribution carries it): the product must run without it
+    assert "devkit" not in imports(path), f"{path.relative_to(ROOT)} imports devkit, the kit of bench/ and tests/"
