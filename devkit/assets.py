@@ -5,7 +5,8 @@ key hashes the resolved model folder, the export settings (``ExportConfig`` fiel
 ``export.exporter.EXPORT_RECIPE`` (bumped whenever the exported graphs change). It is reused while
 its ``ladder.json`` (written last) is there and every rank's bundle passes ``core.bundle.Bundle``
 (manifest and every file's sha256); otherwise it is exported again, and older exports of the same
-name are removed.
+name are removed. Processes sharing the cache (test sessions run side by side) take turns on a
+name through a lock file, so one exports and the others wait for it instead of removing its work.
 
     python -m devkit.assets '{"model_dir": ..., "output_dir": ..., ...}'   # one export (internal)
 """
@@ -18,7 +19,8 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from export.models import DEFAULT_MODEL, package_model_dir
@@ -74,16 +76,21 @@ def cached_export(cache: Path, name: str, settings: dict, *, fresh_process: bool
         raise ValueError("cached_export chooses the output folder; leave output_dir out of the settings")
     root = Path(cache) / f"{name}-{export_key(settings)}"
     ranks = tuple(settings.get("ranks", ExportConfig.ranks))
-    if reusable(root, ranks):
-        return root
+    with _locked(Path(cache) / f".{name}.lock"):
+        if not reusable(root, ranks):
+            _export(Path(cache), name, root, {**settings, "output_dir": str(root)}, ranks, fresh_process, entry)
+    return root
+
+
+def _export(cache: Path, name: str, root: Path, spec: dict, ranks: tuple[int, ...], fresh_process: bool,
+            entry: Sequence[str] | None) -> None:
     print(f"[devkit] exporting {root.name} into {root.parent} ...", file=sys.stderr, flush=True)
-    for stale in Path(cache).glob(f"{name}-*"):
+    for stale in cache.glob(f"{name}-*"):
         if re.fullmatch(re.escape(name) + f"-[0-9a-f]{{{KEY_CHARS}}}", stale.name) and stale.is_dir():
             shutil.rmtree(stale)
-    spec = {**settings, "output_dir": str(root)}
     if entry is None and not fresh_process:
         export_main(spec)
-        return root
+        return
     command = [*(entry or [sys.executable, "-m", "devkit.assets"]), json.dumps(spec, default=str)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -93,7 +100,23 @@ def cached_export(cache: Path, name: str, settings: dict, *, fresh_process: bool
             print(line, file=sys.stderr)
     if not reusable(root, ranks):
         raise RuntimeError(f"the export of {root.name} finished but left no valid bundle for every rank {list(ranks)}")
-    return root
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def export_main(spec: dict) -> int:
