@@ -2,7 +2,8 @@
 
 One dataclass per role, filled from (lowest to highest precedence) its defaults, a JSON or
 YAML file, environment variables ``<PREFIX>_<FIELD>`` (``<PREFIX>_BROKER_<FIELD>`` for the
-nested broker settings) and explicit overrides. Values are converted to the field's type
+nested broker settings, ``<PREFIX>_<FIELD>_<KEY>`` for a key of a mapping field) and explicit
+overrides. Values are converted to the field's type
 here, and the dataclass's own ``__post_init__`` validates ranges, so a bad value fails with
 a message naming the key before any work starts.
 """
@@ -70,6 +71,10 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
             return kind(value)
         if kind is Path:
             return Path(value)
+        if kind is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
         if origin is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(_convert(key, v.strip() if isinstance(v, str) else v, args[0]) for v in items if v != "")
@@ -106,6 +111,11 @@ def _env_values(cls: type, prefix: str) -> dict:
             nested = _env_values(kind, f"{prefix}_{f.name.upper()}")
             if nested:
                 out[f.name] = nested
+        elif kind is dict or typing.get_origin(kind) is dict:
+            start = f"{prefix}_{f.name.upper()}_"
+            keys = {k[len(start):].lower(): v for k, v in os.environ.items() if k.startswith(start) and len(k) > len(start)}
+            if keys:
+                out[f.name] = keys
         else:
             env = os.environ.get(f"{prefix}_{f.name.upper()}")
             if env is not None:

@@ -349,11 +349,23 @@ class RoundState(str, Enum):
     FINISHED = "finished"
 
 
+# The strategy settings a device acts on (``device=True`` in a strategy's declaration; see
+# ``server.strategies.settings``), each with the bounds a device accepts; the aggregator sends
+# those that differ from their default, beside ``name`` and ``trains_a``.
+DEVICE_SETTINGS: dict[str, tuple[float, float, float]] = {
+    "prune_threshold": (0.0, 1.0, 0.0),  # HetLoRA rank self-pruning (lo, hi, default)
+}
+
+
 @dataclass(frozen=True)
 class StrategyInfo:
     name: str
     trains_a: bool = True
-    prune_threshold: float = 0.0
+    settings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prune_threshold(self) -> float:
+        return float(self.settings.get("prune_threshold", DEVICE_SETTINGS["prune_threshold"][2]))
 
 
 @dataclass(frozen=True)
@@ -393,9 +405,7 @@ class Announcement:
                       "rounds": self.rounds}
         if self.is_open:
             assert self.strategy is not None and self.train is not None
-            strategy: dict = {"name": self.strategy.name, "trains_a": self.strategy.trains_a}
-            if self.strategy.prune_threshold:
-                strategy["prune_threshold"] = self.strategy.prune_threshold
+            strategy: dict = {"name": self.strategy.name, "trains_a": self.strategy.trains_a, **self.strategy.settings}
             train: dict = {"local_steps": self.train.local_steps, "batch_size": self.train.batch_size, "lr": self.train.lr}
             if self.train.lr_rank_power:
                 train["lr_rank_power"] = self.train.lr_rank_power
@@ -433,7 +443,8 @@ def parse_announcement(payload: bytes) -> Announcement:
     s = f.object("strategy")
     t = f.object("train")
     assert s is not None and t is not None
-    strategy = StrategyInfo(s.str("name", 64), s.bool("trains_a", True), s.float("prune_threshold", 0.0, 1.0, 0.0))
+    settings = {key: s.float(key, lo, hi) for key, (lo, hi, _) in DEVICE_SETTINGS.items() if key in s.obj}
+    strategy = StrategyInfo(s.str("name", 64), s.bool("trains_a", True), settings)
     s.done()
     train = TrainInfo(t.int("local_steps", 1, 1_000_000), t.int("batch_size", 1, 65_536), t.float("lr", 1e-12, 1.0),
                       t.float("lr_rank_power", 0.0, 2.0, 0.0))

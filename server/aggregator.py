@@ -47,9 +47,7 @@ Evaluator = Callable[[dict[str, np.ndarray]], dict]
 def make_strategy(cfg: ServerConfig, bundle: Bundle) -> Strategy:
     """The configured strategy over the adapter of ``bundle`` (the top of the rank ladder)."""
     m = bundle.manifest
-    params = ({"server_lr": cfg.server_lr} if cfg.strategy == "fedavg" else
-              {"rank_norm_power": cfg.rank_norm_power} if cfg.strategy == "flexlora-delta" else {})
-    return build_strategy(cfg.strategy, AdapterLayout.from_manifest(m), rank=m.rank, **params)
+    return build_strategy(cfg.strategy, AdapterLayout.from_manifest(m), rank=m.rank, **cfg.strategy_settings)
 
 
 def downlink_tensors(strategy: Strategy, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
@@ -206,7 +204,7 @@ class Aggregator:
         return Announcement(
             **base, state=RoundState.OPEN, round=c.open.round, deadline=c.open.deadline, selected=tuple(c.open.selected),
             codec=self.cfg.uplink_codec, head_codec=self.cfg.uplink_head_codec,
-            strategy=StrategyInfo(self.strategy.name, self.strategy.trains_a, self.cfg.prune_threshold),
+            strategy=StrategyInfo(self.strategy.name, self.strategy.trains_a, self.strategy.device_settings()),
             train=TrainInfo(t.local_steps, t.batch_size, t.lr, t.lr_rank_power))
 
     def announce(self) -> None:

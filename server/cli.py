@@ -20,8 +20,15 @@ def server_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", help="mqtt://host:port")
     parser.add_argument("--job")
     parser.add_argument("--http-port", type=int)
+    parser.add_argument("--strategies", action="store_true",
+                        help="list the strategies and each one's settings (config key strategy_settings), then exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.strategies:
+        from server.strategies import describe_strategies
+
+        print(describe_strategies())
+        return 0
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.codecs import get_codec
 from core.config import load
@@ -12,6 +13,7 @@ from core.errors import ConfigError, ProtocolError
 from core.transport import BrokerConfig
 from server.rounds import RoundSettings
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
+from server.strategies import strategy_settings
 
 STRATEGIES = tuple(STRATEGY_CLASSES)
 
@@ -120,11 +122,9 @@ class ServerConfig:
         initial global adapter).
     state_dir: where round state is persisted (a PersistentVolume on Kubernetes).
     strategy: aggregation strategy name.
-    prune_threshold: HetLoRA only: devices give up trailing rank components weaker than this
-        fraction of their strongest (0: no self-pruning; see ``core.lora.pruned_rank``).
-    rank_norm_power: flexlora-delta only: each device's change counts divided by
-        ``(rank / top rank) ** rank_norm_power``, its rank's pace (0: off; 0.5 matches Adam;
-        see ``server.strategies.flexlora.FlexLoRADelta``).
+    strategy_settings: the strategy's own settings, as it declares them (its ``Settings``;
+        ``fedlora-server --strategies`` lists them all), e.g. ``{"rank_norm_power": 0.5}``
+        for flexlora-delta; checked and completed with the defaults on load.
     codec: codec of the full global adapter copy (retained for devices that are new or behind).
     downlink_codec: when set, each new version is also published as a delta from the previous
         one in this codec (devices that hold the previous version download only that); the
@@ -152,9 +152,7 @@ class ServerConfig:
     rounds: RoundSettings = field(default_factory=RoundSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     strategy: str = "fedavg"
-    server_lr: float = 1.0
-    prune_threshold: float = 0.0
-    rank_norm_power: float = 0.0
+    strategy_settings: dict[str, Any] = field(default_factory=dict)
     codec: str = "fp32"
     downlink_codec: str = ""
     uplink_codec: str = "fp32"
@@ -190,16 +188,9 @@ class ServerConfig:
             raise ConfigError(f"health_stall_s must be at least 5 seconds, got {self.health_stall_s}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port must be 0..65535, got {self.http_port}")
-        if self.server_lr <= 0:
-            raise ConfigError("server_lr must be positive")
-        if not 0 <= self.prune_threshold < 1:
-            raise ConfigError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
-        if self.prune_threshold and self.strategy != "hetlora":
-            raise ConfigError(f"prune_threshold is HetLoRA's rank self-pruning; strategy is {self.strategy!r}")
-        if not 0 <= self.rank_norm_power <= 2:
-            raise ConfigError(f"rank_norm_power must be in [0, 2], got {self.rank_norm_power}")
-        if self.rank_norm_power and self.strategy != "flexlora-delta":
-            raise ConfigError(f"rank_norm_power is flexlora-delta's rank normalization; strategy is {self.strategy!r}")
+        if not isinstance(self.strategy_settings, dict):
+            raise ConfigError(f"strategy_settings must be a mapping, got {self.strategy_settings!r}")
+        self.strategy_settings = strategy_settings(self.strategy, self.strategy_settings).values()
 
 
 def load_server_config(path: str | Path | None = None, overrides: dict | None = None) -> ServerConfig:

@@ -7,6 +7,20 @@ import logging
 import sys
 
 from core.errors import FedloraError
+from server.strategies import STRATEGIES, declared_settings
+
+
+def _flag_type(kind: type):
+    """bool settings take true/false on the command line; the rest their own type."""
+    if kind is not bool:
+        return kind
+
+    def boolean(text: str) -> bool:
+        if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+    return boolean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")
     sim.add_argument("--strategy", default="fedavg",
                      help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora")
-    sim.add_argument("--prune-threshold", type=float, default=0.0,
-                     help="hetlora: devices give up trailing rank components weaker than this fraction of their strongest")
-    sim.add_argument("--rank-norm-power", type=float, default=0.0,
-                     help="flexlora-delta: divide each device's change by (rank / max rank) ** this (0.5: Adam's pace)")
+    knobs = sim.add_argument_group("strategy settings", "each strategy's own settings (fedlora-server --strategies)")
+    settings = declared_settings()
+    for info in settings.values():
+        owners = ", ".join(n for n, c in STRATEGIES.items() if info.name in c.Settings.__dataclass_fields__)
+        knobs.add_argument(info.flag, dest=f"setting_{info.name}", type=_flag_type(info.kind), default=None,
+                           metavar=info.kind.__name__.upper(), help=f"{owners}: {info.describe()}")
     sim.add_argument("--max-length", type=int, default=128)
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--out", default="runs/latest", help="report folder")
@@ -56,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from simulator.run import SimulateConfig, run_simulation
 
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "verbose") and v is not None}
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("command", "verbose") and not k.startswith("setting_") and v is not None}
+    values["strategy_settings"] = {name: getattr(args, f"setting_{name}") for name in settings
+                                   if getattr(args, f"setting_{name}") is not None}
     try:
         run_simulation(SimulateConfig(**values))
     except FedloraError as exc:

@@ -53,9 +53,8 @@ class SimulateConfig:
     rank: the LoRA rank of every device; ``ranks`` instead gives a mix, assigned to devices in
         turn (device i trains ``ranks[i % len(ranks)]``), for the rank-aware strategies.
     strategy: aggregation strategy (fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flexlora-delta, flora, fedex-lora).
-    prune_threshold: HetLoRA rank self-pruning on the devices (0: off; see ServerConfig).
-    rank_norm_power: flexlora-delta: each device's change divided by its rank's pace
-        ``(rank / max rank) ** power`` (0: off; see ServerConfig).
+    strategy_settings: the strategy's own settings (``ServerConfig.strategy_settings``), e.g.
+        ``{"prune_threshold": 0.1}`` for hetlora; ``fedlora simulate`` has a flag for each.
     lr_rank_power: mixed ranks: rank-r devices train at ``lr * (max rank / r) ** power``
         (0: off; see ``server.config.TrainSettings``).
     codec / head_codec / downlink_codec: uplink codec, the uplink codec of the classifier head
@@ -81,8 +80,7 @@ class SimulateConfig:
     rank: int = 8
     ranks: tuple[int, ...] = ()
     strategy: str = "fedavg"
-    prune_threshold: float = 0.0
-    rank_norm_power: float = 0.0
+    strategy_settings: dict = field(default_factory=dict)
     max_length: int = 128
     broker: str | None = None
     out: Path = Path("runs/latest")
@@ -115,10 +113,9 @@ class SimulateConfig:
             raise ConfigError("rounds must be >= 1")
         if self.alpha <= 0:
             raise ConfigError("alpha must be positive")
-        from server.config import STRATEGIES
+        from server.strategies import strategy_settings
 
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        strategy_settings(self.strategy, self.strategy_settings)  # fails here, before any export
         self.ranks = tuple(int(r) for r in self.ranks) or (int(self.rank),)
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")
@@ -235,7 +232,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                             lr_rank_power=cfg.lr_rank_power), uplink_codec=cfg.codec,
         uplink_head_codec=cfg.head_codec, strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
-        prune_threshold=cfg.prune_threshold, rank_norm_power=cfg.rank_norm_power,
+        strategy_settings=dict(cfg.strategy_settings),
     )
     if (out / "aggregator").exists():
         import shutil

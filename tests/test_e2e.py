@@ -71,7 +71,8 @@ def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bu
     # one mixed-rank job also runs the rank-dependent lr and the rank-normalized average
     power = 0.5 if strategy == "flexlora-delta" else 0.0
     cfg = _small(tmp_path, minilm_bundles, edge_python, broker=mosquitto.url, split="iid", strategy=strategy,
-                 ranks=ranks, centralized=False, lr_rank_power=power, rank_norm_power=power)
+                 ranks=ranks, centralized=False, lr_rank_power=power,
+                 strategy_settings={"rank_norm_power": power} if power else {})
     if len(ranks) == 1:
         cfg.bundle = minilm_bundles / f"r{ranks[0]}"
     result = run_simulation(cfg)
@@ -103,7 +104,7 @@ def test_hetlora_devices_prune_their_rank_and_keep_training(tmp_path, minilm_bun
     import re
 
     cfg = _small(tmp_path, minilm_bundles, edge_python, broker=mosquitto.url, split="iid", strategy="hetlora",
-                 ranks=(2, 4, 8), prune_threshold=0.99)
+                 ranks=(2, 4, 8), strategy_settings={"prune_threshold": 0.99})
     result = run_simulation(cfg)
     _check_run(result, cfg.out)
     events = [json.loads(line) for line in (cfg.out / "aggregator" / "events.jsonl").read_text().splitlines()]

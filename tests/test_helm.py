@@ -21,6 +21,7 @@ import yaml
 
 from helm_tools import CHART, helm_binary, readme_with_table, undocumented
 from server.config import STRATEGIES, ServerConfig
+from server.strategies import STRATEGIES as STRATEGY_CLASSES
 
 VALUE_SETS = {"default": None, **{p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))}}
 KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")  # the chart's kubeVersion floor, and the newest schemas
@@ -122,6 +123,8 @@ WRONG_VALUES = {
     "config: {rounds: {norm_bound: drop}}": "config.rounds.norm_bound: config.rounds.norm_bound must be one of",
     "config: {device_limits: {partials_per_device: 0}}": "config.device_limits.partials_per_device: Must be greater",
     "config: {device_limits: {messages_per_second: 5}}": "Additional property messages_per_second is not allowed",
+    "config: {strategy_settings: {rank_norm_power: [1]}}": "config.strategy_settings.rank_norm_power: Invalid type",
+    "config: {strategy_settings: {Rank-Norm: 1}}": "config.strategy_settings: Does not match pattern",
     "broker: {tls: {generated: {ipAddresses: [mqtt.example.com]}}}": "broker.tls.generated.ipAddresses.0: Does not match",
 }
 
@@ -189,6 +192,21 @@ def test_rendered_config_is_a_valid_server_config(rendered, name):
     assert cfg.exit_when_finished is False  # an exit would restart the pod
     assert cfg.kubernetes.leader_election and cfg.kubernetes.events
     assert cfg.kubernetes.lease_name == "rel-fedlora-aggregator"
+
+
+@pytest.mark.parametrize("name, setting", [(n, i) for n, c in STRATEGY_CLASSES.items() for i in c.Settings.declared()],
+                         ids=lambda v: v if isinstance(v, str) else v.name)
+def test_every_strategy_setting_reaches_the_aggregator_through_the_chart(tmp_path, name, setting):
+    """Walks the strategies' declarations: a new setting is covered with no change to the chart."""
+    from core.config import build
+    from test_strategy_settings import other_value
+
+    value = other_value(setting)
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": {"strategy": name, "strategy_settings": {setting.name: value}}}))
+    config = server_yaml(render(values))
+    assert config["strategy_settings"] == {setting.name: value}
+    assert build(ServerConfig, config, where="server.yaml").strategy_settings[setting.name] == value
 
 
 def test_device_limits_reach_the_aggregator_config():

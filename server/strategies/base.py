@@ -27,10 +27,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
 from core.errors import BundleError, ConfigError, UpdateRejected
+from server.strategies.settings import StrategySettings
 
 
 @dataclass(frozen=True)
@@ -215,24 +217,33 @@ class Strategy(abc.ABC):
             name -> shape mapping is read with ``AdapterLayout.from_shapes``).
         rank: required. The one rank every device trains (strategies with ``same_rank``) or the
             largest rank a device may train and the rank of the global adapter (the others).
+        **settings: the strategy's own settings, as declared in its ``Settings`` (see
+            ``server.strategies.settings``); validated here, kept as ``self.settings``.
 
-    Class attributes a subclass sets: ``name`` (registry key), ``trains_a`` (False: the
-    device's A stays at its initial value and is never sent), ``uploads_b`` (False: B stays on
-    the device), ``same_rank`` (True: updates of another rank are rejected).
+    Class attributes a subclass sets: ``name`` (registry key), ``Settings`` (its declared
+    settings; none by default), ``trains_a`` (False: the device's A stays at its initial value
+    and is never sent), ``uploads_b`` (False: B stays on the device), ``same_rank`` (True:
+    updates of another rank are rejected).
     """
 
     name = ""
+    Settings: ClassVar[type[StrategySettings]] = StrategySettings
     trains_a = True
     uploads_b = True
     same_rank = True
 
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int):
+    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, **settings: Any):
         if not isinstance(layout, AdapterLayout):
             layout = AdapterLayout.from_shapes(layout)
         if int(rank) < 1:
             raise ConfigError(f"{self.name}: rank must be >= 1, got {rank}")
         self.layout = layout
         self.rank = int(rank)
+        self.settings = self.Settings.build(settings, self.name)
+
+    def device_settings(self) -> dict[str, Any]:
+        """What the round announcement tells devices about this strategy's settings."""
+        return self.settings.device_values()
 
     # -- checks --------------------------------------------------------------------------
     def check(self, update: ClientUpdate) -> None:

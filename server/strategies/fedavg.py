@@ -7,18 +7,18 @@ Building the Federated GPT: Federated Instruction Tuning" (FedIT), ICASSP 2024.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from server.strategies.base import (
-    AdapterLayout,
     ClientUpdate,
     GlobalModel,
     Partial,
     Strategy,
     weighted_sum_into,
 )
+from server.strategies.settings import Range, StrategySettings, setting
 
 __all__ = ["FedAvg", "weighted_sum_into"]
 
@@ -35,14 +35,21 @@ class FedAvg(Strategy):
     Parameters:
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
         rank: required; the one rank every device trains (the bundle manifest's rank).
-        server_lr: step size towards the average (default 1.0: plain FedAvg).
+        server_lr: see ``Settings``.
     """
 
     name = "fedavg"
 
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, server_lr: float = 1.0):
-        super().__init__(layout, rank)
-        self.server_lr = float(server_lr)
+    @dataclass(frozen=True)
+    class Settings(StrategySettings):
+        server_lr: float = setting(1.0, range=Range(0.0, 10.0, lo_open=True),
+                                   help="server learning rate: step towards the devices' average (1: plain FedAvg)")
+
+    settings: Settings
+
+    @property
+    def server_lr(self) -> float:
+        return self.settings.server_lr
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         weighted_sum_into(sums, {t: update.tensors[t] for m in self.layout.modules for t in (m.a, m.b)}, n)

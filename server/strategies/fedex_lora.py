@@ -7,12 +7,10 @@ Foundation Models"), ACL 2025.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import numpy as np
 
 from server.strategies.base import (
-    AdapterLayout,
     ClientUpdate,
     GlobalModel,
     Partial,
@@ -47,9 +45,6 @@ class FedExLoRA(Strategy):
     """
 
     name = "fedex-lora"
-
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int):
-        super().__init__(layout, rank)
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         terms = {}

@@ -7,14 +7,13 @@ Large Language Models under Heterogeneous Tasks and Client Resources", NeurIPS 2
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from core.errors import ConfigError
 from core.protocol import BASE_A_PREFIX, BASE_B_PREFIX
 from server.strategies.base import (
-    AdapterLayout,
     ClientUpdate,
     GlobalModel,
     LoraModule,
@@ -23,6 +22,7 @@ from server.strategies.base import (
     module_product,
     weighted_sum_into,
 )
+from server.strategies.settings import Range, StrategySettings, setting
 
 
 def svd_factors(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -75,9 +75,6 @@ class FlexLoRA(Strategy):
 
     name = "flexlora"
     same_rank = False
-
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int):
-        super().__init__(layout, rank)
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         weighted_sum_into(sums, {m.key("BA"): module_product(update, m) for m in self.layout.modules}, n)
@@ -139,16 +136,23 @@ class FlexLoRADelta(FlexLoRA):
     Parameters:
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
         rank: required; the global adapter's rank, the largest a device may train.
-        rank_norm_power: exponent of the rank normalization, in [0, 2] (default 0.0: off).
+        rank_norm_power: see ``Settings``.
     """
 
     name = "flexlora-delta"
 
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, rank_norm_power: float = 0.0):
-        super().__init__(layout, rank)
-        if not 0 <= rank_norm_power <= 2:
-            raise ConfigError(f"{self.name}: rank_norm_power must be in [0, 2], got {rank_norm_power}")
-        self.rank_norm_power = float(rank_norm_power)
+    @dataclass(frozen=True)
+    class Settings(StrategySettings):
+        rank_norm_power: float = setting(
+            0.0, range=Range(0.0, 2.0),
+            help="flexlora-delta's rank normalization: each device's change counts divided by "
+                 "(rank / top rank) ** this, its rank's pace (0: off; 0.5 matches Adam)")
+
+    settings: Settings
+
+    @property
+    def rank_norm_power(self) -> float:
+        return self.settings.rank_norm_power
 
     def pace(self, rank: int) -> float:
         """tau of a device of ``rank``: ``(rank / self.rank) ** rank_norm_power``."""

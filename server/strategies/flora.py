@@ -81,8 +81,8 @@ class FLoRA(Strategy):
     name = "flora"
     same_rank = False
 
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, seed: int = 0):
-        super().__init__(layout, rank)
+    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, seed: int = 0, **settings):
+        super().__init__(layout, rank, **settings)
         self.seed = int(seed)
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:

@@ -6,20 +6,20 @@ Federated Fine-tuning of On-Device Foundation Models", EMNLP 2024 (arXiv:2401.06
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from core.errors import ConfigError
 from core.lora import pad_a, pad_b
 from server.strategies.base import (
-    AdapterLayout,
     ClientUpdate,
     GlobalModel,
     Partial,
     Strategy,
     weighted_sum_into,
 )
+from server.strategies.settings import Range, StrategySettings, setting
 
 WEIGHTINGS = ("sparsity", "examples")
 
@@ -44,7 +44,7 @@ class HetLoRA(Strategy):
     the top-r truncation ``A[:r]``, ``B[:, :r]`` (``for_device``). Head tensors: the
     example-weighted mean.
 
-    Rank self-pruning happens on the device (``prune_threshold``, sent in the round
+    Rank self-pruning happens on the device (the ``prune_threshold`` setting, sent in the round
     announcement): after local training it gives up trailing components that carry little
     of its update (``core.lora.pruned_rank``), zeroes them, announces the smaller rank
     and from then on downloads, trains and sends that truncation. Its last update at the old
@@ -54,17 +54,27 @@ class HetLoRA(Strategy):
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
         rank: required; the global adapter's rank, the largest a device may train (the top of
             the exported rank ladder).
-        weighting: ``"sparsity"`` (default) or ``"examples"``, as above.
+        weighting, prune_threshold: see ``Settings``.
     """
 
     name = "hetlora"
     same_rank = False
 
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, weighting: str = "sparsity"):
-        super().__init__(layout, rank)
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(f"hetlora: weighting must be one of {WEIGHTINGS}, not {weighting!r}")
-        self.weighting = weighting
+    @dataclass(frozen=True)
+    class Settings(StrategySettings):
+        weighting: str = setting("sparsity", choices=WEIGHTINGS,
+                                 help="how updates are weighted: sparsity (the paper's ||B_i A_i||_F per module) or "
+                                      "examples (n_i, plain zero-padding)")
+        prune_threshold: float = setting(
+            0.0, range=Range(0.0, 1.0, hi_open=True), device=True,
+            help="HetLoRA's rank self-pruning: devices give up trailing rank components weaker than this "
+                 "fraction of their strongest (0: off)")
+
+    settings: Settings
+
+    @property
+    def weighting(self) -> str:
+        return self.settings.weighting
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         for m in self.layout.modules:
