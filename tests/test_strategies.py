@@ -364,6 +364,18 @@ def test_flora_reinit_is_seeded_per_version_and_bounded():
     assert not np.allclose(a, reinit_a(M, 4, seed=0, version=2))
 
 
+def test_flora_seed_setting_picks_the_fresh_a_and_leaves_the_fold_alone():
+    rng = np.random.default_rng(5)
+    glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
+    updates = [upd("d1", 1, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))]
+    seeded = {seed: run(make_strategy("flora", LAYOUT, rank=2, init_seed=seed), glob, updates) for seed in (0, 7)}
+    np.testing.assert_array_equal(seeded[7].tensors[M.a], reinit_a(M, 2, seed=7, version=1).astype(np.float32))
+    assert not np.allclose(seeded[0].tensors[M.a], seeded[7].tensors[M.a])
+    np.testing.assert_array_equal(seeded[0].base_delta[M.base], seeded[7].base_delta[M.base])
+    with pytest.raises(ConfigError, match="init_seed"):
+        make_strategy("flora", LAYOUT, rank=2, init_seed=-1)
+
+
 @pytest.mark.parametrize("name", ["flora", "fedex-lora"])
 def test_folding_strategies_make_effective_weights_the_mean_of_the_devices(name):
     """W + base_delta + scale B A after aggregation == sum_i p_i (W + base_delta_old + scale B_i A_i)."""

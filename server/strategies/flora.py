@@ -8,13 +8,13 @@ NeurIPS 2024 (arXiv:2409.05976).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from core.errors import ConfigError
 from server.strategies.base import (
-    AdapterLayout,
     ClientUpdate,
     GlobalModel,
     LoraModule,
@@ -23,6 +23,7 @@ from server.strategies.base import (
     module_product,
     weighted_sum_into,
 )
+from server.strategies.settings import Range, StrategySettings, setting
 
 
 def stack(a_list: Sequence[np.ndarray], b_list: Sequence[np.ndarray],
@@ -74,16 +75,23 @@ class FLoRA(Strategy):
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
         rank: required; the global adapter's rank, the largest a device may train (the top of
             the exported rank ladder).
-        seed: seed of the adapters' re-initialisation (default 0), combined with the model
-            version so each round's A differs and is reproducible.
+        init_seed: see ``Settings``.
     """
 
     name = "flora"
     same_rank = False
 
-    def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, seed: int = 0, **settings):
-        super().__init__(layout, rank, **settings)
-        self.seed = int(seed)
+    @dataclass(frozen=True)
+    class Settings(StrategySettings):
+        init_seed: int = setting(0, range=Range(0, 2**32 - 1),
+                            help="seed of the fresh A drawn after each fold, combined with the model version so "
+                                 "each round's A differs and a job is reproducible")
+
+    settings: Settings
+
+    @property
+    def seed(self) -> int:
+        return self.settings.init_seed
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         weighted_sum_into(sums, {m.key("BA"): module_product(update, m) for m in self.layout.modules}, n)
