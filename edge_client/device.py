@@ -173,6 +173,12 @@ def round_lr(train: TrainInfo, global_rank: int, rank: int) -> float:
     return lr * (max(global_rank, rank) / rank) ** power
 
 
+def update_delta(local: dict[str, np.ndarray], start_from: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """The change from exactly what the aggregator sent, at ``rank``: a personal B (FedSA-LoRA)
+    or a frozen A (FFA-LoRA) is not in ``start_from`` and is not sent back."""
+    return truncate_rank({name: local[name] - start_from[name] for name in start_from}, rank)
+
+
 class Device:
     def __init__(self, cfg: DeviceConfig, link: MqttLink | None = None):
         self.cfg = cfg
@@ -316,60 +322,94 @@ class Device:
         """Train on the announced global adapter and return the encoded update envelope."""
         train, strategy = ann.train, ann.strategy
         assert train is not None and strategy is not None
-        steps = train.local_steps
-        if self.cfg.max_local_steps:
-            steps = min(steps, self.cfg.max_local_steps)
+        steps = self._local_steps(train)
         lr = round_lr(train, ann.rank, self.rank)
         log.info("round %s: training %d local steps (batch %s, lr %g)", ann.round, steps, train.batch_size, lr)
         start = time.perf_counter()
+        start_from = self._start_from_global()
+        losses, times = self._train_local_steps(ann.round, train.batch_size, steps, lr, keep_a=not strategy.trains_a)
+        sent_rank = self.rank
+        local, new_rank = self._prune_rank(self.trainer.get_adapter(), strategy.prune_threshold)
+        self.state.save_adapter(local)
+        metrics = self._round_metrics(losses, times, steps, start, train.batch_size)
+        env = self._update_envelope(ann, update_delta(local, start_from, sent_rank), sent_rank, metrics)
+        log.info("round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"])
+        self.rounds_trained += 1
+        payload = self._encode_update(env)
+        if new_rank < sent_rank:
+            self._switch_rank(new_rank)
+        return payload
+
+    def _local_steps(self, train: TrainInfo) -> int:
+        """The announced local steps, capped by ``max_local_steps`` for a slow device."""
+        return min(train.local_steps, self.cfg.max_local_steps) if self.cfg.max_local_steps else train.local_steps
+
+    def _start_from_global(self) -> dict[str, np.ndarray]:
+        """Load the received global adapter (padded to the bundle's rank) into the trainer; returns
+        what the update's delta is taken against."""
         assert self.global_tensors is not None
-        start_from = self.trainer.apply_global(pad_rank(self.global_tensors, self.manifest.shapes))
-        # FFA-LoRA keeps A at its initial value: restore it after every step (cheap: A is small).
-        frozen = {} if strategy.trains_a else {
-            p.name: v for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values()) if p.role == "lora_A"}
+        return self.trainer.apply_global(pad_rank(self.global_tensors, self.manifest.shapes))
+
+    def _train_local_steps(self, round_no: int, batch_size: int, steps: int, lr: float,
+                           keep_a: bool) -> tuple[list[float], list[float]]:
+        """``steps`` optimizer steps on local batches (drawn with the device's seed and the round);
+        returns each step's loss and seconds."""
+        # FFA-LoRA (keep_a) keeps A at its initial value: restore it after every step (cheap: A is small).
+        frozen = {p.name: v for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values())
+                  if p.role == "lora_A"} if keep_a else {}
         self.trainer.set_learning_rate(lr)
-        rng = np.random.default_rng([self.cfg.seed, ann.round])
+        rng = np.random.default_rng([self.cfg.seed, round_no])
         losses, times = [], []
-        for batch in self.data.train.sample_batches(train.batch_size, steps, rng):
+        for batch in self.data.train.sample_batches(batch_size, steps, rng):
             t0 = time.perf_counter()
             losses.append(self.trainer.train_step(batch))
             if frozen:
                 self.trainer.set_adapter(frozen)
             times.append(time.perf_counter() - t0)
-        local = self.trainer.get_adapter()
-        sent_rank, threshold = self.rank, strategy.prune_threshold
+        return losses, times
+
+    def _prune_rank(self, local: dict[str, np.ndarray], threshold: float) -> tuple[dict[str, np.ndarray], int]:
+        """HetLoRA self-pruning (``threshold`` > 0): the rank this device keeps, and the adapter
+        with the given-up components zeroed (also in the trainer)."""
         new_rank = pruned_rank(local, self.rank, threshold) if threshold > 0 else self.rank
         if new_rank < self.rank:
             # This update, at the old rank, carries the zeroed tail: under HetLoRA's
             # zero-padding that is the same as sending the truncation.
             local = pad_rank(truncate_rank(local, new_rank), self.manifest.shapes)
             self.trainer.set_adapter(local)
-        self.state.save_adapter(local)
+        return local, new_rank
+
+    def _round_metrics(self, losses: list[float], times: list[float], steps: int, start: float,
+                       batch_size: int) -> dict:
+        """What the update reports: training loss and time, local evaluation, peak memory."""
         metrics = {"train_loss": float(np.mean(losses[-max(1, len(losses) // 2):])), "steps": steps,
                    "step_time_s": statistics.median(times), "train_seconds": time.perf_counter() - start}
-        if self.data.test is not None:
-            # Evaluate at the training batch size: a larger batch would raise the peak memory
-            # above what the rank was chosen for.
-            result = self.trainer.evaluate(self.data.test, batch_size=train.batch_size)
-            metrics.update(eval_loss=result["loss"], eval_accuracy=result["accuracy"], eval_examples=result["examples"])
+        metrics.update(self._evaluate(batch_size))
         metrics["peak_rss_bytes"] = peak_rss_bytes()
-        # The delta of exactly what the aggregator sent: a personal B (FedSA-LoRA) or a frozen A
-        # (FFA-LoRA) is not sent back.
-        delta = truncate_rank({name: local[name] - start_from[name] for name in start_from}, sent_rank)
+        return metrics
+
+    def _evaluate(self, batch_size: int) -> dict:
+        """Loss and accuracy on the local test data (none: no metrics)."""
+        if self.data.test is None:
+            return {}
+        # Evaluate at the training batch size: a larger batch would raise the peak memory
+        # above what the rank was chosen for.
+        result = self.trainer.evaluate(self.data.test, batch_size=batch_size)
+        return {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "eval_examples": result["examples"]}
+
+    def _update_envelope(self, ann: Announcement, delta: dict[str, np.ndarray], rank: int, metrics: dict) -> Envelope:
+        """The update of round ``ann``, in the announced codecs (the head's own, if announced)."""
         head_codec = ann.head_codec
         head = {p.name for p in self.manifest.trainable if p.role == "head"}
-        env = Envelope(kind="update", job=self.cfg.job, round=ann.round, sender=self.cfg.device_id,
-                       rank=sent_rank, codec=ann.codec, tensors=delta,
-                       num_examples=len(self.data.train), metrics=metrics, base_version=ann.global_version,
-                       tensor_codecs={name: head_codec for name in delta if name in head} if head_codec else {})
-        log.info("round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"])
-        self.rounds_trained += 1
+        return Envelope(kind="update", job=self.cfg.job, round=ann.round, sender=self.cfg.device_id,
+                        rank=rank, codec=ann.codec, tensors=delta,
+                        num_examples=len(self.data.train), metrics=metrics, base_version=ann.global_version,
+                        tensor_codecs={name: head_codec for name in delta if name in head} if head_codec else {})
+
+    def _encode_update(self, env: Envelope) -> bytes:
         # What a lossy codec drops this round is kept and added to the next update.
         lossless = all(get_codec(c).lossless for c in {env.codec, *env.tensor_codecs.values()})
-        payload = encode_envelope(env) if lossless else encode_with_feedback(env, self.feedback)
-        if new_rank < sent_rank:
-            self._switch_rank(new_rank)
-        return payload
+        return encode_envelope(env) if lossless else encode_with_feedback(env, self.feedback)
 
     def _switch_rank(self, rank: int) -> None:
         """HetLoRA self-pruning gave components up: from now on download, train and send rank
