@@ -261,7 +261,16 @@ class Device:
         complete = self.reassembler.add("delta" if delta else "full", payload)
         if complete is None:
             return
-        env = decode_envelope(complete, self.global_limits)
+        env = self._decode_global(complete)
+        if delta:
+            self._apply_global_delta(env)
+        elif self.global_version is None or env.round >= self.global_version:
+            self.global_version, self.global_tensors = env.round, env.tensors
+
+    def _decode_global(self, payload: bytes) -> Envelope:
+        """A global envelope of this job whose adapter has this device's shapes at its rank; else
+        ProtocolError."""
+        env = decode_envelope(payload, self.global_limits)
         frozen_changes(env.tensors)  # factored changes to frozen weights must pair up
         if env.kind != "global" or env.job != self.cfg.job:
             raise ProtocolError(f"a {env.kind} envelope of job {env.job!r} on a global topic of job {self.cfg.job!r}")
@@ -270,18 +279,20 @@ class Device:
         if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in adapter.items()):
             raise ProtocolError(f"global adapter version {env.round} (rank {env.rank}) does not match this bundle's "
                                 f"tensors at rank {self.rank}")
-        if delta:
-            held = self.global_tensors
-            if held is None or env.base_version != self.global_version or set(env.tensors) != set(held):
-                if self.global_version is None or env.round > self.global_version:
-                    self.link.subscribe(self.topics.global_filter(self.rank))  # behind: fetch the full copy
-                return
-            self.global_version = env.round
-            self.global_tensors = {k: (held[k] + env.tensors[k]).astype(np.float32) for k in held}
-            # Deltas work for us: stop downloading full copies until we fall behind again.
-            self.link.unsubscribe(self.topics.global_filter(self.rank))
-        elif self.global_version is None or env.round >= self.global_version:
-            self.global_version, self.global_tensors = env.round, env.tensors
+        return env
+
+    def _apply_global_delta(self, env: Envelope) -> None:
+        """Add a change to the global copy we hold; one that is not against it is dropped, and if
+        it is newer we fetch the full copy again."""
+        held = self.global_tensors
+        if held is None or env.base_version != self.global_version or set(env.tensors) != set(held):
+            if self.global_version is None or env.round > self.global_version:
+                self.link.subscribe(self.topics.global_filter(self.rank))  # behind: fetch the full copy
+            return
+        self.global_version = env.round
+        self.global_tensors = {k: (held[k] + env.tensors[k]).astype(np.float32) for k in held}
+        # Deltas work for us: stop downloading full copies until we fall behind again.
+        self.link.unsubscribe(self.topics.global_filter(self.rank))
 
     def _handle_ack(self, payload: bytes, received_at: float) -> None:
         ack = parse_ack(payload)
@@ -463,29 +474,41 @@ class Device:
             log.warning("resending missing chunks failed, will retry: %s", exc)
 
     def step(self) -> None:
+        self._drop_stale_pending()
+        due = self.due_round()
+        if due is not None and not self._take_round(due):
+            return
+        self.send_pending()
+        self.resync_if_stale()
+
+    def _drop_stale_pending(self) -> None:
+        """A later round is open: the pending update's round closed and will never take it."""
         ann = self.announcement
         if self.state.pending_round is not None and ann and ann.is_open and ann.round > self.state.pending_round:
             log.warning("round %s closed before our update was acknowledged; dropping it", self.state.pending_round)
             self.state.clear_pending(None)
-        due = self.due_round()
-        if due is not None:
-            if time.time() > due.deadline:
-                log.warning("round %s: deadline passed before training started; skipping", due.round)
-                self.state.last_round = due.round
-                self.state.save()
-            else:
-                try:
-                    payload = self.train_round(due)
-                except Exception:  # what an announcement made training do must not crash-loop the device
-                    log.exception("round %s: training failed; skipping the round", due.round)
-                    self.state.last_round = due.round
-                    self.state.save()
-                    return
-                self.state.set_pending(due.round, payload)
-                self.feedback.save(self.state.feedback_path)  # after the payload it belongs to
-                self._sent_at = None
-        self.send_pending()
-        self.resync_if_stale()
+
+    def _take_round(self, due: Announcement) -> bool:
+        """Train the due round and keep its update as pending (persisted before it is sent), or skip
+        the round if its deadline passed. False when training failed (the round is skipped too)."""
+        if time.time() > due.deadline:
+            log.warning("round %s: deadline passed before training started; skipping", due.round)
+            self._skip_round(due.round)
+            return True
+        try:
+            payload = self.train_round(due)
+        except Exception:  # what an announcement made training do must not crash-loop the device
+            log.exception("round %s: training failed; skipping the round", due.round)
+            self._skip_round(due.round)
+            return False
+        self.state.set_pending(due.round, payload)
+        self.feedback.save(self.state.feedback_path)  # after the payload it belongs to
+        self._sent_at = None
+        return True
+
+    def _skip_round(self, round_no: int) -> None:
+        self.state.last_round = round_no
+        self.state.save()
 
     def resync_if_stale(self) -> None:
         if time.monotonic() - self._last_progress < RESYNC_AFTER_S or not self.link.connected.is_set():
@@ -503,10 +526,7 @@ class Device:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         self.link.on_connect_hooks.append(self._announce_online)
-        self.link.subscribe(self.topics.round)
-        self.link.subscribe(self.topics.global_filter(self.rank))
-        self.link.subscribe(self.topics.delta_filter(self.rank))
-        self.link.subscribe(self.topics.ack(self.cfg.device_id))
+        self._subscribe()
         if not self.link.connected.is_set():
             self.link.connect_retrying(stop)
             if stop.is_set():
@@ -514,20 +534,34 @@ class Device:
         log.info("device %s online: %d training examples, rank %d", self.cfg.device_id, len(self.data.train), self.rank)
         try:
             while not stop.is_set():
-                try:
-                    msg = self.link.inbox.get(timeout=0.5)
-                    self.handle(msg.topic, msg.payload, msg.received_at)
-                    while not self.link.inbox.empty():
-                        msg = self.link.inbox.get_nowait()
-                        self.handle(msg.topic, msg.payload, msg.received_at)
-                except Exception as exc:  # queue.Empty, or a handler bug we log and survive
-                    if type(exc).__name__ != "Empty":
-                        log.exception("error handling a message")
+                self._handle_inbox(timeout=0.5)
                 self.step()
                 if self.cfg.exit_when_finished and self.finished():
                     log.info("job %s finished", self.cfg.job)
                     break
         finally:
-            self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(Presence.OFFLINE), retain=True)
-            time.sleep(0.1)
-            self.link.close()
+            self._go_offline()
+
+    def _subscribe(self) -> None:
+        """The job's round, the global adapter at this device's rank (full and delta), our acks."""
+        self.link.subscribe(self.topics.round)
+        self.link.subscribe(self.topics.global_filter(self.rank))
+        self.link.subscribe(self.topics.delta_filter(self.rank))
+        self.link.subscribe(self.topics.ack(self.cfg.device_id))
+
+    def _handle_inbox(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a message, then handle it and whatever else arrived."""
+        try:
+            msg = self.link.inbox.get(timeout=timeout)
+            self.handle(msg.topic, msg.payload, msg.received_at)
+            while not self.link.inbox.empty():
+                msg = self.link.inbox.get_nowait()
+                self.handle(msg.topic, msg.payload, msg.received_at)
+        except Exception as exc:  # queue.Empty, or a handler bug we log and survive
+            if type(exc).__name__ != "Empty":
+                log.exception("error handling a message")
+
+    def _go_offline(self) -> None:
+        self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(Presence.OFFLINE), retain=True)
+        time.sleep(0.1)
+        self.link.close()
