@@ -55,7 +55,7 @@ def apply_env_file(path: str | None, config: str | None) -> str | None:
     """Load ``KEY=VALUE`` credentials into the environment (variables already set win).
 
     Default: ``credentials.env`` beside the config, where install.sh puts it."""
-    from edge_client.packaging import read_env_file
+    from edge_client.flashing.layout import read_env_file
 
     if path is None and config:
         beside = Path(config).parent / "credentials.env"
@@ -93,7 +93,7 @@ def _doctor(args) -> int:
 
 
 def _bundle(args) -> int:
-    from edge_client.packaging import BundleOptions, build_bundle
+    from edge_client.flashing.build import BundleOptions, build_bundle, default_cache_dir
 
     opts = BundleOptions(artifacts=args.artifacts, config=args.config, output=args.output, rank=args.rank,
                          platform=args.platform, python_version=args.python_version, ort_wheel=args.ort_wheel,
@@ -101,8 +101,6 @@ def _bundle(args) -> int:
                          client_wheel=args.client_wheel,
                          cache_dir=args.cache, constraints=args.constraints, compress_level=args.compress_level)
     if opts.cache_dir is None:
-        from edge_client.packaging import default_cache_dir
-
         opts.cache_dir = default_cache_dir()
     doc = build_bundle(opts)
     wheels = sum(info["size"] for name, info in doc["files"].items() if name.startswith("wheelhouse/"))

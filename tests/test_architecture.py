@@ -83,3 +83,45 @@ def test_the_checker_sees_function_level_imports(tmp_path):
 def test_no_product_package_imports_the_test_and_benchmark_kit(path):
     # devkit is installed nowhere (no distribution carries it): the product must run without it
     assert "devkit" not in imports(path), f"{path.relative_to(ROOT)} imports devkit, the kit of bench/ and tests/"
+
+
+def test_the_device_installer_needs_only_the_standard_library():
+    """install.sh runs ``edge_client.flashing.install`` from the client wheel before the venv
+    exists, so it and every fedlora module it reaches (package ``__init__``s included) may import
+    the standard library only."""
+
+    def module_file(name: str) -> Path | None:
+        base = ROOT.joinpath(*name.split("."))
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+        return None
+
+    def module_imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)  # submodules, if any
+        return names
+
+    seen, todo, foreign = set(), ["edge_client.flashing.install"], {}
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for module in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # a.b.c runs a and a.b first
+            if module in seen or module_file(module) is None:
+                continue
+            seen.add(module)
+            path = module_file(module)
+            for imported in module_imports(path):
+                top = imported.split(".")[0]
+                if module_file(top) is not None:
+                    todo.append(imported)
+                elif not stdlib(top):
+                    foreign.setdefault(str(path.relative_to(ROOT)), set()).add(top)
+    assert "core.bundle" in seen and "edge_client.flashing.layout" in seen  # the walk follows fedlora's imports
+    assert not foreign, f"the device installer reaches {foreign}; it must run on the standard library alone"

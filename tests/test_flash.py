@@ -37,7 +37,7 @@ LOCAL_STEPS = 40  # a few seconds of training per round on 1 thread: long enough
 # ---------------------------------------------------------------------------------------------
 
 def test_platform_tags_include_older_manylinux():
-    from edge_client.packaging import expand_platform, platform_machine
+    from edge_client.flashing.build import expand_platform, platform_machine
 
     tags = expand_platform("manylinux_2_28_x86_64")
     assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_17_x86_64" in tags
@@ -52,7 +52,7 @@ def test_platform_tags_include_older_manylinux():
 
 
 def test_a_from_source_ort_wheel_replaces_the_pypi_one():
-    from edge_client.packaging import plan_download
+    from edge_client.flashing.build import plan_download
 
     reqs = ["numpy>=1.24", "paho-mqtt<3,>=2.1", "tokenizers>=0.15", "onnxruntime-training-cpu==1.19.2"]
     ort = Path("/wheels/onnxruntime_training-1.19.2+cpu-cp311-cp311-linux_aarch64.whl")
@@ -64,7 +64,7 @@ def test_a_from_source_ort_wheel_replaces_the_pypi_one():
 
 
 def test_credentials_env_round_trip(tmp_path):
-    from edge_client.packaging import format_env_file, read_env_file
+    from edge_client.flashing.layout import format_env_file, read_env_file
 
     env = {"FEDLORA_DEVICE_BROKER_PASSWORD": 'p "a" $s #1\\', "FEDLORA_DEVICE_BROKER_USERNAME": "dev-1"}
     path = tmp_path / "credentials.env"
@@ -141,7 +141,7 @@ def test_doctor_fails_a_clock_behind_the_bundle():
 @pytest.fixture(scope="module")
 def client_wheel(tmp_path_factory) -> Path:
     """``pip wheel --no-deps`` of this checkout, once for the module's bundles."""
-    from edge_client.packaging import build_client_wheel
+    from edge_client.flashing.build import build_client_wheel
 
     return build_client_wheel(tmp_path_factory.mktemp("client-wheel"))
 
@@ -150,8 +150,9 @@ def test_placeholder_bundle_for_a_memory_budget(tmp_path, minilm_bundles, client
     """A device class with a memory budget and per-device credentials: the rank is picked as the
     device would, the unit is capped and hardened, and a re-install keeps a provisioned device."""
     from core.bundle import Bundle
-    from edge_client.packaging import (PLACEHOLDER_MARK, BundleOptions, install_files, read_env_file, stage_bundle,
-                                       verify_tree)
+    from edge_client.flashing.build import BundleOptions, stage_bundle
+    from edge_client.flashing.install import install_files, verify_tree
+    from edge_client.flashing.layout import PLACEHOLDER_MARK, read_env_file
 
     ladder = json.loads((minilm_bundles / "ladder.json").read_text())["ranks"]
     peaks = {int(r): info["peak_rss_bytes"] for r, info in ladder.items()}
@@ -448,8 +449,8 @@ def test_slim_placeholder_bundle_installs_offline_and_is_provisioned_after(tmp_p
 def test_an_ort_wheel_file_is_bundled_in_place_of_the_pypi_requirement(tmp_path, minilm_bundle, client_wheel):
     """The --ort-wheel plumbing, with the PyPI wheel as the "from-source" file (no aarch64 here)."""
     from core.bundle import sha256_file
-    from edge_client.packaging import (DEFAULT_PLATFORM, BundleOptions, fetch_wheelhouse, plan_download,
-                                       stage_bundle, wheel_requirements)
+    from edge_client.flashing.build import (DEFAULT_PLATFORM, BundleOptions, fetch_wheelhouse, plan_download,
+                                            stage_bundle, wheel_requirements)
 
     reqs, tags = plan_download(wheel_requirements(client_wheel), DEFAULT_PLATFORM)
     ort = next(fetch_wheelhouse(reqs, tags, "3.11", ROOT / "constraints.txt", WHEEL_CACHE).glob("onnxruntime*.whl"))

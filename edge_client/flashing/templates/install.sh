@@ -58,7 +58,7 @@ found=$("$PY" -c 'import platform, sys; print("%d.%d-%s" % (sys.version_info[0],
 
 # 2. Every file of the bundle against BUNDLE-MANIFEST.json (stdlib only, from the client wheel).
 bundle_py() {
-  "$PY" -I -S -c 'import sys; sys.path.insert(0, sys.argv[1]); from edge_client.packaging import main; sys.exit(main(sys.argv[2:]))' \
+  "$PY" -I -S -c 'import sys; sys.path.insert(0, sys.argv[1]); from edge_client.flashing.install import main; sys.exit(main(sys.argv[2:]))' \
     "$FEDLORA_WHEEL" "$@"
 }
 bundle_py verify "$HERE"
@@ -91,7 +91,7 @@ fi
 set -- --source "$HERE" --prefix "$PREFIX" --state-dir "$STATE_DIR"
 if [ -n "${DATA:-}" ]; then set -- "$@" --data "$DATA"; fi
 if [ -n "$owner" ]; then set -- "$@" --user "$owner" --unit-path "$UNIT_DIR/$UNIT"; fi
-"$PREFIX/venv/bin/python" -I -m edge_client.packaging install-files "$@"
+"$PREFIX/venv/bin/python" -I -m edge_client.flashing.install install-files "$@"
 # shellcheck source=/dev/null
 . "$PREFIX/install.env"
 
