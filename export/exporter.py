@@ -441,63 +441,105 @@ def model_id(cfg: ExportConfig) -> str:
 
 
 def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir: Path) -> Path:
+    """One rank's bundle in ``output_dir/r<rank>``: training artifacts, tokenizer and manifest, then
+    the self-check and the step measurement recorded in the manifest; re-read and verified."""
     timings: dict[str, float] = {}
-    out = cfg.output_dir / f"r{rank}"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = _empty_dir(cfg.output_dir / f"r{rank}")
     wrapper, targets = build_peft(loaded, cfg, rank)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        with stage(f"r={rank}: torch.onnx.export", timings):
-            trainable, frozen = export_onnx(wrapper, cfg, onnx_path)
-        with stage(f"r={rank}: generate_artifacts", timings):
-            generate(onnx_path, trainable, frozen, loaded.task, out)
+    trainable, frozen = build_artifacts(wrapper, cfg, loaded.task, rank, out, timings)
     rewrites = {}
     if cfg.cpu_gradient_ops:
         rewrites = rewrite_cpu_gradients(out / "training_model.onnx")
         log(f"r={rank}: gradient kernels rewritten for multi-core CPUs: {rewrites}")
     shutil.copytree(tokenizer_dir, out / "tokenizer")
+    extra = {"model_type": loaded.model_type, "versions": _versions(), "export_seconds": timings,
+             "frozen_params": len(frozen), "gradient_rewrites": rewrites}
+    write_manifest(out, rank_manifest(loaded, cfg, rank, out, targets, param_specs(wrapper, trainable), extra).to_json())
+    if cfg.verify:
+        check = self_check(loaded, cfg, rank, wrapper, out, timings)
+        update_manifest(out, self_check=check, export_seconds=timings)
+    if cfg.measure:
+        memory = measure_rank(cfg, rank, out, timings)
+        update_manifest(out, memory=memory, export_seconds=timings)
+    Bundle(out)  # re-read and verify what we wrote
+    return out
+
+
+def _empty_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def build_artifacts(wrapper, cfg: ExportConfig, task: str, rank: int, out: Path,
+                    timings: dict[str, float]) -> tuple[list[str], list[str]]:
+    """The LoRA model exported to ONNX (in a scratch folder), then ORT's training, eval and
+    optimizer models and checkpoint in ``out``; returns the (trainable, frozen) graph names."""
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        with stage(f"r={rank}: torch.onnx.export", timings):
+            trainable, frozen = export_onnx(wrapper, cfg, onnx_path)
+        with stage(f"r={rank}: generate_artifacts", timings):
+            generate(onnx_path, trainable, frozen, task, out)
+    return trainable, frozen
+
+
+def param_specs(wrapper, trainable: list[str]) -> tuple[ParamSpec, ...]:
+    """Name, shape and role of each trainable parameter, in graph order."""
     params = dict((peft_key(n), p) for n, p in wrapper.named_parameters())
-    specs = tuple(ParamSpec(name, tuple(params[name].shape), role_of(name)) for name in trainable)
+    return tuple(ParamSpec(name, tuple(params[name].shape), role_of(name)) for name in trainable)
+
+
+def rank_manifest(loaded: LoadedModel, cfg: ExportConfig, rank: int, out: Path, targets: tuple[str, ...],
+                  specs: tuple[ParamSpec, ...], extra: dict) -> Manifest:
+    """The manifest of the bundle in ``out``, with the sha256 of every file already there."""
     files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    manifest = Manifest(
+    return Manifest(
         model_id=model_id(cfg), task=loaded.task, rank=rank, alpha=cfg.alpha_for(rank),
         targets=tuple(targets), max_length=cfg.max_length, pad_token_id=int(loaded.tokenizer.pad_token_id),
         trainable=specs, input_names=("input_ids", "attention_mask"), files=files, labels=loaded.labels,
-        tokenizer="tokenizer/tokenizer.json",
-        extra={"model_type": loaded.model_type, "versions": _versions(), "export_seconds": timings,
-               "frozen_params": len(frozen), "gradient_rewrites": rewrites},
+        tokenizer="tokenizer/tokenizer.json", extra=extra,
     )
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1) + "\n", encoding="utf-8")
-    if cfg.verify:
-        with stage(f"r={rank}: self-check (one step in PyTorch and ORT)", timings):
-            batch = verification_batch(loaded, cfg, loaded.model.config.vocab_size)
-            ort1, ort2 = ort_two_losses(out, batch, cfg.verify_lr)
-            pt1, pt2 = torch_two_losses(wrapper, batch, cfg.verify_lr)
-            check = {"torch_loss": [pt1, pt2], "ort_loss": [ort1, ort2],
-                     "rel_diff": [abs(ort1 - pt1) / max(abs(pt1), 1e-12), abs(ort2 - pt2) / max(abs(pt2), 1e-12)],
-                     "tolerance": cfg.verify_tolerance}
-            log(f"r={rank}: loss before step torch {pt1:.6f} ort {ort1:.6f}; after step torch {pt2:.6f} ort {ort2:.6f}")
-            if max(check["rel_diff"]) > cfg.verify_tolerance:
-                raise ExportError(
-                    f"self-check failed for rank {rank}: ORT and PyTorch losses differ by "
-                    f"{max(check['rel_diff']):.2e} relative (> {cfg.verify_tolerance:g}): {check}"
-                )
-        data = json.loads((out / MANIFEST_NAME).read_text())
-        data["self_check"] = check
-        data["export_seconds"] = timings
-        (out / MANIFEST_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    if cfg.measure:
-        with stage(f"r={rank}: measure one training step (batch {cfg.measure_batch} x {cfg.max_length})", timings):
-            memory = measure_step(out, cfg.measure_batch, cfg.max_length)
-        log(f"r={rank}: peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB, step {memory['step_time_s'] * 1000:.0f} ms")
-        data = json.loads((out / MANIFEST_NAME).read_text())
-        data["memory"] = memory
-        data["export_seconds"] = timings
-        (out / MANIFEST_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    Bundle(out)  # re-read and verify what we wrote
-    return out
+
+
+def write_manifest(out: Path, data: dict) -> None:
+    (out / MANIFEST_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def update_manifest(out: Path, **fields) -> None:
+    """Set top-level manifest fields (the self-check, the measurement) after the first write."""
+    data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    data.update(fields)
+    write_manifest(out, data)
+
+
+def self_check(loaded: LoadedModel, cfg: ExportConfig, rank: int, wrapper, bundle_dir: Path,
+               timings: dict[str, float]) -> dict:
+    """One training step in ORT and in PyTorch on the same batch: the losses before and after it
+    must agree within ``verify_tolerance`` (else ExportError). Returns the record for the manifest."""
+    with stage(f"r={rank}: self-check (one step in PyTorch and ORT)", timings):
+        batch = verification_batch(loaded, cfg, loaded.model.config.vocab_size)
+        ort1, ort2 = ort_two_losses(bundle_dir, batch, cfg.verify_lr)
+        pt1, pt2 = torch_two_losses(wrapper, batch, cfg.verify_lr)
+        check = {"torch_loss": [pt1, pt2], "ort_loss": [ort1, ort2],
+                 "rel_diff": [abs(ort1 - pt1) / max(abs(pt1), 1e-12), abs(ort2 - pt2) / max(abs(pt2), 1e-12)],
+                 "tolerance": cfg.verify_tolerance}
+        log(f"r={rank}: loss before step torch {pt1:.6f} ort {ort1:.6f}; after step torch {pt2:.6f} ort {ort2:.6f}")
+        if max(check["rel_diff"]) > cfg.verify_tolerance:
+            raise ExportError(
+                f"self-check failed for rank {rank}: ORT and PyTorch losses differ by "
+                f"{max(check['rel_diff']):.2e} relative (> {cfg.verify_tolerance:g}): {check}"
+            )
+    return check
+
+
+def measure_rank(cfg: ExportConfig, rank: int, bundle_dir: Path, timings: dict[str, float]) -> dict:
+    """Peak memory and step time of the bundle at ``measure_batch`` x ``max_length``, logged."""
+    with stage(f"r={rank}: measure one training step (batch {cfg.measure_batch} x {cfg.max_length})", timings):
+        memory = measure_step(bundle_dir, cfg.measure_batch, cfg.max_length)
+    log(f"r={rank}: peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB, step {memory['step_time_s'] * 1000:.0f} ms")
+    return memory
 
 
 def measure_step(bundle_dir: Path, batch: int, seq: int) -> dict:
