@@ -37,6 +37,7 @@ import math
 import re
 import zlib
 from fractions import Fraction
+from typing import Any, Callable
 
 import numpy as np
 
@@ -642,6 +643,7 @@ class Entropy(Codec):
                 if not 0 <= size <= limit:
                     raise ProtocolError(f"{what} announces {size} bytes; at most {limit} are allowed")
                 return zstd.ZstdDecompressor().decompress(data, max_output_size=limit, allow_extra_data=False)
+            d: Any
             if self.method == "zlib":
                 d = zlib.decompressobj()
             else:
@@ -677,7 +679,7 @@ _SPARSE = re.compile(r"(topk|randk)((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 _SPARSIFIERS = {"topk": TopK, "randk": RandK}
 _QUANT = re.compile(r"int(8|4|2)((?:-b\d+|-sr)*)")
 _SIGN = re.compile(r"sign(?:-b(\d+))?")
-_FLOATS = {"fp32": Float32, "fp16": Float16, "bf16": BFloat16}
+_FLOATS: dict[str, Callable[[], _FixedSize]] = {"fp32": Float32, "fp16": Float16, "bf16": BFloat16}
 GRAMMAR = "[topk<fraction>+|randk<fraction>+][fp32|fp16|bf16|int8|int4|int2[-b<block>][-sr]|sign[-b<block>]][+zlib|+lzma|+zstd]"
 
 
@@ -686,7 +688,9 @@ def parse_codec(spec: str, *, seed=None) -> Codec:
     rounding. Raises ProtocolError naming the offending stage."""
     if not isinstance(spec, str) or not spec or len(spec) > MAX_SPEC_CHARS:
         raise ProtocolError(f"unknown codec {spec!r}: a codec spec is a non-empty string of at most {MAX_SPEC_CHARS} characters")
-    sparsify = values = entropy = None
+    sparsify: tuple[str, ...] | None = None
+    values: _FixedSize | None = None
+    entropy: str | None = None
     for stage in spec.split("+"):
         m_sparse, m_quant, m_sign = _SPARSE.fullmatch(stage), _QUANT.fullmatch(stage), _SIGN.fullmatch(stage)
         if m_sparse:
@@ -701,17 +705,21 @@ def parse_codec(spec: str, *, seed=None) -> Codec:
             if m_sign:
                 values = ScaledSign(_block_size(spec, m_sign.group(1) or "256"))
             else:
-                values = _FLOATS[stage]() if stage in _FLOATS else _quantizer(spec, m_quant, seed)
+                values = _FLOATS[stage]() if stage in _FLOATS else _quantizer(spec, _matched(m_quant), seed)
         elif stage in Entropy.METHODS:
             if entropy:
                 raise ProtocolError(f"codec {spec!r}: at most one entropy stage, last")
             entropy = stage
         else:
             raise ProtocolError(f"unknown codec {spec!r}: stage {stage!r} is not one of {GRAMMAR}")
-    codec: Codec = values or Float32()
-    if sparsify is not None:
-        codec = _SPARSIFIERS[sparsify[0]](sparsify[1], codec)
+    dense = values or Float32()
+    codec: Codec = dense if sparsify is None else _SPARSIFIERS[sparsify[0]](sparsify[1], dense)
     return Entropy(codec, entropy) if entropy else codec
+
+
+def _matched(m: re.Match[str] | None) -> re.Match[str]:
+    assert m is not None
+    return m
 
 
 def _quantizer(spec: str, m: re.Match, seed) -> BlockQuant:

@@ -83,19 +83,24 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
     return value
 
 
+def _is_section(kind: Any) -> bool:
+    """A nested settings dataclass (``broker``, ``rounds``, ...)."""
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
 def build(cls: type[T], values: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping, converting types and rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown} (known: {sorted(fields)})")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, value in values.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+        kind: Any = hints[name]
+        if _is_section(kind) and isinstance(value, dict):
             kwargs[name] = build(kind, value, f"{where}.{name}")
-        elif dataclasses.is_dataclass(kind) and dataclasses.is_dataclass(value):
+        elif _is_section(kind) and dataclasses.is_dataclass(value):
             kwargs[name] = value
         else:
             kwargs[name] = _convert(f"{where}.{name}", value, kind)
@@ -106,8 +111,8 @@ def _env_values(cls: type, prefix: str) -> dict:
     hints = typing.get_type_hints(cls)
     out: dict = {}
     for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
+        kind: Any = hints[f.name]
+        if _is_section(kind):
             nested = _env_values(kind, f"{prefix}_{f.name.upper()}")
             if nested:
                 out[f.name] = nested

@@ -14,6 +14,7 @@ into a ``TopicRef``, not matched by prefix.
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import re
@@ -109,7 +110,8 @@ class Fields:
     def __init__(self, obj: Any, what: str):
         if not isinstance(obj, dict):
             raise ProtocolError(f"{what} is not an object")
-        self.obj, self.what, self.seen = obj, what, set()
+        self.obj, self.what = obj, what
+        self.seen: set[builtins.str] = set()
 
     def _get(self, key: str, default: Any) -> Any:
         self.seen.add(key)
@@ -123,7 +125,7 @@ class Fields:
     def fail(self, key: str, why: str) -> ProtocolError:
         return ProtocolError(f"{self.what}: field {key!r} {why}")
 
-    def int(self, key: str, lo: int, hi: int, default: Any = _MISSING) -> int:
+    def int(self, key: builtins.str, lo: builtins.int, hi: builtins.int, default: Any = _MISSING) -> builtins.int:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -133,7 +135,7 @@ class Fields:
             raise self.fail(key, f"= {value} is outside [{lo}, {hi}]")
         return value
 
-    def float(self, key: str, lo: float, hi: float, default: Any = _MISSING) -> float:
+    def float(self, key: builtins.str, lo: builtins.float, hi: builtins.float, default: Any = _MISSING) -> builtins.float:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -144,14 +146,14 @@ class Fields:
             raise self.fail(key, f"= {value:g} is outside [{lo:g}, {hi:g}]")
         return value
 
-    def bool(self, key: str, default: Any = _MISSING) -> bool:
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> builtins.bool:
         value = self._get(key, default)
         if not isinstance(value, bool):
             raise self.fail(key, f"must be true or false, not {type(value).__name__}")
         return value
 
-    def str(self, key: str, max_len: int, default: Any = _MISSING, pattern: re.Pattern | None = None,
-            choices: tuple[str, ...] = ()) -> str:
+    def str(self, key: builtins.str, max_len: builtins.int, default: Any = _MISSING, pattern: re.Pattern | None = None,
+            choices: tuple[builtins.str, ...] = ()) -> builtins.str:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -165,7 +167,7 @@ class Fields:
             raise self.fail(key, f"= {value[:40]!r} is not well formed")
         return value
 
-    def list(self, key: str, max_items: int, item: Callable[[Any, str], Any], default: Any = _MISSING) -> tuple:
+    def list(self, key: builtins.str, max_items: builtins.int, item: Callable[[Any, builtins.str], Any], default: Any = _MISSING) -> tuple:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -175,7 +177,7 @@ class Fields:
             raise self.fail(key, f"has {len(value)} items (at most {max_items})")
         return tuple(item(v, f"{self.what}.{key}[{i}]") for i, v in enumerate(value))
 
-    def object(self, key: str, default: Any = _MISSING) -> Fields | None:
+    def object(self, key: builtins.str, default: Any = _MISSING) -> Fields | None:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return None
@@ -332,6 +334,7 @@ def parse_ack(payload: bytes) -> Ack | RepairRequest:
     f = Fields(parse_json(payload, "ack", MAX_ACK_BYTES), "ack")
     rnd = f.int("round", 0, MAX_ROUND, None)
     result = AckResult(f.str("result", 16, choices=tuple(r.value for r in AckResult)))
+    msg: Ack | RepairRequest
     if result is AckResult.INCOMPLETE:
         count = f.int("count", 1, 2**32 - 1)
         msg = RepairRequest(rnd, f.str("msg_id", 32, pattern=HEX32), count,
@@ -432,7 +435,7 @@ def parse_announcement(payload: bytes) -> Announcement:
     v = f.int("v", 0, 1 << 16)
     if v != PROTOCOL_VERSION:
         raise ProtocolError(f"round announcement of protocol version {v} (this side speaks {PROTOCOL_VERSION})")
-    common = dict(job=f.str("job", 128, pattern=JOB_ID),
+    common: dict[str, Any] = dict(job=f.str("job", 128, pattern=JOB_ID),
                   state=RoundState(f.str("state", 16, choices=tuple(s.value for s in RoundState))),
                   round=f.int("round", 0, MAX_ROUND), global_version=f.int("global_version", 0, MAX_ROUND),
                   rank=f.int("rank", 1, MAX_RANK), completed=f.int("completed", 0, MAX_ROUND, 0),

@@ -91,7 +91,7 @@ class StrategySettings:
                 object.__setattr__(self, info.name, value)
             if not isinstance(value, info.kind) or (info.kind is not bool and isinstance(value, bool)):
                 raise ConfigError(f"{info.name} must be a {info.kind.__name__}, got {value!r}")
-            if info.range is not None and value not in info.range:
+            if info.range is not None and not (isinstance(value, (int, float)) and value in info.range):
                 raise ConfigError(f"{info.name} must be in {info.range}, got {value!r}")
             if info.choices and value not in info.choices:
                 raise ConfigError(f"{info.name} must be one of {info.choices}, got {value!r}")
