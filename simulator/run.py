@@ -181,24 +181,67 @@ def centralized_baseline(bundle: Bundle, train: EncodedDataset, test: EncodedDat
 
 
 def run_simulation(cfg: SimulateConfig) -> dict:
+    """The whole job: data and bundle, one shard per device, a broker, the aggregator's own loop
+    (``Aggregator.run``) with every device as a process, then the report."""
     started = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data: Dataset = load_dataset(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column,
                                  group_column=cfg.group_column, seed=cfg.seed, max_examples=cfg.max_train or None)
     print(f"[simulate] data {data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.labels)} classes", flush=True)
+    bundle_dir, bundle = resolve_bundle(cfg, data.labels)
+    devices = write_device_shards(cfg, data, out)
+    test_examples = evaluation_sample(data.test, cfg.eval_max, cfg.seed)
+    test = encode_examples(bundle, test_examples)
+
+    job = f"sim-{int(started)}"
+    broker, broker_cfg = start_broker(cfg)
+    server_cfg = server_config(cfg, job, bundle_dir, broker_cfg, out / "aggregator")
+    if (out / "aggregator").exists():
+        import shutil
+
+        shutil.rmtree(out / "aggregator")
+    link = MqttLink(broker_cfg, client_id=f"fedlora-{job}-aggregator").connect()
+    aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=CentralEvaluator(bundle, test))
+    try:
+        run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out)
+    finally:
+        link.close()
+        if broker is not None:
+            broker.stop()
+
+    centralized = None
+    if cfg.centralized:
+        train_all = encode_examples(bundle, data.train)
+        centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
+    wall = time.time() - started
+    report = write_outputs(cfg, out, bundle, data, len(test_examples), aggregator, devices, centralized, wall)
+    history = aggregator.history
+    final = history[-1]["eval"] if history and history[-1].get("eval") else {}
+    print(f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}", flush=True)
+    return {"history": history, "centralized": centralized, "report": str(report), "final": final, "wall_s": wall}
+
+
+def resolve_bundle(cfg: SimulateConfig, labels: list[str]) -> tuple[Path, Bundle]:
+    """The bundle folder the job trains (``cfg.bundle``, or the model exported once into the
+    cache at every rank of ``cfg.ranks``) and the aggregator's bundle in it (the top rank)."""
     if cfg.bundle:
         bundle_dir = Path(cfg.bundle)
         bundle = Bundle(choose_bundle(bundle_dir))
         if not (bundle_dir / "ladder.json").is_file():
             cfg.ranks = (bundle.manifest.rank,)  # one bundle: every device trains its rank
-        if list(bundle.manifest.labels) != list(data.labels):
+        if list(bundle.manifest.labels) != list(labels):
             raise ConfigError(f"bundle {bundle_dir} was exported for labels {list(bundle.manifest.labels)}, "
-                              f"the data set has {data.labels}")
-    else:
-        model_dir = Path(cfg.model) if cfg.model else default_model_dir()
-        bundle_dir = ensure_bundle(model_dir, data.labels, cfg.ranks, cfg.max_length, Path(cfg.cache))
-        bundle = Bundle(choose_bundle(bundle_dir))  # the largest rank: the aggregator's adapter
+                              f"the data set has {labels}")
+        return bundle_dir, bundle
+    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+    bundle_dir = ensure_bundle(model_dir, labels, cfg.ranks, cfg.max_length, Path(cfg.cache))
+    return bundle_dir, Bundle(choose_bundle(bundle_dir))  # the largest rank: the aggregator's adapter
+
+
+def write_device_shards(cfg: SimulateConfig, data: Dataset, out: Path) -> list[dict]:
+    """Split the training set over the devices and write each shard as the device's JSONL file;
+    one row per device (id, folder, examples, rank, label histogram)."""
     shards = partition(data.train, cfg.devices, cfg.split, alpha=cfg.alpha, seed=cfg.seed)
     devices = []
     for i, idx in enumerate(shards):
@@ -208,25 +251,32 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         write_jsonl(ddir / "data.jsonl", examples)
         devices.append({"device": device_id, "dir": ddir, "examples": len(examples), "rank": cfg.ranks[i % len(cfg.ranks)],
                         "histogram": label_histogram(examples, data.labels).tolist()})
-    test_examples = data.test
-    if cfg.eval_max and len(test_examples) > cfg.eval_max:
-        pick = np.random.default_rng(cfg.seed).choice(len(test_examples), cfg.eval_max, replace=False)
-        test_examples = [test_examples[i] for i in sorted(pick)]
-    test = encode_examples(bundle, test_examples)
+    return devices
 
-    job = f"sim-{int(started)}"
-    broker = None
+
+def evaluation_sample(examples: list, eval_max: int, seed: int) -> list:
+    """At most ``eval_max`` test examples (0: all), the same ones for the same seed."""
+    if not eval_max or len(examples) <= eval_max:
+        return examples
+    pick = np.random.default_rng(seed).choice(len(examples), eval_max, replace=False)
+    return [examples[i] for i in sorted(pick)]
+
+
+def start_broker(cfg: SimulateConfig):
+    """``cfg.broker``, or an embedded amqtt broker started here (returned, to stop later)."""
     if cfg.broker:
-        broker_cfg = BrokerConfig(url=cfg.broker)
-    else:
-        from simulator.broker import EmbeddedBroker
+        return None, BrokerConfig(url=cfg.broker)
+    from simulator.broker import EmbeddedBroker
 
-        broker = EmbeddedBroker().start()
-        broker_cfg = BrokerConfig(url=broker.url, protocol="3.1.1")  # amqtt speaks 3.1.1 only
-        print(f"[simulate] embedded broker on {broker.url}", flush=True)
+    broker = EmbeddedBroker().start()
+    print(f"[simulate] embedded broker on {broker.url}", flush=True)
+    return broker, BrokerConfig(url=broker.url, protocol="3.1.1")  # amqtt speaks 3.1.1 only
 
-    server_cfg = ServerConfig(
-        job=job, bundle=bundle_dir, state_dir=out / "aggregator", broker=broker_cfg, http_port=0, seed=cfg.seed,
+
+def server_config(cfg: SimulateConfig, job: str, bundle_dir: Path, broker: BrokerConfig, state_dir: Path) -> ServerConfig:
+    """The aggregator's settings for this job: every device must report in each round."""
+    return ServerConfig(
+        job=job, bundle=bundle_dir, state_dir=state_dir, broker=broker, http_port=0, seed=cfg.seed,
         rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout,
                              **cfg.round_settings),
         train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -234,27 +284,33 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         uplink_head_codec=cfg.head_codec, strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
         strategy_settings=dict(cfg.strategy_settings),
     )
-    if (out / "aggregator").exists():
-        import shutil
 
-        shutil.rmtree(out / "aggregator")
-    link = MqttLink(broker_cfg, client_id=f"fedlora-{job}-aggregator").connect()
-    evaluator = CentralEvaluator(bundle, test)
-    aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator)
-    procs = []
+
+def start_devices(cfg: SimulateConfig, devices: list[dict], job: str, bundle_dir: Path, broker: BrokerConfig,
+                  procs: list[subprocess.Popen]) -> None:
+    """One process per device (``python -m edge_client.cli run``, or ``cfg.device_commands``),
+    each with its config file and log in its folder, appended to ``procs`` as it starts."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
+    for i, d in enumerate(devices):
+        dcfg = {"device_id": d["device"], "job": job, "bundle": str(bundle_dir), "rank": d["rank"],
+                "data": str(d["dir"] / "data.jsonl"),
+                "state_dir": str(d["dir"] / "state"), "broker": {"url": broker.url, "protocol": broker.protocol},
+                "threads": cfg.device_threads, "seed": cfg.seed, "exit_when_finished": True}
+        (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
+        log_file = open(d["dir"] / "device.log", "wb")
+        command = list(cfg.device_commands.get(i, [cfg.device_python, "-m", "edge_client.cli", "run"]))
+        procs.append(subprocess.Popen(command + ["--config", str(d["dir"] / "device.json")], stdout=log_file,
+                                      stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent.parent))
+
+
+def run_rounds(cfg: SimulateConfig, aggregator: Aggregator, devices: list[dict], job: str, bundle_dir: Path,
+               broker: BrokerConfig, out: Path) -> None:
+    """Start the devices and run the aggregator's loop until the last round; print each round
+    as it closes; then wait for the devices to exit (they do once the job is announced finished)."""
+    procs: list[subprocess.Popen] = []
     grace = 0.0
     try:
-        env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
-        for i, d in enumerate(devices):
-            dcfg = {"device_id": d["device"], "job": job, "bundle": str(bundle_dir), "rank": d["rank"],
-                    "data": str(d["dir"] / "data.jsonl"),
-                    "state_dir": str(d["dir"] / "state"), "broker": {"url": broker_cfg.url, "protocol": broker_cfg.protocol},
-                    "threads": cfg.device_threads, "seed": cfg.seed, "exit_when_finished": True}
-            (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
-            log_file = open(d["dir"] / "device.log", "wb")
-            command = list(cfg.device_commands.get(i, [cfg.device_python, "-m", "edge_client.cli", "run"]))
-            procs.append(subprocess.Popen(command + ["--config", str(d["dir"] / "device.json")], stdout=log_file,
-                                          stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent.parent))
+        start_devices(cfg, devices, job, bundle_dir, broker, procs)
         print(f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
               flush=True)
         reported = 0
@@ -271,31 +327,32 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         aggregator.run(on_step=progress)  # ends announcing "finished": devices exit by themselves
         grace = time.monotonic() + 60
     finally:
-        for p in procs:  # after an error, or devices that did not exit in time
-            try:
-                p.wait(timeout=max(0.0, grace - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        link.close()
-        if broker is not None:
-            broker.stop()
+        stop_devices(procs, grace)
 
-    centralized = None
-    if cfg.centralized:
-        train_all = encode_examples(bundle, data.train)
-        centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
+
+def stop_devices(procs: list[subprocess.Popen], grace: float) -> None:
+    """Wait until ``grace`` (monotonic) for the devices to exit, then terminate, then kill."""
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, grace - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def write_outputs(cfg: SimulateConfig, out: Path, bundle: Bundle, data: Dataset, n_test: int, aggregator: Aggregator,
+                  devices: list[dict], centralized: list[dict] | None, wall: float) -> Path:
+    """metrics.jsonl, centralized.jsonl, the plots and report.md; returns the report's path."""
     history = aggregator.history
-    wall = time.time() - started
-    settings = {"model": bundle.manifest.model_id, "dataset": data.name, "train/test": f"{len(data.train)}/{len(test_examples)}",
+    settings = {"model": bundle.manifest.model_id, "dataset": data.name, "train/test": f"{len(data.train)}/{n_test}",
                 "devices": cfg.devices, "split": cfg.split + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else ""),
                 "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
                 "LoRA rank": ", ".join(map(str, sorted(set(cfg.ranks)))) if not cfg.bundle else bundle.manifest.rank,
-                "max length": bundle.manifest.max_length, "strategy": server_cfg.strategy,
+                "max length": bundle.manifest.max_length, "strategy": cfg.strategy,
                 "uplink codec": cfg.codec + (f" (head: {cfg.head_codec})" if cfg.head_codec else ""),
                 "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
                 "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
@@ -305,10 +362,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     plot(out, history, centralized)
     per_device = uplink_by_device(aggregator.store.events())
     rows = [{**{k: v for k, v in d.items() if k != "dir"}, **per_device.get(d["device"], {})} for d in devices]
-    report = write_report(out, settings, history, centralized, rows, wall, labels=list(data.labels))
-    final = history[-1]["eval"] if history and history[-1].get("eval") else {}
-    print(f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}", flush=True)
-    return {"history": history, "centralized": centralized, "report": str(report), "final": final, "wall_s": wall}
+    return write_report(out, settings, history, centralized, rows, wall, labels=list(data.labels))
 
 
 def uplink_by_device(events: list[dict]) -> dict[str, dict]:
