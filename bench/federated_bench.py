@@ -31,11 +31,18 @@ import sys
 import time
 from pathlib import Path
 
-from docsection import replace_section  # bench/ is the script's folder, not a package
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
+
+from devkit.docsection import BENCHMARKS_MD as DOC, DocSection, command_line  # noqa: E402
+
 RESULTS = ROOT / "docs" / "federated_bench.json"
-DOC = ROOT / "docs" / "benchmarks.md"
+SECTIONS = {
+    "strategies": DocSection("federated_bench:strategies", "bench/federated_bench.py",
+                             "## Aggregation strategies: homogeneous and mixed ranks"),
+    "codecs": DocSection("federated_bench:codecs", "bench/federated_bench.py", "## Uplink codecs: accuracy against bytes"),
+}
+DETAILS = "(renders every run recorded in `docs/federated_bench.json`, whichever invocation ran it)"
 
 STRATEGY_CONFIGS = [
     ("fedavg", (2,)), ("fedavg", (8,)), ("ffa-lora", (8,)), ("fedsa-lora", (8,)), ("fedex-lora", (8,)),
@@ -393,12 +400,6 @@ def _settings_line(rows: list[dict]) -> str:
         f"; seeds {', '.join(map(str, seeds))} (tables: the mean over a configuration's seeds)"
 
 
-def write_section(name: str, body: str) -> None:
-    begin = f"<!-- {name}:begin (written by bench/federated_bench.py; edits here are overwritten) -->"
-    end = f"<!-- {name}:end -->"
-    replace_section(DOC, begin, end, f"{begin}\n{body}\n{end}")
-
-
 def common_seeds(rows: list[dict]) -> list[dict]:
     """Per data set, alpha and round budget, only the seeds every configuration there ran (for
     plots, where a point and its reference line must come from the same federations)."""
@@ -413,7 +414,7 @@ def common_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], command: str) -> None:
     raw = rows
     rows = merge_seeds(rows)
     strat = [r for r in rows if r["codec"] == "fp32" and (r["strategy"], tuple(r["ranks"])) in STRATEGY_CONFIGS]
@@ -424,21 +425,22 @@ def report(rows: list[dict]) -> None:
              and any(o["codec"] != "fp32" and _cell(o) == _cell(r) for o in rows)]
     if strat:
         plot_strategies(strat, DOC.parent / "strategy_bench.png")
-        write_section("federated_bench:strategies", "\n".join([
+        SECTIONS["strategies"].write(command, "\n".join([
             f"Settings: {_settings_line(strat)}; {sum(r['wall_s'] * len(r['seeds']) for r in strat) / 60:.0f} min of runs.", "",
             strategy_table(strat), "", "Targets (accuracy points, means over seeds; in each cell only the configurations "
             "that ran the same, largest set of seeds compete, over those seeds only (count in brackets); FedSA-LoRA is "
             "left out of \"best rank 8\": its global model lacks the personal B):", "",
             strategy_targets([r for r in raw if any(_key(r)[:-1] == _key(c)[:-1] for c in strat)]), "",
             personalization_table(strat),
-            "![final accuracy per strategy](strategy_bench.png)"]))
+            "![final accuracy per strategy](strategy_bench.png)"]), DETAILS)
     if codec:
         codec_raw = [r for r in raw if any(_key(r)[:-1] == _key(c)[:-1] for c in codec)]
         plot_codecs(merge_seeds(common_seeds(codec_raw)), DOC.parent / "codec_accuracy.png")
-        write_section("federated_bench:codecs", "\n".join([
+        SECTIONS["codecs"].write(command, "\n".join([
             f"Settings: {_settings_line(codec)}; {sum(r['wall_s'] * len(r['seeds']) for r in codec) / 60:.0f} min of runs.", "",
             "\"vs fp32\": against fp32 run with the same seeds (paired); the plot shows the seeds every codec of a "
-            "data set ran.", "", codec_table(codec, raw), "", "![accuracy against uplink bytes](codec_accuracy.png)"]))
+            "data set ran.", "", codec_table(codec, raw), "", "![accuracy against uplink bytes](codec_accuracy.png)"]),
+            DETAILS)
 
 
 def main() -> int:
@@ -463,6 +465,7 @@ def main() -> int:
     parser.add_argument("--eval-max", type=int, default=2000, help="test examples the aggregator evaluates on")
     parser.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON only")
     args = parser.parse_args()
+    command = command_line("bench/federated_bench.py", sys.argv[1:])
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for r in rows:  # rows from before a setting was recorded ran with the bench's default
@@ -497,8 +500,8 @@ def main() -> int:
             continue
         rows.append(run_one(args, dataset, alpha, strategy, ranks, codec, seed))
         RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
-        report(rows)
-    report(rows)
+        report(rows, command)
+    report(rows, command)
     return 0
 
 

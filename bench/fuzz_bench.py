@@ -108,11 +108,10 @@ from core.protocol import (
     parse_chunk,
     split_chunks,
 )
+from devkit.docsection import DocSection, command_line
+from devkit.memory import peak_rss_bytes, reset_peak_rss
 
-DOC = ROOT / "docs" / "benchmarks.md"
-SECTION_BEGIN = "<!-- fuzz_bench:begin (written by bench/fuzz_bench.py; edits here are overwritten) -->"
-SECTION_END = "<!-- fuzz_bench:end -->"
-SECTION_HEADING = "## Fuzzing: hostile input to every parser and decoder"
+DOC_SECTION = DocSection("fuzz_bench", "bench/fuzz_bench.py", "## Fuzzing: hostile input to every parser and decoder")
 BASE = "fedlora/job1"
 MIN_PER_TARGET = 20_000
 
@@ -553,7 +552,7 @@ class Corpus:
         def build():
             open_ann = Announcement(job="job1", state=RoundState.OPEN, round=4, global_version=3, rank=8, completed=3,
                                     rounds=10, deadline=1795554900.0, selected=("dev000", "dev003"), codec="topk0.1+int8",
-                                    head_codec="fp16", strategy=StrategyInfo("hetlora", True, 0.1),
+                                    head_codec="fp16", strategy=StrategyInfo("hetlora", True, {"prune_threshold": 0.1}),
                                     train=TrainInfo(20, 8, 0.002, 0.5))
             many = Announcement(job="job1", state=RoundState.OPEN, round=1, global_version=0, rank=4, deadline=1.0,
                                 selected=tuple(f"dev{i:04d}" for i in range(300)), codec="randk0.7+sign",
@@ -1267,25 +1266,6 @@ def _b64(value: Any) -> str:
     return ""
 
 
-def vm_hwm() -> int:
-    """Peak RSS in bytes (VmHWM), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 class Harness:
     """Runs inputs through targets; counts refusals; records anything else as a finding."""
 
@@ -1327,7 +1307,7 @@ class Harness:
 
     def run(self, target: Target, count: int, rng: random.Random) -> TargetStats:
         st = self.stats.setdefault(target.name, TargetStats(target.name))
-        per_rss = reset_hwm()
+        per_rss = reset_peak_rss()
         t_start = time.perf_counter()
         old_handler = None
         if self.alarm_s:
@@ -1404,7 +1384,7 @@ class Harness:
                 signal.alarm(0)
                 signal.signal(signal.SIGALRM, old_handler)
         st.wall_s += time.perf_counter() - t_start
-        st.peak_rss = max(st.peak_rss, vm_hwm()) if per_rss else vm_hwm()
+        st.peak_rss = max(st.peak_rss, peak_rss_bytes()) if per_rss else peak_rss_bytes()
         return st
 
 
@@ -1447,7 +1427,7 @@ def run(inputs: int = 1_000_000, seed: int = 0, targets: list[str] | None = None
         "targets": {n: {k: v for k, v in vars(s).items()} for n, s in harness.stats.items()},
         "findings": [vars(f) for f in sorted(harness.findings.values(), key=lambda f: (f.target, f.kind, f.type, f.where))],
         # ru_maxrss would not do: resetting VmHWM per target resets the kernel's high-water mark it reads
-        "peak_rss": max([s.peak_rss for s in harness.stats.values()] + [vm_hwm()]),
+        "peak_rss": max([s.peak_rss for s in harness.stats.values()] + [peak_rss_bytes()]),
     }
 
 
@@ -1456,14 +1436,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f}"
 
 
-def markdown(results: dict, command: str, machine: str) -> str:
+def run_details(results: dict, machine: str) -> str:
+    """What follows the command in the section's first line."""
+    return f"({machine}; {results['wall_s'] / 60:.1f} minutes for {results['inputs']:,} inputs, seed {results['seed']})."
+
+
+def markdown(results: dict) -> str:
+    """The section's body: how inputs are judged, the table per target, the findings."""
     t = results["targets"]
     total_findings = sum(f["count"] for f in results["findings"])
     lines = [
-        SECTION_BEGIN,
-        (f"Command: `{command}` ({machine}; {results['wall_s'] / 60:.1f} minutes for {results['inputs']:,} inputs, "
-         f"seed {results['seed']})."),
-        "",
         ("Every input runs in one process. A `ProtocolError` is the expected refusal; any other exception, an input "
         f"slower than {results['slow_s']:g} s (an alarm cuts one off at {results['alarm_s']} s), a decode holding more "
         f"than {results['memory_bound_mb']:,} MiB (decoded tensors, or a `B @ A` that `frozen_changes` would allocate), or "
@@ -1517,7 +1499,6 @@ def markdown(results: dict, command: str, machine: str) -> str:
             lines.append(f"- `{f['target']}` {f['kind']} `{f['type']}` at {f['where']} ({f['count']:,}x, family "
                          f"{f['family']}): {f['message'][:200].strip()}; smallest input (of {f['input_len']:,} bytes) "
                          f"`` {rep} ``")
-    lines.append(SECTION_END)
     return "\n".join(lines)
 
 
@@ -1558,18 +1539,12 @@ def main(argv=None) -> int:
     except OSError:
         pass
     results["machine"] = machine
-    cmd = ".venv/bin/python bench/fuzz_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("bench/fuzz_bench.py", argv if argv is not None else sys.argv[1:])
     results["command"] = cmd
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    body = markdown(results, cmd, machine)
-    print(body)
-    if args.write_docs:
-        from docsection import (
-            replace_section,  # bench/ is the script's folder, not a package
-        )
-
-        replace_section(DOC, SECTION_BEGIN, SECTION_END, body, SECTION_HEADING)
+    body, details = markdown(results), run_details(results, machine)
+    print(DOC_SECTION.write(cmd, body, details) if args.write_docs else DOC_SECTION.render(cmd, body, details))
     return 1 if results["findings"] else 0
 
 

@@ -28,17 +28,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
 
-from docsection import replace_section  # noqa: E402  (bench/ is the script's folder, not a package)
-
+from devkit.docsection import DocSection  # noqa: E402
 from simulator.run import SimulateConfig, run_simulation  # noqa: E402
 from server.store import StateStore  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN = "<!-- poison_bench:begin (written by bench/poison_bench.py; edits here are overwritten) -->"
-END = "<!-- poison_bench:end -->"
+DOC_SECTION = DocSection("poison_bench", "bench/poison_bench.py", "## Poisoning: a device that lies")
+# What the runs were: the section's first line, after the command.
+DETAILS = ("(MiniLM-L6 rank 8, FedAvg, Dirichlet 0.5, 20 local steps; device `dev000` is `bench/poison_device.py`: it "
+           "claims 1e12 examples in its status and its updates and scales every update to norm {norm:g}).")
 UNBOUNDED = {"max_weight_ratio": 0.0, "norm_clip_multiple": 0.0, "max_update_norm": 1e4, "norm_bound": "reject"}
 
 
@@ -112,13 +111,13 @@ def main(argv=None) -> int:
 
 def report(args, runs: dict, summary: dict) -> int:
     plot(runs, args.out / "poison_bench.png")
-    body = render(args, summary)
-    print(body)
+    command, details, body = command_of(args), DETAILS.format(norm=args.norm), render(summary)
+    print(DOC_SECTION.render(command, body, details))
     if args.write_docs:
         import shutil
 
         shutil.copy(args.out / "poison_bench.png", ROOT / "docs" / "poison_bench.png")
-        replace_section(DOC, BEGIN, END, f"{BEGIN}\n{body}\n{END}", "## Poisoning: a device that lies")
+        DOC_SECTION.write(command, body, details)
     return 0
 
 
@@ -143,13 +142,14 @@ def plot(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def render(args, summary: dict) -> str:
-    cmd = (f".venv/bin/python bench/poison_bench.py --dataset {args.dataset} --devices {args.devices} --rounds "
-           f"{args.rounds} --max-train {args.max_train} --eval-max {args.eval_max} --seed {args.seed} --write-docs")
-    lines = [f"Command: `{cmd}` (MiniLM-L6 rank 8, FedAvg, Dirichlet 0.5, 20 local steps; device `dev000` is "
-             "`bench/poison_device.py`: it claims 1e12 examples in its status and its updates and scales every "
-             f"update to norm {args.norm:g}).", "",
-             "| run | final accuracy | liar's weight share (max over rounds) | liar's norm sent / kept (max) | "
+def command_of(args) -> str:
+    """The command that runs these four simulations again (also for --report-only, which only renders them)."""
+    return (f".venv/bin/python bench/poison_bench.py --dataset {args.dataset} --devices {args.devices} --rounds "
+            f"{args.rounds} --max-train {args.max_train} --eval-max {args.eval_max} --seed {args.seed} --write-docs")
+
+
+def render(summary: dict) -> str:
+    lines = ["| run | final accuracy | liar's weight share (max over rounds) | liar's norm sent / kept (max) | "
              "honest norm (median) | distance of the global to the clean run's |", "|---|---|---|---|---|---|"]
     for name, r in summary.items():
         liar = r["liar"]

