@@ -122,7 +122,6 @@ def load_model(cfg: ExportConfig) -> LoadedModel:
     Dropout is off so the exported graph is deterministic: the self-check compares PyTorch
     and ORT losses exactly, and LoRA on small adapters trains well without it.
     """
-    import torch
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # the load report; our progress lines say what happens
@@ -135,39 +134,74 @@ def load_model(cfg: ExportConfig) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(cfg.model_dir, **kwargs)
     except Exception as exc:
         raise ConfigError(f"{cfg.model_dir}: cannot read the model config ({exc})") from exc
-    task = cfg.task
+    task = _task_of(config, cfg.task)
+    tokenizer = _load_tokenizer(cfg.model_dir, kwargs)
+    _zero_dropout_settings(config)
+    labels = tuple(cfg.labels)
+    model = _load_weights(cfg, config, task, labels, kwargs)
+    _zero_dropout_modules(model)
+    _ensure_pad_token(tokenizer)
+    return LoadedModel(model, tokenizer, task, config.model_type, labels)
+
+
+def _task_of(config, task: str) -> str:
+    """``task``, or for ``auto`` the one the model's architecture names."""
     if task == "auto":
         archs = " ".join(getattr(config, "architectures", None) or [])
         task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs) else "seq-cls"
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model_dir, **kwargs)
-    except Exception as exc:
-        raise ExportError(f"{cfg.model_dir}: no usable tokenizer ({type(exc).__name__}: {exc})") from exc
-    if not getattr(tokenizer, "is_fast", False):
-        raise ExportError(f"{cfg.model_dir}: the tokenizer has no fast (tokenizer.json) form, which the device needs")
+    return task
 
+
+def _load_tokenizer(model_dir: Path, kwargs: dict):
+    """The model's tokenizer, which must have the fast (tokenizer.json) form the device reads."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **kwargs)
+    except Exception as exc:
+        raise ExportError(f"{model_dir}: no usable tokenizer ({type(exc).__name__}: {exc})") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{model_dir}: the tokenizer has no fast (tokenizer.json) form, which the device needs")
+    return tokenizer
+
+
+def _zero_dropout_settings(config) -> None:
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "classifier_dropout",
                 "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
         if hasattr(config, key):
             setattr(config, key, 0.0)
-    labels = tuple(cfg.labels)
-    common = dict(config=config, attn_implementation="eager", torch_dtype=torch.float32, **kwargs)
-    if task == "seq-cls":
-        if not labels:
-            raise ConfigError("seq-cls export needs the class labels (--labels a,b,c)")
-        config.num_labels = len(labels)
-        config.id2label = dict(enumerate(labels))
-        config.label2id = {name: i for i, name in enumerate(labels)}
-        torch.manual_seed(cfg.seed)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, **common)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_dir, **common)
+
+
+def _zero_dropout_modules(model) -> None:
+    """Dropout modules the config keys did not reach."""
+    import torch
+
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def _load_weights(cfg: ExportConfig, config, task: str, labels: tuple[str, ...], kwargs: dict):
+    """The float32 model for ``task``; a classifier gets a fresh head for ``labels`` (seeded)."""
+    import torch
+    import transformers
+
+    common = dict(config=config, attn_implementation="eager", torch_dtype=torch.float32, **kwargs)
+    if task != "seq-cls":
+        return transformers.AutoModelForCausalLM.from_pretrained(cfg.model_dir, **common)
+    if not labels:
+        raise ConfigError("seq-cls export needs the class labels (--labels a,b,c)")
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    torch.manual_seed(cfg.seed)
+    return transformers.AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, **common)
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    """Batches are padded: a tokenizer without a pad token pads with EOS (or token 0)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
-    return LoadedModel(model, tokenizer, task, config.model_type, labels)
 
 
 def _targets(cfg: ExportConfig, model_type: str) -> tuple[str, ...]:
