@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.bundle import MANIFEST_NAME, Bundle, choose_bundle, sha256_file
+from core.bundle import MANIFEST_NAME, Bundle, Manifest, choose_bundle, sha256_file
 from core.errors import BundleError, ConfigError
 from edge_client.flashing.layout import (BUNDLE_FORMAT, BUNDLE_MANIFEST, CREDENTIAL_ENV, UNIT_NAME, format_env_file,
                                          render_text)
@@ -384,66 +384,117 @@ def default_cache_dir() -> Path:
     return Path(base) / "fedlora" / "wheelhouse"
 
 
+@dataclass
+class ShippedRank:
+    """The rank a bundle ships and what its memory figures say."""
+
+    manifest: Manifest
+    budget_mb: int  # the config's memory_budget_mb (0: none)
+    peak_rss: int  # the rank's training peak measured at export (0: not measured)
+
+    @property
+    def memory_max_mb(self) -> int:
+        """The unit's MemoryMax: the budget, else 1.5 x the measured peak (0: not set)."""
+        return self.budget_mb or (math.ceil(self.peak_rss * 1.5 / 2**20) if self.peak_rss else 0)
+
+
+@dataclass
+class ShippedWheels:
+    """What went into wheelhouse/."""
+
+    client: str  # the fedlora wheel's file name
+    pip: str  # the pip wheel's file name (install.sh runs pip from it; not installed)
+    rows: list[dict]  # file, name, version of every wheel requirements.txt installs
+    platforms: list[str]  # the platform tags they were downloaded for
+
+
 def stage_bundle(opts: BundleOptions, stage_dir: Path) -> dict:
     """Write the bundle's tree into ``stage_dir/fedlora-edge-bundle``; return its manifest."""
-    from core.config import read_config_file
-
     device = prepare_device_files(opts.config, opts.credentials, opts.placeholder)  # fail fast on a bad config
     root = stage_dir / TOP
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     created = time.time()
+    rank = stage_artifacts(opts, root / "artifacts")
+    wheels = stage_wheelhouse(opts, root / "wheelhouse")
+    write_requirements(root / "requirements.txt", wheels)
+    stage_config(device, root / "config")
+    render_unit_and_scripts(root, opts, rank, wheels)
+    (root / "README.txt").write_text(_readme(rank.manifest, opts, device, rank.memory_max_mb))
+    doc = bundle_manifest(root, opts, created, rank, wheels, device)
+    (root / BUNDLE_MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+    normalize_modes(root)
+    return doc
 
-    # Artifacts: one rank, chosen as the device would, checked before and after the copy.
+
+def stage_artifacts(opts: BundleOptions, dest: Path) -> ShippedRank:
+    """One rank's artifacts, chosen as the device would, checked before and after the copy."""
+    from core.config import read_config_file
+
     raw_config = read_config_file(opts.config)
     budget_mb = int(raw_config.get("memory_budget_mb") or 0)
     chosen = choose_bundle(opts.artifacts, budget_mb * 2**20, opts.rank or int(raw_config.get("rank") or 0))
-    source = Bundle(chosen)
-    manifest = source.manifest
+    manifest = Bundle(chosen).manifest
     for name in sorted(set(manifest.files) | {MANIFEST_NAME}):
-        dst = root / "artifacts" / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(chosen / name, dst)
-    Bundle(root / "artifacts")
-    need = int((manifest.extra.get("memory") or {}).get("peak_rss_bytes") or 0)
-    if budget_mb and need > budget_mb * 2**20:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chosen / name, dest / name)
+    Bundle(dest)
+    peak_rss = int((manifest.extra.get("memory") or {}).get("peak_rss_bytes") or 0)
+    if budget_mb and peak_rss > budget_mb * 2**20:
         log.warning("rank %d measured %.0f MiB at its training peak, above memory_budget_mb=%d",
-                    manifest.rank, need / 2**20, budget_mb)
+                    manifest.rank, peak_rss / 2**20, budget_mb)
+    return ShippedRank(manifest, budget_mb, peak_rss)
 
-    # Wheels: the client, its runtime closure for the target, pip.
-    wheelhouse = root / "wheelhouse"
+
+def stage_wheelhouse(opts: BundleOptions, wheelhouse: Path) -> ShippedWheels:
+    """The client wheel, its runtime wheels for the target (their closure unless slim), and pip."""
     wheelhouse.mkdir()
     with tempfile.TemporaryDirectory(prefix="fedlora-bundle-") as tmp:
         client = Path(opts.client_wheel) if opts.client_wheel else build_client_wheel(Path(tmp))
         shutil.copyfile(client, wheelhouse / client.name)
         requirements, platforms = plan_download(wheel_requirements(client, "edge"), opts.platform,
                                                 Path(opts.ort_wheel).resolve() if opts.ort_wheel else None)
-        constraints = opts.constraints
-        if constraints is None and source_root() is not None and (source_root() / "constraints.txt").is_file():
-            constraints = source_root() / "constraints.txt"
         cache = Path(opts.cache_dir) if opts.cache_dir else Path(tmp) / "cache"
-        fetched = fetch_wheelhouse(requirements, platforms, opts.python_version, constraints, cache, no_deps=opts.slim)
-    wheels = sorted(p for p in fetched.glob("*.whl") if canonical_name(parse_wheel_filename(p.name)[0]) != "fedlora")
-    for wheel in wheels:
-        shutil.copyfile(wheel, wheelhouse / wheel.name)
-    pip_wheels = sorted((fetched / "pip").glob("pip-*.whl"))
-    if not pip_wheels:
-        raise BundleError(f"{fetched}: no pip wheel")
-    shutil.copyfile(pip_wheels[-1], wheelhouse / pip_wheels[-1].name)
-    installed = [wheelhouse / client.name] + [wheelhouse / w.name for w in wheels]
-    wheel_rows = []
+        fetched = fetch_wheelhouse(requirements, platforms, opts.python_version, _constraints(opts), cache,
+                                   no_deps=opts.slim)
+        # copied before tmp goes: without a cache_dir the download is under it
+        wheels = sorted(p for p in fetched.glob("*.whl") if canonical_name(parse_wheel_filename(p.name)[0]) != "fedlora")
+        for wheel in wheels:
+            shutil.copyfile(wheel, wheelhouse / wheel.name)
+        pip_wheels = sorted((fetched / "pip").glob("pip-*.whl"))
+        if not pip_wheels:
+            raise BundleError(f"{fetched}: no pip wheel")
+        shutil.copyfile(pip_wheels[-1], wheelhouse / pip_wheels[-1].name)
+    rows = []
+    for path in [wheelhouse / client.name] + [wheelhouse / w.name for w in wheels]:
+        name, version, _ = parse_wheel_filename(path.name)
+        rows.append({"file": path.name, "name": canonical_name(name), "version": version})
+    return ShippedWheels(client.name, pip_wheels[-1].name, rows, platforms)
+
+
+def _constraints(opts: BundleOptions) -> Path | None:
+    """The download's pins: ``opts.constraints``, else the source checkout's constraints.txt."""
+    if opts.constraints is not None:
+        return opts.constraints
+    root = source_root()
+    if root is not None and (root / "constraints.txt").is_file():
+        return root / "constraints.txt"
+    return None
+
+
+def write_requirements(path: Path, wheels: ShippedWheels) -> None:
+    """requirements.txt: every wheel install.sh installs, pinned with its sha256."""
     lines = ["# Every wheel of wheelhouse/ with its sha256; install.sh runs",
              "#   pip install --no-index --find-links wheelhouse --require-hashes -r requirements.txt"]
-    for path in installed:
-        name, version, _ = parse_wheel_filename(path.name)
-        digest = sha256_file(path)
-        lines.append(f"{canonical_name(name)}=={version} --hash=sha256:{digest}")
-        wheel_rows.append({"file": path.name, "name": canonical_name(name), "version": version})
-    (root / "requirements.txt").write_text("\n".join(lines) + "\n")
+    for row in wheels.rows:
+        digest = sha256_file(path.parent / "wheelhouse" / row["file"])
+        lines.append(f"{row['name']}=={row['version']} --hash=sha256:{digest}")
+    path.write_text("\n".join(lines) + "\n")
 
-    # Config, credentials, TLS files.
-    config_dir = root / "config"
+
+def stage_config(device: DeviceFiles, config_dir: Path) -> None:
+    """config/: device.json, credentials.env (mode 600) and the TLS files (600, in a 700 folder)."""
     config_dir.mkdir()
     (config_dir / "device.json").write_text(json.dumps(device.config, indent=2) + "\n")
     cred_dir = config_dir / "credentials"
@@ -456,45 +507,59 @@ def stage_bundle(opts: BundleOptions, stage_dir: Path) -> dict:
     env_path.write_text(format_env_file(device.env, device.placeholder))
     os.chmod(env_path, 0o600)
 
-    # Service unit and scripts.
-    memory_max = budget_mb or (math.ceil(need * 1.5 / 2**20) if need else 0)
+
+def render_unit_and_scripts(root: Path, opts: BundleOptions, rank: ShippedRank, wheels: ShippedWheels) -> None:
+    """The systemd unit, install.sh and uninstall.sh from ``templates/``, filled in for this bundle
+    (the @PREFIX@, @STATE_DIR@ and @USER@ left in them are the device's, filled in at install)."""
+    memory_max = rank.memory_max_mb
     memory_line = f"MemoryMax={memory_max}M" if memory_max else "# MemoryMax: no budget and no measured need"
-    build_subs = {"@MODEL_ID@": manifest.model_id, "@RANK@": str(manifest.rank), "@MEMORY_LINE@": memory_line,
-                  "@PY_VERSION@": opts.python_version, "@MACHINE@": platform_machine(opts.platform),
-                  "@FEDLORA_WHEEL@": client.name, "@PIP_WHEEL@": pip_wheels[-1].name,
-                  "@PIP_NO_DEPS@": "--no-deps" if opts.slim else ""}
+    subs = {"@MODEL_ID@": rank.manifest.model_id, "@RANK@": str(rank.manifest.rank), "@MEMORY_LINE@": memory_line,
+            "@PY_VERSION@": opts.python_version, "@MACHINE@": platform_machine(opts.platform),
+            "@FEDLORA_WHEEL@": wheels.client, "@PIP_WHEEL@": wheels.pip,
+            "@PIP_NO_DEPS@": "--no-deps" if opts.slim else ""}
     for name, mode in ((UNIT_NAME, 0o644), ("install.sh", 0o755), ("uninstall.sh", 0o755)):
-        (root / name).write_text(render_text((TEMPLATES / name).read_text(encoding="utf-8"), build_subs))
+        (root / name).write_text(render_text((TEMPLATES / name).read_text(encoding="utf-8"), subs))
         os.chmod(root / name, mode)
-    (root / "README.txt").write_text(_readme(manifest, opts, device, memory_max))
+
+
+def bundle_manifest(root: Path, opts: BundleOptions, created: float, rank: ShippedRank, wheels: ShippedWheels,
+                    device: DeviceFiles) -> dict:
+    """BUNDLE-MANIFEST.json: the target, the rank, the wheels, and the sha256 and size of every
+    file already under ``root``."""
+    from edge_client import __version__
 
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         files[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    from edge_client import __version__
-
-    doc = {
+    return {
         "format_version": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
         "created_unix": int(created),
         "fedlora_version": __version__,
-        "target": {"platform": opts.platform, "platform_tags": platforms, "machine": platform_machine(opts.platform),
-                   "python_version": opts.python_version, "custom_ort_wheel": bool(opts.ort_wheel)},
+        "target": {"platform": opts.platform, "platform_tags": wheels.platforms,
+                   "machine": platform_machine(opts.platform), "python_version": opts.python_version,
+                   "custom_ort_wheel": bool(opts.ort_wheel)},
         "slim": opts.slim,
-        "model_id": manifest.model_id, "task": manifest.task, "rank": manifest.rank,
-        "memory": {"training_peak_rss_bytes": need, "memory_budget_mb": budget_mb, "memory_max_mb": memory_max},
+        "model_id": rank.manifest.model_id, "task": rank.manifest.task, "rank": rank.manifest.rank,
+        "memory": {"training_peak_rss_bytes": rank.peak_rss, "memory_budget_mb": rank.budget_mb,
+                   "memory_max_mb": rank.memory_max_mb},
         "credentials": "placeholder" if device.placeholder else ("provided" if device.env or device.tls else "none"),
-        "wheels": wheel_rows,
-        "pip": pip_wheels[-1].name,
+        "wheels": wheels.rows,
+        "pip": wheels.pip,
         "files": files,
     }
-    (root / BUNDLE_MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def normalize_modes(root: Path) -> None:
+    """Folders 755 and files 644, except the scripts (755) and the secrets (credentials/ 700 and
+    what is in it, credentials.env 600), whatever the build host's umask."""
+    cred_dir = root / "config" / "credentials"
+    env_path = root / "config" / "credentials.env"
     for path in [root, *root.rglob("*")]:
         if path.is_dir() and path != cred_dir:
             os.chmod(path, 0o755)
         elif path.is_file() and path.parent != cred_dir and path != env_path and path.suffix != ".sh":
             os.chmod(path, 0o644)
-    return doc
 
 
 def _readme(manifest, opts: BundleOptions, device: DeviceFiles, memory_max: int) -> str:

@@ -21,6 +21,9 @@ from core.errors import BundleError, ConfigError
 from edge_client.flashing.layout import (BUNDLE_FORMAT, BUNDLE_MANIFEST, CREDENTIAL_ENV, PLACEHOLDER_MARK, UNIT_NAME,
                                          read_env_file, render_text)
 
+Owner = tuple[int, int]
+
+
 def verify_tree(root: Path) -> dict:
     """Check every file BUNDLE-MANIFEST.json lists; raise BundleError naming the first bad one."""
     path = root / BUNDLE_MANIFEST
@@ -53,11 +56,29 @@ def install_files(source: Path, prefix: Path, state_dir: Path, data: str | None 
         user = getpass.getuser()
     subs = {"@PREFIX@": str(prefix), "@STATE_DIR@": str(state_dir), "@USER@": user}
     prefix.mkdir(parents=True, exist_ok=True)
+    swap_in_artifacts(source / "artifacts", prefix)
+    config = write_device_config(source, prefix / "config", subs, data)
+    env_path = write_credentials(source, prefix / "config", subs, owner)
+    env = read_env_file(env_path)
+    provisioned = bool(config.get("device_id") or env.get(CREDENTIAL_ENV["device_id"]))
+    copy_unit_and_uninstaller(source, prefix, subs)
+    make_state_dir(state_dir, owner)
+    settings = {"PREFIX": str(prefix), "STATE_DIR": str(state_dir), "SERVICE_USER": user if owner else "",
+                "UNIT_PATH": unit_path or "", "PROVISIONED": "yes" if provisioned else "no",
+                "BUNDLE_RANK": str(doc["rank"]), "BUNDLE_CREATED": doc["created"]}
+    _write(prefix / "install.env", "# Written by install.sh; read by uninstall.sh.\n"
+           + "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()), 0o644)
+    print(f"[install] {doc['model_id']} rank {doc['rank']} in {prefix}/artifacts; state in {state_dir}; "
+          f"credentials {'provisioned' if provisioned else 'to provision'} ({env_path})")
+    return settings
 
-    # artifacts: swapped in whole
+
+def swap_in_artifacts(artifacts: Path, prefix: Path) -> None:
+    """Copy ``artifacts`` to ``prefix/artifacts`` whole: copied and verified beside the old ones,
+    then swapped in."""
     new = prefix / "artifacts.new"
     shutil.rmtree(new, ignore_errors=True)
-    shutil.copytree(source / "artifacts", new)
+    shutil.copytree(artifacts, new)
     Bundle(new, verify=True)
     old = prefix / "artifacts.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -66,14 +87,21 @@ def install_files(source: Path, prefix: Path, state_dir: Path, data: str | None 
     os.replace(new, prefix / "artifacts")
     shutil.rmtree(old, ignore_errors=True)
 
-    config_dir = prefix / "config"
+
+def write_device_config(source: Path, config_dir: Path, subs: dict[str, str], data: str | None) -> dict:
+    """config/device.json with its placeholders filled in (and ``data`` if given); returns it."""
     config_dir.mkdir(exist_ok=True)
     os.chmod(config_dir, 0o755)
     config = _render_json(json.loads((source / "config" / "device.json").read_text(encoding="utf-8")), subs)
     if data:
         config["data"] = data
     _write(config_dir / "device.json", json.dumps(config, indent=2) + "\n", 0o644)
+    return config
 
+
+def write_credentials(source: Path, config_dir: Path, subs: dict[str, str], owner: Owner | None) -> Path:
+    """The TLS files and credentials.env, mode 600 and owned by the service user; a provisioned
+    credentials.env is kept when the bundle brings only the placeholder. Returns its path."""
     cred_dir = config_dir / "credentials"
     cred_dir.mkdir(exist_ok=True)
     for file in sorted((source / "config" / "credentials").iterdir()):
@@ -90,15 +118,20 @@ def install_files(source: Path, prefix: Path, state_dir: Path, data: str | None 
             os.chown(env_path, *owner)
     else:
         _write(env_path, env_new, 0o600, owner)
-    env = read_env_file(env_path)
-    provisioned = bool(config.get("device_id") or env.get(CREDENTIAL_ENV["device_id"]))
+    return env_path
 
+
+def copy_unit_and_uninstaller(source: Path, prefix: Path, subs: dict[str, str]) -> None:
+    """The unit and README.txt filled in, BUNDLE-MANIFEST.json and uninstall.sh as they are."""
     _write(prefix / UNIT_NAME, render_text((source / UNIT_NAME).read_text(), subs), 0o644)
     _write(prefix / "README.txt", render_text((source / "README.txt").read_text(), subs), 0o644)
     shutil.copyfile(source / BUNDLE_MANIFEST, prefix / BUNDLE_MANIFEST)
     shutil.copyfile(source / "uninstall.sh", prefix / "uninstall.sh")
     os.chmod(prefix / "uninstall.sh", 0o755)
 
+
+def make_state_dir(state_dir: Path, owner: Owner | None) -> None:
+    """The client's state folder, mode 700, owned (with what is in it) by the service user."""
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     if owner:
@@ -106,17 +139,8 @@ def install_files(source: Path, prefix: Path, state_dir: Path, data: str | None 
         for path in state_dir.rglob("*"):
             os.chown(path, *owner)
 
-    settings = {"PREFIX": str(prefix), "STATE_DIR": str(state_dir), "SERVICE_USER": user if owner else "",
-                "UNIT_PATH": unit_path or "", "PROVISIONED": "yes" if provisioned else "no",
-                "BUNDLE_RANK": str(doc["rank"]), "BUNDLE_CREATED": doc["created"]}
-    _write(prefix / "install.env", "# Written by install.sh; read by uninstall.sh.\n"
-           + "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()), 0o644)
-    print(f"[install] {doc['model_id']} rank {doc['rank']} in {prefix}/artifacts; state in {state_dir}; "
-          f"credentials {'provisioned' if provisioned else 'to provision'} ({env_path})")
-    return settings
 
-
-def _owner(user: str | None) -> tuple[int, int] | None:
+def _owner(user: str | None) -> Owner | None:
     if not user:
         return None
     import pwd
@@ -128,7 +152,7 @@ def _owner(user: str | None) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _write(path: Path, content: str | bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+def _write(path: Path, content: str | bytes, mode: int, owner: Owner | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if isinstance(content, bytes):
         tmp.write_bytes(content)
