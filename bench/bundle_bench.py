@@ -140,7 +140,7 @@ def ensure_artifacts(cache: Path, model_dir: Path, rank: int, seq: int) -> Path:
 
 
 def ort_client(args, artifacts: Path, slim: bool, workdir: Path) -> dict:
-    from edge_client.packaging import BundleOptions, build_bundle
+    from edge_client.flashing.build import BundleOptions, build_bundle
 
     config = workdir / "device.json"
     config.write_text(json.dumps({"device_id": "bench", "job": "bench", "bundle": "x", "data": "/srv/data.jsonl"}))
