@@ -107,7 +107,9 @@ def run_one(args, dataset: str, alpha: float, strategy: str, ranks: tuple[int, .
     cmd = [sys.executable, "-m", "simulator.cli", "simulate", "--dataset", dataset, "--devices", str(args.devices),
            "--split", "dirichlet", "--alpha", str(alpha), "--rounds", str(args.rounds),
            "--local-steps", str(args.local_steps), "--max-length", str(args.max_length), "--lr", str(args.lr),
-           "--lr-rank-power", str(args.lr_rank_power), "--rank-norm-power", str(args.rank_norm_power),
+           "--lr-rank-power", str(args.lr_rank_power),
+           # a strategy setting: only for the strategy that declares it
+           *(["--rank-norm-power", str(args.rank_norm_power)] if strategy == "flexlora-delta" else []),
            "--seed", str(seed), "--ranks", ",".join(map(str, ranks)), "--strategy", strategy,
            "--codec", codec.split("|")[0], "--head-codec", codec.partition("|")[2], "--eval-max", str(args.eval_max),
            "--out", str(out),

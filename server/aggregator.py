@@ -10,17 +10,19 @@ adapter published (retained) -> next round announced (retained).
 from __future__ import annotations
 
 import logging
+import shutil
 import statistics
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from core.bundle import Bundle, choose_bundle
-from core.errors import PayloadTooLarge, ProtocolError, UpdateRejected
+from core.errors import BundleError, PayloadTooLarge, ProtocolError, UpdateRejected
 from core.guard import Refusals, SenderLimits
 from core.messages import (
     RETRY_REASONS, Ack, AckResult, Announcement, Presence, RepairRequest, RoundState, StrategyInfo, TopicKind,
@@ -34,6 +36,7 @@ from edge_client.runtime import read_parameters
 from core.transport import MqttLink
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.peft_adapter import write_peft_adapter
 from server.rounds import Bounded, Coordinator, RoundOutcome
 from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
@@ -136,6 +139,27 @@ class Aggregator:
         self.store.save(job=self.cfg.job, next_round=c.next_round, completed=c.completed, version=c.version,
                         history=self.history, global_adapter=self.model.tensors if global_changed else None,
                         base_delta=self.model.base_delta if global_changed else None, open_round=c.open)
+
+    def write_adapter(self) -> Path | None:
+        """The global adapter of this version as a PEFT folder, ``<state_dir>/adapters/v<version>``
+        (``server.peft_adapter``), keeping the latest ``cfg.adapter_versions``. A failure (a full
+        disk) is logged and counted with the state volume's errors, never fatal: ``state.db``
+        holds the adapter, and ``fedlora-server --export-adapter`` writes it again."""
+        keep = self.cfg.adapter_versions
+        if not keep:
+            return None
+        root = Path(self.cfg.state_dir) / "adapters"
+        try:
+            folder = write_peft_adapter(root / f"v{self.model.version:06d}", self.manifest, self.model.tensors,
+                                        self.model.base_delta, about={"job": self.cfg.job, "version": self.model.version,
+                                                                      "strategy": self.strategy.name})
+            for old in sorted(p for p in root.glob("v*") if p.is_dir())[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            return folder
+        except (OSError, BundleError) as exc:
+            self.metrics.store_errors.inc()
+            log.error("could not write the PEFT adapter of version %d under %s: %s", self.model.version, root, exc)
+            return None
 
     def ranks_served(self) -> list[int]:
         """The largest rank, and the ranks of devices that announced themselves."""
@@ -499,6 +523,7 @@ class Aggregator:
         self.history.append(entry)
         self._save(global_changed=outcome.ok)
         if outcome.ok:
+            self.write_adapter()
             self.publish_global()
             ranks = {d: info.rank for d, info in self.coordinator.devices.items()}
             deltas = bool(self.cfg.downlink_codec) and any(d.delta_bytes for d in self._downlinks.values())

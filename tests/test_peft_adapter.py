@@ -170,3 +170,52 @@ def test_peft_logits_equal_ort_logits_for_a_causal_lm(tiny_llama_dir, tmp_path):
             got = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
         keep = mask.astype(bool)  # padded positions are not compared
         assert_close(got[keep], expected[keep])
+
+
+# -- where the adapter comes out: the aggregator per version, the CLI, the simulator ---------
+def test_the_aggregator_writes_each_version_keeps_the_latest_and_the_cli_writes_it_again(tmp_path, minilm_bundle,
+                                                                                         mosquitto, monkeypatch):
+    from safetensors.numpy import load_file
+
+    import server.aggregator as aggregator_module
+    from server.cli import server_main
+    from test_aggregator import FakeDevice, start_aggregator, update_payload, wait_for
+
+    bundle = Bundle(minilm_bundle)
+    state = tmp_path / "state"
+
+    def full_disk(folder, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    agg, stop, thread, link = start_aggregator(minilm_bundle, state, mosquitto.url, job="peft", rounds=3,
+                                               adapter_versions=1)
+    dev = FakeDevice(mosquitto.url, "peft", "d1")
+    try:
+        dev.online()
+        for rnd in (1, 2, 3):
+            if rnd == 3:
+                monkeypatch.setattr(aggregator_module, "write_peft_adapter", full_disk)  # v3: the disk is full
+            wait_for(lambda r=rnd: (dev.open_round() or {}).get("round") == r, what=f"round {rnd}")
+            tensors = {p.name: np.full(p.shape, 0.01 * rnd, np.float32) for p in bundle.manifest.trainable}
+            dev.send(update_payload(bundle, "peft", "d1", rnd, tensors=tensors))
+            wait_for(lambda r=rnd: agg.coordinator.completed == r, what=f"round {rnd} to complete")
+            if rnd == 2:
+                assert sorted(p.name for p in (state / "adapters").iterdir()) == ["v000002"]  # v1 dropped
+                saved = load_file(state / "adapters" / "v000002" / ADAPTER_WEIGHTS)
+                for name, value in agg.global_adapter.items():
+                    np.testing.assert_array_equal(saved[name], value)
+        assert agg.coordinator.completed == 3  # a full disk for the adapter folder stops nothing
+        assert agg.metrics.store_errors._value.get() >= 1
+    finally:
+        stop.set()
+        thread.join(10)
+        link.close()
+        dev.link.close()
+    out = tmp_path / "exported"
+    assert server_main(["--bundle", str(minilm_bundle), "--state-dir", str(state), "--job", "peft",
+                        "--export-adapter", str(out)]) == 0
+    exported = load_file(out / ADAPTER_WEIGHTS)
+    for name, value in agg.global_adapter.items():
+        np.testing.assert_array_equal(exported[name], value)
+    assert server_main(["--bundle", str(minilm_bundle), "--state-dir", str(tmp_path / "empty"),
+                        "--export-adapter", str(tmp_path / "x")]) == 2  # no state there: a clear error
