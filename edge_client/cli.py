@@ -108,7 +108,7 @@ def _bundle(args) -> int:
     print(f"{doc['archive']['path']}: {doc['archive']['size'] / 2**20:.1f} MiB "
           f"({doc['model_id']} rank {doc['rank']}; {len(doc['wheels'])} wheels {wheels / 2**20:.1f} MiB, "
           f"artifacts {artifacts / 2**20:.1f} MiB; for CPython {doc['target']['python_version']} on "
-          f"{doc['target']['platform']}{', slim' if doc['slim'] else ''}; credentials: {doc['credentials']})")
+          f"{doc['target']['platform']}, {'slim' if doc['slim'] else 'full closure'}; credentials: {doc['credentials']})")
     return 0
 
 
@@ -153,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="JSON with device_id, username, password, ca_file, cert_file, key_file (any of them)")
     creds.add_argument("--placeholder", action="store_true",
                        help="ship a credentials template to fill in on each device")
-    bundle.add_argument("--slim", action="store_true",
-                        help="only the wheels the client imports, installed with --no-deps (about a third of the size)")
+    wheels = bundle.add_mutually_exclusive_group()
+    wheels.add_argument("--slim", action="store_true", default=True,
+                        help="the default: only the wheels the client declares (what it imports), installed with "
+                             "--no-deps")
+    wheels.add_argument("--full", dest="slim", action="store_false",
+                        help="also every wheel those declare (ORT's onnx, sympy, h5py, ...; tokenizers' "
+                             "huggingface_hub): the closure pip check expects; a device imports none of them")
     bundle.add_argument("--client-wheel", type=Path, help="prebuilt fedlora wheel (default: build from this checkout)")
     bundle.add_argument("--cache", type=Path, help="wheelhouse cache (default: ~/.cache/fedlora/wheelhouse)")
     bundle.add_argument("--constraints", type=Path, help="pip constraints (default: the checkout's constraints.txt)")

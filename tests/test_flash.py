@@ -63,6 +63,13 @@ def test_a_from_source_ort_wheel_replaces_the_pypi_one():
         plan_download(reqs, "manylinux_2_28_x86_64", ort)
 
 
+def test_the_client_wheel_carries_every_package_pyproject_lists():
+    from edge_client.flashing.build import SOURCE_PACKAGES
+
+    include = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert sorted(SOURCE_PACKAGES) == sorted(name.strip(' "*') for name in include.split(","))
+
+
 def test_credentials_env_round_trip(tmp_path):
     from edge_client.flashing.layout import format_env_file, read_env_file
 

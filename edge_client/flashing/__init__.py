@@ -8,8 +8,9 @@ everything a device needs and nothing it has to download::
       install.sh              offline install into PREFIX: venv, artifacts, config, systemd unit
       uninstall.sh
       requirements.txt        every wheel of wheelhouse/ pinned with its sha256 (--require-hashes)
-      wheelhouse/             the client wheel + exactly its runtime dependencies for the
-                              target platform and Python, + pip (run from its wheel)
+      wheelhouse/             the client wheel + the runtime wheels it declares for the
+                              target platform and Python (with --full, their declared
+                              dependencies too), + pip (run from its wheel)
       artifacts/              the ORT training artifacts of one rank (hashed by manifest.json)
       config/device.json      the device config, its paths pointing into the install
       config/credentials.env  broker credentials (mode 600), or a placeholder to provision

@@ -110,9 +110,18 @@ def wheel_requirements(wheel: Path, extra: str = "edge") -> list[str]:
         if not names:
             raise BundleError(f"{wheel}: no METADATA")
         meta = email.parser.Parser().parsestr(zf.read(names[0]).decode("utf-8"))
+    return select_requirements(meta.get_all("Requires-Dist") or [], extra)
+
+
+def select_requirements(requires_dist: list[str], extra: str = "edge") -> list[str]:
+    """The Requires-Dist entries of a plain install plus ``[extra]``, extra markers removed.
+
+    A slim bundle installs exactly these (and scripts/setup.sh the device environment), each
+    without its own declared dependencies: fedlora must declare every distribution a device
+    imports."""
     out = []
     wanted = re.compile(r"""extra\s*==\s*["']%s["']""" % re.escape(extra))
-    for req in meta.get_all("Requires-Dist") or []:
+    for req in requires_dist:
         spec, _, marker = (part.strip() for part in req.partition(";"))
         if "extra" in marker:
             if not wanted.search(marker):
@@ -343,10 +352,13 @@ class BundleOptions:
     ort_wheel: an onnxruntime training wheel built from source (no aarch64 wheel on PyPI).
     credentials: JSON with device_id, username, password, ca_file, cert_file, key_file (any).
     placeholder: ship a credentials.env template to fill in on each device.
-    slim: ship only the distributions the client imports (fedlora, onnxruntime, numpy,
-        paho-mqtt, tokenizers) and install them with --no-deps. ORT's declared onnx, sympy,
-        h5py, ... serve artifact generation, tokenizers' huggingface_hub the hub download: none
-        is imported on the device. About a third of the installed size; pip check then complains.
+    slim: ship only the distributions the client declares (fedlora, onnxruntime-training-cpu,
+        numpy, paho-mqtt, tokenizers: what it imports) and install them with --no-deps (the
+        default). ORT's declared onnx, sympy, h5py, ... serve artifact generation, tokenizers'
+        huggingface_hub the hub download: none is imported on the device, and scripts/setup.sh
+        makes .venv-edge, where the tests run devices, the same way. About 40% of the full
+        closure's installed packages; ``pip check`` names the declared dependencies left out.
+        False (``--full``): the full declared closure.
     client_wheel: a prebuilt fedlora wheel (default: built from this source checkout).
     cache_dir: where downloaded wheelhouses are kept, keyed by what decides them.
     constraints: pip constraints for the download (default: the checkout's constraints.txt).
@@ -361,7 +373,7 @@ class BundleOptions:
     ort_wheel: Path | None = None
     credentials: Path | None = None
     placeholder: bool = False
-    slim: bool = False
+    slim: bool = True
     client_wheel: Path | None = None
     cache_dir: Path | None = None
     constraints: Path | None = None
@@ -563,7 +575,7 @@ def normalize_modes(root: Path) -> None:
 
 
 def _readme(manifest, opts: BundleOptions, device: DeviceFiles, memory_max: int) -> str:
-    wheels = ("only what it imports (--slim; installed with --no-deps)" if opts.slim
+    wheels = ("the distributions it declares (what it imports), installed with --no-deps" if opts.slim
               else "its full dependency closure")
     credentials = ("a placeholder: fill in PREFIX/config/credentials.env on each device, then start the service"
                    if device.placeholder else "included (PREFIX/config/credentials.env, mode 600)")
