@@ -134,26 +134,41 @@ class Batch:
 
 
 class EncodedDataset:
-    """Token ids and labels held in memory; yields shuffled fixed-size batches."""
+    """Token ids and labels held in memory; yields shuffled fixed-size batches.
 
-    def __init__(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray):
+    ``bucket_batches`` > 0 draws each batch from a bucket of about that many batches' worth of
+    examples of similar length (``length_batches``), so a trimmed batch carries little padding;
+    0 draws batches from the whole set.
+    """
+
+    def __init__(self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, bucket_batches: int = 0):
         if not (len(input_ids) == len(attention_mask) == len(labels)):
             raise DataError("input_ids, attention_mask and labels differ in length")
+        if bucket_batches < 0:
+            raise DataError(f"bucket_batches must be >= 0, got {bucket_batches}")
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.labels = labels
+        self.bucket_batches = bucket_batches
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def subset(self, index: np.ndarray) -> "EncodedDataset":
-        return EncodedDataset(self.input_ids[index], self.attention_mask[index], self.labels[index])
+        return EncodedDataset(self.input_ids[index], self.attention_mask[index], self.labels[index], self.bucket_batches)
+
+    def batch_indices(self, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+        """The examples of each batch, in the order ``batches`` yields them."""
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if self.bucket_batches:
+            return length_batches(self.attention_mask.sum(axis=1), batch_size, self.bucket_batches, rng)
+        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     def batches(self, batch_size: int, rng: np.random.Generator | None = None, trim: bool = True) -> Iterator[Batch]:
         """Yield batches; shuffled when ``rng`` is given. ``trim`` cuts trailing all-pad columns."""
-        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in self.batch_indices(batch_size, rng):
             ids, mask, labels = self.input_ids[idx], self.attention_mask[idx], self.labels[idx]
             if trim:
                 width = max(1, int(mask.sum(axis=1).max()))
@@ -190,3 +205,22 @@ def encode_causal_lm(records: Sequence[Record], encoder: TextEncoder) -> Encoded
     labels = np.full_like(ids, IGNORE_INDEX)
     labels[:, :-1] = np.where(mask[:, 1:] == 1, ids[:, 1:], IGNORE_INDEX)
     return EncodedDataset(ids, mask, labels)
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, bucket_batches: int,
+                   rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Batches of similar-length examples: sort by length (ties in random order), cut into
+    buckets of ``bucket_batches * batch_size``, shuffle within each bucket and cut it into
+    batches, then shuffle the batches of all buckets. Without ``rng``: length order, unshuffled."""
+    lengths = np.asarray(lengths)
+    if rng is None:
+        order = np.argsort(lengths, kind="stable")
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(lengths[order], kind="stable")]
+    bucket = batch_size * bucket_batches
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), bucket):
+        members = rng.permutation(order[start : start + bucket])
+        batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
