@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 import types
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 from core.bundle import Bundle
 from core.errors import BundleError
 from core.protocol import adapter_part, frozen_changes
-from edge_client.data import Batch, EncodedDataset
+from edge_client.data import IGNORE_INDEX, Batch, EncodedDataset
 
 
 def training_api():
@@ -167,27 +168,34 @@ class Trainer:
         return float(loss), logits
 
     def evaluate(self, data: EncodedDataset, batch_size: int = 32) -> dict[str, float]:
-        """Loss (and accuracy for classification / next-token accuracy for LMs) over a data set."""
+        """Loss and accuracy over a data set. Classification: per example. Causal LM: per
+        labeled token (the response tokens of instruction data), next-token accuracy, and
+        perplexity (exp of the loss)."""
+        causal = self.manifest.task == "causal-lm"
         total_loss = 0.0
         correct = 0
         counted = 0
-        weight = 0
         for batch in data.batches(batch_size):
-            loss, logits = self.eval_batch(batch)
-            if self.manifest.task == "causal-lm":
+            if causal:
                 labels = batch.labels.reshape(-1)
-                keep = labels != -100
+                keep = labels != IGNORE_INDEX
                 n = int(keep.sum())
+                if n == 0:  # nothing to predict in this batch: no forward pass
+                    continue
+                loss, logits = self.eval_batch(batch)
                 correct += int((logits.argmax(axis=-1)[keep] == labels[keep]).sum())
             else:
+                loss, logits = self.eval_batch(batch)
                 n = len(batch.labels)
                 correct += int((logits.argmax(axis=-1) == batch.labels).sum())
             total_loss += loss * n
             counted += n
-            weight += n
-        if counted == 0:
-            return {"loss": float("nan"), "accuracy": float("nan"), "examples": 0}
-        return {"loss": total_loss / weight, "accuracy": correct / counted, "examples": len(data)}
+        nan = float("nan")
+        result = {"loss": total_loss / counted, "accuracy": correct / counted, "examples": len(data)} if counted \
+            else {"loss": nan, "accuracy": nan, "examples": 0}
+        if causal:  # exp(700) is near the largest float
+            result["perplexity"] = math.exp(min(result["loss"], 700.0)) if counted else nan
+        return result
 
 
 def read_parameters(bundle: Bundle, names: list[str] | None = None) -> dict[str, np.ndarray]:
