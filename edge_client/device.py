@@ -35,9 +35,10 @@ from core.protocol import (
     frozen_changes, message_id,
 )
 from core.transport import BrokerConfig, MqttLink
-from edge_client.data import EncodedDataset, TextEncoder, encode_causal_lm, encode_classification, read_records
+from edge_client.data import EncodedDataset, TextEncoder, encode_classification, read_records
 from edge_client.device_state import DeviceState
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
+from edge_client.instruct import encode_causal_lm_file
 from edge_client.runtime import RuntimeOptions, Trainer
 
 log = logging.getLogger("fedlora.device")
@@ -146,13 +147,18 @@ class LocalData:
 
 
 def load_local_data(cfg: DeviceConfig, bundle: Bundle) -> LocalData:
+    """The device's training data and its test data (``eval_data``, else a held-out fraction).
+
+    A causal-LM bundle takes instruction data (chats, Alpaca rows, or text and label as
+    classification as instruction with the bundle's label words) or plain text, whichever the
+    file holds (``edge_client.instruct``)."""
     m = bundle.manifest
-    encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
-    label_column = cfg.label_column if m.task == "seq-cls" else None
 
     def encode(path: Path) -> EncodedDataset:
-        records = read_records(path, cfg.text_column, label_column)
-        return encode_classification(records, encoder, m.labels) if m.task == "seq-cls" else encode_causal_lm(records, encoder)
+        if m.task == "causal-lm":
+            return encode_causal_lm_file(path, bundle, cfg.text_column, cfg.label_column)
+        encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
+        return encode_classification(read_records(path, cfg.text_column, cfg.label_column), encoder, m.labels)
 
     train = encode(cfg.data)
     if cfg.eval_data is not None:
