@@ -1,4 +1,4 @@
-"""``fedlora-export``: local HF model folder -> artifact bundles (one per rank)."""
+"""``fedlora-export``: local HF model folder or GGUF file -> artifact bundles (one per rank)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,18 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora-export", description=__doc__)
-    parser.add_argument("model_dir", help="local Hugging Face model folder (no hub access)")
-    parser.add_argument("-o", "--output", required=True, help="output folder; bundles go to <output>/r<rank>")
-    parser.add_argument("--task", default="auto", choices=["auto", "seq-cls", "causal-lm"])
-    parser.add_argument("--labels", type=_csv, default=(), help="class names for seq-cls, comma separated")
+    parser.add_argument("model_dir", nargs="?", metavar="MODEL",
+                        help="local Hugging Face model folder, or a .gguf file (no hub access)")
+    parser.add_argument("-o", "--output", help="output folder; bundles go to <output>/r<rank>")
+    parser.add_argument("--task", default="auto", choices=["auto", "seq-cls", "causal-lm"],
+                        help="default: from the architecture (a GGUF file is a causal LM)")
+    parser.add_argument("--labels", type=_csv, default=(),
+                        help="class names for seq-cls, comma separated; for causal-lm the label words of a "
+                             "classification-as-instruction task (recorded in the manifest)")
     parser.add_argument("--num-labels", type=int, help="instead of --labels: classes named 0..N-1")
-    parser.add_argument("--targets", type=_csv, default=(), help="LoRA target modules (default per architecture)")
+    parser.add_argument("--targets", type=_csv, default=(),
+                        help="LoRA targets: attention, mlp, all, default (attention query/value) or module names, "
+                             "comma separated (default: default; see --architectures)")
     parser.add_argument("--ranks", type=_csv, default=("8",), help="rank ladder, e.g. 2,4,8,16")
     parser.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
     parser.add_argument("--max-length", type=int, default=128)
@@ -31,7 +37,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep ORT's single-threaded LayerNorm/GELU/Softmax gradient kernels instead of "
                              "rewriting them into multi-threaded standard ops (for non-CPU execution providers)")
     parser.add_argument("--no-measure", action="store_true", help="skip the per-rank memory and step-time probe")
+    parser.add_argument("--check", action="store_true",
+                        help="only the pre-load checks (architecture, task, targets, labels, tokenizer, chat "
+                             "template, output folder): print the plan, load no weights")
+    parser.add_argument("--architectures", action="store_true",
+                        help="print the supported model types with their LoRA targets and exit")
     args = parser.parse_args(argv)
+    if args.architectures:
+        from export.architectures import describe
+
+        print(describe())
+        return 0
+    if not args.model_dir or not args.output:
+        parser.error("MODEL and -o/--output are required")
 
     from export.config import ExportConfig
     from export.exporter import export
@@ -44,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             gguf_file=args.gguf_file, model_id=args.model_id, verify=not args.no_verify,
             cpu_gradient_ops=not args.no_cpu_gradient_ops, measure=not args.no_measure,
         )
-        export(cfg)
+        if args.check:
+            from export.preflight import preflight
+
+            print(preflight(cfg).summary())
+        else:
+            export(cfg)
     except (FedloraError, ValueError) as exc:
         print(f"fedlora-export: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
-"""Turn a local Hugging Face model into fedlora artifact bundles, one per LoRA rank.
+"""Turn a local Hugging Face model (a folder or a GGUF file) into fedlora artifact bundles, one per LoRA rank.
 
-Stages per rank: wrap the model with peft LoRA -> ``torch.onnx.export`` (legacy exporter,
+First the pre-load checks (``export.preflight``: architecture, task, targets, labels, tokenizer,
+chat format, output folder), then the load, then per rank: wrap the model with peft LoRA -> ``torch.onnx.export`` (legacy exporter,
 training mode, no constant folding: see the traps in the design notes) -> rename parameters
 to peft's adapter keys -> ``generate_artifacts`` (only LoRA and head trainable) -> CPU
 gradient kernels swapped for multi-threaded ops (``rewrite_cpu_gradients``) -> manifest
@@ -23,23 +24,19 @@ from pathlib import Path
 import numpy as np
 
 from core.bundle import MANIFEST_NAME, Bundle, Manifest, ParamSpec, sha256_file
-from core.errors import ConfigError, FedloraError
-from export.config import DEFAULT_TARGETS, ExportConfig
+from core.errors import ConfigError
+from export.chat_format import end_of_turn_id
+from export.config import ExportConfig
+from export.preflight import ExportError, Plan, log, preflight
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 IGNORE_INDEX = -100
-# Bumped whenever the exported graphs change, so caches of exported bundles are rebuilt.
-EXPORT_RECIPE = 2
-
-
-class ExportError(FedloraError):
-    """The export or its self-check failed."""
-
-
-def log(message: str) -> None:
-    print(f"[export] {message}", file=sys.stderr, flush=True)
+# Bumped whenever the exported graphs or the manifest's fields change, so caches of exported bundles are rebuilt.
+EXPORT_RECIPE = 3
+# What export() keeps of the tokenizer folder transformers writes (the device reads tokenizer.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 @contextmanager
@@ -85,21 +82,7 @@ class LoadedModel:
     task: str
     model_type: str
     labels: tuple[str, ...]
-
-
-def _find_gguf(cfg: ExportConfig) -> str | None:
-    if cfg.gguf_file:
-        if not (cfg.model_dir / cfg.gguf_file).is_file():
-            raise ConfigError(f"gguf_file {cfg.gguf_file} not found in {cfg.model_dir}")
-        return cfg.gguf_file
-    if (cfg.model_dir / "config.json").is_file():
-        return None
-    found = sorted(p.name for p in cfg.model_dir.glob("*.gguf"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ConfigError(f"{cfg.model_dir} has no config.json and no .gguf file: not a Hugging Face model folder")
-    raise ConfigError(f"{cfg.model_dir} has several .gguf files, choose one with --gguf-file: {found}")
+    plan: Plan | None = None
 
 
 def _quiet_gguf_progress() -> None:
@@ -116,53 +99,23 @@ def _quiet_gguf_progress() -> None:
         gguf_utils.tqdm = functools.partial(bar, disable=True)
 
 
-def load_model(cfg: ExportConfig) -> LoadedModel:
-    """Load model and tokenizer from the local folder, with every dropout set to 0.
+def load_model(cfg: ExportConfig, plan: Plan | None = None) -> LoadedModel:
+    """Load the model the plan describes (``preflight(cfg)`` when none is given), with every
+    dropout set to 0 and activations in the form ORT's gradient builder takes.
 
     Dropout is off so the exported graph is deterministic: the self-check compares PyTorch
     and ORT losses exactly, and LoRA on small adapters trains well without it.
     """
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()  # the load report; our progress lines say what happens
-    transformers.utils.logging.disable_progress_bar()
-    gguf = _find_gguf(cfg)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    if gguf:
+    if plan is None:
+        plan = preflight(cfg)
+    if plan.source.gguf_file:
         _quiet_gguf_progress()
-    try:
-        config = transformers.AutoConfig.from_pretrained(cfg.model_dir, **kwargs)
-    except Exception as exc:
-        raise ConfigError(f"{cfg.model_dir}: cannot read the model config ({exc})") from exc
-    task = _task_of(config, cfg.task)
-    tokenizer = _load_tokenizer(cfg.model_dir, kwargs)
+    config = plan.config
     _zero_dropout_settings(config)
-    labels = tuple(cfg.labels)
-    model = _load_weights(cfg, config, task, labels, kwargs)
+    model = _load_weights(cfg, plan, config)
     _zero_dropout_modules(model)
-    _ensure_pad_token(tokenizer)
-    return LoadedModel(model, tokenizer, task, config.model_type, labels)
-
-
-def _task_of(config, task: str) -> str:
-    """``task``, or for ``auto`` the one the model's architecture names."""
-    if task == "auto":
-        archs = " ".join(getattr(config, "architectures", None) or [])
-        task = "causal-lm" if ("CausalLM" in archs or "LMHead" in archs) else "seq-cls"
-    return task
-
-
-def _load_tokenizer(model_dir: Path, kwargs: dict):
-    """The model's tokenizer, which must have the fast (tokenizer.json) form the device reads."""
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **kwargs)
-    except Exception as exc:
-        raise ExportError(f"{model_dir}: no usable tokenizer ({type(exc).__name__}: {exc})") from exc
-    if not getattr(tokenizer, "is_fast", False):
-        raise ExportError(f"{model_dir}: the tokenizer has no fast (tokenizer.json) form, which the device needs")
-    return tokenizer
+    _exportable_activations(model)
+    return LoadedModel(model, plan.tokenizer, plan.task, plan.model_type, plan.labels, plan)
 
 
 def _zero_dropout_settings(config) -> None:
@@ -181,35 +134,31 @@ def _zero_dropout_modules(model) -> None:
             module.p = 0.0
 
 
-def _load_weights(cfg: ExportConfig, config, task: str, labels: tuple[str, ...], kwargs: dict):
-    """The float32 model for ``task``; a classifier gets a fresh head for ``labels`` (seeded)."""
+def _load_weights(cfg: ExportConfig, plan: Plan, config):
+    """The float32 model for the plan's task; a classifier gets a fresh head for its labels (seeded)."""
     import torch
-    import transformers
 
-    common = dict(config=config, attn_implementation="eager", torch_dtype=torch.float32, **kwargs)
-    if task != "seq-cls":
-        return transformers.AutoModelForCausalLM.from_pretrained(cfg.model_dir, **common)
-    if not labels:
-        raise ConfigError("seq-cls export needs the class labels (--labels a,b,c)")
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {name: i for i, name in enumerate(labels)}
-    torch.manual_seed(cfg.seed)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, **common)
+    from export.preflight import model_classes
+
+    common = dict(config=config, attn_implementation="eager", torch_dtype=torch.float32, **plan.source.load_kwargs)
+    if plan.task == "seq-cls":
+        if getattr(config, "pad_token_id", None) is None:  # decoders find each row's last token by it
+            config.pad_token_id = plan.tokenizer.pad_token_id
+        torch.manual_seed(cfg.seed)
+    return model_classes(plan.task).from_pretrained(plan.source.folder, **common)
 
 
-def _ensure_pad_token(tokenizer) -> None:
-    """Batches are padded: a tokenizer without a pad token pads with EOS (or token 0)."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
-
-
-def _targets(cfg: ExportConfig, model_type: str) -> tuple[str, ...]:
-    if cfg.targets:
-        return tuple(cfg.targets)
-    if model_type not in DEFAULT_TARGETS:
-        raise ConfigError(f"no default LoRA targets for model type {model_type!r}; name them with --targets")
-    return DEFAULT_TARGETS[model_type]
+def _exportable_activations(model) -> None:
+    """The tanh GELU (Gemma, StarCoder2) as its formula in standard ops: torch's fused
+    ``gelu(approximate="tanh")`` exports to a pattern that ORT's training graph transformers
+    break on ("Argument mismatch when removing edge"); the formula is the same approximation."""
+    try:
+        from transformers.activations import GELUTanh
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, GELUTanh):
+            module.act = module._gelu_tanh_python
 
 
 def _head_names(model) -> tuple[str, ...]:
@@ -239,7 +188,7 @@ def build_peft(loaded: LoadedModel, cfg: ExportConfig, rank: int):
     import peft
     import torch
 
-    targets = _targets(cfg, loaded.model_type)
+    targets = loaded.plan.targets if loaded.plan is not None else tuple(cfg.targets)
     torch.manual_seed(cfg.seed + rank)
     base = copy.deepcopy(loaded.model)
     lora = peft.LoraConfig(r=rank, lora_alpha=cfg.alpha_for(rank), target_modules=list(targets), lora_dropout=0.0,
@@ -467,11 +416,44 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def token_fields(loaded: LoadedModel, tokenizer_json: Path) -> dict:
+    """The manifest's token facts, for devices that format and tokenize conversations themselves.
+
+    vocab_size: rows of the model's embedding (and columns of a causal LM's logits).
+    bos_token_id, eos_token_id: the tokenizer's; for a chat model eos is the end-of-turn token
+        that closes the response (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``).
+    add_bos_token: whether the bundle's tokenizer.json (what the device's tokenizers library
+        loads) adds BOS itself when encoding with special tokens.
+    chat_format: the template's literal parts and slots (``export.chat_format``), when it has one.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = loaded.tokenizer
+    bos = tokenizer.bos_token_id
+    device_tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    with_special = device_tokenizer.encode("hello", add_special_tokens=True).ids
+    plain = device_tokenizer.encode("hello", add_special_tokens=False).ids
+    fields = {
+        "vocab_size": int(loaded.model.config.vocab_size),
+        "bos_token_id": bos,
+        "eos_token_id": tokenizer.eos_token_id,
+        "add_bos_token": bos is not None and with_special[:1] == [bos] and plain[:1] != [bos],
+    }
+    plan = loaded.plan
+    if plan is not None and plan.chat_format is not None:
+        fields["chat_format"] = plan.chat_format.to_json()
+        fields["eos_token_id"] = end_of_turn_id(tokenizer, plan.chat_format)
+    if plan is not None and plan.source.gguf:
+        fields["gguf"] = dict(plan.source.gguf)
+    return fields
+
+
 def model_id(cfg: ExportConfig) -> str:
-    """The name recorded in manifests: given, or the folder's (its parent's for a folder named 'model')."""
-    if cfg.model_id:
-        return cfg.model_id
-    return cfg.model_dir.parent.name if cfg.model_dir.name == "model" else cfg.model_dir.name
+    """The name recorded in manifests (``export.preflight.model_id``)."""
+    from export.preflight import find_source
+    from export.preflight import model_id as source_model_id
+
+    return source_model_id(cfg, find_source(cfg))
 
 
 def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir: Path) -> Path:
@@ -486,8 +468,9 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
         rewrites = rewrite_cpu_gradients(out / "training_model.onnx")
         log(f"r={rank}: gradient kernels rewritten for multi-core CPUs: {rewrites}")
     shutil.copytree(tokenizer_dir, out / "tokenizer")
-    extra = {"model_type": loaded.model_type, "versions": _versions(), "export_seconds": timings,
-             "frozen_params": len(frozen), "gradient_rewrites": rewrites}
+    extra = {"model_type": loaded.model_type, **token_fields(loaded, out / "tokenizer" / "tokenizer.json"),
+             "versions": _versions(), "export_seconds": timings, "frozen_params": len(frozen),
+             "gradient_rewrites": rewrites}
     write_manifest(out, rank_manifest(loaded, cfg, rank, out, targets, param_specs(wrapper, trainable), extra).to_json())
     if cfg.verify:
         check = self_check(loaded, cfg, rank, wrapper, out, timings)
@@ -530,7 +513,7 @@ def rank_manifest(loaded: LoadedModel, cfg: ExportConfig, rank: int, out: Path, 
     """The manifest of the bundle in ``out``, with the sha256 of every file already there."""
     files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
     return Manifest(
-        model_id=model_id(cfg), task=loaded.task, rank=rank, alpha=cfg.alpha_for(rank),
+        model_id=loaded.plan.model_id if loaded.plan is not None else model_id(cfg), task=loaded.task, rank=rank, alpha=cfg.alpha_for(rank),
         targets=tuple(targets), max_length=cfg.max_length, pad_token_id=int(loaded.tokenizer.pad_token_id),
         trainable=specs, input_names=("input_ids", "attention_mask"), files=files, labels=loaded.labels,
         tokenizer="tokenizer/tokenizer.json", extra=extra,
@@ -592,23 +575,20 @@ def measure_step(bundle_dir: Path, batch: int, seq: int) -> dict:
 def export(cfg: ExportConfig) -> list[Path]:
     """Export every rank of the ladder; returns the bundle folders."""
     timings: dict[str, float] = {}
+    with stage("pre-load checks", timings):
+        plan = preflight(cfg)
+    log(plan.summary())
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    with stage(f"load {cfg.model_dir}", timings):
-        loaded = load_model(cfg)
+    with stage(f"load {plan.source.path}", timings):
+        loaded = load_model(cfg, plan)
     with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = Path(tmp) / "tokenizer"
-        loaded.tokenizer.save_pretrained(tok_dir)
-        for extra in tok_dir.glob("*"):
-            if extra.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                extra.unlink()
-        if not (tok_dir / "tokenizer.json").is_file():
-            raise ExportError(f"{cfg.model_dir}: the tokenizer did not produce tokenizer.json")
+        tok_dir = save_tokenizer(loaded.tokenizer, Path(tmp) / "tokenizer", plan.source.path)
         bundles = []
         for i, rank in enumerate(cfg.ranks, start=1):
             log(f"rank {rank} ({i}/{len(cfg.ranks)})")
             bundles.append(export_rank(loaded, cfg, rank, tok_dir))
     ladder = {
-        "model_id": model_id(cfg),
+        "model_id": plan.model_id,
         "task": loaded.task,
         "ranks": {str(r): {"path": f"r{r}"} for r in cfg.ranks},
     }
@@ -622,3 +602,15 @@ def export(cfg: ExportConfig) -> list[Path]:
     (cfg.output_dir / "ladder.json").write_text(json.dumps(ladder, indent=1) + "\n", encoding="utf-8")
     log(f"wrote {len(bundles)} bundle(s) to {cfg.output_dir}")
     return bundles
+
+
+def save_tokenizer(tokenizer, folder: Path, source: Path) -> Path:
+    """The tokenizer's files for the bundle: tokenizer.json (what the device loads), its config,
+    and the chat template's source when it has one."""
+    tokenizer.save_pretrained(folder)
+    for extra in folder.glob("*"):
+        if extra.name not in TOKENIZER_FILES:
+            shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+    if not (folder / "tokenizer.json").is_file():
+        raise ExportError(f"{source}: the tokenizer did not produce tokenizer.json")
+    return folder
