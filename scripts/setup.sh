@@ -6,14 +6,17 @@
 # With --dev also the test tools (pytest, hypothesis, helm, kubernetes-validate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# An interpreter onnxruntime-training 1.19.2 has wheels for (CPython 3.10-3.12; fedlora needs 3.10+):
-# $PYTHON if set, else python3 if it fits, else the first of python3.12, python3.11, python3.10.
-supported() { "$1" -c 'import sys; sys.exit(not ((3, 10) <= sys.version_info[:2] <= (3, 12)))' 2>/dev/null; }
+# The interpreter: CPython 3.11 or 3.12. onnxruntime-training 1.19.2, the last release with the
+# on-device training API, has no wheels for 3.13 or later, and transformers 5.24 (constraints.txt)
+# needs 3.11, so the build host cannot be set up on 3.10 (a device or the aggregator alone can: README).
+# $PYTHON if set, else python3 if it fits, else the first of python3.12, python3.11.
+supported() { "$1" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= (3, 12)))' 2>/dev/null; }
+pyver() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 else
   PY=python3
   if ! supported "$PY"; then
-    for candidate in python3.12 python3.11 python3.10; do
+    for candidate in python3.12 python3.11; do
       if command -v "$candidate" >/dev/null && supported "$candidate"; then PY=$candidate; break; fi
     done
   fi
@@ -28,11 +31,23 @@ if [ "${1:-}" = "--dev" ]; then EXTRAS="$EXTRAS,dev"; MODE=dev; fi
 pip_quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 
 if ! supported "$PY"; then
-  found=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "no $PY")
-  echo "setup: need CPython 3.10, 3.11 or 3.12 (found $found): onnxruntime-training 1.19.2, the last release" >&2
-  echo "  with the on-device training API, has no wheels for 3.13 or later. Install python3.11 or python3.12" >&2
-  echo "  (e.g. apt-get install python3.11-venv, or pyenv) and run again, or set PYTHON=/path/to/python3.12." >&2
+  # A name that does not run (not installed, or a pyenv shim for a version pyenv has not selected)
+  # shows its own first error line.
+  if found=$(pyver "$PY" 2>&1); then found="CPython $found"; else found="$PY does not run: $(printf '%s\n' "$found" | head -n 1)"; fi
+  echo "setup: need CPython 3.11 or 3.12 (found $found): onnxruntime-training 1.19.2, the last release" >&2
+  echo "  with the on-device training API, has no wheels for 3.13 or later, and transformers 5.24 needs 3.11." >&2
+  echo "  Install python3.12 or python3.11 (e.g. apt-get install python3.11-venv) and run again, or set" >&2
+  echo "  PYTHON=/path/to/python3.12 (with pyenv: PYENV_VERSION=3.12 PYTHON=python3.12 scripts/setup.sh)." >&2
   exit 2
+fi
+# PYTHON names the interpreter: a venv an earlier run made with another version is made again.
+if [ -n "${PYTHON:-}" ]; then
+  for venv in .venv .venv-edge; do
+    if [ -x "$venv/bin/python" ] && [ "$(pyver "$venv/bin/python" 2>/dev/null)" != "$(pyver "$PY")" ]; then
+      echo "[setup] $venv has Python $(pyver "$venv/bin/python" 2>/dev/null || echo '?'); making it again with $(pyver "$PY")"
+      rm -rf "$venv"
+    fi
+  done
 fi
 
 # A dev set-up includes the main one, so either stamp satisfies a main set-up.
