@@ -22,7 +22,9 @@ import numpy as np
 from core.bundle import Bundle, choose_bundle
 from edge_client.data import EncodedDataset, TextEncoder, encode_classification, Record
 from core.errors import BundleError, ConfigError
-from edge_client.runtime import RuntimeOptions, Trainer
+from edge_client.generate import evaluate_instructions
+from edge_client.instruct import InstructionEncoder, encode_instructions, labeled_to_instructions
+from edge_client.runtime import RuntimeOptions, Trainer, read_parameters
 from core.transport import BrokerConfig, MqttLink
 from export.models import package_model_dir
 from server.aggregator import Aggregator
@@ -167,25 +169,65 @@ def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], ma
     return root
 
 
+# Greedy answers cost a forward pass per new token: the answer accuracy and the sample
+# generations use at most this many test examples (the label accuracy, loss and perplexity all).
+GENERATE_MAX_EXAMPLES = 64
+GENERATE_MAX_TOKENS = 8
+
+
+class TestSet:
+    """The held-out examples, encoded for the bundle's task, and how to score a trainer on them:
+    classification accuracy and loss (seq-cls); for causal-lm, classification as instruction:
+    the best-scoring label word's accuracy (``accuracy``), response-only loss and perplexity,
+    the greedy answer's accuracy and a few sample generations."""
+
+    def __init__(self, bundle: Bundle, examples: list):
+        self.bundle = bundle
+        m = bundle.manifest
+        records = [Record(e.text, e.label) for e in examples]
+        if m.task == "causal-lm":
+            self.instructions = labeled_to_instructions(records, m.labels, where="test set")
+        else:
+            encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
+            self.encoded = encode_classification(records, encoder, m.labels)
+
+    def score(self, trainer: Trainer) -> dict:
+        if self.bundle.manifest.task != "causal-lm":
+            return trainer.evaluate(self.encoded, batch_size=32)
+        labels = self.bundle.manifest.labels
+        scored = evaluate_instructions(trainer, self.instructions, label_words=labels, max_new_tokens=0)
+        generated = evaluate_instructions(trainer, self.instructions[:GENERATE_MAX_EXAMPLES],
+                                          max_new_tokens=GENERATE_MAX_TOKENS, samples=3)
+        return {"accuracy": scored.label_accuracy, "loss": scored.loss, "perplexity": scored.perplexity,
+                "answer_accuracy": generated.answer_accuracy, "examples": scored.examples,
+                "samples": [{"prompt": x.prompt, "generated": x.generated, "expected": x.expected}
+                            for x in generated.samples]}
+
+
 class CentralEvaluator:
     """Evaluates a global adapter on the held-out test set with the device runtime (ORT)."""
 
-    def __init__(self, bundle: Bundle, test: EncodedDataset, threads: int = 0):
+    def __init__(self, bundle: Bundle, test: TestSet, threads: int = 0):
         self.trainer = Trainer(bundle, options=RuntimeOptions(intra_op_threads=threads))
         self.test = test
 
     def __call__(self, tensors: dict[str, np.ndarray]) -> dict:
         self.trainer.apply_global(tensors)
-        return self.trainer.evaluate(self.test, batch_size=32)
+        return self.test.score(self.trainer)
 
 
-def encode_examples(bundle: Bundle, examples) -> EncodedDataset:
+def encode_training_set(bundle: Bundle, examples) -> EncodedDataset:
+    """The pooled training set, encoded as the devices encode their shards."""
     m = bundle.manifest
+    records = [Record(e.text, e.label) for e in examples]
+    if m.task == "causal-lm":
+        return encode_instructions(labeled_to_instructions(records, m.labels, where="training set"),
+                                   InstructionEncoder.from_bundle(bundle))
     encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
-    return encode_classification([Record(e.text, e.label) for e in examples], encoder, m.labels)
+    return encode_classification(records, encoder, m.labels)
 
 
-def centralized_baseline(bundle: Bundle, train: EncodedDataset, test: EncodedDataset, cfg: SimulateConfig,
+def centralized_baseline(bundle: Bundle, train: EncodedDataset, test: TestSet, cfg: SimulateConfig,
                          steps_per_round: int) -> list[dict]:
     """Train the same model on the pooled data with the same total sample passes."""
     trainer = Trainer(bundle, options=RuntimeOptions())
@@ -196,9 +238,9 @@ def centralized_baseline(bundle: Bundle, train: EncodedDataset, test: EncodedDat
     for rnd in range(1, cfg.rounds + 1):
         for _ in range(steps_per_round):
             trainer.train_step(next(batches))
-        result = trainer.evaluate(test, batch_size=32)
+        result = test.score(trainer)
         curve.append({"round": rnd, **result})
-        print(f"[simulate] centralized {rnd}/{cfg.rounds}: acc {result['accuracy']:.4f} loss {result['loss']:.4f}", flush=True)
+        _print_eval(f"centralized {rnd}/{cfg.rounds}", result)
     return curve
 
 
@@ -214,7 +256,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     bundle_dir, bundle = resolve_bundle(cfg, data.labels)
     devices = write_device_shards(cfg, data, out)
     test_examples = evaluation_sample(data.test, cfg.eval_max, cfg.seed)
-    test = encode_examples(bundle, test_examples)
+    test = TestSet(bundle, test_examples)
 
     job = f"sim-{int(started)}"
     broker, broker_cfg = start_broker(cfg)
@@ -224,7 +266,12 @@ def run_simulation(cfg: SimulateConfig) -> dict:
 
         shutil.rmtree(out / "aggregator")
     link = MqttLink(broker_cfg, client_id=f"fedlora-{job}-aggregator").connect()
-    aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=CentralEvaluator(bundle, test))
+    evaluator = CentralEvaluator(bundle, test)
+    zero_shot = None
+    if bundle.manifest.task == "causal-lm":  # round 0: the base model with the untrained adapter (B = 0)
+        zero_shot = {"round": 0, "eval": evaluator(read_parameters(bundle))}
+        _print_eval("round 0 (zero-shot)", zero_shot["eval"])
+    aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator)
     try:
         run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out)
     finally:
@@ -234,10 +281,11 @@ def run_simulation(cfg: SimulateConfig) -> dict:
 
     centralized = None
     if cfg.centralized:
-        train_all = encode_examples(bundle, data.train)
+        train_all = encode_training_set(bundle, data.train)
         centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
     wall = time.time() - started
-    report = write_outputs(cfg, out, bundle, data, len(test_examples), aggregator, devices, centralized, wall)
+    report = write_outputs(cfg, out, bundle, data, len(test_examples), aggregator, devices, centralized, wall,
+                           zero_shot)
     history = aggregator.history
     final = history[-1]["eval"] if history and history[-1].get("eval") else {}
     print(f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}", flush=True)
@@ -369,9 +417,10 @@ def stop_devices(procs: list[subprocess.Popen], grace: float) -> None:
 
 
 def write_outputs(cfg: SimulateConfig, out: Path, bundle: Bundle, data: Dataset, n_test: int, aggregator: Aggregator,
-                  devices: list[dict], centralized: list[dict] | None, wall: float) -> Path:
-    """metrics.jsonl, centralized.jsonl, the plots and report.md; returns the report's path."""
-    history = aggregator.history
+                  devices: list[dict], centralized: list[dict] | None, wall: float, zero_shot: dict | None = None) -> Path:
+    """metrics.jsonl, centralized.jsonl, the plots and report.md (``zero_shot``: the round-0
+    evaluation of the base model); returns the report's path."""
+    history = ([zero_shot] if zero_shot else []) + aggregator.history
     settings = {"model": bundle.manifest.model_id, "dataset": data.name, "train/test": f"{len(data.train)}/{n_test}",
                 "devices": cfg.devices, "split": cfg.split + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else ""),
                 "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
@@ -405,9 +454,19 @@ def uplink_by_device(events: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _scores(ev: dict) -> str:
+    text = f"acc {ev.get('accuracy', float('nan')):.4f} loss {ev.get('loss', float('nan')):.4f}"
+    if "perplexity" in ev:
+        text += f" ppl {ev['perplexity']:.2f} answers {ev.get('answer_accuracy', float('nan')):.4f}"
+    return text
+
+
+def _print_eval(what: str, ev: dict) -> None:
+    print(f"[simulate] {what}: {_scores(ev)}", flush=True)
+
+
 def _print_round(h: dict, rounds: int) -> None:
     ev = h.get("eval") or {}
     print(f"[simulate] round {h['round']}/{rounds} {'ok' if h['ok'] else 'FAILED: ' + h['reason']}: "
-          f"acc {ev.get('accuracy', float('nan')):.4f} loss {ev.get('loss', float('nan')):.4f}, "
-          f"{h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
+          f"{_scores(ev)}, {h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
           f"{h['duration_s']:.0f}s", flush=True)
