@@ -236,7 +236,8 @@ def resolve_task(config, task: str, family: Family | None, model_type: str, sour
 
 def check_task_labels(task: str, labels: tuple[str, ...]) -> None:
     if task == "seq-cls" and not labels:
-        raise ConfigError("seq-cls export needs the class labels (--labels a,b,c)")
+        raise ConfigError("seq-cls export needs the class labels (--labels a,b,c); for a language model give "
+                          "--task causal-lm")
     check_labels(labels)
 
 
