@@ -13,9 +13,9 @@ manifest's ``chat_format``), or without one in the Alpaca layout (``### Instruct
 ``### Response:``, the response followed by EOS). In a multi-turn chat only the **last**
 assistant message is the response: earlier turns are part of the prompt, seen but not trained
 on. The loss covers the response tokens only: ``labels[t] = ids[t + 1]`` where ``t + 1`` is a
-response token, else -100. An example longer than ``max_length`` loses the beginning of its
-prompt (a leading BOS stays); if the response alone does not fit, its end is cut. Either is
-counted and logged once, never fatal.
+response token, else -100. An example longer than ``max_length`` loses the middle of its
+prompt (its start, with the instruction, and its end, with the assistant prefix, stay); if the
+response alone does not fit, its end is cut. Either is counted and logged once, never fatal.
 
 Pure stdlib + numpy + ``tokenizers``, so it runs on the device.
 """
@@ -382,8 +382,11 @@ class Fitted:
 
 def fit_example(prompt: Sequence[int], response: Sequence[int], max_length: int, keep_first: bool = False) -> Fitted:
     """Prompt + response in at most ``max_length`` tokens: the response whole if it fits with at
-    least one prompt token before it (else its end is cut), the prompt's end kept (and its first
-    token if ``keep_first``: a BOS), its beginning cut."""
+    least one prompt token before it (else its end is cut), and of the prompt its middle is cut:
+    the first and the last halves of the room are kept. Its beginning holds the system prompt
+    and the instruction (for classification as instruction, the label words), its end the
+    assistant prefix the answer follows; a long input text loses its end. ``keep_first`` (a
+    BOS): kept whenever two or more prompt tokens fit, as the head always is."""
     prompt, response = list(prompt), list(response)
     if len(prompt) + len(response) <= max_length:
         return Fitted(prompt + response, len(prompt))
@@ -392,10 +395,8 @@ def fit_example(prompt: Sequence[int], response: Sequence[int], max_length: int,
     if len(response) > room:
         response, cut = response[:room], "response"
     keep = max_length - len(response)
-    if keep_first and keep >= 2:
-        kept = prompt[:1] + prompt[len(prompt) - keep + 1:]
-    else:
-        kept = prompt[len(prompt) - keep:] if keep else []
+    head = keep // 2 if keep >= 2 or not keep_first else 0
+    kept = prompt[:head] + prompt[len(prompt) - (keep - head):] if keep else []
     return Fitted(kept + response, len(kept), cut)
 
 
@@ -460,8 +461,8 @@ class InstructionEncoder:
         return fit_example(prompt, response, self.max_length, keep_first=self.starts_with_bos)
 
     def fit_prompt(self, prompt: Sequence[int], room: int) -> list[int]:
-        """A prompt cut at its beginning (a leading BOS kept) to at most ``room`` tokens, leaving
-        the rest of ``max_length`` to an answer."""
+        """A prompt cut in its middle (``fit_example``) to at most ``room`` tokens, leaving the
+        rest of ``max_length`` to an answer."""
         return fit_example(prompt, [], room, keep_first=self.starts_with_bos).ids
 
 
@@ -494,7 +495,7 @@ def encode_instructions(examples: Sequence[Example], encoder: InstructionEncoder
         labels[row, start:length - 1] = fitted.ids[start + 1:length]
     truncated = cut["prompt"] + cut["response"]
     if truncated:
-        log.warning("%d of %d examples truncated to max_length %d (%d lost the beginning of the prompt, "
+        log.warning("%d of %d examples truncated to max_length %d (%d lost the middle of the prompt, "
                     "%d the end of the response)", truncated, n, width, cut["prompt"], cut["response"])
     return EncodedDataset(ids, mask, labels, bucket_batches=bucket_batches)
 

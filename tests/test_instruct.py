@@ -303,12 +303,14 @@ def test_labels_cover_exactly_the_response_tokens(tokenizer_file):
         assert ids_of(tokenizer_file, "hi") in prompt and ids_of(tokenizer_file, "hi") not in response
 
 
-def test_fitting_cuts_the_prompt_beginning_then_the_response_end():
+def test_fitting_cuts_the_prompt_middle_then_the_response_end():
     assert fit_example([1, 2, 3], [7, 8], 8) == fit_example([1, 2, 3], [7, 8], 5)
     fitted = fit_example([9, 1, 2, 3, 4], [7, 8], 5, keep_first=True)
     assert (fitted.ids, fitted.n_prompt, fitted.cut) == ([9, 3, 4, 7, 8], 3, "prompt")
     fitted = fit_example([9, 1, 2, 3, 4], [7, 8], 5)
-    assert (fitted.ids, fitted.n_prompt, fitted.cut) == ([2, 3, 4, 7, 8], 3, "prompt")
+    assert (fitted.ids, fitted.n_prompt, fitted.cut) == ([9, 3, 4, 7, 8], 3, "prompt")
+    fitted = fit_example(list(range(10, 30)), [7], 9)  # the instruction's start and the prompt's end stay
+    assert (fitted.ids, fitted.n_prompt) == ([10, 11, 12, 13, 26, 27, 28, 29, 7], 8)
     fitted = fit_example([9, 1, 2], [5, 6, 7, 8, 10, 11], 4, keep_first=True)
     assert (fitted.ids, fitted.n_prompt, fitted.cut) == ([2, 5, 6, 7], 1, "response")
 
@@ -320,7 +322,7 @@ def test_long_examples_are_truncated_and_counted_never_a_crash(tokenizer_file, c
     enc = encoder(tokenizer_file, max_length=24)
     with caplog.at_level(logging.WARNING, logger="fedlora.data"):
         data = encode_instructions(examples, enc)
-    assert "2 of 3 examples truncated to max_length 24 (1 lost the beginning of the prompt, 1 the end of the response)" \
+    assert "2 of 3 examples truncated to max_length 24 (1 lost the middle of the prompt, 1 the end of the response)" \
         in caplog.text
     assert data.input_ids.shape == (3, 24) and data.attention_mask[1:].sum(axis=1).tolist() == [24, 24]
     assert data.input_ids[1, 0] == BOS and learned(data, 1) == enc.response_ids(["paris"])[0]
