@@ -97,7 +97,7 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
     if generative:
         lines += ["", "Causal LM, classification as instruction: test acc is the accuracy of the best-scoring label "
                       "word (the sum of its tokens' log-probabilities after the prompt); answer acc, of the greedy "
-                      "answer (normalized, on at most the first 64 test examples); loss and perplexity cover the "
+                      "answer (normalized, on at most the first 16 test examples); loss and perplexity cover the "
                       "response tokens only."]
     lines += ["", "Uplink (wire) per round: every update byte the aggregator received while the round was open, "
                   "resent chunks and refused updates included; downlink (wire): what the round's selected devices "

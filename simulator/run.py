@@ -171,7 +171,7 @@ def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], ma
 
 # Greedy answers cost a forward pass per new token: the answer accuracy and the sample
 # generations use at most this many test examples (the label accuracy, loss and perplexity all).
-GENERATE_MAX_EXAMPLES = 64
+GENERATE_MAX_EXAMPLES = 16
 GENERATE_MAX_TOKENS = 8
 
 
