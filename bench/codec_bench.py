@@ -29,7 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.codecs import CODECS
 from core.protocol import HEADER_ZLIB, Envelope, decode_envelope, encode_envelope
 
-DEFAULT = list(CODECS) + ["int4-b32", "int2", "topk0.05+int8+zlib", "topk0.01+int8+zlib", "int4+lzma", "topk0.1+int8+lzma", "topk0.1+sign"]
+DEFAULT = list(CODECS) + [
+    "int4-b32",
+    "int2",
+    "topk0.05+int8+zlib",
+    "topk0.01+int8+zlib",
+    "int4+lzma",
+    "topk0.1+int8+lzma",
+    "topk0.1+sign",
+]
 
 
 def minilm_r8_update(seed: int = 0) -> dict[str, np.ndarray]:
@@ -72,14 +80,29 @@ def main(argv=None) -> None:
         back = decode_envelope(payload).tensors
         err = np.concatenate([back[k].ravel() for k in update]) - flat
         fp32_bytes = fp32_bytes or (len(payload) if spec == "fp32" else None)
-        body = len(payload) - 8 - (struct.unpack_from("<I", payload, 4)[0] & ~HEADER_ZLIB)  # minus magic, length, header
-        rows.append((spec, len(payload), body, float(np.abs(err).max()), float(np.linalg.norm(err) / np.linalg.norm(flat)),
-                     median_ms(lambda e=env: encode_envelope(e), args.runs), median_ms(lambda p=payload: decode_envelope(p), args.runs)))
+        body = (
+            len(payload) - 8 - (struct.unpack_from("<I", payload, 4)[0] & ~HEADER_ZLIB)
+        )  # minus magic, length, header
+        rows.append(
+            (
+                spec,
+                len(payload),
+                body,
+                float(np.abs(err).max()),
+                float(np.linalg.norm(err) / np.linalg.norm(flat)),
+                median_ms(lambda e=env: encode_envelope(e), args.runs),
+                median_ms(lambda p=payload: decode_envelope(p), args.runs),
+            )
+        )
 
-    print(f"MiniLM-L6 r=8 update: {len(update)} tensors, {flat.size} parameters, {4 * flat.size} bytes as fp32; "
-          f"median of {args.runs} runs; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, numpy {np.__version__}\n")
-    print("| codec | envelope bytes | of which tensors | ratio vs fp32 | max abs error | relative L2 error | encode ms | decode ms |")
+    print(
+        f"MiniLM-L6 r=8 update: {len(update)} tensors, {flat.size} parameters, {4 * flat.size} bytes as fp32; "
+        f"median of {args.runs} runs; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, numpy {np.__version__}\n"
+    )
+    print(
+        "| codec | envelope bytes | of which tensors | ratio vs fp32 | max abs error | relative L2 error | encode ms | decode ms |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for spec, size, body, max_err, rel, enc, dec in rows:
         ratio = f"{fp32_bytes / size:.1f}x" if fp32_bytes else "n/a"

@@ -165,35 +165,227 @@ def to_bytes(value: Any) -> bytes:
 
 
 INTERESTING_INTS = (
-    0, 1, 2, 3, 7, 8, 9, 15, 16, 31, 32, 63, 64, 65, 127, 128, 255, 256, 383, 384, 385, 511, 512, 513, 1023, 1024,
-    1025, 4095, 4096, 4097, 65535, 65536, 65537, 999_999, 1_000_000, 1_000_001, 2**26 - 1, 2**26, 2**26 + 1,
-    2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32, 2**34, 2**34 + 1, 2**53 - 1, 2**53, 2**53 + 1, 10**12,
-    10**12 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**19, 10**20 - 1, 10**20,
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    9,
+    15,
+    16,
+    31,
+    32,
+    63,
+    64,
+    65,
+    127,
+    128,
+    255,
+    256,
+    383,
+    384,
+    385,
+    511,
+    512,
+    513,
+    1023,
+    1024,
+    1025,
+    4095,
+    4096,
+    4097,
+    65535,
+    65536,
+    65537,
+    999_999,
+    1_000_000,
+    1_000_001,
+    2**26 - 1,
+    2**26,
+    2**26 + 1,
+    2**31 - 1,
+    2**31,
+    2**31 + 1,
+    2**32 - 1,
+    2**32,
+    2**34,
+    2**34 + 1,
+    2**53 - 1,
+    2**53,
+    2**53 + 1,
+    10**12,
+    10**12 + 1,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    10**19,
+    10**20 - 1,
+    10**20,
 )
 RAW_NUMBERS = (
-    "1e999", "-1e999", "NaN", "-NaN", "Infinity", "-Infinity", "1e308", "1.7976931348623157e308", "-0", "-0.0",
-    "0.0", "5e-324", "1e-999", "1E400", "0e0", "1.0", "1.5", "-1.5", "0.5", "1e-12", "9.99e-13", "2.0000001",
-    "123456789012345678901234567890", "-123456789012345678901", "99999999999999999999", "00", "01", "1.", ".5",
-    "+1", "0x10", "1e", "--1", "1_000", "９", "9" * 5000, "1" + "0" * 400 + ".0",
+    "1e999",
+    "-1e999",
+    "NaN",
+    "-NaN",
+    "Infinity",
+    "-Infinity",
+    "1e308",
+    "1.7976931348623157e308",
+    "-0",
+    "-0.0",
+    "0.0",
+    "5e-324",
+    "1e-999",
+    "1E400",
+    "0e0",
+    "1.0",
+    "1.5",
+    "-1.5",
+    "0.5",
+    "1e-12",
+    "9.99e-13",
+    "2.0000001",
+    "123456789012345678901234567890",
+    "-123456789012345678901",
+    "99999999999999999999",
+    "00",
+    "01",
+    "1.",
+    ".5",
+    "+1",
+    "0x10",
+    "1e",
+    "--1",
+    "1_000",
+    "９",
+    "9" * 5000,
+    "1" + "0" * 400 + ".0",
 )
 CODEC_SPECS_BAD = (
-    "", "+", "fp32+", "+fp32", "fp64", "int16", "int3", "int8-b7", "int8-b0064", "int8-b65537", "int8-b64-b64",
-    "int8-sr-sr", "sign-sr", "topk0", "topk1", "topk1.0", "topk0.5+topk0.5", "zstd+int8", "int8+zstd+zlib",
-    "fp32+fp16", "topk0.\u0665", "int8-b\u0666\u0664", "topk1e-400", "topk0.99999999999999999999", "randk-0.5",
-    "topk" + "0" * 80, "topk0.1+int4+lzma+", "TOPK0.1", " fp32", "fp32 ", "fp32\0", "randk1e-9+sign",
+    "",
+    "+",
+    "fp32+",
+    "+fp32",
+    "fp64",
+    "int16",
+    "int3",
+    "int8-b7",
+    "int8-b0064",
+    "int8-b65537",
+    "int8-b64-b64",
+    "int8-sr-sr",
+    "sign-sr",
+    "topk0",
+    "topk1",
+    "topk1.0",
+    "topk0.5+topk0.5",
+    "zstd+int8",
+    "int8+zstd+zlib",
+    "fp32+fp16",
+    "topk0.\u0665",
+    "int8-b\u0666\u0664",
+    "topk1e-400",
+    "topk0.99999999999999999999",
+    "randk-0.5",
+    "topk" + "0" * 80,
+    "topk0.1+int4+lzma+",
+    "TOPK0.1",
+    " fp32",
+    "fp32 ",
+    "fp32\0",
+    "randk1e-9+sign",
 )
 STRINGS = (
-    "", " ", "a", "online", "offline", "accepted", "rejected", "incomplete", "open", "waiting", "finished",
-    "update", "global", "float32", "float64", "aggregator", "dev0", "dev/0", "dev+", "dev#", "dev 0", "dev\0",
-    "\u00b2", "\u0663", "\uff11", "\u2460", "\ud800", "\udfff", "\ufeff", "\u200b", "\U0001f600", "é" * 100,
-    "NaN", "Infinity", "1e999", "null", "true", "0", "-1", "0" * 32, "0" * 64, "a" * 31, "A" * 32, "g" * 64,
-    "0123456789abcdef" * 2, "0123456789abcdef" * 4, "0123456789ABCDEF" * 4, "x" * 65, "x" * 81, "x" * 129,
-    "x" * 257, "x" * 513, "x" * 4097, "x" * 100_000, "base_delta/x", "base_a/x", "base_b/x", "classifier.weight",
+    "",
+    " ",
+    "a",
+    "online",
+    "offline",
+    "accepted",
+    "rejected",
+    "incomplete",
+    "open",
+    "waiting",
+    "finished",
+    "update",
+    "global",
+    "float32",
+    "float64",
+    "aggregator",
+    "dev0",
+    "dev/0",
+    "dev+",
+    "dev#",
+    "dev 0",
+    "dev\0",
+    "\u00b2",
+    "\u0663",
+    "\uff11",
+    "\u2460",
+    "\ud800",
+    "\udfff",
+    "\ufeff",
+    "\u200b",
+    "\U0001f600",
+    "é" * 100,
+    "NaN",
+    "Infinity",
+    "1e999",
+    "null",
+    "true",
+    "0",
+    "-1",
+    "0" * 32,
+    "0" * 64,
+    "a" * 31,
+    "A" * 32,
+    "g" * 64,
+    "0123456789abcdef" * 2,
+    "0123456789abcdef" * 4,
+    "0123456789ABCDEF" * 4,
+    "x" * 65,
+    "x" * 81,
+    "x" * 129,
+    "x" * 257,
+    "x" * 513,
+    "x" * 4097,
+    "x" * 100_000,
+    "base_delta/x",
+    "base_a/x",
+    "base_b/x",
+    "classifier.weight",
 ) + CODEC_SPECS_BAD
 TOKENS = (
-    b'"', b"{", b"}", b"[", b"]", b",", b":", b"\\", b"\\u0000", b"\\ud800", b"\xff", b"\xc3", b"\xed\xa0\x80",
-    b"\x00", b"1e999", b"NaN", b"-Infinity", b"-", b"null", b"true", b" " * 64, b"[" * 64, b'{"a":' * 16,
-    b"9" * 30, b'"x":1,', b"FLE1", b"FLC1", b"\x80\x00\x00\x00",
+    b'"',
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"\\",
+    b"\\u0000",
+    b"\\ud800",
+    b"\xff",
+    b"\xc3",
+    b"\xed\xa0\x80",
+    b"\x00",
+    b"1e999",
+    b"NaN",
+    b"-Infinity",
+    b"-",
+    b"null",
+    b"true",
+    b" " * 64,
+    b"[" * 64,
+    b'{"a":' * 16,
+    b"9" * 30,
+    b'"x":1,',
+    b"FLE1",
+    b"FLC1",
+    b"\x80\x00\x00\x00",
 )
 DEPTHS = (6, 7, 8, 64, 1000, 5000, 100_000)
 TRICKY_CHARS = (
@@ -208,8 +400,13 @@ def big_list(rng: random.Random) -> Raw:
     """A JSON list of 100,000 items (cached: building one costs more than parsing it)."""
     kind = rng.choice(("ints", "ids", "nulls", "objects", "floats"))
     if kind not in _BIG_CACHE:
-        item = {"ints": lambda i: str(i), "ids": lambda i: f'"dev{i}"', "nulls": lambda i: "null",
-                "objects": lambda i: "{}", "floats": lambda i: f"{i}.5e3"}[kind]
+        item = {
+            "ints": lambda i: str(i),
+            "ids": lambda i: f'"dev{i}"',
+            "nulls": lambda i: "null",
+            "objects": lambda i: "{}",
+            "floats": lambda i: f"{i}.5e3",
+        }[kind]
         _BIG_CACHE[kind] = Raw("[" + ",".join(item(i) for i in range(100_000)) + "]")
     return _BIG_CACHE[kind]
 
@@ -224,7 +421,7 @@ def deep(rng: random.Random) -> Raw:
 def random_json(rng: random.Random, depth: int = 0) -> Any:
     r = rng.random()
     if depth > 3 or r < 0.5:
-        return rng.choice((None, True, False, 0, -1, 1.5, "", "x", rng.randint(-10**9, 10**9), rng.random()))
+        return rng.choice((None, True, False, 0, -1, 1.5, "", "x", rng.randint(-(10**9), 10**9), rng.random()))
     if r < 0.75:
         return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
     return {rng.choice(("a", "name", "v", "x" * 3)): random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))}
@@ -246,7 +443,7 @@ def interesting_value(rng: random.Random) -> Any:
     if r < 0.81:
         return big_list(rng)
     if r < 0.86:
-        return rng.randint(-2**70, 2**70)
+        return rng.randint(-(2**70), 2**70)
     if r < 0.90:
         return rng.uniform(-1e6, 1e6)
     return random_json(rng)
@@ -271,8 +468,21 @@ def _slots(root: Any) -> list[tuple[Any, Any]]:
 
 
 def _near_key(rng: random.Random, key: str) -> str:
-    return rng.choice((key.upper(), key + " ", " " + key, key + "\0", key[:-1] or "x", key + "s", "__proto__",
-                       "extra", key + "_", key.replace("_", "-"), "\ufeff" + key))
+    return rng.choice(
+        (
+            key.upper(),
+            key + " ",
+            " " + key,
+            key + "\0",
+            key[:-1] or "x",
+            key + "s",
+            "__proto__",
+            "extra",
+            key + "_",
+            key.replace("_", "-"),
+            "\ufeff" + key,
+        )
+    )
 
 
 def mutate_json(rng: random.Random, root: Any, ops: int | None = None) -> Any:
@@ -287,11 +497,17 @@ def mutate_json(rng: random.Random, root: Any, ops: int | None = None) -> Any:
             node = rng.choice(containers)
             if isinstance(node, dict):
                 keys = list(node)
-                key = _near_key(rng, rng.choice(keys)) if keys and rng.random() < 0.6 else rng.choice(("x", "meta", "v2", "a" * 300))
+                key = (
+                    _near_key(rng, rng.choice(keys))
+                    if keys and rng.random() < 0.6
+                    else rng.choice(("x", "meta", "v2", "a" * 300))
+                )
                 node[key] = interesting_value(rng)
             elif isinstance(node, list):
                 item = rng.choice(node) if node and rng.random() < 0.7 else interesting_value(rng)
-                node.insert(rng.randint(0, len(node)), json.loads(json.dumps(item)) if not isinstance(item, Raw) else item)
+                node.insert(
+                    rng.randint(0, len(node)), json.loads(json.dumps(item)) if not isinstance(item, Raw) else item
+                )
             continue
         node, key = rng.choice(slots)
         if r < 0.55:  # replace a value
@@ -315,7 +531,17 @@ def mutate_json(rng: random.Random, root: Any, ops: int | None = None) -> Any:
         elif r < 0.94:  # a number nudged across its bound
             value = node[key]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                node[key] = rng.choice((value + 1, value - 1, -value, value * 2, value * 1e6, float(value), int(value) if math.isfinite(value) else 0))
+                node[key] = rng.choice(
+                    (
+                        value + 1,
+                        value - 1,
+                        -value,
+                        value * 2,
+                        value * 1e6,
+                        float(value),
+                        int(value) if math.isfinite(value) else 0,
+                    )
+                )
             else:
                 node[key] = interesting_value(rng)
         else:  # wrap in a container
@@ -328,7 +554,9 @@ def serialize(root: Any) -> bytes:
 
 
 # -- byte-level mutation -------------------------------------------------------------------
-def havoc(rng: random.Random, data: bytes, pool: list[bytes] = (), max_len: int = 4 << 20, ops: int | None = None) -> bytes:
+def havoc(
+    rng: random.Random, data: bytes, pool: list[bytes] = (), max_len: int = 4 << 20, ops: int | None = None
+) -> bytes:
     """1-8 byte-level mutations: bit flips, random bytes, insertions, deletions, truncation,
     repeated blocks, splices with another input, interesting integers, tokens."""
     b = bytearray(data)
@@ -431,8 +659,22 @@ LIMITS_GLOBAL = EnvelopeLimits.for_global(SHAPES)
 
 def codec_specs() -> list[str]:
     """Every codec to fuzz, built from the grammar: [sparsify+] values [+entropy]."""
-    values = ("fp32", "fp16", "bf16", "int8", "int4", "int2", "int8-sr", "int4-sr", "int2-sr", "int4-b32", "int8-b8",
-              "int2-b65536-sr", "sign", "sign-b64")
+    values = (
+        "fp32",
+        "fp16",
+        "bf16",
+        "int8",
+        "int4",
+        "int2",
+        "int8-sr",
+        "int4-sr",
+        "int2-sr",
+        "int4-b32",
+        "int8-b8",
+        "int2-b65536-sr",
+        "sign",
+        "sign-b64",
+    )
     sparsify = ("", "topk0.1+", "topk0.01+", "topk0.5+", "randk0.5+", "randk0.05+")
     entropy = ("", "+zlib", "+lzma", "+zstd")
     specs = [f"{s}{v}{e}" for s in sparsify for v in values for e in entropy]
@@ -444,9 +686,29 @@ def codec_specs() -> list[str]:
 SPECS = codec_specs()
 # (no "-sr" here: encode_envelope's stochastic rounding draws from an unseeded generator; the codec
 # target covers "-sr" decoding, which is the same as without it)
-ENVELOPE_CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "int2", "int2-b16", "int4-b32", "sign", "sign-b64",
-                   "topk0.1+int8", "topk0.05", "topk0.01+int4+zlib", "topk0.5+bf16", "randk0.5+sign",
-                   "randk0.7+sign+zstd", "randk0.1+int8", "int4+lzma", "fp32+zlib", "int8+zstd", "topk0.1+sign")
+ENVELOPE_CODECS = (
+    "fp32",
+    "fp16",
+    "bf16",
+    "int8",
+    "int4",
+    "int2",
+    "int2-b16",
+    "int4-b32",
+    "sign",
+    "sign-b64",
+    "topk0.1+int8",
+    "topk0.05",
+    "topk0.01+int4+zlib",
+    "topk0.5+bf16",
+    "randk0.5+sign",
+    "randk0.7+sign+zstd",
+    "randk0.1+int8",
+    "int4+lzma",
+    "fp32+zlib",
+    "int8+zstd",
+    "topk0.1+sign",
+)
 
 
 def _adapter(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -532,36 +794,78 @@ class Corpus:
     # JSON messages
     @property
     def status(self) -> list[bytes]:
-        return self._get("status", lambda: [
-            Status(Presence.ONLINE, 8, 1234, "minilm-l6").to_bytes(), Status(Presence.OFFLINE).to_bytes(),
-            Status(Presence.ONLINE, 4096, 10**12, "m" * 256).to_bytes(), b'{"state":"online"}',
-            b'{"state":"online","rank":null,"num_examples":null,"model_id":null}',
-        ])
+        return self._get(
+            "status",
+            lambda: [
+                Status(Presence.ONLINE, 8, 1234, "minilm-l6").to_bytes(),
+                Status(Presence.OFFLINE).to_bytes(),
+                Status(Presence.ONLINE, 4096, 10**12, "m" * 256).to_bytes(),
+                b'{"state":"online"}',
+                b'{"state":"online","rank":null,"num_examples":null,"model_id":null}',
+            ],
+        )
 
     @property
     def ack(self) -> list[bytes]:
-        return self._get("ack", lambda: [
-            Ack(3, AckResult.ACCEPTED).to_bytes(), Ack(None, AckResult.REJECTED, "stale_round", "round 2 is closed").to_bytes(),
-            RepairRequest(5, "0123456789abcdef" * 2, 10, (1, 3, 9)).to_bytes(),
-            RepairRequest(2**53, "f" * 32, 2**32 - 1, tuple(range(0, 2048, 2))).to_bytes(),
-            b'{"result":"accepted"}',
-        ])
+        return self._get(
+            "ack",
+            lambda: [
+                Ack(3, AckResult.ACCEPTED).to_bytes(),
+                Ack(None, AckResult.REJECTED, "stale_round", "round 2 is closed").to_bytes(),
+                RepairRequest(5, "0123456789abcdef" * 2, 10, (1, 3, 9)).to_bytes(),
+                RepairRequest(2**53, "f" * 32, 2**32 - 1, tuple(range(0, 2048, 2))).to_bytes(),
+                b'{"result":"accepted"}',
+            ],
+        )
 
     @property
     def announcement(self) -> list[bytes]:
         def build():
-            open_ann = Announcement(job="job1", state=RoundState.OPEN, round=4, global_version=3, rank=8, completed=3,
-                                    rounds=10, deadline=1795554900.0, selected=("dev000", "dev003"), codec="topk0.1+int8",
-                                    head_codec="fp16", strategy=StrategyInfo("hetlora", True, {"prune_threshold": 0.1}),
-                                    train=TrainInfo(20, 8, 0.002, 0.5))
-            many = Announcement(job="job1", state=RoundState.OPEN, round=1, global_version=0, rank=4, deadline=1.0,
-                                selected=tuple(f"dev{i:04d}" for i in range(300)), codec="randk0.7+sign",
-                                strategy=StrategyInfo("ffa", False), train=TrainInfo(1, 1, 1e-12))
-            return [a.to_bytes() for a in (
-                open_ann, many,
-                Announcement(job="job1", state=RoundState.WAITING, round=5, global_version=4, rank=8),
-                Announcement(job="job1", state=RoundState.FINISHED, round=10, global_version=10, rank=2, completed=10, rounds=10),
-            )]
+            open_ann = Announcement(
+                job="job1",
+                state=RoundState.OPEN,
+                round=4,
+                global_version=3,
+                rank=8,
+                completed=3,
+                rounds=10,
+                deadline=1795554900.0,
+                selected=("dev000", "dev003"),
+                codec="topk0.1+int8",
+                head_codec="fp16",
+                strategy=StrategyInfo("hetlora", True, {"prune_threshold": 0.1}),
+                train=TrainInfo(20, 8, 0.002, 0.5),
+            )
+            many = Announcement(
+                job="job1",
+                state=RoundState.OPEN,
+                round=1,
+                global_version=0,
+                rank=4,
+                deadline=1.0,
+                selected=tuple(f"dev{i:04d}" for i in range(300)),
+                codec="randk0.7+sign",
+                strategy=StrategyInfo("ffa", False),
+                train=TrainInfo(1, 1, 1e-12),
+            )
+            return [
+                a.to_bytes()
+                for a in (
+                    open_ann,
+                    many,
+                    Announcement(job="job1", state=RoundState.WAITING, round=5, global_version=4, rank=8),
+                    Announcement(
+                        job="job1",
+                        state=RoundState.FINISHED,
+                        round=10,
+                        global_version=10,
+                        rank=2,
+                        completed=10,
+                        rounds=10,
+                    ),
+                )
+            ]
+
         return self._get("announcement", build)
 
     # envelopes
@@ -575,9 +879,23 @@ class Corpus:
                     rank = (8, 4, 2)[i % 3]
                     tensors = _adapter(rng, rank_shapes(SHAPES, rank))
                     head = {"classifier.weight": "fp16", "classifier.bias": "fp32"} if i % 4 == 1 else {}
-                    seeds.append(make_env_seed(Envelope("update", "job1", 7, f"dev{i:03d}", rank, spec, tensors,
-                                                        num_examples=120 + i, metrics={"train_loss": 0.5, "step_time_s": 0.61},
-                                                        base_version=6, tensor_codecs=head)))
+                    seeds.append(
+                        make_env_seed(
+                            Envelope(
+                                "update",
+                                "job1",
+                                7,
+                                f"dev{i:03d}",
+                                rank,
+                                spec,
+                                tensors,
+                                num_examples=120 + i,
+                                metrics={"train_loss": 0.5, "step_time_s": 0.61},
+                                base_version=6,
+                                tensor_codecs=head,
+                            )
+                        )
+                    )
             if kind in ("global", "all"):
                 for i, spec in enumerate(("fp16", "int8", "topk0.1+int8+zlib", "fp32") if self.full else ("int8",)):
                     tensors = _adapter(rng, SHAPES)
@@ -589,14 +907,20 @@ class Corpus:
                         tensors[BASE_B_PREFIX + base] = rng.normal(size=(384, k)).astype(np.float32) * 1e-2
                         if layer == 0:
                             tensors[BASE_DELTA_PREFIX + base] = rng.normal(size=(384, 384)).astype(np.float32) * 1e-3
-                    seeds.append(make_env_seed(Envelope("global", "job1", 9, "aggregator", 8, spec, tensors,
-                                                        base_version=8 if i % 2 else 0)))
+                    seeds.append(
+                        make_env_seed(
+                            Envelope(
+                                "global", "job1", 9, "aggregator", 8, spec, tensors, base_version=8 if i % 2 else 0
+                            )
+                        )
+                    )
             if kind in ("small", "all"):
                 for i, spec in enumerate(ENVELOPE_CODECS):
                     shapes = [(), (0,), (1,), (3,), (2, 3), (9,), (65,), (4, 0, 2), (17, 3)][i % 9 :][:3]
                     tensors = {f"t{j}": rng.normal(size=s).astype(np.float32) for j, s in enumerate(shapes)}
                     seeds.append(make_env_seed(Envelope("update", "job1", 1, "d1", 2, spec, tensors)))
             return seeds
+
         return self._get(f"env-{kind}", build)
 
     def envelopes(self, which: str) -> list[EnvSeed]:
@@ -613,40 +937,54 @@ class Corpus:
     @property
     def zlib_bomb(self) -> bytes:
         """zlib of ``bomb_mb`` MB of zeros (about a thousandth of that)."""
+
         def build():
             c, block = zlib.compressobj(9), bytes(1 << 20)
             return b"".join(c.compress(block) for _ in range(self.bomb_mb)) + c.flush()
+
         return self._get("zlib_bomb", build)
 
     @property
     def lzma_bomb(self) -> bytes:
-        return self._get("lzma_bomb", lambda: lzma.compress(bytes(min(16, self.bomb_mb) << 20), format=lzma.FORMAT_RAW,
-                                                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20}]))
+        return self._get(
+            "lzma_bomb",
+            lambda: lzma.compress(
+                bytes(min(16, self.bomb_mb) << 20),
+                format=lzma.FORMAT_RAW,
+                filters=[{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20}],
+            ),
+        )
 
     @property
     def zstd_bombs(self) -> list[bytes]:
         def build():
             import zstandard
+
             out = [zstandard.ZstdCompressor(level=3).compress(bytes(min(16, self.bomb_mb) << 20))]
             out.append(zstandard.ZstdCompressor(level=3, write_content_size=False).compress(bytes(1 << 20)))
             small = zstandard.ZstdCompressor(level=3).compress(bytes(64))
             out.append(small[:5] + b"\x00" + small[6:])  # content size field tampered
             return out
+
         return self._get("zstd_bombs", build)
 
     # codec encodings
     def encodings(self, spec: str, rng: random.Random) -> list[tuple[tuple[int, ...], bytes]]:
         def build():
-            nrng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{self.seed}:{spec}".encode()).digest()[:8], "little"))
+            nrng = np.random.default_rng(
+                int.from_bytes(hashlib.sha256(f"{self.seed}:{spec}".encode()).digest()[:8], "little")
+            )
             codec = parse_codec(spec, seed=int(nrng.integers(0, 2**32)))
             out = []
             for shape in ((), (1,), (7,), (64,), (65,), (3, 5), (100,), (8, 384), (384, 8), (5, 384), (0,), (2, 0))[
-                    nrng.integers(0, 12) :][:2] + ((8, 384),):
+                nrng.integers(0, 12) :
+            ][:2] + ((8, 384),):
                 x = nrng.normal(scale=nrng.choice([1e-3, 1.0, 1e30]), size=shape).astype(np.float32)
                 if x.size and nrng.random() < 0.2:
                     x.reshape(-1)[nrng.integers(0, x.size, 3)] = 0.0
                 out.append((shape, codec.encode(x)[0]))
             return out
+
         return self._get(f"enc-{spec}", build)
 
 
@@ -685,7 +1023,10 @@ def input_size(value: Any) -> int:
 def _check_decoded(tensors: dict[str, np.ndarray], bound: int) -> None:
     total = sum(int(v.nbytes) for v in tensors.values())
     if total > bound:
-        raise MemoryBound("decode_envelope (decoded tensors)", f"decoded tensors hold {total / 2**20:,.0f} MiB (bound {bound / 2**20:,.0f} MiB)")
+        raise MemoryBound(
+            "decode_envelope (decoded tensors)",
+            f"decoded tensors hold {total / 2**20:,.0f} MiB (bound {bound / 2**20:,.0f} MiB)",
+        )
 
 
 def _frozen_checked(tensors: dict[str, np.ndarray], bound: int) -> dict[str, np.ndarray]:
@@ -693,7 +1034,7 @@ def _frozen_checked(tensors: dict[str, np.ndarray], bound: int) -> dict[str, np.
     a ``B @ A`` product beyond the memory bound: that allocation is the finding."""
     for key, a in tensors.items():
         if key.startswith(BASE_A_PREFIX):
-            b = tensors.get(BASE_B_PREFIX + key[len(BASE_A_PREFIX):])
+            b = tensors.get(BASE_B_PREFIX + key[len(BASE_A_PREFIX) :])
             if b is not None and a.ndim == 2 and b.ndim == 2 and b.shape[1] == a.shape[0]:
                 size = 4 * b.shape[0] * a.shape[1]
                 if b.shape[0] * a.shape[1] > MAX_ELEMENTS:
@@ -701,8 +1042,11 @@ def _frozen_checked(tensors: dict[str, np.ndarray], bound: int) -> dict[str, np.
                     # in tests/test_fuzz.py calls it on one); here that refusal is not risked.
                     raise ProtocolError(f"B @ A of {b.shape[0]} x {a.shape[1]} exceeds {MAX_ELEMENTS} values")
                 if size > bound:
-                    raise MemoryBound("frozen_changes (B @ A)", f"frozen_changes would allocate {size / 2**20:,.0f} MiB for B {b.shape} @ A {a.shape}"
-                                      f" (bound {bound / 2**20:,.0f} MiB)")
+                    raise MemoryBound(
+                        "frozen_changes (B @ A)",
+                        f"frozen_changes would allocate {size / 2**20:,.0f} MiB for B {b.shape} @ A {a.shape}"
+                        f" (bound {bound / 2**20:,.0f} MiB)",
+                    )
     return frozen_changes(tensors)
 
 
@@ -747,9 +1091,28 @@ class EnvelopeGen:
         p = seed.payload
         (word,) = struct.unpack_from("<I", p, 4)
         hlen = word & ~HEADER_ZLIB
-        new = rng.choice((rng.getrandbits(32), word + rng.randint(-8, 8), word ^ HEADER_ZLIB, hlen, hlen | HEADER_ZLIB,
-                          MAX_HEADER_BYTES, MAX_HEADER_BYTES + 1, len(p) - 8, len(p) - 7, 0, 0xFFFFFFFF, HEADER_ZLIB,
-                          HEADER_ZLIB | (len(p) - 8), HEADER_ZLIB | MAX_HEADER_BYTES, 1 << 30)) & 0xFFFFFFFF
+        new = (
+            rng.choice(
+                (
+                    rng.getrandbits(32),
+                    word + rng.randint(-8, 8),
+                    word ^ HEADER_ZLIB,
+                    hlen,
+                    hlen | HEADER_ZLIB,
+                    MAX_HEADER_BYTES,
+                    MAX_HEADER_BYTES + 1,
+                    len(p) - 8,
+                    len(p) - 7,
+                    0,
+                    0xFFFFFFFF,
+                    HEADER_ZLIB,
+                    HEADER_ZLIB | (len(p) - 8),
+                    HEADER_ZLIB | MAX_HEADER_BYTES,
+                    1 << 30,
+                )
+            )
+            & 0xFFFFFFFF
+        )
         return p[:4] + struct.pack("<I", new) + p[8:]
 
     def _zlib(self, rng, seed: EnvSeed) -> bytes:
@@ -800,11 +1163,29 @@ class EnvelopeGen:
                 i = rng.choice(aligned)
                 t = tensors[i] if i is not None else rng.choice(specs)
                 shape = [d for d in t["shape"] if isinstance(d, int)] if isinstance(t.get("shape"), list) else [1]
-                new = rng.choice((shape[::-1], shape + [1], shape[:-1], [0] + shape[1:], [rng.choice(INTERESTING_INTS)],
-                                  [d * 2 for d in shape], [max(0, d - rng.randint(0, max(0, d))) for d in shape],
-                                  [rng.randint(1, 16), rng.randint(1, 400)], [rng.randint(0, 9)], [2**13, 2**13], [1] * 9, [-1]))
+                new = rng.choice(
+                    (
+                        shape[::-1],
+                        shape + [1],
+                        shape[:-1],
+                        [0] + shape[1:],
+                        [rng.choice(INTERESTING_INTS)],
+                        [d * 2 for d in shape],
+                        [max(0, d - rng.randint(0, max(0, d))) for d in shape],
+                        [rng.randint(1, 16), rng.randint(1, 400)],
+                        [rng.randint(0, 9)],
+                        [2**13, 2**13],
+                        [1] * 9,
+                        [-1],
+                    )
+                )
                 t["shape"] = new
-                if i is not None and rng.random() < 0.6 and all(0 <= d <= 4096 for d in new) and math.prod(new) <= 1 << 16:
+                if (
+                    i is not None
+                    and rng.random() < 0.6
+                    and all(0 <= d <= 4096 for d in new)
+                    and math.prod(new) <= 1 << 16
+                ):
                     spec = t.get("codec") or (header.get("codec") if rng.random() < 0.8 else rng.choice(SPECS))
                     x = np.random.default_rng(rng.getrandbits(32)).normal(scale=1e-2, size=new).astype(np.float32)
                     try:
@@ -826,8 +1207,17 @@ class EnvelopeGen:
             elif op == 6:  # rename: unknown, frozen-weight prefixes, unpaired factors
                 t = rng.choice(specs)
                 name = str(t.get("name", "x"))
-                t["name"] = rng.choice((BASE_A_PREFIX + name, BASE_B_PREFIX + name, BASE_DELTA_PREFIX + name, name + ".x",
-                                        name.replace("lora_A", "lora_B"), "", "classifier.weight"))
+                t["name"] = rng.choice(
+                    (
+                        BASE_A_PREFIX + name,
+                        BASE_B_PREFIX + name,
+                        BASE_DELTA_PREFIX + name,
+                        name + ".x",
+                        name.replace("lora_A", "lora_B"),
+                        "",
+                        "classifier.weight",
+                    )
+                )
             elif op == 7:  # re-encode one tensor validly in another codec
                 aligned = [i for i, t in enumerate(tensors) if isinstance(t, dict) and i < len(parts)]
                 i = rng.choice(aligned) if aligned else None
@@ -838,7 +1228,9 @@ class EnvelopeGen:
                     parts[i] = parse_codec(spec, seed=rng.getrandbits(32)).encode(value)[0]
                     t["codec"] = spec
             else:  # the header's numbers and strings
-                key = rng.choice(("v", "round", "rank", "num_examples", "base_version", "kind", "job", "sender", "metrics"))
+                key = rng.choice(
+                    ("v", "round", "rank", "num_examples", "base_version", "kind", "job", "sender", "metrics")
+                )
                 header[key] = interesting_value(rng)
         if seal:
             reseal(header, parts)
@@ -865,27 +1257,63 @@ class EnvelopeGen:
             kept = self.corpus.randk_kept()
             data = seed + get_codec("sign").encode(np.ones(kept, np.float32))[0]
             for i in range(min(count, 4)):  # 0.5 s each here: 4 is past the slow mark, short of the alarm
-                specs.append({"name": names[i % len(names)] + ("" if i < len(names) else f".{i}"), "shape": [n],
-                              "dtype": "float32", "nbytes": len(data), "meta": {}})
+                specs.append(
+                    {
+                        "name": names[i % len(names)] + ("" if i < len(names) else f".{i}"),
+                        "shape": [n],
+                        "dtype": "float32",
+                        "nbytes": len(data),
+                        "meta": {},
+                    }
+                )
                 parts.append(data)
         else:  # topk: one value stands for 2**26
             codec = "topk1e-9"
             data = bytes([2, 0]) + np.float32(1).tobytes()
             for i in range(count * 4):
-                specs.append({"name": names[i % len(names)] + ("" if i < len(names) else f".{i}"), "shape": [n],
-                              "dtype": "float32", "nbytes": len(data), "meta": {}})
+                specs.append(
+                    {
+                        "name": names[i % len(names)] + ("" if i < len(names) else f".{i}"),
+                        "shape": [n],
+                        "dtype": "float32",
+                        "nbytes": len(data),
+                        "meta": {},
+                    }
+                )
                 parts.append(data)
-        header = {"v": 1, "kind": "global", "job": "job1", "round": 1, "sender": "aggregator", "rank": 8,
-                  "codec": codec, "tensors": specs, "num_examples": 0, "metrics": {}, "base_version": 0,
-                  "body_sha256": hashlib.sha256(b"".join(parts)).hexdigest()}
+        header = {
+            "v": 1,
+            "kind": "global",
+            "job": "job1",
+            "round": 1,
+            "sender": "aggregator",
+            "rank": 8,
+            "codec": codec,
+            "tensors": specs,
+            "num_examples": 0,
+            "metrics": {},
+            "base_version": 0,
+            "body_sha256": hashlib.sha256(b"".join(parts)).hexdigest(),
+        }
         return pack_envelope(header, b"".join(parts), True)
 
 
 class CodecGen:
     """(spec, shape, data) for ``get_codec(spec).decode(data, {}, shape)``."""
 
-    BIG_SHAPES = ((2**26,), (2**13, 2**13), (2**26 + 1,), (2**13, 2**13 + 1), (2**40,), (2**31, 2**31), (-1,), (3, -2),
-                  (2**20,), (1,) * 8, (0, 2**40))
+    BIG_SHAPES = (
+        (2**26,),
+        (2**13, 2**13),
+        (2**26 + 1,),
+        (2**13, 2**13 + 1),
+        (2**40,),
+        (2**31, 2**31),
+        (-1,),
+        (3, -2),
+        (2**20,),
+        (1,) * 8,
+        (0, 2**40),
+    )
 
     def __init__(self, corpus: Corpus, amplify: bool):
         self.corpus, self.amplify = corpus, amplify
@@ -903,8 +1331,25 @@ class CodecGen:
         if r < 0.52:
             return "aware", (spec, shape, self._aware(rng, spec, shape, data))
         if r < 0.62:
-            other = rng.choice(self.BIG_SHAPES[4:] + ((), (0,), (1,), (2,), (3, 5), (5, 3), (8, 384), (384, 8), (64,),
-                                                      (63,), (65,), (7, 9), tuple(reversed(shape)), shape + (1,)))
+            other = rng.choice(
+                self.BIG_SHAPES[4:]
+                + (
+                    (),
+                    (0,),
+                    (1,),
+                    (2,),
+                    (3, 5),
+                    (5, 3),
+                    (8, 384),
+                    (384, 8),
+                    (64,),
+                    (63,),
+                    (65,),
+                    (7, 9),
+                    tuple(reversed(shape)),
+                    shape + (1,),
+                )
+            )
             return "shape", (spec, other, data)
         if r < 0.72:
             return "cross", (rng.choice(SPECS), shape, data)
@@ -915,7 +1360,11 @@ class CodecGen:
             if "randk" in spec and 0 < math.prod(big) >= 2**20 and all(d > 0 for d in big):
                 big = (2**40,)  # randk's draw for 2**26 elements takes 0.5 s: the "amplify" family has those
             return "big-shape", (spec, big, data[: rng.randint(0, 64)])
-        return "random", (spec, rng.choice(((), (1,), (7,), (64,), (65,), (100,), (8, 384), (0,), (3, 5))), random_bytes(rng))
+        return "random", (
+            spec,
+            rng.choice(((), (1,), (7,), (64,), (65,), (100,), (8, 384), (0,), (3, 5))),
+            random_bytes(rng),
+        )
 
     def _aware(self, rng, spec: str, shape: tuple[int, ...], data: bytes) -> bytes:
         """Codec-aware corruption: bf16 scales set to NaN, inf or negative; sparse index tags;
@@ -926,7 +1375,9 @@ class CodecGen:
         c = rng.randrange(5)
         if c == 0 and len(b) >= 2:
             i = 2 * rng.randrange(len(b) // 2)
-            b[i : i + 2] = rng.choice((b"\xc0\x7f", b"\x80\x7f", b"\x80\xff", b"\x80\xbf", b"\x01\x80", b"\x7f\x7f", b"\xff\xff"))
+            b[i : i + 2] = rng.choice(
+                (b"\xc0\x7f", b"\x80\x7f", b"\x80\xff", b"\x80\xbf", b"\x01\x80", b"\x7f\x7f", b"\xff\xff")
+            )
         elif c == 1:
             b[0] = rng.choice((0, 1, 2, 3, 4, 5, 255))
         elif c == 2:
@@ -950,15 +1401,22 @@ class CodecGen:
                 inner = b""
         c = rng.randrange(4)
         if c == 0:  # a bomb
-            blob = {"zlib": self.corpus.zlib_bomb, "lzma": self.corpus.lzma_bomb}.get(method) or rng.choice(self.corpus.zstd_bombs)
+            blob = {"zlib": self.corpus.zlib_bomb, "lzma": self.corpus.lzma_bomb}.get(method) or rng.choice(
+                self.corpus.zstd_bombs
+            )
         else:
             payload = havoc(rng, inner, ops=1) if c == 1 else inner + bytes(rng.choice((1, 64, 4096)))
             if method == "zlib":
                 blob = zlib.compress(payload)
             elif method == "lzma":
-                blob = lzma.compress(payload, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 1, "dict_size": 1 << 20}])
+                blob = lzma.compress(
+                    payload,
+                    format=lzma.FORMAT_RAW,
+                    filters=[{"id": lzma.FILTER_LZMA2, "preset": 1, "dict_size": 1 << 20}],
+                )
             else:
                 import zstandard
+
                 blob = zstandard.ZstdCompressor(level=1, write_content_size=rng.random() < 0.9).compress(payload)
             if c == 3:
                 blob = havoc(rng, blob, ops=1)
@@ -1001,7 +1459,9 @@ class ChunkGen:
                     fields[1] = rng.randbytes(16)
                 else:
                     bits = 64 if f == 4 else 32
-                    fields[f] = (rng.choice(INTERESTING_INTS + (index, count, total)) + rng.choice((0, 0, -1, 1))) % (1 << bits)
+                    fields[f] = (rng.choice(INTERESTING_INTS + (index, count, total)) + rng.choice((0, 0, -1, 1))) % (
+                        1 << bits
+                    )
             return "header-fields", CHUNK_HEADER.pack(*fields) + chunk[CHUNK_HEADER.size :]
         if r < 0.85:
             return "truncated", chunk[: rng.randint(0, CHUNK_HEADER.size + 2)]
@@ -1025,9 +1485,14 @@ class ReassemblyGen:
         self.rng_stream: random.Random | None = None
 
     def new_reassembler(self, rng: random.Random) -> Reassembler:
-        return Reassembler(max_bytes=rng.choice((1 << 16, 1 << 18)), max_pending=rng.choice((4, 8, 16)),
-                           per_source=rng.choice((1, 2, 3)), max_buffered=rng.choice((1 << 17, 1 << 19)),
-                           evict_idle_s=120.0, clock=lambda: self.now)
+        return Reassembler(
+            max_bytes=rng.choice((1 << 16, 1 << 18)),
+            max_pending=rng.choice((4, 8, 16)),
+            per_source=rng.choice((1, 2, 3)),
+            max_buffered=rng.choice((1 << 17, 1 << 19)),
+            evict_idle_s=120.0,
+            clock=lambda: self.now,
+        )
 
     def _stream(self, rng: random.Random) -> list[tuple[str, str, bytes]]:
         src = rng.choice(self.SOURCES)
@@ -1062,8 +1527,11 @@ class ReassemblyGen:
             total = rng.choice((0, 1, total - 1, total + 1, 1 << 17, 1 << 31, 2**64 - 1)) % 2**64
             out[i] = CHUNK_HEADER.pack(magic, mid, index, count, total) + out[i][CHUNK_HEADER.size :]
         elif kind == 6:  # a flood of new message ids, first chunk each
-            out = [CHUNK_HEADER.pack(CHUNK_MAGIC, rng.randbytes(16), 0, 2, rng.choice((2, 200, 60_000))) + rng.randbytes(rng.choice((1, 100, 30_000)))
-                   for _ in range(rng.randint(2, 30))]
+            out = [
+                CHUNK_HEADER.pack(CHUNK_MAGIC, rng.randbytes(16), 0, 2, rng.choice((2, 200, 60_000)))
+                + rng.randbytes(rng.choice((1, 100, 30_000)))
+                for _ in range(rng.randint(2, 30))
+            ]
         elif kind == 7 and out:  # byte-level
             out = [havoc(rng, c, ops=1, max_len=len(c) + 64) if rng.random() < 0.3 else c for c in out]
         elif kind == 8 and out:  # chunks carrying more data than the message announces
@@ -1071,7 +1539,9 @@ class ReassemblyGen:
             out[i] = out[i] + rng.randbytes(rng.choice((1, 100, 70_000)))
         elif kind == 9 and len(out) > 1:  # the same message id and index with other data
             i = rng.randrange(len(out))
-            out.insert(rng.randint(0, len(out)), out[i][: CHUNK_HEADER.size] + rng.randbytes(len(out[i]) - CHUNK_HEADER.size))
+            out.insert(
+                rng.randint(0, len(out)), out[i][: CHUNK_HEADER.size] + rng.randbytes(len(out[i]) - CHUNK_HEADER.size)
+            )
         tagged = [(src, "stream", c) for c in out]
         if rng.random() < 0.1:
             tagged.append((src, "random", random_bytes(rng, CHUNK_MAGIC)))
@@ -1098,7 +1568,9 @@ class ReassemblyGen:
         try:
             out = r.add(src, chunk)
             if out is not None and message_id(out) != parse_chunk(chunk).msg_id:
-                raise InvariantViolation("Reassembler.add (payload hash)", "a reassembled payload does not hash to its message id")
+                raise InvariantViolation(
+                    "Reassembler.add (payload hash)", "a reassembled payload does not hash to its message id"
+                )
             if self.adds % 37 == 0:
                 r.stalled(idle_s=10.0)
             if self.adds % 997 == 0:
@@ -1115,24 +1587,45 @@ class ReassemblyGen:
     def check(r: Reassembler) -> None:
         held = sum(len(d) + CHUNK_OVERHEAD for p in r._pending.values() for d in p.parts.values())
         if held != r.buffered:
-            raise InvariantViolation("Reassembler (byte accounting)", f"Reassembler.buffered = {r.buffered} but it holds {held} bytes")
+            raise InvariantViolation(
+                "Reassembler (byte accounting)", f"Reassembler.buffered = {r.buffered} but it holds {held} bytes"
+            )
         if r.buffered > r.max_buffered:
-            raise InvariantViolation("Reassembler (max_buffered)", f"Reassembler holds {r.buffered} bytes, above max_buffered = {r.max_buffered}")
+            raise InvariantViolation(
+                "Reassembler (max_buffered)",
+                f"Reassembler holds {r.buffered} bytes, above max_buffered = {r.max_buffered}",
+            )
         if len(r._pending) > r.max_pending:
-            raise InvariantViolation("Reassembler (max_pending)", f"Reassembler holds {len(r._pending)} partial messages, above max_pending = {r.max_pending}")
+            raise InvariantViolation(
+                "Reassembler (max_pending)",
+                f"Reassembler holds {len(r._pending)} partial messages, above max_pending = {r.max_pending}",
+            )
         per: dict[str, int] = {}
         for source, _ in r._pending:
             per[source] = per.get(source, 0) + 1
         if per and max(per.values()) > r.per_source:
-            raise InvariantViolation("Reassembler (per_source)", f"a source holds {max(per.values())} partial messages, above per_source = {r.per_source}")
+            raise InvariantViolation(
+                "Reassembler (per_source)",
+                f"a source holds {max(per.values())} partial messages, above per_source = {r.per_source}",
+            )
         if len(r._done) > 4097:
-            raise InvariantViolation("Reassembler (remembered ids)", f"Reassembler remembers {len(r._done)} message ids")
+            raise InvariantViolation(
+                "Reassembler (remembered ids)", f"Reassembler remembers {len(r._done)} message ids"
+            )
 
 
 def topic_gen(rng: random.Random) -> tuple[str, tuple[Any, str]]:
     t = Topics("job1")
-    valid = (t.round, t.global_chunk(8, 3), t.delta_chunk(1, 0), t.global_chunk(4096, 999_999_999), t.update("dev0"),
-             t.status("dev0"), t.ack("dev0"), t.update("d" * 128))
+    valid = (
+        t.round,
+        t.global_chunk(8, 3),
+        t.delta_chunk(1, 0),
+        t.global_chunk(4096, 999_999_999),
+        t.update("dev0"),
+        t.status("dev0"),
+        t.ack("dev0"),
+        t.update("d" * 128),
+    )
     topic = rng.choice(valid)
     r = rng.random()
     if r < 0.08:
@@ -1152,9 +1645,34 @@ def topic_gen(rng: random.Random) -> tuple[str, tuple[Any, str]]:
             elif op == 3:
                 parts = topic.split("/")
                 j = rng.randrange(len(parts))
-                parts[j] = rng.choice(("", "0", "00", "4096", "4097", "999999999", "1000000000", "-1", "+1", "1e3",
-                                       "\u00b2", "\u0663", "\uff11", "\u2460", "dev0", "x" * 129, "round", "global",
-                                       "GLOBAL", " global", "updates", "ack", "#", "+"))
+                parts[j] = rng.choice(
+                    (
+                        "",
+                        "0",
+                        "00",
+                        "4096",
+                        "4097",
+                        "999999999",
+                        "1000000000",
+                        "-1",
+                        "+1",
+                        "1e3",
+                        "\u00b2",
+                        "\u0663",
+                        "\uff11",
+                        "\u2460",
+                        "dev0",
+                        "x" * 129,
+                        "round",
+                        "global",
+                        "GLOBAL",
+                        " global",
+                        "updates",
+                        "ack",
+                        "#",
+                        "+",
+                    )
+                )
                 topic = "/".join(parts)
             elif op == 4:
                 topic = topic + rng.choice(("/", "/x", "/0", "//", "/\u00b2"))
@@ -1166,7 +1684,10 @@ def topic_gen(rng: random.Random) -> tuple[str, tuple[Any, str]]:
     if r < 0.85:
         return "random", ("".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randint(0, 40))), BASE)
     if r < 0.95:
-        return "random-tail", (BASE + "/" + "".join(rng.choice("round/global/0123456789\u00b2\u0663") for _ in range(rng.randint(0, 30))), BASE)
+        return "random-tail", (
+            BASE + "/" + "".join(rng.choice("round/global/0123456789\u00b2\u0663") for _ in range(rng.randint(0, 30))),
+            BASE,
+        )
     return "type", (rng.choice((None, b"fedlora/job1/round", 7, ["fedlora"], BASE + "/round" + "/x" * 600)), BASE)
 
 
@@ -1181,6 +1702,7 @@ def make_targets(corpus: Corpus, amplify: bool = True, memory_bound: int = 1 << 
             if frozen:
                 _frozen_checked(env.tensors, memory_bound)
             return env
+
         return call
 
     def codec_call(inp):
@@ -1189,20 +1711,27 @@ def make_targets(corpus: Corpus, amplify: bool = True, memory_bound: int = 1 << 
 
     reasm = ReassemblyGen(corpus)
     chunks = ChunkGen(corpus)
-    return {t.name: t for t in (
-        Target("status", 3, lambda rng: mutate_message(rng, corpus.status), parse_status),
-        Target("ack", 3, lambda rng: mutate_message(rng, corpus.ack), parse_ack),
-        Target("announcement", 2, lambda rng: mutate_message(rng, corpus.announcement), parse_announcement),
-        Target("header", 1.5, lambda rng: mutate_message(rng, corpus.headers),
-               lambda b: parse_header(parse_json(b, "envelope header", MAX_HEADER_BYTES))),
-        Target("envelope", 1, EnvelopeGen(corpus, "all", amplify), envelope(None, True)),
-        Target("envelope_update", 1, EnvelopeGen(corpus, "update", amplify), envelope(LIMITS_UPDATE, False)),
-        Target("envelope_global", 1, EnvelopeGen(corpus, "global", amplify), envelope(LIMITS_GLOBAL, True)),
-        Target("chunk", 3, chunks, parse_chunk),
-        Target("reassembler", 2, reasm, reasm.call, stateless=False),
-        Target("codec", 2.5, CodecGen(corpus, amplify), codec_call),
-        Target("topic", 3, topic_gen, lambda inp: parse_topic(*inp)),
-    )}
+    return {
+        t.name: t
+        for t in (
+            Target("status", 3, lambda rng: mutate_message(rng, corpus.status), parse_status),
+            Target("ack", 3, lambda rng: mutate_message(rng, corpus.ack), parse_ack),
+            Target("announcement", 2, lambda rng: mutate_message(rng, corpus.announcement), parse_announcement),
+            Target(
+                "header",
+                1.5,
+                lambda rng: mutate_message(rng, corpus.headers),
+                lambda b: parse_header(parse_json(b, "envelope header", MAX_HEADER_BYTES)),
+            ),
+            Target("envelope", 1, EnvelopeGen(corpus, "all", amplify), envelope(None, True)),
+            Target("envelope_update", 1, EnvelopeGen(corpus, "update", amplify), envelope(LIMITS_UPDATE, False)),
+            Target("envelope_global", 1, EnvelopeGen(corpus, "global", amplify), envelope(LIMITS_GLOBAL, True)),
+            Target("chunk", 3, chunks, parse_chunk),
+            Target("reassembler", 2, reasm, reasm.call, stateless=False),
+            Target("codec", 2.5, CodecGen(corpus, amplify), codec_call),
+            Target("topic", 3, topic_gen, lambda inp: parse_topic(*inp)),
+        )
+    }
 
 
 # -- the harness ---------------------------------------------------------------------------
@@ -1269,8 +1798,14 @@ def _b64(value: Any) -> str:
 class Harness:
     """Runs inputs through targets; counts refusals; records anything else as a finding."""
 
-    def __init__(self, slow_s: float = 1.0, alarm_s: int = 5, trace_every: int = 0, progress_every: int = 50_000,
-                 quiet: bool = False):
+    def __init__(
+        self,
+        slow_s: float = 1.0,
+        alarm_s: int = 5,
+        trace_every: int = 0,
+        progress_every: int = 50_000,
+        quiet: bool = False,
+    ):
         self.slow_s, self.alarm_s, self.trace_every = slow_s, alarm_s, trace_every
         self.progress_every, self.quiet = progress_every, quiet
         self.findings: dict[tuple, Finding] = {}
@@ -1279,14 +1814,17 @@ class Harness:
         self.total = 0
         self.started = time.perf_counter()
 
-    def _record(self, target: str, kind: str, exc_type: str, where: str, message: str, family: str, index: int, inp: Any) -> None:
+    def _record(
+        self, target: str, kind: str, exc_type: str, where: str, message: str, family: str, index: int, inp: Any
+    ) -> None:
         key = (target, kind, exc_type, where)
         size = input_size(inp)
         old = self.findings.get(key)
         if old is None or size < old.input_len:
             count = old.count + 1 if old else 1
-            self.findings[key] = Finding(target, kind, exc_type, where, message[:300], family, index, describe(inp), size,
-                                         _b64(inp), count)
+            self.findings[key] = Finding(
+                target, kind, exc_type, where, message[:300], family, index, describe(inp), size, _b64(inp), count
+            )
         else:
             old.count += 1
         self.stats[target].findings += 1
@@ -1311,8 +1849,10 @@ class Harness:
         t_start = time.perf_counter()
         old_handler = None
         if self.alarm_s:
+
             def on_alarm(signum, frame):
                 raise Hang(f"no answer within {self.alarm_s} s")
+
             old_handler = signal.signal(signal.SIGALRM, on_alarm)
         try:
             for i in range(count):
@@ -1321,8 +1861,11 @@ class Harness:
                 except Exception as exc:  # noqa: BLE001 (a bug of the fuzzer, not of a parser: count it, go on)
                     st.generator_errors += 1
                     if st.generator_errors <= 3:
-                        print(f"fuzz: {target.name}: generator error {type(exc).__name__}: {exc} at {_where(exc)}",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"fuzz: {target.name}: generator error {type(exc).__name__}: {exc} at {_where(exc)}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     continue
                 st.families[family] = st.families.get(family, 0) + 1
                 traced = bool(self.trace_every) and i % self.trace_every == self.trace_every // 2
@@ -1346,8 +1889,16 @@ class Harness:
                 except InvariantViolation as exc:
                     self._record(target.name, "invariant", "InvariantViolation", exc.where, str(exc), family, i, inp)
                 except Exception as exc:  # noqa: BLE001 (exactly what the fuzzer looks for)
-                    self._record(target.name, "exception", type(exc).__name__, _where(exc), f"{type(exc).__name__}: {exc}",
-                                 family, i, inp)
+                    self._record(
+                        target.name,
+                        "exception",
+                        type(exc).__name__,
+                        _where(exc),
+                        f"{type(exc).__name__}: {exc}",
+                        family,
+                        i,
+                        inp,
+                    )
                 finally:
                     dt = time.perf_counter() - t0
                     cpu = time.thread_time() - c0
@@ -1358,7 +1909,11 @@ class Harness:
                         tracemalloc.stop()
                         st.traced += 1
                         if peak > st.traced_peak:
-                            st.traced_peak, st.traced_peak_family, st.traced_peak_input_len = peak, family, input_size(inp)
+                            st.traced_peak, st.traced_peak_family, st.traced_peak_input_len = (
+                                peak,
+                                family,
+                                input_size(inp),
+                            )
                 if not traced:  # tracemalloc slows a call down several times: time only untraced ones
                     st.total_s += dt
                     st.max_cpu_s = max(st.max_cpu_s, cpu)
@@ -1371,14 +1926,26 @@ class Harness:
                         st.max_s, st.max_family = dt, family
                     if dt > self.slow_s and not hung:
                         st.over_slow += 1
-                        self._record(target.name, "slow", "Slow", family, f"took {dt:.2f} s (over {self.slow_s} s), "
-                                     f"{cpu:.2f} s of CPU", family, i, inp)
+                        self._record(
+                            target.name,
+                            "slow",
+                            "Slow",
+                            family,
+                            f"took {dt:.2f} s (over {self.slow_s} s), {cpu:.2f} s of CPU",
+                            family,
+                            i,
+                            inp,
+                        )
                 st.inputs += 1
                 self.done += 1
                 if self.progress_every and self.done % self.progress_every == 0 and not self.quiet:
                     rate = self.done / (time.perf_counter() - self.started)
-                    print(f"fuzz: {self.done:,}/{self.total:,} inputs ({target.name}), {rate:,.0f}/s, "
-                          f"{sum(s.findings for s in self.stats.values())} findings", file=sys.stderr, flush=True)
+                    print(
+                        f"fuzz: {self.done:,}/{self.total:,} inputs ({target.name}), {rate:,.0f}/s, "
+                        f"{sum(s.findings for s in self.stats.values())} findings",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             if self.alarm_s:
                 signal.alarm(0)
@@ -1400,9 +1967,22 @@ def allocate(total: int, targets: dict[str, Target], minimum: int = MIN_PER_TARG
     return counts
 
 
-def run(inputs: int = 1_000_000, seed: int = 0, targets: list[str] | None = None, *, slow_s: float = 1.0, alarm_s: int = 5,
-        trace_every: int = 500, memory_bound_mb: int = 1024, bomb_mb: int = 100, amplify: bool = True, full: bool = True,
-        minimum: int = MIN_PER_TARGET, quiet: bool = False, extra: dict[str, Target] | None = None) -> dict:
+def run(
+    inputs: int = 1_000_000,
+    seed: int = 0,
+    targets: list[str] | None = None,
+    *,
+    slow_s: float = 1.0,
+    alarm_s: int = 5,
+    trace_every: int = 500,
+    memory_bound_mb: int = 1024,
+    bomb_mb: int = 100,
+    amplify: bool = True,
+    full: bool = True,
+    minimum: int = MIN_PER_TARGET,
+    quiet: bool = False,
+    extra: dict[str, Target] | None = None,
+) -> dict:
     """Run the fuzzer; returns the results as a JSON-able dict."""
     corpus = Corpus(seed, bomb_mb, full)
     corpus.prepare(amplify)
@@ -1418,14 +1998,27 @@ def run(inputs: int = 1_000_000, seed: int = 0, targets: list[str] | None = None
         harness.run(target, counts[name], rng)
         if not quiet:
             s = harness.stats[name]
-            print(f"fuzz: {name}: {s.inputs:,} inputs in {s.wall_s:.1f} s, {s.refused:,} refused, {s.accepted:,} accepted, "
-                  f"{s.findings} findings, max {1e3 * s.max_s:.1f} ms", file=sys.stderr, flush=True)
+            print(
+                f"fuzz: {name}: {s.inputs:,} inputs in {s.wall_s:.1f} s, {s.refused:,} refused, {s.accepted:,} accepted, "
+                f"{s.findings} findings, max {1e3 * s.max_s:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     return {
-        "seed": seed, "inputs": sum(s.inputs for s in harness.stats.values()), "wall_s": time.perf_counter() - t0,
-        "slow_s": slow_s, "alarm_s": alarm_s, "trace_every": trace_every, "memory_bound_mb": memory_bound_mb,
-        "bomb_mb": bomb_mb, "amplify": amplify, "codec_specs": len(SPECS),
+        "seed": seed,
+        "inputs": sum(s.inputs for s in harness.stats.values()),
+        "wall_s": time.perf_counter() - t0,
+        "slow_s": slow_s,
+        "alarm_s": alarm_s,
+        "trace_every": trace_every,
+        "memory_bound_mb": memory_bound_mb,
+        "bomb_mb": bomb_mb,
+        "amplify": amplify,
+        "codec_specs": len(SPECS),
         "targets": {n: {k: v for k, v in vars(s).items()} for n, s in harness.stats.items()},
-        "findings": [vars(f) for f in sorted(harness.findings.values(), key=lambda f: (f.target, f.kind, f.type, f.where))],
+        "findings": [
+            vars(f) for f in sorted(harness.findings.values(), key=lambda f: (f.target, f.kind, f.type, f.where))
+        ],
         # ru_maxrss would not do: resetting VmHWM per target resets the kernel's high-water mark it reads
         "peak_rss": max([s.peak_rss for s in harness.stats.values()] + [peak_rss_bytes()]),
     }
@@ -1438,7 +2031,9 @@ def _mib(n: int) -> str:
 
 def run_details(results: dict, machine: str) -> str:
     """What follows the command in the section's first line."""
-    return f"({machine}; {results['wall_s'] / 60:.1f} minutes for {results['inputs']:,} inputs, seed {results['seed']})."
+    return (
+        f"({machine}; {results['wall_s'] / 60:.1f} minutes for {results['inputs']:,} inputs, seed {results['seed']})."
+    )
 
 
 def markdown(results: dict) -> str:
@@ -1446,59 +2041,73 @@ def markdown(results: dict) -> str:
     t = results["targets"]
     total_findings = sum(f["count"] for f in results["findings"])
     lines = [
-        ("Every input runs in one process. A `ProtocolError` is the expected refusal; any other exception, an input "
-        f"slower than {results['slow_s']:g} s (an alarm cuts one off at {results['alarm_s']} s), a decode holding more "
-        f"than {results['memory_bound_mb']:,} MiB (decoded tensors, or a `B @ A` that `frozen_changes` would allocate), or "
-        "a reassembler whose accounting breaks its limits is a finding. Inputs: (a) structure-aware mutations of valid "
-        "messages (JSON values replaced by huge, negative or non-finite literals such as `1e999`, nesting up to 100,000 "
-        "levels, long strings, wrong types, unknown, missing and repeated fields, 100,000-item lists; envelope headers "
-        "mutated and *resealed*, byte counts and body hash recomputed, so decoding reaches the codecs; tensors "
-        "re-encoded in another codec or given another shape), (b) byte-level mutations (bit flips, truncation, "
-        f"splices, repeated blocks, length words, the header's zlib bit, a zlib bomb of {results['bomb_mb']} MB of "
-        "zeros), (c) random bytes; `amplify`: rare valid envelopes whose tensors have the largest shapes a codec "
-        f"allows (2^26 values) in the fewest bytes. {results['codec_specs']} codec specs built from the grammar. "
-        f"Envelope limits: a MiniLM-like rank-8 adapter (12 modules, A (8, 384), B (384, 8), head (5, 384) and (5,)) "
-        "through `EnvelopeLimits.for_update` / `for_global`. Times are wall-clock per input (the parse only, not the "
-        "generation). The machine is shared: an input over the slow mark on its first run is timed again and counts "
-        "as slow only if the second run is slow too (not for the reassembler, whose inputs change its state); \"max "
-        "ms\" is after that rerun, \"first run\" before it, and CPU ms is the thread's CPU time. "
-        f"1 input in {results['trace_every']} runs under tracemalloc for its allocation peak (and is left out of the "
-        "times). Peak RSS is the process's VmHWM, reset before each target."),
+        (
+            "Every input runs in one process. A `ProtocolError` is the expected refusal; any other exception, an input "
+            f"slower than {results['slow_s']:g} s (an alarm cuts one off at {results['alarm_s']} s), a decode holding more "
+            f"than {results['memory_bound_mb']:,} MiB (decoded tensors, or a `B @ A` that `frozen_changes` would allocate), or "
+            "a reassembler whose accounting breaks its limits is a finding. Inputs: (a) structure-aware mutations of valid "
+            "messages (JSON values replaced by huge, negative or non-finite literals such as `1e999`, nesting up to 100,000 "
+            "levels, long strings, wrong types, unknown, missing and repeated fields, 100,000-item lists; envelope headers "
+            "mutated and *resealed*, byte counts and body hash recomputed, so decoding reaches the codecs; tensors "
+            "re-encoded in another codec or given another shape), (b) byte-level mutations (bit flips, truncation, "
+            f"splices, repeated blocks, length words, the header's zlib bit, a zlib bomb of {results['bomb_mb']} MB of "
+            "zeros), (c) random bytes; `amplify`: rare valid envelopes whose tensors have the largest shapes a codec "
+            f"allows (2^26 values) in the fewest bytes. {results['codec_specs']} codec specs built from the grammar. "
+            f"Envelope limits: a MiniLM-like rank-8 adapter (12 modules, A (8, 384), B (384, 8), head (5, 384) and (5,)) "
+            "through `EnvelopeLimits.for_update` / `for_global`. Times are wall-clock per input (the parse only, not the "
+            "generation). The machine is shared: an input over the slow mark on its first run is timed again and counts "
+            'as slow only if the second run is slow too (not for the reassembler, whose inputs change its state); "max '
+            'ms" is after that rerun, "first run" before it, and CPU ms is the thread\'s CPU time. '
+            f"1 input in {results['trace_every']} runs under tracemalloc for its allocation peak (and is left out of the "
+            "times). Peak RSS is the process's VmHWM, reset before each target."
+        ),
         "",
-        (f"| target | inputs | refused (ProtocolError) | accepted | findings | max ms / input | family of the max | "
-         f"max ms, first run | max CPU ms | over {results['slow_s']:g} s: first run / rerun | mean µs | "
-         "traced peak MiB (family, inputs traced) | peak RSS MiB |"),
+        (
+            f"| target | inputs | refused (ProtocolError) | accepted | findings | max ms / input | family of the max | "
+            f"max ms, first run | max CPU ms | over {results['slow_s']:g} s: first run / rerun | mean µs | "
+            "traced peak MiB (family, inputs traced) | peak RSS MiB |"
+        ),
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in t.items():
         mean = 1e6 * s["total_s"] / max(1, s["inputs"] - s["traced"])
-        lines.append(f"| `{name}` | {s['inputs']:,} | {s['refused']:,} | {s['accepted']:,} | {s['findings']:,} | "
-                     f"{1e3 * s['max_s']:.1f} | {s['max_family']} | {1e3 * s['max_first_s']:.1f} | "
-                     f"{1e3 * s['max_cpu_s']:.1f} | {s['over_slow_first']:,} / {s['over_slow']:,} | {mean:,.0f} | "
-                     f"{_mib(s['traced_peak'])} ({s['traced_peak_family']}, {s['traced']:,}) | {_mib(s['peak_rss'])} |")
+        lines.append(
+            f"| `{name}` | {s['inputs']:,} | {s['refused']:,} | {s['accepted']:,} | {s['findings']:,} | "
+            f"{1e3 * s['max_s']:.1f} | {s['max_family']} | {1e3 * s['max_first_s']:.1f} | "
+            f"{1e3 * s['max_cpu_s']:.1f} | {s['over_slow_first']:,} / {s['over_slow']:,} | {mean:,.0f} | "
+            f"{_mib(s['traced_peak'])} ({s['traced_peak_family']}, {s['traced']:,}) | {_mib(s['peak_rss'])} |"
+        )
     total = sum(s["inputs"] for s in t.values())
-    lines.append(f"| **all** | {total:,} | {sum(s['refused'] for s in t.values()):,} | "
-                 f"{sum(s['accepted'] for s in t.values()):,} | {total_findings:,} | "
-                 f"{1e3 * max(s['max_s'] for s in t.values()):.1f} | | {1e3 * max(s['max_first_s'] for s in t.values()):.1f} | "
-                 f"{1e3 * max(s['max_cpu_s'] for s in t.values()):.1f} | {sum(s['over_slow_first'] for s in t.values()):,} / "
-                 f"{sum(s['over_slow'] for s in t.values()):,} | | {_mib(max(s['traced_peak'] for s in t.values()))} | "
-                 f"{_mib(results['peak_rss'])} |")
+    lines.append(
+        f"| **all** | {total:,} | {sum(s['refused'] for s in t.values()):,} | "
+        f"{sum(s['accepted'] for s in t.values()):,} | {total_findings:,} | "
+        f"{1e3 * max(s['max_s'] for s in t.values()):.1f} | | {1e3 * max(s['max_first_s'] for s in t.values()):.1f} | "
+        f"{1e3 * max(s['max_cpu_s'] for s in t.values()):.1f} | {sum(s['over_slow_first'] for s in t.values()):,} / "
+        f"{sum(s['over_slow'] for s in t.values()):,} | | {_mib(max(s['traced_peak'] for s in t.values()))} | "
+        f"{_mib(results['peak_rss'])} |"
+    )
     lines.append("")
     errors = sum(s["generator_errors"] for s in t.values())
     if errors:
         lines += [f"The generators themselves failed {errors:,} times (those inputs were skipped).", ""]
     if not results["findings"]:
-        lines.append("Findings: none (no unexpected exception type, no input over "
-                     f"{results['slow_s']:g} s, nothing over the memory bound).")
+        lines.append(
+            "Findings: none (no unexpected exception type, no input over "
+            f"{results['slow_s']:g} s, nothing over the memory bound)."
+        )
     else:
-        lines.append(f"Findings: {total_findings:,} inputs in {len(results['findings'])} kinds (target, kind, where; "
-                     "count; smallest input):")
+        lines.append(
+            f"Findings: {total_findings:,} inputs in {len(results['findings'])} kinds (target, kind, where; "
+            "count; smallest input):"
+        )
         lines.append("")
         for f in results["findings"]:
             rep = f["input_repr"] if len(f["input_repr"]) <= 160 else f["input_repr"][:160] + " ..."
-            lines.append(f"- `{f['target']}` {f['kind']} `{f['type']}` at {f['where']} ({f['count']:,}x, family "
-                         f"{f['family']}): {f['message'][:200].strip()}; smallest input (of {f['input_len']:,} bytes) "
-                         f"`` {rep} ``")
+            lines.append(
+                f"- `{f['target']}` {f['kind']} `{f['type']}` at {f['where']} ({f['count']:,}x, family "
+                f"{f['family']}): {f['message'][:200].strip()}; smallest input (of {f['input_len']:,} bytes) "
+                f"`` {rep} ``"
+            )
     return "\n".join(lines)
 
 
@@ -1529,11 +2138,21 @@ def main(argv=None) -> int:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    results = run(args.inputs, args.seed, names or None, slow_s=args.slow_s, alarm_s=args.alarm_s,
-                  trace_every=args.trace_every, memory_bound_mb=args.memory_bound_mb, bomb_mb=args.bomb_mb,
-                  amplify=not args.no_amplify)
-    machine = (f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"load average {load:.1f} at the start, Python {platform.python_version()}, numpy {np.__version__}")
+    results = run(
+        args.inputs,
+        args.seed,
+        names or None,
+        slow_s=args.slow_s,
+        alarm_s=args.alarm_s,
+        trace_every=args.trace_every,
+        memory_bound_mb=args.memory_bound_mb,
+        bomb_mb=args.bomb_mb,
+        amplify=not args.no_amplify,
+    )
+    machine = (
+        f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {load:.1f} at the start, Python {platform.python_version()}, numpy {np.__version__}"
+    )
     try:
         machine += f", {os.getloadavg()[0]:.1f} at the end"
     except OSError:

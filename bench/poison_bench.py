@@ -31,24 +31,36 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
 
 from devkit.docsection import DocSection  # noqa: E402
-from simulator.run import SimulateConfig, run_simulation  # noqa: E402
 from server.store import StateStore  # noqa: E402
+from simulator.run import SimulateConfig, run_simulation  # noqa: E402
 
 DOC_SECTION = DocSection("poison_bench", "bench/poison_bench.py", "## Poisoning: a device that lies")
 # What the runs were: the section's first line, after the command.
-DETAILS = ("(MiniLM-L6 rank 8, FedAvg, Dirichlet 0.5, 20 local steps; device `dev000` is `bench/poison_device.py`: it "
-           "claims 1e12 examples in its status and its updates and scales every update to norm {norm:g}).")
+DETAILS = (
+    "(MiniLM-L6 rank 8, FedAvg, Dirichlet 0.5, 20 local steps; device `dev000` is `bench/poison_device.py`: it "
+    "claims 1e12 examples in its status and its updates and scales every update to norm {norm:g})."
+)
 UNBOUNDED = {"max_weight_ratio": 0.0, "norm_clip_multiple": 0.0, "max_update_norm": 1e4, "norm_bound": "reject"}
 
 
 def run(name: str, args, out: Path, poisoned: bool, bounded: bool) -> dict:
     edge_python = str(ROOT / ".venv-edge" / "bin" / "python")
     cfg = SimulateConfig(
-        dataset=args.dataset, devices=args.devices, rounds=args.rounds, max_train=args.max_train,
-        eval_max=args.eval_max, seed=args.seed, out=out / name, device_python=edge_python,
+        dataset=args.dataset,
+        devices=args.devices,
+        rounds=args.rounds,
+        max_train=args.max_train,
+        eval_max=args.eval_max,
+        seed=args.seed,
+        out=out / name,
+        device_python=edge_python,
         round_settings={} if bounded else dict(UNBOUNDED),
-        device_commands={0: [edge_python, str(ROOT / "bench" / "poison_device.py"), "--norm", str(args.norm),
-                             "--claim", "1e12"]} if poisoned else {})
+        device_commands={
+            0: [edge_python, str(ROOT / "bench" / "poison_device.py"), "--norm", str(args.norm), "--claim", "1e12"]
+        }
+        if poisoned
+        else {},
+    )
     print(f"[poison_bench] {name}", flush=True)
     started = time.time()
     result = run_simulation(cfg)
@@ -69,10 +81,15 @@ def run(name: str, args, out: Path, poisoned: bool, bounded: bool) -> dict:
         bound = opened.get(row["round"]) or 0.0
         row["norm_kept"] = min(row["norm_sent"], bound) if bound else row["norm_sent"]
     honest = [float(e["norm"]) for e in accepted if e["device"] != "dev000" and "norm" in e]
-    return {"name": name, "history": [{"round": h["round"], "accuracy": (h.get("eval") or {}).get("accuracy")}
-                                      for h in state["history"]],
-            "final": result["final"].get("accuracy"), "global": state["global"], "liar": liar,
-            "honest_norm_median": float(np.median(honest)) if honest else None, "wall_s": time.time() - started}
+    return {
+        "name": name,
+        "history": [{"round": h["round"], "accuracy": (h.get("eval") or {}).get("accuracy")} for h in state["history"]],
+        "final": result["final"].get("accuracy"),
+        "global": state["global"],
+        "liar": liar,
+        "honest_norm_median": float(np.median(honest)) if honest else None,
+        "wall_s": time.time() - started,
+    }
 
 
 def distance(a: dict, b: dict) -> float:
@@ -95,16 +112,23 @@ def main(argv=None) -> int:
     if args.report_only:
         summary = json.loads((args.out / "poison_bench.json").read_text())
         return report(args, summary, summary)
-    runs = {r["name"]: r for r in (
-        run("clean", args, args.out, poisoned=False, bounded=True),
-        run("poisoned", args, args.out, poisoned=True, bounded=True),
-        run("clean-unbounded", args, args.out, poisoned=False, bounded=False),
-        run("poisoned-unbounded", args, args.out, poisoned=True, bounded=False),
-    )}
-    initial_gap = {name: distance(runs[name]["global"], runs["clean" if "unbounded" not in name else "clean-unbounded"]
-                                  ["global"]) for name in runs}
-    summary = {name: {k: v for k, v in r.items() if k != "global"} | {"distance_to_clean": initial_gap[name]}
-               for name, r in runs.items()}
+    runs = {
+        r["name"]: r
+        for r in (
+            run("clean", args, args.out, poisoned=False, bounded=True),
+            run("poisoned", args, args.out, poisoned=True, bounded=True),
+            run("clean-unbounded", args, args.out, poisoned=False, bounded=False),
+            run("poisoned-unbounded", args, args.out, poisoned=True, bounded=False),
+        )
+    }
+    initial_gap = {
+        name: distance(runs[name]["global"], runs["clean" if "unbounded" not in name else "clean-unbounded"]["global"])
+        for name in runs
+    }
+    summary = {
+        name: {k: v for k, v in r.items() if k != "global"} | {"distance_to_clean": initial_gap[name]}
+        for name, r in runs.items()
+    }
     (args.out / "poison_bench.json").write_text(json.dumps(summary, indent=1))
     return report(args, runs, summary)
 
@@ -144,13 +168,18 @@ def plot(runs: dict, path: Path) -> None:
 
 def command_of(args) -> str:
     """The command that runs these four simulations again (also for --report-only, which only renders them)."""
-    return (f".venv/bin/python bench/poison_bench.py --dataset {args.dataset} --devices {args.devices} --rounds "
-            f"{args.rounds} --max-train {args.max_train} --eval-max {args.eval_max} --seed {args.seed} --write-docs")
+    return (
+        f".venv/bin/python bench/poison_bench.py --dataset {args.dataset} --devices {args.devices} --rounds "
+        f"{args.rounds} --max-train {args.max_train} --eval-max {args.eval_max} --seed {args.seed} --write-docs"
+    )
 
 
 def render(summary: dict) -> str:
-    lines = ["| run | final accuracy | liar's weight share (max over rounds) | liar's norm sent / kept (max) | "
-             "honest norm (median) | distance of the global to the clean run's |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | final accuracy | liar's weight share (max over rounds) | liar's norm sent / kept (max) | "
+        "honest norm (median) | distance of the global to the clean run's |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in summary.items():
         liar = r["liar"]
         share = f"{max(x['share'] for x in liar):.3f}" if liar else "-"
@@ -161,9 +190,12 @@ def render(summary: dict) -> str:
     bounded = summary["poisoned"]["liar"]
     if bounded:
         promise = sum(x["share"] * x["norm_kept"] for x in bounded)
-        lines += ["", f"The bounds promise that the liar moves each round's aggregate by at most its weight share "
-                      f"times its clipped norm; summed over the rounds that is {promise:.3g}, and the poisoned global "
-                      f"adapter ends {summary['poisoned']['distance_to_clean']:.3g} from the clean one."]
+        lines += [
+            "",
+            f"The bounds promise that the liar moves each round's aggregate by at most its weight share "
+            f"times its clipped norm; summed over the rounds that is {promise:.3g}, and the poisoned global "
+            f"adapter ends {summary['poisoned']['distance_to_clean']:.3g} from the clean one.",
+        ]
     lines += ["", "![accuracy per round](poison_bench.png)"]
     return "\n".join(lines)
 

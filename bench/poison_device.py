@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 
-from edge_client.cli import setup_logging
-from edge_client.device import Device, load_device_config
 from core.messages import Announcement, Presence, Status
 from core.protocol import decode_envelope, encode_envelope
+from edge_client.cli import setup_logging
+from edge_client.device import Device, load_device_config
 
 log = logging.getLogger("fedlora.poison")
 
@@ -34,8 +34,13 @@ class LyingDevice(Device):
         env.tensors = {k: (v * scale).astype(np.float32) for k, v in env.tensors.items()}
         env.num_examples = self.claim
         env.codec, env.tensor_codecs = "fp32", {}  # exactly the norm it wants
-        log.warning("round %s: sending the update scaled from norm %.3g to %.3g, claiming %d examples", ann.round,
-                    honest, self.norm, self.claim)
+        log.warning(
+            "round %s: sending the update scaled from norm %.3g to %.3g, claiming %d examples",
+            ann.round,
+            honest,
+            self.norm,
+            self.claim,
+        )
         return encode_envelope(env)
 
 

@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_bench  # the bench folder is not a package
 
 
-def profile(bundle: str, batch: int, seq: int, steps: int, threads: int, prefix: str,
-            config: dict[str, str] | None = None) -> list[dict]:
-    from edge_client import runtime
+def profile(
+    bundle: str, batch: int, seq: int, steps: int, threads: int, prefix: str, config: dict[str, str] | None = None
+) -> list[dict]:
     from core.bundle import Bundle
+    from edge_client import runtime
     from edge_client.data import Batch
 
     runtime.training_api()
@@ -80,10 +81,14 @@ def summarize(events: list[dict], skip: int, top: int) -> str:
         by_node[e["name"][: -len("_kernel_time")]] += e["dur"]
     n = max(1, len(runs))
     total = sum(by_op.values())
-    head = (f"{n} profiled steps: step (model_run) {np.median([r['dur'] for r in runs]) / 1000:.1f} ms median, "
-            f"kernels {total / n / 1000:.1f} ms/step")
+    head = (
+        f"{n} profiled steps: step (model_run) {np.median([r['dur'] for r in runs]) / 1000:.1f} ms median, "
+        f"kernels {total / n / 1000:.1f} ms/step"
+    )
     lines = [head, "", "| op type | ms/step | share | nodes |", "|---|---:|---:|---:|"]
-    lines += [f"| {op} | {d / n / 1000:.2f} | {100 * d / total:.1f}% | {count[op] // n} |" for op, d in by_op.most_common(top)]
+    lines += [
+        f"| {op} | {d / n / 1000:.2f} | {100 * d / total:.1f}% | {count[op] // n} |" for op, d in by_op.most_common(top)
+    ]
     lines += ["", "slowest nodes (ms/step):"]
     lines += [f"  {d / n / 1000:6.2f}  {name}" for name, d in by_node.most_common(top)]
     return "\n".join(lines)
@@ -98,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", type=int, default=2, help="first steps left out of the summary")
     parser.add_argument("--threads", type=int, default=0, help="0: ORT's default (all cores)")
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                        help="session config entry, e.g. session.set_denormal_as_zero=1 (repeatable)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="session config entry, e.g. session.set_denormal_as_zero=1 (repeatable)",
+    )
     args = parser.parse_args(argv)
     config = dict(item.split("=", 1) for item in args.config)
     with tempfile.TemporaryDirectory() as tmp:

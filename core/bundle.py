@@ -85,7 +85,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict, where: str = "manifest") -> "Manifest":
+    def from_json(cls, data: dict, where: str = "manifest") -> Manifest:
         try:
             if data.get("format_version") != MANIFEST_FORMAT:
                 raise BundleError(
@@ -93,8 +93,19 @@ class Manifest:
                 )
             if data["task"] not in TASKS:
                 raise BundleError(f"{where}: unknown task {data['task']!r} (known: {', '.join(TASKS)})")
-            known = {"format_version", "model_id", "task", "labels", "lora", "max_length", "pad_token_id",
-                     "input_names", "tokenizer", "trainable", "files"}
+            known = {
+                "format_version",
+                "model_id",
+                "task",
+                "labels",
+                "lora",
+                "max_length",
+                "pad_token_id",
+                "input_names",
+                "tokenizer",
+                "trainable",
+                "files",
+            }
             return cls(
                 model_id=str(data["model_id"]),
                 task=data["task"],
@@ -103,7 +114,9 @@ class Manifest:
                 targets=tuple(data["lora"]["targets"]),
                 max_length=int(data["max_length"]),
                 pad_token_id=int(data["pad_token_id"]),
-                trainable=tuple(ParamSpec(p["name"], tuple(int(d) for d in p["shape"]), p["role"]) for p in data["trainable"]),
+                trainable=tuple(
+                    ParamSpec(p["name"], tuple(int(d) for d in p["shape"]), p["role"]) for p in data["trainable"]
+                ),
                 input_names=tuple(data["input_names"]),
                 files=dict(data["files"]),
                 labels=tuple(data.get("labels") or ()),
@@ -174,8 +187,10 @@ def choose_bundle(path: str | Path, memory_budget_bytes: int = 0, rank: int = 0)
         fitting = [r for r, info in ranks.items() if info.get("peak_rss_bytes", 0) <= memory_budget_bytes]
         if not fitting:
             need = min(info.get("peak_rss_bytes", 0) for info in ranks.values())
-            raise BundleError(f"{root}: no rank fits the memory budget of {memory_budget_bytes / 2**20:.0f} MiB "
-                              f"(the smallest needs {need / 2**20:.0f} MiB)")
+            raise BundleError(
+                f"{root}: no rank fits the memory budget of {memory_budget_bytes / 2**20:.0f} MiB "
+                f"(the smallest needs {need / 2**20:.0f} MiB)"
+            )
         chosen = max(fitting)
     else:
         chosen = max(ranks)

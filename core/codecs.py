@@ -36,8 +36,9 @@ import lzma
 import math
 import re
 import zlib
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -82,12 +83,10 @@ class Codec(abc.ABC):
         """The most bytes a valid encoding of ``n`` elements can take (the decompression limit)."""
 
     @abc.abstractmethod
-    def _encode(self, flat: np.ndarray) -> bytes:
-        ...
+    def _encode(self, flat: np.ndarray) -> bytes: ...
 
     @abc.abstractmethod
-    def _decode(self, data: bytes, n: int) -> np.ndarray:
-        ...
+    def _decode(self, data: bytes, n: int) -> np.ndarray: ...
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
@@ -110,8 +109,7 @@ class _FixedSize(Codec):
     """A value codec whose encoding of ``n`` elements is exactly ``nbytes(n)`` bytes."""
 
     @abc.abstractmethod
-    def nbytes(self, n: int) -> int:
-        ...
+    def nbytes(self, n: int) -> int: ...
 
     def max_nbytes(self, n: int) -> int:
         return self.nbytes(n)
@@ -259,7 +257,9 @@ class BlockQuant(_BlockScaled):
         self.bits, self.block, self.stochastic = bits, int(block), bool(stochastic)
         self.qmax = (1 << (bits - 1)) - 1
         self.rng = np.random.default_rng(seed)
-        self.name = f"int{bits}" + (f"-b{self.block}" if self.block != DEFAULT_BLOCK else "") + ("-sr" if stochastic else "")
+        self.name = (
+            f"int{bits}" + (f"-b{self.block}" if self.block != DEFAULT_BLOCK else "") + ("-sr" if stochastic else "")
+        )
 
     def nbytes(self, n):
         return self._code_bytes(n) + 2 * self._blocks(n)
@@ -316,7 +316,9 @@ class BlockQuant(_BlockScaled):
         flat = np.asarray(array, np.float32).reshape(-1)
         s = self._element_scales(self._scale_bits(flat), flat.size).astype(np.float64)
         half = 1.0 if self.stochastic else 0.5
-        bound = np.where(s * self.qmax > np.finfo(np.float32).max, np.inf, s * (half + self.qmax * 2.0**-23) + 2.0**-149)
+        bound = np.where(
+            s * self.qmax > np.finfo(np.float32).max, np.inf, s * (half + self.qmax * 2.0**-23) + 2.0**-149
+        )
         return bound.reshape(np.shape(array))
 
 
@@ -544,7 +546,9 @@ class RandK(_Sparse):
             raise ProtocolError(f"{self.name} tensor of {n} elements is truncated ({len(data)} bytes)")
         mask = self._mask(data[: self.SEED_BYTES], n)
         kept = int(np.count_nonzero(mask))
-        _expect_size(data, self.SEED_BYTES + self.values.nbytes(kept), f"{self.name} tensor of {n} elements ({kept} kept)")
+        _expect_size(
+            data, self.SEED_BYTES + self.values.nbytes(kept), f"{self.name} tensor of {n} elements ({kept} kept)"
+        )
         out = np.zeros(n, np.float32)
         out[mask] = self.values._decode(data[self.SEED_BYTES :], kept)
         return out
@@ -647,7 +651,9 @@ class Entropy(Codec):
             if self.method == "zlib":
                 d = zlib.decompressobj()
             else:
-                d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}])
+                d = lzma.LZMADecompressor(
+                    format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}]
+                )
             out = d.decompress(data, limit + 1)  # max_length 0 would mean "unlimited"
         except ProtocolError:
             raise
@@ -669,8 +675,10 @@ def _zstandard():
     try:
         import zstandard
     except ImportError:
-        raise ProtocolError("codec stage 'zstd' needs the optional package 'zstandard' (pip install zstandard); "
-                            "'zlib' and 'lzma' need nothing beyond the standard library") from None
+        raise ProtocolError(
+            "codec stage 'zstd' needs the optional package 'zstandard' (pip install zstandard); "
+            "'zlib' and 'lzma' need nothing beyond the standard library"
+        ) from None
     return zstandard
 
 
@@ -687,7 +695,9 @@ def parse_codec(spec: str, *, seed=None) -> Codec:
     """Build a fresh codec from a spec (see the module docstring); ``seed`` seeds stochastic
     rounding. Raises ProtocolError naming the offending stage."""
     if not isinstance(spec, str) or not spec or len(spec) > MAX_SPEC_CHARS:
-        raise ProtocolError(f"unknown codec {spec!r}: a codec spec is a non-empty string of at most {MAX_SPEC_CHARS} characters")
+        raise ProtocolError(
+            f"unknown codec {spec!r}: a codec spec is a non-empty string of at most {MAX_SPEC_CHARS} characters"
+        )
     sparsify: tuple[str, ...] | None = None
     values: _FixedSize | None = None
     entropy: str | None = None
@@ -732,14 +742,34 @@ def _quantizer(spec: str, m: re.Match, seed) -> BlockQuant:
 
 def _block_size(spec: str, block: str) -> int:
     if block != str(int(block)) or not 8 <= int(block) <= 65536:
-        raise ProtocolError(f"codec {spec!r}: block size must be an integer in 8..65536 without leading zeros, got {block}")
+        raise ProtocolError(
+            f"codec {spec!r}: block size must be an integer in 8..65536 without leading zeros, got {block}"
+        )
     return int(block)
 
 
 PRESETS = (
-    "fp32", "fp16", "bf16", "int8", "int4", "int8-sr", "int4-sr", "fp32+zlib", "int8+zlib", "int4+zlib",
-    "topk0.1", "topk0.1+int8", "topk0.05+int8", "topk0.01+int8", "topk0.1+int4", "topk0.05+int4+zlib",
-    "sign", "sign-b64", "topk0.25+sign", "randk0.5", "randk0.7+sign",
+    "fp32",
+    "fp16",
+    "bf16",
+    "int8",
+    "int4",
+    "int8-sr",
+    "int4-sr",
+    "fp32+zlib",
+    "int8+zlib",
+    "int4+zlib",
+    "topk0.1",
+    "topk0.1+int8",
+    "topk0.05+int8",
+    "topk0.01+int8",
+    "topk0.1+int4",
+    "topk0.05+int4+zlib",
+    "sign",
+    "sign-b64",
+    "topk0.25+sign",
+    "randk0.5",
+    "randk0.7+sign",
 )
 CODECS: dict[str, Codec] = {c.name: c for c in map(parse_codec, PRESETS)}
 

@@ -118,7 +118,9 @@ def _env_values(cls: type, prefix: str) -> dict:
                 out[f.name] = nested
         elif kind is dict or typing.get_origin(kind) is dict:
             start = f"{prefix}_{f.name.upper()}_"
-            keys = {k[len(start):].lower(): v for k, v in os.environ.items() if k.startswith(start) and len(k) > len(start)}
+            keys = {
+                k[len(start) :].lower(): v for k, v in os.environ.items() if k.startswith(start) and len(k) > len(start)
+            }
             if keys:
                 out[f.name] = keys
         else:
@@ -138,7 +140,9 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def load(cls: type[T], path: str | Path | None = None, env_prefix: str | None = None, overrides: dict | None = None) -> T:
+def load(
+    cls: type[T], path: str | Path | None = None, env_prefix: str | None = None, overrides: dict | None = None
+) -> T:
     values: dict = read_config_file(path) if path else {}
     if env_prefix:
         values = _deep_merge(values, _env_values(cls, env_prefix))
@@ -149,6 +153,7 @@ def load(cls: type[T], path: str | Path | None = None, env_prefix: str | None = 
 
 def to_dict(obj) -> dict:
     """JSON-able dict of a config dataclass (paths as strings; secrets are the caller's concern)."""
+
     def convert(v):
         if dataclasses.is_dataclass(v):
             return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -157,4 +162,5 @@ def to_dict(obj) -> dict:
         if isinstance(v, tuple):
             return [convert(x) for x in v]
         return v
+
     return convert(obj)

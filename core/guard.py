@@ -39,8 +39,15 @@ class SenderLimits:
     A rate of 0 turns that budget off.
     """
 
-    def __init__(self, messages_per_s: float, message_burst: float, bytes_per_s: float, byte_burst: float,
-                 max_senders: int = 100_000, clock=time.monotonic):
+    def __init__(
+        self,
+        messages_per_s: float,
+        message_burst: float,
+        bytes_per_s: float,
+        byte_burst: float,
+        max_senders: int = 100_000,
+        clock=time.monotonic,
+    ):
         self.messages_per_s, self.message_burst = messages_per_s, message_burst
         self.bytes_per_s, self.byte_burst = bytes_per_s, byte_burst
         self.max_senders = max_senders
@@ -52,8 +59,10 @@ class SenderLimits:
         now = self.clock()
         buckets = self._buckets.get(sender)
         if buckets is None:
-            buckets = self._buckets[sender] = (TokenBucket(self.messages_per_s, self.message_burst),
-                                               TokenBucket(self.bytes_per_s, self.byte_burst))
+            buckets = self._buckets[sender] = (
+                TokenBucket(self.messages_per_s, self.message_burst),
+                TokenBucket(self.bytes_per_s, self.byte_burst),
+            )
             if len(self._buckets) > self.max_senders:
                 self._buckets.popitem(last=False)
         else:

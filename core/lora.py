@@ -21,8 +21,11 @@ B_SUFFIX = "lora_B.weight"
 def lora_pairs(names) -> list[tuple[str, str]]:
     """The (A, B) name pairs among ``names``, in the order of the A names."""
     names = set(names)
-    return [(n, n[: -len(A_SUFFIX)] + B_SUFFIX) for n in sorted(names)
-            if n.endswith(A_SUFFIX) and n[: -len(A_SUFFIX)] + B_SUFFIX in names]
+    return [
+        (n, n[: -len(A_SUFFIX)] + B_SUFFIX)
+        for n in sorted(names)
+        if n.endswith(A_SUFFIX) and n[: -len(A_SUFFIX)] + B_SUFFIX in names
+    ]
 
 
 def truncate_rank(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:

@@ -18,9 +18,10 @@ import builtins
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from core.errors import ProtocolError
 
@@ -135,7 +136,9 @@ class Fields:
             raise self.fail(key, f"= {value} is outside [{lo}, {hi}]")
         return value
 
-    def float(self, key: builtins.str, lo: builtins.float, hi: builtins.float, default: Any = _MISSING) -> builtins.float:
+    def float(
+        self, key: builtins.str, lo: builtins.float, hi: builtins.float, default: Any = _MISSING
+    ) -> builtins.float:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -152,8 +155,14 @@ class Fields:
             raise self.fail(key, f"must be true or false, not {type(value).__name__}")
         return value
 
-    def str(self, key: builtins.str, max_len: builtins.int, default: Any = _MISSING, pattern: re.Pattern | None = None,
-            choices: tuple[builtins.str, ...] = ()) -> builtins.str:
+    def str(
+        self,
+        key: builtins.str,
+        max_len: builtins.int,
+        default: Any = _MISSING,
+        pattern: re.Pattern | None = None,
+        choices: tuple[builtins.str, ...] = (),
+    ) -> builtins.str:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -167,7 +176,13 @@ class Fields:
             raise self.fail(key, f"= {value[:40]!r} is not well formed")
         return value
 
-    def list(self, key: builtins.str, max_items: builtins.int, item: Callable[[Any, builtins.str], Any], default: Any = _MISSING) -> tuple:
+    def list(
+        self,
+        key: builtins.str,
+        max_items: builtins.int,
+        item: Callable[[Any, builtins.str], Any],
+        default: Any = _MISSING,
+    ) -> tuple:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -194,6 +209,7 @@ def _int_item(lo: int, hi: int) -> Callable[[Any, str], int]:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ProtocolError(f"{what} must be an integer in [{lo}, {hi}]")
         return value
+
     return read
 
 
@@ -241,16 +257,24 @@ def parse_topic(topic: str, base: str) -> TopicRef:
     """``fedlora/<job>/<kind>[/...]`` under ``base`` as a TopicRef; ProtocolError otherwise."""
     if not isinstance(topic, str) or len(topic) > 1024 or not topic.startswith(base + "/"):
         raise ProtocolError(f"topic {str(topic)[:80]!r} is not under {base}/")
-    parts = topic[len(base) + 1:].split("/")
+    parts = topic[len(base) + 1 :].split("/")
     try:
         kind = TopicKind(parts[0])
     except ValueError:
         raise ProtocolError(f"unknown topic kind {parts[0][:40]!r}") from None
     if kind is TopicKind.ROUND and len(parts) == 1:
         return TopicRef(kind)
-    if kind in (TopicKind.UPDATES, TopicKind.STATUS, TopicKind.ACK) and len(parts) == 2 and DEVICE_ID.fullmatch(parts[1]):
+    if (
+        kind in (TopicKind.UPDATES, TopicKind.STATUS, TopicKind.ACK)
+        and len(parts) == 2
+        and DEVICE_ID.fullmatch(parts[1])
+    ):
         return TopicRef(kind, device=parts[1])
-    if kind in (TopicKind.GLOBAL, TopicKind.GDELTA) and len(parts) == 3 and all(_DIGITS.fullmatch(p) for p in parts[1:]):
+    if (
+        kind in (TopicKind.GLOBAL, TopicKind.GDELTA)
+        and len(parts) == 3
+        and all(_DIGITS.fullmatch(p) for p in parts[1:])
+    ):
         rank, index = int(parts[1]), int(parts[2])
         if 1 <= rank <= MAX_RANK:
             return TopicRef(kind, rank=rank, index=index)
@@ -283,9 +307,12 @@ class Status:
 
 def parse_status(payload: bytes) -> Status:
     f = Fields(parse_json(payload, "status", MAX_STATUS_BYTES), "status")
-    status = Status(state=Presence(f.str("state", 16, choices=("online", "offline"))),
-                    rank=f.int("rank", 0, MAX_RANK, 0), num_examples=f.int("num_examples", 0, MAX_EXAMPLES, 0),
-                    model_id=f.str("model_id", 256, ""))
+    status = Status(
+        state=Presence(f.str("state", 16, choices=("online", "offline"))),
+        rank=f.int("rank", 0, MAX_RANK, 0),
+        num_examples=f.int("num_examples", 0, MAX_EXAMPLES, 0),
+        model_id=f.str("model_id", 256, ""),
+    )
     f.done()
     return status
 
@@ -312,8 +339,14 @@ class Ack:
     detail: str = ""
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"round": self.round, "result": self.result.value, "reason": self.reason[:64],
-                           "detail": self.detail[:MAX_DETAIL]}).encode()
+        return json.dumps(
+            {
+                "round": self.round,
+                "result": self.result.value,
+                "reason": self.reason[:64],
+                "detail": self.detail[:MAX_DETAIL],
+            }
+        ).encode()
 
 
 @dataclass(frozen=True)
@@ -326,8 +359,15 @@ class RepairRequest:
     missing: tuple[int, ...]
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"round": self.round, "result": AckResult.INCOMPLETE.value, "msg_id": self.msg_id,
-                           "count": self.count, "missing": list(self.missing)}).encode()
+        return json.dumps(
+            {
+                "round": self.round,
+                "result": AckResult.INCOMPLETE.value,
+                "msg_id": self.msg_id,
+                "count": self.count,
+                "missing": list(self.missing),
+            }
+        ).encode()
 
 
 def parse_ack(payload: bytes) -> Ack | RepairRequest:
@@ -337,8 +377,9 @@ def parse_ack(payload: bytes) -> Ack | RepairRequest:
     msg: Ack | RepairRequest
     if result is AckResult.INCOMPLETE:
         count = f.int("count", 1, 2**32 - 1)
-        msg = RepairRequest(rnd, f.str("msg_id", 32, pattern=HEX32), count,
-                            f.list("missing", MAX_MISSING, _int_item(0, count - 1)))
+        msg = RepairRequest(
+            rnd, f.str("msg_id", 32, pattern=HEX32), count, f.list("missing", MAX_MISSING, _int_item(0, count - 1))
+        )
     else:
         msg = Ack(rnd, result, f.str("reason", 64, ""), f.str("detail", MAX_DETAIL, ""))
     f.done()
@@ -403,17 +444,34 @@ class Announcement:
         return self.state is RoundState.OPEN
 
     def to_json(self) -> dict:
-        body: dict = {"v": self.v, "job": self.job, "state": self.state.value, "round": self.round,
-                      "global_version": self.global_version, "rank": self.rank, "completed": self.completed,
-                      "rounds": self.rounds}
+        body: dict = {
+            "v": self.v,
+            "job": self.job,
+            "state": self.state.value,
+            "round": self.round,
+            "global_version": self.global_version,
+            "rank": self.rank,
+            "completed": self.completed,
+            "rounds": self.rounds,
+        }
         if self.is_open:
             assert self.strategy is not None and self.train is not None
             strategy: dict = {"name": self.strategy.name, "trains_a": self.strategy.trains_a, **self.strategy.settings}
-            train: dict = {"local_steps": self.train.local_steps, "batch_size": self.train.batch_size, "lr": self.train.lr}
+            train: dict = {
+                "local_steps": self.train.local_steps,
+                "batch_size": self.train.batch_size,
+                "lr": self.train.lr,
+            }
             if self.train.lr_rank_power:
                 train["lr_rank_power"] = self.train.lr_rank_power
-            body.update(deadline=self.deadline, selected=list(self.selected), codec=self.codec, strategy=strategy,
-                        train=train, **({"head_codec": self.head_codec} if self.head_codec else {}))
+            body.update(
+                deadline=self.deadline,
+                selected=list(self.selected),
+                codec=self.codec,
+                strategy=strategy,
+                train=train,
+                **({"head_codec": self.head_codec} if self.head_codec else {}),
+            )
         return body
 
     def to_bytes(self) -> bytes:
@@ -435,11 +493,15 @@ def parse_announcement(payload: bytes) -> Announcement:
     v = f.int("v", 0, 1 << 16)
     if v != PROTOCOL_VERSION:
         raise ProtocolError(f"round announcement of protocol version {v} (this side speaks {PROTOCOL_VERSION})")
-    common: dict[str, Any] = dict(job=f.str("job", 128, pattern=JOB_ID),
-                  state=RoundState(f.str("state", 16, choices=tuple(s.value for s in RoundState))),
-                  round=f.int("round", 0, MAX_ROUND), global_version=f.int("global_version", 0, MAX_ROUND),
-                  rank=f.int("rank", 1, MAX_RANK), completed=f.int("completed", 0, MAX_ROUND, 0),
-                  rounds=f.int("rounds", 0, MAX_ROUND, 0))
+    common: dict[str, Any] = dict(
+        job=f.str("job", 128, pattern=JOB_ID),
+        state=RoundState(f.str("state", 16, choices=tuple(s.value for s in RoundState))),
+        round=f.int("round", 0, MAX_ROUND),
+        global_version=f.int("global_version", 0, MAX_ROUND),
+        rank=f.int("rank", 1, MAX_RANK),
+        completed=f.int("completed", 0, MAX_ROUND, 0),
+        rounds=f.int("rounds", 0, MAX_ROUND, 0),
+    )
     if common["state"] is not RoundState.OPEN:
         f.done()
         return Announcement(**common)
@@ -449,13 +511,22 @@ def parse_announcement(payload: bytes) -> Announcement:
     settings = {key: s.float(key, lo, hi) for key, (lo, hi, _) in DEVICE_SETTINGS.items() if key in s.obj}
     strategy = StrategyInfo(s.str("name", 64), s.bool("trains_a", True), settings)
     s.done()
-    train = TrainInfo(t.int("local_steps", 1, 1_000_000), t.int("batch_size", 1, 65_536), t.float("lr", 1e-12, 1.0),
-                      t.float("lr_rank_power", 0.0, 2.0, 0.0))
+    train = TrainInfo(
+        t.int("local_steps", 1, 1_000_000),
+        t.int("batch_size", 1, 65_536),
+        t.float("lr", 1e-12, 1.0),
+        t.float("lr_rank_power", 0.0, 2.0, 0.0),
+    )
     t.done()
-    ann = Announcement(**common, deadline=f.float("deadline", 0.0, float(MAX_ROUND)),
-                       selected=f.list("selected", MAX_SELECTED, _device_item),
-                       codec=_codec_spec(f.str("codec", 80, "fp32"), "announced codec"),
-                       head_codec=f.str("head_codec", 80, ""), strategy=strategy, train=train)
+    ann = Announcement(
+        **common,
+        deadline=f.float("deadline", 0.0, float(MAX_ROUND)),
+        selected=f.list("selected", MAX_SELECTED, _device_item),
+        codec=_codec_spec(f.str("codec", 80, "fp32"), "announced codec"),
+        head_codec=f.str("head_codec", 80, ""),
+        strategy=strategy,
+        train=train,
+    )
     if ann.head_codec:
         _codec_spec(ann.head_codec, "announced head codec")
     f.done()
@@ -500,8 +571,12 @@ class EnvelopeHeader:
 
 def _tensor_spec(value: Any, what: str) -> TensorSpec:
     f = Fields(value, what)
-    spec = TensorSpec(name=f.str("name", MAX_NAME), shape=f.list("shape", 8, _int_item(0, MAX_DIM)),
-                      nbytes=f.int("nbytes", 0, MAX_NBYTES), codec=f.str("codec", 80, ""))
+    spec = TensorSpec(
+        name=f.str("name", MAX_NAME),
+        shape=f.list("shape", 8, _int_item(0, MAX_DIM)),
+        nbytes=f.int("nbytes", 0, MAX_NBYTES),
+        codec=f.str("codec", 80, ""),
+    )
     f.str("dtype", 16, choices=("float32",))
     meta = f.object("meta", {})
     if meta is not None and meta.obj:
@@ -518,12 +593,18 @@ def parse_header(obj: dict) -> EnvelopeHeader:
         raise ProtocolError(f"protocol version {v} not supported (this side speaks {PROTOCOL_VERSION})")
     kind = EnvelopeKind(f.str("kind", 16, choices=tuple(k.value for k in EnvelopeKind)))
     header = EnvelopeHeader(
-        kind=kind, job=f.str("job", 128, pattern=JOB_ID), round=f.int("round", 0, MAX_ROUND),
-        sender=f.str("sender", 128, pattern=DEVICE_ID), rank=f.int("rank", 0, MAX_RANK),
+        kind=kind,
+        job=f.str("job", 128, pattern=JOB_ID),
+        round=f.int("round", 0, MAX_ROUND),
+        sender=f.str("sender", 128, pattern=DEVICE_ID),
+        rank=f.int("rank", 0, MAX_RANK),
         codec=_codec_spec(f.str("codec", 80), "envelope codec"),
-        tensors=f.list("tensors", MAX_TENSORS, _tensor_spec), body_sha256=f.str("body_sha256", 64, pattern=HEX64),
-        num_examples=f.int("num_examples", 0, MAX_EXAMPLES, 0), metrics=_metrics(f.object("metrics", {})),
-        base_version=f.int("base_version", 0, MAX_ROUND, 0))
+        tensors=f.list("tensors", MAX_TENSORS, _tensor_spec),
+        body_sha256=f.str("body_sha256", 64, pattern=HEX64),
+        num_examples=f.int("num_examples", 0, MAX_EXAMPLES, 0),
+        metrics=_metrics(f.object("metrics", {})),
+        base_version=f.int("base_version", 0, MAX_ROUND, 0),
+    )
     f.done()
     names = set()
     for spec in header.tensors:

@@ -39,7 +39,14 @@ from core.codecs import element_count, get_codec
 from core.errors import PayloadTooLarge, ProtocolError
 from core.lora import A_SUFFIX, lora_pairs
 from core.messages import (
-    MAX_HEADER_BYTES, MAX_MISSING, PROTOCOL_VERSION, EnvelopeHeader, TopicRef, parse_header, parse_json, parse_topic,
+    MAX_HEADER_BYTES,
+    MAX_MISSING,
+    PROTOCOL_VERSION,
+    EnvelopeHeader,
+    TopicRef,
+    parse_header,
+    parse_json,
+    parse_topic,
 )
 
 log = logging.getLogger("fedlora.protocol")
@@ -70,21 +77,25 @@ def frozen_changes(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         if key.startswith(BASE_DELTA_PREFIX):
-            name = key[len(BASE_DELTA_PREFIX):]
+            name = key[len(BASE_DELTA_PREFIX) :]
             if np.ndim(value) != 2:
                 raise ProtocolError(f"change to {name[:120]} is not a matrix")
             out[name] = np.asarray(value, dtype=np.float32)
-    a_names = {k[len(BASE_A_PREFIX):] for k in tensors if k.startswith(BASE_A_PREFIX)}
-    b_names = {k[len(BASE_B_PREFIX):] for k in tensors if k.startswith(BASE_B_PREFIX)}
+    a_names = {k[len(BASE_A_PREFIX) :] for k in tensors if k.startswith(BASE_A_PREFIX)}
+    b_names = {k[len(BASE_B_PREFIX) :] for k in tensors if k.startswith(BASE_B_PREFIX)}
     if a_names != b_names:
         raise ProtocolError(f"factored weight changes come in pairs; unpaired: {sorted(a_names ^ b_names)[0]}")
     for name in sorted(a_names):
         a, b = tensors[BASE_A_PREFIX + name], tensors[BASE_B_PREFIX + name]
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise ProtocolError(f"change to {name[:120]}: B {tuple(b.shape)} @ A {tuple(a.shape)} is not a matrix product")
+            raise ProtocolError(
+                f"change to {name[:120]}: B {tuple(b.shape)} @ A {tuple(a.shape)} is not a matrix product"
+            )
         shape = (b.shape[0], a.shape[1])
         if name in out and out[name].shape != shape:
-            raise ProtocolError(f"change to {name[:120]}: B @ A {shape} disagrees with its dense change {out[name].shape}")
+            raise ProtocolError(
+                f"change to {name[:120]}: B @ A {shape} disagrees with its dense change {out[name].shape}"
+            )
         element_count(shape)  # the product is dense: refuse one beyond any tensor's limit before building it
         product = b.astype(np.float32) @ a.astype(np.float32)
         out[name] = out[name] + product if name in out else product
@@ -167,13 +178,30 @@ def encode_envelope(env: Envelope) -> bytes:
         spec_codec = env.tensor_codecs.get(name, env.codec)
         data, meta = get_codec(spec_codec).encode(np.asarray(array, dtype=np.float32))
         parts.append(data)
-        specs.append({"name": name, "shape": list(array.shape), "dtype": "float32", "nbytes": len(data), "meta": meta,
-                      **({"codec": spec_codec} if spec_codec != env.codec else {})})
+        specs.append(
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "dtype": "float32",
+                "nbytes": len(data),
+                "meta": meta,
+                **({"codec": spec_codec} if spec_codec != env.codec else {}),
+            }
+        )
     body = b"".join(parts)
     header = {
-        "v": PROTOCOL_VERSION, "kind": env.kind, "job": env.job, "round": env.round, "sender": env.sender,
-        "rank": env.rank, "codec": env.codec, "tensors": specs, "num_examples": env.num_examples,
-        "metrics": env.metrics, "base_version": env.base_version, "body_sha256": hashlib.sha256(body).hexdigest(),
+        "v": PROTOCOL_VERSION,
+        "kind": env.kind,
+        "job": env.job,
+        "round": env.round,
+        "sender": env.sender,
+        "rank": env.rank,
+        "codec": env.codec,
+        "tensors": specs,
+        "num_examples": env.num_examples,
+        "metrics": env.metrics,
+        "base_version": env.base_version,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
     }
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(raw) > MAX_HEADER_BYTES:
@@ -251,7 +279,9 @@ class EnvelopeLimits:
                 raise ProtocolError(f"tensor {spec.name[:120]} has shape {spec.shape}, beyond {tuple(limit)}")
             total += spec.size
         if total > self.max_elements:
-            raise ProtocolError(f"envelope decodes to {total} values, more than the {self.max_elements} of this job's adapter")
+            raise ProtocolError(
+                f"envelope decodes to {total} values, more than the {self.max_elements} of this job's adapter"
+            )
 
 
 def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Envelope:
@@ -272,8 +302,9 @@ def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Env
     for spec, codec in zip(header.tensors, codecs):
         element_count(spec.shape)
         if spec.nbytes > codec.max_nbytes(spec.size):
-            raise ProtocolError(f"tensor {spec.name[:120]} claims {spec.nbytes} bytes, more than its codec "
-                                f"needs for shape {spec.shape}")
+            raise ProtocolError(
+                f"tensor {spec.name[:120]} claims {spec.nbytes} bytes, more than its codec needs for shape {spec.shape}"
+            )
     declared = sum(spec.nbytes for spec in header.tensors)
     if declared != len(body):
         raise ProtocolError(f"tensors declare {declared} bytes but the body has {len(body)}")
@@ -285,10 +316,19 @@ def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Env
         end = offset + spec.nbytes
         tensors[spec.name] = codec.decode(bytes(body[offset:end]), {}, spec.shape)
         offset = end
-    return Envelope(kind=header.kind.value, job=header.job, round=header.round, sender=header.sender,
-                    rank=header.rank, codec=header.codec, tensors=tensors, num_examples=header.num_examples,
-                    metrics=dict(header.metrics), base_version=header.base_version,
-                    tensor_codecs={spec.name: spec.codec for spec in header.tensors if spec.codec})
+    return Envelope(
+        kind=header.kind.value,
+        job=header.job,
+        round=header.round,
+        sender=header.sender,
+        rank=header.rank,
+        codec=header.codec,
+        tensors=tensors,
+        num_examples=header.num_examples,
+        metrics=dict(header.metrics),
+        base_version=header.base_version,
+        tensor_codecs={spec.name: spec.codec for spec in header.tensors if spec.codec},
+    )
 
 
 # -- chunking ------------------------------------------------------------------------------
@@ -303,7 +343,8 @@ def split_chunks(payload: bytes, max_chunk_payload: int) -> list[bytes]:
     mid = message_id(payload)
     count = max(1, math.ceil(len(payload) / max_chunk_payload))
     return [
-        CHUNK_HEADER.pack(CHUNK_MAGIC, mid, i, count, len(payload)) + payload[i * max_chunk_payload : (i + 1) * max_chunk_payload]
+        CHUNK_HEADER.pack(CHUNK_MAGIC, mid, i, count, len(payload))
+        + payload[i * max_chunk_payload : (i + 1) * max_chunk_payload]
         for i in range(count)
     ]
 
@@ -378,8 +419,15 @@ class Reassembler:
     partial messages that stopped growing, with the chunk indices still missing, for a repair.
     """
 
-    def __init__(self, max_bytes: int, max_pending: int = 1024, clock=time.monotonic, per_source: int = 2,
-                 max_buffered: int | None = None, evict_idle_s: float = 120.0):
+    def __init__(
+        self,
+        max_bytes: int,
+        max_pending: int = 1024,
+        clock=time.monotonic,
+        per_source: int = 2,
+        max_buffered: int | None = None,
+        evict_idle_s: float = 120.0,
+    ):
         self.max_bytes = max_bytes
         self.max_pending = max_pending
         self.per_source = per_source
@@ -405,8 +453,12 @@ class Reassembler:
         if chunk.total != pending.total:
             raise ProtocolError(f"chunk {chunk.index} from {source} disagrees with earlier chunks on the message size")
         if chunk.count != pending.chunk_count:
-            log.info("message from %s resent in %d chunks instead of %d; starting it over", source, chunk.count,
-                     pending.chunk_count)
+            log.info(
+                "message from %s resent in %d chunks instead of %d; starting it over",
+                source,
+                chunk.count,
+                pending.chunk_count,
+            )
             self._drop(key)
             pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, pending.first_seen)
         if chunk.index in pending.parts:
@@ -414,8 +466,9 @@ class Reassembler:
         cost = len(chunk.data) + CHUNK_OVERHEAD
         while self.buffered + cost > self.max_buffered:
             if not self._evict_idle(exclude=key):
-                raise ReassemblyBusy(f"receiver holds {self.buffered} bytes of partial messages; {source} must send "
-                                     f"again later")
+                raise ReassemblyBusy(
+                    f"receiver holds {self.buffered} bytes of partial messages; {source} must send again later"
+                )
         now = self.clock()
         if pending.parts and pending.requested_at is None:  # the sender's own pace, not a reply's delay
             pending.max_gap = max(pending.max_gap, now - pending.last_seen)
@@ -441,14 +494,20 @@ class Reassembler:
             self._drop(min(own, key=lambda k: self._pending[k].first_seen))
             self.dropped_partials += 1
         elif len(self._pending) >= self.max_pending and not self._evict_idle(exclude=key):
-            raise ReassemblyBusy(f"receiver holds {len(self._pending)} partial messages; {key[0]} must send again later")
+            raise ReassemblyBusy(
+                f"receiver holds {len(self._pending)} partial messages; {key[0]} must send again later"
+            )
         pending = self._pending[key] = _Pending(chunk.count, chunk.total, {}, self.clock())
         return pending
 
     def _evict_idle(self, exclude: tuple[str, bytes]) -> bool:
         """Drop the partial message idle longest, if idle for ``evict_idle_s``; True if one went."""
         now = self.clock()
-        idle = [k for k, p in self._pending.items() if k != exclude and now - max(p.last_seen, p.first_seen) >= self.evict_idle_s]
+        idle = [
+            k
+            for k, p in self._pending.items()
+            if k != exclude and now - max(p.last_seen, p.first_seen) >= self.evict_idle_s
+        ]
         if not idle:
             return False
         self._drop(min(idle, key=lambda k: max(self._pending[k].last_seen, self._pending[k].first_seen)))

@@ -34,8 +34,8 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -124,9 +124,15 @@ class MqttLink:
     Counters: ``reconnects`` (connections after the first), ``inbox_dropped``.
     """
 
-    def __init__(self, cfg: BrokerConfig, client_id: str | None = None,
-                 will: tuple[str, bytes] | None = None, persistent: bool = True,
-                 inbox_max: int = INBOX_MAX, inbox_put_timeout: float = INBOX_PUT_TIMEOUT_S):
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        client_id: str | None = None,
+        will: tuple[str, bytes] | None = None,
+        persistent: bool = True,
+        inbox_max: int = INBOX_MAX,
+        inbox_put_timeout: float = INBOX_PUT_TIMEOUT_S,
+    ):
         if inbox_max < 1:
             raise ConfigError(f"inbox_max must be at least 1, got {inbox_max}")
         if inbox_put_timeout < 0:
@@ -163,14 +169,20 @@ class MqttLink:
     def _make_client(self, protocol: str) -> mqtt.Client:
         v5 = protocol == "5"
         client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else not self.persistent,
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else not self.persistent,
         )
         if self.cfg.username is not None:
             client.username_pw_set(self.cfg.username, self.cfg.password)
         if self.cfg.tls:
-            client.tls_set(ca_certs=self.cfg.ca_file, certfile=self.cfg.cert_file, keyfile=self.cfg.key_file,
-                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.tls_set(
+                ca_certs=self.cfg.ca_file,
+                certfile=self.cfg.cert_file,
+                keyfile=self.cfg.key_file,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         if self.will is not None:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -183,7 +195,7 @@ class MqttLink:
         client.on_subscribe = self._on_subscribe
         return client
 
-    def connect(self) -> "MqttLink":
+    def connect(self) -> MqttLink:
         """Connect, trying MQTT 5 first under ``auto``; raise TransportError if it fails."""
         order = ["5", "3.1.1"] if self.cfg.protocol == "auto" else [self.cfg.protocol]
         errors = []
@@ -198,9 +210,13 @@ class MqttLink:
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = self.cfg.session_expiry if self.persistent else 0
             try:
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
-                               clean_start=not self.persistent if protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                               properties=props)
+                client.connect(
+                    self.cfg.host,
+                    self.cfg.port,
+                    keepalive=self.cfg.keepalive,
+                    clean_start=not self.persistent if protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                    properties=props,
+                )
             except (OSError, ssl.SSLError) as exc:
                 self._client = None
                 self._connecting = False
@@ -208,7 +224,11 @@ class MqttLink:
             client.loop_start()
             # Under auto, a broker that ignores an MQTT 5 CONNECT (amqtt waits silently) costs
             # at most V5_PROBE_S before we fall back to 3.1.1.
-            wait = min(self.cfg.connect_timeout, V5_PROBE_S) if len(order) > 1 and protocol == "5" else self.cfg.connect_timeout
+            wait = (
+                min(self.cfg.connect_timeout, V5_PROBE_S)
+                if len(order) > 1 and protocol == "5"
+                else self.cfg.connect_timeout
+            )
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and not self.connected.is_set() and self._refused is None:
                 time.sleep(0.01)
@@ -221,10 +241,10 @@ class MqttLink:
             client.disconnect()
             client.loop_stop()
             self._client = None
-            errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK within %.0fs' % wait}")
+            errors.append(f"MQTT {protocol}: {self._refused or f'no CONNACK within {wait:.0f}s'}")
         raise TransportError(f"broker {self.cfg.url} refused the connection ({'; '.join(errors)})")
 
-    def connect_retrying(self, stop: threading.Event | None = None, max_delay: float = 30.0) -> "MqttLink":
+    def connect_retrying(self, stop: threading.Event | None = None, max_delay: float = 30.0) -> MqttLink:
         """connect(), retried with exponential backoff and jitter until it works or ``stop`` is set.
 
         A device boots before the network or the broker is up; it must keep trying, not exit.
@@ -281,9 +301,15 @@ class MqttLink:
             self._dropped_since_warning += 1
             now = time.monotonic()
             if now - self._last_drop_warning >= DROP_WARNING_EVERY_S:
-                log.warning("inbox full (%d messages, nothing taken for %.1fs): dropped %d message(s) since the "
-                            "last warning, %d in all, the latest on %s", self.inbox_max, self.inbox_put_timeout,
-                            self._dropped_since_warning, self.inbox_dropped, msg.topic)
+                log.warning(
+                    "inbox full (%d messages, nothing taken for %.1fs): dropped %d message(s) since the "
+                    "last warning, %d in all, the latest on %s",
+                    self.inbox_max,
+                    self.inbox_put_timeout,
+                    self._dropped_since_warning,
+                    self.inbox_dropped,
+                    msg.topic,
+                )
                 self._last_drop_warning = now
                 self._dropped_since_warning = 0
 
@@ -303,8 +329,12 @@ class MqttLink:
             value = getattr(rc, "value", rc)
             if value >= 0x80:
                 reason = f"{rc} (0x{value:02x})" if hasattr(rc, "value") else f"0x{value:02x}"
-                log.error("broker %s refused the subscription to %s: %s; nothing on it will arrive",
-                          self.cfg.url, topic, reason)
+                log.error(
+                    "broker %s refused the subscription to %s: %s; nothing on it will arrive",
+                    self.cfg.url,
+                    topic,
+                    reason,
+                )
                 self.refused_subscriptions[topic] = reason
                 for hook in list(self.on_subscribe_refused_hooks):
                     try:
@@ -365,8 +395,14 @@ class MqttLink:
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return info
 
-    def publish_chunked(self, topic: str, payload: bytes, retain_topic: Callable[[int], str] | None = None,
-                        timeout: float = 120.0, indices: set[int] | None = None) -> int:
+    def publish_chunked(
+        self,
+        topic: str,
+        payload: bytes,
+        retain_topic: Callable[[int], str] | None = None,
+        timeout: float = 120.0,
+        indices: set[int] | None = None,
+    ) -> int:
         """Send ``payload`` as chunks and wait for every PUBACK; returns how many were sent.
 
         With ``retain_topic``, chunk i goes retained to ``retain_topic(i)`` (global adapters);
@@ -387,13 +423,17 @@ class MqttLink:
         for info in infos:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TransportError(f"broker did not acknowledge all {len(infos)} chunks on {probe} within {timeout:.0f}s")
+                raise TransportError(
+                    f"broker did not acknowledge all {len(infos)} chunks on {probe} within {timeout:.0f}s"
+                )
             try:
                 info.wait_for_publish(timeout=remaining)
             except (RuntimeError, ValueError) as exc:
                 raise TransportError(f"publish on {probe} failed: {exc}") from exc
             if not info.is_published():
-                raise TransportError(f"broker did not acknowledge all {len(infos)} chunks on {probe} within {timeout:.0f}s")
+                raise TransportError(
+                    f"broker did not acknowledge all {len(infos)} chunks on {probe} within {timeout:.0f}s"
+                )
         return len(infos)
 
     def wait_connected(self, timeout: float) -> bool:

@@ -59,8 +59,9 @@ def reusable(root: Path, ranks: Sequence[int]) -> bool:
     return True
 
 
-def cached_export(cache: Path, name: str, settings: dict, *, fresh_process: bool = False,
-                  entry: Sequence[str] | None = None) -> Path:
+def cached_export(
+    cache: Path, name: str, settings: dict, *, fresh_process: bool = False, entry: Sequence[str] | None = None
+) -> Path:
     """Export ``settings`` (``ExportConfig`` fields but ``output_dir``) once; returns the export's
     folder (``ladder.json`` and one ``r<rank>`` bundle per rank).
 
@@ -82,8 +83,15 @@ def cached_export(cache: Path, name: str, settings: dict, *, fresh_process: bool
     return root
 
 
-def _export(cache: Path, name: str, root: Path, spec: dict, ranks: tuple[int, ...], fresh_process: bool,
-            entry: Sequence[str] | None) -> None:
+def _export(
+    cache: Path,
+    name: str,
+    root: Path,
+    spec: dict,
+    ranks: tuple[int, ...],
+    fresh_process: bool,
+    entry: Sequence[str] | None,
+) -> None:
     print(f"[devkit] exporting {root.name} into {root.parent} ...", file=sys.stderr, flush=True)
     for stale in cache.glob(f"{name}-*"):
         if re.fullmatch(re.escape(name) + f"-[0-9a-f]{{{KEY_CHARS}}}", stale.name) and stale.is_dir():

@@ -70,8 +70,15 @@ def apply_env_file(path: str | None, config: str | None) -> str | None:
 def _run(args) -> int:
     from edge_client.device import Device, load_device_config
 
-    overrides = {"device_id": args.device_id, "bundle": args.bundle, "data": args.data, "state_dir": args.state_dir,
-                 "job": args.job, "threads": args.threads, "exit_when_finished": args.exit_when_finished}
+    overrides = {
+        "device_id": args.device_id,
+        "bundle": args.bundle,
+        "data": args.data,
+        "state_dir": args.state_dir,
+        "job": args.job,
+        "threads": args.threads,
+        "exit_when_finished": args.exit_when_finished,
+    }
     if args.broker:
         overrides["broker"] = {"url": args.broker}
     apply_env_file(args.env_file, args.config)
@@ -95,20 +102,33 @@ def _doctor(args) -> int:
 def _bundle(args) -> int:
     from edge_client.flashing.build import BundleOptions, build_bundle, default_cache_dir
 
-    opts = BundleOptions(artifacts=args.artifacts, config=args.config, output=args.output, rank=args.rank,
-                         platform=args.platform, python_version=args.python_version, ort_wheel=args.ort_wheel,
-                         credentials=args.credentials, placeholder=args.placeholder, slim=args.slim,
-                         client_wheel=args.client_wheel,
-                         cache_dir=args.cache, constraints=args.constraints, compress_level=args.compress_level)
+    opts = BundleOptions(
+        artifacts=args.artifacts,
+        config=args.config,
+        output=args.output,
+        rank=args.rank,
+        platform=args.platform,
+        python_version=args.python_version,
+        ort_wheel=args.ort_wheel,
+        credentials=args.credentials,
+        placeholder=args.placeholder,
+        slim=args.slim,
+        client_wheel=args.client_wheel,
+        cache_dir=args.cache,
+        constraints=args.constraints,
+        compress_level=args.compress_level,
+    )
     if opts.cache_dir is None:
         opts.cache_dir = default_cache_dir()
     doc = build_bundle(opts)
     wheels = sum(info["size"] for name, info in doc["files"].items() if name.startswith("wheelhouse/"))
     artifacts = sum(info["size"] for name, info in doc["files"].items() if name.startswith("artifacts/"))
-    print(f"{doc['archive']['path']}: {doc['archive']['size'] / 2**20:.1f} MiB "
-          f"({doc['model_id']} rank {doc['rank']}; {len(doc['wheels'])} wheels {wheels / 2**20:.1f} MiB, "
-          f"artifacts {artifacts / 2**20:.1f} MiB; for CPython {doc['target']['python_version']} on "
-          f"{doc['target']['platform']}, {'slim' if doc['slim'] else 'full closure'}; credentials: {doc['credentials']})")
+    print(
+        f"{doc['archive']['path']}: {doc['archive']['size'] / 2**20:.1f} MiB "
+        f"({doc['model_id']} rank {doc['rank']}; {len(doc['wheels'])} wheels {wheels / 2**20:.1f} MiB, "
+        f"artifacts {artifacts / 2**20:.1f} MiB; for CPython {doc['target']['python_version']} on "
+        f"{doc['target']['platform']}, {'slim' if doc['slim'] else 'full closure'}; credentials: {doc['credentials']})"
+    )
     return 0
 
 
@@ -134,32 +154,56 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
     doctor.add_argument("-v", "--verbose", action="store_true")
 
-    bundle = sub.add_parser("bundle", help="build an offline-installable device bundle (tar.gz)",
-                            description="Build one archive for one device class: the client wheel and its runtime "
-                                        "wheels for the target, one rank's artifacts, config, credentials, a "
-                                        "systemd unit, install.sh and uninstall.sh.")
+    bundle = sub.add_parser(
+        "bundle",
+        help="build an offline-installable device bundle (tar.gz)",
+        description="Build one archive for one device class: the client wheel and its runtime "
+        "wheels for the target, one rank's artifacts, config, credentials, a "
+        "systemd unit, install.sh and uninstall.sh.",
+    )
     bundle.add_argument("--artifacts", type=Path, required=True, help="exporter output (rank ladder) or one bundle")
-    bundle.add_argument("--rank", type=int, default=0,
-                        help="rank to ship (default: the config's rank, else the largest whose training peak fits memory_budget_mb)")
+    bundle.add_argument(
+        "--rank",
+        type=int,
+        default=0,
+        help="rank to ship (default: the config's rank, else the largest whose training peak fits memory_budget_mb)",
+    )
     bundle.add_argument("--config", type=Path, required=True, help="the device class's device.json")
     bundle.add_argument("-o", "--output", type=Path, required=True, help="archive to write (.tar.gz)")
-    bundle.add_argument("--platform", default="manylinux_2_28_x86_64",
-                        help="the device's wheel platform tag (older manylinux tags are included)")
+    bundle.add_argument(
+        "--platform",
+        default="manylinux_2_28_x86_64",
+        help="the device's wheel platform tag (older manylinux tags are included)",
+    )
     bundle.add_argument("--python-version", default="3.11", help="the device's CPython version")
-    bundle.add_argument("--ort-wheel", type=Path,
-                        help="onnxruntime training wheel built from source (e.g. for aarch64: see docs/edge-bundle.md)")
+    bundle.add_argument(
+        "--ort-wheel",
+        type=Path,
+        help="onnxruntime training wheel built from source (e.g. for aarch64: see docs/edge-bundle.md)",
+    )
     creds = bundle.add_mutually_exclusive_group()
-    creds.add_argument("--credentials", type=Path,
-                       help="JSON with device_id, username, password, ca_file, cert_file, key_file (any of them)")
-    creds.add_argument("--placeholder", action="store_true",
-                       help="ship a credentials template to fill in on each device")
+    creds.add_argument(
+        "--credentials",
+        type=Path,
+        help="JSON with device_id, username, password, ca_file, cert_file, key_file (any of them)",
+    )
+    creds.add_argument(
+        "--placeholder", action="store_true", help="ship a credentials template to fill in on each device"
+    )
     wheels = bundle.add_mutually_exclusive_group()
-    wheels.add_argument("--slim", action="store_true", default=True,
-                        help="the default: only the wheels the client declares (what it imports), installed with "
-                             "--no-deps")
-    wheels.add_argument("--full", dest="slim", action="store_false",
-                        help="also every wheel those declare (ORT's onnx, sympy, h5py, ...; tokenizers' "
-                             "huggingface_hub): the closure pip check expects; a device imports none of them")
+    wheels.add_argument(
+        "--slim",
+        action="store_true",
+        default=True,
+        help="the default: only the wheels the client declares (what it imports), installed with --no-deps",
+    )
+    wheels.add_argument(
+        "--full",
+        dest="slim",
+        action="store_false",
+        help="also every wheel those declare (ORT's onnx, sympy, h5py, ...; tokenizers' "
+        "huggingface_hub): the closure pip check expects; a device imports none of them",
+    )
     bundle.add_argument("--client-wheel", type=Path, help="prebuilt fedlora wheel (default: build from this checkout)")
     bundle.add_argument("--cache", type=Path, help="wheelhouse cache (default: ~/.cache/fedlora/wheelhouse)")
     bundle.add_argument("--constraints", type=Path, help="pip constraints (default: the checkout's constraints.txt)")

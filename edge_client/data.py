@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -154,8 +154,10 @@ class EncodedDataset:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def subset(self, index: np.ndarray) -> "EncodedDataset":
-        return EncodedDataset(self.input_ids[index], self.attention_mask[index], self.labels[index], self.bucket_batches)
+    def subset(self, index: np.ndarray) -> EncodedDataset:
+        return EncodedDataset(
+            self.input_ids[index], self.attention_mask[index], self.labels[index], self.bucket_batches
+        )
 
     def batch_indices(self, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
         """The examples of each batch, in the order ``batches`` yields them."""
@@ -207,8 +209,9 @@ def encode_causal_lm(records: Sequence[Record], encoder: TextEncoder) -> Encoded
     return EncodedDataset(ids, mask, labels)
 
 
-def length_batches(lengths: np.ndarray, batch_size: int, bucket_batches: int,
-                   rng: np.random.Generator | None = None) -> list[np.ndarray]:
+def length_batches(
+    lengths: np.ndarray, batch_size: int, bucket_batches: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
     """Batches of similar-length examples: sort by length (ties in random order), cut into
     buckets of ``bucket_batches * batch_size``, shuffle within each bucket and cut it into
     batches, then shuffle the batches of all buckets. Without ``rng``: length order, unshuffled."""

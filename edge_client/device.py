@@ -27,12 +27,30 @@ from core.errors import ConfigError, FedloraError, ProtocolError
 from core.guard import Refusals
 from core.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
 from core.messages import (
-    MAX_HEADER_BYTES, RETRY_REASONS, AckResult, Announcement, Presence, RepairRequest, RoundState, Status, TopicKind,
-    TrainInfo, parse_ack, parse_announcement,
+    MAX_HEADER_BYTES,
+    RETRY_REASONS,
+    AckResult,
+    Announcement,
+    Presence,
+    RepairRequest,
+    RoundState,
+    Status,
+    TopicKind,
+    TrainInfo,
+    parse_ack,
+    parse_announcement,
 )
 from core.protocol import (
-    Envelope, EnvelopeLimits, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope,
-    frozen_changes, message_id,
+    Envelope,
+    EnvelopeLimits,
+    Reassembler,
+    Topics,
+    adapter_part,
+    check_device_id,
+    decode_envelope,
+    encode_envelope,
+    frozen_changes,
+    message_id,
 )
 from core.transport import BrokerConfig, MqttLink
 from edge_client.data import EncodedDataset, TextEncoder, encode_classification, read_records
@@ -255,8 +273,11 @@ class Device:
         if ann.is_open:
             assert ann.train is not None
             round_lr(ann.train, ann.rank, self.rank)
-            if ann.round == self.state.pending_round and self._sent_at is not None and \
-                    time.monotonic() - self._sent_at > ANNOUNCED_AGAIN_RESEND_S:
+            if (
+                ann.round == self.state.pending_round
+                and self._sent_at is not None
+                and time.monotonic() - self._sent_at > ANNOUNCED_AGAIN_RESEND_S
+            ):
                 # Our round announced again: the aggregator restarted or reconnected (maybe to a
                 # broker that lost what we sent). Resend now rather than at the 30 s timer.
                 self._sent_at = None
@@ -283,8 +304,10 @@ class Device:
         shapes = rank_shapes(self.manifest.shapes, self.rank)
         adapter = adapter_part(env.tensors)
         if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in adapter.items()):
-            raise ProtocolError(f"global adapter version {env.round} (rank {env.rank}) does not match this bundle's "
-                                f"tensors at rank {self.rank}")
+            raise ProtocolError(
+                f"global adapter version {env.round} (rank {env.rank}) does not match this bundle's "
+                f"tensors at rank {self.rank}"
+            )
         return env
 
     def _apply_global_delta(self, env: Envelope) -> None:
@@ -310,8 +333,12 @@ class Device:
         if ack.result is AckResult.ACCEPTED:
             log.info("round %s: update accepted", ack.round)
         elif ack.reason in RETRY_REASONS:
-            log.warning("round %s: the aggregator cannot take the update now (%s); sending it again in %.0fs",
-                        ack.round, ack.detail[:200], RESEND_AFTER_S)
+            log.warning(
+                "round %s: the aggregator cannot take the update now (%s); sending it again in %.0fs",
+                ack.round,
+                ack.detail[:200],
+                RESEND_AFTER_S,
+            )
             self._sent_at = time.monotonic()
             return
         else:
@@ -350,7 +377,9 @@ class Device:
         self.state.save_adapter(local)
         metrics = self._round_metrics(losses, times, steps, start, train.batch_size)
         env = self._update_envelope(ann, update_delta(local, start_from, sent_rank), sent_rank, metrics)
-        log.info("round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"])
+        log.info(
+            "round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"]
+        )
         self.rounds_trained += 1
         payload = self._encode_update(env)
         if new_rank < sent_rank:
@@ -367,13 +396,21 @@ class Device:
         assert self.global_tensors is not None
         return self.trainer.apply_global(pad_rank(self.global_tensors, self.manifest.shapes))
 
-    def _train_local_steps(self, round_no: int, batch_size: int, steps: int, lr: float,
-                           keep_a: bool) -> tuple[list[float], list[float]]:
+    def _train_local_steps(
+        self, round_no: int, batch_size: int, steps: int, lr: float, keep_a: bool
+    ) -> tuple[list[float], list[float]]:
         """``steps`` optimizer steps on local batches (drawn with the device's seed and the round);
         returns each step's loss and seconds."""
         # FFA-LoRA (keep_a) keeps A at its initial value: restore it after every step (cheap: A is small).
-        frozen = {p.name: v for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values())
-                  if p.role == "lora_A"} if keep_a else {}
+        frozen = (
+            {
+                p.name: v
+                for p, v in zip(self.manifest.trainable, self.trainer.get_adapter().values())
+                if p.role == "lora_A"
+            }
+            if keep_a
+            else {}
+        )
         self.trainer.set_learning_rate(lr)
         rng = np.random.default_rng([self.cfg.seed, round_no])
         losses, times = [], []
@@ -396,11 +433,16 @@ class Device:
             self.trainer.set_adapter(local)
         return local, new_rank
 
-    def _round_metrics(self, losses: list[float], times: list[float], steps: int, start: float,
-                       batch_size: int) -> dict:
+    def _round_metrics(
+        self, losses: list[float], times: list[float], steps: int, start: float, batch_size: int
+    ) -> dict:
         """What the update reports: training loss and time, local evaluation, peak memory."""
-        metrics = {"train_loss": float(np.mean(losses[-max(1, len(losses) // 2):])), "steps": steps,
-                   "step_time_s": statistics.median(times), "train_seconds": time.perf_counter() - start}
+        metrics = {
+            "train_loss": float(np.mean(losses[-max(1, len(losses) // 2) :])),
+            "steps": steps,
+            "step_time_s": statistics.median(times),
+            "train_seconds": time.perf_counter() - start,
+        }
         metrics.update(self._evaluate(batch_size))
         metrics["peak_rss_bytes"] = peak_rss_bytes()
         return metrics
@@ -418,10 +460,19 @@ class Device:
         """The update of round ``ann``, in the announced codecs (the head's own, if announced)."""
         head_codec = ann.head_codec
         head = {p.name for p in self.manifest.trainable if p.role == "head"}
-        return Envelope(kind="update", job=self.cfg.job, round=ann.round, sender=self.cfg.device_id,
-                        rank=rank, codec=ann.codec, tensors=delta,
-                        num_examples=len(self.data.train), metrics=metrics, base_version=ann.global_version,
-                        tensor_codecs={name: head_codec for name in delta if name in head} if head_codec else {})
+        return Envelope(
+            kind="update",
+            job=self.cfg.job,
+            round=ann.round,
+            sender=self.cfg.device_id,
+            rank=rank,
+            codec=ann.codec,
+            tensors=delta,
+            num_examples=len(self.data.train),
+            metrics=metrics,
+            base_version=ann.global_version,
+            tensor_codecs={name: head_codec for name in delta if name in head} if head_codec else {},
+        )
 
     def _encode_update(self, env: Envelope) -> bytes:
         # What a lossy codec drops this round is kept and added to the next update.

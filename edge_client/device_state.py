@@ -33,8 +33,9 @@ import os
 import signal
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -99,7 +100,7 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-Writer = Union[bytes, Callable[[object], object]]
+Writer = bytes | Callable[[object], object]
 
 
 def atomic_write(path: str | Path, data: Writer, faults: FaultInjector | None = None, point: str = "") -> None:
@@ -147,8 +148,9 @@ def _problem(data: object) -> str | None:
     if rank is not None and (not _is_int(rank) or not 1 <= rank <= MAX_RANK):
         return f"rank {rank!r} is not an integer in 1..{MAX_RANK} or null"
     digest = data.get("pending_sha256")
-    if digest is not None and (not isinstance(digest, str) or len(digest) != 64
-                               or any(c not in "0123456789abcdef" for c in digest)):
+    if digest is not None and (
+        not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)
+    ):
         return "pending_sha256 is not a sha256 hex digest or null"
     return None
 
@@ -223,8 +225,9 @@ class DeviceState:
                 recorded = self.pending_sha256
                 payload, problem = None, f"its sha256 {digest[:12]}... is not the recorded {recorded[:12]}..."
         if problem is not None:
-            log.warning("dropping the pending update of round %s in %s: %s", self.pending_round, self.pending_path,
-                        problem)
+            log.warning(
+                "dropping the pending update of round %s in %s: %s", self.pending_round, self.pending_path, problem
+            )
             try:
                 self.clear_pending(None)
             except OSError as exc:
@@ -234,8 +237,13 @@ class DeviceState:
 
     # -- writing -------------------------------------------------------------------------
     def _document(self) -> dict:
-        return {"job": self.job, "last_round": self.last_round, "pending_round": self.pending_round,
-                "rank": self.rank, "pending_sha256": self.pending_sha256 if self.pending_round is not None else None}
+        return {
+            "job": self.job,
+            "last_round": self.last_round,
+            "pending_round": self.pending_round,
+            "rank": self.rank,
+            "pending_sha256": self.pending_sha256 if self.pending_round is not None else None,
+        }
 
     def save(self) -> None:
         """Write ``state.json`` from the attributes (atomically, durably)."""

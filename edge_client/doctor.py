@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIB = 2**20
@@ -60,6 +60,7 @@ def find_install(config_path: str | None) -> tuple[Path | None, dict | None]:
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
+
 
 def check_python(doc: dict | None) -> Check:
     v = sys.version_info
@@ -135,7 +136,9 @@ def load_config(config_path: str | None, env_file: str | None):
     where = config_path or "FEDLORA_DEVICE_* environment"
     creds = f", credentials from {env_file}" if env_file else ""
     user = f" as {cfg.broker.username}" if cfg.broker.username else ""
-    return cfg, Check("config", OK, f"{where}: device {cfg.device_id}, job {cfg.job}, broker {cfg.broker.url}{user}{creds}")
+    return cfg, Check(
+        "config", OK, f"{where}: device {cfg.device_id}, job {cfg.job}, broker {cfg.broker.url}{user}{creds}"
+    )
 
 
 def check_bundle(cfg, install_root: Path | None, doc: dict | None):
@@ -193,8 +196,11 @@ def check_memory(cfg, bundle, doc: dict | None) -> Check:
     need = int((m.extra.get("memory") or {}).get("peak_rss_bytes") or 0)
     info = _meminfo()
     total, available = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
-    limits = {"cgroup limit": _cgroup_limit(), "memory_budget_mb": cfg.memory_budget_mb * MIB or None,
-              "service MemoryMax": ((doc or {}).get("memory", {}).get("memory_max_mb") or 0) * MIB or None}
+    limits = {
+        "cgroup limit": _cgroup_limit(),
+        "memory_budget_mb": cfg.memory_budget_mb * MIB or None,
+        "service MemoryMax": ((doc or {}).get("memory", {}).get("memory_max_mb") or 0) * MIB or None,
+    }
     limits = {k: v for k, v in limits.items() if v}
     detail = f"{available / MIB:.0f} MiB available of {total / MIB:.0f} MiB"
     if limits:
@@ -255,8 +261,12 @@ def check_clock(cfg, doc: dict | None, now: float | None = None) -> Check:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     floor = int((doc or {}).get("created_unix") or 0)
     if floor and now < floor - 300:
-        return Check("clock", FAIL, f"{stamp} is before the bundle was built ({doc['created']}): set the time "
-                                    "(NTP) or TLS will reject the broker's certificate")
+        return Check(
+            "clock",
+            FAIL,
+            f"{stamp} is before the bundle was built ({doc['created']}): set the time "
+            "(NTP) or TLS will reject the broker's certificate",
+        )
     if time.gmtime(now).tm_year < 2024:
         return Check("clock", FAIL, f"{stamp}: the clock is not set; TLS needs it (enable NTP)")
     if cfg.broker.tls and cfg.broker.ca_file:
@@ -266,14 +276,22 @@ def check_clock(cfg, doc: dict | None, now: float | None = None) -> Check:
             cert = ssl._ssl._test_decode_cert(cfg.broker.ca_file)  # stdlib, undocumented but stable
             start, end = ssl.cert_time_to_seconds(cert["notBefore"]), ssl.cert_time_to_seconds(cert["notAfter"])
             if not start <= now <= end:
-                return Check("clock", FAIL, f"{stamp} is outside the CA certificate's validity "
-                                            f"({cert['notBefore']} .. {cert['notAfter']})")
+                return Check(
+                    "clock",
+                    FAIL,
+                    f"{stamp} is outside the CA certificate's validity ({cert['notBefore']} .. {cert['notAfter']})",
+                )
         except (AttributeError, KeyError, ValueError, OSError, ssl.SSLError):
             pass  # the broker check reports unreadable TLS files
     synced = None
     try:
-        out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
-                             text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
         synced = out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
@@ -288,8 +306,12 @@ def check_window(cfg) -> Check:
     from edge_client.device import in_train_window
 
     inside = in_train_window(cfg.train_window, datetime.now())
-    return Check("window", OK, f"trains {cfg.train_window} local time; "
-                               f"{'inside the window now' if inside else 'outside it now: open rounds wait'}")
+    return Check(
+        "window",
+        OK,
+        f"trains {cfg.train_window} local time; "
+        f"{'inside the window now' if inside else 'outside it now: open rounds wait'}",
+    )
 
 
 def service_running(unit: str = "fedlora-edge.service") -> bool:
@@ -317,8 +339,12 @@ def check_broker(cfg, timeout: float) -> Check:
     if service_running():
         # Brokers that pin client ids to user names (the chart's Mosquitto does) would hand the
         # service's session to this login and drop the messages queued for it.
-        return Check("broker", WARN, f"{b.host}:{b.port} reachable; the credentials are not tried while the "
-                                     f"fedlora-edge service runs (stop it to check them)")
+        return Check(
+            "broker",
+            WARN,
+            f"{b.host}:{b.port} reachable; the credentials are not tried while the "
+            f"fedlora-edge service runs (stop it to check them)",
+        )
     # Its own client id and a clean session: the running service's session stays untouched
     # where the broker keeps client ids apart.
     probe_cfg = dataclasses.replace(b, connect_timeout=timeout)
@@ -335,6 +361,7 @@ def check_broker(cfg, timeout: float) -> Check:
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def run_checks(config_path: str | None, env_file: str | None = None, broker_timeout: float = 10.0) -> list[Check]:
     install_root, doc = find_install(config_path)

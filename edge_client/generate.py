@@ -10,15 +10,20 @@ row's logits do not depend on the other rows of its batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
 from core.errors import DataError
 from edge_client.data import IGNORE_INDEX, Batch
 from edge_client.instruct import (
-    ChatFormat, Example, InstructionEncoder, check_label_words, encode_instructions, normalize_answer,
+    ChatFormat,
+    Example,
+    InstructionEncoder,
+    check_label_words,
+    encode_instructions,
+    normalize_answer,
 )
 from edge_client.runtime import Trainer
 
@@ -29,8 +34,8 @@ def next_token_logits(trainer: Trainer, rows: Sequence[Sequence[int]]) -> np.nda
     ids = np.full((len(rows), width), trainer.manifest.pad_token_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
     _, logits = trainer.eval_batch(Batch(ids, mask, np.full_like(ids, IGNORE_INDEX)))
     return np.asarray(logits, dtype=np.float32).reshape(len(rows), width, -1)
 
@@ -45,8 +50,13 @@ def _check_prompts(prompts_ids: Sequence[Sequence[int]]) -> None:
         raise DataError("an empty prompt: a prompt needs at least one token to predict from")
 
 
-def label_scores(trainer: Trainer, prompts_ids: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
-                 batch_size: int = 8, first_token: bool = True) -> np.ndarray:
+def label_scores(
+    trainer: Trainer,
+    prompts_ids: Sequence[Sequence[int]],
+    label_ids: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    first_token: bool = True,
+) -> np.ndarray:
     """Log-probability of each label after each prompt, [prompts, labels]; the best label is
     the row's argmax.
 
@@ -64,14 +74,14 @@ def label_scores(trainer: Trainer, prompts_ids: Sequence[Sequence[int]], label_i
     firsts = [ids[0] for ids in label_ids]
     if first_token and len(set(firsts)) == n_labels:
         for start in range(0, n_prompts, batch_size):
-            chunk = prompts_ids[start:start + batch_size]
+            chunk = prompts_ids[start : start + batch_size]
             logits = next_token_logits(trainer, chunk)
             last = logits[np.arange(len(chunk)), [len(p) - 1 for p in chunk]]
-            scores[start:start + len(chunk)] = log_softmax(last)[:, firsts]
+            scores[start : start + len(chunk)] = log_softmax(last)[:, firsts]
         return scores
     pairs = [(p, lab) for p in range(n_prompts) for lab in range(n_labels)]
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         logits = next_token_logits(trainer, [list(prompts_ids[p]) + list(label_ids[lab]) for p, lab in chunk])
         for row, (p, lab) in enumerate(chunk):
             label = np.asarray(label_ids[lab])
@@ -80,8 +90,9 @@ def label_scores(trainer: Trainer, prompts_ids: Sequence[Sequence[int]], label_i
     return scores
 
 
-def generate_greedy(trainer: Trainer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                    eos_id: int | None, batch_size: int = 8) -> list[list[int]]:
+def generate_greedy(
+    trainer: Trainer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None, batch_size: int = 8
+) -> list[list[int]]:
     """Each prompt's greedy continuation (argmax at every step), at most ``max_new_tokens``
     tokens, ending before ``eos_id`` (not included). A row that has reached EOS leaves its
     batch, so later passes run on the unfinished rows only."""
@@ -129,8 +140,12 @@ class InstructionEval:
     samples: list[Sample] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        out = {"loss": self.loss, "perplexity": self.perplexity, "token_accuracy": self.token_accuracy,
-               "examples": float(self.examples)}
+        out = {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "token_accuracy": self.token_accuracy,
+            "examples": float(self.examples),
+        }
         if self.label_accuracy is not None:
             out["label_accuracy"] = self.label_accuracy
         if self.answer_accuracy is not None:
@@ -138,9 +153,15 @@ class InstructionEval:
         return out
 
 
-def evaluate_instructions(trainer: Trainer, examples: Sequence[Example], chat_format: ChatFormat | None = None,
-                          label_words: Sequence[str] = (), max_new_tokens: int = 16, samples: int = 3,
-                          batch_size: int = 8) -> InstructionEval:
+def evaluate_instructions(
+    trainer: Trainer,
+    examples: Sequence[Example],
+    chat_format: ChatFormat | None = None,
+    label_words: Sequence[str] = (),
+    max_new_tokens: int = 16,
+    samples: int = 3,
+    batch_size: int = 8,
+) -> InstructionEval:
     """Response-only loss and perplexity of ``examples``; with ``label_words`` (each example's
     answer one of them), the accuracy of the best-scoring label word; with ``max_new_tokens`` > 0,
     the accuracy of the greedy answer and the first ``samples`` (prompt, generated, expected).
@@ -152,25 +173,35 @@ def evaluate_instructions(trainer: Trainer, examples: Sequence[Example], chat_fo
         raise DataError("no examples to evaluate")
     encoder = InstructionEncoder.from_bundle(trainer.bundle, chat_format)
     scored = trainer.evaluate(encode_instructions(examples, encoder), batch_size=batch_size)
-    result = InstructionEval(loss=scored["loss"], perplexity=scored["perplexity"], token_accuracy=scored["accuracy"],
-                             examples=len(examples))
+    result = InstructionEval(
+        loss=scored["loss"], perplexity=scored["perplexity"], token_accuracy=scored["accuracy"], examples=len(examples)
+    )
     prompts = encoder.prompt_ids(examples)
     if label_words:
         result.label_accuracy = _label_accuracy(trainer, encoder, prompts, examples, label_words, batch_size)
     if max_new_tokens > 0:
         room = max(1, encoder.max_length - max_new_tokens)
-        outputs = generate_greedy(trainer, [encoder.fit_prompt(p, room) for p in prompts], max_new_tokens,
-                                  encoder.specials.eos_id, batch_size)
+        outputs = generate_greedy(
+            trainer, [encoder.fit_prompt(p, room) for p in prompts], max_new_tokens, encoder.specials.eos_id, batch_size
+        )
         answers = [encoder.decode(ids) for ids in outputs]
-        result.answer_accuracy = float(np.mean([normalize_answer(a) == normalize_answer(e.answer)
-                                                for a, e in zip(answers, examples)]))
-        result.samples = [Sample(encoder.chat_format.render_prompt(e), a, e.answer)
-                          for e, a in zip(examples[:samples], answers)]
+        result.answer_accuracy = float(
+            np.mean([normalize_answer(a) == normalize_answer(e.answer) for a, e in zip(answers, examples)])
+        )
+        result.samples = [
+            Sample(encoder.chat_format.render_prompt(e), a, e.answer) for e, a in zip(examples[:samples], answers)
+        ]
     return result
 
 
-def _label_accuracy(trainer: Trainer, encoder: InstructionEncoder, prompts: list[list[int]],
-                    examples: Sequence[Example], label_words: Sequence[str], batch_size: int) -> float:
+def _label_accuracy(
+    trainer: Trainer,
+    encoder: InstructionEncoder,
+    prompts: list[list[int]],
+    examples: Sequence[Example],
+    label_words: Sequence[str],
+    batch_size: int,
+) -> float:
     words = check_label_words(label_words)
     index = {w: i for i, w in enumerate(words)}
     unknown = sorted({e.answer for e in examples if e.answer not in index})

@@ -26,16 +26,22 @@ import enum
 import json
 import logging
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from core.bundle import Bundle, Manifest
 from core.errors import BundleError, DataError
 from edge_client.data import (
-    IGNORE_INDEX, EncodedDataset, Record, TextEncoder, encode_causal_lm, read_records, read_rows,
+    IGNORE_INDEX,
+    EncodedDataset,
+    Record,
+    TextEncoder,
+    encode_causal_lm,
+    read_records,
+    read_rows,
 )
 
 log = logging.getLogger("fedlora.data")
@@ -80,8 +86,9 @@ class DataFormat(enum.Enum):
     PLAIN = "plain"
 
 
-def detect_format(row: dict, text_column: str = "text", label_column: str | None = "label",
-                  label_words: Sequence[str] = ()) -> DataFormat:
+def detect_format(
+    row: dict, text_column: str = "text", label_column: str | None = "label", label_words: Sequence[str] = ()
+) -> DataFormat:
     """A file's format from its first row: ``messages`` -> chat; ``instruction`` or ``output``
     -> Alpaca; text and label columns with label words in the bundle -> classification as
     instruction; a text column -> plain language modelling. Anything else: DataError."""
@@ -114,8 +121,10 @@ def read_instruction_examples(path: str | Path) -> list[Example]:
         elif "instruction" in row or "output" in row:
             examples.append(alpaca_example(row, where))
         else:
-            raise DataError(f"{where}: neither 'messages' nor 'instruction' + 'output' "
-                            f"(fields: {', '.join(map(str, row)) or 'none'})")
+            raise DataError(
+                f"{where}: neither 'messages' nor 'instruction' + 'output' "
+                f"(fields: {', '.join(map(str, row)) or 'none'})"
+            )
     return examples
 
 
@@ -134,8 +143,11 @@ def _text_field(row: dict, name: str, where: str, required: bool = True) -> str:
 
 def alpaca_example(row: dict, where: str) -> Example:
     """``instruction`` and ``output`` (required, non-empty), ``input`` and ``system`` (optional)."""
-    turn = Turn(user=_text_field(row, "instruction", where), assistant=_text_field(row, "output", where),
-                context=_text_field(row, "input", where, required=False))
+    turn = Turn(
+        user=_text_field(row, "instruction", where),
+        assistant=_text_field(row, "output", where),
+        context=_text_field(row, "input", where, required=False),
+    )
     return Example((turn,), system=_text_field(row, "system", where, required=False), where=where)
 
 
@@ -161,11 +173,14 @@ def chat_example(row: dict, where: str) -> Example:
         if role != expected:
             number = i + 1 + (1 if system else 0)
             detail = "a system message may only come first" if role == "system" else f"expected {expected!r} here"
-            raise DataError(f"{where}: message {number} has role {role!r}: {detail} "
-                            "(a chat is [system], user, assistant, user, assistant, ...)")
+            raise DataError(
+                f"{where}: message {number} has role {role!r}: {detail} "
+                "(a chat is [system], user, assistant, user, assistant, ...)"
+            )
     if parsed[-1][0] != "assistant":
-        raise DataError(f"{where}: the last message must be the assistant's (the response to learn), "
-                        f"not the {parsed[-1][0]}'s")
+        raise DataError(
+            f"{where}: the last message must be the assistant's (the response to learn), not the {parsed[-1][0]}'s"
+        )
     turns = tuple(Turn(user=parsed[i][1], assistant=parsed[i + 1][1]) for i in range(0, len(parsed), 2))
     return Example(turns, system=system, where=where)
 
@@ -231,9 +246,13 @@ def labeled_to_instructions(records: Sequence[Record], label_words: Sequence[str
     if unknown:
         raise DataError(f"{where or 'data'}: labels not among the label words {list(words)}: {unknown[:5]}")
     instruction = classification_instruction(words)
-    return [Example((Turn(user=instruction, assistant=str(r.label), context=r.text),),
-                    where=f"{where} record {i}" if where else f"record {i}")
-            for i, r in enumerate(records, start=1)]
+    return [
+        Example(
+            (Turn(user=instruction, assistant=str(r.label), context=r.text),),
+            where=f"{where} record {i}" if where else f"record {i}",
+        )
+        for i, r in enumerate(records, start=1)
+    ]
 
 
 # -- chat format ---------------------------------------------------------------------------
@@ -249,8 +268,10 @@ def _parts(value: object, name: str, where: str) -> Parts:
             raise BundleError(f"{where}: chat_format.{name} has a malformed part {part!r}")
         kind, text = part
         if kind not in ("text", "slot") or (kind == "slot" and text not in SLOTS):
-            raise BundleError(f"{where}: chat_format.{name} has an unknown part {part!r} "
-                              f"(kinds: text, slot; slots: {', '.join(SLOTS)})")
+            raise BundleError(
+                f"{where}: chat_format.{name} has an unknown part {part!r} "
+                f"(kinds: text, slot; slots: {', '.join(SLOTS)})"
+            )
         parts.append((kind, text))
     return tuple(parts)
 
@@ -275,7 +296,7 @@ class ChatFormat:
     template: bool = True  # False: the Alpaca fallback
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, where: str = "manifest") -> "ChatFormat":
+    def from_manifest(cls, manifest: Manifest, where: str = "manifest") -> ChatFormat:
         """The model's chat template, or the Alpaca layout when the model has none."""
         spec = manifest.extra.get("chat_format")
         if spec is None:
@@ -285,21 +306,35 @@ class ChatFormat:
         missing = [k for k in ("prompt", "prompt_no_system", "turn", "response") if k not in spec]
         if missing:
             raise BundleError(f"{where}: chat_format lacks {', '.join(missing)}")
-        fmt = cls(prompt=_parts(spec["prompt"], "prompt", where),
-                  prompt_no_system=_parts(spec["prompt_no_system"], "prompt_no_system", where),
-                  turn=_parts(spec["turn"], "turn", where), response=_parts(spec["response"], "response", where))
-        for name, slot in (("prompt", "user"), ("prompt_no_system", "user"), ("turn", "user"), ("response", "assistant")):
+        fmt = cls(
+            prompt=_parts(spec["prompt"], "prompt", where),
+            prompt_no_system=_parts(spec["prompt_no_system"], "prompt_no_system", where),
+            turn=_parts(spec["turn"], "turn", where),
+            response=_parts(spec["response"], "response", where),
+        )
+        for name, slot in (
+            ("prompt", "user"),
+            ("prompt_no_system", "user"),
+            ("turn", "user"),
+            ("response", "assistant"),
+        ):
             if ("slot", slot) not in getattr(fmt, name):
                 raise BundleError(f"{where}: chat_format.{name} has no {slot} slot")
         return fmt
 
     @classmethod
-    def alpaca(cls) -> "ChatFormat":
+    def alpaca(cls) -> ChatFormat:
         """The fallback for a model without a chat template."""
         instruction = (("text", "### Instruction:\n"), ("slot", "user"), ("text", "\n\n### Response:\n"))
-        return cls(prompt=(("slot", "system"), ("text", "\n\n")) + instruction, prompt_no_system=instruction,
-                   turn=(("text", "\n\n"),) + instruction, response=(("slot", "assistant"),),
-                   append_eos=True, input_separator="\n\n### Input:\n", template=False)
+        return cls(
+            prompt=(("slot", "system"), ("text", "\n\n")) + instruction,
+            prompt_no_system=instruction,
+            turn=(("text", "\n\n"),) + instruction,
+            response=(("slot", "assistant"),),
+            append_eos=True,
+            input_separator="\n\n### Input:\n",
+            template=False,
+        )
 
     def _user(self, turn: Turn) -> str:
         return f"{turn.user}{self.input_separator}{turn.context}" if turn.context else turn.user
@@ -341,7 +376,7 @@ class SpecialTokens:
     add_bos: bool
 
     @classmethod
-    def from_bundle(cls, manifest: Manifest, tokenizer, tokenizer_file: Path) -> "SpecialTokens":
+    def from_bundle(cls, manifest: Manifest, tokenizer, tokenizer_file: Path) -> SpecialTokens:
         """From the manifest (``bos_token_id``, ``eos_token_id``, ``add_bos_token``); a bundle
         exported before those existed: from ``tokenizer_config.json`` beside ``tokenizer.json``
         and from what the tokenizer does."""
@@ -396,7 +431,7 @@ def fit_example(prompt: Sequence[int], response: Sequence[int], max_length: int,
         response, cut = response[:room], "response"
     keep = max_length - len(response)
     head = keep // 2 if keep >= 2 or not keep_first else 0
-    kept = prompt[:head] + prompt[len(prompt) - (keep - head):] if keep else []
+    kept = prompt[:head] + prompt[len(prompt) - (keep - head) :] if keep else []
     return Fitted(kept + response, len(kept), cut)
 
 
@@ -409,8 +444,14 @@ class InstructionEncoder:
     (so never twice); EOS follows the response when the format has no end of turn.
     """
 
-    def __init__(self, tokenizer_file: str | Path, max_length: int, pad_token_id: int, chat_format: ChatFormat,
-                 specials: SpecialTokens):
+    def __init__(
+        self,
+        tokenizer_file: str | Path,
+        max_length: int,
+        pad_token_id: int,
+        chat_format: ChatFormat,
+        specials: SpecialTokens,
+    ):
         from tokenizers import Tokenizer
 
         if max_length < 2:
@@ -424,7 +465,7 @@ class InstructionEncoder:
         self.tokenizer.no_truncation()
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, chat_format: ChatFormat | None = None) -> "InstructionEncoder":
+    def from_bundle(cls, bundle: Bundle, chat_format: ChatFormat | None = None) -> InstructionEncoder:
         from tokenizers import Tokenizer
 
         m = bundle.manifest
@@ -466,8 +507,9 @@ class InstructionEncoder:
         return fit_example(prompt, [], room, keep_first=self.starts_with_bos).ids
 
 
-def encode_instructions(examples: Sequence[Example], encoder: InstructionEncoder,
-                        bucket_batches: int = BUCKET_BATCHES) -> EncodedDataset:
+def encode_instructions(
+    examples: Sequence[Example], encoder: InstructionEncoder, bucket_batches: int = BUCKET_BATCHES
+) -> EncodedDataset:
     """Ids, mask and response-only next-token labels, bucketed by length.
 
     Examples longer than ``max_length`` are fitted (``fit_example``), counted and logged once.
@@ -492,17 +534,25 @@ def encode_instructions(examples: Sequence[Example], encoder: InstructionEncoder
         mask[row, :length] = 1
         # labels[t] predicts ids[t + 1]; only response tokens (t + 1 >= n_prompt) are learned.
         start = max(fitted.n_prompt - 1, 0)
-        labels[row, start:length - 1] = fitted.ids[start + 1:length]
+        labels[row, start : length - 1] = fitted.ids[start + 1 : length]
     truncated = cut["prompt"] + cut["response"]
     if truncated:
-        log.warning("%d of %d examples truncated to max_length %d (%d lost the middle of the prompt, "
-                    "%d the end of the response)", truncated, n, width, cut["prompt"], cut["response"])
+        log.warning(
+            "%d of %d examples truncated to max_length %d (%d lost the middle of the prompt, "
+            "%d the end of the response)",
+            truncated,
+            n,
+            width,
+            cut["prompt"],
+            cut["response"],
+        )
     return EncodedDataset(ids, mask, labels, bucket_batches=bucket_batches)
 
 
 # -- a device's data file ------------------------------------------------------------------
-def detect_file_format(path: str | Path, label_words: Sequence[str] = (), text_column: str = "text",
-                       label_column: str | None = "label") -> DataFormat:
+def detect_file_format(
+    path: str | Path, label_words: Sequence[str] = (), text_column: str = "text", label_column: str | None = "label"
+) -> DataFormat:
     """``detect_format`` of a data file's first row; DataError naming the file and line."""
     path = Path(path)
     line_no, first = read_rows(path)[0]
@@ -512,8 +562,13 @@ def detect_file_format(path: str | Path, label_words: Sequence[str] = (), text_c
         raise DataError(f"{path}:{line_no}: {exc}") from None
 
 
-def read_format_examples(path: str | Path, fmt: DataFormat, label_words: Sequence[str] = (),
-                         text_column: str = "text", label_column: str | None = "label") -> list[Example]:
+def read_format_examples(
+    path: str | Path,
+    fmt: DataFormat,
+    label_words: Sequence[str] = (),
+    text_column: str = "text",
+    label_column: str | None = "label",
+) -> list[Example]:
     """The instruction examples of a file in ``fmt`` (chat, Alpaca or classification)."""
     if fmt is DataFormat.PLAIN:
         raise DataError(f"{path}: plain text is not instruction data")
@@ -524,8 +579,9 @@ def read_format_examples(path: str | Path, fmt: DataFormat, label_words: Sequenc
     return read_instruction_examples(path)
 
 
-def encode_causal_lm_file(path: str | Path, bundle: Bundle, text_column: str = "text",
-                          label_column: str | None = "label") -> EncodedDataset:
+def encode_causal_lm_file(
+    path: str | Path, bundle: Bundle, text_column: str = "text", label_column: str | None = "label"
+) -> EncodedDataset:
     """A causal-LM device's data file, encoded for training and evaluation and bucketed by
     length: instruction data with response-only labels, or plain text for language modelling."""
     m = bundle.manifest
@@ -537,6 +593,11 @@ def encode_causal_lm_file(path: str | Path, bundle: Bundle, text_column: str = "
         return EncodedDataset(plain.input_ids, plain.attention_mask, plain.labels, bucket_batches=BUCKET_BATCHES)
     examples = read_format_examples(path, fmt, m.labels, text_column, label_column)
     encoder = InstructionEncoder.from_bundle(bundle)
-    log.info("%s: %d examples, %s%s", path, len(examples), fmt.value,
-             "" if encoder.chat_format.template else " (the model has no chat template: Alpaca layout)")
+    log.info(
+        "%s: %d examples, %s%s",
+        path,
+        len(examples),
+        fmt.value,
+        "" if encoder.chat_format.template else " (the model has no chat template: Alpaca layout)",
+    )
     return encode_instructions(examples, encoder)

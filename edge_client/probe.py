@@ -42,9 +42,17 @@ def measure(bundle_dir: str, batch: int, seq: int, steps: int, threads: int) -> 
         t0 = time.perf_counter()
         trainer.train_step(b)
         times.append(time.perf_counter() - t0)
-    return {"rank": m.rank, "batch": batch, "seq": seq, "threads": threads, "steps": steps,
-            "peak_rss_bytes": peak_rss_bytes(), "loaded_rss_bytes": loaded_rss,
-            "step_time_s": statistics.median(times), "torch_loaded": "torch" in sys.modules}
+    return {
+        "rank": m.rank,
+        "batch": batch,
+        "seq": seq,
+        "threads": threads,
+        "steps": steps,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "loaded_rss_bytes": loaded_rss,
+        "step_time_s": statistics.median(times),
+        "torch_loaded": "torch" in sys.modules,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

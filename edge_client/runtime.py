@@ -85,7 +85,9 @@ def _session_options(opts: RuntimeOptions):
 class Trainer:
     """One bundle loaded into ONNX Runtime: train steps, evaluation, adapter get/set."""
 
-    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None, options: RuntimeOptions = RuntimeOptions()):
+    def __init__(
+        self, bundle: Bundle, checkpoint: str | Path | None = None, options: RuntimeOptions = RuntimeOptions()
+    ):
         api = training_api()
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -94,8 +96,11 @@ class Trainer:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
             so = _session_options(options)
             self.module = api.Module(
-                str(bundle.path("training_model.onnx")), self.state, str(bundle.path("eval_model.onnx")),
-                device="cpu", session_options=so,
+                str(bundle.path("training_model.onnx")),
+                self.state,
+                str(bundle.path("eval_model.onnx")),
+                device="cpu",
+                session_options=so,
             )
             self.optimizer = api.Optimizer(str(bundle.path("optimizer_model.onnx")), self.module)
         except Exception as exc:  # ORT raises its own types; name the bundle in the message
@@ -191,8 +196,11 @@ class Trainer:
             total_loss += loss * n
             counted += n
         nan = float("nan")
-        result = {"loss": total_loss / counted, "accuracy": correct / counted, "examples": len(data)} if counted \
+        result = (
+            {"loss": total_loss / counted, "accuracy": correct / counted, "examples": len(data)}
+            if counted
             else {"loss": nan, "accuracy": nan, "examples": 0}
+        )
         if causal:  # exp(700) is near the largest float
             result["perplexity"] = math.exp(min(result["loss"], 700.0)) if counted else nan
         return result

@@ -41,8 +41,12 @@ class Family:
     tasks: tuple[str, ...] = DECODER_TASKS
 
     def preset(self, name: str) -> tuple[str, ...]:
-        return {"default": self.default, "attention": self.attention, "mlp": self.mlp,
-                "all": self.attention + self.mlp}[name]
+        return {
+            "default": self.default,
+            "attention": self.attention,
+            "mlp": self.mlp,
+            "all": self.attention + self.mlp,
+        }[name]
 
 
 _LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -54,24 +58,54 @@ def _llama_like(model_type: str) -> Family:
     return Family(model_type, _LLAMA_ATTENTION, _GATED_MLP, _QV)
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    # Llama-architecture decoders (SmolLM2, TinyLlama, Llama 3.x) and those that kept its module names
-    *(_llama_like(t) for t in ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                               "smollm3", "granite", "olmo2")),
-    Family("phi", ("q_proj", "k_proj", "v_proj", "dense"), ("fc1", "fc2"), _QV),
-    # Phi-3 fuses query, key and value into one projection, and gate and up into another
-    Family("phi3", ("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj"), ("qkv_proj",)),
-    Family("starcoder2", _LLAMA_ATTENTION, ("c_fc", "c_proj"), _QV),
-    # GPT-2's Conv1D layers: c_attn is query, key and value fused; c_proj is in both blocks
-    Family("gpt2", ("c_attn", "attn.c_proj"), ("c_fc", "mlp.c_proj"), ("c_attn",)),
-    Family("gpt_neox", ("query_key_value", "attention.dense"), ("dense_h_to_4h", "dense_4h_to_h"),
-           ("query_key_value",)),
-    Family("bert", ("query", "key", "value", "attention.output.dense"), ("intermediate.dense", "layer.{layer}.output.dense"),
-           ("query", "value"), ENCODER_TASKS),
-    Family("roberta", ("query", "key", "value", "attention.output.dense"),
-           ("intermediate.dense", "layer.{layer}.output.dense"), ("query", "value"), ENCODER_TASKS),
-    Family("distilbert", ("q_lin", "k_lin", "v_lin", "out_lin"), ("lin1", "lin2"), ("q_lin", "v_lin"), ENCODER_TASKS),
-)}
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        # Llama-architecture decoders (SmolLM2, TinyLlama, Llama 3.x) and those that kept its module names
+        *(
+            _llama_like(t)
+            for t in (
+                "llama",
+                "mistral",
+                "ministral",
+                "qwen2",
+                "qwen3",
+                "gemma",
+                "gemma2",
+                "gemma3_text",
+                "smollm3",
+                "granite",
+                "olmo2",
+            )
+        ),
+        Family("phi", ("q_proj", "k_proj", "v_proj", "dense"), ("fc1", "fc2"), _QV),
+        # Phi-3 fuses query, key and value into one projection, and gate and up into another
+        Family("phi3", ("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj"), ("qkv_proj",)),
+        Family("starcoder2", _LLAMA_ATTENTION, ("c_fc", "c_proj"), _QV),
+        # GPT-2's Conv1D layers: c_attn is query, key and value fused; c_proj is in both blocks
+        Family("gpt2", ("c_attn", "attn.c_proj"), ("c_fc", "mlp.c_proj"), ("c_attn",)),
+        Family(
+            "gpt_neox", ("query_key_value", "attention.dense"), ("dense_h_to_4h", "dense_4h_to_h"), ("query_key_value",)
+        ),
+        Family(
+            "bert",
+            ("query", "key", "value", "attention.output.dense"),
+            ("intermediate.dense", "layer.{layer}.output.dense"),
+            ("query", "value"),
+            ENCODER_TASKS,
+        ),
+        Family(
+            "roberta",
+            ("query", "key", "value", "attention.output.dense"),
+            ("intermediate.dense", "layer.{layer}.output.dense"),
+            ("query", "value"),
+            ENCODER_TASKS,
+        ),
+        Family(
+            "distilbert", ("q_lin", "k_lin", "v_lin", "out_lin"), ("lin1", "lin2"), ("q_lin", "v_lin"), ENCODER_TASKS
+        ),
+    )
+}
 
 # Model types that load and export but fail in ONNX Runtime's training step (transformers 5.24,
 # onnxruntime-training 1.19.2, legacy exporter): said before the weights load.
@@ -86,8 +120,9 @@ def supported_types() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
-def resolve_targets(family: Family | None, requested: tuple[str, ...], num_layers: int | None,
-                    model_type: str) -> tuple[str, ...]:
+def resolve_targets(
+    family: Family | None, requested: tuple[str, ...], num_layers: int | None, model_type: str
+) -> tuple[str, ...]:
     """The module names peft gets: presets replaced by the family's names, ``{layer}`` expanded,
     duplicates dropped (first place kept). Raises ConfigError for a preset or a default that
     the model type has no table for."""
@@ -95,8 +130,10 @@ def resolve_targets(family: Family | None, requested: tuple[str, ...], num_layer
     for item in requested or ("default",):
         if item in PRESETS:
             if family is None:
-                raise ConfigError(f"model type {model_type!r} has no LoRA target table in fedlora-export (known: "
-                                  f"{supported_types()}), so --targets {item} means nothing for it: name its modules")
+                raise ConfigError(
+                    f"model type {model_type!r} has no LoRA target table in fedlora-export (known: "
+                    f"{supported_types()}), so --targets {item} means nothing for it: name its modules"
+                )
             names += family.preset(item)
         else:
             names.append(item)
@@ -115,6 +152,8 @@ def describe() -> str:
     """The table as text, for ``fedlora-export --architectures``."""
     lines = []
     for f in sorted(FAMILIES.values(), key=lambda f: f.model_type):
-        lines.append(f"{f.model_type:12s} tasks {','.join(f.tasks):17s} default {','.join(f.default)}\n"
-                     f"{'':12s} attention {','.join(f.attention)}\n{'':12s} mlp       {','.join(f.mlp)}")
+        lines.append(
+            f"{f.model_type:12s} tasks {','.join(f.tasks):17s} default {','.join(f.default)}\n"
+            f"{'':12s} attention {','.join(f.attention)}\n{'':12s} mlp       {','.join(f.mlp)}"
+        )
     return "\n".join(lines)

@@ -30,8 +30,11 @@ SLOTS = ("system", "user", "assistant")
 # Sentinels: letters and digits only, so templates that trim or escape content keep them whole.
 _SENTINEL = "FEDLORASLOT{}{}Q"
 # What a device's formatting is checked against: real text, with newlines and punctuation inside.
-_CHECK = {"system": "You are a careful assistant.\nAnswer briefly.", "user": ["What is 2 + 2?", "And 3 + 3?\nThanks.",
-          "Name a colour."], "assistant": ["It is 4.", "6.\nYou are welcome.", "Blue."]}
+_CHECK = {
+    "system": "You are a careful assistant.\nAnswer briefly.",
+    "user": ["What is 2 + 2?", "And 3 + 3?\nThanks.", "Name a colour."],
+    "assistant": ["It is 4.", "6.\nYou are welcome.", "Blue."],
+}
 SYSTEM_JOIN = "\n\n"
 
 
@@ -48,8 +51,12 @@ class ChatFormat:
     system_in_user: bool = False  # the template refused system messages: the system text leads the first user turn
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "prompt_no_system": self.prompt_no_system, "turn": self.turn,
-                "response": self.response}
+        return {
+            "prompt": self.prompt,
+            "prompt_no_system": self.prompt_no_system,
+            "turn": self.turn,
+            "response": self.response,
+        }
 
 
 def fill(parts: list[list[str]], values: dict[str, str]) -> str:
@@ -65,8 +72,11 @@ def format_conversation(fmt: ChatFormat, messages: list[dict], add_generation_pr
     for i, message in enumerate(rest):
         if message["role"] == "user":
             if i == 0:
-                text += fill(fmt.prompt, {"system": system, "user": message["content"]}) if system is not None \
+                text += (
+                    fill(fmt.prompt, {"system": system, "user": message["content"]})
+                    if system is not None
                     else fill(fmt.prompt_no_system, {"user": message["content"]})
+                )
             else:
                 text += fill(fmt.turn, {"user": message["content"]})
         else:
@@ -86,7 +96,9 @@ def split_at_sentinels(text: str, order: list[tuple[str, str]], where: str) -> l
     rest = text
     for slot, sentinel in order:
         if text.count(sentinel) != 1:
-            raise ChatFormatError(f"{where}: the {slot} content appears {text.count(sentinel)} times in the render, not once")
+            raise ChatFormatError(
+                f"{where}: the {slot} content appears {text.count(sentinel)} times in the render, not once"
+            )
         before, _, rest = rest.partition(sentinel)
         if _SENTINEL.split("{")[0] in before:
             raise ChatFormatError(f"{where}: contents are rendered out of order")
@@ -103,7 +115,7 @@ def split_at_sentinels(text: str, order: list[tuple[str, str]], where: str) -> l
 def _after(prefix: str, text: str, what: str) -> str:
     if not text.startswith(prefix):
         raise ChatFormatError(f"not prefix-consistent: {what} does not begin with the render of the turns before it")
-    return text[len(prefix):]
+    return text[len(prefix) :]
 
 
 def _messages(system: str | None, users: list[str], assistants: list[str], merge_system: bool) -> list[dict]:
@@ -122,7 +134,9 @@ def _messages(system: str | None, users: list[str], assistants: list[str], merge
 
 def _refuses_system(render: Render) -> bool:
     try:
-        render([{"role": "system", "content": _sentinel("system")}, {"role": "user", "content": _sentinel("user")}], True)
+        render(
+            [{"role": "system", "content": _sentinel("system")}, {"role": "user", "content": _sentinel("user")}], True
+        )
     except Exception:  # a template's raise_exception(...) or any error from its own checks
         try:
             render([{"role": "user", "content": _sentinel("user")}], True)
@@ -151,8 +165,9 @@ def derive_chat_format(render: Render) -> ChatFormat:
     fmt = ChatFormat(
         prompt=split_at_sentinels(first, [("system", s), ("user", u1)], "prompt"),
         prompt_no_system=split_at_sentinels(first_no_system, [("user", u1)], "prompt_no_system"),
-        response=split_at_sentinels(_after(first, answered, "a conversation with an answer"),
-                                    [("assistant", a1)], "response"),
+        response=split_at_sentinels(
+            _after(first, answered, "a conversation with an answer"), [("assistant", a1)], "response"
+        ),
         turn=split_at_sentinels(_after(answered, second, "a second user turn"), [("user", u2)], "turn"),
         system_in_user=merge,
     )
@@ -167,7 +182,7 @@ def check_chat_format(fmt: ChatFormat, render: Render) -> None:
     for with_system in (True, False):
         for turns in (1, 2, 3):
             for answered in (True, False):
-                cases.append((with_system, users[:turns], assistants[:turns] if answered else assistants[:turns - 1]))
+                cases.append((with_system, users[:turns], assistants[:turns] if answered else assistants[: turns - 1]))
     for with_system, us, as_ in cases:
         sys_text = system if with_system else None
         merged = _messages(sys_text, us, as_, fmt.system_in_user)
@@ -182,12 +197,13 @@ def check_chat_format(fmt: ChatFormat, render: Render) -> None:
             raise ChatFormatError(
                 f"not prefix-consistent: a conversation of {len(us)} user turns ({'with' if with_system else 'no'} "
                 f"system message, {'ending with the assistant prefix' if generation else 'answered'}) renders "
-                f"{_first_difference(expected, got)}")
+                f"{_first_difference(expected, got)}"
+            )
 
 
 def _first_difference(expected: str, got: str) -> str:
     i = next((k for k, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
-    return f"{expected[max(0, i - 20):i + 30]!r} where the turns give {got[max(0, i - 20):i + 30]!r}"
+    return f"{expected[max(0, i - 20) : i + 30]!r} where the turns give {got[max(0, i - 20) : i + 30]!r}"
 
 
 def end_of_turn_id(tokenizer, fmt: ChatFormat) -> int | None:

@@ -61,11 +61,15 @@ class ExportConfig:
         self.output_dir = Path(self.output_dir).resolve()
         if self.model_dir.is_file() and self.model_dir.suffix.lower() == ".gguf":
             if self.gguf_file and self.gguf_file != self.model_dir.name:
-                raise ConfigError(f"model_dir is the GGUF file {self.model_dir.name} but gguf_file names {self.gguf_file}")
+                raise ConfigError(
+                    f"model_dir is the GGUF file {self.model_dir.name} but gguf_file names {self.gguf_file}"
+                )
             self.model_dir, self.gguf_file = self.model_dir.parent, self.model_dir.name
         elif not self.model_dir.is_dir():
-            raise ConfigError(f"model_dir {self.model_dir} is not a folder and not a .gguf file (a local Hugging Face "
-                              f"model folder or a GGUF file is needed)")
+            raise ConfigError(
+                f"model_dir {self.model_dir} is not a folder and not a .gguf file (a local Hugging Face "
+                f"model folder or a GGUF file is needed)"
+            )
         if self.task not in ("auto", "seq-cls", "causal-lm"):
             raise ConfigError(f"task must be auto, seq-cls or causal-lm, not {self.task!r}")
         self.ranks = tuple(int(r) for r in self.ranks)

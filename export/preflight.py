@@ -77,8 +77,10 @@ class Plan:
     def summary(self) -> str:
         chat = "chat format from the template" if self.chat_format else (self.chat_note or "no chat template")
         labels = f", labels {','.join(self.labels)}" if self.labels else ""
-        return (f"{self.model_id}: model type {self.model_type}, task {self.task}, LoRA targets "
-                f"{','.join(self.targets)}{labels}; {chat}")
+        return (
+            f"{self.model_id}: model type {self.model_type}, task {self.task}, LoRA targets "
+            f"{','.join(self.targets)}{labels}; {chat}"
+        )
 
 
 def preflight(cfg: ExportConfig) -> Plan:
@@ -135,7 +137,9 @@ def find_source(cfg: ExportConfig) -> ModelSource:
         if not found:
             raise ConfigError(f"{folder} has no config.json and no .gguf file: not a Hugging Face model folder")
         if len(found) > 1:
-            raise ConfigError(f"{folder} has several .gguf files, choose one with --gguf-file (or pass the file): {found}")
+            raise ConfigError(
+                f"{folder} has several .gguf files, choose one with --gguf-file (or pass the file): {found}"
+            )
         gguf_file = found[0]
     return ModelSource(folder, gguf_file, read_gguf_metadata(folder / gguf_file))
 
@@ -192,7 +196,8 @@ def check_family(model_type: str, targets: tuple[str, ...], source: ModelSource)
         raise ConfigError(
             f"model type {model_type!r} ({where}) is not in fedlora-export's architecture table (supported: "
             f"{supported_types()}): there are no default LoRA targets for it. Name its modules with --targets "
-            f"to try it; the self-check says whether the export is right")
+            f"to try it; the self-check says whether the export is right"
+        )
     return family
 
 
@@ -205,7 +210,11 @@ def load_config(source: ModelSource):
     try:
         return transformers.AutoConfig.from_pretrained(source.folder, **source.load_kwargs)
     except Exception as exc:  # unknown model types, GGUF architectures transformers cannot load, bad JSON
-        what = "transformers cannot load this GGUF architecture" if "not supported" in str(exc) else "cannot read the model config"
+        what = (
+            "transformers cannot load this GGUF architecture"
+            if "not supported" in str(exc)
+            else "cannot read the model config"
+        )
         raise ConfigError(f"{source.path}: {what} (transformers {transformers.__version__}: {exc})") from exc
 
 
@@ -224,20 +233,34 @@ def resolve_task(config, task: str, family: Family | None, model_type: str, sour
         task = "causal-lm" if (source.gguf_file or "CausalLM" in archs or "LMHead" in archs) else "seq-cls"
     from transformers.models.auto import modeling_auto
 
-    mapping = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if task == "causal-lm"
-               else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    mapping = (
+        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if task == "causal-lm"
+        else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    )
     allowed = family.tasks if family is not None else ("causal-lm", "seq-cls")
     if task not in allowed or model_type not in mapping:
-        possible = [t for t in allowed if model_type in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t == "causal-lm"
-                                                         else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)]
-        raise ConfigError(f"model type {model_type!r} is not exported for {task} (it is for: {', '.join(possible) or 'nothing'})")
+        possible = [
+            t
+            for t in allowed
+            if model_type
+            in (
+                modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                if t == "causal-lm"
+                else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+            )
+        ]
+        raise ConfigError(
+            f"model type {model_type!r} is not exported for {task} (it is for: {', '.join(possible) or 'nothing'})"
+        )
     return task
 
 
 def check_task_labels(task: str, labels: tuple[str, ...]) -> None:
     if task == "seq-cls" and not labels:
-        raise ConfigError("seq-cls export needs the class labels (--labels a,b,c); for a language model give "
-                          "--task causal-lm")
+        raise ConfigError(
+            "seq-cls export needs the class labels (--labels a,b,c); for a language model give --task causal-lm"
+        )
     check_labels(labels)
 
 
@@ -272,8 +295,10 @@ def check_targets(config, task: str, targets: tuple[str, ...], model_type: str) 
     linear = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in linear):
-            raise ConfigError(f"LoRA target {target!r} matches no linear layer of model type {model_type!r}; its linear "
-                              f"layers end in: {', '.join(layer_suffixes(linear))}")
+            raise ConfigError(
+                f"LoRA target {target!r} matches no linear layer of model type {model_type!r}; its linear "
+                f"layers end in: {', '.join(layer_suffixes(linear))}"
+            )
 
 
 def layer_suffixes(names: list[str]) -> list[str]:
@@ -294,7 +319,9 @@ def load_tokenizer(source: ModelSource):
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(f"{source.path}: the tokenizer has no fast (tokenizer.json) form, which the device needs")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        tokenizer.pad_token = (
+            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        )
     return tokenizer
 
 
@@ -303,8 +330,10 @@ def check_vocabulary(tokenizer, config, model_type: str) -> None:
     rows = getattr(config, "vocab_size", None)
     top = max(tokenizer.get_vocab().values(), default=-1)
     if rows and top >= rows:
-        raise ExportError(f"model type {model_type!r}: the tokenizer's ids reach {top} but the model's vocabulary has "
-                          f"{rows} rows; a device would feed ids the embedding does not have")
+        raise ExportError(
+            f"model type {model_type!r}: the tokenizer's ids reach {top} but the model's vocabulary has "
+            f"{rows} rows; a device would feed ids the embedding does not have"
+        )
 
 
 def chat_format_of(tokenizer) -> tuple[ChatFormat | None, str]:

@@ -15,9 +15,9 @@ import statistics
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,15 +25,32 @@ from core.bundle import Bundle, choose_bundle
 from core.errors import BundleError, PayloadTooLarge, ProtocolError, UpdateRejected
 from core.guard import Refusals, SenderLimits
 from core.messages import (
-    RETRY_REASONS, Ack, AckResult, Announcement, Presence, RepairRequest, RoundState, StrategyInfo, TopicKind,
-    TrainInfo, parse_status,
+    RETRY_REASONS,
+    Ack,
+    AckResult,
+    Announcement,
+    Presence,
+    RepairRequest,
+    RoundState,
+    StrategyInfo,
+    TopicKind,
+    TrainInfo,
+    parse_status,
 )
 from core.protocol import (
-    BASE_DELTA_PREFIX, Envelope, EnvelopeLimits, Reassembler, ReassemblyBusy, Topics, adapter_part, decode_envelope,
-    encode_envelope, parse_chunk,
+    BASE_DELTA_PREFIX,
+    Envelope,
+    EnvelopeLimits,
+    Reassembler,
+    ReassemblyBusy,
+    Topics,
+    adapter_part,
+    decode_envelope,
+    encode_envelope,
+    parse_chunk,
 )
-from edge_client.runtime import read_parameters
 from core.transport import MqttLink
+from edge_client.runtime import read_parameters
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
@@ -64,9 +81,16 @@ def downlink_tensors(strategy: Strategy, model: GlobalModel, rank: int) -> dict[
 
 
 class Aggregator:
-    def __init__(self, cfg: ServerConfig, link: MqttLink, metrics: Metrics | None = None,
-                 evaluator: Evaluator | None = None, clock=time.time,
-                 on_round_closed: Callable[[dict], None] | None = None, claim_term: bool = False):
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        link: MqttLink,
+        metrics: Metrics | None = None,
+        evaluator: Evaluator | None = None,
+        clock=time.time,
+        on_round_closed: Callable[[dict], None] | None = None,
+        claim_term: bool = False,
+    ):
         self.cfg = cfg
         self.on_round_closed = on_round_closed  # called with each closed round's history entry
         self.link = link
@@ -81,12 +105,20 @@ class Aggregator:
         if claim_term:  # a new leader: writes of any older one are refused from now on
             self.store.claim_term()
         limits = cfg.device_limits
-        self.reassembler = Reassembler(cfg.max_update_bytes, max_pending=limits.max_partials,
-                                       per_source=limits.partials_per_device, max_buffered=limits.max_buffered_bytes)
+        self.reassembler = Reassembler(
+            cfg.max_update_bytes,
+            max_pending=limits.max_partials,
+            per_source=limits.partials_per_device,
+            max_buffered=limits.max_buffered_bytes,
+        )
         self.update_limits = EnvelopeLimits.for_update(self.manifest.shapes)
         self.global_limits = EnvelopeLimits.for_global(self.manifest.shapes)
-        self.senders = SenderLimits(limits.messages_per_s, limits.message_burst, limits.bytes_per_s,
-                                    limits.byte_burst or 2 * cfg.max_update_bytes)
+        self.senders = SenderLimits(
+            limits.messages_per_s,
+            limits.message_burst,
+            limits.bytes_per_s,
+            limits.byte_burst or 2 * cfg.max_update_bytes,
+        )
         self.refusals = Refusals(log)
         self.last_step = time.monotonic()  # the main loop's heartbeat (/healthz)
         self._resync = False  # set on a reconnect: republish everything retained
@@ -100,8 +132,9 @@ class Aggregator:
         if saved is None:
             self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
             self.history: list[dict] = []
-            self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed,
-                                           norm_prior=self.norm_prior())
+            self.coordinator = Coordinator(
+                cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed, norm_prior=self.norm_prior()
+            )
             self._save(global_changed=True)
             self._event("job_started", job=cfg.job, strategy=self.strategy.name)
         else:
@@ -109,14 +142,25 @@ class Aggregator:
                 raise ProtocolError(f"state dir {cfg.state_dir} belongs to job {saved['job']!r}, not {cfg.job!r}")
             self.model = GlobalModel(self.manifest.rank, saved["global"], saved["base_delta"], saved["version"])
             self.history = saved["history"]
-            self.coordinator = Coordinator(cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed + saved["next_round"],
-                                           next_round=saved["next_round"], completed=saved["completed"],
-                                           version=saved["version"], norm_prior=self.norm_prior(),
-                                           median_norm=next((h["median_norm"] for h in reversed(self.history)
-                                                             if h.get("ok") and h.get("median_norm")), 0.0))
+            self.coordinator = Coordinator(
+                cfg.rounds,
+                self.strategy,
+                cfg.job,
+                clock,
+                seed=cfg.seed + saved["next_round"],
+                next_round=saved["next_round"],
+                completed=saved["completed"],
+                version=saved["version"],
+                norm_prior=self.norm_prior(),
+                median_norm=next(
+                    (h["median_norm"] for h in reversed(self.history) if h.get("ok") and h.get("median_norm")), 0.0
+                ),
+            )
             if saved["open_round"] is not None:
                 self.coordinator.resume(saved["open_round"])
-            log.info("resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"])
+            log.info(
+                "resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"]
+            )
             self._event("job_resumed", completed=saved["completed"], version=saved["version"])
 
     def norm_prior(self) -> float:
@@ -126,7 +170,7 @@ class Aggregator:
         the values: up to ``R ** (p - 1/2)`` times more, for p above 1/2."""
         t = self.cfg.train
         boost = self.manifest.rank ** max(0.0, t.lr_rank_power - 0.5)
-        return t.lr * boost * t.local_steps * self.manifest.adapter_size ** 0.5
+        return t.lr * boost * t.local_steps * self.manifest.adapter_size**0.5
 
     @property
     def global_adapter(self) -> dict[str, np.ndarray]:
@@ -136,9 +180,16 @@ class Aggregator:
     # -- persistence and publishing ------------------------------------------------------
     def _save(self, global_changed: bool = False) -> None:
         c = self.coordinator
-        self.store.save(job=self.cfg.job, next_round=c.next_round, completed=c.completed, version=c.version,
-                        history=self.history, global_adapter=self.model.tensors if global_changed else None,
-                        base_delta=self.model.base_delta if global_changed else None, open_round=c.open)
+        self.store.save(
+            job=self.cfg.job,
+            next_round=c.next_round,
+            completed=c.completed,
+            version=c.version,
+            history=self.history,
+            global_adapter=self.model.tensors if global_changed else None,
+            base_delta=self.model.base_delta if global_changed else None,
+            open_round=c.open,
+        )
 
     def write_adapter(self) -> Path | None:
         """The global adapter of this version as a PEFT folder, ``<state_dir>/adapters/v<version>``
@@ -150,9 +201,13 @@ class Aggregator:
             return None
         root = Path(self.cfg.state_dir) / "adapters"
         try:
-            folder = write_peft_adapter(root / f"v{self.model.version:06d}", self.manifest, self.model.tensors,
-                                        self.model.base_delta, about={"job": self.cfg.job, "version": self.model.version,
-                                                                      "strategy": self.strategy.name})
+            folder = write_peft_adapter(
+                root / f"v{self.model.version:06d}",
+                self.manifest,
+                self.model.tensors,
+                self.model.base_delta,
+                about={"job": self.cfg.job, "version": self.model.version, "strategy": self.strategy.name},
+            )
             for old in sorted(p for p in root.glob("v*") if p.is_dir())[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
             return folder
@@ -186,25 +241,50 @@ class Aggregator:
                 continue
             target = downlink_tensors(self.strategy, self.model, rank)
             view = d.view
-            if self.cfg.downlink_codec and view is not None and d.version is not None and \
-                    set(view) == set(target) and all(view[k].shape == target[k].shape for k in target):
+            if (
+                self.cfg.downlink_codec
+                and view is not None
+                and d.version is not None
+                and set(view) == set(target)
+                and all(view[k].shape == target[k].shape for k in target)
+            ):
                 delta = {k: target[k] - view[k] for k in target}
-                payload = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
-                                                   rank=rank, codec=self.cfg.downlink_codec, tensors=delta,
-                                                   base_version=d.version))
+                payload = encode_envelope(
+                    Envelope(
+                        kind="global",
+                        job=self.cfg.job,
+                        round=version,
+                        sender="aggregator",
+                        rank=rank,
+                        codec=self.cfg.downlink_codec,
+                        tensors=delta,
+                        base_version=d.version,
+                    )
+                )
                 decoded = decode_envelope(payload, self.global_limits).tensors
                 target = {k: (view[k] + decoded[k]).astype(np.float32) for k in target}
-                d.delta_chunks = self._publish_retained(lambda i, r=rank: self.topics.delta_chunk(r, i), payload,
-                                                        d.delta_chunks)
+                d.delta_chunks = self._publish_retained(
+                    lambda i, r=rank: self.topics.delta_chunk(r, i), payload, d.delta_chunks
+                )
                 d.delta_bytes = len(payload)
                 self.metrics.bytes_out.labels("wire").inc(len(payload))
                 sent += len(payload)
-            full = encode_envelope(Envelope(kind="global", job=self.cfg.job, round=version, sender="aggregator",
-                                            rank=rank, codec=self.cfg.codec, tensors=target))
+            full = encode_envelope(
+                Envelope(
+                    kind="global",
+                    job=self.cfg.job,
+                    round=version,
+                    sender="aggregator",
+                    rank=rank,
+                    codec=self.cfg.codec,
+                    tensors=target,
+                )
+            )
             d.view = decode_envelope(full, self.global_limits).tensors
             d.adapter = adapter_part(d.view)
-            d.full_chunks = self._publish_retained(lambda i, r=rank: self.topics.global_chunk(r, i), full,
-                                                   d.full_chunks)
+            d.full_chunks = self._publish_retained(
+                lambda i, r=rank: self.topics.global_chunk(r, i), full, d.full_chunks
+            )
             d.version, d.full_bytes = version, len(full)
             self.metrics.bytes_out.labels("wire").inc(len(full))
             self.metrics.bytes_out.labels("raw").inc(sum(v.nbytes for v in target.values()))
@@ -219,17 +299,29 @@ class Aggregator:
 
     def announcement(self) -> Announcement:
         c = self.coordinator
-        base = dict(job=self.cfg.job, global_version=c.version, rank=self.manifest.rank, completed=c.completed,
-                    rounds=self.cfg.rounds.rounds)
+        base = dict(
+            job=self.cfg.job,
+            global_version=c.version,
+            rank=self.manifest.rank,
+            completed=c.completed,
+            rounds=self.cfg.rounds.rounds,
+        )
         if c.open is None:
-            return Announcement(**base, state=RoundState.FINISHED if c.finished else RoundState.WAITING,
-                                round=c.next_round - 1)
+            return Announcement(
+                **base, state=RoundState.FINISHED if c.finished else RoundState.WAITING, round=c.next_round - 1
+            )
         t = self.cfg.train
         return Announcement(
-            **base, state=RoundState.OPEN, round=c.open.round, deadline=c.open.deadline, selected=tuple(c.open.selected),
-            codec=self.cfg.uplink_codec, head_codec=self.cfg.uplink_head_codec,
+            **base,
+            state=RoundState.OPEN,
+            round=c.open.round,
+            deadline=c.open.deadline,
+            selected=tuple(c.open.selected),
+            codec=self.cfg.uplink_codec,
+            head_codec=self.cfg.uplink_head_codec,
             strategy=StrategyInfo(self.strategy.name, self.strategy.trains_a, self.strategy.device_settings()),
-            train=TrainInfo(t.local_steps, t.batch_size, t.lr, t.lr_rank_power))
+            train=TrainInfo(t.local_steps, t.batch_size, t.lr, t.lr_rank_power),
+        )
 
     def announce(self) -> None:
         self._announced = self.announcement().to_bytes()
@@ -267,8 +359,15 @@ class Aggregator:
         self.announce()
         log.info("reconnected: republished the round announcement and %d global adapters", len(self._downlinks))
 
-    def run(self, stop: threading.Event | None = None, poll: float = 0.2, *, leading: Callable[[], bool] = lambda: True,
-            exit_when_finished: bool = True, on_step: Callable[[], None] | None = None) -> bool:
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        poll: float = 0.2,
+        *,
+        leading: Callable[[], bool] = lambda: True,
+        exit_when_finished: bool = True,
+        on_step: Callable[[], None] | None = None,
+    ) -> bool:
         """The aggregator's one main loop (the server command and the simulator both run it):
         start, then step until ``stop`` is set, ``leading()`` turns false (leadership lost) or,
         with ``exit_when_finished``, the job is done; a finished job that keeps running still
@@ -295,7 +394,9 @@ class Aggregator:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                msg = self.link.inbox.get(timeout=max(0.0, remaining)) if remaining > 0 else self.link.inbox.get_nowait()
+                msg = (
+                    self.link.inbox.get(timeout=max(0.0, remaining)) if remaining > 0 else self.link.inbox.get_nowait()
+                )
             except Exception:
                 break
             self.handle(msg.topic, msg.payload)
@@ -324,8 +425,14 @@ class Aggregator:
         self._round_metrics = []
         self.metrics.round.set(opened.round)
         self._save()
-        self._event("round_opened", round=opened.round, selected=opened.selected, base_version=opened.base_version,
-                    max_weight=opened.max_weight, max_norm=round(opened.max_norm, 6))
+        self._event(
+            "round_opened",
+            round=opened.round,
+            selected=opened.selected,
+            base_version=opened.base_version,
+            max_weight=opened.max_weight,
+            max_norm=round(opened.max_norm, 6),
+        )
         log.info("round %d open: %d devices selected", opened.round, len(opened.selected))
         return True
 
@@ -406,13 +513,22 @@ class Aggregator:
             raise UpdateRejected("malformed", f"expected an update envelope, got {env.kind!r}")
         if env.sender != device:
             raise UpdateRejected("sender_mismatch", f"envelope says {env.sender!r} but came on the topic of {device!r}")
-        delta = ClientUpdate(device=device, round=env.round, rank=env.rank, num_examples=env.num_examples,
-                             tensors=env.tensors, metrics=env.metrics)
+        delta = ClientUpdate(
+            device=device,
+            round=env.round,
+            rank=env.rank,
+            num_examples=env.num_examples,
+            tensors=env.tensors,
+            metrics=env.metrics,
+        )
         bounded = self.coordinator.judge(env.job, delta)
         downlink = self._downlinks.get(env.rank)
         if downlink is None or downlink.adapter is None or env.base_version != self.coordinator.version:
-            raise UpdateRejected("wrong_base", f"update starts from version {env.base_version} at rank {env.rank}; "
-                                               f"the round started from version {self.coordinator.version}")
+            raise UpdateRejected(
+                "wrong_base",
+                f"update starts from version {env.base_version} at rank {env.rank}; "
+                f"the round started from version {self.coordinator.version}",
+            )
         return bounded, downlink.adapter
 
     def accept(self, device: str, env: Envelope, nbytes: int, decode_ms: float) -> None:
@@ -421,8 +537,9 @@ class Aggregator:
         kept = bounded.update
         # Strategies combine the devices' full local tensors: what we sent plus the delta.
         full = {name: base[name] + value if name in base else value for name, value in kept.tensors.items()}
-        undo = self.coordinator.accept(ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics),
-                                       bounded.norm)
+        undo = self.coordinator.accept(
+            ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics), bounded.norm
+        )
         try:
             self._save()  # persisted before the ack
         except StoreUnavailable as exc:
@@ -439,9 +556,21 @@ class Aggregator:
             self.metrics.updates_bounded.labels("norm_clipped").inc()
         if bounded.weight_capped:
             self.metrics.updates_bounded.labels("weight_capped").inc()
-        self._event("update_accepted", round=env.round, device=device, rank=env.rank, num_examples=env.num_examples,
-                    weight=kept.num_examples, norm=round(bounded.norm, 6), clipped=bounded.clipped, bytes=nbytes,
-                    raw_bytes=raw, codec=env.codec, decode_ms=round(decode_ms, 3), metrics=env.metrics)
+        self._event(
+            "update_accepted",
+            round=env.round,
+            device=device,
+            rank=env.rank,
+            num_examples=env.num_examples,
+            weight=kept.num_examples,
+            norm=round(bounded.norm, 6),
+            clipped=bounded.clipped,
+            bytes=nbytes,
+            raw_bytes=raw,
+            codec=env.codec,
+            decode_ms=round(decode_ms, 3),
+            metrics=env.metrics,
+        )
         self.ack(device, env.round, AckResult.ACCEPTED)
 
     def _observe_device(self, metrics: dict) -> None:
@@ -496,16 +625,22 @@ class Aggregator:
     def ack(self, device: str, round_id: int | None, result: AckResult, reason: str = "", detail: str = "") -> None:
         self.link.publish(self.topics.ack(device), Ack(round_id, result, reason, detail).to_bytes())
 
-
     # -- closing -------------------------------------------------------------------------
     def close_round(self, outcome: RoundOutcome) -> None:
         for device in outcome.selected:
             self.reassembler.drop_source(device)  # partial uploads of a closed round
-        entry = {"round": outcome.round, "ok": outcome.ok, "reason": outcome.reason,
-                 "selected": len(outcome.selected), "participants": len(outcome.accepted),
-                 "examples": int(sum(outcome.accepted.values())), "duration_s": round(outcome.duration, 3),
-                 "uplink_bytes_wire": self._round_bytes["wire"], "uplink_bytes_raw": self._round_bytes["raw"],
-                 "median_norm": round(outcome.median_norm, 6)}
+        entry = {
+            "round": outcome.round,
+            "ok": outcome.ok,
+            "reason": outcome.reason,
+            "selected": len(outcome.selected),
+            "participants": len(outcome.accepted),
+            "examples": int(sum(outcome.accepted.values())),
+            "duration_s": round(outcome.duration, 3),
+            "uplink_bytes_wire": self._round_bytes["wire"],
+            "uplink_bytes_raw": self._round_bytes["raw"],
+            "median_norm": round(outcome.median_norm, 6),
+        }
         entry.update(_summarize(self._round_metrics))
         self.metrics.round_duration.observe(outcome.duration)
         self.metrics.selected.set(len(outcome.selected))
@@ -527,11 +662,18 @@ class Aggregator:
             self.publish_global()
             ranks = {d: info.rank for d, info in self.coordinator.devices.items()}
             deltas = bool(self.cfg.downlink_codec) and any(d.delta_bytes for d in self._downlinks.values())
-            entry["downlink_bytes_wire"] = sum(self._downlinks.get(ranks.get(d) or self.manifest.rank, RankDownlink())
-                                               .sent_bytes(deltas) for d in outcome.selected)
+            entry["downlink_bytes_wire"] = sum(
+                self._downlinks.get(ranks.get(d) or self.manifest.rank, RankDownlink()).sent_bytes(deltas)
+                for d in outcome.selected
+            )
         self._event("round_closed", **entry)
-        log.info("round %d closed (%s): %d/%d updates", outcome.round, outcome.reason, len(outcome.accepted),
-                 len(outcome.selected))
+        log.info(
+            "round %d closed (%s): %d/%d updates",
+            outcome.round,
+            outcome.reason,
+            len(outcome.accepted),
+            len(outcome.selected),
+        )
         if outcome.ok and self.evaluator is not None:
             # Let devices start the next round while the aggregator evaluates this one.
             self.open_next()

@@ -20,10 +20,16 @@ def server_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", help="mqtt://host:port")
     parser.add_argument("--job")
     parser.add_argument("--http-port", type=int)
-    parser.add_argument("--export-adapter", metavar="FOLDER",
-                        help="write the current global adapter in the state dir as a PEFT adapter folder, then exit")
-    parser.add_argument("--strategies", action="store_true",
-                        help="list the strategies and each one's settings (config key strategy_settings), then exit")
+    parser.add_argument(
+        "--export-adapter",
+        metavar="FOLDER",
+        help="write the current global adapter in the state dir as a PEFT adapter folder, then exit",
+    )
+    parser.add_argument(
+        "--strategies",
+        action="store_true",
+        help="list the strategies and each one's settings (config key strategy_settings), then exit",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.strategies:
@@ -31,8 +37,11 @@ def server_main(argv: list[str] | None = None) -> int:
 
         print(describe_strategies())
         return 0
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
     from server.config import load_server_config
 
@@ -64,8 +73,9 @@ def _export_adapter(cfg, folder: str) -> int:
     if saved is None:
         raise ConfigError(f"state dir {cfg.state_dir} holds no committed round yet")
     manifest = Bundle(choose_bundle(cfg.bundle)).manifest
-    out = write_peft_adapter(folder, manifest, saved["global"], saved["base_delta"],
-                             about={"job": saved["job"], "version": saved["version"]})
+    out = write_peft_adapter(
+        folder, manifest, saved["global"], saved["base_delta"], about={"job": saved["job"], "version": saved["version"]}
+    )
     print(f"wrote the global adapter of job {saved['job']}, version {saved['version']}, to {out}")
     return 0
 
@@ -108,14 +118,23 @@ def _serve(cfg) -> int:
         timeout = min(5.0, kube.renew_deadline / 2)
         if kube.events:
             recorder = k8s.EventRecorder(
-                client.CoreV1Api(api), namespace, identity, kube.pod_uid, request_timeout=timeout,
-                on_result=lambda ok: ok or metrics.kubernetes_errors.labels("event_create").inc()).start()
+                client.CoreV1Api(api),
+                namespace,
+                identity,
+                kube.pod_uid,
+                request_timeout=timeout,
+                on_result=lambda ok: ok or metrics.kubernetes_errors.labels("event_create").inc(),
+            ).start()
         if kube.leader_election:
             elector = LeaderElector(
-                LeaseLock(client.CoordinationV1Api(api), namespace, kube.lease_name, request_timeout=timeout), identity,
-                lease_duration=kube.lease_duration, renew_deadline=kube.renew_deadline, retry_period=kube.retry_period,
+                LeaseLock(client.CoordinationV1Api(api), namespace, kube.lease_name, request_timeout=timeout),
+                identity,
+                lease_duration=kube.lease_duration,
+                renew_deadline=kube.renew_deadline,
+                retry_period=kube.retry_period,
                 on_stopped_leading=term_over.set,
-                on_api_error=lambda op, exc: metrics.kubernetes_errors.labels(f"lease_{op}").inc())
+                on_api_error=lambda op, exc: metrics.kubernetes_errors.labels(f"lease_{op}").inc(),
+            )
 
     current: dict = {"link": None}
 
@@ -137,7 +156,11 @@ def _serve(cfg) -> int:
         state = aggregator.store.healthy()
         return True if state is True else f"degraded: {state}"
 
-    http = HealthServer(metrics, cfg.http_host, cfg.http_port, ready=ready, health=health).start() if cfg.http_port else None
+    http = (
+        HealthServer(metrics, cfg.http_host, cfg.http_port, ready=ready, health=health).start()
+        if cfg.http_port
+        else None
+    )
     election_stop = threading.Event()
     try:
         if elector is not None:
@@ -187,8 +210,13 @@ def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, reco
             return False
         # Under leader election each term claims the store: a deposed leader that still runs
         # (a long pause, a partition) can no longer write.
-        aggregator = Aggregator(cfg, link, metrics, on_round_closed=recorder.round_closed if recorder else None,
-                                claim_term=cfg.kubernetes.leader_election)
+        aggregator = Aggregator(
+            cfg,
+            link,
+            metrics,
+            on_round_closed=recorder.round_closed if recorder else None,
+            claim_term=cfg.kubernetes.leader_election,
+        )
         current["aggregator"] = aggregator
         return aggregator.run(term_over, leading=leading, exit_when_finished=cfg.exit_when_finished)
     except StaleTerm as exc:

@@ -72,8 +72,10 @@ class KubernetesSettings:
 
     def __post_init__(self) -> None:
         if not self.lease_duration > self.renew_deadline > self.retry_period > 0:
-            raise ConfigError(f"kubernetes: need lease_duration > renew_deadline > retry_period > 0, got "
-                              f"{self.lease_duration} / {self.renew_deadline} / {self.retry_period}")
+            raise ConfigError(
+                f"kubernetes: need lease_duration > renew_deadline > retry_period > 0, got "
+                f"{self.lease_duration} / {self.renew_deadline} / {self.retry_period}"
+            )
         if self.lease_duration < 1:
             raise ConfigError("kubernetes.lease_duration must be at least 1 second")
         if not self.lease_name:
@@ -188,7 +190,9 @@ class ServerConfig:
         if self.max_update_bytes < 1024:
             raise ConfigError("max_update_bytes must be at least 1024")
         if not (self.chunk_repair_after_s == 0 or 0.5 <= self.chunk_repair_after_s <= 3600):
-            raise ConfigError(f"chunk_repair_after_s must be 0 (off) or in [0.5, 3600], got {self.chunk_repair_after_s}")
+            raise ConfigError(
+                f"chunk_repair_after_s must be 0 (off) or in [0.5, 3600], got {self.chunk_repair_after_s}"
+            )
         if not 0 <= self.adapter_versions <= 10_000:
             raise ConfigError(f"adapter_versions must be in [0, 10000], got {self.adapter_versions}")
         if self.health_stall_s < 5:

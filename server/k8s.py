@@ -16,9 +16,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from core.errors import ConfigError
 
@@ -40,8 +40,10 @@ def api_client(user_agent: str):
         else:
             config.load_kube_config(client_configuration=configuration)
     except config.ConfigException as exc:
-        raise ConfigError(f"kubernetes.leader_election / kubernetes.events need the Kubernetes API, but neither "
-                          f"in-cluster credentials nor a kubeconfig were found ({exc})") from exc
+        raise ConfigError(
+            f"kubernetes.leader_election / kubernetes.events need the Kubernetes API, but neither "
+            f"in-cluster credentials nor a kubeconfig were found ({exc})"
+        ) from exc
     api = client.ApiClient(configuration)
     api.user_agent = user_agent  # the API server's audit log names us
     return api
@@ -72,9 +74,17 @@ class EventRecorder:
     False after each post (for a metric).
     """
 
-    def __init__(self, core_api, namespace: str, pod_name: str, pod_uid: str = "", instance: str = "",
-                 on_result: Callable[[bool], None] | None = None, request_timeout: float = 5.0,
-                 wall: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        core_api,
+        namespace: str,
+        pod_name: str,
+        pod_uid: str = "",
+        instance: str = "",
+        on_result: Callable[[bool], None] | None = None,
+        request_timeout: float = 5.0,
+        wall: Callable[[], float] = time.time,
+    ):
         self.api = core_api
         self.namespace = namespace
         self.pod_name = pod_name
@@ -86,7 +96,7 @@ class EventRecorder:
         self._queue: queue.Queue = queue.Queue(maxsize=1000)
         self._thread = threading.Thread(target=self._run, name="fedlora-k8s-events", daemon=True)
 
-    def start(self) -> "EventRecorder":
+    def start(self) -> EventRecorder:
         self._thread.start()
         return self
 
@@ -108,12 +118,16 @@ class EventRecorder:
     def round_closed(self, entry: dict) -> None:
         """An Event for one closed round (the aggregator's history entry)."""
         if entry.get("ok"):
-            text = (f"Round {entry['round']} completed: {entry['participants']}/{entry['selected']} devices, "
-                    f"{entry.get('examples', 0)} examples, {entry.get('duration_s', 0):.1f}s ({entry.get('reason')})")
+            text = (
+                f"Round {entry['round']} completed: {entry['participants']}/{entry['selected']} devices, "
+                f"{entry.get('examples', 0)} examples, {entry.get('duration_s', 0):.1f}s ({entry.get('reason')})"
+            )
             self.record("RoundCompleted", text)
         else:
-            text = (f"Round {entry['round']} failed: {entry.get('reason')}, "
-                    f"{entry.get('participants', 0)}/{entry.get('selected', 0)} devices")
+            text = (
+                f"Round {entry['round']} failed: {entry.get('reason')}, "
+                f"{entry.get('participants', 0)}/{entry.get('selected', 0)} devices"
+            )
             self.record("RoundFailed", text, "Warning")
 
     def leader_elected(self, identity: str, lease: str) -> None:
@@ -126,11 +140,18 @@ class EventRecorder:
         stamp = _time(wall)
         return client.CoreV1Event(
             metadata=client.V1ObjectMeta(name=f"{self.pod_name}.{time.time_ns():x}", namespace=self.namespace),
-            involved_object=client.V1ObjectReference(api_version="v1", kind="Pod", name=self.pod_name,
-                                                     namespace=self.namespace, uid=self.pod_uid or None),
-            reason=reason, message=message[:1024], type=type_, count=1, first_timestamp=stamp, last_timestamp=stamp,
+            involved_object=client.V1ObjectReference(
+                api_version="v1", kind="Pod", name=self.pod_name, namespace=self.namespace, uid=self.pod_uid or None
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            count=1,
+            first_timestamp=stamp,
+            last_timestamp=stamp,
             source=client.V1EventSource(component=COMPONENT, host=self.instance),
-            reporting_component=COMPONENT, reporting_instance=self.instance,
+            reporting_component=COMPONENT,
+            reporting_instance=self.instance,
         )
 
     def _run(self) -> None:
@@ -140,8 +161,9 @@ class EventRecorder:
                 return
             reason, message, type_, wall = item
             try:
-                self.api.create_namespaced_event(self.namespace, self._body(reason, message, type_, wall),
-                                                 _request_timeout=self.request_timeout)
+                self.api.create_namespaced_event(
+                    self.namespace, self._body(reason, message, type_, wall), _request_timeout=self.request_timeout
+                )
                 ok = True
             except Exception as exc:  # RBAC, network: the round went on; say so and count it
                 log.warning("could not record event %s (%s): %s", reason, message, str(exc).splitlines()[0])

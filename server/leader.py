@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 from core.errors import ConfigError
 
@@ -94,9 +94,12 @@ class LeaseLock:
     def create(self, spec: dict):
         from kubernetes import client
 
-        body = client.V1Lease(api_version="coordination.k8s.io/v1", kind="Lease",
-                              metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
-                              spec=client.V1LeaseSpec(**spec))
+        body = client.V1Lease(
+            api_version="coordination.k8s.io/v1",
+            kind="Lease",
+            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+            spec=client.V1LeaseSpec(**spec),
+        )
         return self._call(self.api.create_namespaced_lease, self.namespace, body)
 
     def replace(self, lease, spec: dict):
@@ -108,10 +111,12 @@ class LeaseLock:
     @staticmethod
     def record(lease) -> LeaseRecord:
         spec = lease.spec
-        return LeaseRecord(holder=(spec.holder_identity or "") if spec else "",
-                           lease_duration=int((spec.lease_duration_seconds or 0) if spec else 0),
-                           transitions=int((spec.lease_transitions or 0) if spec else 0),
-                           resource_version=lease.metadata.resource_version or "")
+        return LeaseRecord(
+            holder=(spec.holder_identity or "") if spec else "",
+            lease_duration=int((spec.lease_duration_seconds or 0) if spec else 0),
+            transitions=int((spec.lease_transitions or 0) if spec else 0),
+            resource_version=lease.metadata.resource_version or "",
+        )
 
 
 class LeaderElector:
@@ -126,16 +131,26 @@ class LeaderElector:
     on_api_error: called with (operation, exception) when a call to the API server fails.
     """
 
-    def __init__(self, lock: LeaseLock, identity: str, lease_duration: float = 15.0, renew_deadline: float = 10.0,
-                 retry_period: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, on_started_leading: Callable[[], None] | None = None,
-                 on_stopped_leading: Callable[[], None] | None = None,
-                 on_api_error: Callable[[str, Exception], None] | None = None):
+    def __init__(
+        self,
+        lock: LeaseLock,
+        identity: str,
+        lease_duration: float = 15.0,
+        renew_deadline: float = 10.0,
+        retry_period: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        on_started_leading: Callable[[], None] | None = None,
+        on_stopped_leading: Callable[[], None] | None = None,
+        on_api_error: Callable[[str, Exception], None] | None = None,
+    ):
         if not identity:
             raise ConfigError("leader election needs a non-empty identity (the pod name)")
         if not lease_duration > renew_deadline > retry_period > 0:
-            raise ConfigError(f"leader election needs lease_duration > renew_deadline > retry_period > 0, got "
-                              f"{lease_duration} / {renew_deadline} / {retry_period}")
+            raise ConfigError(
+                f"leader election needs lease_duration > renew_deadline > retry_period > 0, got "
+                f"{lease_duration} / {renew_deadline} / {retry_period}"
+            )
         if lease_duration < 1:
             raise ConfigError("lease_duration must be at least 1 second (the Lease stores whole seconds)")
         self.lock = lock
@@ -184,8 +199,13 @@ class LeaderElector:
         self.last_contact = self.clock()
         stamp = micro_time(self.wall())
         if lease is None:
-            spec = {"holder_identity": self.identity, "lease_duration_seconds": int(round(self.lease_duration)),
-                    "acquire_time": stamp, "renew_time": stamp, "lease_transitions": 0}
+            spec = {
+                "holder_identity": self.identity,
+                "lease_duration_seconds": int(round(self.lease_duration)),
+                "acquire_time": stamp,
+                "renew_time": stamp,
+                "lease_transitions": 0,
+            }
             return self._write("create", lambda: self.lock.create(spec), now)
         record = LeaseLock.record(lease)
         if self.observed is None or record.resource_version != self.observed.resource_version:
@@ -200,11 +220,20 @@ class LeaderElector:
             if isinstance(acquired, datetime):
                 acquired = micro_time(acquired.timestamp())
         else:
-            log.info("%s: taking over lease %s/%s from %r", self.identity, self.lock.namespace, self.lock.name,
-                     record.holder or None)
-        spec = {"holder_identity": self.identity, "lease_duration_seconds": int(round(self.lease_duration)),
-                "acquire_time": acquired, "renew_time": stamp,
-                "lease_transitions": record.transitions if ours else record.transitions + 1}
+            log.info(
+                "%s: taking over lease %s/%s from %r",
+                self.identity,
+                self.lock.namespace,
+                self.lock.name,
+                record.holder or None,
+            )
+        spec = {
+            "holder_identity": self.identity,
+            "lease_duration_seconds": int(round(self.lease_duration)),
+            "acquire_time": acquired,
+            "renew_time": stamp,
+            "lease_transitions": record.transitions if ours else record.transitions + 1,
+        }
         return self._write("update", lambda: self.lock.replace(lease, spec), now)
 
     def _write(self, operation: str, write: Callable[[], object], started: float) -> bool:
@@ -237,8 +266,13 @@ class LeaderElector:
             self._leading = leading
             self.leading_changed.notify_all()
         callback = self.on_started_leading if leading else self.on_stopped_leading
-        log.info("%s %s leading (lease %s/%s)", self.identity, "started" if leading else "stopped",
-                 self.lock.namespace, self.lock.name)
+        log.info(
+            "%s %s leading (lease %s/%s)",
+            self.identity,
+            "started" if leading else "stopped",
+            self.lock.namespace,
+            self.lock.name,
+        )
         if callback is not None:
             callback()
 
@@ -264,7 +298,7 @@ class LeaderElector:
                 wait = min(wait, max(0.0, self._renewed_at + self.renew_deadline - self.clock()))
             stop.wait(wait)
 
-    def start(self, stop: threading.Event) -> "LeaderElector":
+    def start(self, stop: threading.Event) -> LeaderElector:
         self._thread = threading.Thread(target=self.run, args=(stop,), name="fedlora-leader-election", daemon=True)
         self._thread.start()
         return self
@@ -286,8 +320,16 @@ class LeaderElector:
                 return False
             stamp = micro_time(self.wall())
             record = LeaseLock.record(lease)
-            self.lock.replace(lease, {"holder_identity": None, "lease_duration_seconds": 1, "acquire_time": stamp,
-                                      "renew_time": stamp, "lease_transitions": record.transitions})
+            self.lock.replace(
+                lease,
+                {
+                    "holder_identity": None,
+                    "lease_duration_seconds": 1,
+                    "acquire_time": stamp,
+                    "renew_time": stamp,
+                    "lease_transitions": record.transitions,
+                },
+            )
             log.info("%s released lease %s/%s", self.identity, self.lock.namespace, self.lock.name)
             return True
         except Exception as exc:

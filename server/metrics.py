@@ -9,10 +9,18 @@ from __future__ import annotations
 import platform
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # A `_created` series per counter and histogram would double the series for nothing.
@@ -22,34 +30,67 @@ disable_created_metrics()
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        self.rounds_completed = Counter("fedlora_rounds_completed_total", "Rounds closed with a new global adapter", registry=r)
+        self.rounds_completed = Counter(
+            "fedlora_rounds_completed_total", "Rounds closed with a new global adapter", registry=r
+        )
         self.rounds_failed = Counter("fedlora_rounds_failed_total", "Rounds closed without quorum", registry=r)
         self.round = Gauge("fedlora_round", "Id of the open (or last) round", registry=r)
-        self.round_duration = Histogram("fedlora_round_duration_seconds", "Open to close", registry=r,
-                                        buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600))
+        self.round_duration = Histogram(
+            "fedlora_round_duration_seconds",
+            "Open to close",
+            registry=r,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+        )
         self.devices_online = Gauge("fedlora_devices_online", "Devices whose status is online", registry=r)
         self.participants = Gauge("fedlora_round_participants", "Accepted updates in the last closed round", registry=r)
-        self.updates = Counter("fedlora_updates_total", "Updates received, by result and reason", ["result", "reason"], registry=r)
-        self.messages_refused = Counter("fedlora_messages_refused_total",
-                                        "Messages refused before they could change anything, by topic kind and reason",
-                                        ["kind", "reason"], registry=r)
-        self.updates_bounded = Counter("fedlora_updates_bounded_total",
-                                       "Accepted updates whose norm was clipped or weight capped", ["bound"], registry=r)
+        self.updates = Counter(
+            "fedlora_updates_total", "Updates received, by result and reason", ["result", "reason"], registry=r
+        )
+        self.messages_refused = Counter(
+            "fedlora_messages_refused_total",
+            "Messages refused before they could change anything, by topic kind and reason",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.updates_bounded = Counter(
+            "fedlora_updates_bounded_total",
+            "Accepted updates whose norm was clipped or weight capped",
+            ["bound"],
+            registry=r,
+        )
         self.store_errors = Counter("fedlora_store_errors_total", "Failed writes to the state volume", registry=r)
         self.bytes_in = Counter("fedlora_uplink_bytes_total", "Update bytes received", ["kind"], registry=r)
-        self.chunk_repairs = Counter("fedlora_chunk_repair_requests_total",
-                                     "Requests to a device for the missing chunks of a stalled update", registry=r)
-        self.chunks_requested = Counter("fedlora_chunks_requested_total",
-                                        "Chunk indices named in those requests", registry=r)
+        self.chunk_repairs = Counter(
+            "fedlora_chunk_repair_requests_total",
+            "Requests to a device for the missing chunks of a stalled update",
+            registry=r,
+        )
+        self.chunks_requested = Counter(
+            "fedlora_chunks_requested_total", "Chunk indices named in those requests", registry=r
+        )
         self.bytes_out = Counter("fedlora_downlink_bytes_total", "Global adapter bytes published", ["kind"], registry=r)
-        self.aggregation_seconds = Histogram("fedlora_aggregation_seconds", "Time to finalize a round", registry=r,
-                                             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self.aggregation_seconds = Histogram(
+            "fedlora_aggregation_seconds",
+            "Time to finalize a round",
+            registry=r,
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+        )
         self.eval_loss = Gauge("fedlora_global_eval_loss", "Evaluation loss of the global adapter", registry=r)
-        self.eval_accuracy = Gauge("fedlora_global_eval_accuracy", "Evaluation accuracy of the global adapter", registry=r)
-        self.device_step_seconds = Histogram("fedlora_device_step_seconds", "Device-reported median training step time",
-                                             registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
-        self.device_peak_rss = Histogram("fedlora_device_peak_rss_bytes", "Device-reported peak resident memory",
-                                         registry=r, buckets=tuple(2**i * 2**20 for i in range(5, 15)))
+        self.eval_accuracy = Gauge(
+            "fedlora_global_eval_accuracy", "Evaluation accuracy of the global adapter", registry=r
+        )
+        self.device_step_seconds = Histogram(
+            "fedlora_device_step_seconds",
+            "Device-reported median training step time",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+        )
+        self.device_peak_rss = Histogram(
+            "fedlora_device_peak_rss_bytes",
+            "Device-reported peak resident memory",
+            registry=r,
+            buckets=tuple(2**i * 2**20 for i in range(5, 15)),
+        )
         for kind in ("wire", "raw"):  # export 0 from the start, so rate() works before the first round
             self.bytes_in.labels(kind)
             self.bytes_out.labels(kind)
@@ -58,14 +99,24 @@ class Metrics:
         self.eval_loss.set(float("nan"))
         self.eval_accuracy.set(float("nan"))
         self.selected = Gauge("fedlora_round_selected", "Devices selected for the last closed round", registry=r)
-        self.last_progress = Gauge("fedlora_last_progress_timestamp_seconds",
-                                   "Unix time of the last round closed, or of the start of this leader's term", registry=r)
-        self.round_timeout = Gauge("fedlora_round_timeout_seconds", "Configured time from opening a round to its deadline",
-                                   registry=r)
+        self.last_progress = Gauge(
+            "fedlora_last_progress_timestamp_seconds",
+            "Unix time of the last round closed, or of the start of this leader's term",
+            registry=r,
+        )
+        self.round_timeout = Gauge(
+            "fedlora_round_timeout_seconds", "Configured time from opening a round to its deadline", registry=r
+        )
         self.job_finished = Gauge("fedlora_job_finished", "1 once every configured round is done", registry=r)
-        self.leader = Gauge("fedlora_leader", "1 if this replica runs rounds (holds the leader Lease), else 0", registry=r)
-        self.kubernetes_errors = Counter("fedlora_kubernetes_errors_total",
-                                         "Failed calls to the Kubernetes API, by operation", ["operation"], registry=r)
+        self.leader = Gauge(
+            "fedlora_leader", "1 if this replica runs rounds (holds the leader Lease), else 0", registry=r
+        )
+        self.kubernetes_errors = Counter(
+            "fedlora_kubernetes_errors_total",
+            "Failed calls to the Kubernetes API, by operation",
+            ["operation"],
+            registry=r,
+        )
         self.build_info = Info("fedlora_build", "Version of the aggregator", registry=r)
         self.build_info.info({"version": _version(), "python_version": platform.python_version()})
 
@@ -93,8 +144,14 @@ class HealthServer:
     be an IPv6 address (``::`` listens on every address of the pod).
     """
 
-    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], "bool | str"],
-                 health: Callable[[], "bool | str"] = lambda: True):
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        ready: Callable[[], bool | str],
+        health: Callable[[], bool | str] = lambda: True,
+    ):
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,7 +184,7 @@ class HealthServer:
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fedlora-http", daemon=True)
 
-    def start(self) -> "HealthServer":
+    def start(self) -> HealthServer:
         self.thread.start()
         return self
 

@@ -39,7 +39,7 @@ FOLD_RTOL = 1e-6
 
 def module_path(name: str) -> str:
     """The module's name inside the original model: PEFT's wrapper prefix removed."""
-    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
 
 
 def head_modules(head: dict[str, tuple[int, ...]]) -> list[str]:
@@ -55,8 +55,9 @@ def fold_change(delta: np.ndarray, scale: float, rtol: float = FOLD_RTOL) -> tup
     return vt[:k].astype(np.float32), (u[:, :k] * (s[:k] / scale)).astype(np.float32)
 
 
-def peft_adapter(manifest: Manifest, tensors: dict[str, np.ndarray], base_delta: dict[str, np.ndarray] | None = None
-                 ) -> tuple[dict, dict[str, np.ndarray]]:
+def peft_adapter(
+    manifest: Manifest, tensors: dict[str, np.ndarray], base_delta: dict[str, np.ndarray] | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
     """The adapter's config and tensors for the global ``tensors`` (A, B at the manifest's
     rank and the head) and the strategy's ``base_delta`` (by frozen weight name)."""
     layout = AdapterLayout.from_manifest(manifest)
@@ -77,7 +78,9 @@ def peft_adapter(manifest: Manifest, tensors: dict[str, np.ndarray], base_delta:
             alpha_pattern[module_path(m.name)] = layout.scale * a.shape[0]
         out[m.a], out[m.b] = np.ascontiguousarray(a), np.ascontiguousarray(b)
     if deltas:
-        raise BundleError(f"changes to {len(deltas)} frozen weights that no adapted layer owns, e.g. {next(iter(deltas))}")
+        raise BundleError(
+            f"changes to {len(deltas)} frozen weights that no adapted layer owns, e.g. {next(iter(deltas))}"
+        )
     for name in layout.head:
         out[name] = np.ascontiguousarray(tensors[name], dtype=np.float32)
     config = {
@@ -101,8 +104,13 @@ def peft_adapter(manifest: Manifest, tensors: dict[str, np.ndarray], base_delta:
     return config, out
 
 
-def write_peft_adapter(folder: str | Path, manifest: Manifest, tensors: dict[str, np.ndarray],
-                       base_delta: dict[str, np.ndarray] | None = None, about: dict | None = None) -> Path:
+def write_peft_adapter(
+    folder: str | Path,
+    manifest: Manifest,
+    tensors: dict[str, np.ndarray],
+    base_delta: dict[str, np.ndarray] | None = None,
+    about: dict | None = None,
+) -> Path:
     """Write the PEFT adapter folder (atomically: a half-written folder never has the final
     name); ``about`` (job, round, strategy, ...) goes into the safetensors metadata."""
     from safetensors.numpy import save_file

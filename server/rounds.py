@@ -8,14 +8,13 @@ reject an update and why, when to close) is made here, so tests drive it directl
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from core.errors import ConfigError, UpdateRejected
 from server.strategies.base import ClientUpdate, Partial, Strategy
-
 
 NORM_BOUNDS = ("clip", "reject")
 
@@ -134,9 +133,19 @@ class RoundOutcome:
 class Coordinator:
     """Selects devices, opens rounds, judges updates, and says when a round is over."""
 
-    def __init__(self, settings: RoundSettings, strategy: Strategy, job: str, clock, seed: int = 0,
-                 next_round: int = 1, completed: int = 0, version: int = 0, norm_prior: float = 0.0,
-                 median_norm: float = 0.0):
+    def __init__(
+        self,
+        settings: RoundSettings,
+        strategy: Strategy,
+        job: str,
+        clock,
+        seed: int = 0,
+        next_round: int = 1,
+        completed: int = 0,
+        version: int = 0,
+        norm_prior: float = 0.0,
+        median_norm: float = 0.0,
+    ):
         self.settings = settings
         self.strategy = strategy
         self.job = job
@@ -176,9 +185,16 @@ class Coordinator:
         k = self.settings.devices_per_round or len(online)
         selected = sorted(self.rng.sample(online, min(k, len(online))))
         now = self.clock()
-        self.open = OpenRound(self.next_round, selected, now, now + self.settings.round_timeout, self.version,
-                              partial=self.strategy.new_partial(), max_weight=self.weight_cap(selected),
-                              max_norm=self.norm_cap())
+        self.open = OpenRound(
+            self.next_round,
+            selected,
+            now,
+            now + self.settings.round_timeout,
+            self.version,
+            partial=self.strategy.new_partial(),
+            max_weight=self.weight_cap(selected),
+            max_norm=self.norm_cap(),
+        )
         self.next_round += 1
         return self.open
 
@@ -186,7 +202,9 @@ class Coordinator:
         """The most weight one device of ``selected`` may get (0: no cap): ``max_weight_ratio``
         times the median of the data sizes they announced, and at most ``max_num_examples``."""
         caps = []
-        claimed = [self.devices[d].num_examples for d in selected if d in self.devices and self.devices[d].num_examples > 0]
+        claimed = [
+            self.devices[d].num_examples for d in selected if d in self.devices and self.devices[d].num_examples > 0
+        ]
         if self.settings.max_weight_ratio and claimed:
             caps.append(max(1, int(self.settings.max_weight_ratio * float(np.median(claimed)))))
         if self.settings.max_num_examples:
@@ -218,7 +236,9 @@ class Coordinator:
         if job != self.job:
             raise UpdateRejected("wrong_job", f"update for job {job!r}, this aggregator runs {self.job!r}")
         if rnd is None:
-            raise UpdateRejected("no_open_round", f"round {update.round} from {update.device} arrived while no round is open")
+            raise UpdateRejected(
+                "no_open_round", f"round {update.round} from {update.device} arrived while no round is open"
+            )
         if update.round != rnd.round:
             reason = "stale_round" if update.round < rnd.round else "future_round"
             raise UpdateRejected(reason, f"update for round {update.round}, open round is {rnd.round}")
@@ -243,16 +263,28 @@ class Coordinator:
                 raise UpdateRejected("norm_too_large", f"update norm {norm:.3g} exceeds {bound:g}")
             scale = np.float32(bound / norm)
             tensors = {k: v * scale for k, v in update.tensors.items()}
-        return Bounded(ClientUpdate(update.device, update.round, update.rank, weight, tensors, update.metrics), norm,
-                       clipped=tensors is not update.tensors, weight_capped=weight < update.num_examples)
+        return Bounded(
+            ClientUpdate(update.device, update.round, update.rank, weight, tensors, update.metrics),
+            norm,
+            clipped=tensors is not update.tensors,
+            weight_capped=weight < update.num_examples,
+        )
 
     def accept(self, update: ClientUpdate, norm: float = 0.0) -> Callable[[], None]:
         """Add the update (``norm``: its norm as sent) to the open round; returns an undo (to
         the state before this call), for when the update cannot be persisted."""
         rnd = self.open
         assert rnd is not None
-        before = (Partial({k: np.array(v, copy=True) for k, v in rnd.partial.sums.items()}, rnd.partial.weight,
-                          rnd.partial.count, list(rnd.partial.devices)), dict(rnd.accepted), list(rnd.norms))
+        before = (
+            Partial(
+                {k: np.array(v, copy=True) for k, v in rnd.partial.sums.items()},
+                rnd.partial.weight,
+                rnd.partial.count,
+                list(rnd.partial.devices),
+            ),
+            dict(rnd.accepted),
+            list(rnd.norms),
+        )
 
         def undo() -> None:
             rnd.partial, rnd.accepted, rnd.norms = before
@@ -285,5 +317,6 @@ class Coordinator:
             reason = "all_reported" if not waiting else "deadline"
         else:
             reason = f"quorum_not_met ({len(rnd.accepted)}/{self.settings.min_updates})"
-        return RoundOutcome(rnd.round, ok, reason, rnd.selected, dict(rnd.accepted), rnd.partial, now - rnd.opened_at,
-                            median_norm)
+        return RoundOutcome(
+            rnd.round, ok, reason, rnd.selected, dict(rnd.accepted), rnd.partial, now - rnd.opened_at, median_norm
+        )

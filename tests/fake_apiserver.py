@@ -32,8 +32,15 @@ TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
 
 def _status(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 class FakeApiServer:
@@ -89,7 +96,7 @@ class FakeApiServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def start(self) -> "FakeApiServer":
+    def start(self) -> FakeApiServer:
         self.thread.start()
         return self
 
@@ -161,14 +168,27 @@ class FakeApiServer:
                 problem = self._invalid(body)
                 if problem:
                     return 422, _status(422, "Invalid", problem)
-                obj = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                       "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
-                                    "resourceVersion": self._next_rv(),
-                                    "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                       "spec": body.get("spec") or {}}
+                obj = {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {
+                        "name": name,
+                        "namespace": namespace,
+                        "uid": str(uuid.uuid4()),
+                        "resourceVersion": self._next_rv(),
+                        "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                    "spec": body.get("spec") or {},
+                }
                 self.leases[(namespace, name)] = obj
-                self.history.append({"time": time.time(), "verb": "create", "holder": obj["spec"].get("holderIdentity") or "",
-                                     "resourceVersion": obj["metadata"]["resourceVersion"]})
+                self.history.append(
+                    {
+                        "time": time.time(),
+                        "verb": "create",
+                        "holder": obj["spec"].get("holderIdentity") or "",
+                        "resourceVersion": obj["metadata"]["resourceVersion"],
+                    }
+                )
                 return 201, obj
             if verb == "PUT" and name:
                 current = self.leases.get((namespace, name))
@@ -183,17 +203,26 @@ class FakeApiServer:
                     self._conflicts -= 1
                     current["metadata"]["resourceVersion"] = self._next_rv()
                 if meta["resourceVersion"] != current["metadata"]["resourceVersion"]:
-                    return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on leases.coordination.k8s.io '
-                                                         f'"{name}": the object has been modified; please apply your '
-                                                         f'changes to the latest version and try again')
+                    return 409, _status(
+                        409,
+                        "Conflict",
+                        f"Operation cannot be fulfilled on leases.coordination.k8s.io "
+                        f'"{name}": the object has been modified; please apply your '
+                        f"changes to the latest version and try again",
+                    )
                 problem = self._invalid(body)
                 if problem:
                     return 422, _status(422, "Invalid", problem)
                 current["spec"] = body.get("spec") or {}
                 current["metadata"]["resourceVersion"] = self._next_rv()
-                self.history.append({"time": time.time(), "verb": "update",
-                                     "holder": current["spec"].get("holderIdentity") or "",
-                                     "resourceVersion": current["metadata"]["resourceVersion"]})
+                self.history.append(
+                    {
+                        "time": time.time(),
+                        "verb": "update",
+                        "holder": current["spec"].get("holderIdentity") or "",
+                        "resourceVersion": current["metadata"]["resourceVersion"],
+                    }
+                )
                 return 200, current
             return 405, _status(405, "MethodNotAllowed", f"{verb} is not supported here")
 

@@ -200,21 +200,31 @@ class Broker(Proc):
 class Server(Proc):
     """``fedlora-server`` with a JSON config, its state directory and its HTTP port."""
 
-    def __init__(self, workdir: Path, bundle: Path, broker_url: str, job: str, state_dir: Path | None = None,
-                 **overrides):
+    def __init__(
+        self, workdir: Path, bundle: Path, broker_url: str, job: str, state_dir: Path | None = None, **overrides
+    ):
         super().__init__("fedlora-server", workdir / "server.log")
         self.port = free_port()
         self.state_dir = state_dir or workdir / "state"
         self.config = workdir / "server.json"
-        cfg = {"job": job, "bundle": str(bundle), "state_dir": str(self.state_dir), "http_host": "127.0.0.1",
-               "http_port": self.port, "broker": {"url": broker_url, "protocol": "3.1.1"},
-               "exit_when_finished": True, "chunk_repair_after_s": 1.0,
-               "rounds": {"rounds": 1, "min_devices": 1, "round_timeout": 120, "max_weight_ratio": 0},
-               "train": {"local_steps": 20, "batch_size": 4}}
+        cfg = {
+            "job": job,
+            "bundle": str(bundle),
+            "state_dir": str(self.state_dir),
+            "http_host": "127.0.0.1",
+            "http_port": self.port,
+            "broker": {"url": broker_url, "protocol": "3.1.1"},
+            "exit_when_finished": True,
+            "chunk_repair_after_s": 1.0,
+            "rounds": {"rounds": 1, "min_devices": 1, "round_timeout": 120, "max_weight_ratio": 0},
+            "train": {"local_steps": 20, "batch_size": 4},
+        }
         self.config.write_text(json.dumps(deep_merge(cfg, overrides)))
 
     def start(self, fault: str = "") -> Server:
-        return self.spawn([str(SERVER), "--config", str(self.config)], clean_env(**({FAULT_ENV: fault} if fault else {})))
+        return self.spawn(
+            [str(SERVER), "--config", str(self.config)], clean_env(**({FAULT_ENV: fault} if fault else {}))
+        )
 
     def get(self, path: str) -> tuple[int, str]:
         return http_get(f"http://127.0.0.1:{self.port}{path}")
@@ -245,8 +255,9 @@ class Server(Proc):
 
 def write_device_data(path: Path, rows: int = 24) -> Path:
     labels = ("business", "entertainment", "politics", "sports", "tech")
-    path.write_text("text,label\n" + "".join(f"story number {i} about {labels[i % 5]},{labels[i % 5]}\n"
-                                              for i in range(rows)))
+    path.write_text(
+        "text,label\n" + "".join(f"story number {i} about {labels[i % 5]},{labels[i % 5]}\n" for i in range(rows))
+    )
     return path
 
 
@@ -254,16 +265,32 @@ class DeviceProc(Proc):
     """A real device: ``python -m edge_client.cli run --config device.json`` in the device
     environment, optionally inside a network namespace (``ip netns exec``)."""
 
-    def __init__(self, workdir: Path, edge_python: str, bundle: Path, broker_url: str, job: str, device_id: str,
-                 netns: str = "", **overrides):
+    def __init__(
+        self,
+        workdir: Path,
+        edge_python: str,
+        bundle: Path,
+        broker_url: str,
+        job: str,
+        device_id: str,
+        netns: str = "",
+        **overrides,
+    ):
         workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(device_id, workdir / "device.log")
         self.device_id = device_id
         self.state_dir = workdir / "state"
         self.config = workdir / "device.json"
-        cfg = {"device_id": device_id, "job": job, "bundle": str(bundle),
-               "data": str(write_device_data(workdir / "local.csv")), "state_dir": str(self.state_dir), "threads": 1,
-               "exit_when_finished": True, "broker": {"url": broker_url, "protocol": "3.1.1"}}
+        cfg = {
+            "device_id": device_id,
+            "job": job,
+            "bundle": str(bundle),
+            "data": str(write_device_data(workdir / "local.csv")),
+            "state_dir": str(self.state_dir),
+            "threads": 1,
+            "exit_when_finished": True,
+            "broker": {"url": broker_url, "protocol": "3.1.1"},
+        }
         self.config.write_text(json.dumps(deep_merge(cfg, overrides)))
         command = [edge_python, "-m", "edge_client.cli", "run", "--config", str(self.config)]
         self.command = ["ip", "netns", "exec", netns, *command] if netns else command
@@ -281,8 +308,18 @@ class HandDevice:
     announced again (an aggregator restart) and ``retry_s`` after a ``retry_later``, until the
     round's update is acknowledged; a repair request gets the whole update again."""
 
-    def __init__(self, url: str, job: str, device_id: str, bundle: Bundle, value: float, weight: int,
-                 resend_s: float = 2.0, retry_s: float = 0.5, chunk: int = 60_000):
+    def __init__(
+        self,
+        url: str,
+        job: str,
+        device_id: str,
+        bundle: Bundle,
+        value: float,
+        weight: int,
+        resend_s: float = 2.0,
+        retry_s: float = 0.5,
+        chunk: int = 60_000,
+    ):
         self.id = device_id
         self.job = job
         self.topics = Topics(job)
@@ -309,16 +346,29 @@ class HandDevice:
         self._thread.start()
 
     def online(self) -> None:
-        self.link.publish(self.topics.status(self.id), json.dumps({"state": "online", "rank": self.manifest.rank}).encode(),
-                          retain=True).wait_for_publish(5)
+        self.link.publish(
+            self.topics.status(self.id),
+            json.dumps({"state": "online", "rank": self.manifest.rank}).encode(),
+            retain=True,
+        ).wait_for_publish(5)
 
     def payload(self, rnd: int, base_version: int) -> bytes:
         key = (rnd, base_version)
         if key not in self._payloads:
             tensors = {p.name: np.full(p.shape, self.value, np.float32) for p in self.manifest.trainable}
-            self._payloads[key] = encode_envelope(Envelope(
-                kind="update", job=self.job, round=rnd, sender=self.id, rank=self.manifest.rank, codec="fp32",
-                tensors=tensors, num_examples=self.weight, base_version=base_version))
+            self._payloads[key] = encode_envelope(
+                Envelope(
+                    kind="update",
+                    job=self.job,
+                    round=rnd,
+                    sender=self.id,
+                    rank=self.manifest.rank,
+                    codec="fp32",
+                    tensors=tensors,
+                    num_examples=self.weight,
+                    base_version=base_version,
+                )
+            )
         return self._payloads[key]
 
     def send(self, rnd: int, base_version: int) -> None:
@@ -379,8 +429,13 @@ class HandDevice:
         with self.lock:
             last, fresh, retry_at = self._last_send, self._fresh, self._retry_at
         now = time.monotonic()
-        due = (last is None or last[0] != rnd or fresh or now - last[1] >= self.resend_s
-               or (retry_at is not None and now >= retry_at))
+        due = (
+            last is None
+            or last[0] != rnd
+            or fresh
+            or now - last[1] >= self.resend_s
+            or (retry_at is not None and now >= retry_at)
+        )
         if due:
             self.send(rnd, ann["global_version"])
 
@@ -468,12 +523,14 @@ class LossyLink:
         run("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.dev_ip}/30", "dev", self.dev_if)
         run("ip", "netns", "exec", self.ns, "ip", "link", "set", self.dev_if, "up")
         run("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
-        rules = (f"table inet {self.table} {{\n"
-                 f"  chain input {{\n    type filter hook input priority 0; policy accept;\n"
-                 f"    iifname \"{self.host_if}\" numgen random mod 100 < {self.percent} counter drop\n  }}\n"
-                 f"  chain output {{\n    type filter hook output priority 0; policy accept;\n"
-                 f"    oifname \"{self.host_if}\" numgen random mod 100 < {self.percent} counter drop\n  }}\n"
-                 f"}}\n")
+        rules = (
+            f"table inet {self.table} {{\n"
+            f"  chain input {{\n    type filter hook input priority 0; policy accept;\n"
+            f'    iifname "{self.host_if}" numgen random mod 100 < {self.percent} counter drop\n  }}\n'
+            f"  chain output {{\n    type filter hook output priority 0; policy accept;\n"
+            f'    oifname "{self.host_if}" numgen random mod 100 < {self.percent} counter drop\n  }}\n'
+            f"}}\n"
+        )
         out = subprocess.run(["nft", "-f", "-"], input=rules, check=False, capture_output=True, text=True)
         if out.returncode != 0:
             raise AssertionError(f"nft -f failed: {out.stderr.strip()}\n{rules}")

@@ -100,14 +100,36 @@ class SecretsApi:
                 path = self.path.split("?")[0]
                 api.requests.append(path)
                 if path == "/api/v1":
-                    return self._send(200, {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
-                        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
-                         "verbs": ["get", "list"]}]})
+                    return self._send(
+                        200,
+                        {
+                            "kind": "APIResourceList",
+                            "groupVersion": "v1",
+                            "resources": [
+                                {
+                                    "name": "secrets",
+                                    "singularName": "secret",
+                                    "namespaced": True,
+                                    "kind": "Secret",
+                                    "verbs": ["get", "list"],
+                                }
+                            ],
+                        },
+                    )
                 m = re.match(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$", path)
                 if m and m.group(1) == api.namespace and m.group(2) in api.secrets:
                     return self._send(200, {"apiVersion": "v1", "kind": "Secret", **api.secrets[m.group(2)]})
-                self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
-                                 "code": 404, "message": f"{path} not found"})
+                self._send(
+                    404,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "reason": "NotFound",
+                        "code": 404,
+                        "message": f"{path} not found",
+                    },
+                )
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -120,12 +142,20 @@ class SecretsApi:
 
     def kubeconfig(self, path: Path) -> Path:
         port = self._server.server_address[1]
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-            "users": [{"name": "fake", "user": {"token": "fake"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespace}}],
-            "current-context": "fake"}))
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                    "users": [{"name": "fake", "user": {"token": "fake"}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespace}}
+                    ],
+                    "current-context": "fake",
+                }
+            )
+        )
         return path
 
 
@@ -155,8 +185,10 @@ def tls_handshake(cert_pem: str, key_pem: str, ca_pem: str, hostname: str, workd
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        with socket.create_connection(listener.getsockname(), timeout=5) as raw, \
-                client_ctx.wrap_socket(raw, server_hostname=hostname) as tls:
+        with (
+            socket.create_connection(listener.getsockname(), timeout=5) as raw,
+            client_ctx.wrap_socket(raw, server_hostname=hostname) as tls,
+        ):
             tls.sendall(b"x")
     finally:
         thread.join(5)

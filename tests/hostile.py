@@ -31,19 +31,29 @@ def hostile_json() -> list[bytes]:
         deep_list,
         deep_obj,
         b'{"state":"online"' + b',"k":1' * 20_000 + b"}",
-        b"null", b"[]", b'"online"', b"4", b"", b"\xff\xfe\x00garbage", b"{" * 10, b'{"state":"online"',
+        b"null",
+        b"[]",
+        b'"online"',
+        b"4",
+        b"",
+        b"\xff\xfe\x00garbage",
+        b"{" * 10,
+        b'{"state":"online"',
         json.dumps({"round": 1, "result": "accepted", "detail": "x" * 100_000}).encode(),
         b'{"round":1e999,"result":"accepted"}',
         b'{"round":1,"result":"incomplete","msg_id":"00","count":0,"missing":[1]}',
         b'{"round":1,"result":"incomplete","msg_id":"' + b"0" * 32 + b'","count":3,"missing":[7,-1,"x"]}',
-        b'{"round":1,"result":"incomplete","msg_id":"' + b"0" * 32 + b'","count":4294967295,"missing":'
-        + json.dumps(list(range(200_000))).encode() + b"}",
+        b'{"round":1,"result":"incomplete","msg_id":"'
+        + b"0" * 32
+        + b'","count":4294967295,"missing":'
+        + json.dumps(list(range(200_000))).encode()
+        + b"}",
         b'{"v":1,"job":"hostile","state":"open","round":1,"global_version":0,"rank":4,"deadline":1e999,'
         b'"selected":["dev1"],"strategy":{"name":"fedavg"},"train":{"local_steps":1,"batch_size":4,"lr":0.001}}',
         b'{"v":1,"job":"hostile","state":"open","round":1,"global_version":0,"rank":4,"deadline":1.0,'
         b'"selected":["dev1"],"strategy":{"name":"fedavg"},"train":{"local_steps":1e12,"batch_size":4,"lr":0.001}}',
         b'{"v":1,"job":"hostile","state":"open","round":1,"global_version":0,"rank":4,"deadline":1.0,'
-        b'"selected":' + json.dumps(["d%d" % i for i in range(150_000)]).encode() + b',"strategy":{"name":"fedavg"},'
+        b'"selected":' + json.dumps([f"d{i}" for i in range(150_000)]).encode() + b',"strategy":{"name":"fedavg"},'
         b'"train":{"local_steps":1,"batch_size":4,"lr":0.001}}',
         b'{"v":2,"job":"hostile","state":"waiting","round":0,"global_version":0,"rank":4}',
         b'{"v":1,"job":"hostile","state":"waiting","round":0,"global_version":0,"rank":4,"codec":"int99"}',
@@ -68,9 +78,20 @@ def hostile_envelopes(job: str, sender: str, tensor: str) -> list[bytes]:
     sha = hashlib.sha256(body).hexdigest()
 
     def header(**change) -> dict:
-        h = {"v": 1, "kind": "update", "job": job, "round": 1, "sender": sender, "rank": 4, "codec": "fp32",
-             "tensors": [{"name": tensor, "shape": [4, 4], "dtype": "float32", "nbytes": 64, "meta": {}}],
-             "num_examples": 10, "metrics": {}, "base_version": 0, "body_sha256": sha}
+        h = {
+            "v": 1,
+            "kind": "update",
+            "job": job,
+            "round": 1,
+            "sender": sender,
+            "rank": 4,
+            "codec": "fp32",
+            "tensors": [{"name": tensor, "shape": [4, 4], "dtype": "float32", "nbytes": 64, "meta": {}}],
+            "num_examples": 10,
+            "metrics": {},
+            "base_version": 0,
+            "body_sha256": sha,
+        }
         h.update(change)
         return h
 
@@ -100,7 +121,10 @@ def hostile_chunks(job: str, sender: str, tensor: str) -> list[bytes]:
     """Chunk messages for an update topic: forged headers, and chunked hostile envelopes."""
     mid = bytes(16)
     out = [
-        b"", b"FLC1", b"\x00" * 8, b"not a chunk at all" * 10,
+        b"",
+        b"FLC1",
+        b"\x00" * 8,
+        b"not a chunk at all" * 10,
         _chunk(mid, 0, 0, 10, b"x"),  # no chunks
         _chunk(mid, 5, 2, 10, b"x"),  # index beyond count
         _chunk(mid, 0, 1 << 31, 10, b"x"),  # more chunks than bytes
@@ -115,6 +139,15 @@ def hostile_chunks(job: str, sender: str, tensor: str) -> list[bytes]:
 
 def hostile_topics(base: str) -> list[str]:
     """Topic names under the job's prefix that are not topics of protocol v1."""
-    return [f"{base}/updates/a/b", f"{base}/status/", f"{base}/status/x/y", f"{base}/global/x/1",
-            f"{base}/global/4/notanumber", f"{base}/global/0/0", f"{base}/gdelta/4/-1", f"{base}/ack/",
-            f"{base}/nonsense", f"{base}/round/extra"]
+    return [
+        f"{base}/updates/a/b",
+        f"{base}/status/",
+        f"{base}/status/x/y",
+        f"{base}/global/x/1",
+        f"{base}/global/4/notanumber",
+        f"{base}/global/0/0",
+        f"{base}/gdelta/4/-1",
+        f"{base}/ack/",
+        f"{base}/nonsense",
+        f"{base}/round/extra",
+    ]

@@ -9,8 +9,8 @@ import numpy as np
 
 from core.bundle import Bundle
 from core.protocol import Envelope, Topics, encode_envelope, split_chunks
-from edge_client.runtime import read_parameters
 from core.transport import BrokerConfig, MqttLink
+from edge_client.runtime import read_parameters
 from server.aggregator import Aggregator
 from server.config import ServerConfig, TrainSettings
 from server.rounds import RoundSettings
@@ -60,11 +60,18 @@ class FakeDevice:
 
 
 def start_aggregator(bundle_dir, state_dir, url, job="faults", rounds=2, max_update_bytes=64 << 20, **settings):
-    cfg = ServerConfig(job=job, bundle=bundle_dir, state_dir=state_dir, http_port=0,
-                       broker=BrokerConfig(url=url, protocol="3.1.1"), max_update_bytes=max_update_bytes,
-                       # hand-made updates are not AdamW's: no norm bound unless a test sets one
-                       rounds=RoundSettings(rounds=rounds, min_devices=1, round_timeout=60, norm_clip_multiple=0),
-                       train=TrainSettings(local_steps=1), **settings)
+    cfg = ServerConfig(
+        job=job,
+        bundle=bundle_dir,
+        state_dir=state_dir,
+        http_port=0,
+        broker=BrokerConfig(url=url, protocol="3.1.1"),
+        max_update_bytes=max_update_bytes,
+        # hand-made updates are not AdamW's: no norm bound unless a test sets one
+        rounds=RoundSettings(rounds=rounds, min_devices=1, round_timeout=60, norm_clip_multiple=0),
+        train=TrainSettings(local_steps=1),
+        **settings,
+    )
     link = MqttLink(cfg.broker, client_id=f"agg-{job}").connect()
     agg = Aggregator(cfg, link)
     stop = threading.Event()
@@ -76,17 +83,28 @@ def start_aggregator(bundle_dir, state_dir, url, job="faults", rounds=2, max_upd
 def update_payload(bundle, job, device, rnd, *, tensors=None, codec="fp32", sender=None, base_version=None):
     m = bundle.manifest
     tensors = tensors if tensors is not None else {p.name: np.full(p.shape, 0.01, np.float32) for p in m.trainable}
-    return encode_envelope(Envelope(kind="update", job=job, round=rnd, sender=sender or device, rank=m.rank, codec=codec,
-                                    tensors=tensors, num_examples=10,
-                                    base_version=rnd - 1 if base_version is None else base_version))
+    return encode_envelope(
+        Envelope(
+            kind="update",
+            job=job,
+            round=rnd,
+            sender=sender or device,
+            rank=m.rank,
+            codec=codec,
+            tensors=tensors,
+            num_examples=10,
+            base_version=rnd - 1 if base_version is None else base_version,
+        )
+    )
 
 
 def test_bad_updates_are_rejected_with_reasons_and_the_round_still_completes(tmp_path, minilm_bundle, amqtt_broker):
     bundle = Bundle(minilm_bundle)
     m = bundle.manifest
     fp32_size = len(update_payload(bundle, "faults", "d1", 1))
-    agg, stop, thread, link = start_aggregator(minilm_bundle, tmp_path / "state", amqtt_broker.url,
-                                               max_update_bytes=fp32_size - 1000)
+    agg, stop, thread, link = start_aggregator(
+        minilm_bundle, tmp_path / "state", amqtt_broker.url, max_update_bytes=fp32_size - 1000
+    )
     dev = FakeDevice(amqtt_broker.url, "faults", "d1")
     try:
         dev.online()
@@ -120,7 +138,7 @@ def test_bad_updates_are_rejected_with_reasons_and_the_round_still_completes(tmp
         assert dev.acks[-1]["result"] == "accepted"
         events = agg.store.events()
         reasons = [e["reason"] for e in events if e["event"] == "update_rejected"]
-        assert reasons[:len(cases)] == [r for _, r in cases]
+        assert reasons[: len(cases)] == [r for _, r in cases]
         initial = read_parameters(bundle)
         np.testing.assert_allclose(agg.global_adapter[name0], initial[name0] + np.float16(0.01), rtol=1e-5)
     finally:
@@ -165,9 +183,16 @@ def test_downlink_delta_plus_previous_version_equals_the_full_copy(tmp_path, min
     from core.protocol import Reassembler, decode_envelope
 
     bundle = Bundle(minilm_bundle)
-    cfg = ServerConfig(job="down", bundle=minilm_bundle, state_dir=tmp_path / "state", http_port=0,
-                       broker=BrokerConfig(url=mosquitto.url), downlink_codec="int8",
-                       rounds=RoundSettings(rounds=2, min_devices=1, round_timeout=60), train=TrainSettings(local_steps=1))
+    cfg = ServerConfig(
+        job="down",
+        bundle=minilm_bundle,
+        state_dir=tmp_path / "state",
+        http_port=0,
+        broker=BrokerConfig(url=mosquitto.url),
+        downlink_codec="int8",
+        rounds=RoundSettings(rounds=2, min_devices=1, round_timeout=60),
+        train=TrainSettings(local_steps=1),
+    )
     link = MqttLink(cfg.broker, client_id="agg-down").connect()
     agg = Aggregator(cfg, link)
     stop = threading.Event()
@@ -222,9 +247,14 @@ def test_a_replica_whose_term_was_claimed_stops_writing(tmp_path, minilm_bundle,
 
     bundle = Bundle(minilm_bundle)
     state = tmp_path / "state"
-    cfg = ServerConfig(job="fence", bundle=minilm_bundle, state_dir=state, http_port=0,
-                       broker=BrokerConfig(url=mosquitto.url, protocol="3.1.1"),
-                       rounds=RoundSettings(rounds=2, min_devices=1, round_timeout=60, norm_clip_multiple=0))
+    cfg = ServerConfig(
+        job="fence",
+        bundle=minilm_bundle,
+        state_dir=state,
+        http_port=0,
+        broker=BrokerConfig(url=mosquitto.url, protocol="3.1.1"),
+        rounds=RoundSettings(rounds=2, min_devices=1, round_timeout=60, norm_clip_multiple=0),
+    )
     link = MqttLink(cfg.broker, client_id="agg-old").connect()
     try:
         old = Aggregator(cfg, link, claim_term=True)

@@ -44,17 +44,20 @@ def sources(package: str) -> list[Path]:
 @pytest.mark.parametrize("path", sources("core"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_shared_core_imports_only_itself_and_its_few_dependencies(path):
     foreign = {n for n in imports(path) if not stdlib(n)} - CORE_ALLOWED
-    assert not foreign, f"{path.relative_to(ROOT)} imports {sorted(foreign)}; the core may import only {sorted(CORE_ALLOWED)}"
+    assert not foreign, (
+        f"{path.relative_to(ROOT)} imports {sorted(foreign)}; the core may import only {sorted(CORE_ALLOWED)}"
+    )
 
 
 @pytest.mark.parametrize("path", sources("edge_client"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_device_imports_only_its_own_dependencies(path):
     foreign = {n for n in imports(path) if not stdlib(n)} - DEVICE_ALLOWED
-    assert not foreign, f"{path.relative_to(ROOT)} imports {sorted(foreign)}; a device installs only {sorted(DEVICE_ALLOWED)}"
+    assert not foreign, (
+        f"{path.relative_to(ROOT)} imports {sorted(foreign)}; a device installs only {sorted(DEVICE_ALLOWED)}"
+    )
 
 
-@pytest.mark.parametrize("path", sources("server"),
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sources("server"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_aggregator_needs_nothing_of_the_build_host(path):
     bad = imports(path) & AGGREGATOR_FORBIDDEN
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}; the aggregator image has only the [server] extra"
@@ -78,8 +81,11 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     assert imports(probe) == {"torch", "server"}
 
 
-@pytest.mark.parametrize("path", [p for package in ("core", "edge_client", "server", "simulator", "export")
-                                  for p in sources(package)], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path",
+    [p for package in ("core", "edge_client", "server", "simulator", "export") for p in sources(package)],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_no_product_package_imports_the_test_and_benchmark_kit(path):
     # devkit is installed nowhere (no distribution carries it): the product must run without it
     assert "devkit" not in imports(path), f"{path.relative_to(ROOT)} imports devkit, the kit of bench/ and tests/"

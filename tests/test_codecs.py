@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import sys
 import math
+import sys
 import zlib
 
 import numpy as np
@@ -34,22 +34,45 @@ from core.codecs import (
     parse_codec,
 )
 from core.errors import ProtocolError
-from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from core.protocol import Envelope, decode_envelope, encode_envelope
+from edge_client.feedback import ErrorFeedback, encode_with_feedback
 
 HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
-SPECS = sorted(set(CODECS) | {
-    "zlib", "bf16+lzma", "fp16+zlib", "int8-b8", "int4-b8", "int8-b1000", "int4-b128-sr", "int8-sr+lzma",
-    "topk0.3+fp16", "topk0.5+bf16+zlib", "topk0.2+int4-b8-sr", "topk0.001+int8", "topk0.9", "topk1e-2+int4+lzma",
-    "randk0.3+int8", "randk0.9+fp16+zlib", "randk0.01", "int2", "int2-b8-sr", "int2-b128", "randk0.7+int2+zlib",
-} | ({"int8+zstd", "topk0.05+int4+zstd"} if HAS_ZSTD else set()))
+SPECS = sorted(
+    set(CODECS)
+    | {
+        "zlib",
+        "bf16+lzma",
+        "fp16+zlib",
+        "int8-b8",
+        "int4-b8",
+        "int8-b1000",
+        "int4-b128-sr",
+        "int8-sr+lzma",
+        "topk0.3+fp16",
+        "topk0.5+bf16+zlib",
+        "topk0.2+int4-b8-sr",
+        "topk0.001+int8",
+        "topk0.9",
+        "topk1e-2+int4+lzma",
+        "randk0.3+int8",
+        "randk0.9+fp16+zlib",
+        "randk0.01",
+        "int2",
+        "int2-b8-sr",
+        "int2-b128",
+        "randk0.7+int2+zlib",
+    }
+    | ({"int8+zstd", "topk0.05+int4+zstd"} if HAS_ZSTD else set())
+)
 LOSSY = [s for s in SPECS if not get_codec(s).lossless]
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 finite = st.floats(width=32, allow_nan=False, allow_infinity=False)
 typical = st.floats(-10, 10, width=32)
-tensors = hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=12),
-                     elements=st.one_of(typical, finite))
+tensors = hnp.arrays(
+    np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=12), elements=st.one_of(typical, finite)
+)
 
 
 def round_trip(codec, x):
@@ -94,7 +117,10 @@ def test_edge_shapes_round_trip(spec, shape):
 
 
 @PROPERTY
-@given(x=hnp.arrays(np.float32, st.integers(1, 300), elements=typical), fraction=st.sampled_from(["0.01", "0.1", "0.37", "0.5"]))
+@given(
+    x=hnp.arrays(np.float32, st.integers(1, 300), elements=typical),
+    fraction=st.sampled_from(["0.01", "0.1", "0.37", "0.5"]),
+)
 def test_topk_keeps_the_largest_and_drops_the_rest(x, fraction):
     codec = get_codec(f"topk{fraction}")
     y, _ = round_trip(codec, x)
@@ -120,8 +146,9 @@ def test_randk_keeps_the_entries_its_seed_names_exactly(x, fraction):
     y = codec.decode(data, {}, x.shape)
     # the mask is SHAKE-128 of the leading seed, one little-endian 16-bit draw per entry
     stream = hashlib.shake_128(data[:8]).digest(2 * x.size)
-    keep = np.array([int.from_bytes(stream[2 * i : 2 * i + 2], "little") < round(float(fraction) * 65536)
-                     for i in range(x.size)])
+    keep = np.array(
+        [int.from_bytes(stream[2 * i : 2 * i + 2], "little") < round(float(fraction) * 65536) for i in range(x.size)]
+    )
     assert len(data) == 8 + 4 * int(keep.sum())
     np.testing.assert_array_equal(y[keep], x[keep])
     assert not y[~keep].any()
@@ -267,15 +294,37 @@ def test_specs_parse_to_canonical_names():
         assert codec.name == name and get_codec(codec.name).name == name
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("zzzz", "unknown codec"), ("int16", "unknown codec"), ("topk", "unknown codec"), ("topk0.1+", "unknown codec"),
-    ("", "unknown codec"), ("x" * 200, "unknown codec"), ("topk0", "fraction"), ("topk1", "fraction"),
-    ("topk1.5", "fraction"), ("randk0", "randk fraction"), ("randk1", "randk fraction"), ("topk-0.1", "unknown codec"), ("topknan", "unknown codec"), ("topk1e-400", "fraction"),
-    ("int8-b7", "block size"), ("int8-b70000", "block size"), ("int8-b064", "block size"), ("int8-bx", "unknown codec"),
-    ("int8-sr-sr", "repeated"), ("int8-b8-b16", "repeated"), ("int8+fp16", "one value stage"),
-    ("zlib+int8", "before any entropy"), ("fp16+topk0.1", "must come first"), ("topk0.1+topk0.2", "must come first"), ("randk0.5+topk0.1", "must come first"),
-    ("zlib+lzma", "at most one entropy"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("zzzz", "unknown codec"),
+        ("int16", "unknown codec"),
+        ("topk", "unknown codec"),
+        ("topk0.1+", "unknown codec"),
+        ("", "unknown codec"),
+        ("x" * 200, "unknown codec"),
+        ("topk0", "fraction"),
+        ("topk1", "fraction"),
+        ("topk1.5", "fraction"),
+        ("randk0", "randk fraction"),
+        ("randk1", "randk fraction"),
+        ("topk-0.1", "unknown codec"),
+        ("topknan", "unknown codec"),
+        ("topk1e-400", "fraction"),
+        ("int8-b7", "block size"),
+        ("int8-b70000", "block size"),
+        ("int8-b064", "block size"),
+        ("int8-bx", "unknown codec"),
+        ("int8-sr-sr", "repeated"),
+        ("int8-b8-b16", "repeated"),
+        ("int8+fp16", "one value stage"),
+        ("zlib+int8", "before any entropy"),
+        ("fp16+topk0.1", "must come first"),
+        ("topk0.1+topk0.2", "must come first"),
+        ("randk0.5+topk0.1", "must come first"),
+        ("zlib+lzma", "at most one entropy"),
+    ],
+)
 def test_invalid_specs_are_refused_clearly(spec, message):
     with pytest.raises(ProtocolError, match=message):
         get_codec(spec)
@@ -325,8 +374,11 @@ def test_decompression_bombs_are_refused(method):
     limit = codec.inner.nbytes(n)
     bomb = {
         "zlib": lambda b: zlib.compress(b),
-        "lzma": lambda b: __import__("lzma").compress(b, format=__import__("lzma").FORMAT_RAW,
-                                                      filters=[{"id": __import__("lzma").FILTER_LZMA2, "dict_size": 1 << 20}]),
+        "lzma": lambda b: __import__("lzma").compress(
+            b,
+            format=__import__("lzma").FORMAT_RAW,
+            filters=[{"id": __import__("lzma").FILTER_LZMA2, "dict_size": 1 << 20}],
+        ),
         "zstd": lambda b: __import__("zstandard").ZstdCompressor().compress(b),
     }[method](b"\0" * (limit + 1))
     with pytest.raises(ProtocolError, match="expands beyond|announces"):
@@ -418,7 +470,9 @@ def contraction(codec, n):
         return None, None, 2
     if isinstance(codec, TopK):  # ||err||^2 <= ||dropped||^2 + q^2 ||kept||^2 and ||kept||^2 >= (k/n) ||x||^2
         k, v = codec.k(n), codec.values
-        q, a = {Float16: (2.0**-11, 2.0**-25), BFloat16: (2.0**-8, 2.0**-134), Float32: (0.0, 0.0)}.get(type(v), (None, None))
+        q, a = {Float16: (2.0**-11, 2.0**-25), BFloat16: (2.0**-8, 2.0**-134), Float32: (0.0, 0.0)}.get(
+            type(v), (None, None)
+        )
         if isinstance(v, BlockQuant):
             q, a = _quant_factor(v, math.sqrt(min(v.block, k))), 2.0**-148
         if isinstance(v, ScaledSign):
@@ -476,7 +530,9 @@ def test_error_feedback_accumulated_error_is_the_residual_and_stays_bounded(spec
     # telescoping: the aggregator's total differs from the device's true total by the residual
     # (up to float32 rounding of one addition and one subtraction per round)
     for n in SHAPES:
-        np.testing.assert_allclose(sum_true[n] - sum_sent[n], fb.residual[n], rtol=0, atol=rounds * 2.0**-22 * biggest_sent)
+        np.testing.assert_allclose(
+            sum_true[n] - sum_sent[n], fb.residual[n], rtol=0, atol=rounds * 2.0**-22 * biggest_sent
+        )
     if rho is not None:
         assert worst <= (rho * biggest_update + a) / (1 - rho) * (1 + 1e-4)
 
@@ -501,8 +557,10 @@ def test_error_feedback_recovers_what_top_k_drops():
 def test_error_feedback_survives_a_restart(tmp_path):
     path = tmp_path / "state" / "residual.npz"
     rng = np.random.default_rng(3)
-    updates = [{"a/b.weight": rng.normal(size=(8, 3)).astype(np.float32), "file": rng.normal(size=5).astype(np.float32)}
-               for _ in range(6)]
+    updates = [
+        {"a/b.weight": rng.normal(size=(8, 3)).astype(np.float32), "file": rng.normal(size=5).astype(np.float32)}
+        for _ in range(6)
+    ]
 
     def run(fb_of_round):
         payloads = []

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from core.config import load
-from edge_client.device import DeviceConfig, load_device_config
 from core.errors import ConfigError, ProtocolError
 from core.transport import BrokerConfig
+from edge_client.device import DeviceConfig, load_device_config
 from server.config import ServerConfig, TrainSettings, load_server_config
 
 
@@ -16,30 +16,45 @@ def test_file_then_env_then_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLORA_BROKER_USERNAME", "agg")
     cfg = load_server_config(path, overrides={"job": "j2"})
     assert (cfg.job, cfg.rounds.rounds, cfg.rounds.min_devices, cfg.broker.url, cfg.broker.username) == (
-        "j2", 7, 3, "mqtt://h:1883", "agg")
+        "j2",
+        7,
+        3,
+        "mqtt://h:1883",
+        "agg",
+    )
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"bundle": "/b", "strategy": "nope"}, "strategy"),
-    ({"bundle": "/b", "rounds": {"rounds": "many"}}, "rounds.rounds"),
-    ({"bundle": "/b", "http_port": 70000}, "http_port"),
-    ({"bundle": "/b", "codec": "zip"}, "codec"),
-    ({"bundle": "/b", "typo": 1}, "unknown key"),
-    ({}, "bundle is required"),
-    ({"bundle": "/b", "broker": {"url": "http://x"}}, "broker url"),
-    ({"bundle": "/b", "train": {"lr": 5}}, "lr"),
-    ({"bundle": "/b", "strategy": "hetlora", "strategy_settings": {"prune_threshold": 1.0}}, "prune_threshold"),
-    ({"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"prune_threshold": 0.5}}, "HetLoRA's rank self-pruning"),
-    ({"bundle": "/b", "strategy": "flexlora-delta", "strategy_settings": {"rank_norm_power": 3}},
-     "rank_norm_power must be in"),
-    ({"bundle": "/b", "strategy": "flexlora", "strategy_settings": {"rank_norm_power": 0.5}},
-     "flexlora-delta's rank normalization"),
-    ({"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"server_lr": "fast"}}, "server_lr"),
-    ({"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"serverlr": 0.5}}, "fedavg has no such setting"),
-    ({"bundle": "/b", "strategy": "fedavg", "strategy_settings": [0.5]}, "strategy_settings"),
-    ({"bundle": "/b", "chunk_repair_after_s": 0.1}, "chunk_repair_after_s must be 0"),
-    ({"bundle": "/b", "chunk_repair_after_s": -1}, "chunk_repair_after_s must be 0"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"bundle": "/b", "strategy": "nope"}, "strategy"),
+        ({"bundle": "/b", "rounds": {"rounds": "many"}}, "rounds.rounds"),
+        ({"bundle": "/b", "http_port": 70000}, "http_port"),
+        ({"bundle": "/b", "codec": "zip"}, "codec"),
+        ({"bundle": "/b", "typo": 1}, "unknown key"),
+        ({}, "bundle is required"),
+        ({"bundle": "/b", "broker": {"url": "http://x"}}, "broker url"),
+        ({"bundle": "/b", "train": {"lr": 5}}, "lr"),
+        ({"bundle": "/b", "strategy": "hetlora", "strategy_settings": {"prune_threshold": 1.0}}, "prune_threshold"),
+        (
+            {"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"prune_threshold": 0.5}},
+            "HetLoRA's rank self-pruning",
+        ),
+        (
+            {"bundle": "/b", "strategy": "flexlora-delta", "strategy_settings": {"rank_norm_power": 3}},
+            "rank_norm_power must be in",
+        ),
+        (
+            {"bundle": "/b", "strategy": "flexlora", "strategy_settings": {"rank_norm_power": 0.5}},
+            "flexlora-delta's rank normalization",
+        ),
+        ({"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"server_lr": "fast"}}, "server_lr"),
+        ({"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"serverlr": 0.5}}, "fedavg has no such setting"),
+        ({"bundle": "/b", "strategy": "fedavg", "strategy_settings": [0.5]}, "strategy_settings"),
+        ({"bundle": "/b", "chunk_repair_after_s": 0.1}, "chunk_repair_after_s must be 0"),
+        ({"bundle": "/b", "chunk_repair_after_s": -1}, "chunk_repair_after_s must be 0"),
+    ],
+)
 def test_bad_server_values_fail_with_the_key(tmp_path, values, message):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(values))
@@ -69,8 +84,8 @@ def test_broker_config_validation():
 
 
 def test_rank_dependent_learning_rate_is_checked_on_both_sides():
-    from edge_client.device import round_lr
     from core.messages import parse_announcement
+    from edge_client.device import round_lr
 
     with pytest.raises(ConfigError, match="lr_rank_power"):
         TrainSettings(lr_rank_power=3)
@@ -88,8 +103,18 @@ def test_rank_dependent_learning_rate_is_checked_on_both_sides():
         with pytest.raises(ProtocolError, match="out of range"):
             round_lr(bad, 16, 4)
     # and the parser refuses them before round_lr sees them
-    ann = {"v": 1, "job": "j", "state": "open", "round": 1, "global_version": 0, "rank": 16, "deadline": 1.0,
-           "selected": ["d"], "strategy": {"name": "fedavg"}, "train": {"local_steps": 1, "batch_size": 1, "lr": 0.1}}
+    ann = {
+        "v": 1,
+        "job": "j",
+        "state": "open",
+        "round": 1,
+        "global_version": 0,
+        "rank": 16,
+        "deadline": 1.0,
+        "selected": ["d"],
+        "strategy": {"name": "fedavg"},
+        "train": {"local_steps": 1, "batch_size": 1, "lr": 0.1},
+    }
     for train in ({"lr_rank_power": 5}, {"lr": 2.0}, {"lr": -1}):
         with pytest.raises(ProtocolError, match="outside"):
             parse_announcement(json.dumps({**ann, "train": {**ann["train"], **train}}).encode())

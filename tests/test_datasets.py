@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from edge_client.data import read_records
 from core.errors import ConfigError, DataError
+from edge_client.data import read_records
 from simulator import datasets
 from simulator.datasets import (
     Example,

@@ -18,13 +18,15 @@ from edge_client.device_state import FAULT_POINT_ENV, DeviceState, FaultInjector
 
 REPO = Path(__file__).resolve().parents[1]
 
-PAYLOAD = '''
+PAYLOAD = """
 def payload(r):
     return f"round {r};".encode() * (3000 + 37 * r)
-'''
+"""
 # One device round after another, as Device.step does it: the update becomes pending, the local
 # adapter is saved, the acknowledgement clears the pending update.
-WRITER = PAYLOAD + '''
+WRITER = (
+    PAYLOAD
+    + """
 import sys
 import numpy as np
 from edge_client.device_state import DeviceState
@@ -35,7 +37,8 @@ for r in range(1, int(sys.argv[2]) + 1):
     state.save_adapter({"a": np.full((64, 8), r, dtype=np.float32)})
     state.clear_pending(r)
     print(r, flush=True)
-'''
+"""
+)
 _ns: dict = {}
 exec(PAYLOAD, _ns)
 payload = _ns["payload"]
@@ -52,8 +55,13 @@ class Trainer:
 
 
 def run_writer(root, count, fault=""):
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(count)], cwd=REPO,
-                            env={**os.environ, FAULT_POINT_ENV: fault}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), str(count)],
+        cwd=REPO,
+        env={**os.environ, FAULT_POINT_ENV: fault},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def adapter_round(state: DeviceState) -> int | None:
@@ -76,8 +84,13 @@ def test_state_round_trips(tmp_path):
     back = DeviceState(tmp_path, "j")
     assert (back.pending_round, back.pending_payload(), back.rank) == (3, b"update", 4)
     saved = json.loads((tmp_path / "state.json").read_text())
-    assert saved == {"job": "j", "last_round": 0, "pending_round": 3, "rank": 4,
-                     "pending_sha256": hashlib.sha256(b"update").hexdigest()}
+    assert saved == {
+        "job": "j",
+        "last_round": 0,
+        "pending_round": 3,
+        "rank": 4,
+        "pending_sha256": hashlib.sha256(b"update").hexdigest(),
+    }
     back.clear_pending(3)
     assert not back.pending_path.exists()
     back = DeviceState(tmp_path, "j")
@@ -96,13 +109,24 @@ def test_state_of_the_previous_release_is_read(tmp_path):
     assert (state.last_round, state.pending_round, state.pending_payload()) == (2, 3, b"old update")
 
 
-@pytest.mark.parametrize("content", [
-    b"\x00\xff\xfe garbage", b'{"job": "j", "last_round": 1', b"[]", b'"j"',
-    b'{"job": 5}', b'{"job": "j", "last_round": -1}', b'{"job": "j", "last_round": "3"}',
-    b'{"job": "j", "last_round": true}', b'{"job": "j", "pending_round": 0}', b'{"job": "j", "pending_round": 1.5}',
-    b'{"job": "j", "rank": 0}', b'{"job": "j", "rank": 2048}',
-    b'{"job": "j", "pending_round": 2, "pending_sha256": "x"}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\xff\xfe garbage",
+        b'{"job": "j", "last_round": 1',
+        b"[]",
+        b'"j"',
+        b'{"job": 5}',
+        b'{"job": "j", "last_round": -1}',
+        b'{"job": "j", "last_round": "3"}',
+        b'{"job": "j", "last_round": true}',
+        b'{"job": "j", "pending_round": 0}',
+        b'{"job": "j", "pending_round": 1.5}',
+        b'{"job": "j", "rank": 0}',
+        b'{"job": "j", "rank": 2048}',
+        b'{"job": "j", "pending_round": 2, "pending_sha256": "x"}',
+    ],
+)
 def test_a_corrupt_state_file_starts_clean_with_a_warning(tmp_path, caplog, content):
     (tmp_path / "state.json").write_bytes(content)
     (tmp_path / "pending.bin").write_bytes(b"whatever")
@@ -153,15 +177,18 @@ def test_fault_injector_counts_hits():
     f.hit("device:state:tmp")  # not armed: returns
 
 
-@pytest.mark.parametrize("fault, last_round, pending, adapter", [
-    ("device:pending:tmp@2", 1, None, 1),
-    ("device:pending:replaced@2", 1, None, 1),  # pending.bin of round 2 is there, state.json does not name it
-    ("device:state:tmp@3", 1, None, 1),
-    ("device:state:replaced@3", 1, 2, 1),
-    ("device:adapter:tmp@2", 1, 2, 1),
-    ("device:adapter:replaced@2", 1, 2, 2),
-    ("device:state:replaced@4", 2, None, 2),
-])
+@pytest.mark.parametrize(
+    "fault, last_round, pending, adapter",
+    [
+        ("device:pending:tmp@2", 1, None, 1),
+        ("device:pending:replaced@2", 1, None, 1),  # pending.bin of round 2 is there, state.json does not name it
+        ("device:state:tmp@3", 1, None, 1),
+        ("device:state:replaced@3", 1, 2, 1),
+        ("device:adapter:tmp@2", 1, 2, 1),
+        ("device:adapter:replaced@2", 1, 2, 2),
+        ("device:state:replaced@4", 2, None, 2),
+    ],
+)
 def test_sigkill_at_each_point_leaves_a_usable_state(tmp_path, fault, last_round, pending, adapter):
     proc = run_writer(tmp_path, 5, fault)
     out, err = proc.communicate(timeout=60)

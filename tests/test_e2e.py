@@ -12,8 +12,19 @@ from simulator.run import SimulateConfig, run_simulation
 
 
 def _small(tmp_path, bundle, edge_python, **kw):
-    return SimulateConfig(bundle=bundle, dataset="bbc-news", devices=3, rounds=2, local_steps=3, batch_size=4,
-                          max_train=90, eval_max=40, out=tmp_path / "run", device_python=edge_python, **kw)
+    return SimulateConfig(
+        bundle=bundle,
+        dataset="bbc-news",
+        devices=3,
+        rounds=2,
+        local_steps=3,
+        batch_size=4,
+        max_train=90,
+        eval_max=40,
+        out=tmp_path / "run",
+        device_python=edge_python,
+        **kw,
+    )
 
 
 def _check_run(result, out):
@@ -52,29 +63,50 @@ def test_simulate_against_mosquitto_mqtt5(tmp_path, minilm_bundle, edge_python, 
 
 def test_device_environment_has_no_torch(edge_python, minilm_bundle):
     assert subprocess.run([edge_python, "-c", "import torch"], capture_output=True).returncode != 0
-    code = ("import sys; from core.bundle import Bundle; from edge_client.runtime import Trainer;"
-            f"t = Trainer(Bundle({str(minilm_bundle)!r})); print(len(t.get_adapter()));"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'prometheus_client')];"
-            "assert not bad, bad")
+    code = (
+        "import sys; from core.bundle import Bundle; from edge_client.runtime import Trainer;"
+        f"t = Trainer(Bundle({str(minilm_bundle)!r})); print(len(t.get_adapter()));"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'prometheus_client')];"
+        "assert not bad, bad"
+    )
     out = subprocess.run([edge_python, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "26"
 
 
-@pytest.mark.parametrize("strategy, ranks", [
-    ("fedavg", (4,)), ("ffa-lora", (4,)), ("fedsa-lora", (4,)), ("fedex-lora", (4,)),
-    ("hetlora", (2, 4, 8)), ("flexlora", (2, 4, 8)), ("flexlora-delta", (2, 4, 8)), ("flora", (2, 4, 8)),
-])
-def test_every_strategy_completes_rounds_with_real_artifacts(tmp_path, minilm_bundles, edge_python, mosquitto,
-                                                             strategy, ranks):
+@pytest.mark.parametrize(
+    "strategy, ranks",
+    [
+        ("fedavg", (4,)),
+        ("ffa-lora", (4,)),
+        ("fedsa-lora", (4,)),
+        ("fedex-lora", (4,)),
+        ("hetlora", (2, 4, 8)),
+        ("flexlora", (2, 4, 8)),
+        ("flexlora-delta", (2, 4, 8)),
+        ("flora", (2, 4, 8)),
+    ],
+)
+def test_every_strategy_completes_rounds_with_real_artifacts(
+    tmp_path, minilm_bundles, edge_python, mosquitto, strategy, ranks
+):
     """Devices of ranks 2, 4 and 8 (or one rank for the same-rank methods) in one job."""
     from core.bundle import Bundle
 
     # one mixed-rank job also runs the rank-dependent lr and the rank-normalized average
     power = 0.5 if strategy == "flexlora-delta" else 0.0
-    cfg = _small(tmp_path, minilm_bundles, edge_python, broker=mosquitto.url, split="iid", strategy=strategy,
-                 ranks=ranks, centralized=False, lr_rank_power=power,
-                 strategy_settings={"rank_norm_power": power} if power else {})
+    cfg = _small(
+        tmp_path,
+        minilm_bundles,
+        edge_python,
+        broker=mosquitto.url,
+        split="iid",
+        strategy=strategy,
+        ranks=ranks,
+        centralized=False,
+        lr_rank_power=power,
+        strategy_settings={"rank_norm_power": power} if power else {},
+    )
     if len(ranks) == 1:
         cfg.bundle = minilm_bundles / f"r{ranks[0]}"
     result = run_simulation(cfg)
@@ -105,8 +137,16 @@ def test_hetlora_devices_prune_their_rank_and_keep_training(tmp_path, minilm_bun
     next round on (the update of the round it pruned in, at the old rank, carries the zeroed tail)."""
     import re
 
-    cfg = _small(tmp_path, minilm_bundles, edge_python, broker=mosquitto.url, split="iid", strategy="hetlora",
-                 ranks=(2, 4, 8), strategy_settings={"prune_threshold": 0.99})
+    cfg = _small(
+        tmp_path,
+        minilm_bundles,
+        edge_python,
+        broker=mosquitto.url,
+        split="iid",
+        strategy="hetlora",
+        ranks=(2, 4, 8),
+        strategy_settings={"prune_threshold": 0.99},
+    )
     result = run_simulation(cfg)
     _check_run(result, cfg.out)
     events = [json.loads(line) for line in (cfg.out / "aggregator" / "events.jsonl").read_text().splitlines()]
@@ -131,8 +171,15 @@ def test_hetlora_devices_prune_their_rank_and_keep_training(tmp_path, minilm_bun
 
 def test_compressed_uplink_with_error_feedback(tmp_path, minilm_bundle, edge_python, amqtt_broker):
     fp32 = run_simulation(_small(tmp_path / "fp32", minilm_bundle, edge_python, broker=amqtt_broker.url))
-    cfg = _small(tmp_path / "small", minilm_bundle, edge_python, broker=amqtt_broker.url, codec="topk0.1+int8+zlib",
-                 head_codec="int8", downlink_codec="int8+zlib")
+    cfg = _small(
+        tmp_path / "small",
+        minilm_bundle,
+        edge_python,
+        broker=amqtt_broker.url,
+        codec="topk0.1+int8+zlib",
+        head_codec="int8",
+        downlink_codec="int8+zlib",
+    )
     small = run_simulation(cfg)
     _check_run(small, cfg.out)
     up = lambda r: sum(h["uplink_bytes_wire"] for h in r["history"])  # noqa: E731

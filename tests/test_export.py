@@ -29,8 +29,13 @@ def test_minilm_ladder_is_self_checked_and_only_lora_and_head_train(minilm_bundl
         a = next(p for p in m.trainable if p.role == "lora_A")
         assert a.shape == (rank, 384)
         assert m.extra["frozen_params"] > 90  # base weights live in the checkpoint, frozen
-        assert set(m.files) >= {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
-                                "tokenizer/tokenizer.json"}
+        assert set(m.files) >= {
+            "training_model.onnx",
+            "eval_model.onnx",
+            "optimizer_model.onnx",
+            "checkpoint",
+            "tokenizer/tokenizer.json",
+        }
 
 
 def test_tiny_llama_causal_lm_exports_and_self_checks(tiny_llama_dir, tmp_path):
@@ -48,8 +53,22 @@ def test_cli_can_keep_ort_gradient_kernels(tiny_llama_dir, tmp_path):
 
     from export.cli import main
 
-    assert main([str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--ranks", "2", "--max-length", "16",
-                 "--no-cpu-gradient-ops", "--no-measure"]) == 0
+    assert (
+        main(
+            [
+                str(tiny_llama_dir),
+                "-o",
+                str(tmp_path / "out"),
+                "--ranks",
+                "2",
+                "--max-length",
+                "16",
+                "--no-cpu-gradient-ops",
+                "--no-measure",
+            ]
+        )
+        == 0
+    )
     m = Bundle(tmp_path / "out" / "r2").manifest
     assert m.extra["gradient_rewrites"] == {} and "memory" not in m.extra
     ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "r2" / "training_model.onnx")).graph.node}
@@ -81,10 +100,17 @@ def test_model_without_tokenizer_fails_clearly(tiny_llama_dir, tmp_path):
         export(ExportConfig(model_dir=bare, output_dir=tmp_path / "out", ranks=(2,), verify=False))
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(ranks=(0,)), "ranks"), (dict(ranks=(4, 4)), "ranks"), (dict(task="vision"), "task"),
-    (dict(opset=18), "opset"), (dict(max_length=4), "max_length"), (dict(alpha=-1.0), "alpha"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(ranks=(0,)), "ranks"),
+        (dict(ranks=(4, 4)), "ranks"),
+        (dict(task="vision"), "task"),
+        (dict(opset=18), "opset"),
+        (dict(max_length=4), "max_length"),
+        (dict(alpha=-1.0), "alpha"),
+    ],
+)
 def test_bad_export_options(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
         ExportConfig(model_dir=tmp_path, output_dir=tmp_path / "o", **kw)
@@ -125,8 +151,8 @@ def test_a_low_rank_device_with_the_tail_folded_computes_what_the_whole_adapter_
     """flexlora-delta's downlink: a rank-2 device gets A[:2], B[:, :2] to train and the rest of
     a rank-8 global as frozen factors; its model is then exactly the rank-8 model (real
     artifacts of both ranks, same exported base weights)."""
-    from edge_client.data import Batch
     from core.protocol import BASE_A_PREFIX, BASE_B_PREFIX
+    from edge_client.data import Batch
     from edge_client.runtime import Trainer
     from server.strategies import make_strategy
     from server.strategies.base import AdapterLayout, GlobalModel
@@ -147,7 +173,9 @@ def test_a_low_rank_device_with_the_tail_folded_computes_what_the_whole_adapter_
     assert abs(small.eval_batch(batch)[0] - big.eval_batch(batch)[0]) < 1e-4
     assert abs(truncated.eval_batch(batch)[0] - big.eval_batch(batch)[0]) > 1e-3  # the tail matters here
     # the next version replaces the folded change rather than adding to it
-    glob = GlobalModel(8, {k: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32) for k, v in tensors.items()})
+    glob = GlobalModel(
+        8, {k: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32) for k, v in tensors.items()}
+    )
     big.apply_global(strategy.for_device(glob, 8))
     small.apply_global({**strategy.for_device(glob, 2), **strategy.frozen_for_device(glob, 2)})
     assert abs(small.eval_batch(batch)[0] - big.eval_batch(batch)[0]) < 1e-4
@@ -178,31 +206,47 @@ def test_ladder_records_memory_and_devices_choose_a_rank(minilm_bundles):
 
 # --- Decoder LLMs for real: pre-load checks, the architecture table, chat templates, GGUF files ---
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a tiny helpful model.<|im_end|>\\n' }}{% endif %}"
-          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a tiny helpful model.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # Gemma's shape: BOS in the template, no system role (it raises), "model" for the assistant
-GEMMA_LIKE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-              "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
-              "message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+GEMMA_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
 # Llama 3's shape: BOS and headers, a system block only when there is a system message
-LLAMA3_LIKE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-               "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
 # Qwen3's shape: the last answer gets an (empty) thinking block, earlier ones do not
-THINKS_LAST = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-               "{% if message['role'] == 'assistant' and loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
-               "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+THINKS_LAST = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' and loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 CONVERSATIONS = [
     [{"role": "user", "content": "Is the adapter trained?"}],
     [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Is it\nlocal?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the device"},
-     {"role": "assistant", "content": "trains an adapter"}, {"role": "user", "content": "and then?"}],
-    [{"role": "user", "content": "the data"}, {"role": "assistant", "content": "stays local."},
-     {"role": "user", "content": "the update"}, {"role": "assistant", "content": "goes to the aggregator"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "the device"},
+        {"role": "assistant", "content": "trains an adapter"},
+        {"role": "user", "content": "and then?"},
+    ],
+    [
+        {"role": "user", "content": "the data"},
+        {"role": "assistant", "content": "stays local."},
+        {"role": "user", "content": "the update"},
+        {"role": "assistant", "content": "goes to the aggregator"},
+    ],
 ]
 
 
@@ -229,8 +273,11 @@ def _assert_reassembles(chat_format: dict, tokenizer) -> None:
     fmt = ChatFormat(**chat_format)
     for messages in CONVERSATIONS:
         merge = tokenizer.chat_template == GEMMA_LIKE and messages[0]["role"] == "system"
-        rendered = messages if not merge else [
-            {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}, *messages[2:]]
+        rendered = (
+            messages
+            if not merge
+            else [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}, *messages[2:]]
+        )
         generation = messages[-1]["role"] == "user"
         assert format_conversation(fmt, messages, generation) == _render(tokenizer, rendered, generation)
 
@@ -246,12 +293,19 @@ def test_chat_format_reassembles_the_templates_render(template):
         assert part[0] in ("text", "slot") and (part[0] == "text" or part[1] in ("system", "user", "assistant"))
     assert fmt.system_in_user == (template == GEMMA_LIKE)
     if template == CHATML:  # the default system prompt is literal text of the first turn without a system message
-        assert fmt.prompt_no_system[0] == ["text", "<|im_start|>system\nYou are a tiny helpful model.<|im_end|>\n"
-                                                   "<|im_start|>user\n"]
+        assert fmt.prompt_no_system[0] == [
+            "text",
+            "<|im_start|>system\nYou are a tiny helpful model.<|im_end|>\n<|im_start|>user\n",
+        ]
         assert fmt.response == [["slot", "assistant"], ["text", "<|im_end|>\n"]]
     if template == GEMMA_LIKE:
-        assert fmt.prompt == [["text", "<s><start_of_turn>user\n"], ["slot", "system"], ["text", "\n\n"],
-                              ["slot", "user"], ["text", "<end_of_turn>\n<start_of_turn>model\n"]]
+        assert fmt.prompt == [
+            ["text", "<s><start_of_turn>user\n"],
+            ["slot", "system"],
+            ["text", "\n\n"],
+            ["slot", "user"],
+            ["text", "<end_of_turn>\n<start_of_turn>model\n"],
+        ]
 
 
 def test_a_template_that_is_not_prefix_consistent_gets_no_chat_format(capsys):
@@ -288,8 +342,16 @@ def test_tiny_chat_llama_exports_its_chat_format_token_ids_and_label_words(tmp_p
     from transformers import AutoTokenizer
 
     folder = make_chat_llama(tmp_path / "chat-llama")
-    (bundle_dir,) = export(ExportConfig(model_dir=folder, output_dir=tmp_path / "out", ranks=(2,), max_length=16,
-                                        labels=("yes", "no"), measure=False))
+    (bundle_dir,) = export(
+        ExportConfig(
+            model_dir=folder,
+            output_dir=tmp_path / "out",
+            ranks=(2,),
+            max_length=16,
+            labels=("yes", "no"),
+            measure=False,
+        )
+    )
     m = Bundle(bundle_dir).manifest
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert m.task == "causal-lm" and m.labels == ("yes", "no") and m.model_id == "chat-llama"
@@ -306,8 +368,11 @@ def test_tiny_chat_llama_exports_its_chat_format_token_ids_and_label_words(tmp_p
 
 
 def test_a_model_without_chat_template_records_token_facts_only(tiny_llama_dir, tmp_path):
-    (bundle_dir,) = export(ExportConfig(model_dir=tiny_llama_dir, output_dir=tmp_path / "o", ranks=(2,),
-                                        max_length=16, measure=False, verify=False))
+    (bundle_dir,) = export(
+        ExportConfig(
+            model_dir=tiny_llama_dir, output_dir=tmp_path / "o", ranks=(2,), max_length=16, measure=False, verify=False
+        )
+    )
     from transformers import AutoTokenizer
 
     extra = Bundle(bundle_dir).manifest.extra
@@ -317,14 +382,38 @@ def test_a_model_without_chat_template_records_token_facts_only(tiny_llama_dir, 
 
 
 # Small configs for every row of the architecture table (one rank, 16 tokens: a few seconds each).
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, head_dim=8, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    head_dim=8,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=3,
+)
 SMALL_BY_TYPE = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, bos_token_id=2, eos_token_id=3),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3),
-    "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64, pad_token_id=0),
+    "gpt_neox": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    ),
+    "bert": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    ),
     "distilbert": dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, pad_token_id=0),
 }
 SMALL_BY_TYPE["roberta"] = SMALL_BY_TYPE["bert"]
@@ -369,8 +458,17 @@ def test_every_architecture_in_the_table_exports_with_all_its_targets(model_type
     family = FAMILIES[model_type]
     folder = make_tiny_model(tmp_path / model_type, model_type, tiny_llama_dir)
     labels = ("a", "b") if family.tasks == ("seq-cls",) else ()
-    (bundle_dir,) = export(ExportConfig(model_dir=folder, output_dir=tmp_path / "o", ranks=(2,), max_length=16,
-                                        targets=("all",), labels=labels, measure=False))
+    (bundle_dir,) = export(
+        ExportConfig(
+            model_dir=folder,
+            output_dir=tmp_path / "o",
+            ranks=(2,),
+            max_length=16,
+            targets=("all",),
+            labels=labels,
+            measure=False,
+        )
+    )
     m = Bundle(bundle_dir).manifest
     assert m.task == family.tasks[0] and max(m.extra["self_check"]["rel_diff"]) <= 1e-4
     names = family.attention + family.mlp
@@ -390,30 +488,46 @@ def _no_weights_load(monkeypatch):
     monkeypatch.setattr(exporter, "_load_weights", refuse)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("unsupported", "model type 'mamba' .* not in fedlora-export's architecture table"),
-    ("known-failure", "model type 'cohere' .* is not supported: ONNX Runtime's training step fails"),
-    ("unknown-target", "LoRA target 'nope' matches no linear layer of model type 'llama'; its linear layers end in: "
-                       "self_attn.q_proj, .*lm_head"),
-    ("preset-without-table", "model type 'mamba' .* not in fedlora-export's architecture table"),
-    ("seq-cls-without-labels", "seq-cls export needs the class labels"),
-    ("encoder-as-causal-lm", "model type 'distilbert' is not exported for causal-lm \\(it is for: seq-cls\\)"),
-    ("output-is-a-file", "the output .* is a file, not a folder"),
-    ("rank-folder-is-a-file", "holds a file r2 where the rank-2 bundle goes"),
-    ("label-on-two-lines", "each label must be a single line"),
-    ("empty-label", "labels must be non-empty text"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unsupported", "model type 'mamba' .* not in fedlora-export's architecture table"),
+        ("known-failure", "model type 'cohere' .* is not supported: ONNX Runtime's training step fails"),
+        (
+            "unknown-target",
+            "LoRA target 'nope' matches no linear layer of model type 'llama'; its linear layers end in: "
+            "self_attn.q_proj, .*lm_head",
+        ),
+        ("preset-without-table", "model type 'mamba' .* not in fedlora-export's architecture table"),
+        ("seq-cls-without-labels", "seq-cls export needs the class labels"),
+        ("encoder-as-causal-lm", "model type 'distilbert' is not exported for causal-lm \\(it is for: seq-cls\\)"),
+        ("output-is-a-file", "the output .* is a file, not a folder"),
+        ("rank-folder-is-a-file", "holds a file r2 where the rank-2 bundle goes"),
+        ("label-on-two-lines", "each label must be a single line"),
+        ("empty-label", "labels must be non-empty text"),
+    ],
+)
 def test_preflight_refuses_before_any_weights_load(case, message, tiny_llama_dir, tmp_path, monkeypatch):
     """Folders hold config.json and the tokenizer only: no weights to load, and none are loaded."""
     _no_weights_load(monkeypatch)
-    model_type = {"unsupported": "mamba", "known-failure": "cohere", "preset-without-table": "mamba",
-                  "encoder-as-causal-lm": "distilbert"}.get(case, "llama")
+    model_type = {
+        "unsupported": "mamba",
+        "known-failure": "cohere",
+        "preset-without-table": "mamba",
+        "encoder-as-causal-lm": "distilbert",
+    }.get(case, "llama")
     folder = make_tiny_model(tmp_path / "m", model_type, tiny_llama_dir, weights=False)
     kw = dict(model_dir=folder, output_dir=tmp_path / "out", ranks=(2,))
-    kw.update({"unknown-target": dict(targets=("q_proj", "nope")), "preset-without-table": dict(targets=("mlp",)),
-               "seq-cls-without-labels": dict(task="seq-cls"), "encoder-as-causal-lm": dict(task="causal-lm"),
-               "label-on-two-lines": dict(task="causal-lm", labels=("yes", "no\nmaybe")),
-               "empty-label": dict(labels=("yes", " "))}.get(case, {}))
+    kw.update(
+        {
+            "unknown-target": dict(targets=("q_proj", "nope")),
+            "preset-without-table": dict(targets=("mlp",)),
+            "seq-cls-without-labels": dict(task="seq-cls"),
+            "encoder-as-causal-lm": dict(task="causal-lm"),
+            "label-on-two-lines": dict(task="causal-lm", labels=("yes", "no\nmaybe")),
+            "empty-label": dict(labels=("yes", " ")),
+        }.get(case, {})
+    )
     if case == "output-is-a-file":
         (tmp_path / "out").write_text("not a folder")
     if case == "rank-folder-is-a-file":
@@ -440,8 +554,9 @@ def test_target_presets_resolve_per_architecture(tiny_llama_dir, tmp_path):
     folder = make_tiny_model(tmp_path / "bert", "bert", tiny_llama_dir, weights=False)
 
     def targets(*names):
-        return preflight(ExportConfig(model_dir=folder, output_dir=tmp_path / "o", labels=("a", "b"),
-                                      targets=names)).targets
+        return preflight(
+            ExportConfig(model_dir=folder, output_dir=tmp_path / "o", labels=("a", "b"), targets=names)
+        ).targets
 
     assert targets() == ("query", "value")
     assert targets("mlp") == ("intermediate.dense", "layer.0.output.dense", "layer.1.output.dense")
@@ -451,7 +566,9 @@ def test_target_presets_resolve_per_architecture(tiny_llama_dir, tmp_path):
     assert plan.targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
-def make_tiny_gguf(path, chat_template: str | None = CHATML, architecture: str = "llama", name: str = "tiny chat llama"):
+def make_tiny_gguf(
+    path, chat_template: str | None = CHATML, architecture: str = "llama", name: str = "tiny chat llama"
+):
     """A real GGUF file of a tiny random Llama (float32 tensors) with a byte-level BPE tokenizer
     trained here, ChatML's special tokens and ``chat_template``, written with the gguf package."""
     try:
@@ -464,8 +581,15 @@ def make_tiny_gguf(path, chat_template: str | None = CHATML, architecture: str =
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     text = "the device trains an adapter on local data and sends its update to the aggregator"
-    tok.train_from_iterator([text] * 8, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [text] * 8,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=specials,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
@@ -503,9 +627,15 @@ def make_tiny_gguf(path, chat_template: str | None = CHATML, architecture: str =
     for i in range(layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-        for tname, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
-                             ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
-                             ("ffn_down", (hidden, ffn))):
+        for tname, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)),
+            ("ffn_up", (ffn, hidden)),
+            ("ffn_down", (hidden, ffn)),
+        ):
             tensor(f"blk.{i}.{tname}.weight", *shape)
     writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     writer.write_header_to_file()
@@ -525,8 +655,23 @@ def test_a_gguf_file_exports_directly_with_its_chat_template(tmp_path):
 
     (tmp_path / "models").mkdir()
     gguf_path = make_tiny_gguf(tmp_path / "models" / "tiny-chat.F32.gguf")
-    assert main([str(gguf_path), "-o", str(tmp_path / "out"), "--ranks", "2", "--max-length", "16",
-                 "--no-measure", "--targets", "attention"]) == 0
+    assert (
+        main(
+            [
+                str(gguf_path),
+                "-o",
+                str(tmp_path / "out"),
+                "--ranks",
+                "2",
+                "--max-length",
+                "16",
+                "--no-measure",
+                "--targets",
+                "attention",
+            ]
+        )
+        == 0
+    )
     m = Bundle(tmp_path / "out" / "r2").manifest
     assert m.model_id == "tiny-chat.F32" and m.task == "causal-lm"
     assert m.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -548,7 +693,9 @@ def test_gguf_files_are_checked_from_their_metadata(tmp_path, monkeypatch):
     folder = tmp_path / "g"
     folder.mkdir()
     make_tiny_gguf(folder / "a.gguf", architecture="rwkv6")
-    with pytest.raises(ConfigError, match="model type 'rwkv6' \\(GGUF architecture 'rwkv6'\\) is not in fedlora-export"):
+    with pytest.raises(
+        ConfigError, match="model type 'rwkv6' \\(GGUF architecture 'rwkv6'\\) is not in fedlora-export"
+    ):
         export(ExportConfig(model_dir=folder / "a.gguf", output_dir=tmp_path / "o"))
     make_tiny_gguf(folder / "b.gguf")
     with pytest.raises(ConfigError, match="several .gguf files"):

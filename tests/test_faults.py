@@ -70,8 +70,14 @@ def check_committed_open_round(saved: dict, devices: list[HandDevice], told: dic
             np.testing.assert_allclose(p.sums[name], want, rtol=1e-5, atol=1e-7)
 
 
-def check_completed_round(server: Server, rnd: int, devices: list[HandDevice], expected: list[HandDevice],
-                          initial: dict[str, np.ndarray] | None = None, acked: list[HandDevice] | None = None) -> dict:
+def check_completed_round(
+    server: Server,
+    rnd: int,
+    devices: list[HandDevice],
+    expected: list[HandDevice],
+    initial: dict[str, np.ndarray] | None = None,
+    acked: list[HandDevice] | None = None,
+) -> dict:
     """Round ``rnd`` completed once, with exactly ``expected`` each counted once; ``acked`` (default:
     ``expected``) got their ``accepted`` acks (an ack in flight when the aggregator died is lost,
     and the round may have closed before the device could resend)."""
@@ -81,15 +87,21 @@ def check_completed_round(server: Server, rnd: int, devices: list[HandDevice], e
     h = entries[0]
     assert h["ok"], h
     counts = multiplicities(h["examples"], len(devices))
-    assert counts == [int(d in expected) for d in devices], \
+    assert counts == [int(d in expected) for d in devices], (
         f"round {rnd}: devices counted {dict(zip([d.id for d in devices], counts))}, expected {[d.id for d in expected]}"
+    )
     assert h["participants"] == len(expected)
     accepted_events = [e["device"] for e in server.events("update_accepted") if e.get("round") == rnd]
-    assert len(accepted_events) == len(set(accepted_events)), f"round {rnd}: accepted twice in events: {accepted_events}"
+    assert len(accepted_events) == len(set(accepted_events)), (
+        f"round {rnd}: accepted twice in events: {accepted_events}"
+    )
     assert set(accepted_events) <= {d.id for d in expected}, accepted_events
     must = expected if acked is None else acked  # acks may still be on their way from the broker
-    wait_for(lambda: all(rnd in d.accepted_rounds() for d in must), 10,
-             f"accepted acks of round {rnd} for {[d.id for d in must if rnd not in d.accepted_rounds()]}")
+    wait_for(
+        lambda: all(rnd in d.accepted_rounds() for d in must),
+        10,
+        f"accepted acks of round {rnd} for {[d.id for d in must if rnd not in d.accepted_rounds()]}",
+    )
     if initial is not None:  # the new global is the average of exactly those updates, once each
         change = expected_average(expected)
         for name in list(initial)[:3]:
@@ -164,8 +176,14 @@ def test_aggregator_sigkilled_at_each_fault_point_mid_round(tmp_path, minilm_bun
 def test_aggregator_sigkilled_at_random_instants_under_load(tmp_path, minilm_bundle, mosquitto):
     job = "kill-random"
     rng = random.Random(20261206)
-    server = Server(tmp_path, minilm_bundle, mosquitto.url, job, exit_when_finished=False,
-                    rounds={"rounds": 0, "min_devices": 4, "round_timeout": 300})
+    server = Server(
+        tmp_path,
+        minilm_bundle,
+        mosquitto.url,
+        job,
+        exit_when_finished=False,
+        rounds={"rounds": 0, "min_devices": 4, "round_timeout": 300},
+    )
     devices = hand_devices(mosquitto.url, job, minilm_bundle, 4, resend_s=1.0)
     completed_before = 0
 
@@ -183,8 +201,9 @@ def test_aggregator_sigkilled_at_random_instants_under_load(tmp_path, minilm_bun
             check_committed_open_round(saved, devices, told)
         for d, rounds in told.items():
             for r in rounds:
-                counted = r <= len(history) or (open_round is not None and open_round.round == r
-                                                and d in open_round.accepted)
+                counted = r <= len(history) or (
+                    open_round is not None and open_round.round == r and d in open_round.accepted
+                )
                 assert counted, f"{d}'s acknowledged update of round {r} is not in the committed state"
         return len(history)
 
@@ -193,11 +212,15 @@ def test_aggregator_sigkilled_at_random_instants_under_load(tmp_path, minilm_bun
             d.online()
             d.auto.set()
         kills = []
-        for i in range(5):
+        for _ in range(5):
             server.start()
             # the main loop runs and knows every device: kill at a random instant from here
-            wait_for(lambda: metric(server.metrics(), "fedlora_devices_online") >= len(devices), 60,
-                     "the aggregator's main loop", [server])
+            wait_for(
+                lambda: metric(server.metrics(), "fedlora_devices_online") >= len(devices),
+                60,
+                "the aggregator's main loop",
+                [server],
+            )
             delay = rng.uniform(0.5, 3.0)
             time.sleep(delay)
             assert server.alive(), server.tail()
@@ -207,8 +230,9 @@ def test_aggregator_sigkilled_at_random_instants_under_load(tmp_path, minilm_bun
             assert completed >= completed_before
             completed_before = completed
         server.start()
-        wait_for(lambda: check_all() >= completed_before + 2, 60, "two more rounds after the last kill", [server],
-                 poll=0.5)
+        wait_for(
+            lambda: check_all() >= completed_before + 2, 60, "two more rounds after the last kill", [server], poll=0.5
+        )
         server.stop()
         final = check_all()
         print(f"kills (delay, rounds completed): {kills}; {final} rounds at the end")
@@ -230,10 +254,17 @@ def test_aggregator_sigkilled_at_random_instants_under_load(tmp_path, minilm_bun
 def test_broker_restarted_without_persistence_mid_round(tmp_path, minilm_bundle, edge_python):
     job = "broker-restart"
     broker = Broker(tmp_path).start()
-    server = Server(tmp_path, minilm_bundle, broker.url, job,
-                    rounds={"rounds": 2, "min_devices": 2, "round_timeout": 120}, train={"local_steps": 8})
-    devices = [DeviceProc(tmp_path / f"dev{i}", edge_python, minilm_bundle, broker.url, job, f"dev{i}")
-               for i in range(2)]
+    server = Server(
+        tmp_path,
+        minilm_bundle,
+        broker.url,
+        job,
+        rounds={"rounds": 2, "min_devices": 2, "round_timeout": 120},
+        train={"local_steps": 8},
+    )
+    devices = [
+        DeviceProc(tmp_path / f"dev{i}", edge_python, minilm_bundle, broker.url, job, f"dev{i}") for i in range(2)
+    ]
     procs = [server, *devices]
     try:
         server.start()
@@ -271,7 +302,9 @@ def small_volume(tmp_path):
 
     mount = tmp_path / "volume"
     mount.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=False, capture_output=True, text=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=False, capture_output=True, text=True
+    )
     if out.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs for the full-disk test (needs root): {out.stderr.strip()}")
     try:
@@ -296,8 +329,15 @@ def fill(path: Path) -> int:
 
 def test_disk_full_refuses_with_retry_later_and_recovers(tmp_path, minilm_bundle, mosquitto, small_volume):
     job = "disk-full"
-    server = Server(tmp_path, minilm_bundle, mosquitto.url, job, state_dir=small_volume / "state",
-                    exit_when_finished=False, rounds={"min_devices": 2})
+    server = Server(
+        tmp_path,
+        minilm_bundle,
+        mosquitto.url,
+        job,
+        state_dir=small_volume / "state",
+        exit_when_finished=False,
+        rounds={"min_devices": 2},
+    )
     devices = hand_devices(mosquitto.url, job, minilm_bundle, 2, retry_s=0.5)
     d0, d1 = devices
     filler = small_volume / "filler"
@@ -325,8 +365,9 @@ def test_disk_full_refuses_with_retry_later_and_recovers(tmp_path, minilm_bundle
 
         filler.unlink()
         wait_for(lambda: 1 in d1.accepted_rounds(), 20, "d1 accepted once space returned", [server])
-        wait_for(lambda: metric(server.metrics(), "fedlora_rounds_completed_total") >= 1, 20, "round 1 to complete",
-                 [server])
+        wait_for(
+            lambda: metric(server.metrics(), "fedlora_rounds_completed_total") >= 1, 20, "round 1 to complete", [server]
+        )
         code, body = server.get("/healthz")
         assert (code, body.strip()) == (200, "ok")
         server.stop()
@@ -358,10 +399,19 @@ def test_a_device_behind_a_link_losing_20_percent_of_packets(tmp_path, minilm_bu
         except LossyLink.Unavailable as exc:
             pytest.skip(f"needs network namespaces and nftables: {exc}")
         broker = Broker(tmp_path, host=link.host_ip).start()
-        server = Server(tmp_path, minilm_bundle, broker.url, job, train={"local_steps": 2},
-                        rounds={"round_timeout": 240})
-        device = DeviceProc(tmp_path / "dev0", edge_python, minilm_bundle, broker.url, job, "dev0", netns=link.ns,
-                            broker={"max_packet_size": 20000})
+        server = Server(
+            tmp_path, minilm_bundle, broker.url, job, train={"local_steps": 2}, rounds={"round_timeout": 240}
+        )
+        device = DeviceProc(
+            tmp_path / "dev0",
+            edge_python,
+            minilm_bundle,
+            broker.url,
+            job,
+            "dev0",
+            netns=link.ns,
+            broker={"max_packet_size": 20000},
+        )
         server.start()
         device.start()
         assert server.wait(180) == 0, server.tail()
@@ -382,11 +432,14 @@ def test_a_device_behind_a_link_losing_20_percent_of_packets(tmp_path, minilm_bu
 # -- 6. a device SIGKILLed while writing its state -----------------------------------------
 
 
-@pytest.mark.parametrize("fault, acked_before", [
-    ("device:pending:tmp", False),  # pending.bin written, not renamed: the round is trained again
-    ("device:state:tmp", False),  # pending.bin in place, state.json not naming it: trained again
-    ("device:state:tmp@2", True),  # the ack arrived, state.json not updated: resent, acked again, counted once
-])
+@pytest.mark.parametrize(
+    "fault, acked_before",
+    [
+        ("device:pending:tmp", False),  # pending.bin written, not renamed: the round is trained again
+        ("device:state:tmp", False),  # pending.bin in place, state.json not naming it: trained again
+        ("device:state:tmp@2", True),  # the ack arrived, state.json not updated: resent, acked again, counted once
+    ],
+)
 def test_device_sigkilled_while_writing_its_state(tmp_path, minilm_bundle, mosquitto, edge_python, fault, acked_before):
     job = "device-kill"
     server = Server(tmp_path, minilm_bundle, mosquitto.url, job, rounds={"min_devices": 2}, train={"local_steps": 2})
@@ -401,8 +454,12 @@ def test_device_sigkilled_while_writing_its_state(tmp_path, minilm_bundle, mosqu
         first = len(device.text())
         assert ("round 1: update accepted" in device.text()) == acked_before, device.tail()
         device.start()
-        wait_for(lambda: "round 1: update accepted" in device.text()[first:], 25,
-                 "dev0's restarted process to have its round 1 update acknowledged", [server, device])
+        wait_for(
+            lambda: "round 1: update accepted" in device.text()[first:],
+            25,
+            "dev0's restarted process to have its round 1 update acknowledged",
+            [server, device],
+        )
         again = device.text()[first:]
         if acked_before:  # the update it held was resent as it was (and acknowledged as a duplicate)
             assert "round 1: update sent" in again and "round 1: training" not in again, again
@@ -415,8 +472,9 @@ def test_device_sigkilled_while_writing_its_state(tmp_path, minilm_bundle, mosqu
         accepted = [e for e in server.events("update_accepted") if e["round"] == 1]
         assert sorted(e["device"] for e in accepted) == ["dev0", "h"], accepted
         weight = next(e["weight"] for e in accepted if e["device"] == "dev0")
-        assert [(h["round"], h["ok"], h["participants"], h["examples"]) for h in saved["history"]] == \
-            [(1, True, 2, weight + 1000)]
+        assert [(h["round"], h["ok"], h["participants"], h["examples"]) for h in saved["history"]] == [
+            (1, True, 2, weight + 1000)
+        ]
     finally:
         device.kill()
         server.kill()

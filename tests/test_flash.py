@@ -36,6 +36,7 @@ LOCAL_STEPS = 40  # a few seconds of training per round on 1 thread: long enough
 # Pure parts
 # ---------------------------------------------------------------------------------------------
 
+
 def test_platform_tags_include_older_manylinux():
     from edge_client.flashing.build import expand_platform, platform_machine
 
@@ -86,8 +87,10 @@ def test_train_window():
     from edge_client.device import DeviceConfig, in_train_window, parse_train_window
 
     assert parse_train_window("22:00-06:00") == (22 * 60, 6 * 60)
-    night = [in_train_window("22:00-06:00", datetime(2026, 1, 1, h, m)) for h, m in
-             ((21, 59), (22, 0), (23, 59), (0, 0), (5, 59), (6, 0), (12, 0))]
+    night = [
+        in_train_window("22:00-06:00", datetime(2026, 1, 1, h, m))
+        for h, m in ((21, 59), (22, 0), (23, 59), (0, 0), (5, 59), (6, 0), (12, 0))
+    ]
     assert night == [False, True, True, True, True, False, False]
     assert in_train_window("09:30-17:00", datetime(2026, 1, 1, 9, 30))
     assert not in_train_window("09:30-17:00", datetime(2026, 1, 1, 17, 0))
@@ -101,13 +104,16 @@ def test_due_round_waits_outside_the_training_window(monkeypatch):
     import types
 
     import edge_client.device as device
-
     from core.messages import Announcement, RoundState
 
     ann = Announcement(job="j", state=RoundState.OPEN, round=3, global_version=2, rank=4, selected=("d",))
-    fake = types.SimpleNamespace(announcement=ann, cfg=types.SimpleNamespace(device_id="d", train_window="22:00-06:00"),
-                                 state=types.SimpleNamespace(last_round=2, pending_round=None), global_version=2,
-                                 _window_wait_round=None)
+    fake = types.SimpleNamespace(
+        announcement=ann,
+        cfg=types.SimpleNamespace(device_id="d", train_window="22:00-06:00"),
+        state=types.SimpleNamespace(last_round=2, pending_round=None),
+        global_version=2,
+        _window_wait_round=None,
+    )
     for hour, due in ((12, None), (23, ann)):
         monkeypatch.setattr(device, "datetime", types.SimpleNamespace(now=lambda h=hour: datetime(2026, 1, 1, h, 0)))
         assert device.Device.due_round(fake) == due
@@ -145,6 +151,7 @@ def test_doctor_fails_a_clock_behind_the_bundle():
 # Bundle contents (staging only: no archive, no venv)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def client_wheel(tmp_path_factory) -> Path:
     """``pip wheel --no-deps`` of this checkout, once for the module's bundles."""
@@ -166,18 +173,39 @@ def test_placeholder_bundle_for_a_memory_budget(tmp_path, minilm_bundles, client
     budget = (min(peaks.values()) >> 20) + 1  # the smallest rank fits (and any within 1 MiB of it)
     expected = max(r for r, peak in peaks.items() if peak <= budget << 20)  # the device's own rule
     config = tmp_path / "class.json"
-    config.write_text(json.dumps({"job": JOB, "bundle": "x", "data": "/srv/data.csv", "memory_budget_mb": budget,
-                                  "broker": {"url": "mqtts://broker.example:8883", "password": "leaked"}}))
+    config.write_text(
+        json.dumps(
+            {
+                "job": JOB,
+                "bundle": "x",
+                "data": "/srv/data.csv",
+                "memory_budget_mb": budget,
+                "broker": {"url": "mqtts://broker.example:8883", "password": "leaked"},
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="no device_id"):
-        stage_bundle(BundleOptions(minilm_bundles, config, tmp_path / "o.tgz", cache_dir=WHEEL_CACHE,
-                                   client_wheel=client_wheel), tmp_path / "s0")
-    doc = stage_bundle(BundleOptions(minilm_bundles, config, tmp_path / "o.tgz", placeholder=True,
-                                     cache_dir=WHEEL_CACHE, client_wheel=client_wheel), tmp_path / "stage")
+        stage_bundle(
+            BundleOptions(minilm_bundles, config, tmp_path / "o.tgz", cache_dir=WHEEL_CACHE, client_wheel=client_wheel),
+            tmp_path / "s0",
+        )
+    doc = stage_bundle(
+        BundleOptions(
+            minilm_bundles,
+            config,
+            tmp_path / "o.tgz",
+            placeholder=True,
+            cache_dir=WHEEL_CACHE,
+            client_wheel=client_wheel,
+        ),
+        tmp_path / "stage",
+    )
     root = tmp_path / "stage" / "fedlora-edge-bundle"
     assert verify_tree(root) == doc and doc["rank"] == expected and doc["credentials"] == "placeholder"
     assert Bundle(root / "artifacts").manifest.rank == expected
     assert sorted(p.name for p in (root / "artifacts").iterdir()) == sorted(
-        {"manifest.json"} | {n.split("/")[0] for n in Bundle(root / "artifacts").manifest.files})
+        {"manifest.json"} | {n.split("/")[0] for n in Bundle(root / "artifacts").manifest.files}
+    )
     device = json.loads((root / "config" / "device.json").read_text())
     assert device["bundle"] == "@PREFIX@/artifacts" and device["state_dir"] == "@STATE_DIR@"
     assert "password" not in device["broker"] and "device_id" not in device
@@ -185,9 +213,18 @@ def test_placeholder_bundle_for_a_memory_budget(tmp_path, minilm_bundles, client
     assert PLACEHOLDER_MARK in env and "FEDLORA_DEVICE_BROKER_PASSWORD=leaked" in env  # moved out of device.json
     assert stat.S_IMODE((root / "config" / "credentials.env").stat().st_mode) == 0o600
     unit = (root / "fedlora-edge.service").read_text()
-    for line in (f"MemoryMax={budget}M", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                 "ProtectHome=yes", "PrivateTmp=yes", "ReadWritePaths=@STATE_DIR@", "User=@USER@",
-                 "StandardOutput=journal", "StartLimitIntervalSec=0"):
+    for line in (
+        f"MemoryMax={budget}M",
+        "Restart=always",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "ReadWritePaths=@STATE_DIR@",
+        "User=@USER@",
+        "StandardOutput=journal",
+        "StartLimitIntervalSec=0",
+    ):
         assert line in unit.splitlines(), line
     requirements = (root / "requirements.txt").read_text()
     assert re.search(r"^onnxruntime-training-cpu==1\.19\.2 --hash=sha256:[0-9a-f]{64}$", requirements, re.M)
@@ -211,6 +248,7 @@ def test_placeholder_bundle_for_a_memory_budget(tmp_path, minilm_bundles, client
 # ---------------------------------------------------------------------------------------------
 # The whole story
 # ---------------------------------------------------------------------------------------------
+
 
 def extract(archive: Path, dest: Path) -> Path:
     with tarfile.open(archive) as tar:
@@ -256,10 +294,16 @@ def start_aggregator(bundle_dir: Path, state_dir: Path, url: str, rounds: int):
     from server.config import ServerConfig, TrainSettings
     from server.rounds import RoundSettings
 
-    cfg = ServerConfig(job=JOB, bundle=bundle_dir, state_dir=state_dir, http_port=0, uplink_codec="topk0.1+int8+zlib",
-                       broker=BrokerConfig(url=url, username="aggregator", password="agg-secret"),
-                       rounds=RoundSettings(rounds=rounds, min_devices=1, round_timeout=300),
-                       train=TrainSettings(local_steps=LOCAL_STEPS, batch_size=4, lr=1e-3))
+    cfg = ServerConfig(
+        job=JOB,
+        bundle=bundle_dir,
+        state_dir=state_dir,
+        http_port=0,
+        uplink_codec="topk0.1+int8+zlib",
+        broker=BrokerConfig(url=url, username="aggregator", password="agg-secret"),
+        rounds=RoundSettings(rounds=rounds, min_devices=1, round_timeout=300),
+        train=TrainSettings(local_steps=LOCAL_STEPS, batch_size=4, lr=1e-3),
+    )
     link = MqttLink(cfg.broker, client_id="agg-flash").connect()
     agg = Aggregator(cfg, link)
     stop = threading.Event()
@@ -268,8 +312,9 @@ def start_aggregator(bundle_dir: Path, state_dir: Path, url: str, rounds: int):
     return agg, stop, thread, link
 
 
-def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_path, minilm_bundles, client_wheel,
-                                                                         mosquitto_factory):
+def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(
+    tmp_path, minilm_bundles, client_wheel, mosquitto_factory
+):
     from simulator.datasets import load_dataset, write_jsonl
 
     offline = offline_wrapper()
@@ -281,16 +326,50 @@ def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_p
 
     # 1. Build (host side, torch not needed): rank 4, real credentials.
     config = tmp_path / "device.json"
-    config.write_text(json.dumps({"device_id": "dev1", "job": JOB, "bundle": "exporter-output", "data": "/srv/data.jsonl",
-                                  "threads": 1, "exit_when_finished": True, "broker": {"url": broker.url}}))
+    config.write_text(
+        json.dumps(
+            {
+                "device_id": "dev1",
+                "job": JOB,
+                "bundle": "exporter-output",
+                "data": "/srv/data.jsonl",
+                "threads": 1,
+                "exit_when_finished": True,
+                "broker": {"url": broker.url},
+            }
+        )
+    )
     creds = tmp_path / "creds.json"
     creds.write_text(json.dumps({"username": "dev1", "password": "s3cret pass#1"}))
     archive = tmp_path / "device-bundle.tar.gz"
     t0 = time.monotonic()
-    built = subprocess.run([sys.executable, "-m", "edge_client.cli", "bundle", "--artifacts", str(minilm_bundles),
-                            "--rank", "4", "--config", str(config), "--credentials", str(creds), "-o", str(archive),
-                            "--cache", str(WHEEL_CACHE), "--client-wheel", str(client_wheel), "--compress-level", "1"],
-                           capture_output=True, text=True, cwd=tmp_path)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_client.cli",
+            "bundle",
+            "--artifacts",
+            str(minilm_bundles),
+            "--rank",
+            "4",
+            "--config",
+            str(config),
+            "--credentials",
+            str(creds),
+            "-o",
+            str(archive),
+            "--cache",
+            str(WHEEL_CACHE),
+            "--client-wheel",
+            str(client_wheel),
+            "--compress-level",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     build_s = time.monotonic() - t0
     with tarfile.open(archive) as tar:
@@ -303,16 +382,24 @@ def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_p
     assert bundle_doc["rank"] == 4 and bundle_doc["credentials"] == "provided"
 
     # 2. Install with networking switched off.
-    probe = subprocess.run(offline + [sys.executable, "-c", "import socket; socket.create_connection(('pypi.org', 443), 3)"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        offline + [sys.executable, "-c", "import socket; socket.create_connection(('pypi.org', 443), 3)"],
+        capture_output=True,
+        text=True,
+    )
     assert probe.returncode != 0, "the offline wrapper still reaches the network"
     data = tmp_path / "data.jsonl"
     write_jsonl(data, load_dataset("bbc-news", max_examples=80).train)
     prefix = tmp_path / "opt" / "fedlora-edge"
     base_python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     t0 = time.monotonic()
-    install = subprocess.run(offline + ["sh", str(src / "install.sh")], capture_output=True, text=True, cwd=tmp_path,
-                             env=device_env(PREFIX=str(prefix), PYTHON=base_python, DATA=str(data)))
+    install = subprocess.run(
+        offline + ["sh", str(src / "install.sh")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=device_env(PREFIX=str(prefix), PYTHON=base_python, DATA=str(data)),
+    )
     install_s = time.monotonic() - t0
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
     assert "no service installed" in install.stdout  # no systemd here: the unit is rendered, not enabled
@@ -320,24 +407,40 @@ def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_p
     edge = prefix / "venv" / "bin" / "fedlora-edge"
 
     # 3. The installed environment: the installed client, and no torch.
-    where = subprocess.run([str(py), "-c", "import edge_client; print(edge_client.__file__)"], capture_output=True,
-                           text=True, cwd=tmp_path, env=device_env())
+    where = subprocess.run(
+        [str(py), "-c", "import edge_client; print(edge_client.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=device_env(),
+    )
     assert where.stdout.startswith(str(prefix / "venv")), where
     no_torch = subprocess.run([str(py), "-c", "import torch"], capture_output=True, text=True, env=device_env())
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     unit = (prefix / "fedlora-edge.service").read_text()
-    assert f"ExecStart={edge} run --config {prefix}/config/device.json --env-file {prefix}/config/credentials.env" in unit
+    assert (
+        f"ExecStart={edge} run --config {prefix}/config/device.json --env-file {prefix}/config/credentials.env" in unit
+    )
     assert f"ReadWritePaths={prefix}/state" in unit and "@" not in unit.replace("@system-service", "")
     cfg = json.loads((prefix / "config" / "device.json").read_text())
     assert cfg["bundle"] == f"{prefix}/artifacts" and cfg["data"] == str(data) and "password" not in cfg["broker"]
     if shutil.which("systemd-analyze"):  # the unit as systemd reads it (no systemd needs to run)
-        verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(prefix / "fedlora-edge.service")],
-                                capture_output=True, text=True)
-        complaints = [line for line in verify.stderr.splitlines()  # systemd < 254 lacks the backoff keys
-                      if not re.search(r"Unknown key '(RestartSteps|RestartMaxDelaySec)'", line)]
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(prefix / "fedlora-edge.service")],
+            capture_output=True,
+            text=True,
+        )
+        complaints = [
+            line
+            for line in verify.stderr.splitlines()  # systemd < 254 lacks the backoff keys
+            if not re.search(r"Unknown key '(RestartSteps|RestartMaxDelaySec)'", line)
+        ]
         assert verify.returncode == 0 and not complaints, verify.stderr
-        security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(prefix / "fedlora-edge.service")],
-                                  capture_output=True, text=True)
+        security = subprocess.run(
+            ["systemd-analyze", "security", "--offline=yes", str(prefix / "fedlora-edge.service")],
+            capture_output=True,
+            text=True,
+        )
         exposure = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
         if security.returncode == 0 and exposure:  # systemd >= 250
             assert float(exposure[1]) <= 3.0, security.stdout[-2000:]
@@ -349,9 +452,16 @@ def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_p
     for name in ("python", "packages", "onnxruntime", "config", "bundle", "memory", "data", "state", "clock", "broker"):
         assert any(re.match(rf"(OK|WARN)\s+{name}\s", line) for line in lines), (name, doctor.stdout)
     assert "torch not installed" in doctor.stdout and "as dev1" in doctor.stdout
-    bad = subprocess.run([str(edge), "doctor"], capture_output=True, text=True, cwd=tmp_path,
-                         env=device_env(FEDLORA_DEVICE_BROKER_PASSWORD="wrong"))
-    assert bad.returncode == 1 and re.search(r"^FAIL\s+broker\s+.*(authori|refused)", bad.stdout, re.M | re.I), bad.stdout
+    bad = subprocess.run(
+        [str(edge), "doctor"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=device_env(FEDLORA_DEVICE_BROKER_PASSWORD="wrong"),
+    )
+    assert bad.returncode == 1 and re.search(r"^FAIL\s+broker\s+.*(authori|refused)", bad.stdout, re.M | re.I), (
+        bad.stdout
+    )
 
     # 5. The installed client, started as the unit starts it, completes round 1.
     agg, stop, thread, link = start_aggregator(minilm_bundles / "r4", tmp_path / "aggregator", broker.url, rounds=2)
@@ -360,8 +470,9 @@ def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_p
     logs = [tmp_path / "client-1.log", tmp_path / "client-2.log"]
     procs = []
     try:
-        procs.append(subprocess.Popen(command, stdout=logs[0].open("wb"), stderr=subprocess.STDOUT, cwd=state,
-                                      env=device_env()))
+        procs.append(
+            subprocess.Popen(command, stdout=logs[0].open("wb"), stderr=subprocess.STDOUT, cwd=state, env=device_env())
+        )
         wait_for(lambda: agg.coordinator.completed >= 1, 240, "round 1 with the installed client", procs[0], logs[0])
         wait_for(lambda: "round 1: update accepted" in logs[0].read_text(), 30, "the ack", procs[0], logs[0])
         assert (state / "feedback.npz").is_file() and (state / "adapter.npz").is_file()
@@ -379,8 +490,9 @@ def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_p
 
         # 7. Restarted (as Restart=always would), it continues from its state: round 1 stays
         #    done, round 2 is trained again from the retained global adapter, and its update arrives.
-        procs.append(subprocess.Popen(command, stdout=logs[1].open("wb"), stderr=subprocess.STDOUT, cwd=state,
-                                      env=device_env()))
+        procs.append(
+            subprocess.Popen(command, stdout=logs[1].open("wb"), stderr=subprocess.STDOUT, cwd=state, env=device_env())
+        )
         wait_for(lambda: agg.coordinator.completed >= 2, 240, "round 2 after the restart", procs[1], logs[1])
         assert procs[1].wait(60) == 0  # exit_when_finished
         text = logs[1].read_text()
@@ -400,11 +512,14 @@ def test_bundle_installs_offline_and_the_installed_client_survives_sigkill(tmp_p
         link.close()
 
     # 8. Uninstall keeps the state unless PURGE=1.
-    removed = subprocess.run(["sh", str(prefix / "uninstall.sh")], capture_output=True, text=True,
-                             env=device_env(PREFIX=str(prefix)))
+    removed = subprocess.run(
+        ["sh", str(prefix / "uninstall.sh")], capture_output=True, text=True, env=device_env(PREFIX=str(prefix))
+    )
     assert removed.returncode == 0, removed.stderr
     assert not (prefix / "venv").exists() and (state / "state.json").is_file()
-    print(f"\nbundle {archive.stat().st_size / 2**20:.1f} MiB built in {build_s:.1f}s, installed offline in {install_s:.1f}s")
+    print(
+        f"\nbundle {archive.stat().st_size / 2**20:.1f} MiB built in {build_s:.1f}s, installed offline in {install_s:.1f}s"
+    )
 
 
 def test_slim_placeholder_bundle_installs_offline_and_is_provisioned_after(tmp_path, minilm_bundles, client_wheel):
@@ -412,13 +527,36 @@ def test_slim_placeholder_bundle_installs_offline_and_is_provisioned_after(tmp_p
     Installed offline, the client trains a step without torch; doctor fails until provisioned."""
     offline = offline_wrapper()
     config = tmp_path / "class.json"
-    config.write_text(json.dumps({"job": JOB, "bundle": "x", "data": "/srv/data.jsonl", "rank": 2,
-                                  "broker": {"url": "mqtt://127.0.0.1:9"}}))
+    config.write_text(
+        json.dumps(
+            {"job": JOB, "bundle": "x", "data": "/srv/data.jsonl", "rank": 2, "broker": {"url": "mqtt://127.0.0.1:9"}}
+        )
+    )
     archive = tmp_path / "slim.tar.gz"
-    built = subprocess.run([sys.executable, "-m", "edge_client.cli", "bundle", "--artifacts", str(minilm_bundles),
-                            "--config", str(config), "--placeholder", "--slim", "-o", str(archive),
-                            "--cache", str(WHEEL_CACHE), "--client-wheel", str(client_wheel), "--compress-level", "1"],
-                           capture_output=True, text=True)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_client.cli",
+            "bundle",
+            "--artifacts",
+            str(minilm_bundles),
+            "--config",
+            str(config),
+            "--placeholder",
+            "--slim",
+            "-o",
+            str(archive),
+            "--cache",
+            str(WHEEL_CACHE),
+            "--client-wheel",
+            str(client_wheel),
+            "--compress-level",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     src = extract(archive, tmp_path / "unpacked")
     doc = json.loads((src / "BUNDLE-MANIFEST.json").read_text())
@@ -430,23 +568,35 @@ def test_slim_placeholder_bundle_installs_offline_and_is_provisioned_after(tmp_p
     data.write_text("".join(json.dumps({"text": f"story {i}", "label": "tech"}) + "\n" for i in range(4)))
     prefix = tmp_path / "edge"
     base_python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    install = subprocess.run(offline + ["sh", str(src / "install.sh")], capture_output=True, text=True,
-                             env=device_env(PREFIX=str(prefix), PYTHON=base_python, DATA=str(data)))
+    install = subprocess.run(
+        offline + ["sh", str(src / "install.sh")],
+        capture_output=True,
+        text=True,
+        env=device_env(PREFIX=str(prefix), PYTHON=base_python, DATA=str(data)),
+    )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
     assert "PROVISIONED=no" in (prefix / "install.env").read_text()
     py, edge = prefix / "venv" / "bin" / "python", prefix / "venv" / "bin" / "fedlora-edge"
-    step = subprocess.run([str(py), "-m", "edge_client.probe", str(prefix / "artifacts"), "--batch", "2", "--seq", "16",
-                           "--steps", "1"], capture_output=True, text=True, cwd=tmp_path, env=device_env())
+    step = subprocess.run(
+        [str(py), "-m", "edge_client.probe", str(prefix / "artifacts"), "--batch", "2", "--seq", "16", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=device_env(),
+    )
     assert step.returncode == 0, step.stderr[-3000:]
     result = json.loads(step.stdout)
     assert result["rank"] == 2 and result["torch_loaded"] is False and 50 * 2**20 < result["peak_rss_bytes"]
 
-    unprovisioned = subprocess.run([str(edge), "doctor"], capture_output=True, text=True, cwd=tmp_path, env=device_env())
+    unprovisioned = subprocess.run(
+        [str(edge), "doctor"], capture_output=True, text=True, cwd=tmp_path, env=device_env()
+    )
     assert unprovisioned.returncode == 1 and re.search(r"^FAIL\s+config\s+.*device_id", unprovisioned.stdout, re.M)
     with open(prefix / "config" / "credentials.env", "a") as fh:
         fh.write("FEDLORA_DEVICE_DEVICE_ID=edge-42\n")
-    provisioned = subprocess.run([str(edge), "doctor", "--timeout", "2"], capture_output=True, text=True, cwd=tmp_path,
-                                 env=device_env())
+    provisioned = subprocess.run(
+        [str(edge), "doctor", "--timeout", "2"], capture_output=True, text=True, cwd=tmp_path, env=device_env()
+    )
     failed = re.findall(r"^FAIL\s+(\w+)", provisioned.stdout, re.M)
     assert failed == ["broker"], provisioned.stdout  # nothing listens on port 9: the only failure
     assert re.search(r"^OK\s+config\s+.*device edge-42", provisioned.stdout, re.M)
@@ -456,8 +606,14 @@ def test_slim_placeholder_bundle_installs_offline_and_is_provisioned_after(tmp_p
 def test_an_ort_wheel_file_is_bundled_in_place_of_the_pypi_requirement(tmp_path, minilm_bundle, client_wheel):
     """The --ort-wheel plumbing, with the PyPI wheel as the "from-source" file (no aarch64 here)."""
     from core.bundle import sha256_file
-    from edge_client.flashing.build import (DEFAULT_PLATFORM, BundleOptions, fetch_wheelhouse, plan_download,
-                                            stage_bundle, wheel_requirements)
+    from edge_client.flashing.build import (
+        DEFAULT_PLATFORM,
+        BundleOptions,
+        fetch_wheelhouse,
+        plan_download,
+        stage_bundle,
+        wheel_requirements,
+    )
 
     reqs, tags = plan_download(wheel_requirements(client_wheel), DEFAULT_PLATFORM)
     ort = next(fetch_wheelhouse(reqs, tags, "3.11", ROOT / "constraints.txt", WHEEL_CACHE).glob("onnxruntime*.whl"))
@@ -466,9 +622,24 @@ def test_an_ort_wheel_file_is_bundled_in_place_of_the_pypi_requirement(tmp_path,
     shutil.copyfile(ort, local)
     config = tmp_path / "device.json"
     config.write_text(json.dumps({"device_id": "arm-1", "bundle": "x", "data": "/srv/d.csv"}))
-    doc = stage_bundle(BundleOptions(minilm_bundle, config, tmp_path / "o.tgz", ort_wheel=local, slim=True,
-                                     client_wheel=client_wheel, cache_dir=WHEEL_CACHE), tmp_path / "stage")
+    doc = stage_bundle(
+        BundleOptions(
+            minilm_bundle,
+            config,
+            tmp_path / "o.tgz",
+            ort_wheel=local,
+            slim=True,
+            client_wheel=client_wheel,
+            cache_dir=WHEEL_CACHE,
+        ),
+        tmp_path / "stage",
+    )
     assert doc["target"]["custom_ort_wheel"] and f"wheelhouse/{ort.name}" in doc["files"]
     assert doc["files"][f"wheelhouse/{ort.name}"]["sha256"] == sha256_file(local)
-    assert sorted(w["name"] for w in doc["wheels"]) == ["fedlora", "numpy", "onnxruntime-training-cpu", "paho-mqtt",
-                                                         "tokenizers"]
+    assert sorted(w["name"] for w in doc["wheels"]) == [
+        "fedlora",
+        "numpy",
+        "onnxruntime-training-cpu",
+        "paho-mqtt",
+        "tokenizers",
+    ]

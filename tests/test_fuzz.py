@@ -58,22 +58,31 @@ KNOWN: tuple[tuple[str, str, str], ...] = ()
 
 
 def _unknown(findings: list[dict]) -> list[dict]:
-    return [f for f in findings if not any(f["target"] == target and f["type"] == kind and (text in f["where"] or text in f["message"])
-                                           for target, kind, text in KNOWN)]
+    return [
+        f
+        for f in findings
+        if not any(
+            f["target"] == target and f["type"] == kind and (text in f["where"] or text in f["message"])
+            for target, kind, text in KNOWN
+        )
+    ]
 
 
 def test_fuzz_sample_over_every_target_raises_only_protocol_error():
     t0 = time.perf_counter()
-    results = fb.run(inputs=3300, seed=1234, slow_s=2.0, alarm_s=10, trace_every=0, bomb_mb=8, amplify=False,
-                     full=False, quiet=True)
+    results = fb.run(
+        inputs=3300, seed=1234, slow_s=2.0, alarm_s=10, trace_every=0, bomb_mb=8, amplify=False, full=False, quiet=True
+    )
     assert set(results["targets"]) == set(fb.make_targets(fb.Corpus()))
     for name, s in results["targets"].items():
         assert s["inputs"] == 300, name
         assert s["refused"] > 0, f"{name}: nothing was refused; the generators do not reach the parser"
     assert results["targets"]["envelope"]["accepted"] > 0  # valid and resealed envelopes decode
     unknown = _unknown(results["findings"])
-    assert not unknown, "\n".join(f"{f['target']} {f['kind']} {f['type']} at {f['where']}: {f['message']}; "
-                                  f"input {f['input_repr']}" for f in unknown)
+    assert not unknown, "\n".join(
+        f"{f['target']} {f['kind']} {f['type']} at {f['where']}: {f['message']}; input {f['input_repr']}"
+        for f in unknown
+    )
     assert time.perf_counter() - t0 < 60
 
 
@@ -105,8 +114,16 @@ def test_harness_reports_a_planted_foreign_exception():
             raise ConfigError("a FedloraError, but not a ProtocolError: still a finding")
         raise ProtocolError("refused")
 
-    results = fb.run(inputs=400, targets=["planted"], extra={"planted": _planted(call)}, trace_every=0, alarm_s=0,
-                     bomb_mb=1, amplify=False, quiet=True)
+    results = fb.run(
+        inputs=400,
+        targets=["planted"],
+        extra={"planted": _planted(call)},
+        trace_every=0,
+        alarm_s=0,
+        bomb_mb=1,
+        amplify=False,
+        quiet=True,
+    )
     s = results["targets"]["planted"]
     types = {f["type"]: f for f in results["findings"]}
     assert set(types) == {"KeyError", "ConfigError"}
@@ -129,8 +146,17 @@ def test_harness_reports_slow_inputs_and_cuts_off_hangs():
         raise ProtocolError("refused")
 
     planted = fb.Target("planted", 1, lambda rng: ("fixed", next(inputs)), call)
-    results = fb.run(inputs=8, targets=["planted"], extra={"planted": planted}, slow_s=0.2, alarm_s=1,
-                     trace_every=0, bomb_mb=1, amplify=False, quiet=True)
+    results = fb.run(
+        inputs=8,
+        targets=["planted"],
+        extra={"planted": planted},
+        slow_s=0.2,
+        alarm_s=1,
+        trace_every=0,
+        bomb_mb=1,
+        amplify=False,
+        quiet=True,
+    )
     found = {f["kind"]: f for f in results["findings"]}
     assert set(found) == {"slow", "hang"}
     assert found["slow"]["input_repr"] == "b'slow'" and found["hang"]["input_repr"] == "b'hang'"
@@ -168,9 +194,19 @@ def test_frozen_changes_with_disagreeing_shapes_are_refused():
     )
 
     weight = "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight"
-    env = Envelope("global", "job1", 9, "aggregator", 8, "fp32", {
-        "base_delta/" + weight: np.zeros((2, 2), np.float32), "base_a/" + weight: np.zeros((1, 3), np.float32),
-        "base_b/" + weight: np.zeros((2, 1), np.float32)})  # all within for_global's (384, 384); B @ A is (2, 3)
+    env = Envelope(
+        "global",
+        "job1",
+        9,
+        "aggregator",
+        8,
+        "fp32",
+        {
+            "base_delta/" + weight: np.zeros((2, 2), np.float32),
+            "base_a/" + weight: np.zeros((1, 3), np.float32),
+            "base_b/" + weight: np.zeros((2, 1), np.float32),
+        },
+    )  # all within for_global's (384, 384); B @ A is (2, 3)
     tensors = decode_envelope(encode_envelope(env), EnvelopeLimits.for_global(fb.SHAPES)).tensors
     with pytest.raises(ProtocolError, match="disagrees"):
         frozen_changes(tensors)
@@ -199,11 +235,23 @@ def test_an_envelope_without_limits_cannot_amplify():
 
     one = bytes([2, 0]) + b"\0\0\x80?"  # topk1e-9 of 2**26 values: k = 1, a u8 gap of 0, the value 1.0
     count = 8
-    header = {"v": 1, "kind": "global", "job": "job1", "round": 1, "sender": "aggregator", "rank": 8,
-              "codec": "topk1e-9", "num_examples": 0, "metrics": {}, "base_version": 0,
-              "tensors": [{"name": f"t{i}", "shape": [1 << 26], "dtype": "float32", "nbytes": len(one), "meta": {}}
-                          for i in range(count)],
-              "body_sha256": hashlib.sha256(one * count).hexdigest()}
+    header = {
+        "v": 1,
+        "kind": "global",
+        "job": "job1",
+        "round": 1,
+        "sender": "aggregator",
+        "rank": 8,
+        "codec": "topk1e-9",
+        "num_examples": 0,
+        "metrics": {},
+        "base_version": 0,
+        "tensors": [
+            {"name": f"t{i}", "shape": [1 << 26], "dtype": "float32", "nbytes": len(one), "meta": {}}
+            for i in range(count)
+        ],
+        "body_sha256": hashlib.sha256(one * count).hexdigest(),
+    }
     raw = json.dumps(header).encode()
     payload = ENVELOPE_MAGIC + len(raw).to_bytes(4, "little") + raw + one * count
     try:
@@ -217,16 +265,58 @@ def test_an_envelope_without_limits_cannot_amplify():
 
 # -- properties --------------------------------------------------------------------------------
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FIELD_NAMES = ("v", "state", "rank", "num_examples", "model_id", "round", "result", "reason", "detail", "msg_id", "count",
-               "missing", "job", "global_version", "completed", "rounds", "deadline", "selected", "codec", "head_codec",
-               "strategy", "train", "name", "trains_a", "prune_threshold", "local_steps", "batch_size", "lr",
-               "lr_rank_power", "kind", "sender", "tensors", "shape", "dtype", "nbytes", "meta", "metrics",
-               "base_version", "body_sha256")
+FIELD_NAMES = (
+    "v",
+    "state",
+    "rank",
+    "num_examples",
+    "model_id",
+    "round",
+    "result",
+    "reason",
+    "detail",
+    "msg_id",
+    "count",
+    "missing",
+    "job",
+    "global_version",
+    "completed",
+    "rounds",
+    "deadline",
+    "selected",
+    "codec",
+    "head_codec",
+    "strategy",
+    "train",
+    "name",
+    "trains_a",
+    "prune_threshold",
+    "local_steps",
+    "batch_size",
+    "lr",
+    "lr_rank_power",
+    "kind",
+    "sender",
+    "tensors",
+    "shape",
+    "dtype",
+    "nbytes",
+    "meta",
+    "metrics",
+    "base_version",
+    "body_sha256",
+)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=40)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=40)
     | st.sampled_from(["online", "offline", "accepted", "incomplete", "open", "update", "float32", "fp32", "int8"]),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8),
-                                                                     children, max_size=8),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8), children, max_size=8)
+    ),
     max_leaves=20,
 )
 json_objects = st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=14)
@@ -246,8 +336,16 @@ def _header(payload: bytes):
 @PROPERTY
 @given(payload=st.binary(max_size=3000))
 def test_any_bytes_reach_every_parser_and_only_protocol_error_comes_out(payload):
-    for fn in (parse_status, parse_ack, parse_announcement, _header, parse_chunk, decode_envelope,
-               lambda b: decode_envelope(b, fb.LIMITS_UPDATE), lambda b: decode_envelope(b, fb.LIMITS_GLOBAL)):
+    for fn in (
+        parse_status,
+        parse_ack,
+        parse_announcement,
+        _header,
+        parse_chunk,
+        decode_envelope,
+        lambda b: decode_envelope(b, fb.LIMITS_UPDATE),
+        lambda b: decode_envelope(b, fb.LIMITS_GLOBAL),
+    ):
         _only_protocol_error(fn, payload)
 
 
@@ -268,8 +366,11 @@ def test_envelopes_with_any_length_word_raise_only_protocol_error(word, rest, co
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=st.sampled_from(fb.SPECS), data=st.binary(max_size=700),
-       shape=st.lists(st.integers(0, 70), max_size=3).map(tuple))
+@given(
+    spec=st.sampled_from(fb.SPECS),
+    data=st.binary(max_size=700),
+    shape=st.lists(st.integers(0, 70), max_size=3).map(tuple),
+)
 def test_any_bytes_to_any_codec_raise_only_protocol_error(spec, data, shape):
     from core.codecs import get_codec
 
@@ -282,6 +383,9 @@ def test_frozen_changes_refuses_a_product_beyond_a_tensors_limit_before_building
     from core.protocol import BASE_A_PREFIX, BASE_B_PREFIX, frozen_changes
 
     # 16 GiB if it were built: refused from the shapes alone.
-    tensors = {BASE_A_PREFIX + "w": np.ones((1, 1 << 16), np.float32), BASE_B_PREFIX + "w": np.ones((1 << 16, 1), np.float32)}
+    tensors = {
+        BASE_A_PREFIX + "w": np.ones((1, 1 << 16), np.float32),
+        BASE_B_PREFIX + "w": np.ones((1 << 16, 1), np.float32),
+    }
     with pytest.raises(ProtocolError, match="exceeds"):
         frozen_changes(tensors)

@@ -18,12 +18,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helm_tools import CHART, helm_binary, readme_with_table, undocumented
+
 from server.config import STRATEGIES, ServerConfig
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
 
-VALUE_SETS = {"default": None, **{p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))}}
+VALUE_SETS = {
+    "default": None,
+    **{p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))},
+}
 KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")  # the chart's kubeVersion floor, and the newest schemas
 NAMESPACE = "fedlora"
 
@@ -139,34 +142,69 @@ def test_schema_rejects_wrong_values(values, tmp_path):
     assert WRONG_VALUES[values] in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["replicaCount=3"], "ReadWriteMany"),
-    (["replicaCount=2", "persistence.accessModes={ReadWriteMany}", "leaderElection.enabled=false"], "needs leaderElection.enabled"),
-    (["leaderElection.renewDeadline=20"], "renewDeadline must be less than"),
-    (["broker.enabled=false"], "set config.broker.url"),
-    (["bundle.existingClaim="], "needs its artifact bundle"),
-    # broker settings that cannot work together
-    (["config.broker.url=mqtts://emqx.mqtt.svc:8883"], "names an external broker while broker.enabled deploys the bundled one"),
-    (["broker.enabled=false", "config.broker.url=mqtts://emqx:8883", "broker.auth.users[0].username=dev1",
-      "broker.auth.users[0].password=p"], "configure the bundled broker, which is off"),
-    (["broker.tls.enabled=false", "broker.plain=true", "config.broker.url=mqtts://rel-fedlora-aggregator-broker:8883"],
-     "is TLS but the bundled broker does not serve TLS"),
-    (["config.broker.url=mqtt://rel-fedlora-aggregator-broker.fedlora.svc:1883"],
-     "is plain MQTT but the bundled broker serves only TLS"),
-    (["config.broker.url=mqtts://rel-fedlora-aggregator-broker:1883"], "names port 1883, but the bundled broker serves TLS on 8883"),
-    (["broker.tls.enabled=false"], "the bundled broker needs a listener"),
-    (["broker.tls.requireClientCertificate=true"], "the aggregator needs a client certificate too"),
-    (["broker.tls.requireClientCertificate=true", "mqtt.tls.clientCertSecret=agg-cert", "broker.plain=true"],
-     "would skip the certificate check on the plain listener"),
-    (["broker.tls.requireClientCertificate=true", "broker.tls.enabled=false", "broker.plain=true"],
-     "requireClientCertificate needs broker.tls.enabled"),
-    (["broker.tls.enabled=false", "broker.plain=true", "mqtt.tls.clientCertSecret=agg-cert"],
-     "the aggregator connects without TLS"),
-    (["broker.auth.allowAnonymous=true"], "Mosquitto refuses every client without a user name"),
-    (["broker.auth.users[0].username=fedlora-aggregator", "broker.auth.users[0].password=p"],
-     "the aggregator's user name (mqtt.auth.username)"),
-    (["config.job=a%u"], "the bundled broker's ACL patterns would read"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["replicaCount=3"], "ReadWriteMany"),
+        (
+            ["replicaCount=2", "persistence.accessModes={ReadWriteMany}", "leaderElection.enabled=false"],
+            "needs leaderElection.enabled",
+        ),
+        (["leaderElection.renewDeadline=20"], "renewDeadline must be less than"),
+        (["broker.enabled=false"], "set config.broker.url"),
+        (["bundle.existingClaim="], "needs its artifact bundle"),
+        # broker settings that cannot work together
+        (
+            ["config.broker.url=mqtts://emqx.mqtt.svc:8883"],
+            "names an external broker while broker.enabled deploys the bundled one",
+        ),
+        (
+            [
+                "broker.enabled=false",
+                "config.broker.url=mqtts://emqx:8883",
+                "broker.auth.users[0].username=dev1",
+                "broker.auth.users[0].password=p",
+            ],
+            "configure the bundled broker, which is off",
+        ),
+        (
+            [
+                "broker.tls.enabled=false",
+                "broker.plain=true",
+                "config.broker.url=mqtts://rel-fedlora-aggregator-broker:8883",
+            ],
+            "is TLS but the bundled broker does not serve TLS",
+        ),
+        (
+            ["config.broker.url=mqtt://rel-fedlora-aggregator-broker.fedlora.svc:1883"],
+            "is plain MQTT but the bundled broker serves only TLS",
+        ),
+        (
+            ["config.broker.url=mqtts://rel-fedlora-aggregator-broker:1883"],
+            "names port 1883, but the bundled broker serves TLS on 8883",
+        ),
+        (["broker.tls.enabled=false"], "the bundled broker needs a listener"),
+        (["broker.tls.requireClientCertificate=true"], "the aggregator needs a client certificate too"),
+        (
+            ["broker.tls.requireClientCertificate=true", "mqtt.tls.clientCertSecret=agg-cert", "broker.plain=true"],
+            "would skip the certificate check on the plain listener",
+        ),
+        (
+            ["broker.tls.requireClientCertificate=true", "broker.tls.enabled=false", "broker.plain=true"],
+            "requireClientCertificate needs broker.tls.enabled",
+        ),
+        (
+            ["broker.tls.enabled=false", "broker.plain=true", "mqtt.tls.clientCertSecret=agg-cert"],
+            "the aggregator connects without TLS",
+        ),
+        (["broker.auth.allowAnonymous=true"], "Mosquitto refuses every client without a user name"),
+        (
+            ["broker.auth.users[0].username=fedlora-aggregator", "broker.auth.users[0].password=p"],
+            "the aggregator's user name (mqtt.auth.username)",
+        ),
+        (["config.job=a%u"], "the bundled broker's ACL patterns would read"),
+    ],
+)
 def test_inconsistent_values_fail_with_a_message(sets, message):
     args = ["template", "rel", str(CHART), "--namespace", NAMESPACE]
     for s in sets:
@@ -177,8 +215,9 @@ def test_inconsistent_values_fail_with_a_message(sets, message):
 
 def test_schema_knows_the_aggregator_strategies():
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert sorted(schema["properties"]["config"]["properties"]["strategy"]["enum"]) == sorted(STRATEGIES), \
+    assert sorted(schema["properties"]["config"]["properties"]["strategy"]["enum"]) == sorted(STRATEGIES), (
         "server/config.py STRATEGIES changed: update config.strategy's enum in values.schema.json"
+    )
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -194,12 +233,16 @@ def test_rendered_config_is_a_valid_server_config(rendered, name):
     assert cfg.kubernetes.lease_name == "rel-fedlora-aggregator"
 
 
-@pytest.mark.parametrize("name, setting", [(n, i) for n, c in STRATEGY_CLASSES.items() for i in c.Settings.declared()],
-                         ids=lambda v: v if isinstance(v, str) else v.name)
+@pytest.mark.parametrize(
+    "name, setting",
+    [(n, i) for n, c in STRATEGY_CLASSES.items() for i in c.Settings.declared()],
+    ids=lambda v: v if isinstance(v, str) else v.name,
+)
 def test_every_strategy_setting_reaches_the_aggregator_through_the_chart(tmp_path, name, setting):
     """Walks the strategies' declarations: a new setting is covered with no change to the chart."""
-    from core.config import build
     from test_strategy_settings import other_value
+
+    from core.config import build
 
     value = other_value(setting)
     values = tmp_path / "values.yaml"
@@ -212,10 +255,14 @@ def test_every_strategy_setting_reaches_the_aggregator_through_the_chart(tmp_pat
 def test_device_limits_reach_the_aggregator_config():
     from core.config import build
 
-    config = server_yaml(render(None, "config.device_limits.messages_per_s=20", "config.device_limits.byte_burst=1048576"))
+    config = server_yaml(
+        render(None, "config.device_limits.messages_per_s=20", "config.device_limits.byte_burst=1048576")
+    )
     assert config["device_limits"] == {"messages_per_s": 20, "byte_burst": 1048576}
     limits = build(ServerConfig, config, where="server.yaml").device_limits
-    assert limits.messages_per_s == 20 and limits.byte_burst == 1 << 20 and limits.partials_per_device == 2  # the rest: defaults
+    assert (
+        limits.messages_per_s == 20 and limits.byte_burst == 1 << 20 and limits.partials_per_device == 2
+    )  # the rest: defaults
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -243,7 +290,10 @@ def test_probes_hit_the_aggregators_real_endpoints(rendered):
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     service = find(docs, "Service", "rel-fedlora-aggregator")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
-    assert service["spec"]["selector"] == find(docs, "Deployment", "rel-fedlora-aggregator")["spec"]["selector"]["matchLabels"]
+    assert (
+        service["spec"]["selector"]
+        == find(docs, "Deployment", "rel-fedlora-aggregator")["spec"]["selector"]["matchLabels"]
+    )
     env = {e["name"]: e for e in c["env"]}
     assert env["FEDLORA_KUBERNETES_IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["FEDLORA_BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "rel-fedlora-aggregator-mqtt"
@@ -256,8 +306,10 @@ def test_probes_hit_the_aggregators_real_endpoints(rendered):
 
 def test_rbac_grants_exactly_the_lease_and_event_verbs(rendered):
     role = find(rendered["default"], "Role")
-    rules = sorted((tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r.get("resourceNames", ())), tuple(r["verbs"]))
-                   for r in role["rules"])
+    rules = sorted(
+        (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r.get("resourceNames", ())), tuple(r["verbs"]))
+        for r in role["rules"]
+    )
     assert rules == [
         (("",), ("events",), (), ("create",)),
         (("coordination.k8s.io",), ("leases",), (), ("create",)),
@@ -304,7 +356,11 @@ def test_broker_tls_value_set_wires_tls_end_to_end(rendered):
     service = find(docs, "Service", "rel-fedlora-aggregator-broker")
     assert [p["port"] for p in service["spec"]["ports"]] == [8883] and service["spec"]["type"] == "LoadBalancer"
     secret = find(docs, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]
-    assert secret["passwords"].split() == ["fedlora-aggregator:aggregator-s3cret", "dev001:s3cret-one", "dev002:s3cret-two"]
+    assert secret["passwords"].split() == [
+        "fedlora-aggregator:aggregator-s3cret",
+        "dev001:s3cret-one",
+        "dev002:s3cret-two",
+    ]
 
 
 def test_monitoring_value_set_scrapes_alerts_and_dashboards(rendered, tmp_path):
@@ -313,7 +369,9 @@ def test_monitoring_value_set_scrapes_alerts_and_dashboards(rendered, tmp_path):
     monitor = find(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}]
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
     assert set(monitor["spec"]) == {"selector", "namespaceSelector", "endpoints"}
 
     rule = find(docs, "PrometheusRule")
@@ -324,12 +382,16 @@ def test_monitoring_value_set_scrapes_alerts_and_dashboards(rendered, tmp_path):
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
     out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     alerts = sum(len(g["rules"]) for g in rule["spec"]["groups"])
-    assert alerts == 7 and out.returncode == 0 and f"SUCCESS: {alerts} rules found" in out.stdout, out.stdout + out.stderr
+    assert alerts == 7 and out.returncode == 0 and f"SUCCESS: {alerts} rules found" in out.stdout, (
+        out.stdout + out.stderr
+    )
 
     dashboard = find(docs, "ConfigMap", "rel-fedlora-aggregator-dashboard")
     assert dashboard["metadata"]["namespace"] == "monitoring"
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["fedlora-aggregator.json"]) == json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["fedlora-aggregator.json"]) == json.loads(
+        (CHART / "files" / "dashboard.json").read_text()
+    )
     assert not [d for d in rendered["default"] if d["kind"] in ("ServiceMonitor", "PrometheusRule")]
 
 
@@ -339,8 +401,9 @@ def test_notes_tell_the_operator_how_to_reach_metrics(tmp_path):
     shutil.copytree(CHART, chart)
     shutil.copy(chart / "templates" / "NOTES.txt", chart / "files" / "notes.txt")
     (chart / "templates" / "zz-notes.yaml").write_text(
-        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n'
-        '  notes: {{ tpl (.Files.Get "files/notes.txt") . | toJson }}\n')
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ tpl (.Files.Get "files/notes.txt") . | toJson }}\n'
+    )
     for name, values in VALUE_SETS.items():
         notes = find(render(values, chart=chart), "ConfigMap", "notes")["data"]["notes"]
         assert "kubectl -n fedlora port-forward svc/rel-fedlora-aggregator 9100:9100" in notes, name
@@ -404,7 +467,11 @@ def test_default_broker_is_tls_only_with_a_generated_ca_the_aggregator_trusts(re
     # The broker pod mounts the certificate and the CA, never the CA's key.
     broker = find(docs, "Deployment", BROKER)["spec"]["template"]["spec"]
     certs = {v["name"]: v for v in broker["volumes"]}["certs"]["secret"]
-    assert certs["secretName"] == BROKER_TLS and sorted(i["key"] for i in certs["items"]) == ["ca.crt", "tls.crt", "tls.key"]
+    assert certs["secretName"] == BROKER_TLS and sorted(i["key"] for i in certs["items"]) == [
+        "ca.crt",
+        "tls.crt",
+        "tls.key",
+    ]
     # The aggregator connects over TLS by the Service name and verifies with that CA.
     config = server_yaml(docs)
     assert config["broker"]["url"] == f"mqtts://{BROKER}:8883"
@@ -435,28 +502,45 @@ def test_default_acl_pins_devices_and_the_aggregator_to_their_topics(rendered):
 def test_consistent_broker_variants_render(tmp_path):
     # The bundled broker named explicitly, by its short or full name.
     for url in (f"mqtts://{BROKER}:8883", f"mqtts://{BROKER}.{NAMESPACE}.svc.cluster.local:8883"):
-        assert server_yaml(render(None, f"config.broker.url={url}"))["broker"]["ca_file"] == "/etc/fedlora/mqtt-ca/ca.crt"
+        assert (
+            server_yaml(render(None, f"config.broker.url={url}"))["broker"]["ca_file"] == "/etc/fedlora/mqtt-ca/ca.crt"
+        )
     # Anonymous clients, once client ids are not taken from user names.
-    conf = find(render(None, "broker.auth.allowAnonymous=true", "broker.auth.useUsernameAsClientId=false"),
-                "ConfigMap", BROKER)["data"]["mosquitto.conf"]
-    assert "allow_anonymous true" in conf and not [line for line in acl_lines(conf) if "use_username_as_clientid" in line]
+    conf = find(
+        render(None, "broker.auth.allowAnonymous=true", "broker.auth.useUsernameAsClientId=false"), "ConfigMap", BROKER
+    )["data"]["mosquitto.conf"]
+    assert "allow_anonymous true" in conf and not [
+        line for line in acl_lines(conf) if "use_username_as_clientid" in line
+    ]
     # Client certificates: the broker requires them and the aggregator presents one.
     docs = render(None, "broker.tls.requireClientCertificate=true", "mqtt.tls.clientCertSecret=agg-cert")
     conf = find(docs, "ConfigMap", BROKER)["data"]["mosquitto.conf"]
     assert "require_certificate true" in conf and "cafile /mosquitto/certs/ca.crt" in conf
     broker = server_yaml(docs)["broker"]
-    assert broker["cert_file"] == "/etc/fedlora/mqtt-client/tls.crt" and broker["key_file"] == "/etc/fedlora/mqtt-client/tls.key"
+    assert (
+        broker["cert_file"] == "/etc/fedlora/mqtt-client/tls.crt"
+        and broker["key_file"] == "/etc/fedlora/mqtt-client/tls.key"
+    )
     # Plain MQTT next to TLS, and the certificate's extra names.
-    docs = render(None, "broker.plain=true", "broker.tls.generated.dnsNames={mqtt.example.com}",
-                  "broker.tls.generated.ipAddresses={203.0.113.7}")
+    docs = render(
+        None,
+        "broker.plain=true",
+        "broker.tls.generated.dnsNames={mqtt.example.com}",
+        "broker.tls.generated.ipAddresses={203.0.113.7}",
+    )
     conf = find(docs, "ConfigMap", BROKER)["data"]["mosquitto.conf"]
     assert "listener 1883" in conf and "listener 8883" in conf
     secret = find(docs, "Secret", BROKER_TLS)
     for name in ("mqtt.example.com", "203.0.113.7", BROKER):
         from helm_tools import tls_handshake
 
-        tls_handshake(secret_text(secret, "tls.crt"), secret_text(secret, "tls.key"), secret_text(secret, "ca.crt"),
-                      name, tmp_path)
+        tls_handshake(
+            secret_text(secret, "tls.crt"),
+            secret_text(secret, "tls.key"),
+            secret_text(secret, "ca.crt"),
+            name,
+            tmp_path,
+        )
     # The operator's own certificate: no Secret generated.
     docs = render(None, "broker.tls.existingSecret=my-cert")
     assert not [d for d in docs if d["metadata"]["name"] == BROKER_TLS]
@@ -480,8 +564,10 @@ def test_generated_ca_and_passwords_are_kept_across_upgrades(tmp_path):
 
         upgrade = render(None, kubeconfig=kubeconfig)
         assert find(upgrade, "Secret", BROKER_TLS)["data"] == tls["data"]  # same CA, same certificate
-        assert find(upgrade, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]["password"] == \
-            mqtt_secret["stringData"]["password"]
+        assert (
+            find(upgrade, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]["password"]
+            == mqtt_secret["stringData"]["password"]
+        )
 
         renamed = render(None, "broker.tls.generated.dnsNames={mqtt.example.com}", kubeconfig=kubeconfig)
         new = find(renamed, "Secret", BROKER_TLS)
@@ -510,12 +596,16 @@ class RenderedBroker:
         data = find(docs, "ConfigMap", BROKER)["data"]
         (workdir / "secret").mkdir()
         (workdir / "secret" / "passwords").write_text(
-            find(docs, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]["passwords"])
+            find(docs, "Secret", "rel-fedlora-aggregator-mqtt")["stringData"]["passwords"]
+        )
         passwd = workdir / "passwd"
         pod = find(docs, "Deployment", BROKER)["spec"]["template"]["spec"]
         (init,) = pod["initContainers"]
-        script = init["command"][-1].replace("/secret/passwords", str(workdir / "secret" / "passwords")) \
+        script = (
+            init["command"][-1]
+            .replace("/secret/passwords", str(workdir / "secret" / "passwords"))
             .replace("/mosquitto/auth/passwd", str(passwd))
+        )
         subprocess.run([*init["command"][:-1], script], check=True)  # the init container's own script
         self.hashed = passwd.read_text()
         (workdir / "acl").write_text(data["acl"])
@@ -527,17 +617,23 @@ class RenderedBroker:
             (certs / item["path"]).write_text(secret_text(tls, item["key"]))
         self.ca_file = certs / "ca.crt"
         self.port = free_port()
-        conf = data["mosquitto.conf"].replace("/mosquitto/auth/passwd", str(passwd)) \
-            .replace("/mosquitto/config/acl", str(workdir / "acl")).replace("/mosquitto/data/", f"{workdir}/") \
-            .replace("/mosquitto/certs/", f"{certs}/").replace("listener 8883", f"listener {self.port} 127.0.0.1")
+        conf = (
+            data["mosquitto.conf"]
+            .replace("/mosquitto/auth/passwd", str(passwd))
+            .replace("/mosquitto/config/acl", str(workdir / "acl"))
+            .replace("/mosquitto/data/", f"{workdir}/")
+            .replace("/mosquitto/certs/", f"{certs}/")
+            .replace("listener 8883", f"listener {self.port} 127.0.0.1")
+        )
         if os.geteuid() == 0:
             conf = "user root\n" + conf
         (workdir / "mosquitto.conf").write_text(conf)
         self.conf = conf
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log = open(workdir / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen([binary, "-c", str(workdir / "mosquitto.conf")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(workdir / "mosquitto.conf")], stdout=self.log, stderr=subprocess.STDOUT
+        )
         self.links = []
         deadline = time.monotonic() + 10
         while True:
@@ -547,20 +643,32 @@ class RenderedBroker:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.close()
-                    raise AssertionError(f"mosquitto did not start: {self.log_text()}")
+                    raise AssertionError(f"mosquitto did not start: {self.log_text()}") from None
                 time.sleep(0.02)
 
     def log_text(self) -> str:
         return (self.workdir / "mosquitto.log").read_text(errors="replace")
 
-    def link(self, user: str, password: str, client_id: str, protocol: str = "5", ca_file: Path | None | str = "",
-             host: str = "127.0.0.1"):
+    def link(
+        self,
+        user: str,
+        password: str,
+        client_id: str,
+        protocol: str = "5",
+        ca_file: Path | None | str = "",
+        host: str = "127.0.0.1",
+    ):
         """A connected MqttLink (the devices' and the aggregator's own client) over TLS."""
         from core.transport import BrokerConfig, MqttLink
 
-        cfg = BrokerConfig(url=f"mqtts://{host}:{self.port}", protocol=protocol, username=user, password=password,
-                           ca_file=str(self.ca_file if ca_file == "" else ca_file) if ca_file is not None else None,
-                           connect_timeout=5)
+        cfg = BrokerConfig(
+            url=f"mqtts://{host}:{self.port}",
+            protocol=protocol,
+            username=user,
+            password=password,
+            ca_file=str(self.ca_file if ca_file == "" else ca_file) if ca_file is not None else None,
+            connect_timeout=5,
+        )
         link = MqttLink(cfg, client_id=client_id)
         self.links.append(link)
         return link.connect()
@@ -591,9 +699,14 @@ def drain(link, settle: float = 0.3, expect: int = 0, timeout: float = 5.0) -> l
     return got
 
 
-BROKER_USERS = ("mqtt.auth.password=agg-pass", "broker.auth.users[0].username=dev1", "broker.auth.users[0].password=pass1",
-                "broker.auth.users[1].username=dev2", "broker.auth.users[1].password=pass2",
-                "broker.tls.generated.ipAddresses={127.0.0.1}")
+BROKER_USERS = (
+    "mqtt.auth.password=agg-pass",
+    "broker.auth.users[0].username=dev1",
+    "broker.auth.users[0].password=pass1",
+    "broker.auth.users[1].username=dev2",
+    "broker.auth.users[1].password=pass2",
+    "broker.tls.generated.ipAddresses={127.0.0.1}",
+)
 
 
 def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
@@ -621,11 +734,21 @@ def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
         agg.publish(t.global_chunk(8, 0), b"global-8", retain=True).wait_for_publish(5)
         agg.publish(t.delta_chunk(8, 0), b"gdelta-8", retain=True).wait_for_publish(5)
         dev1 = broker.link("dev1", "pass1", "fedlora-default-dev1", protocol="auto")
-        for topic in (t.round, t.global_filter(8), t.delta_filter(8), t.ack("dev1"), t.ack("dev2"), t.update_filter,
-                      t.status_filter):
+        for topic in (
+            t.round,
+            t.global_filter(8),
+            t.delta_filter(8),
+            t.ack("dev1"),
+            t.ack("dev2"),
+            t.update_filter,
+            t.status_filter,
+        ):
             dev1.subscribe(topic)
-        assert sorted(drain(dev1, expect=3)) == [(t.delta_chunk(8, 0), b"gdelta-8"), (t.global_chunk(8, 0), b"global-8"),
-                                                 (t.round, b"round-1")]
+        assert sorted(drain(dev1, expect=3)) == [
+            (t.delta_chunk(8, 0), b"gdelta-8"),
+            (t.global_chunk(8, 0), b"global-8"),
+            (t.round, b"round-1"),
+        ]
         assert dev1.refused_subscriptions == {}  # Mosquitto's acl_file grants and filters at delivery
         agg.publish(t.ack("dev1"), b"ack1").wait_for_publish(5)
         agg.publish(t.ack("dev2"), b"ack2").wait_for_publish(5)
@@ -633,9 +756,15 @@ def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
 
         # (2) A device writes only its own update and status; it cannot forge another
         # device's update or the aggregator's round and global adapter.
-        for topic, payload in ((t.update("dev1"), b"mine"), (t.update("dev2"), b"forged"),
-                               (t.status("dev1"), b"online"), (t.status("dev2"), b"forged"),
-                               (t.round, b"forged"), (t.global_chunk(8, 0), b"forged"), (t.ack("dev2"), b"forged")):
+        for topic, payload in (
+            (t.update("dev1"), b"mine"),
+            (t.update("dev2"), b"forged"),
+            (t.status("dev1"), b"online"),
+            (t.status("dev2"), b"forged"),
+            (t.round, b"forged"),
+            (t.global_chunk(8, 0), b"forged"),
+            (t.ack("dev2"), b"forged"),
+        ):
             dev1.publish(topic, payload, retain=topic in (t.round, t.global_chunk(8, 0))).wait_for_publish(5)
         assert sorted(drain(agg, expect=2)) == [(t.status("dev1"), b"online"), (t.update("dev1"), b"mine")]
         dev2 = broker.link("dev2", "pass2", "fedlora-default-dev2", protocol="3.1.1")
@@ -659,7 +788,9 @@ def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
     finally:
         broker.close()
     opened = [line for line in broker.log_text().splitlines() if "listen socket on port" in line]
-    assert opened and all(f"port {broker.port}." in line for line in opened), opened  # its one listener, no default 1883
+    assert opened and all(f"port {broker.port}." in line for line in opened), (
+        opened
+    )  # its one listener, no default 1883
 
 
 def test_without_username_client_ids_a_device_account_can_kick_the_aggregator(tmp_path):

@@ -78,22 +78,44 @@ def start(command: list[str], log: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, **kw)
 
 
-def test_hostile_messages_leave_the_aggregator_and_the_device_up_across_restarts(tmp_path, minilm_bundle, mosquitto,
-                                                                                 edge_python):
+def test_hostile_messages_leave_the_aggregator_and_the_device_up_across_restarts(
+    tmp_path, minilm_bundle, mosquitto, edge_python
+):
     root = Path(__file__).resolve().parent.parent
     port = free_port()
     server_cfg = tmp_path / "server.json"
-    server_cfg.write_text(json.dumps({
-        "job": JOB, "bundle": str(minilm_bundle), "state_dir": str(tmp_path / "state"), "http_host": "127.0.0.1",
-        "http_port": port, "broker": {"url": mosquitto.url, "protocol": "3.1.1"}, "exit_when_finished": False,
-        "rounds": {"rounds": 0, "min_devices": 1, "round_timeout": 120}, "chunk_repair_after_s": 1.0,
-        "train": {"local_steps": 2, "batch_size": 4}}))
+    server_cfg.write_text(
+        json.dumps(
+            {
+                "job": JOB,
+                "bundle": str(minilm_bundle),
+                "state_dir": str(tmp_path / "state"),
+                "http_host": "127.0.0.1",
+                "http_port": port,
+                "broker": {"url": mosquitto.url, "protocol": "3.1.1"},
+                "exit_when_finished": False,
+                "rounds": {"rounds": 0, "min_devices": 1, "round_timeout": 120},
+                "chunk_repair_after_s": 1.0,
+                "train": {"local_steps": 2, "batch_size": 4},
+            }
+        )
+    )
     data = tmp_path / "local.csv"
     data.write_text("text,label\n" + "".join(f"story number {i},{BBC_LABELS[i % 5]}\n" for i in range(24)))
     device_cfg = tmp_path / "device.json"
-    device_cfg.write_text(json.dumps({
-        "device_id": "dev1", "job": JOB, "bundle": str(minilm_bundle), "data": str(data),
-        "state_dir": str(tmp_path / "device"), "threads": 1, "broker": {"url": mosquitto.url, "protocol": "3.1.1"}}))
+    device_cfg.write_text(
+        json.dumps(
+            {
+                "device_id": "dev1",
+                "job": JOB,
+                "bundle": str(minilm_bundle),
+                "data": str(data),
+                "state_dir": str(tmp_path / "device"),
+                "threads": 1,
+                "broker": {"url": mosquitto.url, "protocol": "3.1.1"},
+            }
+        )
+    )
     server_cmd = [str(Path(sys.executable).parent / "fedlora-server"), "--config", str(server_cfg)]
     device_cmd = [edge_python, "-m", "edge_client.cli", "run", "--config", str(device_cfg)]
     logs = {"server": tmp_path / "server.log", "device": tmp_path / "device.log"}
@@ -112,7 +134,9 @@ def test_hostile_messages_leave_the_aggregator_and_the_device_up_across_restarts
         hostile.retained_garbage()  # waiting on the broker before either process starts
         procs["server"] = start(server_cmd, logs["server"], cwd=root)
         procs["device"] = start(device_cmd, logs["device"], cwd=root)
-        wait_for(lambda: metric(scrape(), "fedlora_messages_refused_total") > 0, 60, "the retained garbage refused", up())
+        wait_for(
+            lambda: metric(scrape(), "fedlora_messages_refused_total") > 0, 60, "the retained garbage refused", up()
+        )
         wait_for(lambda: "round 1: training" in logs["device"].read_text(), 120, "round 1 to start training", up())
         sent = hostile.flood(tensor)
         assert sent > 500

@@ -20,8 +20,19 @@ from core.bundle import REQUIRED_FILES, Bundle, Manifest
 from core.errors import BundleError, DataError
 from edge_client.data import IGNORE_INDEX, Batch, EncodedDataset, Record
 from edge_client.instruct import (
-    ChatFormat, DataFormat, Example, InstructionEncoder, SpecialTokens, Turn, check_label_words, detect_format,
-    encode_instructions, fit_example, labeled_to_instructions, normalize_answer, read_instruction_examples,
+    ChatFormat,
+    DataFormat,
+    Example,
+    InstructionEncoder,
+    SpecialTokens,
+    Turn,
+    check_label_words,
+    detect_format,
+    encode_instructions,
+    fit_example,
+    labeled_to_instructions,
+    normalize_answer,
+    read_instruction_examples,
 )
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -32,9 +43,18 @@ say hello hi there sport tech politics match won by ten goals new phone released
 a b c d e f g h i j k l m n o p q r s t u v w x y z"""
 
 CHATML = {
-    "prompt": [["text", "<|im_start|>system\n"], ["slot", "system"], ["text", "<|im_end|>\n<|im_start|>user\n"],
-               ["slot", "user"], ["text", "<|im_end|>\n<|im_start|>assistant\n"]],
-    "prompt_no_system": [["text", "<|im_start|>user\n"], ["slot", "user"], ["text", "<|im_end|>\n<|im_start|>assistant\n"]],
+    "prompt": [
+        ["text", "<|im_start|>system\n"],
+        ["slot", "system"],
+        ["text", "<|im_end|>\n<|im_start|>user\n"],
+        ["slot", "user"],
+        ["text", "<|im_end|>\n<|im_start|>assistant\n"],
+    ],
+    "prompt_no_system": [
+        ["text", "<|im_start|>user\n"],
+        ["slot", "user"],
+        ["text", "<|im_end|>\n<|im_start|>assistant\n"],
+    ],
     "turn": [["text", "<|im_start|>user\n"], ["slot", "user"], ["text", "<|im_end|>\n<|im_start|>assistant\n"]],
     "response": [["slot", "assistant"], ["text", "<|im_end|>\n"]],
 }
@@ -53,9 +73,20 @@ def tokenizer_file(tmp_path_factory):
 
 
 def manifest(**extra) -> Manifest:
-    return Manifest(model_id="tiny", task="causal-lm", rank=2, alpha=4.0, targets=("q_proj",), max_length=64,
-                    pad_token_id=PAD, trainable=(), input_names=("input_ids", "attention_mask"), files={},
-                    labels=tuple(extra.pop("labels", ())), extra=extra)
+    return Manifest(
+        model_id="tiny",
+        task="causal-lm",
+        rank=2,
+        alpha=4.0,
+        targets=("q_proj",),
+        max_length=64,
+        pad_token_id=PAD,
+        trainable=(),
+        input_names=("input_ids", "attention_mask"),
+        files={},
+        labels=tuple(extra.pop("labels", ())),
+        extra=extra,
+    )
 
 
 def encoder(tokenizer_file, chat_format=None, max_length=64, bos=BOS, eos=EOS, add_bos=False) -> InstructionEncoder:
@@ -76,8 +107,10 @@ def write_jsonl(path, rows):
 def test_alpaca_rows_read_the_same_from_jsonl_json_and_csv(tmp_path):
     import csv
 
-    rows = [{"instruction": "say hello", "input": "", "output": "hi there"},
-            {"instruction": "what is the capital", "input": "france", "output": "paris", "system": "you are a bot"}]
+    rows = [
+        {"instruction": "say hello", "input": "", "output": "hi there"},
+        {"instruction": "what is the capital", "input": "france", "output": "paris", "system": "you are a bot"},
+    ]
     jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
     (tmp_path / "a.json").write_text(json.dumps(rows), encoding="utf-8")
     with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as fh:
@@ -86,23 +119,31 @@ def test_alpaca_rows_read_the_same_from_jsonl_json_and_csv(tmp_path):
         writer.writerows(rows)
     read = [read_instruction_examples(p) for p in (jsonl, tmp_path / "a.json", tmp_path / "a.csv")]
     for examples in read:
-        assert [e.turns for e in examples] == [(Turn("say hello", "hi there"),),
-                                               (Turn("what is the capital", "paris", context="france"),)]
+        assert [e.turns for e in examples] == [
+            (Turn("say hello", "hi there"),),
+            (Turn("what is the capital", "paris", context="france"),),
+        ]
         assert [e.system for e in examples] == ["", "you are a bot"]
     assert read[0][1].where == f"{jsonl}:2"
 
 
 def test_a_chat_keeps_its_turns_and_only_the_last_answer_is_the_response(tmp_path, tokenizer_file):
-    messages = [{"role": "system", "content": "you are a bot"}, {"role": "user", "content": "say hello"},
-                {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "capital of france"},
-                {"role": "assistant", "content": "paris"}]
+    messages = [
+        {"role": "system", "content": "you are a bot"},
+        {"role": "user", "content": "say hello"},
+        {"role": "assistant", "content": "hi there"},
+        {"role": "user", "content": "capital of france"},
+        {"role": "assistant", "content": "paris"},
+    ]
     (example,) = read_instruction_examples(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}]))
     assert example.system == "you are a bot" and example.answer == "paris"
     assert example.turns == (Turn("say hello", "hi there"), Turn("capital of france", "paris"))
     prompt, response = chatml().render(example)
-    assert prompt == ("<|im_start|>system\nyou are a bot<|im_end|>\n<|im_start|>user\nsay hello<|im_end|>\n"
-                      "<|im_start|>assistant\nhi there<|im_end|>\n<|im_start|>user\ncapital of france<|im_end|>\n"
-                      "<|im_start|>assistant\n")
+    assert prompt == (
+        "<|im_start|>system\nyou are a bot<|im_end|>\n<|im_start|>user\nsay hello<|im_end|>\n"
+        "<|im_start|>assistant\nhi there<|im_end|>\n<|im_start|>user\ncapital of france<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert response == "paris<|im_end|>\n"
 
 
@@ -135,7 +176,10 @@ BAD_ROWS = [
     (_chat(("user", "hi"), ("assistant", "hello"), ("user", "bye")), "the last message must be the assistant's"),
     (_chat(("user", "hi"), ("user", "again"), ("assistant", "x")), "message 2 has role 'user': expected 'assistant'"),
     (_chat(("assistant", "hi")), "message 1 has role 'assistant': expected 'user'"),
-    (_chat(("user", "hi"), ("system", "late"), ("assistant", "x")), "message 2 has role 'system': a system message may only come first"),
+    (
+        _chat(("user", "hi"), ("system", "late"), ("assistant", "x")),
+        "message 2 has role 'system': a system message may only come first",
+    ),
     (_chat(("system", "only")), "has a system message only"),
 ]
 
@@ -162,13 +206,16 @@ def test_labeled_records_become_instructions_naming_the_label_words():
     assert chatml().render_prompt(examples[0]).startswith(f"<|im_start|>user\n{turn.user}\n\nmatch won by ten goals")
 
 
-@pytest.mark.parametrize("words, message", [
-    (("sport", ""), "is empty"),
-    (("sport", "tech\nnews"), "spans several lines"),
-    (("sport", " tech"), "leading or trailing whitespace"),
-    (("sport", "Sport!"), "are the same answer once normalized"),
-    (("sport", "?!"), "has no letters or digits"),
-])
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (("sport", ""), "is empty"),
+        (("sport", "tech\nnews"), "spans several lines"),
+        (("sport", " tech"), "leading or trailing whitespace"),
+        (("sport", "Sport!"), "are the same answer once normalized"),
+        (("sport", "?!"), "has no letters or digits"),
+    ],
+)
 def test_label_words_that_are_not_a_single_answer_are_refused(words, message):
     with pytest.raises(DataError, match=message):
         check_label_words(words)
@@ -189,13 +236,16 @@ def test_answers_are_compared_normalized():
     assert normalize_answer("") == ""
 
 
-@pytest.mark.parametrize("row, labels, expected", [
-    ({"messages": [], "text": "x"}, (), DataFormat.CHAT),
-    ({"instruction": "a", "output": "b"}, ("x",), DataFormat.ALPACA),
-    ({"text": "a", "label": "sport"}, ("sport",), DataFormat.CLASSIFICATION),
-    ({"text": "a", "label": "sport"}, (), DataFormat.PLAIN),
-    ({"text": "a"}, ("sport",), DataFormat.PLAIN),
-])
+@pytest.mark.parametrize(
+    "row, labels, expected",
+    [
+        ({"messages": [], "text": "x"}, (), DataFormat.CHAT),
+        ({"instruction": "a", "output": "b"}, ("x",), DataFormat.ALPACA),
+        ({"text": "a", "label": "sport"}, ("sport",), DataFormat.CLASSIFICATION),
+        ({"text": "a", "label": "sport"}, (), DataFormat.PLAIN),
+        ({"text": "a"}, ("sport",), DataFormat.PLAIN),
+    ],
+)
 def test_the_format_of_a_data_file_is_detected_from_its_fields(row, labels, expected):
     assert detect_format(row, "text", "label", labels) is expected
 
@@ -222,24 +272,30 @@ def test_the_alpaca_layout_renders_earlier_turns_into_the_prompt():
     example = Example((Turn("say hello", "hi"), Turn("what is the capital", "paris", context="france")))
     assert ChatFormat.alpaca().render_prompt(example) == (
         "### Instruction:\nsay hello\n\n### Response:\nhi\n\n### Instruction:\nwhat is the capital\n\n"
-        "### Input:\nfrance\n\n### Response:\n")
+        "### Input:\nfrance\n\n### Response:\n"
+    )
 
 
 def test_a_template_without_a_system_slot_puts_the_system_message_before_the_user_message():
     spec = dict(CHATML, prompt=CHATML["prompt_no_system"])
     fmt = ChatFormat.from_manifest(manifest(chat_format=spec))
     example = Example((Turn("say hello", "hi"),), system="you are a bot")
-    assert fmt.render_prompt(example) == "<|im_start|>user\nyou are a bot\n\nsay hello<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        fmt.render_prompt(example) == "<|im_start|>user\nyou are a bot\n\nsay hello<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("chatml", "must be an object"),
-    ({k: v for k, v in CHATML.items() if k != "turn"}, "lacks turn"),
-    (dict(CHATML, response=[["slot", "assistant"], ["bold", "x"]]), "unknown part"),
-    (dict(CHATML, response=[["slot", "tool"]]), "unknown part"),
-    (dict(CHATML, prompt=[["text"]]), "malformed part"),
-    (dict(CHATML, response=[["text", "<|im_end|>"]]), "response has no assistant slot"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("chatml", "must be an object"),
+        ({k: v for k, v in CHATML.items() if k != "turn"}, "lacks turn"),
+        (dict(CHATML, response=[["slot", "assistant"], ["bold", "x"]]), "unknown part"),
+        (dict(CHATML, response=[["slot", "tool"]]), "unknown part"),
+        (dict(CHATML, prompt=[["text"]]), "malformed part"),
+        (dict(CHATML, response=[["text", "<|im_end|>"]]), "response has no assistant slot"),
+    ],
+)
 def test_a_malformed_chat_format_is_a_bundle_error(spec, message):
     with pytest.raises(BundleError, match=message):
         ChatFormat.from_manifest(manifest(chat_format=spec))
@@ -272,7 +328,9 @@ def test_special_tokens_come_from_the_manifest_else_the_tokenizer_config(tokeniz
     assert SpecialTokens.from_bundle(manifest(), tok, folder / "tokenizer.json") == SpecialTokens(BOS, EOS, False)
     given = manifest(bos_token_id=None, eos_token_id=IM_END, add_bos_token=True)
     assert SpecialTokens.from_bundle(given, tok, folder / "tokenizer.json") == SpecialTokens(None, IM_END, True)
-    assert SpecialTokens.from_bundle(manifest(), tok, tmp_path / "none" / "tokenizer.json") == SpecialTokens(None, None, False)
+    assert SpecialTokens.from_bundle(manifest(), tok, tmp_path / "none" / "tokenizer.json") == SpecialTokens(
+        None, None, False
+    )
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -281,8 +339,10 @@ def learned(data: EncodedDataset, row: int) -> list[int]:
 
 
 def test_labels_cover_exactly_the_response_tokens(tokenizer_file):
-    examples = [Example((Turn("say hello", "hi there"),), system="you are a bot"),
-                Example((Turn("say hello", "hi"), Turn("capital of france", "paris and berlin")))]
+    examples = [
+        Example((Turn("say hello", "hi there"),), system="you are a bot"),
+        Example((Turn("say hello", "hi"), Turn("capital of france", "paris and berlin"))),
+    ]
     for fmt, response_text in ((chatml(), "paris and berlin<|im_end|>\n"), (ChatFormat.alpaca(), "paris and berlin")):
         enc = encoder(tokenizer_file, fmt)
         data = encode_instructions(examples, enc)
@@ -293,12 +353,13 @@ def test_labels_cover_exactly_the_response_tokens(tokenizer_file):
         # labels[t] is ids[t + 1] on every learned position, and those are the last tokens
         assert all(labels[t] == ids[t + 1] for t in range(n - 1) if labels[t] != IGNORE_INDEX)
         assert list(ids[:n]) == prompt + response
-        assert (labels[: len(prompt) - 1] == IGNORE_INDEX).all() and (labels[n - 1:] == IGNORE_INDEX).all()
+        assert (labels[: len(prompt) - 1] == IGNORE_INDEX).all() and (labels[n - 1 :] == IGNORE_INDEX).all()
         if fmt.append_eos:
             assert response[-1] == EOS
         # a word-level tokenizer decodes words joined by spaces and drops newlines
-        assert enc.tokenizer.decode(response, skip_special_tokens=False).replace(" ", "") == \
-            response_text.replace(" ", "").replace("\n", "") + ("</s>" if fmt.append_eos else "")
+        assert enc.tokenizer.decode(response, skip_special_tokens=False).replace(" ", "") == response_text.replace(
+            " ", ""
+        ).replace("\n", "") + ("</s>" if fmt.append_eos else "")
         # the earlier assistant turn ("hi") is in the prompt, not learned
         assert ids_of(tokenizer_file, "hi") in prompt and ids_of(tokenizer_file, "hi") not in response
 
@@ -317,13 +378,18 @@ def test_fitting_cuts_the_prompt_middle_then_the_response_end():
 
 def test_long_examples_are_truncated_and_counted_never_a_crash(tokenizer_file, caplog):
     long_text = " ".join("abcdefghijklmnopqrstuvwxyz" * 4)
-    examples = [Example((Turn("say hello", "hi"),)), Example((Turn(long_text, "paris"),)),
-                Example((Turn("say hello", long_text),))]
+    examples = [
+        Example((Turn("say hello", "hi"),)),
+        Example((Turn(long_text, "paris"),)),
+        Example((Turn("say hello", long_text),)),
+    ]
     enc = encoder(tokenizer_file, max_length=24)
     with caplog.at_level(logging.WARNING, logger="fedlora.data"):
         data = encode_instructions(examples, enc)
-    assert "2 of 3 examples truncated to max_length 24 (1 lost the middle of the prompt, 1 the end of the response)" \
+    assert (
+        "2 of 3 examples truncated to max_length 24 (1 lost the middle of the prompt, 1 the end of the response)"
         in caplog.text
+    )
     assert data.input_ids.shape == (3, 24) and data.attention_mask[1:].sum(axis=1).tolist() == [24, 24]
     assert data.input_ids[1, 0] == BOS and learned(data, 1) == enc.response_ids(["paris"])[0]
     assert len(learned(data, 2)) == 23  # everything after the one prompt token kept
@@ -332,8 +398,9 @@ def test_long_examples_are_truncated_and_counted_never_a_crash(tokenizer_file, c
 def test_bucketing_cuts_padding_and_keeps_every_example_once(tokenizer_file):
     rng = np.random.default_rng(0)
     letters = list("abcdefghijklmnopqrstuvwxyz")
-    examples = [Example((Turn(" ".join(rng.choice(letters, size=int(n))), "paris"),))
-                for n in rng.integers(1, 50, size=96)]
+    examples = [
+        Example((Turn(" ".join(rng.choice(letters, size=int(n))), "paris"),)) for n in rng.integers(1, 50, size=96)
+    ]
     enc = encoder(tokenizer_file)
     bucketed = encode_instructions(examples, enc, bucket_batches=2)
     plain = EncodedDataset(bucketed.input_ids, bucketed.attention_mask, bucketed.labels)
@@ -355,16 +422,19 @@ def test_bucketing_cuts_padding_and_keeps_every_example_once(tokenizer_file):
 @pytest.fixture
 def fake_bundle(tmp_path, tokenizer_file):
     """A bundle folder whose artifacts are placeholders (never loaded: data only)."""
+
     def make(**extra) -> Bundle:
         root = tmp_path / "bundle"
         (root / "tokenizer").mkdir(parents=True, exist_ok=True)
         (root / "tokenizer" / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
         data = manifest(**extra).to_json()
         data["max_length"] = 48
-        data["files"] = {name: hashlib.sha256(name.encode()).hexdigest()
-                         for name in REQUIRED_FILES + ("tokenizer/tokenizer.json",)}
+        data["files"] = {
+            name: hashlib.sha256(name.encode()).hexdigest() for name in REQUIRED_FILES + ("tokenizer/tokenizer.json",)
+        }
         (root / "manifest.json").write_text(json.dumps(data))
         return Bundle(root, verify=False)
+
     return make
 
 
@@ -413,8 +483,9 @@ def llama(tiny_llama_dir, tmp_path_factory):
     from export.exporter import export
 
     out = tmp_path_factory.mktemp("llama-bundle")
-    (bundle_dir,) = export(ExportConfig(model_dir=tiny_llama_dir, output_dir=out, ranks=(2,), max_length=32,
-                                        measure=False))
+    (bundle_dir,) = export(
+        ExportConfig(model_dir=tiny_llama_dir, output_dir=out, ranks=(2,), max_length=32, measure=False)
+    )
     return Trainer(Bundle(bundle_dir))
 
 
@@ -438,11 +509,11 @@ def test_greedy_generation_is_the_argmax_of_the_eval_graph_step_by_step(llama):
         seq = list(prompt)
         for _ in range(5):
             seq.append(int(logits_of(llama, seq)[-1].argmax()))
-        by_hand.append(seq[len(prompt):])
+        by_hand.append(seq[len(prompt) :])
     assert generate_greedy(llama, prompts, 5, eos_id=None, batch_size=2) == by_hand  # right padding is harmless
     assert generate_greedy(llama, prompts[:1], 5, eos_id=by_hand[0][0]) == [[]]  # stops before EOS
     stop = by_hand[0][2]
-    expected = by_hand[0][:by_hand[0].index(stop)]
+    expected = by_hand[0][: by_hand[0].index(stop)]
     assert generate_greedy(llama, prompts[:1], 5, eos_id=stop) == [expected]
     with pytest.raises(DataError, match="empty prompt"):
         generate_greedy(llama, [[]], 3, None)
@@ -474,11 +545,14 @@ def test_label_scores_are_the_summed_log_probabilities_of_the_label_tokens(llama
 def test_training_on_instruction_data_lowers_the_response_loss(llama, tmp_path):
     from edge_client.instruct import encode_causal_lm_file
 
-    path = write_jsonl(tmp_path / "a.jsonl", [
-        {"instruction": "the device trains an adapter", "output": "on local data"},
-        {"instruction": "the device sends its update", "input": "to", "output": "the aggregator"},
-        {"messages": [{"role": "user", "content": "a device"}, {"role": "assistant", "content": "trains"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "the device trains an adapter", "output": "on local data"},
+            {"instruction": "the device sends its update", "input": "to", "output": "the aggregator"},
+            {"messages": [{"role": "user", "content": "a device"}, {"role": "assistant", "content": "trains"}]},
+        ],
+    )
     data = encode_causal_lm_file(path, llama.bundle)
     (batch,) = data.batches(8)
     before = llama.get_adapter()
@@ -491,9 +565,11 @@ def test_training_on_instruction_data_lowers_the_response_loss(llama, tmp_path):
         assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
         # a batch with nothing to predict adds nothing (and costs no forward pass)
         blank = np.full_like(data.labels[:1], IGNORE_INDEX)
-        padded = EncodedDataset(np.concatenate([data.input_ids[:1], data.input_ids]),
-                                np.concatenate([data.attention_mask[:1], data.attention_mask]),
-                                np.concatenate([blank, data.labels]))
+        padded = EncodedDataset(
+            np.concatenate([data.input_ids[:1], data.input_ids]),
+            np.concatenate([data.attention_mask[:1], data.attention_mask]),
+            np.concatenate([blank, data.labels]),
+        )
         assert llama.evaluate(padded, batch_size=1)["loss"] == pytest.approx(llama.evaluate(data, batch_size=1)["loss"])
     finally:
         llama.set_adapter(before)
@@ -503,15 +579,27 @@ def test_evaluate_instructions_reports_loss_label_and_answer_accuracy(llama):
     from edge_client.generate import evaluate_instructions
 
     words = ("device", "adapter", "aggregator")
-    examples = labeled_to_instructions([Record("the device trains", "device"), Record("an adapter", "adapter"),
-                                        Record("sends its update to the", "aggregator")], words)
+    examples = labeled_to_instructions(
+        [
+            Record("the device trains", "device"),
+            Record("an adapter", "adapter"),
+            Record("sends its update to the", "aggregator"),
+        ],
+        words,
+    )
     result = evaluate_instructions(llama, examples, label_words=words, max_new_tokens=3, samples=2)
     assert math.isfinite(result.loss) and result.perplexity == pytest.approx(math.exp(result.loss))
     assert result.label_accuracy in (0.0, 1 / 3, 2 / 3, 1.0) and result.answer_accuracy in (0.0, 1 / 3, 2 / 3, 1.0)
     assert [s.expected for s in result.samples] == ["device", "adapter"]
     assert result.samples[0].prompt.startswith("### Instruction:\nClassify the text")
-    assert set(result.metrics()) == {"loss", "perplexity", "token_accuracy", "examples", "label_accuracy",
-                                     "answer_accuracy"}
+    assert set(result.metrics()) == {
+        "loss",
+        "perplexity",
+        "token_accuracy",
+        "examples",
+        "label_accuracy",
+        "answer_accuracy",
+    }
     no_gen = evaluate_instructions(llama, examples, max_new_tokens=0)
     assert no_gen.answer_accuracy is None and no_gen.label_accuracy is None and no_gen.loss == result.loss
     with pytest.raises(DataError, match="answers not among the label words"):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
 from fake_apiserver import FakeApiServer
+
 from server.leader import LeaderElector, LeaseLock, micro_time
 
 NS, LEASE = "fedlora", "fedlora-aggregator"
@@ -138,10 +138,12 @@ def test_concurrent_candidates_elect_exactly_one(apiserver):
         """Every candidate reads the Lease before any of them writes: a true race for the write."""
         read = threading.Barrier(len(group), timeout=20)
         for c in group:
+
             def get(real=c.lock.get):
                 lease = real()
                 read.wait()
                 return lease
+
             c.lock.get = get
         threads = [threading.Thread(target=c.step) for c in group]
         for t in threads:
@@ -196,8 +198,13 @@ def test_release_hands_over_at_the_next_attempt(apiserver):
 
 def test_elector_thread_campaigns_and_stops(apiserver):
     stop = threading.Event()
-    a = LeaderElector(LeaseLock(_coordination(apiserver.url, "a"), NS, LEASE), "a", lease_duration=3, renew_deadline=2,
-                      retry_period=0.1)
+    a = LeaderElector(
+        LeaseLock(_coordination(apiserver.url, "a"), NS, LEASE),
+        "a",
+        lease_duration=3,
+        renew_deadline=2,
+        retry_period=0.1,
+    )
     a.start(stop)
     try:
         assert a.wait_for_leadership(timeout=10)
@@ -223,17 +230,33 @@ def test_round_events_reach_the_api_server(apiserver):
     from server.k8s import EventRecorder
 
     results = []
-    recorder = EventRecorder(client.CoreV1Api(api_client(apiserver.url, "test (events)")), NS, "agg-0", "uid-1",
-                             on_result=results.append).start()
-    recorder.round_closed({"round": 3, "ok": True, "reason": "all_reported", "selected": 4, "participants": 4,
-                           "examples": 120, "duration_s": 12.5})
+    recorder = EventRecorder(
+        client.CoreV1Api(api_client(apiserver.url, "test (events)")), NS, "agg-0", "uid-1", on_result=results.append
+    ).start()
+    recorder.round_closed(
+        {
+            "round": 3,
+            "ok": True,
+            "reason": "all_reported",
+            "selected": 4,
+            "participants": 4,
+            "examples": 120,
+            "duration_s": 12.5,
+        }
+    )
     recorder.round_closed({"round": 4, "ok": False, "reason": "quorum_not_met (0/1)", "selected": 4, "participants": 0})
     recorder.stop()
     assert results == [True, True]
     first, second = apiserver.events
     assert first["reason"] == "RoundCompleted" and first["type"] == "Normal"
     assert first["message"].startswith("Round 3 completed: 4/4 devices, 120 examples")
-    assert first["involvedObject"] == {"apiVersion": "v1", "kind": "Pod", "name": "agg-0", "namespace": NS, "uid": "uid-1"}
+    assert first["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": "agg-0",
+        "namespace": NS,
+        "uid": "uid-1",
+    }
     assert second["reason"] == "RoundFailed" and second["type"] == "Warning"
 
 
@@ -244,12 +267,21 @@ class AggregatorProcess:
         self.port = free_port()
         self.log_path = workdir / f"{identity}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
-        env.update(KUBECONFIG=str(kubeconfig), FEDLORA_KUBERNETES_IDENTITY=identity, FEDLORA_HTTP_PORT=str(self.port),
-                   FEDLORA_HTTP_HOST="127.0.0.1")
+        env.update(
+            KUBECONFIG=str(kubeconfig),
+            FEDLORA_KUBERNETES_IDENTITY=identity,
+            FEDLORA_HTTP_PORT=str(self.port),
+            FEDLORA_HTTP_HOST="127.0.0.1",
+        )
         self.log = open(self.log_path, "wb")
         code = "import sys; from server.cli import server_main; sys.exit(server_main())"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, "--config", str(config)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "--config", str(config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -269,7 +301,9 @@ class AggregatorProcess:
         """(time, 'round N open|closed') for every round this process opened or closed."""
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
-            m = re.match(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO fedlora\.aggregator: (round \d+ (?:open|closed))", line)
+            m = re.match(
+                r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO fedlora\.aggregator: (round \d+ (?:open|closed))", line
+            )
             if m:
                 out.append((datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m.group(2)))
         return out
@@ -299,24 +333,51 @@ def wait_for(predicate, timeout=30.0, what="condition", procs=()):
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
-def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(tmp_path, minilm_bundle, mosquitto, apiserver):
-    from core.bundle import Bundle
+def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(
+    tmp_path, minilm_bundle, mosquitto, apiserver
+):
     from test_aggregator import FakeDevice, update_payload
+
+    from core.bundle import Bundle
 
     lease_duration, renew_deadline, retry = 4.0, 2.5, 0.5
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": apiserver.url}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NS}}]}))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "test", "cluster": {"server": apiserver.url}}],
+                "users": [{"name": "test", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NS}}],
+            }
+        )
+    )
     config = tmp_path / "server.yaml"
-    config.write_text(yaml.safe_dump({
-        "job": "ha", "bundle": str(minilm_bundle), "state_dir": str(tmp_path / "state"), "exit_when_finished": False,
-        "broker": {"url": mosquitto.url}, "train": {"local_steps": 1},
-        "rounds": {"rounds": 3, "min_devices": 2, "min_updates": 2, "round_timeout": 120},
-        "kubernetes": {"leader_election": True, "events": True, "namespace": NS, "lease_name": LEASE, "pod_uid": "u",
-                       "lease_duration": lease_duration, "renew_deadline": renew_deadline, "retry_period": retry}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "job": "ha",
+                "bundle": str(minilm_bundle),
+                "state_dir": str(tmp_path / "state"),
+                "exit_when_finished": False,
+                "broker": {"url": mosquitto.url},
+                "train": {"local_steps": 1},
+                "rounds": {"rounds": 3, "min_devices": 2, "min_updates": 2, "round_timeout": 120},
+                "kubernetes": {
+                    "leader_election": True,
+                    "events": True,
+                    "namespace": NS,
+                    "lease_name": LEASE,
+                    "pod_uid": "u",
+                    "lease_duration": lease_duration,
+                    "renew_deadline": renew_deadline,
+                    "retry_period": retry,
+                },
+            }
+        )
+    )
     bundle = Bundle(minilm_bundle)
     a = AggregatorProcess("agg-a", config, kubeconfig, tmp_path)
     procs = [a]
@@ -325,8 +386,15 @@ def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(tmp
         wait_for(lambda: apiserver.holder(NS, LEASE) == "agg-a", 90, "agg-a to take the lease", procs)
         b = AggregatorProcess("agg-b", config, kubeconfig, tmp_path)
         procs.append(b)
-        wait_for(lambda: b.get("/readyz")[0] == 200 and b.metric("fedlora_leader") == 0.0, 90, "agg-b ready as standby", procs)
-        wait_for(lambda: a.metric("fedlora_leader") == 1.0 and a.get("/readyz")[0] == 200, 30, "agg-a ready as leader", procs)
+        wait_for(
+            lambda: b.get("/readyz")[0] == 200 and b.metric("fedlora_leader") == 0.0,
+            90,
+            "agg-b ready as standby",
+            procs,
+        )
+        wait_for(
+            lambda: a.metric("fedlora_leader") == 1.0 and a.get("/readyz")[0] == 200, 30, "agg-a ready as leader", procs
+        )
 
         d1, d2 = FakeDevice(mosquitto.url, "ha", "d1"), FakeDevice(mosquitto.url, "ha", "d2")
         devices = [d1, d2]
@@ -383,7 +451,11 @@ def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(tmp
 
     state = StateStore(tmp_path / "state").load()
     assert state["completed"] == 3
-    assert [(h["round"], h["ok"], h["participants"]) for h in state["history"]] == [(1, True, 2), (2, True, 2), (3, True, 2)]
+    assert [(h["round"], h["ok"], h["participants"]) for h in state["history"]] == [
+        (1, True, 2),
+        (2, True, 2),
+        (3, True, 2),
+    ]
 
     # Nobody ran a round outside its own tenure (from the API server's record of holders).
     tenures = apiserver.tenures() + [(float("inf"), "")]
@@ -393,12 +465,19 @@ def test_two_aggregators_one_leads_and_a_standby_resumes_the_persisted_round(tmp
     assert {x for _, x in actions["agg-b"]} >= {"round 2 closed", "round 3 open"}
     for identity, acts in actions.items():
         for t, what in acts:
-            holder = next(h for (start, h), (end, _) in zip(tenures, tenures[1:]) if start <= t < end) \
-                if t >= tenures[0][0] else ""
+            holder = (
+                next(h for (start, h), (end, _) in zip(tenures, tenures[1:]) if start <= t < end)
+                if t >= tenures[0][0]
+                else ""
+            )
             assert holder == identity, f"{identity} did '{what}' at {t:.3f} while the lease was {holder or 'free'}'s"
 
     # The rounds and the hand-overs are visible as Kubernetes Events.
-    completed = [(e["reportingInstance"], e["message"].split(":")[0]) for e in apiserver.events if e["reason"] == "RoundCompleted"]
+    completed = [
+        (e["reportingInstance"], e["message"].split(":")[0])
+        for e in apiserver.events
+        if e["reason"] == "RoundCompleted"
+    ]
     assert completed == [("agg-a", "Round 1 completed"), ("agg-b", "Round 2 completed"), ("agg-a", "Round 3 completed")]
     elected = [e["involvedObject"]["name"] for e in apiserver.events if e["reason"] == "LeaderElected"]
     # A starved leader that misses its renew deadline steps down and may win its own Lease back

@@ -29,10 +29,24 @@ def test_a_decoder_llm_is_instruction_tuned_evaluated_and_handed_out(tmp_path, e
     from test_export import make_chat_llama
 
     model = make_chat_llama(tmp_path / "chat-llama")
-    cfg = SimulateConfig(task="causal-lm", model=model, dataset=str(labeled_csv(tmp_path / "tiny.csv")), devices=2,
-                         split="iid", rounds=2, local_steps=4, batch_size=4, lr=5e-3, rank=2, max_length=48,
-                         broker=mosquitto.url, device_python=edge_python, out=tmp_path / "run",
-                         cache=tmp_path / "cache", centralized=True)
+    cfg = SimulateConfig(
+        task="causal-lm",
+        model=model,
+        dataset=str(labeled_csv(tmp_path / "tiny.csv")),
+        devices=2,
+        split="iid",
+        rounds=2,
+        local_steps=4,
+        batch_size=4,
+        lr=5e-3,
+        rank=2,
+        max_length=48,
+        broker=mosquitto.url,
+        device_python=edge_python,
+        out=tmp_path / "run",
+        cache=tmp_path / "cache",
+        centralized=True,
+    )
     result = run_simulation(cfg)
     history = result["history"]
     assert [h["round"] for h in history] == [1, 2] and all(h["ok"] and h["participants"] == 2 for h in history)

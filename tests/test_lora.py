@@ -13,9 +13,13 @@ HEAD = "classifier.weight"
 
 def _adapter(rank=4, seed=0):
     rng = np.random.default_rng(seed)
-    return {A: rng.normal(size=(rank, 6)).astype(np.float32), B: rng.normal(size=(5, rank)).astype(np.float32),
-            A2: rng.normal(size=(rank, 6)).astype(np.float32), B2: rng.normal(size=(6, rank)).astype(np.float32),
-            HEAD: rng.normal(size=(3, 6)).astype(np.float32)}
+    return {
+        A: rng.normal(size=(rank, 6)).astype(np.float32),
+        B: rng.normal(size=(5, rank)).astype(np.float32),
+        A2: rng.normal(size=(rank, 6)).astype(np.float32),
+        B2: rng.normal(size=(6, rank)).astype(np.float32),
+        HEAD: rng.normal(size=(3, 6)).astype(np.float32),
+    }
 
 
 def test_pairs_truncate_and_pad_round_trip():
@@ -43,8 +47,12 @@ def test_pad_refuses_what_is_not_a_smaller_rank():
 
 
 def test_pruned_rank_weighs_each_component_over_all_modules():
-    t = {A: np.eye(3, 4, dtype=np.float32), B: np.diag([4.0, 2.0, 0.1]).astype(np.float32)[:2],
-         A2: np.eye(3, 4, dtype=np.float32), B2: np.zeros((2, 3), np.float32)}
+    t = {
+        A: np.eye(3, 4, dtype=np.float32),
+        B: np.diag([4.0, 2.0, 0.1]).astype(np.float32)[:2],
+        A2: np.eye(3, 4, dtype=np.float32),
+        B2: np.zeros((2, 3), np.float32),
+    }
     # component energies: sqrt(4^2 + 0), sqrt(2^2), 0 (B's third column is zero in the first two rows)
     assert pruned_rank(t, 3, 0.4) == 2
     assert pruned_rank(t, 3, 0.6) == 1

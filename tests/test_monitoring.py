@@ -19,8 +19,15 @@ CHART = ROOT / "helm" / "fedlora-aggregator"
 ALERTS = CHART / "files" / "alerts.yaml"
 ALERT_TESTS = ROOT / "monitoring" / "alerts.test.yaml"
 DASHBOARD = CHART / "files" / "dashboard.json"
-EXPECTED_ALERTS = {"FedloraAggregatorDown", "FedloraNoLeader", "FedloraRoundStalled", "FedloraParticipationLow",
-                   "FedloraRejectionRateHigh", "FedloraStateVolumeErrors", "FedloraHostileTraffic"}
+EXPECTED_ALERTS = {
+    "FedloraAggregatorDown",
+    "FedloraNoLeader",
+    "FedloraRoundStalled",
+    "FedloraParticipationLow",
+    "FedloraRejectionRateHigh",
+    "FedloraStateVolumeErrors",
+    "FedloraHostileTraffic",
+}
 # PromQL keywords that look like metric names to a plain regex.
 NOT_METRICS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "Inf", "NaN"}
 
@@ -34,8 +41,13 @@ def promtool() -> str:
 
 def exported_metric_names() -> set[str]:
     """Every series name the aggregator's /metrics can carry."""
-    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"],
-                "summary": ["_sum", "_count", ""]}
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "info": ["_info"],
+        "summary": ["_sum", "_count", ""],
+    }
     return {family.name + s for family in Metrics().registry.collect() for s in suffixes[family.type]}
 
 
@@ -76,13 +88,17 @@ def test_alert_unit_tests_pass():
 def test_every_alert_is_unit_tested_and_has_a_runbook():
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} == EXPECTED_ALERTS
-    tested = {t["alertname"] for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for t in case["alert_rule_test"]}
+    tested = {
+        t["alertname"] for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for t in case["alert_rule_test"]
+    }
     assert tested == EXPECTED_ALERTS
     operations = (ROOT / "docs" / "operations.md").read_text()
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert f"Runbook: {rule['alert']} in docs/operations.md" in " ".join(rule["annotations"]["description"].split())
-        assert re.search(rf"^### {rule['alert']}\b", operations, re.M), f"docs/operations.md has no runbook for {rule['alert']}"
+        assert re.search(rf"^### {rule['alert']}\b", operations, re.M), (
+            f"docs/operations.md has no runbook for {rule['alert']}"
+        )
 
 
 def test_alerts_query_only_exported_metrics():
@@ -106,16 +122,30 @@ def test_every_dashboard_panel_queries_exported_metrics():
 
 def test_dashboard_covers_the_issue_metrics_and_uses_the_variables():
     exprs = " ".join(e for _, e in dashboard_exprs())
-    for name in ("fedlora_rounds_completed_total", "fedlora_rounds_failed_total", "fedlora_round_duration_seconds_bucket",
-                 "fedlora_devices_online", "fedlora_round_participants", "fedlora_updates_total",
-                 "fedlora_uplink_bytes_total", "fedlora_downlink_bytes_total", "fedlora_aggregation_seconds_bucket",
-                 "fedlora_global_eval_loss", "fedlora_global_eval_accuracy", "fedlora_device_step_seconds_bucket",
-                 "fedlora_device_peak_rss_bytes_bucket", "fedlora_leader", "fedlora_build_info"):
+    for name in (
+        "fedlora_rounds_completed_total",
+        "fedlora_rounds_failed_total",
+        "fedlora_round_duration_seconds_bucket",
+        "fedlora_devices_online",
+        "fedlora_round_participants",
+        "fedlora_updates_total",
+        "fedlora_uplink_bytes_total",
+        "fedlora_downlink_bytes_total",
+        "fedlora_aggregation_seconds_bucket",
+        "fedlora_global_eval_loss",
+        "fedlora_global_eval_accuracy",
+        "fedlora_device_step_seconds_bucket",
+        "fedlora_device_peak_rss_bytes_bucket",
+        "fedlora_leader",
+        "fedlora_build_info",
+    ):
         assert name in exprs, f"the dashboard shows nothing of {name}"
     dash = json.loads(DASHBOARD.read_text())
     assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "namespace", "job"}
     for title, expr in dashboard_exprs():
-        assert 'job=~"$job"' in expr and 'namespace=~"$namespace"' in expr, f"panel {title!r} ignores the job/namespace picker"
+        assert 'job=~"$job"' in expr and 'namespace=~"$namespace"' in expr, (
+            f"panel {title!r} ignores the job/namespace picker"
+        )
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
 
@@ -130,5 +160,7 @@ def test_metric_names_follow_prometheus_conventions():
 
 
 def test_metrics_extractor_sees_through_promql():
-    assert metrics_in('histogram_quantile(0.95, sum by (le) (rate(a_bucket{job=~"x", kind="raw"}[5m])))') == {"a_bucket"}
+    assert metrics_in('histogram_quantile(0.95, sum by (le) (rate(a_bucket{job=~"x", kind="raw"}[5m])))') == {
+        "a_bucket"
+    }
     assert metrics_in("time() - max by (namespace, job) (b_seconds) > on (namespace) c == 1") == {"b_seconds", "c"}

@@ -11,12 +11,21 @@ import pytest
 
 from core.bundle import Bundle
 from core.errors import BundleError
-from server.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, fold_change, head_modules, peft_adapter, write_peft_adapter
+from server.peft_adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    fold_change,
+    head_modules,
+    peft_adapter,
+    write_peft_adapter,
+)
 from server.strategies.base import AdapterLayout
 
-TEXTS = ["Shares of the carmaker rose after strong quarterly results.",
-         "The striker scored twice in the final minutes of the match.",
-         "Parliament voted on the new budget late on Tuesday night."]
+TEXTS = [
+    "Shares of the carmaker rose after strong quarterly results.",
+    "The striker scored twice in the final minutes of the match.",
+    "Parliament voted on the new budget late on Tuesday night.",
+]
 
 
 def random_adapter(manifest, seed: int, scale: float = 0.05) -> dict[str, np.ndarray]:
@@ -28,8 +37,12 @@ def random_changes(manifest, seed: int, rank: int = 3, scale: float = 0.02) -> d
     """Low-rank dense changes to each adapted layer's frozen weight, as FLoRA accumulates them."""
     rng = np.random.default_rng(seed)
     layout = AdapterLayout.from_manifest(manifest)
-    return {m.base: (scale * rng.standard_normal((m.out_features, rank)) @ rng.standard_normal((rank, m.in_features))
-                     ).astype(np.float32) for m in layout.modules}
+    return {
+        m.base: (
+            scale * rng.standard_normal((m.out_features, rank)) @ rng.standard_normal((rank, m.in_features))
+        ).astype(np.float32)
+        for m in layout.modules
+    }
 
 
 def ort_logits(bundle: Bundle, adapter: dict, changes: dict, batch) -> np.ndarray:
@@ -65,7 +78,9 @@ def test_the_config_names_targets_rank_alpha_task_and_the_head(minilm_bundle):
     assert config["modules_to_save"] == ["classifier"] and config["rank_pattern"] == {}
     assert set(weights) == {p.name for p in m.trainable}
     assert head_modules({"base_model.model.score.weight": (2, 3), "base_model.model.pooler.dense.bias": (3,)}) == [
-        "pooler.dense", "score"]
+        "pooler.dense",
+        "score",
+    ]
 
 
 def test_changes_widen_the_rank_of_their_modules_only(minilm_bundle):
@@ -76,7 +91,10 @@ def test_changes_widen_the_rank_of_their_modules_only(minilm_bundle):
     key = one.name.removeprefix("base_model.model.")
     assert config["rank_pattern"] == {key: m.rank + 2}
     assert config["alpha_pattern"] == {key: layout.scale * (m.rank + 2)}
-    assert weights[one.a].shape == (m.rank + 2, one.in_features) and weights[one.b].shape == (one.out_features, m.rank + 2)
+    assert weights[one.a].shape == (m.rank + 2, one.in_features) and weights[one.b].shape == (
+        one.out_features,
+        m.rank + 2,
+    )
     assert weights[layout.modules[1].a].shape == (m.rank, layout.modules[1].in_features)
 
 
@@ -113,10 +131,10 @@ def test_the_folder_is_written_whole_or_not_at_all(minilm_bundle, tmp_path, monk
 @pytest.mark.parametrize("folded", [False, True], ids=["factors", "factors+folded-changes"])
 def test_peft_logits_equal_ort_logits_for_classification(minilm_bundle, tmp_path, folded):
     import torch
+    from conftest import minilm_dir
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from conftest import minilm_dir
     from edge_client.data import Record, TextEncoder, encode_classification
 
     bundle = Bundle(minilm_bundle)
@@ -131,8 +149,10 @@ def test_peft_logits_equal_ort_logits_for_classification(minilm_bundle, tmp_path
     folder = write_peft_adapter(tmp_path / "adapter", m, adapter, changes)
     base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=len(m.labels))
     model = PeftModel.from_pretrained(base, folder).eval()
-    inputs = {"input_ids": torch.from_numpy(batch.input_ids).long(),
-              "attention_mask": torch.from_numpy(batch.attention_mask).long()}
+    inputs = {
+        "input_ids": torch.from_numpy(batch.input_ids).long(),
+        "attention_mask": torch.from_numpy(batch.attention_mask).long(),
+    }
     with torch.no_grad():
         got = model(**inputs).logits.numpy()
         with model.disable_adapter():
@@ -150,8 +170,9 @@ def test_peft_logits_equal_ort_logits_for_a_causal_lm(tiny_llama_dir, tmp_path):
     from export.config import ExportConfig
     from export.exporter import export
 
-    (bundle_dir,) = export(ExportConfig(model_dir=tiny_llama_dir, output_dir=tmp_path / "llama", ranks=(2,),
-                                        max_length=16, measure=False))
+    (bundle_dir,) = export(
+        ExportConfig(model_dir=tiny_llama_dir, output_dir=tmp_path / "llama", ranks=(2,), max_length=16, measure=False)
+    )
     bundle = Bundle(bundle_dir)
     m = bundle.manifest
     adapter = random_adapter(m, 5, scale=0.2)
@@ -173,13 +194,14 @@ def test_peft_logits_equal_ort_logits_for_a_causal_lm(tiny_llama_dir, tmp_path):
 
 
 # -- where the adapter comes out: the aggregator per version, the CLI, the simulator ---------
-def test_the_aggregator_writes_each_version_keeps_the_latest_and_the_cli_writes_it_again(tmp_path, minilm_bundle,
-                                                                                         mosquitto, monkeypatch):
+def test_the_aggregator_writes_each_version_keeps_the_latest_and_the_cli_writes_it_again(
+    tmp_path, minilm_bundle, mosquitto, monkeypatch
+):
     from safetensors.numpy import load_file
+    from test_aggregator import FakeDevice, start_aggregator, update_payload, wait_for
 
     import server.aggregator as aggregator_module
     from server.cli import server_main
-    from test_aggregator import FakeDevice, start_aggregator, update_payload, wait_for
 
     bundle = Bundle(minilm_bundle)
     state = tmp_path / "state"
@@ -187,8 +209,9 @@ def test_the_aggregator_writes_each_version_keeps_the_latest_and_the_cli_writes_
     def full_disk(folder, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    agg, stop, thread, link = start_aggregator(minilm_bundle, state, mosquitto.url, job="peft", rounds=3,
-                                               adapter_versions=1)
+    agg, stop, thread, link = start_aggregator(
+        minilm_bundle, state, mosquitto.url, job="peft", rounds=3, adapter_versions=1
+    )
     dev = FakeDevice(mosquitto.url, "peft", "d1")
     try:
         dev.online()
@@ -200,8 +223,10 @@ def test_the_aggregator_writes_each_version_keeps_the_latest_and_the_cli_writes_
             dev.send(update_payload(bundle, "peft", "d1", rnd, tensors=tensors))
             wait_for(lambda r=rnd: agg.coordinator.completed == r, what=f"round {rnd} to complete")
             if rnd == 2:  # the round counts as completed a moment before its adapter folder is written
-                wait_for(lambda: sorted(p.name for p in (state / "adapters").iterdir()) == ["v000002"],
-                         what="v2's folder, v1's dropped")
+                wait_for(
+                    lambda: sorted(p.name for p in (state / "adapters").iterdir()) == ["v000002"],
+                    what="v2's folder, v1's dropped",
+                )
                 saved = load_file(state / "adapters" / "v000002" / ADAPTER_WEIGHTS)
                 for name, value in agg.global_adapter.items():
                     np.testing.assert_array_equal(saved[name], value)
@@ -213,10 +238,25 @@ def test_the_aggregator_writes_each_version_keeps_the_latest_and_the_cli_writes_
         link.close()
         dev.link.close()
     out = tmp_path / "exported"
-    assert server_main(["--bundle", str(minilm_bundle), "--state-dir", str(state), "--job", "peft",
-                        "--export-adapter", str(out)]) == 0
+    assert (
+        server_main(
+            ["--bundle", str(minilm_bundle), "--state-dir", str(state), "--job", "peft", "--export-adapter", str(out)]
+        )
+        == 0
+    )
     exported = load_file(out / ADAPTER_WEIGHTS)
     for name, value in agg.global_adapter.items():
         np.testing.assert_array_equal(exported[name], value)
-    assert server_main(["--bundle", str(minilm_bundle), "--state-dir", str(tmp_path / "empty"),
-                        "--export-adapter", str(tmp_path / "x")]) == 2  # no state there: a clear error
+    assert (
+        server_main(
+            [
+                "--bundle",
+                str(minilm_bundle),
+                "--state-dir",
+                str(tmp_path / "empty"),
+                "--export-adapter",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )  # no state there: a clear error

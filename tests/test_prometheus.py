@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
+
 from simulator.datasets import load_dataset, partition, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,15 +34,26 @@ class Prometheus:
             pytest.fail("prometheus is not installed: apt-get install prometheus (.ci/run and scripts/test.sh do)")
         self.port = free_port()
         config = workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rule_file)],
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(rule_file)],
+                    "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
         self.log = open(workdir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def api(self, path: str, **params) -> dict:
@@ -93,36 +104,69 @@ def test_prometheus_scrapes_a_real_federated_run(tmp_path, minilm_bundle, edge_p
     shards = partition(data.train, 3, "iid", seed=0)
     metrics_port = free_port()
     config = tmp_path / "server.yaml"
-    config.write_text(yaml.safe_dump({
-        "job": "prom", "bundle": str(minilm_bundle), "state_dir": str(tmp_path / "state"),
-        "broker": {"url": mosquitto.url}, "http_host": "127.0.0.1", "http_port": metrics_port,
-        "exit_when_finished": False,  # keep serving so Prometheus sees the final values
-        "rounds": {"rounds": 2, "min_devices": 3, "round_timeout": 300},
-        "train": {"local_steps": 3, "batch_size": 4, "lr": 2e-3}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "job": "prom",
+                "bundle": str(minilm_bundle),
+                "state_dir": str(tmp_path / "state"),
+                "broker": {"url": mosquitto.url},
+                "http_host": "127.0.0.1",
+                "http_port": metrics_port,
+                "exit_when_finished": False,  # keep serving so Prometheus sees the final values
+                "rounds": {"rounds": 2, "min_devices": 3, "round_timeout": 300},
+                "train": {"local_steps": 3, "batch_size": 4, "lr": 2e-3},
+            }
+        )
+    )
     server_log = tmp_path / "server.log"
     procs, logs = [], [server_log]
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{metrics_port}", CHART / "files" / "alerts.yaml")
     logs.append(tmp_path / "prometheus.log")
     try:
         code = "import sys; from server.cli import server_main; sys.exit(server_main())"
-        procs.append(subprocess.Popen([sys.executable, "-c", code, "--config", str(config)], cwd=ROOT,
-                                      stdout=open(server_log, "wb"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, "--config", str(config)],
+                cwd=ROOT,
+                stdout=open(server_log, "wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for i, idx in enumerate(shards):
             ddir = tmp_path / f"dev{i}"
             write_jsonl(ddir / "data.jsonl", [data.train[j] for j in idx])
-            (ddir / "device.json").write_text(json.dumps({
-                "device_id": f"dev{i}", "job": "prom", "bundle": str(minilm_bundle), "data": str(ddir / "data.jsonl"),
-                "state_dir": str(ddir / "state"), "broker": {"url": mosquitto.url}, "threads": 1,
-                "exit_when_finished": True}))
+            (ddir / "device.json").write_text(
+                json.dumps(
+                    {
+                        "device_id": f"dev{i}",
+                        "job": "prom",
+                        "bundle": str(minilm_bundle),
+                        "data": str(ddir / "data.jsonl"),
+                        "state_dir": str(ddir / "state"),
+                        "broker": {"url": mosquitto.url},
+                        "threads": 1,
+                        "exit_when_finished": True,
+                    }
+                )
+            )
             logs.append(ddir / "device.log")
-            procs.append(subprocess.Popen([edge_python, "-m", "edge_client.cli", "run", "--config", str(ddir / "device.json")],
-                                          stdout=open(ddir / "device.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    [edge_python, "-m", "edge_client.cli", "run", "--config", str(ddir / "device.json")],
+                    stdout=open(ddir / "device.log", "wb"),
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                )
+            )
 
         def completed():
             for p in procs:
                 assert p.poll() in (None, 0), f"a process exited with {p.returncode}\n" + "".join(
-                    f"--- {f}\n{Path(f).read_text(errors='replace')[-2000:]}" for f in logs if Path(f).exists())
+                    f"--- {f}\n{Path(f).read_text(errors='replace')[-2000:]}" for f in logs if Path(f).exists()
+                )
             return (prometheus.value(f'fedlora_rounds_completed_total{{job="{JOB}"}}') or 0) >= 2
 
         wait_for(completed, 240, "Prometheus to see 2 completed rounds", logs)
@@ -153,18 +197,31 @@ def test_prometheus_scrapes_a_real_federated_run(tmp_path, minilm_bundle, edge_p
         assert not any(k in s for s in series for k in ("device", "device_id")), "a per-device label"
 
         # The alert rules evaluate on real data without errors, and a healthy run fires none.
-        groups = wait_for(lambda: [g for g in prometheus.api("rules")["groups"]
-                                   if all(r.get("lastEvaluation", "").startswith("20") for r in g["rules"])], 30,
-                          "the rules to be evaluated", logs)
+        groups = wait_for(
+            lambda: [
+                g
+                for g in prometheus.api("rules")["groups"]
+                if all(r.get("lastEvaluation", "").startswith("20") for r in g["rules"])
+            ],
+            30,
+            "the rules to be evaluated",
+            logs,
+        )
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+        assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), [
+            (r["name"], r.get("lastError")) for r in rules
+        ]
         assert prometheus.api("alerts")["alerts"] == []
 
         # Every dashboard query runs, with the Grafana variables as "All".
         empty = []
         for title, expr in dashboard_queries():
-            q = (expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
-                 .replace('"$job"', '".*"').replace('"$namespace"', '".*"'))
+            q = (
+                expr.replace("$__rate_interval", "1m")
+                .replace("$__range", "5m")
+                .replace('"$job"', '".*"')
+                .replace('"$namespace"', '".*"')
+            )
             result = prometheus.query(q)
             if not result:
                 empty.append(title)

@@ -9,17 +9,40 @@ import pytest
 from core.errors import PayloadTooLarge, ProtocolError
 from core.messages import TopicKind, TopicRef
 from core.protocol import (
+    BASE_A_PREFIX,
+    BASE_B_PREFIX,
+    BASE_DELTA_PREFIX,
+    CHUNK_HEADER,
+    CHUNK_MAGIC,
+    ENVELOPE_MAGIC,
+    HEADER_ZLIB,
+    MAX_HEADER_BYTES,
+    Envelope,
+    Reassembler,
     ReassemblyBusy,
-    BASE_A_PREFIX, BASE_B_PREFIX, BASE_DELTA_PREFIX, CHUNK_HEADER, CHUNK_MAGIC, ENVELOPE_MAGIC, HEADER_ZLIB, MAX_HEADER_BYTES,
-    Envelope, Reassembler, Topics, adapter_part, check_device_id, decode_envelope, encode_envelope, frozen_changes,
-    message_id, split_chunks,
+    Topics,
+    adapter_part,
+    check_device_id,
+    decode_envelope,
+    encode_envelope,
+    frozen_changes,
+    message_id,
+    split_chunks,
 )
 
 
 def _env(**kw):
-    base = dict(kind="update", job="j", round=3, sender="d1", rank=4, codec="fp32",
-                tensors={"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float32)},
-                num_examples=17, metrics={"train_loss": 0.5})
+    base = dict(
+        kind="update",
+        job="j",
+        round=3,
+        sender="d1",
+        rank=4,
+        codec="fp32",
+        tensors={"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float32)},
+        num_examples=17,
+        metrics={"train_loss": 0.5},
+    )
     base.update(kw)
     return Envelope(**base)
 
@@ -27,7 +50,14 @@ def _env(**kw):
 def test_envelope_round_trip_is_exact():
     env = _env()
     back = decode_envelope(encode_envelope(env))
-    assert (back.kind, back.job, back.round, back.sender, back.rank, back.num_examples) == ("update", "j", 3, "d1", 4, 17)
+    assert (back.kind, back.job, back.round, back.sender, back.rank, back.num_examples) == (
+        "update",
+        "j",
+        3,
+        "d1",
+        4,
+        17,
+    )
     assert back.metrics == {"train_loss": 0.5}
     for name in env.tensors:
         np.testing.assert_array_equal(back.tensors[name], env.tensors[name])
@@ -39,11 +69,14 @@ def test_fp16_codec_is_within_half_precision():
     np.testing.assert_allclose(back.tensors["x"], x, rtol=2**-10, atol=1e-4)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda b: b"XXXX" + b[4:], "bad magic"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "sha256"),
-    (lambda b: b[:10], "exceeds the payload"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b"XXXX" + b[4:], "bad magic"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "sha256"),
+        (lambda b: b[:10], "exceeds the payload"),
+    ],
+)
 def test_corrupted_envelopes_are_refused(mutate, message):
     with pytest.raises(ProtocolError, match=message):
         decode_envelope(mutate(encode_envelope(_env())))
@@ -81,8 +114,12 @@ def test_tensors_can_have_their_own_codec():
 
 
 def test_header_is_compressed_and_plain_headers_still_decode():
-    env = _env(tensors={f"base_model.model.layer.{i}.attention.self.query.lora_A.weight": np.ones((2, 3), np.float32)
-                        for i in range(12)})
+    env = _env(
+        tensors={
+            f"base_model.model.layer.{i}.attention.self.query.lora_A.weight": np.ones((2, 3), np.float32)
+            for i in range(12)
+        }
+    )
     payload = encode_envelope(env)
     assert struct.unpack_from("<I", payload, 4)[0] & HEADER_ZLIB
     header, body = _plain_header(payload)
@@ -259,9 +296,16 @@ def test_topics_and_ids():
     assert t.parse(t.global_chunk(8, 2)) == TopicRef(TopicKind.GLOBAL, rank=8, index=2)
     assert t.parse(t.round) == TopicRef(TopicKind.ROUND)
     # parsed, not matched by prefix: extra levels, other jobs and bad ids are refused
-    for topic in ("fedlora/job1/updates/d7/x", "fedlora/job10/updates/d7", "fedlora/job1/updates/",
-                  "fedlora/job1/global/0/1", "fedlora/job1/global/8/x", "fedlora/job1/round/x", "fedlora/job1/other/d",
-                  "fedlora/job1/status/" + "d" * 129):
+    for topic in (
+        "fedlora/job1/updates/d7/x",
+        "fedlora/job10/updates/d7",
+        "fedlora/job1/updates/",
+        "fedlora/job1/global/0/1",
+        "fedlora/job1/global/8/x",
+        "fedlora/job1/round/x",
+        "fedlora/job1/other/d",
+        "fedlora/job1/status/" + "d" * 129,
+    ):
         with pytest.raises(ProtocolError):
             t.parse(topic)
     for bad in ("", "a/b", "a+b", "x#"):
@@ -279,20 +323,32 @@ def test_message_id_is_payload_hash_prefix():
 
 def test_frozen_changes_sum_dense_and_factored_changes_per_weight():
     a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((4, 2), np.float32)
-    tensors = {"x.lora_A.weight": np.zeros((2, 3), np.float32), BASE_DELTA_PREFIX + "w": np.ones((4, 3), np.float32),
-               BASE_A_PREFIX + "w": a, BASE_B_PREFIX + "w": b, BASE_A_PREFIX + "v": a[:1], BASE_B_PREFIX + "v": b[:, :1]}
+    tensors = {
+        "x.lora_A.weight": np.zeros((2, 3), np.float32),
+        BASE_DELTA_PREFIX + "w": np.ones((4, 3), np.float32),
+        BASE_A_PREFIX + "w": a,
+        BASE_B_PREFIX + "w": b,
+        BASE_A_PREFIX + "v": a[:1],
+        BASE_B_PREFIX + "v": b[:, :1],
+    }
     changes = frozen_changes(tensors)
     assert set(changes) == {"w", "v"} and set(adapter_part(tensors)) == {"x.lora_A.weight"}
     np.testing.assert_allclose(changes["w"], 1 + b @ a)
     np.testing.assert_allclose(changes["v"], b[:, :1] @ a[:1])
 
 
-@pytest.mark.parametrize("tensors, match", [
-    ({BASE_A_PREFIX + "w": np.ones((2, 3), np.float32)}, "pairs"),
-    ({BASE_B_PREFIX + "w": np.ones((4, 2), np.float32)}, "pairs"),
-    ({BASE_A_PREFIX + "w": np.ones((2, 3), np.float32), BASE_B_PREFIX + "w": np.ones((4, 3), np.float32)}, "product"),
-    ({BASE_A_PREFIX + "w": np.ones(3, np.float32), BASE_B_PREFIX + "w": np.ones((4, 1), np.float32)}, "product"),
-])
+@pytest.mark.parametrize(
+    "tensors, match",
+    [
+        ({BASE_A_PREFIX + "w": np.ones((2, 3), np.float32)}, "pairs"),
+        ({BASE_B_PREFIX + "w": np.ones((4, 2), np.float32)}, "pairs"),
+        (
+            {BASE_A_PREFIX + "w": np.ones((2, 3), np.float32), BASE_B_PREFIX + "w": np.ones((4, 3), np.float32)},
+            "product",
+        ),
+        ({BASE_A_PREFIX + "w": np.ones(3, np.float32), BASE_B_PREFIX + "w": np.ones((4, 1), np.float32)}, "product"),
+    ],
+)
 def test_frozen_changes_refuse_unpaired_or_misshaped_factors(tensors, match):
     with pytest.raises(ProtocolError, match=match):
         frozen_changes(tensors)

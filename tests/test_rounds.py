@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError, UpdateRejected
-from server.strategies.fedavg import FedAvg
 from server.rounds import Coordinator, RoundSettings
 from server.strategies.base import ClientUpdate, GlobalModel
+from server.strategies.fedavg import FedAvg
 
 SHAPES = {"A": (2,)}
 
@@ -19,8 +19,9 @@ class Clock:
 
 def make(settings=None, **kw):
     clock = Clock()
-    c = Coordinator(settings or RoundSettings(rounds=3, min_devices=2, round_timeout=60), FedAvg(SHAPES, rank=1), "job",
-                    clock, **kw)
+    c = Coordinator(
+        settings or RoundSettings(rounds=3, min_devices=2, round_timeout=60), FedAvg(SHAPES, rank=1), "job", clock, **kw
+    )
     return c, clock
 
 
@@ -47,9 +48,13 @@ def test_judge_gives_each_reason():
     c.settings.devices_per_round = 0
     rnd = c.maybe_open()
     c.open.selected = ["a", "b"]
-    cases = [("other", update("a", rnd.round), "wrong_job"), ("job", update("a", 0), "stale_round"),
-             ("job", update("a", 5), "future_round"), ("job", update("x", rnd.round), "not_selected"),
-             ("job", update("a", rnd.round, value=1e6), "norm_too_large")]
+    cases = [
+        ("other", update("a", rnd.round), "wrong_job"),
+        ("job", update("a", 0), "stale_round"),
+        ("job", update("a", 5), "future_round"),
+        ("job", update("x", rnd.round), "not_selected"),
+        ("job", update("a", rnd.round, value=1e6), "norm_too_large"),
+    ]
     for job, u, reason in cases:
         with pytest.raises(UpdateRejected) as info:
             c.judge(job, u)
@@ -108,8 +113,17 @@ def test_finishes_after_configured_rounds():
     assert c.maybe_close().ok and c.finished and c.maybe_open() is None
 
 
-@pytest.mark.parametrize("kw", [dict(rounds=-1), dict(min_devices=0), dict(min_updates=0), dict(round_timeout=0),
-                                dict(devices_per_round=2, min_updates=3), dict(max_update_norm=-1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rounds=-1),
+        dict(min_devices=0),
+        dict(min_updates=0),
+        dict(round_timeout=0),
+        dict(devices_per_round=2, min_updates=3),
+        dict(max_update_norm=-1),
+    ],
+)
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ConfigError):
         RoundSettings(**kw)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The states a crash test writes: commit n is recognisable from any of its parts (the partial's
 # weight, count, devices and sums, the history, the counters all say n), so a mix of two commits
 # cannot pass for either.
-STATES = '''
+STATES = """
 import numpy as np
 from server.rounds import OpenRound
 from server.strategies.base import Partial
@@ -38,8 +38,10 @@ def state(n):
     delta = {"b": np.full(3, n, dtype=np.float16)} if glob else None
     return dict(job="kill", next_round=n, completed=n - 1, version=n - 1, history=[{"round": j} for j in range(1, n)],
                 global_adapter=glob, open_round=rnd, base_delta=delta)
-'''
-WRITER = STATES + '''
+"""
+WRITER = (
+    STATES
+    + """
 import sys
 from server.store import StateStore
 
@@ -48,7 +50,8 @@ for n in range(1, int(sys.argv[2]) + 1):
     store.save(**state(n))
     store.event("saved", n=n, detail="x" * 50)
     print(n, flush=True)
-'''
+"""
+)
 _ns: dict = {}
 exec(STATES, _ns)
 state = _ns["state"]
@@ -60,8 +63,14 @@ def assert_is_commit(back: dict, n: int) -> None:
     assert (back["job"], back["next_round"], back["completed"], back["version"]) == ("kill", n, n - 1, n - 1)
     assert back["history"] == want["history"]
     o, w = back["open_round"], want["open_round"]
-    assert (o.round, o.selected, o.opened_at, o.deadline, o.base_version, o.accepted) == \
-           (w.round, w.selected, w.opened_at, w.deadline, w.base_version, w.accepted)
+    assert (o.round, o.selected, o.opened_at, o.deadline, o.base_version, o.accepted) == (
+        w.round,
+        w.selected,
+        w.opened_at,
+        w.deadline,
+        w.base_version,
+        w.accepted,
+    )
     assert (o.partial.weight, o.partial.count, o.partial.devices) == (float(n), n, w.partial.devices)
     assert sorted(o.partial.sums) == ["w", "x"]
     for k, v in w.partial.sums.items():
@@ -75,19 +84,35 @@ def assert_is_commit(back: dict, n: int) -> None:
 
 def run_writer(state_dir, count=6, fault="", max_event_bytes=64 << 20, **kwargs):
     env = {**os.environ, FAULT_POINT_ENV: fault}
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(state_dir), str(count), str(max_event_bytes)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(state_dir), str(count), str(max_event_bytes)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 # -- round trip ---------------------------------------------------------------------------
+
 
 def test_state_round_trips_with_open_round_and_partial(tmp_path):
     store = StateStore(tmp_path)
     assert store.load() is None
     glob = {"w": np.arange(4, dtype=np.float32)}
-    rnd = OpenRound(3, ["a", "b"], 10.0, 70.0, 2, accepted={"a": 5},
-                    partial=Partial(sums={"w": np.full(4, 5.0)}, weight=5.0, count=1, devices=["a"]))
-    store.save(job="j", next_round=4, completed=2, version=2, history=[{"round": 2}], global_adapter=glob, open_round=rnd)
+    rnd = OpenRound(
+        3,
+        ["a", "b"],
+        10.0,
+        70.0,
+        2,
+        accepted={"a": 5},
+        partial=Partial(sums={"w": np.full(4, 5.0)}, weight=5.0, count=1, devices=["a"]),
+    )
+    store.save(
+        job="j", next_round=4, completed=2, version=2, history=[{"round": 2}], global_adapter=glob, open_round=rnd
+    )
     back = StateStore(tmp_path).load()
     assert (back["job"], back["next_round"], back["completed"], back["version"]) == ("j", 4, 2, 2)
     np.testing.assert_array_equal(back["global"]["w"], glob["w"])
@@ -102,13 +127,26 @@ def test_state_round_trips_with_open_round_and_partial(tmp_path):
 
 def test_arrays_keep_dtype_shape_and_are_writable(tmp_path):
     store = StateStore(tmp_path)
-    glob = {"a": np.arange(6, dtype=np.float16).reshape(2, 3), "b": np.float32(2.5) * np.ones(()),
-            "c": np.zeros((0, 4), dtype=np.int64), "d": np.arange(12, dtype=">f4").reshape(3, 4).T}
+    glob = {
+        "a": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "b": np.float32(2.5) * np.ones(()),
+        "c": np.zeros((0, 4), dtype=np.int64),
+        "d": np.arange(12, dtype=">f4").reshape(3, 4).T,
+    }
     sums = {"s": np.asarray(7.0), "t": np.ones((2, 2), dtype=np.float32)}
-    rnd = OpenRound(1, ["a"], 0.0, 1.0, 0, accepted={"a": 1},
-                    partial=Partial(sums=sums, weight=1.0, count=1, devices=["a"]))
-    store.save(job="j", next_round=2, completed=0, version=0, history=[], global_adapter=glob, open_round=rnd,
-               base_delta={"m": np.eye(2)})
+    rnd = OpenRound(
+        1, ["a"], 0.0, 1.0, 0, accepted={"a": 1}, partial=Partial(sums=sums, weight=1.0, count=1, devices=["a"])
+    )
+    store.save(
+        job="j",
+        next_round=2,
+        completed=0,
+        version=0,
+        history=[],
+        global_adapter=glob,
+        open_round=rnd,
+        base_delta={"m": np.eye(2)},
+    )
     back = StateStore(tmp_path).load()
     for k, v in glob.items():
         assert back["global"][k].dtype == v.dtype and back["global"][k].shape == v.shape
@@ -119,8 +157,15 @@ def test_arrays_keep_dtype_shape_and_are_writable(tmp_path):
     s["t"] += 1  # the aggregator adds into them in place
     np.testing.assert_array_equal(back["base_delta"]["m"], np.eye(2))
     with pytest.raises(ValueError, match="object"):
-        store.save(job="j", next_round=2, completed=0, version=0, history=[], open_round=None,
-                   global_adapter={"o": np.array([object()])})
+        store.save(
+            job="j",
+            next_round=2,
+            completed=0,
+            version=0,
+            history=[],
+            open_round=None,
+            global_adapter={"o": np.array([object()])},
+        )
     assert StateStore(tmp_path).load()["global"].keys() == glob.keys()
 
 
@@ -165,21 +210,48 @@ def test_open_round_fields_are_stored_generically(tmp_path, monkeypatch):
 
 def test_a_format_1_directory_is_imported_once(tmp_path):
     StateStore(tmp_path).close()  # a database with no committed state (an import cut short) imports too
-    state = {"format": 1, "job": "old", "next_round": 5, "completed": 3, "version": 4, "history": [{"round": 4}],
-             "saved_at": 1.0, "open_round": {"round": 5, "selected": ["a", "b"], "opened_at": 9.0, "deadline": 69.0,
-                                              "base_version": 4, "accepted": {"a": 7}, "partial_weight": 7.0}}
+    state = {
+        "format": 1,
+        "job": "old",
+        "next_round": 5,
+        "completed": 3,
+        "version": 4,
+        "history": [{"round": 4}],
+        "saved_at": 1.0,
+        "open_round": {
+            "round": 5,
+            "selected": ["a", "b"],
+            "opened_at": 9.0,
+            "deadline": 69.0,
+            "base_version": 4,
+            "accepted": {"a": 7},
+            "partial_weight": 7.0,
+        },
+    }
     (tmp_path / "state.json").write_text(json.dumps(state))
     np.savez(tmp_path / "global.npz", w=np.arange(3, dtype=np.float32))
     np.savez(tmp_path / "base_delta.npz", m=np.ones((2, 2)))
     np.savez(tmp_path / "partial.npz", w=np.full(3, 7.0, dtype=np.float32))
     back = StateStore(tmp_path).load()
-    assert (back["job"], back["next_round"], back["completed"], back["version"], back["history"]) == \
-           ("old", 5, 3, 4, [{"round": 4}])
+    assert (back["job"], back["next_round"], back["completed"], back["version"], back["history"]) == (
+        "old",
+        5,
+        3,
+        4,
+        [{"round": 4}],
+    )
     np.testing.assert_array_equal(back["global"]["w"], np.arange(3, dtype=np.float32))
     np.testing.assert_array_equal(back["base_delta"]["m"], np.ones((2, 2)))
     o = back["open_round"]
-    assert (o.round, o.selected, o.deadline, o.accepted, o.partial.weight, o.partial.count, o.partial.devices) == \
-           (5, ["a", "b"], 69.0, {"a": 7}, 7.0, 1, ["a"])
+    assert (o.round, o.selected, o.deadline, o.accepted, o.partial.weight, o.partial.count, o.partial.devices) == (
+        5,
+        ["a", "b"],
+        69.0,
+        {"a": 7},
+        7.0,
+        1,
+        ["a"],
+    )
     assert o.partial.sums["w"].dtype == np.float64
     # imported once: the old files are no longer read
     (tmp_path / "state.json").write_text(json.dumps({**state, "next_round": 99}))
@@ -187,6 +259,7 @@ def test_a_format_1_directory_is_imported_once(tmp_path):
 
 
 # -- fencing ------------------------------------------------------------------------------
+
 
 def test_a_store_fenced_by_a_newer_term_writes_nothing(tmp_path):
     old = StateStore(tmp_path)  # writes under the stored term, 0
@@ -204,8 +277,12 @@ def test_a_store_fenced_by_a_newer_term_writes_nothing(tmp_path):
     later = StateStore(tmp_path)
     later.save(**state(3))
     code = f"from server.store import StateStore; print(StateStore({str(tmp_path)!r}).claim_term())"
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.strip() == "2"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "2"
+    )
     for stale in (later, new, StateStore(tmp_path, term=1)):
         with pytest.raises(StaleTerm):
             stale.save(**state(4))
@@ -216,6 +293,7 @@ def test_a_store_fenced_by_a_newer_term_writes_nothing(tmp_path):
 
 
 # -- write failures -----------------------------------------------------------------------
+
 
 def test_disk_full_raises_store_unavailable_and_keeps_the_commit(tmp_path):
     store = StateStore(tmp_path)
@@ -239,8 +317,12 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         return False
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_full_file_system_raises_store_unavailable(tmp_path):
@@ -295,6 +377,7 @@ def test_an_event_that_cannot_be_written_raises_store_unavailable(tmp_path):
 
 # -- events -------------------------------------------------------------------------------
 
+
 def test_events_are_appended(tmp_path):
     store = StateStore(tmp_path)
     store.event("update_rejected", device="d", reason="non_finite")
@@ -337,8 +420,10 @@ def test_a_torn_event_line_is_skipped_and_does_not_swallow_the_next(tmp_path):
 
 # -- crashes ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("point, survivor", [("save:begin", 2), ("save:arrays", 2), ("save:before_commit", 2),
-                                             ("save:after_commit", 3)])
+
+@pytest.mark.parametrize(
+    "point, survivor", [("save:begin", 2), ("save:arrays", 2), ("save:before_commit", 2), ("save:after_commit", 3)]
+)
 def test_sigkill_at_each_point_leaves_the_last_commit(tmp_path, point, survivor):
     assert point in FAULT_POINTS
     proc = run_writer(tmp_path, fault=f"{point}@3")

@@ -69,15 +69,33 @@ def effective(glob_or_tensors, base_w, rank=None, base_delta=None, layout=LAYOUT
 # -- layout ------------------------------------------------------------------------------
 def test_layout_from_manifest_groups_factors_by_module_and_takes_scale_from_alpha():
     q = "base_model.model.enc.0.attention.query"
-    specs = (ParamSpec(f"{q}.lora_A.weight", (4, 8), "lora_A"), ParamSpec(f"{q}.lora_B.weight", (6, 4), "lora_B"),
-             ParamSpec("base_model.model.classifier.weight", (2, 6), "head"))
-    man = Manifest("m", "seq-cls", rank=4, alpha=8.0, targets=("query",), max_length=8, pad_token_id=0,
-                   trainable=specs, input_names=("input_ids",), files={})
+    specs = (
+        ParamSpec(f"{q}.lora_A.weight", (4, 8), "lora_A"),
+        ParamSpec(f"{q}.lora_B.weight", (6, 4), "lora_B"),
+        ParamSpec("base_model.model.classifier.weight", (2, 6), "head"),
+    )
+    man = Manifest(
+        "m",
+        "seq-cls",
+        rank=4,
+        alpha=8.0,
+        targets=("query",),
+        max_length=8,
+        pad_token_id=0,
+        trainable=specs,
+        input_names=("input_ids",),
+        files={},
+    )
     layout = AdapterLayout.from_manifest(man)
-    assert layout.modules == (LoraModule(q, f"{q}.lora_A.weight", f"{q}.lora_B.weight", f"{q}.base_layer.weight", 8, 6),)
+    assert layout.modules == (
+        LoraModule(q, f"{q}.lora_A.weight", f"{q}.lora_B.weight", f"{q}.base_layer.weight", 8, 6),
+    )
     assert layout.head == {"base_model.model.classifier.weight": (2, 6)} and layout.scale == 2.0
-    assert layout.shapes(2) == {f"{q}.lora_A.weight": (2, 8), f"{q}.lora_B.weight": (6, 2),
-                                "base_model.model.classifier.weight": (2, 6)}
+    assert layout.shapes(2) == {
+        f"{q}.lora_A.weight": (2, 8),
+        f"{q}.lora_B.weight": (6, 2),
+        "base_model.model.classifier.weight": (2, 6),
+    }
     assert set(layout.shapes(2, include_a=False)) == {f"{q}.lora_B.weight", "base_model.model.classifier.weight"}
     assert AdapterLayout.from_shapes(man.shapes, scale=2.0) == layout
 
@@ -90,8 +108,11 @@ def test_layout_refuses_a_factor_without_its_pair():
 # -- FedAvg ------------------------------------------------------------------------------
 def test_fedavg_hand_computed():
     s = STRATEGIES["fedavg"](LAYOUT, rank=1)
-    new = run(s, model(1), [upd("x", 1, [[1, 2, 0]], [[3], [0]], head=[0, 4]),
-                            upd("y", 3, [[5, 6, 4]], [[-1], [4]], head=[4, 0])])
+    new = run(
+        s,
+        model(1),
+        [upd("x", 1, [[1, 2, 0]], [[3], [0]], head=[0, 4]), upd("y", 3, [[5, 6, 4]], [[-1], [4]], head=[4, 0])],
+    )
     # A: (1*[1,2,0] + 3*[5,6,4]) / 4 = [4,5,3];  B: (1*[3,0] + 3*[-1,4]) / 4 = [0,3];  head: [3,1]
     np.testing.assert_allclose(new.tensors[M.a], [[4, 5, 3]])
     np.testing.assert_allclose(new.tensors[M.b], [[0], [3]])
@@ -126,8 +147,11 @@ def test_ffa_lora_averages_b_only_and_is_exact_because_a_is_shared():
 def test_fedsa_lora_averages_a_keeps_b_local_and_ignores_uploaded_b():
     s = STRATEGIES["fedsa-lora"](LAYOUT, rank=1)
     b0 = [[7], [7]]
-    new = run(s, model(1, b=b0), [upd("x", 1, a=[[1, 0, 0]], head=[1, 1]),
-                                   upd("y", 3, a=[[0, 4, 0]], b=[[100], [100]], head=[5, 1])])
+    new = run(
+        s,
+        model(1, b=b0),
+        [upd("x", 1, a=[[1, 0, 0]], head=[1, 1]), upd("y", 3, a=[[0, 4, 0]], b=[[100], [100]], head=[5, 1])],
+    )
     # A = (1*[1,0,0] + 3*[0,4,0]) / 4 = [0.25, 3, 0];  head = (1*[1,1] + 3*[5,1]) / 4 = [4, 1];  B unchanged
     np.testing.assert_allclose(new.tensors[M.a], [[0.25, 3, 0]])
     np.testing.assert_allclose(new.tensors[M.b], b0)
@@ -148,8 +172,8 @@ def test_hetlora_padding_is_exact():
 
 def test_hetlora_sparsity_weighted_hand_computed():
     s = STRATEGIES["hetlora"](LAYOUT, rank=2)
-    u1 = upd("x", 9, [[1, 0, 0]], [[3], [4]])                           # B1 A1 = [[3,0,0],[4,0,0]], norm 5
-    u2 = upd("y", 1, [[0, 1, 0], [0, 0, 1]], [[6, 0], [0, 8]])           # B2 A2 = [[0,6,0],[0,0,8]], norm 10
+    u1 = upd("x", 9, [[1, 0, 0]], [[3], [4]])  # B1 A1 = [[3,0,0],[4,0,0]], norm 5
+    u2 = upd("y", 1, [[0, 1, 0], [0, 0, 1]], [[6, 0], [0, 8]])  # B2 A2 = [[0,6,0],[0,0,8]], norm 10
     assert product_norm(u1.tensors[M.a], u1.tensors[M.b]) == pytest.approx(5.0)
     new = run(s, model(2), [u1, u2])
     # weights 5 : 10 (example counts are not used); A = (5*[[1,0,0],[0,0,0]] + 10*[[0,1,0],[0,0,1]]) / 15
@@ -163,7 +187,9 @@ def test_hetlora_sparsity_weighted_hand_computed():
 
 def test_hetlora_example_weighted_hand_computed():
     s = STRATEGIES["hetlora"](LAYOUT, rank=2, weighting="examples")
-    new = run(s, model(2), [upd("x", 1, [[1, 0, 0]], [[3], [4]]), upd("y", 1, [[0, 1, 0], [0, 0, 1]], [[6, 0], [0, 8]])])
+    new = run(
+        s, model(2), [upd("x", 1, [[1, 0, 0]], [[3], [4]]), upd("y", 1, [[0, 1, 0], [0, 0, 1]], [[6, 0], [0, 8]])]
+    )
     # plain mean of the padded factors: the rank-1 device's zero row halves component 2
     np.testing.assert_allclose(new.tensors[M.a], [[0.5, 0.5, 0], [0, 0, 0.5]])
     np.testing.assert_allclose(new.tensors[M.b], [[4.5, 0], [2, 4]])
@@ -178,12 +204,12 @@ def test_hetlora_self_prune_drops_only_weak_trailing_components():
     a = np.eye(3)
     b = np.array([[4, 2, 0.1], [0, 0, 0]])
     np.testing.assert_allclose(component_norms(a, b), [4, 2, 0.1])  # ||B[:, j]|| * ||A[j]||, A rows unit
-    assert self_prune(a, b, 3, 0.1) == 2            # 0.1 < 0.1 * 4
-    assert self_prune(a, b, 3, 0.6) == 1            # 2 < 0.6 * 4
+    assert self_prune(a, b, 3, 0.1) == 2  # 0.1 < 0.1 * 4
+    assert self_prune(a, b, 3, 0.6) == 1  # 2 < 0.6 * 4
     assert self_prune(a, b, 3, 0.0) == 3
     assert self_prune(a, np.array([[4, 0.1, 3], [0, 0, 0]]), 3, 0.5) == 3  # a weak middle one stays
     assert self_prune(a, np.zeros((2, 3)), 3, 0.5) == 1
-    assert self_prune(a, b, 2, 0.1) == 2            # looks at the first `rank` components only
+    assert self_prune(a, b, 2, 0.1) == 2  # looks at the first `rank` components only
 
 
 # -- FlexLoRA ----------------------------------------------------------------------------
@@ -227,8 +253,11 @@ def test_flexlora_delta_keeps_what_low_rank_devices_could_not_hold():
     glob = model(2, a=a, b=b)
     plain, delta = STRATEGIES["flexlora"](LAYOUT, rank=2), STRATEGIES["flexlora-delta"](LAYOUT, rank=2)
     # both devices train nothing: each sends back the slice it received
-    echo = [upd(f"d{r}", 1, **{k: v for k, v in zip("ab", (t[M.a], t[M.b]))}) for r in (1, 2)
-            for t in [plain.for_device(glob, r)]]
+    echo = [
+        upd(f"d{r}", 1, **{k: v for k, v in zip("ab", (t[M.a], t[M.b]))})
+        for r in (1, 2)
+        for t in [plain.for_device(glob, r)]
+    ]
     # FlexLoRA: mean of (3 e1e1^T) and diag(3, 1): the second component halves
     np.testing.assert_allclose(effective(run(plain, glob, echo), 0.0), [[3, 0, 0], [0, 0.5, 0]], atol=1e-6)
     # the variant: nothing changed, nothing moves
@@ -243,7 +272,9 @@ def test_flexlora_delta_devices_compute_with_the_whole_global():
     assert sent[M.a].shape == (1, 3) and sent[BASE_A_PREFIX + M.base].shape == (1, 3)
     folded = frozen_changes(sent)[M.base]  # the scale is in base_b
     np.testing.assert_allclose(effective(sent, folded), effective(glob, 0.0), rtol=1e-6, atol=1e-6)
-    assert s.frozen_for_device(glob, 2) == {} and STRATEGIES["flexlora"](LAYOUT, rank=2).frozen_for_device(glob, 1) == {}
+    assert (
+        s.frozen_for_device(glob, 2) == {} and STRATEGIES["flexlora"](LAYOUT, rank=2).frozen_for_device(glob, 1) == {}
+    )
 
 
 def test_flexlora_delta_is_the_global_plus_the_mean_change():
@@ -268,9 +299,13 @@ def test_flexlora_delta_is_the_global_plus_the_mean_change():
 def test_flexlora_delta_with_one_rank_is_flexlora():
     rng = np.random.default_rng(6)
     glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
-    updates = [upd(f"d{i}", i + 1, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), rng.normal(size=2)) for i in range(3)]
-    assert_models_close(run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2), glob, updates),
-                        run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates))
+    updates = [
+        upd(f"d{i}", i + 1, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), rng.normal(size=2)) for i in range(3)
+    ]
+    assert_models_close(
+        run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2), glob, updates),
+        run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates),
+    )
 
 
 def test_flexlora_delta_rank_norm_hand_computed():
@@ -315,13 +350,19 @@ def test_flexlora_delta_rank_norm_is_the_paced_mean_change():
 def test_flexlora_delta_rank_norm_with_one_rank_changes_nothing():
     rng = np.random.default_rng(8)
     glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)))
-    updates = [upd(f"d{i}", i + 1, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), rng.normal(size=2)) for i in range(3)]
-    assert_models_close(run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=0.5), glob, updates),
-                        run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates))
+    updates = [
+        upd(f"d{i}", i + 1, rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), rng.normal(size=2)) for i in range(3)
+    ]
+    assert_models_close(
+        run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=0.5), glob, updates),
+        run(STRATEGIES["flexlora"](LAYOUT, rank=2), glob, updates),
+    )
     # devices all below the global rank, but of one rank: every pace is the same and cancels
     low = [upd(f"d{i}", i + 1, rng.normal(size=(1, 3)), rng.normal(size=(2, 1)), rng.normal(size=2)) for i in range(3)]
-    assert_models_close(run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=0.5), glob, low),
-                        run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2), glob, low))
+    assert_models_close(
+        run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2, rank_norm_power=0.5), glob, low),
+        run(STRATEGIES["flexlora-delta"](LAYOUT, rank=2), glob, low),
+    )
 
 
 @pytest.mark.parametrize("power", [-0.1, 2.5, float("nan")])
@@ -339,7 +380,7 @@ def test_svd_factors_pads_beyond_the_rank_of_the_matrix():
 
 # -- FLoRA -------------------------------------------------------------------------------
 def test_flora_stacked_product_equals_weighted_sum_of_products_hand_computed():
-    a1, b1 = np.array([[1.0, 2, 0]]), np.array([[1.0], [0]])                 # B1 A1 = [[1,2,0],[0,0,0]]
+    a1, b1 = np.array([[1.0, 2, 0]]), np.array([[1.0], [0]])  # B1 A1 = [[1,2,0],[0,0,0]]
     a2, b2 = np.array([[0.0, 0, 1], [1, 0, 0]]), np.array([[0.0, 1], [2, 0]])  # B2 A2 = [[1,0,0],[0,0,2]]
     sa, sb = stack([a1, a2], [b1, b2], [1, 3])
     # A_stack = [1/4 A1; 3/4 A2], B_stack = [B1, B2]
@@ -349,7 +390,7 @@ def test_flora_stacked_product_equals_weighted_sum_of_products_hand_computed():
     np.testing.assert_allclose(sb @ sa, [[1, 0.5, 0], [0, 0, 1.5]])
     s = STRATEGIES["flora"](LAYOUT, rank=2)
     new = run(s, model(2), [upd("x", 1, a1, b1), upd("y", 3, a2, b2)])
-    np.testing.assert_allclose(new.base_delta[M.base], 2.0 * (sb @ sa))   # scale 2: [[2,1,0],[0,0,3]]
+    np.testing.assert_allclose(new.base_delta[M.base], 2.0 * (sb @ sa))  # scale 2: [[2,1,0],[0,0,3]]
     assert not new.tensors[M.b].any() and new.tensors[M.a].shape == (2, 3)  # adapters reset
     dev = s.for_device(new, 1)
     np.testing.assert_array_equal(dev[M.a], new.tensors[M.a][:1])
@@ -386,7 +427,9 @@ def test_folding_strategies_make_effective_weights_the_mean_of_the_devices(name)
     s = STRATEGIES[name](LAYOUT, rank=2)
     glob = model(2, a=rng.normal(size=(2, 3)), b=rng.normal(size=(2, 2)), base_delta={M.base: old_delta})
     ns = [2, 5, 1]
-    updates = [upd(f"d{i}", n, rng.normal(size=(r, 3)), rng.normal(size=(2, r))) for i, (n, r) in enumerate(zip(ns, ranks))]
+    updates = [
+        upd(f"d{i}", n, rng.normal(size=(r, 3)), rng.normal(size=(2, r))) for i, (n, r) in enumerate(zip(ns, ranks))
+    ]
     target = sum(n * effective(u.tensors, w, base_delta=old_delta) for n, u in zip(ns, updates)) / sum(ns)
     for _ in range(2):  # and again from the new model: base_delta accumulates
         new = run(s, glob, updates)
@@ -431,12 +474,22 @@ def assert_models_close(x, y):
 
 
 def test_registry_names_every_strategy_and_builds_by_name():
-    assert set(STRATEGIES) == {"fedavg", "ffa-lora", "fedsa-lora", "hetlora", "flexlora", "flexlora-delta", "flora",
-                               "fedex-lora"}
+    assert set(STRATEGIES) == {
+        "fedavg",
+        "ffa-lora",
+        "fedsa-lora",
+        "hetlora",
+        "flexlora",
+        "flexlora-delta",
+        "flora",
+        "fedex-lora",
+    }
     assert all(cls.name == key for key, cls in STRATEGIES.items())
     s = make_strategy("hetlora", LAYOUT, rank=2, weighting="examples")
     assert s.name == "hetlora" and s.weighting == "examples" and s.rank == 2
-    with pytest.raises(ConfigError, match="known: fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flexlora-delta, flora, fedex-lora"):
+    with pytest.raises(
+        ConfigError, match="known: fedavg, ffa-lora, fedsa-lora, hetlora, flexlora, flexlora-delta, flora, fedex-lora"
+    ):
         make_strategy("fedprox", LAYOUT, rank=2)
     with pytest.raises(ConfigError, match="flora"):
         make_strategy("flora", LAYOUT, rank=2, weighting="examples")
@@ -444,8 +497,11 @@ def test_registry_names_every_strategy_and_builds_by_name():
         make_strategy("hetlora", LAYOUT, rank=2, weighting="norm")
 
 
-@pytest.mark.parametrize("name, params", [(name, {}) for name in STRATEGIES] +
-                         [("flexlora-delta", {"rank_norm_power": 0.5})], ids=[*STRATEGIES, "flexlora-delta-rank-norm"])
+@pytest.mark.parametrize(
+    "name, params",
+    [(name, {}) for name in STRATEGIES] + [("flexlora-delta", {"rank_norm_power": 0.5})],
+    ids=[*STRATEGIES, "flexlora-delta-rank-norm"],
+)
 def test_merge_of_partials_equals_partial_of_all(name, params):
     rng = np.random.default_rng(sum(map(ord, name)))
     s = STRATEGIES[name](LAYOUT, rank=2, **params)
@@ -498,24 +554,43 @@ def good_tensors(rank=2, a=True, b=True):
     return t
 
 
-@pytest.mark.parametrize("name, update, reason", [
-    ("fedavg", ClientUpdate("d", 1, 1, 1, good_tensors(1)), "rank_mismatch"),
-    ("fedex-lora", ClientUpdate("d", 1, 1, 1, good_tensors(1)), "rank_mismatch"),
-    ("fedsa-lora", ClientUpdate("d", 1, 1, 1, good_tensors(1, b=False)), "rank_mismatch"),
-    ("ffa-lora", ClientUpdate("d", 1, 1, 1, good_tensors(1, a=False)), "rank_mismatch"),
-    ("ffa-lora", ClientUpdate("d", 1, 2, 1, good_tensors()), "frozen_tensor_sent"),
-    ("ffa-lora", ClientUpdate("d", 1, 2, 1, good_tensors(b=False)), "frozen_tensor_sent"),
-    ("fedsa-lora", ClientUpdate("d", 1, 2, 1, good_tensors(a=False)), "missing_tensor"),
-    ("hetlora", ClientUpdate("d", 1, 3, 1, good_tensors(3)), "rank_out_of_range"),
-    ("flexlora", ClientUpdate("d", 1, 0, 1, {"cls": np.zeros(2, np.float32)}), "rank_out_of_range"),
-    ("flora", ClientUpdate("d", 1, 1, 1, good_tensors(2)), "wrong_shape"),  # says rank 1, sends rank 2
-    ("fedavg", ClientUpdate("d", 1, 2, 0, good_tensors()), "no_examples"),
-    ("hetlora", ClientUpdate("d", 1, 2, 1, {**good_tensors(), M.a: np.full((2, 3), np.nan, np.float32)}), "non_finite"),
-    ("flexlora", ClientUpdate("d", 1, 2, 1, {**good_tensors(), "cls": np.array([np.inf, 0], np.float32)}), "non_finite"),
-    ("fedsa-lora", ClientUpdate("d", 1, 2, 1, {**good_tensors(), M.b: np.zeros((2, 1), np.float32)}), "wrong_shape"),
-    ("fedex-lora", ClientUpdate("d", 1, 2, 1, {**good_tensors(), "extra": np.zeros(1, np.float32)}), "unknown_tensor"),
-    ("flora", ClientUpdate("d", 1, 2, 1, good_tensors(b=False)), "missing_tensor"),
-])
+@pytest.mark.parametrize(
+    "name, update, reason",
+    [
+        ("fedavg", ClientUpdate("d", 1, 1, 1, good_tensors(1)), "rank_mismatch"),
+        ("fedex-lora", ClientUpdate("d", 1, 1, 1, good_tensors(1)), "rank_mismatch"),
+        ("fedsa-lora", ClientUpdate("d", 1, 1, 1, good_tensors(1, b=False)), "rank_mismatch"),
+        ("ffa-lora", ClientUpdate("d", 1, 1, 1, good_tensors(1, a=False)), "rank_mismatch"),
+        ("ffa-lora", ClientUpdate("d", 1, 2, 1, good_tensors()), "frozen_tensor_sent"),
+        ("ffa-lora", ClientUpdate("d", 1, 2, 1, good_tensors(b=False)), "frozen_tensor_sent"),
+        ("fedsa-lora", ClientUpdate("d", 1, 2, 1, good_tensors(a=False)), "missing_tensor"),
+        ("hetlora", ClientUpdate("d", 1, 3, 1, good_tensors(3)), "rank_out_of_range"),
+        ("flexlora", ClientUpdate("d", 1, 0, 1, {"cls": np.zeros(2, np.float32)}), "rank_out_of_range"),
+        ("flora", ClientUpdate("d", 1, 1, 1, good_tensors(2)), "wrong_shape"),  # says rank 1, sends rank 2
+        ("fedavg", ClientUpdate("d", 1, 2, 0, good_tensors()), "no_examples"),
+        (
+            "hetlora",
+            ClientUpdate("d", 1, 2, 1, {**good_tensors(), M.a: np.full((2, 3), np.nan, np.float32)}),
+            "non_finite",
+        ),
+        (
+            "flexlora",
+            ClientUpdate("d", 1, 2, 1, {**good_tensors(), "cls": np.array([np.inf, 0], np.float32)}),
+            "non_finite",
+        ),
+        (
+            "fedsa-lora",
+            ClientUpdate("d", 1, 2, 1, {**good_tensors(), M.b: np.zeros((2, 1), np.float32)}),
+            "wrong_shape",
+        ),
+        (
+            "fedex-lora",
+            ClientUpdate("d", 1, 2, 1, {**good_tensors(), "extra": np.zeros(1, np.float32)}),
+            "unknown_tensor",
+        ),
+        ("flora", ClientUpdate("d", 1, 2, 1, good_tensors(b=False)), "missing_tensor"),
+    ],
+)
 def test_unusable_updates_are_rejected_with_a_reason(name, update, reason):
     s = STRATEGIES[name](LAYOUT, rank=2)
     with pytest.raises(UpdateRejected) as info:

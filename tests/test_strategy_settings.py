@@ -38,8 +38,11 @@ def other_value(info: SettingInfo):
 def bad_values(info: SettingInfo) -> list:
     out: list = [[1, 2], {"x": 1}]
     if info.range is not None:
-        out += [v for v in (info.range.lo, info.range.hi) if math.isfinite(v)
-                and (info.range.lo_open if v == info.range.lo else info.range.hi_open)]
+        out += [
+            v
+            for v in (info.range.lo, info.range.hi)
+            if math.isfinite(v) and (info.range.lo_open if v == info.range.lo else info.range.hi_open)
+        ]
         out += [info.range.lo - 1] if math.isfinite(info.range.lo) else []
         out += [info.range.hi + 1] if math.isfinite(info.range.hi) else []
         out += [float("nan")] if info.kind is float else []
@@ -71,14 +74,17 @@ def test_each_setting_reaches_the_strategy_from_file_env_and_overrides(name, inf
     path.write_text(json.dumps({"bundle": "/b", "strategy": name, "strategy_settings": {info.name: value}}))
     assert load_server_config(path).strategy_settings[info.name] == value
 
-    monkeypatch.setenv(f"FEDLORA_STRATEGY_SETTINGS_{info.name.upper()}", str(value).lower() if info.kind is bool else
-                       str(value))
+    monkeypatch.setenv(
+        f"FEDLORA_STRATEGY_SETTINGS_{info.name.upper()}", str(value).lower() if info.kind is bool else str(value)
+    )
     cfg = load_server_config(overrides={"bundle": "/b", "strategy": name})
     assert cfg.strategy_settings[info.name] == value  # converted from the environment's string
     s = make_strategy(name, LAYOUT, rank=4, **cfg.strategy_settings)
     assert getattr(s.settings, info.name) == value
 
-    cfg = load_server_config(overrides={"bundle": "/b", "strategy": name, "strategy_settings": {info.name: info.default}})
+    cfg = load_server_config(
+        overrides={"bundle": "/b", "strategy": name, "strategy_settings": {info.name: info.default}}
+    )
     assert cfg.strategy_settings[info.name] == info.default  # overrides beat the environment
 
 
@@ -135,16 +141,34 @@ def test_device_settings_travel_in_the_announcement_within_the_devices_bounds(na
     assert info.name in DEVICE_SETTINGS, f"{info.name} is sent to devices, but core.messages does not know it"
     lo, hi, default = DEVICE_SETTINGS[info.name]
     assert default == info.default and info.range is not None and lo <= info.range.lo and info.range.hi <= hi
-    ann = Announcement("j", RoundState.OPEN, 1, 0, 4, deadline=10.0, selected=("d1",),
-                       strategy=StrategyInfo(name, s.trains_a, sent), train=TrainInfo(1, 1, 0.001))
+    ann = Announcement(
+        "j",
+        RoundState.OPEN,
+        1,
+        0,
+        4,
+        deadline=10.0,
+        selected=("d1",),
+        strategy=StrategyInfo(name, s.trains_a, sent),
+        train=TrainInfo(1, 1, 0.001),
+    )
     assert parse_announcement(ann.to_bytes()).strategy.settings == {info.name: other_value(info)}
     assert make_strategy(name, LAYOUT, rank=4).device_settings() == {}  # defaults are not sent
 
 
 def test_the_device_refuses_unknown_or_out_of_range_strategy_settings():
     def announce(strategy: dict) -> bytes:
-        ann = Announcement("j", RoundState.OPEN, 1, 0, 4, deadline=10.0, selected=("d1",),
-                           strategy=StrategyInfo("hetlora"), train=TrainInfo(1, 1, 0.001))
+        ann = Announcement(
+            "j",
+            RoundState.OPEN,
+            1,
+            0,
+            4,
+            deadline=10.0,
+            selected=("d1",),
+            strategy=StrategyInfo("hetlora"),
+            train=TrainInfo(1, 1, 0.001),
+        )
         body = ann.to_json()
         body["strategy"].update(strategy)
         return json.dumps(body).encode()
@@ -210,10 +234,16 @@ def test_fedavg_server_lr_setting_moves_the_global_part_of_the_way():
     from server.strategies.base import ClientUpdate, GlobalModel
 
     m = LAYOUT.modules[0]
-    glob = GlobalModel(1, {m.a: np.zeros((1, 3), np.float32), m.b: np.zeros((2, 1), np.float32),
-                           "cls": np.zeros(2, np.float32)})
-    update = ClientUpdate("d", 1, 1, 1, {m.a: np.ones((1, 3), np.float32), m.b: np.ones((2, 1), np.float32),
-                                         "cls": np.ones(2, np.float32)})
+    glob = GlobalModel(
+        1, {m.a: np.zeros((1, 3), np.float32), m.b: np.zeros((2, 1), np.float32), "cls": np.zeros(2, np.float32)}
+    )
+    update = ClientUpdate(
+        "d",
+        1,
+        1,
+        1,
+        {m.a: np.ones((1, 3), np.float32), m.b: np.ones((2, 1), np.float32), "cls": np.ones(2, np.float32)},
+    )
     cfg = load_server_config(overrides={"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"server_lr": 0.25}})
     s = make_strategy("fedavg", LAYOUT, rank=1, **cfg.strategy_settings)
     out = s.finalize(s.accumulate(s.new_partial(), update), glob)

@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 
 from core.protocol import (
-    Envelope, Reassembler, Topics, decode_envelope, encode_envelope, message_id, split_chunks,
+    Envelope,
+    Reassembler,
+    Topics,
+    decode_envelope,
+    encode_envelope,
+    message_id,
+    split_chunks,
 )
 from core.transport import BrokerConfig, MqttLink
 from tests.test_aggregator import FakeDevice, start_aggregator, update_payload, wait_for
@@ -30,8 +36,18 @@ LIMITS = "max_packet_size 20000\nmessage_size_limit 15000\n"
 
 def big_envelope(n=80_000):
     rng = np.random.default_rng(1)
-    return encode_envelope(Envelope(kind="update", job="j", round=1, sender="d1", rank=8, codec="fp32",
-                                    tensors={"w": rng.normal(size=n).astype(np.float32)}, num_examples=3))
+    return encode_envelope(
+        Envelope(
+            kind="update",
+            job="j",
+            round=1,
+            sender="d1",
+            rank=8,
+            codec="fp32",
+            tensors={"w": rng.normal(size=n).astype(np.float32)},
+            num_examples=3,
+        )
+    )
 
 
 def receive(link: MqttLink, reassembler: Reassembler, timeout=20.0) -> bytes:
@@ -150,16 +166,26 @@ def test_device_disconnected_mid_update_finishes_it_after_reconnecting(tmp_path,
 
 def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tmp_path, minilm_bundle, mosquitto):
     from conftest import BBC_LABELS
+
     from core.bundle import Bundle
     from edge_client.device import Device, DeviceConfig
 
     job, topics = "repair", Topics("repair")
-    agg, stop, thread, link = start_aggregator(minilm_bundle, tmp_path / "state", mosquitto.url, job=job, rounds=1,
-                                               chunk_repair_after_s=1.0)
+    agg, stop, thread, link = start_aggregator(
+        minilm_bundle, tmp_path / "state", mosquitto.url, job=job, rounds=1, chunk_repair_after_s=1.0
+    )
     data = tmp_path / "local.csv"
     data.write_text("text,label\n" + "".join(f"story {i},{BBC_LABELS[i % 5]}\n" for i in range(20)))
-    dev = Device(DeviceConfig(device_id="d1", job=job, bundle=minilm_bundle, data=data, state_dir=tmp_path / "dev",
-                              broker=BrokerConfig(url=mosquitto.url, protocol="3.1.1", max_packet_size=20_000)))
+    dev = Device(
+        DeviceConfig(
+            device_id="d1",
+            job=job,
+            bundle=minilm_bundle,
+            data=data,
+            state_dir=tmp_path / "dev",
+            broker=BrokerConfig(url=mosquitto.url, protocol="3.1.1", max_packet_size=20_000),
+        )
+    )
     spy = MqttLink(BrokerConfig(url=mosquitto.url, protocol="3.1.1")).connect()
     spy.subscribe(topics.update("d1"))
     try:
@@ -187,8 +213,13 @@ def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tm
                 dev.link.publish(topics.update("d1"), c).wait_for_publish(5)
         dev._sent_whole_at = time.monotonic()  # as send_pending records it
         # A request that waited in the inbox while the whole update went out is stale: ignored.
-        stale = {"round": rnd, "result": "incomplete", "msg_id": message_id(payload).hex(), "count": len(chunks),
-                 "missing": sorted(lost)}
+        stale = {
+            "round": rnd,
+            "result": "incomplete",
+            "msg_id": message_id(payload).hex(),
+            "count": len(chunks),
+            "missing": sorted(lost),
+        }
         dev.handle(topics.ack("d1"), json.dumps(stale).encode(), received_at=asked_before)
         time.sleep(0.3)
         assert agg.reassembler.pending_count() == 1 and spy.inbox.qsize() == len(chunks) - len(lost)
@@ -207,8 +238,10 @@ def test_aggregator_asks_for_missing_chunks_and_the_device_resends_only_those(tm
         # Nothing the aggregator held was sent again: extra copies (a re-ask on a slow machine) are of lost chunks only.
         assert set(Counter(seen) - Counter(chunks)) <= {chunks[i] for i in lost}
         # A request for a message the device no longer holds is ignored.
-        dev.handle(topics.ack("d1"), json.dumps({"result": "incomplete", "msg_id": os.urandom(16).hex(), "count": 3,
-                                                 "missing": [0]}).encode())
+        dev.handle(
+            topics.ack("d1"),
+            json.dumps({"result": "incomplete", "msg_id": os.urandom(16).hex(), "count": 3, "missing": [0]}).encode(),
+        )
         time.sleep(0.3)
         assert spy.inbox.empty()
     finally:
@@ -224,8 +257,13 @@ def dynsec_client(username: str, password: str, roles: list[str]) -> dict:
     """A client entry of Mosquitto's dynamic-security JSON (PBKDF2-SHA512, as mosquitto_ctrl writes it)."""
     salt = os.urandom(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
-    return {"username": username, "password": base64.b64encode(digest).decode(), "salt": base64.b64encode(salt).decode(),
-            "iterations": 101, "roles": [{"rolename": r} for r in roles]}
+    return {
+        "username": username,
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": 101,
+        "roles": [{"rolename": r} for r in roles],
+    }
 
 
 def dynsec_broker(mosquitto_factory, tmp_path):
@@ -235,20 +273,38 @@ def dynsec_broker(mosquitto_factory, tmp_path):
     if not os.path.exists(plugin):
         pytest.skip(f"{plugin} is missing (Debian's mosquitto package ships it)")
     config = {
-        "clients": [dynsec_client("admin", "admin-pw", ["admin"]), dynsec_client("dev1", "pw1", ["device"]),
-                    dynsec_client("agg", "agg-pw", ["aggregator"])],
-        "roles": [
-            {"rolename": "admin", "acls": [
-                {"acltype": "publishClientSend", "topic": "$CONTROL/dynamic-security/#", "allow": True},
-                {"acltype": "publishClientReceive", "topic": "$CONTROL/dynamic-security/#", "allow": True},
-                {"acltype": "subscribePattern", "topic": "$CONTROL/dynamic-security/#", "allow": True}]},
-            {"rolename": "device", "acls": [
-                {"acltype": "subscribePattern", "topic": "fedlora/j/round", "allow": True},
-                {"acltype": "publishClientReceive", "topic": "fedlora/j/#", "allow": True}]},
-            {"rolename": "aggregator", "acls": [{"acltype": "publishClientSend", "topic": "fedlora/j/#", "allow": True}]},
+        "clients": [
+            dynsec_client("admin", "admin-pw", ["admin"]),
+            dynsec_client("dev1", "pw1", ["device"]),
+            dynsec_client("agg", "agg-pw", ["aggregator"]),
         ],
-        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
-                             "unsubscribe": True},
+        "roles": [
+            {
+                "rolename": "admin",
+                "acls": [
+                    {"acltype": "publishClientSend", "topic": "$CONTROL/dynamic-security/#", "allow": True},
+                    {"acltype": "publishClientReceive", "topic": "$CONTROL/dynamic-security/#", "allow": True},
+                    {"acltype": "subscribePattern", "topic": "$CONTROL/dynamic-security/#", "allow": True},
+                ],
+            },
+            {
+                "rolename": "device",
+                "acls": [
+                    {"acltype": "subscribePattern", "topic": "fedlora/j/round", "allow": True},
+                    {"acltype": "publishClientReceive", "topic": "fedlora/j/#", "allow": True},
+                ],
+            },
+            {
+                "rolename": "aggregator",
+                "acls": [{"acltype": "publishClientSend", "topic": "fedlora/j/#", "allow": True}],
+            },
+        ],
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
     }
     path = tmp_path / "dynamic-security.json"
     path.write_text(json.dumps(config))
@@ -256,8 +312,9 @@ def dynsec_broker(mosquitto_factory, tmp_path):
 
 
 @pytest.mark.parametrize("protocol, code", [("5", 0x87), ("3.1.1", 0x80)])
-def test_a_refused_subscription_is_reported_and_cleared_once_granted(mosquitto_factory, tmp_path, caplog, protocol,
-                                                                     code):
+def test_a_refused_subscription_is_reported_and_cleared_once_granted(
+    mosquitto_factory, tmp_path, caplog, protocol, code
+):
     broker = dynsec_broker(mosquitto_factory, tmp_path)
     link = MqttLink(BrokerConfig(url=broker.url, protocol=protocol, username="dev1", password="pw1")).connect()
     admin = MqttLink(BrokerConfig(url=broker.url, protocol="5", username="admin", password="admin-pw")).connect()
@@ -283,8 +340,17 @@ def test_a_refused_subscription_is_reported_and_cleared_once_granted(mosquitto_f
         assert link.inbox.empty()  # the refused subscription delivers nothing
 
         # The operator fixes the ACL; the next subscription to the topic is granted and clears it.
-        command = {"commands": [{"command": "addRoleACL", "rolename": "device", "acltype": "subscribePattern",
-                                 "topic": "fedlora/j/gdelta/#", "allow": True}]}
+        command = {
+            "commands": [
+                {
+                    "command": "addRoleACL",
+                    "rolename": "device",
+                    "acltype": "subscribePattern",
+                    "topic": "fedlora/j/gdelta/#",
+                    "allow": True,
+                }
+            ]
+        }
         admin.publish("$CONTROL/dynamic-security/v1", json.dumps(command).encode()).wait_for_publish(5)
         time.sleep(0.3)
         link.resubscribe("fedlora/j/gdelta/8/+")
@@ -400,8 +466,9 @@ def test_on_connect_hooks_run_again_after_the_broker_restarts(mosquitto):
         wait_for(lambda: not link.connected.is_set(), what="the link to notice the broker is gone")
         # The same broker, same port (no persistence: the session and subscriptions are gone).
         binary = mosquitto.proc.args[0]
-        restarted = sp.Popen([binary, "-c", str(mosquitto.workdir / "mosquitto.conf")], stdout=mosquitto.log,
-                             stderr=sp.STDOUT)
+        restarted = sp.Popen(
+            [binary, "-c", str(mosquitto.workdir / "mosquitto.conf")], stdout=mosquitto.log, stderr=sp.STDOUT
+        )
         wait_for(lambda: link.connected.is_set(), timeout=30, what="paho to reconnect")
         wait_for(lambda: len(runs) == 2, what="the hook to run again")
         assert link.reconnects == 1

@@ -29,8 +29,14 @@ from pathlib import Path
 
 from core.bundle import MANIFEST_NAME, Bundle, Manifest, choose_bundle, sha256_file
 from core.errors import BundleError, ConfigError
-from edge_client.flashing.layout import (BUNDLE_FORMAT, BUNDLE_MANIFEST, CREDENTIAL_ENV, UNIT_NAME, format_env_file,
-                                         render_text)
+from edge_client.flashing.layout import (
+    BUNDLE_FORMAT,
+    BUNDLE_MANIFEST,
+    CREDENTIAL_ENV,
+    UNIT_NAME,
+    format_env_file,
+    render_text,
+)
 
 log = logging.getLogger("fedlora.flashing")
 
@@ -53,6 +59,7 @@ _LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2
 # Target platform and wheels
 # ---------------------------------------------------------------------------------------------
 
+
 def expand_platform(platform: str) -> list[str]:
     """The platform tags a device of ``platform`` accepts, newest first.
 
@@ -68,8 +75,10 @@ def expand_platform(platform: str) -> list[str]:
         if legacy == "linux" and arch:
             return [platform]
         if legacy not in _LEGACY_MANYLINUX or not arch:
-            raise ConfigError(f"platform {platform!r} is not a Linux wheel platform tag "
-                              "(e.g. manylinux_2_28_x86_64, manylinux2014_aarch64, linux_aarch64)")
+            raise ConfigError(
+                f"platform {platform!r} is not a Linux wheel platform tag "
+                "(e.g. manylinux_2_28_x86_64, manylinux2014_aarch64, linux_aarch64)"
+            )
         glibc = _LEGACY_MANYLINUX[legacy]
     tags = [f"manylinux_{glibc[0]}_{minor}_{arch}" for minor in range(glibc[1], 4, -1)]
     for legacy, version in _LEGACY_MANYLINUX.items():
@@ -120,7 +129,7 @@ def select_requirements(requires_dist: list[str], extra: str = "edge") -> list[s
     without its own declared dependencies: fedlora must declare every distribution a device
     imports."""
     out = []
-    wanted = re.compile(r"""extra\s*==\s*["']%s["']""" % re.escape(extra))
+    wanted = re.compile(r"""extra\s*==\s*["']""" + re.escape(extra) + r"""["']""")
     for req in requires_dist:
         spec, _, marker = (part.strip() for part in req.partition(";"))
         if "extra" in marker:
@@ -169,8 +178,18 @@ def build_client_wheel(dest: Path, source: Path | None = None) -> Path:
             if (source / pkg).is_dir():
                 shutil.copytree(source / pkg, stage / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         out = Path(tmp) / "dist"
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "--wheel-dir", str(out), str(stage)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--wheel-dir",
+            str(out),
+            str(stage),
+        ]
         if _setuptools_builds_wheels():
             cmd.insert(4, "--no-build-isolation")  # offline and quick; else pip fetches setuptools
         _run(cmd, "building the client wheel")
@@ -182,12 +201,26 @@ def build_client_wheel(dest: Path, source: Path | None = None) -> Path:
     return target
 
 
-def download_command(requirements: list[str], dest: Path, platforms: list[str], python_version: str,
-                     constraints: Path | None = None) -> list[str]:
+def download_command(
+    requirements: list[str], dest: Path, platforms: list[str], python_version: str, constraints: Path | None = None
+) -> list[str]:
     """``pip download`` of binary wheels for another platform and Python (resolves the closure)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--dest", str(dest),
-           "--python-version", python_version, "--implementation", "cp", "--disable-pip-version-check",
-           "--progress-bar", "off"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--dest",
+        str(dest),
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+    ]
     for tag in platforms:
         cmd += ["--platform", tag]
     if constraints is not None:
@@ -219,13 +252,24 @@ def _run(cmd: list[str], what: str) -> None:
         raise BundleError(f"{what} failed (exit {done.returncode}): {' '.join(cmd[:6])} ...\n{err[-3000:]}")
 
 
-def fetch_wheelhouse(requirements: list[str], platforms: list[str], python_version: str,
-                     constraints: Path | None, cache_dir: Path, no_deps: bool = False) -> Path:
+def fetch_wheelhouse(
+    requirements: list[str],
+    platforms: list[str],
+    python_version: str,
+    constraints: Path | None,
+    cache_dir: Path,
+    no_deps: bool = False,
+) -> Path:
     """The wheels of ``requirements`` and (unless ``no_deps``) their dependencies for the target,
     + pip, downloaded once into ``cache_dir/<key>``; the key covers all that decides the set."""
-    key_doc = {"format": 1, "requirements": [_requirement_key(r) for r in requirements], "platforms": platforms,
-               "python_version": python_version, "no_deps": no_deps,
-               "constraints": constraints.read_text(encoding="utf-8") if constraints else None}
+    key_doc = {
+        "format": 1,
+        "requirements": [_requirement_key(r) for r in requirements],
+        "platforms": platforms,
+        "python_version": python_version,
+        "no_deps": no_deps,
+        "constraints": constraints.read_text(encoding="utf-8") if constraints else None,
+    }
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir / key
     if (target / ".complete").is_file():
@@ -235,9 +279,14 @@ def fetch_wheelhouse(requirements: list[str], platforms: list[str], python_versi
     tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    log.info("wheelhouse: downloading %d requirements for %s, CPython %s", len(requirements), platforms[0], python_version)
-    _run(download_command(requirements, tmp, platforms, python_version, constraints) + (["--no-deps"] if no_deps else []),
-         "pip download")
+    log.info(
+        "wheelhouse: downloading %d requirements for %s, CPython %s", len(requirements), platforms[0], python_version
+    )
+    _run(
+        download_command(requirements, tmp, platforms, python_version, constraints)
+        + (["--no-deps"] if no_deps else []),
+        "pip download",
+    )
     pip_dir = tmp / "pip"
     _run(download_command(["pip"], pip_dir, platforms, python_version) + ["--no-deps"], "pip download pip")
     (tmp / ".complete").write_text(json.dumps(key_doc, indent=1, sort_keys=True))
@@ -253,11 +302,10 @@ def _requirement_key(req: str) -> str:
     return f"{path.name}#{sha256_file(path)}" if req.endswith(".whl") and path.is_file() else req
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Config and credentials
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class DeviceFiles:
@@ -290,8 +338,9 @@ def prepare_device_files(config_path: Path, credentials: Path | None, placeholde
         creds = read_config_file(credentials)
         unknown = sorted(set(creds) - set(CREDENTIAL_ENV) - set(TLS_FILES))
         if unknown:
-            raise ConfigError(f"{credentials}: unknown key(s) {unknown} "
-                              f"(known: {sorted(set(CREDENTIAL_ENV) | set(TLS_FILES))})")
+            raise ConfigError(
+                f"{credentials}: unknown key(s) {unknown} (known: {sorted(set(CREDENTIAL_ENV) | set(TLS_FILES))})"
+            )
         for key, var in CREDENTIAL_ENV.items():
             if creds.get(key) is not None:
                 env[var] = str(creds[key])
@@ -308,12 +357,16 @@ def prepare_device_files(config_path: Path, credentials: Path | None, placeholde
     if broker:
         raw["broker"] = broker
     if not raw.get("data"):
-        raise ConfigError(f"{config_path}: 'data' is required (the training data file's path on the device; "
-                          "install.sh DATA=... can change it per device)")
+        raise ConfigError(
+            f"{config_path}: 'data' is required (the training data file's path on the device; "
+            "install.sh DATA=... can change it per device)"
+        )
     has_id = bool(raw.get("device_id") or env.get(CREDENTIAL_ENV["device_id"]))
     if not has_id and not placeholder:
-        raise ConfigError(f"{config_path}: no device_id: set it in the config or in --credentials, "
-                          "or build with --placeholder to provision each device after install")
+        raise ConfigError(
+            f"{config_path}: no device_id: set it in the config or in --credentials, "
+            "or build with --placeholder to provision each device after install"
+        )
     _validate_config(raw, env, config_path)
     return DeviceFiles(raw, env, tls, placeholder=placeholder and credentials is None)
 
@@ -333,11 +386,10 @@ def _validate_config(raw: dict, env: dict[str, str], where: Path) -> None:
     build(DeviceConfig, values, where=str(where))
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class BundleOptions:
@@ -454,8 +506,12 @@ def stage_artifacts(opts: BundleOptions, dest: Path) -> ShippedRank:
     Bundle(dest)
     peak_rss = int((manifest.extra.get("memory") or {}).get("peak_rss_bytes") or 0)
     if budget_mb and peak_rss > budget_mb * 2**20:
-        log.warning("rank %d measured %.0f MiB at its training peak, above memory_budget_mb=%d",
-                    manifest.rank, peak_rss / 2**20, budget_mb)
+        log.warning(
+            "rank %d measured %.0f MiB at its training peak, above memory_budget_mb=%d",
+            manifest.rank,
+            peak_rss / 2**20,
+            budget_mb,
+        )
     return ShippedRank(manifest, budget_mb, peak_rss)
 
 
@@ -465,13 +521,19 @@ def stage_wheelhouse(opts: BundleOptions, wheelhouse: Path) -> ShippedWheels:
     with tempfile.TemporaryDirectory(prefix="fedlora-bundle-") as tmp:
         client = Path(opts.client_wheel) if opts.client_wheel else build_client_wheel(Path(tmp))
         shutil.copyfile(client, wheelhouse / client.name)
-        requirements, platforms = plan_download(wheel_requirements(client, "edge"), opts.platform,
-                                                Path(opts.ort_wheel).resolve() if opts.ort_wheel else None)
+        requirements, platforms = plan_download(
+            wheel_requirements(client, "edge"),
+            opts.platform,
+            Path(opts.ort_wheel).resolve() if opts.ort_wheel else None,
+        )
         cache = Path(opts.cache_dir) if opts.cache_dir else Path(tmp) / "cache"
-        fetched = fetch_wheelhouse(requirements, platforms, opts.python_version, _constraints(opts), cache,
-                                   no_deps=opts.slim)
+        fetched = fetch_wheelhouse(
+            requirements, platforms, opts.python_version, _constraints(opts), cache, no_deps=opts.slim
+        )
         # copied before tmp goes: without a cache_dir the download is under it
-        wheels = sorted(p for p in fetched.glob("*.whl") if canonical_name(parse_wheel_filename(p.name)[0]) != "fedlora")
+        wheels = sorted(
+            p for p in fetched.glob("*.whl") if canonical_name(parse_wheel_filename(p.name)[0]) != "fedlora"
+        )
         for wheel in wheels:
             shutil.copyfile(wheel, wheelhouse / wheel.name)
         pip_wheels = sorted((fetched / "pip").glob("pip-*.whl"))
@@ -497,8 +559,10 @@ def _constraints(opts: BundleOptions) -> Path | None:
 
 def write_requirements(path: Path, wheels: ShippedWheels) -> None:
     """requirements.txt: every wheel install.sh installs, pinned with its sha256."""
-    lines = ["# Every wheel of wheelhouse/ with its sha256; install.sh runs",
-             "#   pip install --no-index --find-links wheelhouse --require-hashes -r requirements.txt"]
+    lines = [
+        "# Every wheel of wheelhouse/ with its sha256; install.sh runs",
+        "#   pip install --no-index --find-links wheelhouse --require-hashes -r requirements.txt",
+    ]
     for row in wheels.rows:
         digest = sha256_file(path.parent / "wheelhouse" / row["file"])
         lines.append(f"{row['name']}=={row['version']} --hash=sha256:{digest}")
@@ -525,17 +589,24 @@ def render_unit_and_scripts(root: Path, opts: BundleOptions, rank: ShippedRank, 
     (the @PREFIX@, @STATE_DIR@ and @USER@ left in them are the device's, filled in at install)."""
     memory_max = rank.memory_max_mb
     memory_line = f"MemoryMax={memory_max}M" if memory_max else "# MemoryMax: no budget and no measured need"
-    subs = {"@MODEL_ID@": rank.manifest.model_id, "@RANK@": str(rank.manifest.rank), "@MEMORY_LINE@": memory_line,
-            "@PY_VERSION@": opts.python_version, "@MACHINE@": platform_machine(opts.platform),
-            "@FEDLORA_WHEEL@": wheels.client, "@PIP_WHEEL@": wheels.pip,
-            "@PIP_NO_DEPS@": "--no-deps" if opts.slim else ""}
+    subs = {
+        "@MODEL_ID@": rank.manifest.model_id,
+        "@RANK@": str(rank.manifest.rank),
+        "@MEMORY_LINE@": memory_line,
+        "@PY_VERSION@": opts.python_version,
+        "@MACHINE@": platform_machine(opts.platform),
+        "@FEDLORA_WHEEL@": wheels.client,
+        "@PIP_WHEEL@": wheels.pip,
+        "@PIP_NO_DEPS@": "--no-deps" if opts.slim else "",
+    }
     for name, mode in ((UNIT_NAME, 0o644), ("install.sh", 0o755), ("uninstall.sh", 0o755)):
         (root / name).write_text(render_text((TEMPLATES / name).read_text(encoding="utf-8"), subs))
         os.chmod(root / name, mode)
 
 
-def bundle_manifest(root: Path, opts: BundleOptions, created: float, rank: ShippedRank, wheels: ShippedWheels,
-                    device: DeviceFiles) -> dict:
+def bundle_manifest(
+    root: Path, opts: BundleOptions, created: float, rank: ShippedRank, wheels: ShippedWheels, device: DeviceFiles
+) -> dict:
     """BUNDLE-MANIFEST.json: the target, the rank, the wheels, and the sha256 and size of every
     file already under ``root``."""
     from edge_client import __version__
@@ -548,13 +619,22 @@ def bundle_manifest(root: Path, opts: BundleOptions, created: float, rank: Shipp
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
         "created_unix": int(created),
         "fedlora_version": __version__,
-        "target": {"platform": opts.platform, "platform_tags": wheels.platforms,
-                   "machine": platform_machine(opts.platform), "python_version": opts.python_version,
-                   "custom_ort_wheel": bool(opts.ort_wheel)},
+        "target": {
+            "platform": opts.platform,
+            "platform_tags": wheels.platforms,
+            "machine": platform_machine(opts.platform),
+            "python_version": opts.python_version,
+            "custom_ort_wheel": bool(opts.ort_wheel),
+        },
         "slim": opts.slim,
-        "model_id": rank.manifest.model_id, "task": rank.manifest.task, "rank": rank.manifest.rank,
-        "memory": {"training_peak_rss_bytes": rank.peak_rss, "memory_budget_mb": rank.budget_mb,
-                   "memory_max_mb": rank.memory_max_mb},
+        "model_id": rank.manifest.model_id,
+        "task": rank.manifest.task,
+        "rank": rank.manifest.rank,
+        "memory": {
+            "training_peak_rss_bytes": rank.peak_rss,
+            "memory_budget_mb": rank.budget_mb,
+            "memory_max_mb": rank.memory_max_mb,
+        },
         "credentials": "placeholder" if device.placeholder else ("provided" if device.env or device.tls else "none"),
         "wheels": wheels.rows,
         "pip": wheels.pip,
@@ -575,10 +655,16 @@ def normalize_modes(root: Path) -> None:
 
 
 def _readme(manifest, opts: BundleOptions, device: DeviceFiles, memory_max: int) -> str:
-    wheels = ("the distributions it declares (what it imports), installed with --no-deps" if opts.slim
-              else "its full dependency closure")
-    credentials = ("a placeholder: fill in PREFIX/config/credentials.env on each device, then start the service"
-                   if device.placeholder else "included (PREFIX/config/credentials.env, mode 600)")
+    wheels = (
+        "the distributions it declares (what it imports), installed with --no-deps"
+        if opts.slim
+        else "its full dependency closure"
+    )
+    credentials = (
+        "a placeholder: fill in PREFIX/config/credentials.env on each device, then start the service"
+        if device.placeholder
+        else "included (PREFIX/config/credentials.env, mode 600)"
+    )
     return f"""fedlora edge bundle: {manifest.model_id}, LoRA rank {manifest.rank}, {manifest.task}
 for CPython {opts.python_version} on {opts.platform} ({platform_machine(opts.platform)}).
 
@@ -599,6 +685,7 @@ Remove:           sudo PREFIX/uninstall.sh   (PURGE=1 also deletes the state)
 
 def write_archive(root: Path, output: Path, mtime: int, level: int = 6) -> None:
     """tar.gz of ``root`` (one top folder), owned by root, modes kept (credentials stay 600)."""
+
     def normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = "root"
@@ -620,5 +707,3 @@ def build_bundle(opts: BundleOptions) -> dict:
         write_archive(Path(tmp) / TOP, output, doc["created_unix"], opts.compress_level)
     doc["archive"] = {"path": str(output), "size": output.stat().st_size}
     return doc
-
-

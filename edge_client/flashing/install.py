@@ -18,8 +18,15 @@ from pathlib import Path
 
 from core.bundle import Bundle, sha256_file
 from core.errors import BundleError, ConfigError
-from edge_client.flashing.layout import (BUNDLE_FORMAT, BUNDLE_MANIFEST, CREDENTIAL_ENV, PLACEHOLDER_MARK, UNIT_NAME,
-                                         read_env_file, render_text)
+from edge_client.flashing.layout import (
+    BUNDLE_FORMAT,
+    BUNDLE_MANIFEST,
+    CREDENTIAL_ENV,
+    PLACEHOLDER_MARK,
+    UNIT_NAME,
+    read_env_file,
+    render_text,
+)
 
 Owner = tuple[int, int]
 
@@ -41,8 +48,14 @@ def verify_tree(root: Path) -> dict:
     return doc
 
 
-def install_files(source: Path, prefix: Path, state_dir: Path, data: str | None = None, user: str | None = None,
-                  unit_path: str | None = None) -> dict:
+def install_files(
+    source: Path,
+    prefix: Path,
+    state_dir: Path,
+    data: str | None = None,
+    user: str | None = None,
+    unit_path: str | None = None,
+) -> dict:
     """Put the verified bundle's artifacts, config, credentials and unit under ``prefix``.
 
     A provisioned credentials.env already there is kept when the new bundle brings only the
@@ -63,13 +76,25 @@ def install_files(source: Path, prefix: Path, state_dir: Path, data: str | None 
     provisioned = bool(config.get("device_id") or env.get(CREDENTIAL_ENV["device_id"]))
     copy_unit_and_uninstaller(source, prefix, subs)
     make_state_dir(state_dir, owner)
-    settings = {"PREFIX": str(prefix), "STATE_DIR": str(state_dir), "SERVICE_USER": user if owner else "",
-                "UNIT_PATH": unit_path or "", "PROVISIONED": "yes" if provisioned else "no",
-                "BUNDLE_RANK": str(doc["rank"]), "BUNDLE_CREATED": doc["created"]}
-    _write(prefix / "install.env", "# Written by install.sh; read by uninstall.sh.\n"
-           + "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()), 0o644)
-    print(f"[install] {doc['model_id']} rank {doc['rank']} in {prefix}/artifacts; state in {state_dir}; "
-          f"credentials {'provisioned' if provisioned else 'to provision'} ({env_path})")
+    settings = {
+        "PREFIX": str(prefix),
+        "STATE_DIR": str(state_dir),
+        "SERVICE_USER": user if owner else "",
+        "UNIT_PATH": unit_path or "",
+        "PROVISIONED": "yes" if provisioned else "no",
+        "BUNDLE_RANK": str(doc["rank"]),
+        "BUNDLE_CREATED": doc["created"],
+    }
+    _write(
+        prefix / "install.env",
+        "# Written by install.sh; read by uninstall.sh.\n"
+        + "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()),
+        0o644,
+    )
+    print(
+        f"[install] {doc['model_id']} rank {doc['rank']} in {prefix}/artifacts; state in {state_dir}; "
+        f"credentials {'provisioned' if provisioned else 'to provision'} ({env_path})"
+    )
     return settings
 
 
@@ -191,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             doc = verify_tree(args.source)
-            print(f"[install] bundle verified: {len(doc['files'])} files, {doc['model_id']} rank {doc['rank']}, "
-                  f"built {doc['created']}")
+            print(
+                f"[install] bundle verified: {len(doc['files'])} files, {doc['model_id']} rank {doc['rank']}, "
+                f"built {doc['created']}"
+            )
         else:
             install_files(args.source, args.prefix, args.state_dir, args.data, args.user, args.unit_path)
     except (BundleError, ConfigError, OSError) as exc:

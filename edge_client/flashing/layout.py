@@ -25,18 +25,22 @@ CREDENTIAL_ENV = {
 
 
 def format_env_file(env: dict[str, str], placeholder: bool) -> str:
-    lines = ["# fedlora edge device credentials, read by `fedlora-edge run|doctor --env-file`.",
-             "# KEY=VALUE lines; they override config/device.json. Keep this file mode 600."]
+    lines = [
+        "# fedlora edge device credentials, read by `fedlora-edge run|doctor --env-file`.",
+        "# KEY=VALUE lines; they override config/device.json. Keep this file mode 600.",
+    ]
     if placeholder:
-        lines += [PLACEHOLDER_MARK,
-                  "# Provision this device: set the lines below (uncomment them), put TLS files into",
-                  "# @PREFIX@/config/credentials/ if the broker wants them, then start the service",
-                  "# (systemctl start fedlora-edge) and check it: @PREFIX@/venv/bin/fedlora-edge doctor",
-                  "#FEDLORA_DEVICE_DEVICE_ID=",
-                  "#FEDLORA_DEVICE_BROKER_USERNAME=",
-                  "#FEDLORA_DEVICE_BROKER_PASSWORD=",
-                  "#FEDLORA_DEVICE_BROKER_CERT_FILE=@PREFIX@/config/credentials/client.crt",
-                  "#FEDLORA_DEVICE_BROKER_KEY_FILE=@PREFIX@/config/credentials/client.key"]
+        lines += [
+            PLACEHOLDER_MARK,
+            "# Provision this device: set the lines below (uncomment them), put TLS files into",
+            "# @PREFIX@/config/credentials/ if the broker wants them, then start the service",
+            "# (systemctl start fedlora-edge) and check it: @PREFIX@/venv/bin/fedlora-edge doctor",
+            "#FEDLORA_DEVICE_DEVICE_ID=",
+            "#FEDLORA_DEVICE_BROKER_USERNAME=",
+            "#FEDLORA_DEVICE_BROKER_PASSWORD=",
+            "#FEDLORA_DEVICE_BROKER_CERT_FILE=@PREFIX@/config/credentials/client.crt",
+            "#FEDLORA_DEVICE_BROKER_KEY_FILE=@PREFIX@/config/credentials/client.key",
+        ]
     lines += [f"{key}={_env_quote(value)}" for key, value in sorted(env.items())]
     return "\n".join(lines) + "\n"
 

@@ -55,8 +55,14 @@ class LoraModule:
     @classmethod
     def named(cls, name: str, in_features: int, out_features: int) -> LoraModule:
         """The module at ``name`` with peft's tensor names."""
-        return cls(name, f"{name}.lora_A.weight", f"{name}.lora_B.weight", f"{name}.base_layer.weight",
-                   in_features, out_features)
+        return cls(
+            name,
+            f"{name}.lora_A.weight",
+            f"{name}.lora_B.weight",
+            f"{name}.base_layer.weight",
+            in_features,
+            out_features,
+        )
 
     def a_shape(self, rank: int) -> tuple[int, int]:
         return (rank, self.in_features)
@@ -119,8 +125,16 @@ class AdapterLayout:
             a_shape, b_shape = tuple(shapes[a_names[name]]), tuple(shapes[b_names[name]])
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
                 raise BundleError(f"{name}: A {a_shape} and B {b_shape} are not (r, in) and (out, r)")
-            modules.append(LoraModule(name, a_names[name], b_names[name], f"{name}.base_layer.weight",
-                                      in_features=a_shape[1], out_features=b_shape[0]))
+            modules.append(
+                LoraModule(
+                    name,
+                    a_names[name],
+                    b_names[name],
+                    f"{name}.base_layer.weight",
+                    in_features=a_shape[1],
+                    out_features=b_shape[0],
+                )
+            )
         head = {n: tuple(shapes[n]) for n, r in roles.items() if r == "head"}
         return cls(tuple(modules), head, float(scale))
 
@@ -143,8 +157,12 @@ class GlobalModel:
     version: int = 0
 
     def copy(self) -> GlobalModel:
-        return GlobalModel(self.rank, {k: v.copy() for k, v in self.tensors.items()},
-                           {k: v.copy() for k, v in self.base_delta.items()}, self.version)
+        return GlobalModel(
+            self.rank,
+            {k: v.copy() for k, v in self.tensors.items()},
+            {k: v.copy() for k, v in self.base_delta.items()},
+            self.version,
+        )
 
 
 @dataclass
@@ -189,8 +207,9 @@ def weighted_sum_into(sums: dict[str, np.ndarray], tensors: Mapping[str, np.ndar
             acc += term
 
 
-def check_same_tensors(update: ClientUpdate, shapes: Mapping[str, tuple[int, ...]],
-                       optional: Mapping[str, tuple[int, ...]] | None = None) -> None:
+def check_same_tensors(
+    update: ClientUpdate, shapes: Mapping[str, tuple[int, ...]], optional: Mapping[str, tuple[int, ...]] | None = None
+) -> None:
     """The update must carry exactly the tensors in ``shapes`` (and may carry those in
     ``optional``), with the right shapes, all finite."""
     optional = optional or {}
@@ -251,16 +270,24 @@ class Strategy(abc.ABC):
         if update.num_examples <= 0:
             raise UpdateRejected("no_examples", f"num_examples is {update.num_examples}")
         if self.same_rank and update.rank != self.rank:
-            raise UpdateRejected("rank_mismatch", f"rank {update.rank} cannot be combined with rank {self.rank} "
-                                                  f"({self.name} needs one rank; use hetlora, flexlora or flora)")
+            raise UpdateRejected(
+                "rank_mismatch",
+                f"rank {update.rank} cannot be combined with rank {self.rank} "
+                f"({self.name} needs one rank; use hetlora, flexlora or flora)",
+            )
         if not 1 <= update.rank <= self.rank:
-            raise UpdateRejected("rank_out_of_range", f"rank {update.rank} is outside 1..{self.rank}, "
-                                                      f"the ranks the global adapter of {self.name} holds")
+            raise UpdateRejected(
+                "rank_out_of_range",
+                f"rank {update.rank} is outside 1..{self.rank}, the ranks the global adapter of {self.name} holds",
+            )
         if not self.trains_a:
             sent = sorted(m.a for m in self.layout.modules if m.a in update.tensors)
             if sent:
-                raise UpdateRejected("frozen_tensor_sent", f"{len(sent)} A tensors sent, e.g. {sent[0]}; under "
-                                                           f"{self.name} A is frozen at its initial value and is never sent")
+                raise UpdateRejected(
+                    "frozen_tensor_sent",
+                    f"{len(sent)} A tensors sent, e.g. {sent[0]}; under "
+                    f"{self.name} A is frozen at its initial value and is never sent",
+                )
         required = self.layout.shapes(update.rank, include_a=self.trains_a, include_b=self.uploads_b)
         optional = {} if self.uploads_b else {m.b: m.b_shape(update.rank) for m in self.layout.modules}
         check_same_tensors(update, required, optional)

@@ -42,8 +42,11 @@ class FedAvg(Strategy):
 
     @dataclass(frozen=True)
     class Settings(StrategySettings):
-        server_lr: float = setting(1.0, range=Range(0.0, 10.0, lo_open=True),
-                                   help="server learning rate: step towards the devices' average (1: plain FedAvg)")
+        server_lr: float = setting(
+            1.0,
+            range=Range(0.0, 10.0, lo_open=True),
+            help="server learning rate: step towards the devices' average (1: plain FedAvg)",
+        )
 
     settings: Settings
 

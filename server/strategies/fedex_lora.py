@@ -7,7 +7,6 @@ Foundation Models"), ACL 2025.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from server.strategies.base import (

@@ -144,9 +144,11 @@ class FlexLoRADelta(FlexLoRA):
     @dataclass(frozen=True)
     class Settings(StrategySettings):
         rank_norm_power: float = setting(
-            0.0, range=Range(0.0, 2.0),
+            0.0,
+            range=Range(0.0, 2.0),
             help="flexlora-delta's rank normalization: each device's change counts divided by "
-                 "(rank / top rank) ** this, its rank's pace (0: off; 0.5 matches Adam)")
+            "(rank / top rank) ** this, its rank's pace (0: off; 0.5 matches Adam)",
+        )
 
     settings: Settings
 

@@ -26,8 +26,9 @@ from server.strategies.base import (
 from server.strategies.settings import Range, StrategySettings, setting
 
 
-def stack(a_list: Sequence[np.ndarray], b_list: Sequence[np.ndarray],
-          weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def stack(
+    a_list: Sequence[np.ndarray], b_list: Sequence[np.ndarray], weights: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     """The paper's stacking: ``A = [p_1 A_1; ...; p_k A_k]`` (sum r_i x in) and
     ``B = [B_1, ..., B_k]`` (out x sum r_i), with ``p_i = w_i / sum_j w_j``; then
     ``B @ A = sum_i p_i B_i @ A_i`` exactly (block matrix product). Ranks may differ.
@@ -83,9 +84,12 @@ class FLoRA(Strategy):
 
     @dataclass(frozen=True)
     class Settings(StrategySettings):
-        init_seed: int = setting(0, range=Range(0, 2**32 - 1),
-                            help="seed of the fresh A drawn after each fold, combined with the model version so "
-                                 "each round's A differs and a job is reproducible")
+        init_seed: int = setting(
+            0,
+            range=Range(0, 2**32 - 1),
+            help="seed of the fresh A drawn after each fold, combined with the model version so "
+            "each round's A differs and a job is reproducible",
+        )
 
     settings: Settings
 

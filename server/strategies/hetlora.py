@@ -62,13 +62,19 @@ class HetLoRA(Strategy):
 
     @dataclass(frozen=True)
     class Settings(StrategySettings):
-        weighting: str = setting("sparsity", choices=WEIGHTINGS,
-                                 help="how updates are weighted: sparsity (the paper's ||B_i A_i||_F per module) or "
-                                      "examples (n_i, plain zero-padding)")
+        weighting: str = setting(
+            "sparsity",
+            choices=WEIGHTINGS,
+            help="how updates are weighted: sparsity (the paper's ||B_i A_i||_F per module) or "
+            "examples (n_i, plain zero-padding)",
+        )
         prune_threshold: float = setting(
-            0.0, range=Range(0.0, 1.0, hi_open=True), device=True,
+            0.0,
+            range=Range(0.0, 1.0, hi_open=True),
+            device=True,
             help="HetLoRA's rank self-pruning: devices give up trailing rank components weaker than this "
-                 "fraction of their strongest (0: off)")
+            "fraction of their strongest (0: off)",
+        )
 
     settings: Settings
 
@@ -80,7 +86,9 @@ class HetLoRA(Strategy):
         for m in self.layout.modules:
             a, b = update.tensors[m.a], update.tensors[m.b]
             w = product_norm(a, b) if self.weighting == "sparsity" else n
-            weighted_sum_into(sums, {m.a: pad_a(a, self.rank), m.b: pad_b(b, self.rank), m.key("weight"): np.array(1.0)}, w)
+            weighted_sum_into(
+                sums, {m.a: pad_a(a, self.rank), m.b: pad_b(b, self.rank), m.key("weight"): np.array(1.0)}, w
+            )
 
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
         if model.rank != self.rank:

@@ -49,13 +49,15 @@ class Range:
         return f"{'(' if self.lo_open else '['}{end(self.lo)}, {end(self.hi)}{')' if self.hi_open else ']'}"
 
 
-def setting(default: Any, *, help: str, range: Range | None = None, choices: tuple[str, ...] = (),
-            device: bool = False) -> Any:
+def setting(
+    default: Any, *, help: str, range: Range | None = None, choices: tuple[str, ...] = (), device: bool = False
+) -> Any:
     """One declared setting: ``default``, a one-line ``help``, and for numbers an allowed
     ``range``, for strings the allowed ``choices``. ``device``: the devices need it, so it is
     sent in the round announcement (``core.messages`` must know it and bound it)."""
-    return dataclasses.field(default=default, metadata={"help": help, "range": range, "choices": tuple(choices),
-                                                        "device": device})
+    return dataclasses.field(
+        default=default, metadata={"help": help, "range": range, "choices": tuple(choices), "device": device}
+    )
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,23 @@ class StrategySettings:
     @classmethod
     def declared(cls) -> tuple[SettingInfo, ...]:
         hints = typing.get_type_hints(cls)
-        return tuple(SettingInfo(f.name, hints[f.name], f.default, f.metadata.get("help", ""), f.metadata.get("range"),
-                                 f.metadata.get("choices", ()), f.metadata.get("device", False))
-                     for f in dataclasses.fields(cls))
+        return tuple(
+            SettingInfo(
+                f.name,
+                hints[f.name],
+                f.default,
+                f.metadata.get("help", ""),
+                f.metadata.get("range"),
+                f.metadata.get("choices", ()),
+                f.metadata.get("device", False),
+            )
+            for f in dataclasses.fields(cls)
+        )
 
     @classmethod
-    def build(cls, values: Mapping[str, Any], strategy: str,
-              others: Mapping[str, type[StrategySettings]] | None = None) -> StrategySettings:
+    def build(
+        cls, values: Mapping[str, Any], strategy: str, others: Mapping[str, type[StrategySettings]] | None = None
+    ) -> StrategySettings:
         """``strategy``'s settings from a mapping (strings are converted, as from environment
         variables). A key it does not declare is refused; when another strategy declares it
         (``others``: name -> Settings), the message says which and what it does."""
@@ -117,8 +129,10 @@ class StrategySettings:
             owners = [(name, info) for name, s in (others or {}).items() for info in s.declared() if info.name == key]
             if owners:
                 name, info = owners[0]
-                raise ConfigError(f"strategy_settings.{key} is a setting of {name}, not of {strategy} "
-                                  f"({info.help}); {strategy}'s settings: {known}")
+                raise ConfigError(
+                    f"strategy_settings.{key} is a setting of {name}, not of {strategy} "
+                    f"({info.help}); {strategy}'s settings: {known}"
+                )
             raise ConfigError(f"strategy_settings.{key}: {strategy} has no such setting; its settings: {known}")
         try:
             return build(cls, dict(values), where=f"strategy_settings ({strategy})")
@@ -131,7 +145,9 @@ class StrategySettings:
     def device_values(self) -> dict[str, Any]:
         """The settings devices need, where they differ from the default (an absent one is the
         default on the device too)."""
-        return {i.name: getattr(self, i.name) for i in self.declared() if i.device and getattr(self, i.name) != i.default}
+        return {
+            i.name: getattr(self, i.name) for i in self.declared() if i.device and getattr(self, i.name) != i.default
+        }
 
 
 def all_settings(strategies: Mapping[str, Any]) -> dict[str, SettingInfo]:
