@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,8 @@ class Aggregator:
         self.link = link
         self.metrics = metrics or Metrics()
         self.evaluator = evaluator
+        self._eval_pool: ThreadPoolExecutor | None = None  # one worker: evaluations run in round order
+        self._evaluations: list[tuple[dict, Future]] = []  # (history entry, its evaluation) not yet collected
         self.clock = clock
         self.topics = Topics(cfg.job)
         self.bundle = Bundle(choose_bundle(cfg.bundle))  # a ladder: its largest rank
@@ -386,6 +389,7 @@ class Aggregator:
         if leading():  # stopped or done, not deposed: handle what arrived, leave the announcement current
             self.step(0)
             self.announce()
+            self.collect_evaluations(wait=True)
         return self.coordinator.finished
 
     def step(self, timeout: float) -> None:
@@ -401,7 +405,25 @@ class Aggregator:
                 break
             self.handle(msg.topic, msg.payload)
         self.tick()
+        self.collect_evaluations()
         self.last_step = time.monotonic()
+
+    def evaluation_pending(self, entry: dict) -> bool:
+        """Whether the evaluation of this history entry's global adapter is still running."""
+        return any(e is entry for e, _ in self._evaluations)
+
+    def collect_evaluations(self, wait: bool = False) -> None:
+        """Put finished evaluations (all of them, with ``wait``) into their history entries, in
+        round order, and commit; an evaluator's exception is raised here, in the main loop."""
+        while self._evaluations and (wait or self._evaluations[0][1].done()):
+            entry, future = self._evaluations.pop(0)
+            result = future.result()
+            entry["eval"] = result
+            if "loss" in result:
+                self.metrics.eval_loss.set(result["loss"])
+            if "accuracy" in result:
+                self.metrics.eval_accuracy.set(result["accuracy"])
+            self._save()
 
     def tick(self) -> None:
         if self._resync:
@@ -675,16 +697,14 @@ class Aggregator:
             len(outcome.selected),
         )
         if outcome.ok and self.evaluator is not None:
-            # Let devices start the next round while the aggregator evaluates this one.
+            # Devices start the next round while a worker thread evaluates this one: an evaluation
+            # (minutes for an LLM) must not hold up acks, or devices resend their updates.
             self.open_next()
             self.announce()
-            result = self.evaluator(downlink_tensors(self.strategy, self.model, self.manifest.rank))
-            entry["eval"] = result
-            if "loss" in result:
-                self.metrics.eval_loss.set(result["loss"])
-            if "accuracy" in result:
-                self.metrics.eval_accuracy.set(result["accuracy"])
-            self._save()
+            tensors = {k: v.copy() for k, v in downlink_tensors(self.strategy, self.model, self.manifest.rank).items()}
+            if self._eval_pool is None:
+                self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="fedlora-eval")
+            self._evaluations.append((entry, self._eval_pool.submit(self.evaluator, tensors)))
         if self.on_round_closed is not None:
             self.on_round_closed(entry)
 

@@ -469,14 +469,16 @@ def run_rounds(
 
         def progress() -> None:
             nonlocal reported
-            while reported < len(aggregator.history):
-                _print_round(aggregator.history[reported], cfg.rounds)
+            history = aggregator.history
+            while reported < len(history) and not aggregator.evaluation_pending(history[reported]):
+                _print_round(history[reported], cfg.rounds)
                 reported += 1
             dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
             if len(dead) == len(procs):
                 raise RuntimeError(f"all device processes exited; see {out}/devices/*/device.log")
 
         aggregator.run(on_step=progress)  # ends announcing "finished": devices exit by themselves
+        progress()  # the last round, evaluated once the loop ended
         grace = time.monotonic() + 60
     finally:
         stop_devices(procs, grace)

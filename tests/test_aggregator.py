@@ -293,3 +293,53 @@ def test_healthz_fails_on_a_stalled_loop_and_says_degraded_on_store_errors():
         assert get() == (200, "degraded: the state volume is full")
     finally:
         server.stop()
+
+
+def test_a_slow_evaluation_does_not_hold_up_the_next_rounds_acks(tmp_path, minilm_bundle, mosquitto):
+    """The global adapter is evaluated on a worker thread: while round 1's evaluation runs, round
+    2 opens and its update is acknowledged; the result lands in round 1's history entry."""
+    bundle = Bundle(minilm_bundle)
+    release = threading.Event()
+    evaluated = []
+
+    def slow_evaluator(tensors):
+        release.wait(30)
+        evaluated.append(sorted(tensors))
+        return {"accuracy": 0.5, "loss": 1.0}
+
+    cfg = ServerConfig(
+        job="slow-eval",
+        bundle=minilm_bundle,
+        state_dir=tmp_path / "state",
+        http_port=0,
+        broker=BrokerConfig(url=mosquitto.url, protocol="3.1.1"),
+        rounds=RoundSettings(rounds=2, min_devices=1, round_timeout=60, norm_clip_multiple=0),
+        train=TrainSettings(local_steps=1),
+    )
+    link = MqttLink(cfg.broker, client_id="agg-slow-eval").connect()
+    agg = Aggregator(cfg, link, evaluator=slow_evaluator)
+    stop = threading.Event()
+    thread = threading.Thread(target=agg.run, args=(stop,), daemon=True)
+    thread.start()
+    dev = FakeDevice(mosquitto.url, "slow-eval", "d1")
+    try:
+        dev.online()
+        for rnd in (1, 2):
+            wait_for(lambda r=rnd: (dev.open_round() or {}).get("round") == r, what=f"round {rnd}")
+            dev.send(update_payload(bundle, "slow-eval", "d1", rnd))
+            wait_for(lambda r=rnd: dev.ack_count() >= r, what=f"the ack of round {rnd}")
+        assert not evaluated and agg.evaluation_pending(agg.history[0])  # round 2 went by during round 1's evaluation
+        assert "eval" not in agg.history[0]
+        release.set()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert [h.get("eval") for h in agg.history] == [
+            {"accuracy": 0.5, "loss": 1.0}
+        ] * 2  # collected before run() ends
+        assert len(evaluated) == 2 and not agg.evaluation_pending(agg.history[1])
+    finally:
+        release.set()
+        stop.set()
+        thread.join(10)
+        link.close()
+        dev.link.close()
