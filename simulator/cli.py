@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: more skewed; default 0.5)")
     sim.add_argument("--rounds", type=int, help="default 5")
     sim.add_argument("--local-steps", type=int, help="default per task: 20 (seq-cls), 10 (causal-lm)")
-    sim.add_argument("--batch-size", type=int, help="default per task: 8 (seq-cls), 4 (causal-lm)")
+    sim.add_argument("--batch-size", type=int, help="default per task: 8 (seq-cls), 2 (causal-lm)")
     sim.add_argument("--lr", type=float, help="default per task: 2e-3 (seq-cls), 1e-3 (causal-lm)")
     sim.add_argument(
         "--lr-rank-power",
