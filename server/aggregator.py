@@ -228,6 +228,23 @@ class Aggregator:
     def _rank_ok(self, rank: int) -> bool:
         return 1 <= rank <= self.manifest.rank and (not self.strategy.same_rank or rank == self.manifest.rank)
 
+    def _global_envelope(
+        self, version: int, rank: int, codec: str, tensors: dict[str, np.ndarray], base_version: int = 0
+    ) -> bytes:
+        """One encoded global envelope: the full copy, or with ``base_version`` a delta from it."""
+        return encode_envelope(
+            Envelope(
+                kind="global",
+                job=self.cfg.job,
+                round=version,
+                sender="aggregator",
+                rank=rank,
+                codec=codec,
+                tensors=tensors,
+                base_version=base_version,
+            )
+        )
+
     def publish_global(self) -> int:
         """Publish the current version for every served rank not yet holding it; bytes sent.
 
@@ -252,18 +269,7 @@ class Aggregator:
                 and all(view[k].shape == target[k].shape for k in target)
             ):
                 delta = {k: target[k] - view[k] for k in target}
-                payload = encode_envelope(
-                    Envelope(
-                        kind="global",
-                        job=self.cfg.job,
-                        round=version,
-                        sender="aggregator",
-                        rank=rank,
-                        codec=self.cfg.downlink_codec,
-                        tensors=delta,
-                        base_version=d.version,
-                    )
-                )
+                payload = self._global_envelope(version, rank, self.cfg.downlink_codec, delta, base_version=d.version)
                 decoded = decode_envelope(payload, self.global_limits).tensors
                 target = {k: (view[k] + decoded[k]).astype(np.float32) for k in target}
                 d.delta_chunks = self._publish_retained(
@@ -272,17 +278,7 @@ class Aggregator:
                 d.delta_bytes = len(payload)
                 self.metrics.bytes_out.labels("wire").inc(len(payload))
                 sent += len(payload)
-            full = encode_envelope(
-                Envelope(
-                    kind="global",
-                    job=self.cfg.job,
-                    round=version,
-                    sender="aggregator",
-                    rank=rank,
-                    codec=self.cfg.codec,
-                    tensors=target,
-                )
-            )
+            full = self._global_envelope(version, rank, self.cfg.codec, target)
             d.view = decode_envelope(full, self.global_limits).tensors
             d.adapter = adapter_part(d.view)
             d.full_chunks = self._publish_retained(
