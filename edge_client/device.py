@@ -454,7 +454,10 @@ class Device:
         # Evaluate at the training batch size: a larger batch would raise the peak memory
         # above what the rank was chosen for.
         result = self.trainer.evaluate(self.data.test, batch_size=batch_size)
-        return {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "eval_examples": result["examples"]}
+        out = {"eval_loss": result["loss"], "eval_accuracy": result["accuracy"], "eval_examples": result["examples"]}
+        if "perplexity" in result:  # a causal LM: over the local test data's response tokens
+            out["eval_perplexity"] = result["perplexity"]
+        return out
 
     def _update_envelope(self, ann: Announcement, delta: dict[str, np.ndarray], rank: int, metrics: dict) -> Envelope:
         """The update of round ``ann``, in the announced codecs (the head's own, if announced)."""

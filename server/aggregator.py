@@ -762,7 +762,16 @@ class AnsweredUpdates:
 def _summarize(device_metrics: list[dict]) -> dict:
     """Weighted view of what the devices reported for one round."""
     out: dict = {}
-    for key in ("train_loss", "eval_loss", "eval_accuracy", "step_time_s", "peak_rss_bytes", "train_seconds"):
+    keys = (
+        "train_loss",
+        "eval_loss",
+        "eval_accuracy",
+        "eval_perplexity",
+        "step_time_s",
+        "peak_rss_bytes",
+        "train_seconds",
+    )
+    for key in keys:
         values = [m[key] for m in device_metrics if isinstance(m.get(key), (int, float))]
         if values:
             out[f"device_{key}_median"] = statistics.median(values)

@@ -231,6 +231,68 @@ class CentralEvaluator:
         return self.test.score(self.trainer)
 
 
+class EvaluatorProcess:
+    """A ``CentralEvaluator`` in a child process. ONNX Runtime's training API holds the GIL
+    while it computes, so an evaluation in the aggregator's process (minutes for an LLM) would
+    starve its main loop even on a worker thread: acks would stall and devices resend. Here the
+    calling thread only waits on a pipe."""
+
+    def __init__(self, bundle: Bundle, examples: list, threads: int = 0):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of this one's threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_evaluator_main,
+            args=(child, str(bundle.root), examples, threads),
+            name="fedlora-evaluator",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        self._receive()  # the child's Trainer is loaded, or its error raised here
+
+    def _receive(self):
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the evaluator process exited (code {self._proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"evaluation failed in the evaluator process:\n{value}")
+        return value
+
+    def __call__(self, tensors: dict[str, np.ndarray]) -> dict:
+        self._conn.send(tensors)
+        return self._receive()
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
+def _evaluator_main(conn, bundle_root: str, examples: list, threads: int) -> None:
+    import traceback
+
+    try:
+        bundle = Bundle(bundle_root)
+        evaluator = CentralEvaluator(bundle, TestSet(bundle, examples), threads)
+        conn.send(("ready", None))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while (tensors := conn.recv()) is not None:
+        try:
+            conn.send(("ok", evaluator(tensors)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
 def encode_training_set(bundle: Bundle, examples) -> EncodedDataset:
     """The pooled training set, encoded as the devices encode their shards."""
     m = bundle.manifest
@@ -292,15 +354,18 @@ def run_simulation(cfg: SimulateConfig) -> dict:
 
         shutil.rmtree(out / "aggregator")
     link = MqttLink(broker_cfg, client_id=f"fedlora-{job}-aggregator").connect()
-    evaluator = CentralEvaluator(bundle, test)
-    zero_shot = None
-    if bundle.manifest.task == "causal-lm":  # round 0: the base model with the untrained adapter (B = 0)
-        zero_shot = {"round": 0, "eval": evaluator(read_parameters(bundle))}
-        _print_eval("round 0 (zero-shot)", zero_shot["eval"])
-    aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator)
+    evaluator = None
     try:
+        evaluator = EvaluatorProcess(bundle, test_examples)
+        zero_shot = None
+        if bundle.manifest.task == "causal-lm":  # round 0: the base model with the untrained adapter (B = 0)
+            zero_shot = {"round": 0, "eval": evaluator(read_parameters(bundle))}
+            _print_eval("round 0 (zero-shot)", zero_shot["eval"])
+        aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator)
         run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out)
     finally:
+        if evaluator is not None:
+            evaluator.close()
         link.close()
         if broker is not None:
             broker.stop()

@@ -55,6 +55,7 @@ def test_a_decoder_llm_is_instruction_tuned_evaluated_and_handed_out(tmp_path, e
         assert 0 <= ev["accuracy"] <= 1 and 0 <= ev["answer_accuracy"] <= 1
         assert np.isfinite(ev["loss"]) and abs(ev["perplexity"] - np.exp(ev["loss"])) <= 1e-6 * ev["perplexity"]
         assert ev["samples"] and {"prompt", "generated", "expected"} <= set(ev["samples"][0])
+        assert h["device_eval_perplexity_median"] > 1  # the devices' own held-out data
     assert "<|im_start|>user" in history[-1]["eval"]["samples"][0]["prompt"]  # the model's chat template
     assert len(result["centralized"]) == 2 and "perplexity" in result["centralized"][0]
 
