@@ -532,14 +532,21 @@ def run_rounds(
             f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
             flush=True,
         )
-        reported = 0
+        closed = scored = 0  # rounds printed as closed, and as evaluated
 
         def progress() -> None:
-            nonlocal reported
+            nonlocal closed, scored
             history = aggregator.history
-            while reported < len(history) and not aggregator.evaluation_pending(history[reported]):
-                _print_round(history[reported], cfg.rounds)
-                reported += 1
+            while closed < len(history):  # a round as it closes; its scores once evaluated
+                h = history[closed]
+                pending = aggregator.evaluation_pending(h)
+                _print_round(h, cfg.rounds, evaluating=pending)
+                closed += 1
+                scored += 0 if pending else 1
+            while scored < closed and not aggregator.evaluation_pending(history[scored]):
+                if history[scored].get("eval"):
+                    _print_eval(f"round {history[scored]['round']}/{cfg.rounds} evaluated", history[scored]["eval"])
+                scored += 1
             dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
             if len(dead) == len(procs):
                 raise RuntimeError(f"all device processes exited; see {out}/devices/*/device.log")
@@ -639,11 +646,12 @@ def _print_eval(what: str, ev: dict) -> None:
     print(f"[simulate] {what}: {_scores(ev)}", flush=True)
 
 
-def _print_round(h: dict, rounds: int) -> None:
+def _print_round(h: dict, rounds: int, evaluating: bool = False) -> None:
     ev = h.get("eval") or {}
+    scores = "evaluating" if evaluating else _scores(ev) if ev else "not evaluated"
     print(
         f"[simulate] round {h['round']}/{rounds} {'ok' if h['ok'] else 'FAILED: ' + h['reason']}: "
-        f"{_scores(ev)}, {h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
+        f"{scores}, {h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
         f"{h['duration_s']:.0f}s",
         flush=True,
     )
