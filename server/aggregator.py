@@ -694,7 +694,9 @@ class Aggregator:
         )
         if outcome.ok and self.evaluator is not None:
             # Devices start the next round while a worker thread evaluates this one: an evaluation
-            # (minutes for an LLM) must not hold up acks, or devices resend their updates.
+            # (minutes for an LLM) must not hold up acks, or devices resend their updates. The
+            # evaluator must not hold the GIL while it computes (ONNX Runtime's training API does:
+            # the simulator's runs in a child process, simulator.run.EvaluatorProcess).
             self.open_next()
             self.announce()
             tensors = {k: v.copy() for k, v in downlink_tensors(self.strategy, self.model, self.manifest.rank).items()}
