@@ -22,7 +22,8 @@ BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
 # Fixtures that start real processes, brokers or exports: a test using one is an integration
-# test; `scripts/test.sh --fast` (pytest -m "not integration") runs the others, in well under a minute.
+# test (so are modules and tests marked `integration`: the Helm chart's, a real export); `scripts/test.sh
+# --fast` (pytest -m "not integration") runs the others, in under a minute.
 INTEGRATION_FIXTURES = {
     "minilm_bundles",
     "minilm_bundle",

@@ -337,6 +337,7 @@ def make_chat_llama(folder, template: str = CHATML):
     return folder
 
 
+@pytest.mark.integration  # a real export
 def test_tiny_chat_llama_exports_its_chat_format_token_ids_and_label_words(tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer

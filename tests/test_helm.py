@@ -23,6 +23,9 @@ from helm_tools import CHART, helm_binary, readme_with_table, undocumented
 from server.config import STRATEGIES, ServerConfig
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
 
+# Every test here runs the real helm binary (and some a real Mosquitto): integration tests.
+pytestmark = pytest.mark.integration
+
 VALUE_SETS = {
     "default": None,
     **{p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))},
