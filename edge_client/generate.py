@@ -161,13 +161,15 @@ def evaluate_instructions(
     max_new_tokens: int = 16,
     samples: int = 3,
     batch_size: int = 8,
+    generate_examples: int | None = None,
 ) -> InstructionEval:
     """Response-only loss and perplexity of ``examples``; with ``label_words`` (each example's
     answer one of them), the accuracy of the best-scoring label word; with ``max_new_tokens`` > 0,
-    the accuracy of the greedy answer and the first ``samples`` (prompt, generated, expected).
+    the accuracy of the greedy answer (on the first ``generate_examples``; None: all: decoding
+    costs a forward pass per token) and the first ``samples`` (prompt, generated, expected).
 
-    ``chat_format``: default, the bundle's (``ChatFormat.from_manifest``). Prompts are cut at
-    their beginning to leave room for the answer within the bundle's ``max_length``.
+    ``chat_format``: default, the bundle's (``ChatFormat.from_manifest``). Prompts are cut in
+    their middle (``fit_example``) to leave room for the answer within the bundle's ``max_length``.
     """
     if not examples:
         raise DataError("no examples to evaluate")
@@ -181,8 +183,9 @@ def evaluate_instructions(
         result.label_accuracy = _label_accuracy(trainer, encoder, prompts, examples, label_words, batch_size)
     if max_new_tokens > 0:
         room = max(1, encoder.max_length - max_new_tokens)
+        chosen = prompts[:generate_examples] if generate_examples is not None else prompts
         outputs = generate_greedy(
-            trainer, [encoder.fit_prompt(p, room) for p in prompts], max_new_tokens, encoder.specials.eos_id, batch_size
+            trainer, [encoder.fit_prompt(p, room) for p in chosen], max_new_tokens, encoder.specials.eos_id, batch_size
         )
         answers = [encoder.decode(ids) for ids in outputs]
         result.answer_accuracy = float(

@@ -203,19 +203,21 @@ class TestSet:
         if self.bundle.manifest.task != "causal-lm":
             return trainer.evaluate(self.encoded, batch_size=32)
         labels = self.bundle.manifest.labels
-        scored = evaluate_instructions(trainer, self.instructions, label_words=labels, max_new_tokens=0)
-        generated = evaluate_instructions(
-            trainer, self.instructions[:GENERATE_MAX_EXAMPLES], max_new_tokens=GENERATE_MAX_TOKENS, samples=3
+        scored = evaluate_instructions(
+            trainer,
+            self.instructions,
+            label_words=labels,
+            max_new_tokens=GENERATE_MAX_TOKENS,
+            samples=3,
+            generate_examples=GENERATE_MAX_EXAMPLES,
         )
         return {
             "accuracy": scored.label_accuracy,
             "loss": scored.loss,
             "perplexity": scored.perplexity,
-            "answer_accuracy": generated.answer_accuracy,
+            "answer_accuracy": scored.answer_accuracy,
             "examples": scored.examples,
-            "samples": [
-                {"prompt": x.prompt, "generated": x.generated, "expected": x.expected} for x in generated.samples
-            ],
+            "samples": [{"prompt": x.prompt, "generated": x.generated, "expected": x.expected} for x in scored.samples],
         }
 
 
