@@ -1,8 +1,8 @@
 """Evaluating a generative model, torch-free: label scoring, greedy decoding, and both together
 on instruction examples (``evaluate_instructions``).
 
-Everything runs the bundle's eval graph through ``Trainer.eval_batch``, which returns logits of
-shape (batch * sequence, vocabulary) for a causal LM. There is no KV cache: each generated
+Everything runs the bundle's eval graph through ``Trainer.eval_batch``, which returns the logits
+of the positions a call labels, [labeled, vocabulary] (``logits_at``). There is no KV cache: each generated
 token costs a forward pass over the whole sequence, fine for the short answers of label tasks.
 Rows are right-padded: under a causal mask a token never sees the padding after it, so a
 row's logits do not depend on the other rows of its batch.
@@ -28,16 +28,32 @@ from edge_client.instruct import (
 from edge_client.runtime import Trainer
 
 
-def next_token_logits(trainer: Trainer, rows: Sequence[Sequence[int]]) -> np.ndarray:
-    """Logits [len(rows), longest row, vocabulary] of right-padded ``rows``."""
+def logits_at(trainer: Trainer, rows: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """For each of the right-padded ``rows``, the next-token logits at its ``positions``:
+    one array [len(positions[i]), vocabulary] per row. The graph computes the output projection
+    for these positions only (``Trainer.eval_batch``)."""
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), trainer.manifest.pad_token_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
-    _, logits = trainer.eval_batch(Batch(ids, mask, np.full_like(ids, IGNORE_INDEX)))
-    return np.asarray(logits, dtype=np.float32).reshape(len(rows), width, -1)
+        labels[i, sorted(set(positions[i]))] = 0  # any token id: it selects the position
+    _, logits = trainer.eval_batch(Batch(ids, mask, labels))
+    logits = np.asarray(logits, dtype=np.float32)
+    out, start = [], 0
+    for i in range(len(rows)):
+        ordered = sorted(set(positions[i]))
+        block = logits[start : start + len(ordered)]
+        start += len(ordered)
+        out.append(block[[ordered.index(p) for p in positions[i]]])
+    return out
+
+
+def last_logits(trainer: Trainer, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """The next-token logits after each row's last token, [len(rows), vocabulary]."""
+    return np.stack([block[0] for block in logits_at(trainer, rows, [[len(r) - 1] for r in rows])])
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -75,18 +91,19 @@ def label_scores(
     if first_token and len(set(firsts)) == n_labels:
         for start in range(0, n_prompts, batch_size):
             chunk = prompts_ids[start : start + batch_size]
-            logits = next_token_logits(trainer, chunk)
-            last = logits[np.arange(len(chunk)), [len(p) - 1 for p in chunk]]
-            scores[start : start + len(chunk)] = log_softmax(last)[:, firsts]
+            scores[start : start + len(chunk)] = log_softmax(last_logits(trainer, chunk))[:, firsts]
         return scores
     pairs = [(p, lab) for p in range(n_prompts) for lab in range(n_labels)]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        logits = next_token_logits(trainer, [list(prompts_ids[p]) + list(label_ids[lab]) for p, lab in chunk])
-        for row, (p, lab) in enumerate(chunk):
+        rows = [list(prompts_ids[p]) + list(label_ids[lab]) for p, lab in chunk]
+        # where each label token is predicted: from the prompt's last token on
+        positions = [
+            list(range(len(prompts_ids[p]) - 1, len(prompts_ids[p]) - 1 + len(label_ids[lab]))) for p, lab in chunk
+        ]
+        for block, (p, lab) in zip(logits_at(trainer, rows, positions), chunk):
             label = np.asarray(label_ids[lab])
-            positions = len(prompts_ids[p]) - 1 + np.arange(len(label))  # where each label token is predicted
-            scores[p, lab] = float(log_softmax(logits[row, positions])[np.arange(len(label)), label].sum())
+            scores[p, lab] = float(log_softmax(block)[np.arange(len(label)), label].sum())
     return scores
 
 
@@ -104,8 +121,7 @@ def generate_greedy(
         for _ in range(max_new_tokens):
             if not active:
                 break
-            logits = next_token_logits(trainer, [sequences[i] for i in active])
-            chosen = logits[np.arange(len(active)), [len(sequences[i]) - 1 for i in active]].argmax(axis=-1)
+            chosen = last_logits(trainer, [sequences[i] for i in active]).argmax(axis=-1)
             still = []
             for i, token in zip(active, chosen.tolist()):
                 if token == eos_id:

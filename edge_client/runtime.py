@@ -167,9 +167,16 @@ class Trainer:
         return float(loss)
 
     def eval_batch(self, batch: Batch) -> tuple[float, np.ndarray]:
-        """Mean loss and logits of one batch (no parameter change)."""
+        """Mean loss and logits of one batch (no parameter change). Classification: logits
+        [batch, classes]. Causal LM: the logits of the labeled positions only (labels not
+        ``IGNORE_INDEX``), [labeled, vocabulary] in row-major order: label the positions whose
+        next-token logits you want (any token id) and leave the rest ``IGNORE_INDEX``."""
         self.module.eval()
         loss, logits = self.module(*self._inputs(batch))
+        if self.manifest.task == "causal-lm":
+            keep = batch.labels.reshape(-1) != IGNORE_INDEX
+            if len(logits) == keep.size and len(logits) != int(keep.sum()):
+                logits = logits[keep]  # a bundle exported before the graph selected the labeled rows
         return float(loss), logits
 
     def evaluate(self, data: EncodedDataset, batch_size: int = 32) -> dict[str, float]:
@@ -188,7 +195,7 @@ class Trainer:
                 if n == 0:  # nothing to predict in this batch: no forward pass
                     continue
                 loss, logits = self.eval_batch(batch)
-                correct += int((logits.argmax(axis=-1)[keep] == labels[keep]).sum())
+                correct += int((logits.argmax(axis=-1) == labels[keep]).sum())
             else:
                 loss, logits = self.eval_batch(batch)
                 n = len(batch.labels)

@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         "template, output folder): print the plan, load no weights",
     )
     parser.add_argument(
+        "--merge",
+        metavar="ADAPTER",
+        help="instead of exporting: fold this PEFT adapter folder (one a job wrote) into MODEL and write "
+        "the merged transformers model folder to --output",
+    )
+    parser.add_argument(
         "--architectures", action="store_true", help="print the supported model types with their LoRA targets and exit"
     )
     args = parser.parse_args(argv)
@@ -70,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model_dir or not args.output:
         parser.error("MODEL and -o/--output are required")
+
+    if args.merge:
+        from export.merge import merge_adapter
+
+        try:
+            merge_adapter(args.model_dir, args.merge, args.output, gguf_file=args.gguf_file)
+        except (FedloraError, ValueError) as exc:
+            print(f"fedlora-export: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     from export.config import ExportConfig
     from export.exporter import export

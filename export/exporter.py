@@ -33,8 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 IGNORE_INDEX = -100
+# The causal LM graph's second output: the labels of the rows of its logits (the labeled positions).
+LABELED_TARGETS = "labeled_targets"
 # Bumped whenever the exported graphs or the manifest's fields change, so caches of exported bundles are rebuilt.
-EXPORT_RECIPE = 3
+EXPORT_RECIPE = 4
 # What export() keeps of the tokenizer folder transformers writes (the device reads tokenizer.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -211,18 +213,9 @@ def build_peft(loaded: LoadedModel, cfg: ExportConfig, rank: int):
     except ValueError as exc:
         raise ConfigError(f"LoRA targets {list(targets)} do not match modules of this model: {exc}") from exc
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, inner, causal: bool):
-            super().__init__()
-            self.model = inner
-            self.causal = causal
+    from export.wrappers import CausalLMWrapper, ClassifierWrapper
 
-        def forward(self, input_ids, attention_mask):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            # Causal LM: [B*S, V] so SoftmaxCrossEntropyLoss sees classes on axis 1.
-            return logits.reshape(-1, logits.shape[-1]) if self.causal else logits
-
-    wrapper = Wrapper(model, loaded.task == "causal-lm")
+    wrapper = CausalLMWrapper(model, IGNORE_INDEX) if loaded.task == "causal-lm" else ClassifierWrapper(model)
     wrapper.train()
     return wrapper, targets
 
@@ -248,25 +241,37 @@ def export_onnx(wrapper, cfg: ExportConfig, path: Path) -> tuple[list[str], list
     import onnx
     import torch
 
+    from export.wrappers import CausalLMWrapper
+
+    causal = isinstance(wrapper, CausalLMWrapper)
     ids = torch.ones((2, 16), dtype=torch.int64)
     mask = torch.ones((2, 16), dtype=torch.int64)
+    inputs: tuple = (ids, mask)
+    input_names = ["input_ids", "attention_mask"]
+    output_names = ["logits"]
+    dynamic_axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    if causal:  # labels in, the labeled positions' logits and labels out (CausalLMWrapper)
+        labels = torch.full((2 * 16,), IGNORE_INDEX, dtype=torch.int64)
+        labels[10:14] = 1
+        inputs += (labels,)
+        input_names.append("labels")
+        output_names.append(LABELED_TARGETS)
+        dynamic_axes.update({"labels": {0: "rows"}, "logits": {0: "labeled"}, LABELED_TARGETS: {0: "labeled"}})
+    else:
+        dynamic_axes["logits"] = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             wrapper,
-            (ids, mask),
+            inputs,
             str(path),
             dynamo=False,
             opset_version=cfg.opset,
             do_constant_folding=False,
             training=torch.onnx.TrainingMode.TRAINING,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "sequence"},
-                "attention_mask": {0: "batch", 1: "sequence"},
-                "logits": {0: "rows"},
-            },
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
         )
     proto = onnx.load(str(path))
     params = dict(wrapper.named_parameters())
@@ -287,6 +292,8 @@ def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str
     from onnxruntime.training import artifacts, onnxblock
 
     model = onnx.load(str(onnx_path))
+    # Causal LM: the loss block gets (logits, LABELED_TARGETS), both outputs of the model, and uses
+    # the existing LABELED_TARGETS rather than adding a labels input; "labels" is already an input.
     loss = (
         onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         if task == "causal-lm"
@@ -428,11 +435,29 @@ def torch_two_losses(wrapper, batch, lr: float) -> tuple[float, float]:
     """Loss, one AdamW step in ORT's variant (HF AdamW: eps 1e-6 added after bias correction), loss."""
     import torch
 
-    ids, mask, labels = (torch.from_numpy(x) for x in batch)
+    from export.wrappers import CausalLMWrapper
 
-    def loss_fn():
-        logits = wrapper(ids, mask)
-        return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    ids, mask, labels = (torch.from_numpy(x) for x in batch)
+    if isinstance(wrapper, CausalLMWrapper):
+
+        def loss_fn():
+            logits, targets = wrapper(ids, mask, labels)
+            return torch.nn.functional.cross_entropy(logits, targets)
+
+        with torch.no_grad():  # the labeled rows alone must give the loss of the whole model's logits
+            full = wrapper.model(input_ids=ids, attention_mask=mask).logits
+            whole = torch.nn.functional.cross_entropy(
+                full.reshape(-1, full.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            if abs(float(loss_fn()) - float(whole)) > 1e-5 * max(abs(float(whole)), 1e-12):
+                raise ExportError(
+                    f"the loss over the labeled positions ({float(loss_fn()):.6f}) differs from the loss over "
+                    f"the model's full logits ({float(whole):.6f}): this model's forward reshapes the logits"
+                )
+    else:
+
+        def loss_fn():
+            return torch.nn.functional.cross_entropy(wrapper(ids, mask), labels)
 
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     loss1 = loss_fn()

@@ -30,6 +30,7 @@ from core.errors import BundleError
 from server.strategies.base import AdapterLayout
 
 ADAPTER_CONFIG = "adapter_config.json"
+LABELS_METADATA = "fedlora_labels"  # in the safetensors metadata: the manifest's labels, as JSON
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 PREFIX = "base_model.model."
@@ -123,6 +124,8 @@ def write_peft_adapter(
     try:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         metadata = {"format": "pt", **{f"fedlora_{k}": str(v) for k, v in (about or {}).items()}}
+        if manifest.labels:  # the class names (or label words) a merged model's config gets
+            metadata[LABELS_METADATA] = json.dumps(list(manifest.labels))
         save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         if folder.exists():
             shutil.rmtree(folder)

@@ -491,7 +491,7 @@ def llama(tiny_llama_dir, tmp_path_factory):
 
 def logits_of(trainer, ids: list[int]) -> np.ndarray:
     arr = np.array([ids], dtype=np.int64)
-    _, logits = trainer.eval_batch(Batch(arr, np.ones_like(arr), np.full_like(arr, IGNORE_INDEX)))
+    _, logits = trainer.eval_batch(Batch(arr, np.ones_like(arr), np.zeros_like(arr)))  # every position labeled
     return np.asarray(logits).reshape(len(ids), -1)
 
 

@@ -180,17 +180,59 @@ def test_peft_logits_equal_ort_logits_for_a_causal_lm(tiny_llama_dir, tmp_path):
     ids = rng.integers(4, 18, size=(2, 16)).astype(np.int64)  # the tiny vocabulary: 19 tokens
     mask = np.ones_like(ids)
     mask[1, 12:] = 0
-    batch = Batch(ids, mask, np.where(mask == 1, ids, -100))
+    batch = Batch(ids, mask, np.where(mask == 1, ids, -100))  # the graph computes the labeled positions' logits
+    keep = mask.astype(bool)  # padded positions are not compared
     for changes in ({}, random_changes(m, 7, rank=2, scale=0.05)):
-        expected = ort_logits(bundle, adapter, changes, batch).reshape(2, 16, -1)
+        expected = ort_logits(bundle, adapter, changes, batch)
         folder = write_peft_adapter(tmp_path / "adapter", m, adapter, changes)
         assert json.loads((folder / ADAPTER_CONFIG).read_text())["task_type"] == "CAUSAL_LM"
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         model = PeftModel.from_pretrained(base, folder).eval()
         with torch.no_grad():
             got = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-        keep = mask.astype(bool)  # padded positions are not compared
-        assert_close(got[keep], expected[keep])
+        assert len(expected) == keep.sum()
+        assert_close(got[keep], expected)
+
+
+def test_the_merged_model_computes_what_the_adapter_does_for_both_tasks(minilm_bundle, tiny_llama_dir, tmp_path):
+    """``fedlora-export MODEL --merge ADAPTER``: a plain transformers folder (no PEFT) whose logits
+    are the PEFT model's, classification head and class names included."""
+    import torch
+    from conftest import minilm_dir
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from export.cli import main as export_main
+    from export.config import ExportConfig
+    from export.exporter import export
+    from export.merge import LABELS_METADATA
+    from server.peft_adapter import LABELS_METADATA as WRITTEN
+
+    assert LABELS_METADATA == WRITTEN
+    ids = torch.from_numpy(np.random.default_rng(8).integers(4, 18, size=(2, 12)).astype(np.int64))
+    mask = torch.ones_like(ids)
+    m = Bundle(minilm_bundle).manifest
+    cases = [(minilm_dir(), m, AutoModelForSequenceClassification)]
+    (llama,) = export(
+        ExportConfig(model_dir=tiny_llama_dir, output_dir=tmp_path / "llama", ranks=(2,), max_length=16, measure=False)
+    )
+    cases.append((tiny_llama_dir, Bundle(llama).manifest, AutoModelForCausalLM))
+    for i, (model_dir, manifest, cls) in enumerate(cases):
+        folder = write_peft_adapter(tmp_path / f"adapter{i}", manifest, random_adapter(manifest, 9, scale=0.2))
+        merged_dir = tmp_path / f"merged{i}"
+        assert export_main([str(model_dir), "--merge", str(folder), "-o", str(merged_dir)]) == 0
+        assert not (merged_dir / ADAPTER_CONFIG).exists()
+        kwargs = {"num_labels": len(manifest.labels)} if cls is AutoModelForSequenceClassification else {}
+        peft_model = PeftModel.from_pretrained(cls.from_pretrained(model_dir, **kwargs), folder).eval()
+        merged = cls.from_pretrained(merged_dir).eval()
+        with torch.no_grad():
+            expected = peft_model(input_ids=ids, attention_mask=mask).logits.numpy()
+            got = merged(input_ids=ids, attention_mask=mask).logits.numpy()
+        assert_close(got, expected, rtol=1e-5)
+        if cls is AutoModelForSequenceClassification:
+            assert [merged.config.id2label[j] for j in range(len(manifest.labels))] == list(manifest.labels)
+    # a folder that is not an adapter is refused by name, before any weights load
+    assert export_main([str(tiny_llama_dir), "--merge", str(tmp_path), "-o", str(tmp_path / "x")]) == 2
 
 
 # -- where the adapter comes out: the aggregator per version, the CLI, the simulator ---------
