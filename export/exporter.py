@@ -36,7 +36,7 @@ IGNORE_INDEX = -100
 # The causal LM graph's second output: the labels of the rows of its logits (the labeled positions).
 LABELED_TARGETS = "labeled_targets"
 # Bumped whenever the exported graphs or the manifest's fields change, so caches of exported bundles are rebuilt.
-EXPORT_RECIPE = 4
+EXPORT_RECIPE = 5
 # What export() keeps of the tokenizer folder transformers writes (the device reads tokenizer.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -318,8 +318,9 @@ def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str
             os.chdir(cwd)
 
 
-def _cpu_gradient_math(node, read: set[str]) -> list[tuple] | None:
-    """The standard ops that compute ``node``'s used outputs, as (op, inputs, output, attributes)."""
+def _cpu_gradient_math(node, read: set[str], constants: dict[str, float]) -> list[tuple] | None:
+    """The standard ops that compute ``node``'s used outputs, as (op, inputs, output, attributes);
+    float32 scalars they need beyond the shared ones go into ``constants``."""
     if node.domain != "com.microsoft" or any(a.name == "axis" and a.i != -1 for a in node.attribute):
         return None
 
@@ -340,6 +341,33 @@ def _cpu_gradient_math(node, read: set[str]) -> list[tuple] | None:
             ("Sub", [t("g"), t("g_mean")], t("d"), {}),
             ("Sub", [t("d"), t("c")], t("e"), {}),
             ("Mul", [t("e"), inv_std], node.output[0], {}),
+        ]
+    if node.op_type == "SimplifiedLayerNormalizationGrad" and not read & set(node.output[1:]):
+        # RMSNorm: dX = inv_std * (g - xhat * mean(g * xhat)), g = dY * scale, xhat = X * inv_std
+        dy, x, scale, inv_std = node.input[:4]
+        return [
+            ("Mul", [x, inv_std], t("xhat"), {}),
+            ("Mul", [dy, scale], t("g"), {}),
+            ("Mul", [t("g"), t("xhat")], t("gx"), {}),
+            ("ReduceMean", [t("gx")], t("gx_mean"), {"axes": [-1]}),
+            ("Mul", [t("xhat"), t("gx_mean")], t("c"), {}),
+            ("Sub", [t("g"), t("c")], t("e"), {}),
+            ("Mul", [t("e"), inv_std], node.output[0], {}),
+        ]
+    if node.op_type == "QuickGeluGrad":
+        # y = x * sigmoid(a x) (SiLU for a = 1): dX = dY * s * (1 + a x (1 - s)), s = sigmoid(a x)
+        dy, x = node.input[:2]
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.702)
+        name = f"fedlora.alpha_{np.float32(alpha)!r}"
+        constants[name] = float(alpha)
+        return [
+            ("Mul", [x, name], t("ax"), {}),
+            ("Sigmoid", [t("ax")], t("s"), {}),
+            ("Sub", ["fedlora.one", t("s")], t("1-s"), {}),
+            ("Mul", [t("ax"), t("1-s")], t("ax(1-s)"), {}),
+            ("Add", [t("ax(1-s)"), "fedlora.one"], t("u"), {}),
+            ("Mul", [t("s"), t("u")], t("slope"), {}),
+            ("Mul", [dy, t("slope")], node.output[0], {}),
         ]
     if node.op_type == "GeluGrad":
         # dX = dY * (Phi(x) + x * phi(x)), Phi(x) = (1 + erf(x / sqrt 2)) / 2, phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
@@ -372,9 +400,9 @@ def _cpu_gradient_math(node, read: set[str]) -> list[tuple] | None:
 def rewrite_cpu_gradients(training_model: Path) -> dict[str, int]:
     """Swap ORT's single-threaded CPU gradient kernels for the same math in standard ONNX ops.
 
-    ORT's CPU LayerNormalizationGrad, GeluGrad and SoftmaxGrad_13 are Eigen loops on one thread,
-    and LayerNormalizationGrad also computes the scale and bias gradients that frozen LayerNorms
-    throw away. On a 2-core device they took a fifth of a MiniLM training step; Sub, Mul,
+    ORT's CPU LayerNormalizationGrad, SimplifiedLayerNormalizationGrad (RMSNorm), GeluGrad,
+    QuickGeluGrad (SiLU) and SoftmaxGrad_13 are Eigen loops on one thread, and the norms' kernels
+    also compute the scale (and bias) gradients that frozen norms throw away. On a 2-core device they took a fifth of a MiniLM training step; Sub, Mul,
     ReduceMean, Erf and Exp run on the intra-op pool (docs/benchmarks.md). The constants are
     float32, as load_model's models are. Returns how many nodes of each type were replaced; the
     self-check then compares the trained losses with PyTorch.
@@ -389,8 +417,15 @@ def rewrite_cpu_gradients(training_model: Path) -> dict[str, int]:
         return {}
     read = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
     nodes, counts = [], {}
+    constants = {
+        "fedlora.half": 0.5,
+        "fedlora.one": 1.0,
+        "fedlora.minus_half": -0.5,
+        "fedlora.sqrt1_2": 0.5**0.5,
+        "fedlora.inv_sqrt_2pi": (2 * np.pi) ** -0.5,
+    }
     for node in graph.node:
-        math = _cpu_gradient_math(node, read)
+        math = _cpu_gradient_math(node, read, constants)
         if math is None:
             nodes.append(node)
             continue
@@ -400,13 +435,6 @@ def rewrite_cpu_gradients(training_model: Path) -> dict[str, int]:
         ]
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if counts:
-        constants = {
-            "fedlora.half": 0.5,
-            "fedlora.one": 1.0,
-            "fedlora.minus_half": -0.5,
-            "fedlora.sqrt1_2": 0.5**0.5,
-            "fedlora.inv_sqrt_2pi": (2 * np.pi) ** -0.5,
-        }
         graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in constants.items())
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "fedlora.last_axis"))
         del graph.node[:]
