@@ -385,7 +385,11 @@ class Aggregator:
         if leading():  # stopped or done, not deposed: handle what arrived, leave the announcement current
             self.step(0)
             self.announce()
-            self.collect_evaluations(wait=True)
+            while self._evaluations:  # the evaluations still running, each reported as it ends
+                self._evaluations[0][1].exception()  # waits; an exception is raised by collect_evaluations
+                self.collect_evaluations()
+                if on_step is not None:
+                    on_step()
         return self.coordinator.finished
 
     def step(self, timeout: float) -> None:
