@@ -43,11 +43,14 @@ COPY scripts/slim_venv.py ./scripts/
 # its aiohttp, and the installers. The console scripts of the packages not copied (simulator/,
 # export/) go too. The imports below fail the build if a cut went too far; tests/test_image.py
 # runs a whole round in the image.
+# Byte code is compiled after the cut, for what stays only (the root file system is read-only at
+# run time, so nothing is compiled later).
 RUN python -m venv /opt/fedlora \
- && /opt/fedlora/bin/pip install -c constraints.txt ".[server]" \
+ && /opt/fedlora/bin/pip install --no-compile -c constraints.txt ".[server]" \
  && /opt/fedlora/bin/python scripts/slim_venv.py \
       sympy onnx protobuf h5py cerberus flatbuffers huggingface_hub aiohttp aiohttp-retry setuptools pip \
  && rm -rf /opt/fedlora/lib/python*/site-packages/kubernetes/aio /opt/fedlora/bin/fedlora /opt/fedlora/bin/fedlora-export \
+ && /opt/fedlora/bin/python -m compileall -q -j 0 /opt/fedlora/lib \
  && /opt/fedlora/bin/python -c "import server.cli, server.aggregator, server.leader, server.k8s, server.peft_adapter, \
 server.strategies, edge_client.data, tokenizers, safetensors, zstandard, kubernetes.client, kubernetes.config; \
 from edge_client.runtime import training_api; training_api()" \

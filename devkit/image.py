@@ -118,17 +118,27 @@ def build_image(
     context: Path = ROOT,
     dockerfile: Path | None = None,
     log: Path | None = None,
+    cache: bool = True,
 ) -> subprocess.CompletedProcess:
     """``buildah bud`` of ``dockerfile`` (default: the context's Dockerfile); returns the finished
-    process (the output goes to ``log``), whether it succeeded or not."""
+    process (the output goes to ``log``), whether it succeeded or not. ``cache=False`` builds
+    every layer afresh (the base image is still the cached one)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # buildah's default is above what may be set here
-    cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "--ulimit", f"nofile={soft}:{hard}", "-t", tag]
+    cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "--force-rm", "-t", tag]
+    cmd += ["--ulimit", f"nofile={soft}:{hard}"]
     if dockerfile is not None:
         cmd += ["-f", str(dockerfile)]
+    if not cache:
+        cmd.append("--no-cache")
     for k, v in build_args.items():
         cmd += ["--build-arg", f"{k}={v}"]
     if HOST_CA_BUNDLE.is_file() and "PIP_CERT" not in build_args:  # a proxy's CA included
-        cmd += ["-v", f"{HOST_CA_BUNDLE.parent}:{HOST_CA_BUNDLE.parent}:ro", "--build-arg", f"PIP_CERT={HOST_CA_BUNDLE}"]
+        cmd += [
+            "-v",
+            f"{HOST_CA_BUNDLE.parent}:{HOST_CA_BUNDLE.parent}:ro",
+            "--build-arg",
+            f"PIP_CERT={HOST_CA_BUNDLE}",
+        ]
     with _sink(log) as out:
         return subprocess.run([*cmd, str(context)], stdout=out, stderr=subprocess.STDOUT)
 
@@ -139,18 +149,20 @@ def image_config(image: str) -> dict:
     return doc["OCIv1"]["config"]
 
 
+def image_layers(image: str) -> list[int]:
+    """Bytes of each of the image's layers, uncompressed, base first."""
+    doc = json.loads(_out(["buildah", "inspect", "--type", "image", image]))
+    return [int(layer["size"]) for layer in json.loads(doc["Manifest"])["layers"]]
+
+
 def image_size(image: str) -> int:
-    """Bytes of the image's layers, uncompressed (what `docker images` calls its size)."""
-    doc = json.loads(_out(["buildah", "images", "--json", image]))
-    return int(doc[0]["size"]) if isinstance(doc[0].get("size"), int) else _parse_size(doc[0]["size"])
+    """Bytes of the image's layers, uncompressed (what ``docker images`` shows as its size)."""
+    return sum(image_layers(image))
 
 
-def _parse_size(text: str) -> int:
-    number, unit = re.fullmatch(r"([\d.]+)\s*([kMGT]?B)", text.strip()).groups()  # type: ignore[union-attr]
-    return int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
-
-
-def unpack_rootfs(dest: Path, cache: Path = CACHE, purge: Sequence[str] = DEVICE_PURGE, log: Path | None = None) -> Path:
+def unpack_rootfs(
+    dest: Path, cache: Path = CACHE, purge: Sequence[str] = DEVICE_PURGE, log: Path | None = None
+) -> Path:
     """A fresh copy of the base root file system in ``dest``, with the ``purge`` packages removed
     (dpkg, offline)."""
     dest.mkdir(parents=True)
@@ -305,7 +317,9 @@ def _spec(rootfs, argv, env, mounts, workdir, user=0, group=0, groups=(), read_o
         "rootfs": str(rootfs),
         "argv": list(argv),
         "env": dict(env),
-        "mounts": [{"target": m.target, "source": str(m.source) if m.source else None, "ro": m.read_only} for m in mounts],
+        "mounts": [
+            {"target": m.target, "source": str(m.source) if m.source else None, "ro": m.read_only} for m in mounts
+        ],
         "workdir": workdir,
         "user": user,
         "group": group,
