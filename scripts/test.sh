@@ -19,6 +19,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v nft >/d
   echo "[test] installing nftables and iproute2"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || true
 fi
+# The image tests build the Dockerfile with buildah and run it from a debootstrapped Debian (root
+# only; they say so and skip where they cannot).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; }; then
+  echo "[test] installing buildah and debootstrap"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null || true
+fi
 export FEDLORA_EDGE_PYTHON="$PWD/.venv-edge/bin/python"
 if [ "${1:-}" = "--fast" ]; then  # unit tests only: no brokers, processes or exports
   shift

@@ -435,7 +435,8 @@ class Aggregator:
         outcome = self.coordinator.maybe_close()
         if outcome is not None:
             self.close_round(outcome)
-        if self.open_next():
+        if self.open_next() or outcome is not None:
+            # the new round; or, when none opens, waiting or finished: never the closed one as open
             self.announce()
         self.metrics.devices_online.set(len(self.coordinator.online()))
 
