@@ -141,7 +141,7 @@ class Aggregator:
             self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
             self.history: list[dict] = []
             if cfg.privacy.enabled:
-                self.privacy = DifferentialPrivacy(cfg.privacy, self.history)
+                self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
             self.coordinator = Coordinator(
                 cfg.rounds,
                 self.strategy,
@@ -159,7 +159,7 @@ class Aggregator:
             self.model = GlobalModel(self.manifest.rank, saved["global"], saved["base_delta"], saved["version"])
             self.history = saved["history"]
             if cfg.privacy.enabled:
-                self.privacy = DifferentialPrivacy(cfg.privacy, self.history)
+                self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
             self.coordinator = Coordinator(
                 cfg.rounds,
                 self.strategy,
@@ -344,7 +344,8 @@ class Aggregator:
         rnd = self.coordinator.open
         if self.privacy is None or rnd is None:
             return None
-        return PrivacyInfo(rnd.max_norm, self.privacy.device_noise_std(len(rnd.selected)))
+        # Devices clip to C itself; the round's bound (max_norm) leaves room for their noise.
+        return PrivacyInfo(min(rnd.max_norm, self.privacy.clip), self.privacy.device_noise_std(len(rnd.selected)))
 
     def announce(self) -> None:
         self._announced = self.announcement().to_bytes()

@@ -247,15 +247,26 @@ class RoundNoise:
 class DifferentialPrivacy:
     """The aggregator's DP state: the clip bound of the next round, the rounds spent, the noise.
 
-    history: the job's round history (rows written by ``row``), from which a restarted
-    aggregator takes the spent rounds and the current clip bound.
+    history: the job's round history (rows written by ``record``), from which a restarted
+        aggregator takes the spent rounds and the current clip bound.
+    values: how many values an update holds at most (the adapter's size): under
+        ``distributed`` the aggregator's norm bound leaves room for the devices' noise.
     rng: the noise's generator (default: seeded from the operating system).
     """
 
-    def __init__(self, settings: PrivacySettings, history: list[dict], rng: np.random.Generator | None = None):
+    def __init__(
+        self,
+        settings: PrivacySettings,
+        history: list[dict],
+        values: int = 0,
+        rng: np.random.Generator | None = None,
+    ):
         if not settings.enabled:
             raise ConfigError("DifferentialPrivacy needs privacy.mode central or distributed")
+        if settings.mode == "distributed" and values < 1:
+            raise ConfigError("distributed DP needs the number of values an update holds")
         self.settings = settings
+        self.values = values
         self.rng = rng or np.random.default_rng(secrets.randbits(128))
         self.spent: dict[tuple[float, float], int] = {}
         self.clip = settings.clip_norm
@@ -292,6 +303,13 @@ class DifferentialPrivacy:
         if spent > budget:
             return f"privacy budget: another round would spend epsilon {spent:.3g} > {budget:g}"
         return ""
+
+    def norm_bound(self, selected: int) -> float:
+        """The aggregator's bound on an update as sent: the clip C under ``central``; under
+        ``distributed`` C plus what the device's noise adds, ``std * (sqrt(values) + 8)`` (the
+        norm of d Gaussian values is about ``std * sqrt(d)``, with spread ``std / sqrt(2)``), so
+        that honest noise is never clipped away, which would leave less noise than accounted."""
+        return self.clip + self.device_noise_std(selected) * (math.sqrt(self.values) + 8.0)
 
     def device_noise_std(self, selected: int) -> float:
         """What each device adds under ``distributed``: std ``z_delta * C / sqrt(K)``."""

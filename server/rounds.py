@@ -23,7 +23,9 @@ NORM_BOUNDS = ("clip", "reject")
 class RoundPrivacy(Protocol):
     """What the coordinator asks of differential privacy (``server.privacy.DifferentialPrivacy``)."""
 
-    clip: float  # the L2 bound of the next round's updates
+    def norm_bound(self, selected: int) -> float:
+        """The L2 bound of a round's updates as sent, with ``selected`` devices."""
+        ...
 
     def refuses(self, selected: int, online: int) -> str:
         """Why a round of ``selected`` of ``online`` devices must not open ('' : it may)."""
@@ -216,7 +218,7 @@ class Coordinator:
             self.version,
             partial=self.strategy.new_partial(),
             max_weight=self.weight_cap(selected),
-            max_norm=self.norm_cap(),
+            max_norm=self.norm_cap(len(selected)),
             sampling_rate=k / len(online),
         )
         self.next_round += 1
@@ -235,13 +237,14 @@ class Coordinator:
             caps.append(self.settings.max_num_examples)
         return min(caps) if caps else 0
 
-    def norm_cap(self) -> float:
+    def norm_cap(self, selected: int = 0) -> float:
         """This round's update norm bound (0: none): the smallest of ``max_update_norm``, and
-        ``norm_clip_multiple`` times the last round's median norm or, before any round, the prior."""
+        ``norm_clip_multiple`` times the last round's median norm or, before any round, the prior.
+        Under differential privacy, DP's own bound alone (the clip, plus the devices' noise)."""
+        if self.privacy is not None:
+            return self.privacy.norm_bound(selected)
         s = self.settings
         caps = [s.max_update_norm] if s.max_update_norm else []
-        if self.privacy is not None:
-            caps.append(self.privacy.clip)
         if s.norm_clip_multiple:
             if self.median_norm > 0:
                 caps.append(s.norm_clip_multiple * self.median_norm)

@@ -133,12 +133,27 @@ def test_central_noise_has_std_z_times_clip_on_the_update_sums_only():
 
 def test_distributed_noise_is_topped_up_for_devices_that_did_not_report():
     s = PrivacySettings(mode="distributed", noise_multiplier=1.0, clip_norm=1.0)
-    dp = DifferentialPrivacy(s, [], rng=np.random.default_rng(1))
+    dp = DifferentialPrivacy(s, [], values=10_000, rng=np.random.default_rng(1))
     assert dp.device_noise_std(16) == pytest.approx(1.0 / 4)  # K devices' shares sum to z C
     _, all_reported = dp.noised(partial_of(16), {M.a}, selected=16, below=[])
     _, half = dp.noised(partial_of(8), {M.a}, selected=16, below=[])
     assert all_reported.noise_std == 0.0
     assert half.noise_std == pytest.approx(math.sqrt(0.5))  # 8 device shares + this = variance (z C)^2
+
+
+def test_under_distributed_dp_the_aggregator_bound_leaves_room_for_honest_noise():
+    """Clipping a noised update back to C would scale its noise down: less noise than accounted."""
+    s = PrivacySettings(mode="distributed", noise_multiplier=1.0, clip_norm=0.1)
+    dp = DifferentialPrivacy(s, [], values=50_000)
+    info = PrivacyInfo(clip=dp.clip, noise_std=dp.device_noise_std(4))
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        sent = Privatizer(info, rng=rng)({"w": rng.normal(0, 1, 50_000).astype(np.float32)})
+        assert 0.1 < l2_norm(sent) <= dp.norm_bound(4)
+    assert dp.norm_bound(4) < 0.1 + info.noise_std * math.sqrt(50_000) * 1.05  # and not much more
+    with pytest.raises(ConfigError, match="number of values"):
+        DifferentialPrivacy(s, [])
+    assert DifferentialPrivacy(PrivacySettings(mode="central", clip_norm=0.1), []).norm_bound(4) == 0.1
 
 
 def test_adaptive_clip_moves_towards_the_target_quantile():
