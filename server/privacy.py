@@ -71,7 +71,7 @@ from server.strategies.base import Partial
 
 log = logging.getLogger("fedlora.privacy")
 
-DP_MODES = ("off", "central", "distributed")
+DP_MODES = ("none", "central", "distributed")  # not "off": YAML reads an unquoted off as false
 ACCOUNTING = ("sampled", "every_round")
 DP_STRATEGIES = ("fedavg", "ffa-lora", "fedsa-lora", "hetlora")
 
@@ -80,7 +80,7 @@ DP_STRATEGIES = ("fedavg", "ffa-lora", "fedsa-lora", "hetlora")
 class PrivacySettings:
     """Client-level DP (``privacy`` in the server config); off by default.
 
-    mode: ``off``, ``central`` (the aggregator adds the noise) or ``distributed`` (the devices do).
+    mode: ``none``, ``central`` (the aggregator adds the noise) or ``distributed`` (the devices do).
     noise_multiplier: z: the noise on the sum of the clipped updates has std ``z * clip_norm``.
     clip_norm: C, the L2 bound of a device's change (the first round's, with ``adaptive_clip``).
     adaptive_clip: track the ``target_quantile`` of the update norms (Andrew et al. 2021).
@@ -94,7 +94,7 @@ class PrivacySettings:
         (q = 1: the bound against a device that reads the announcements) for the budget.
     """
 
-    mode: str = "off"
+    mode: str = "none"
     noise_multiplier: float = 1.0
     clip_norm: float = 0.1
     adaptive_clip: bool = False
@@ -132,7 +132,7 @@ class PrivacySettings:
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "off"
+        return self.mode != "none"
 
     def count_stddev(self, expected_devices: int) -> float:
         """sigma_b: as configured, else the paper's ``expected devices / 20``, at least z (so
@@ -166,7 +166,7 @@ def check_privacy(settings: PrivacySettings, strategy: str, strategy_settings: M
 
 # -- accounting ----------------------------------------------------------------------------
 def _dp_event(q: float, z: float):
-    import dp_accounting
+    import dp_accounting  # checked by accountant_available(), before a job starts
 
     gaussian = dp_accounting.GaussianDpEvent(z)
     return gaussian if q >= 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
@@ -216,10 +216,21 @@ def planned_sampling_rate(devices_per_round: int, min_devices: int) -> float:
     return min(1.0, devices_per_round / max(min_devices, devices_per_round))
 
 
+def accountant_available() -> None:
+    """Refuse DP when the accountant library is missing (the ``[server]`` extra installs it)."""
+    try:
+        import dp_accounting.rdp  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"privacy needs Google's dp-accounting (pip install 'fedlora[server]'): {exc}") from None
+
+
 def check_budget(settings: PrivacySettings, rounds: int, devices_per_round: int, min_devices: int) -> None:
     """Refuse a job whose planned rounds would exceed the budget (at the largest possible
     sampling rate; rounds 0, run forever, stops at the budget instead)."""
-    if not settings.enabled or not settings.epsilon_budget or not rounds:
+    if not settings.enabled:
+        return
+    accountant_available()
+    if not settings.epsilon_budget or not rounds:
         return
     q = 1.0 if settings.accounting == "every_round" else planned_sampling_rate(devices_per_round, min_devices)
     planned = epsilon({(q, settings.noise_multiplier): rounds}, settings.delta)
