@@ -144,7 +144,11 @@ class SimulateConfig:
         from server.strategies import strategy_settings
 
         strategy_settings(self.strategy, self.strategy_settings)  # fails here, before any export
-        nested_settings(self)  # so do bad robust or privacy settings
+        nested = nested_settings(self)  # so do bad robust or privacy settings, and ones that clash
+        from server.privacy import check_privacy
+
+        settings = strategy_settings(self.strategy, self.strategy_settings).values()
+        check_privacy(nested["privacy"], self.strategy, settings, nested["robust"].method)
         self.ranks = tuple(int(r) for r in self.ranks) or (int(self.rank),)
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")

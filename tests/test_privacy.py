@@ -330,3 +330,43 @@ def test_a_private_round_through_a_real_broker_clips_noises_and_reports_epsilon(
         thread.join(10)
         link.close()
         dev.link.close()
+
+
+# -- fedlora simulate's flags --------------------------------------------------------------
+def test_every_robust_and_privacy_setting_has_a_simulate_flag_that_reaches_the_server_config(monkeypatch):
+    import dataclasses
+
+    from server.robust import RobustSettings
+    from simulator import cli, run
+
+    seen = []
+    monkeypatch.setattr(run, "run_simulation", lambda cfg: seen.append(cfg))
+    robust = ["simulate", "--robust-method", "bucket_median", "--robust-trim-fraction", "0.2", "--robust-buckets", "7"]
+    dp = ["simulate", "--dp-mode", "distributed", "--dp-noise-multiplier", "1.5", "--dp-clip-norm", "0.3"]
+    dp += ["--dp-adaptive-clip", "true", "--dp-target-quantile", "0.7", "--dp-clip-learning-rate", "0.1"]
+    dp += ["--dp-clip-count-stddev", "2", "--dp-delta", "1e-6", "--dp-epsilon-budget", "0"]
+    dp += ["--dp-accounting", "every_round", "--devices-per-round", "4"]
+    flags = {a for a in robust + dp if a.startswith("--")}
+    for group, cls in (("robust", RobustSettings), ("dp", PrivacySettings)):
+        assert {f"--{group}-{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)} <= flags
+    assert cli.main(robust) == 0 and cli.main(dp) == 0
+    broker = run.BrokerConfig(url="mqtt://x:1")
+    assert seen[0].robust == {"method": "bucket_median", "trim_fraction": 0.2, "buckets": 7}
+    assert run.server_config(seen[0], "job", Path("b"), broker, Path("s")).robust.buckets == 7
+    assert seen[1].privacy["mode"] == "distributed" and seen[1].privacy["adaptive_clip"] is True
+    assert seen[1].round_settings == {"devices_per_round": 4}
+    server = run.server_config(seen[1], "job", Path("b"), broker, Path("s"))
+    assert server.privacy.accounting == "every_round" and server.privacy.delta == 1e-6
+    assert server.rounds.devices_per_round == 4
+
+
+def test_bad_simulate_privacy_settings_fail_before_any_work(capsys, monkeypatch):
+    from simulator import cli, run
+
+    monkeypatch.setattr(run, "run_simulation", lambda cfg: pytest.fail("the run started"))
+    assert cli.main(["simulate", "--dp-mode", "central", "--strategy", "flora"]) == 2
+    assert "linear in each update" in capsys.readouterr().err
+    assert cli.main(["simulate", "--dp-mode", "central", "--robust-method", "median"]) == 2
+    assert "has no such sum" in capsys.readouterr().err
+    assert cli.main(["simulate", "--dp-mode", "loud"]) == 2
+    assert "privacy.mode must be one of" in capsys.readouterr().err
