@@ -142,6 +142,7 @@ class Aggregator:
             self.history: list[dict] = []
             if cfg.privacy.enabled:
                 self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
+                self.metrics.dp_epsilon.set(0.0)
             self.coordinator = Coordinator(
                 cfg.rounds,
                 self.strategy,
@@ -177,6 +178,8 @@ class Aggregator:
             )
             if saved["open_round"] is not None:
                 self.coordinator.resume(saved["open_round"])
+            if self.privacy is not None:
+                self.metrics.dp_epsilon.set(self.privacy.epsilons()[0])
             log.info(
                 "resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"]
             )
