@@ -216,3 +216,23 @@ def test_with_robust_leaves_mean_alone_and_keeps_the_inner_strategy_visible():
 def test_bad_robust_settings_are_refused(values, message):
     with pytest.raises(ConfigError, match=message):
         RobustSettings(**values)
+
+
+def test_a_robust_round_survives_a_restart_through_the_state_store(tmp_path):
+    """The per-device sums are ordinary partial sums: the store persists them, and a restarted
+    aggregator finalizes the same robust result (sampling_rate and the other fields too)."""
+    from server.rounds import OpenRound
+    from server.store import StateStore
+
+    strategy = RobustStrategy(make_strategy("fedavg", LAYOUT, rank=RANK), RobustSettings("median"))
+    glob = start_model()
+    partial = strategy.new_partial()
+    for i, d in enumerate(honest_deltas(3)):
+        strategy.accumulate(partial, ClientUpdate(f"dev-{i}.x", 1, RANK, 5, {n: glob.tensors[n] + d[n] for n in d}))
+    rnd = OpenRound(1, ["dev-0.x", "dev-1.x", "dev-2.x"], 0.0, 60.0, 0, partial=partial, sampling_rate=0.75)
+    StateStore(tmp_path).save(
+        job="j", next_round=2, completed=0, version=0, history=[], global_adapter=glob.tensors, open_round=rnd
+    )
+    back = StateStore(tmp_path).load()["open_round"]
+    assert back.sampling_rate == 0.75 and sorted(back.partial.sums) == sorted(partial.sums)
+    assert distance(strategy.finalize(back.partial, glob), strategy.finalize(partial, glob)) == 0.0
