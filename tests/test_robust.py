@@ -72,8 +72,9 @@ def distance(a: GlobalModel, b: GlobalModel) -> float:
         RobustSettings("median"),
         RobustSettings("trimmed_mean", trim_fraction=0.3),
         RobustSettings("bucket_median", buckets=7),
+        RobustSettings("median_filter"),
     ],
-    ids=["median", "trimmed_mean", "bucket_median"],
+    ids=["median", "trimmed_mean", "bucket_median", "median_filter"],
 )
 def test_robust_center_stays_near_the_honest_mean_while_the_plain_mean_does_not(settings, attackers, attack):
     glob = start_model()
@@ -236,3 +237,24 @@ def test_a_robust_round_survives_a_restart_through_the_state_store(tmp_path):
     back = StateStore(tmp_path).load()["open_round"]
     assert back.sampling_rate == 0.75 and sorted(back.partial.sums) == sorted(partial.sums)
     assert distance(strategy.finalize(back.partial, glob), strategy.finalize(partial, glob)) == 0.0
+
+
+def test_median_filter_drops_the_sign_flipped_devices_whole_and_keeps_every_honest_one():
+    glob = start_model()
+    deltas = honest_deltas(10)
+    attacked = [poisoned(d, "sign_flip") if i < 3 else d for i, d in enumerate(deltas)]
+    strategy = RobustStrategy(make_strategy("fedavg", LAYOUT, rank=RANK), RobustSettings("median_filter"))
+    partial = strategy.new_partial()
+    for i, d in enumerate(attacked):
+        strategy.accumulate(
+            partial, ClientUpdate(f"dev{i:02d}", 1, RANK, 10 + i, {n: glob.tensors[n] + d[n] for n in d})
+        )
+    kept, dropped = strategy.filtered_partial(partial, glob)
+    assert sorted(dropped) == ["dev00", "dev01", "dev02"] and kept.count == 7 and kept.weight == sum(range(13, 20))
+    fedavg = make_strategy("fedavg", LAYOUT, rank=RANK)
+    honest = fedavg.new_partial()
+    for i in range(3, 10):  # the honest devices, with their weights
+        tensors = {n: glob.tensors[n] + deltas[i][n] for n in glob.tensors}
+        fedavg.accumulate(honest, ClientUpdate(f"dev{i:02d}", 1, RANK, 10 + i, tensors))
+    # the honest devices' mean, but for the honest changes above the median norm (clipped to it)
+    assert distance(strategy.finalize(partial, glob), fedavg.finalize(honest, glob)) < 0.02 * update_norm(HONEST_CHANGE)
