@@ -57,7 +57,7 @@ from server.config import ServerConfig
 from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
 from server.privacy import DifferentialPrivacy, below_clip_bits, linear_keys
-from server.robust import with_robust
+from server.robust import RobustStrategy, with_robust
 from server.rounds import Bounded, Coordinator, RoundOutcome
 from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
@@ -716,6 +716,8 @@ class Aggregator:
             if self.privacy is not None:
                 partial = self.add_privacy_noise(outcome, entry)
             self.model = self.strategy.finalize(partial, self.model)
+            if isinstance(self.strategy, RobustStrategy) and self.strategy.robust.method == "median_filter":
+                entry["robust_dropped"] = list(self.strategy.last_dropped)
             self.model.version = self.coordinator.version  # versions are the round ids that made them
             entry["aggregation_s"] = round(time.perf_counter() - start, 4)
             self.metrics.aggregation_seconds.observe(entry["aggregation_s"])

@@ -174,6 +174,7 @@ class RobustStrategy(Strategy):
         self.rank = inner.rank
         self.settings = inner.settings
         self.rng = rng or random.SystemRandom()
+        self.last_dropped: list[str] = []  # the devices median_filter dropped in the last finalize
 
     def __getattr__(self, name: str) -> Any:  # the inner strategy's own helpers and properties
         if name == "inner":
@@ -225,7 +226,8 @@ class RobustStrategy(Strategy):
         if partial.weight <= 0:
             return model.copy()
         if self.robust.method == "median_filter":
-            return self.inner.finalize(self.filtered_partial(partial, model)[0], model)
+            kept, self.last_dropped = self.filtered_partial(partial, model)
+            return self.inner.finalize(kept, model)
         return self.inner.finalize(robust_partial(partial, self.robust.method, self.robust.trim_fraction), model)
 
     def filtered_partial(self, partial: Partial, model: GlobalModel) -> tuple[Partial, list[str]]:

@@ -258,3 +258,4 @@ def test_median_filter_drops_the_sign_flipped_devices_whole_and_keeps_every_hone
         fedavg.accumulate(honest, ClientUpdate(f"dev{i:02d}", 1, RANK, 10 + i, tensors))
     # the honest devices' mean, but for the honest changes above the median norm (clipped to it)
     assert distance(strategy.finalize(partial, glob), fedavg.finalize(honest, glob)) < 0.02 * update_norm(HONEST_CHANGE)
+    assert sorted(strategy.last_dropped) == ["dev00", "dev01", "dev02"]  # the round's history row names them
