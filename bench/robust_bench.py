@@ -112,8 +112,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "robust_bench")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="take finished runs of the same name from --out as they are")
+    ap.add_argument("--only", help="run only these, e.g. mean-clean-0,median_filter-sign_flip-1")
     args = ap.parse_args(argv)
-    rows = [run(args, *spec) for spec in RUNS]
+    only = set(args.only.split(",")) if args.only else None
+    rows = [run(args, *spec) for spec in RUNS if only is None or f"{spec[0]}-{spec[1] or 'clean'}-{spec[2]}" in only]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robust_bench.json").write_text(json.dumps(rows, indent=1))
     command = command_line("bench/robust_bench.py", argv if argv is not None else sys.argv[1:])
