@@ -93,7 +93,8 @@ def render(rows: list[dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        gap = "" if r["attack"] is None else f"{100 * (r['final'] - clean[r['method']]):+.1f} points"
+        base = clean.get(r["method"])
+        gap = "" if r["attack"] is None or base is None else f"{100 * (r['final'] - base):+.1f} points"
         lines.append(f"| {r['method']} | {r['attack'] or 'none'} | {r['attackers']} | {r['final']:.4f} | {gap} |")
     return "\n".join(lines)
 
