@@ -310,10 +310,10 @@ def test_a_private_round_through_a_real_broker_clips_noises_and_reports_epsilon(
     dev = FakeDevice(mosquitto.url, "dp", "d1")
     try:
         dev.online()
-        announced = wait_for(dev.open_round, what="round 1 to open")
+        announced = wait_for(dev.open_round, timeout=120, what="round 1 to open")  # generous: a loaded machine
         assert announced["privacy"] == {"clip": 0.05, "noise_std": 0.0}
         dev.send(update_payload(bundle, "dp", "d1", announced["round"]))  # 0.01 everywhere: far above the clip
-        wait_for(lambda: agg.coordinator.completed == 1, what="round 1 to complete")
+        wait_for(lambda: agg.coordinator.completed == 1, timeout=120, what="round 1 to complete")
         row = agg.history[0]
         assert row["dp_epsilon"] == pytest.approx(epsilon([(1.0, 0.5)], 1e-5), rel=1e-5)
         assert row["dp_clip"] == 0.05 and row["examples"] == 1  # one vote, whatever it claimed
