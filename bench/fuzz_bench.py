@@ -76,6 +76,7 @@ from core.messages import (
     AckResult,
     Announcement,
     Presence,
+    PrivacyInfo,
     RepairRequest,
     RoundState,
     Status,
@@ -835,6 +836,7 @@ class Corpus:
                 head_codec="fp16",
                 strategy=StrategyInfo("hetlora", True, {"prune_threshold": 0.1}),
                 train=TrainInfo(20, 8, 0.002, 0.5),
+                privacy=PrivacyInfo(0.25, 0.003),
             )
             many = Announcement(
                 job="job1",

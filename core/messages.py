@@ -421,6 +421,21 @@ class TrainInfo:
 
 
 @dataclass(frozen=True)
+class PrivacyInfo:
+    """Client-level differential privacy of an open round (absent: off). The device clips its
+    change (after error feedback, before encoding) to L2 norm ``clip``, then adds Gaussian
+    noise of std ``noise_std`` per value (0: the aggregator adds it all), and reports in its
+    metrics whether the change was within ``clip`` (``dp_below_clip``, 1 or 0)."""
+
+    clip: float
+    noise_std: float = 0.0
+
+
+MAX_CLIP = 1e6
+BELOW_CLIP_METRIC = "dp_below_clip"  # the update's metric: 1 if the change was within the clip, else 0
+
+
+@dataclass(frozen=True)
 class Announcement:
     """``round`` (retained): what round is open, for whom, and how to train it."""
 
@@ -437,6 +452,7 @@ class Announcement:
     head_codec: str = ""
     strategy: StrategyInfo | None = None
     train: TrainInfo | None = None
+    privacy: PrivacyInfo | None = None
     v: int = PROTOCOL_VERSION
 
     @property
@@ -472,6 +488,8 @@ class Announcement:
                 train=train,
                 **({"head_codec": self.head_codec} if self.head_codec else {}),
             )
+            if self.privacy is not None:
+                body["privacy"] = {"clip": self.privacy.clip, "noise_std": self.privacy.noise_std}
         return body
 
     def to_bytes(self) -> bytes:
@@ -518,6 +536,11 @@ def parse_announcement(payload: bytes) -> Announcement:
         t.float("lr_rank_power", 0.0, 2.0, 0.0),
     )
     t.done()
+    p = f.object("privacy", None)
+    privacy = None
+    if p is not None:
+        privacy = PrivacyInfo(p.float("clip", 1e-12, MAX_CLIP), p.float("noise_std", 0.0, MAX_CLIP, 0.0))
+        p.done()
     ann = Announcement(
         **common,
         deadline=f.float("deadline", 0.0, float(MAX_ROUND)),
@@ -526,6 +549,7 @@ def parse_announcement(payload: bytes) -> Announcement:
         head_codec=f.str("head_codec", 80, ""),
         strategy=strategy,
         train=train,
+        privacy=privacy,
     )
     if ann.head_codec:
         _codec_spec(ann.head_codec, "announced head codec")

@@ -7,6 +7,7 @@ training and acknowledgement loses nothing), and the local adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import resource
@@ -27,11 +28,13 @@ from core.errors import ConfigError, FedloraError, ProtocolError
 from core.guard import Refusals
 from core.lora import pad_rank, pruned_rank, rank_shapes, truncate_rank
 from core.messages import (
+    BELOW_CLIP_METRIC,
     MAX_HEADER_BYTES,
     RETRY_REASONS,
     AckResult,
     Announcement,
     Presence,
+    PrivacyInfo,
     RepairRequest,
     RoundState,
     Status,
@@ -57,6 +60,7 @@ from edge_client.data import EncodedDataset, TextEncoder, encode_classification,
 from edge_client.device_state import DeviceState
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from edge_client.instruct import encode_causal_lm_file
+from edge_client.privacy import Privatizer
 from edge_client.runtime import RuntimeOptions, Trainer
 
 log = logging.getLogger("fedlora.device")
@@ -381,7 +385,7 @@ class Device:
             "round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"]
         )
         self.rounds_trained += 1
-        payload = self._encode_update(env)
+        payload = self._encode_update(env, ann.privacy)
         if new_rank < sent_rank:
             self._switch_rank(new_rank)
         return payload
@@ -477,10 +481,22 @@ class Device:
             tensor_codecs={name: head_codec for name in delta if name in head} if head_codec else {},
         )
 
-    def _encode_update(self, env: Envelope) -> bytes:
+    def _encode_update(self, env: Envelope, privacy: PrivacyInfo | None = None) -> bytes:
         # What a lossy codec drops this round is kept and added to the next update.
         lossless = all(get_codec(c).lossless for c in {env.codec, *env.tensor_codecs.values()})
-        return encode_envelope(env) if lossless else encode_with_feedback(env, self.feedback)
+        if privacy is not None:
+            env = self._privatize(env, privacy, lossless)
+        if lossless:
+            return encode_envelope(env)
+        return encode_with_feedback(env, self.feedback, compensated=privacy is not None)
+
+    def _privatize(self, env: Envelope, privacy: PrivacyInfo, lossless: bool) -> Envelope:
+        """Differential privacy (``edge_client.privacy``): the change, with the error-feedback
+        residual added first under a lossy codec, clipped and noised; the clip bit in the metrics."""
+        privatize = Privatizer(privacy)
+        tensors = privatize(env.tensors if lossless else self.feedback.compensate(env.tensors))
+        metrics = {**env.metrics, BELOW_CLIP_METRIC: float(bool(privatize.below_clip))}
+        return dataclasses.replace(env, tensors=tensors, metrics=metrics)
 
     def _switch_rank(self, rank: int) -> None:
         """HetLoRA self-pruning gave components up: from now on download, train and send rank

@@ -94,13 +94,14 @@ class ErrorFeedback:
             return cls()
 
 
-def encode_with_feedback(env: Envelope, feedback: ErrorFeedback) -> bytes:
-    """Encode an update envelope with error feedback: add the residual to ``env.tensors``,
+def encode_with_feedback(env: Envelope, feedback: ErrorFeedback, compensated: bool = False) -> bytes:
+    """Encode an update envelope with error feedback: add the residual to ``env.tensors``
+    (unless ``compensated``: the caller did, e.g. to clip the sum for differential privacy),
     encode with ``env.codec``, decode the payload back and record what it dropped.
 
     The caller persists the payload first and then ``feedback.save(...)``.
     """
-    sent = feedback.compensate(env.tensors)
+    sent = env.tensors if compensated else feedback.compensate(env.tensors)
     payload = encode_envelope(dataclasses.replace(env, tensors=sent))
     limits = EnvelopeLimits.for_update({name: value.shape for name, value in sent.items()})
     feedback.record(sent, decode_envelope(payload, limits).tensors)

@@ -31,6 +31,7 @@ from core.messages import (
     AckResult,
     Announcement,
     Presence,
+    PrivacyInfo,
     RepairRequest,
     RoundState,
     StrategyInfo,
@@ -55,10 +56,12 @@ from edge_client.runtime import read_parameters
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
+from server.privacy import DifferentialPrivacy, below_clip_bits, linear_keys
+from server.robust import RobustStrategy, with_robust
 from server.rounds import Bounded, Coordinator, RoundOutcome
 from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
-from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Strategy
+from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Partial, Strategy
 
 log = logging.getLogger("fedlora.aggregator")
 
@@ -68,7 +71,8 @@ Evaluator = Callable[[dict[str, np.ndarray]], dict]
 def make_strategy(cfg: ServerConfig, bundle: Bundle) -> Strategy:
     """The configured strategy over the adapter of ``bundle`` (the top of the rank ladder)."""
     m = bundle.manifest
-    return build_strategy(cfg.strategy, AdapterLayout.from_manifest(m), rank=m.rank, **cfg.strategy_settings)
+    strategy = build_strategy(cfg.strategy, AdapterLayout.from_manifest(m), rank=m.rank, **cfg.strategy_settings)
+    return with_robust(strategy, cfg.robust)
 
 
 def downlink_tensors(strategy: Strategy, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
@@ -132,11 +136,21 @@ class Aggregator:
         self._round_metrics: list[dict] = []
         self._downlinks: dict[int, RankDownlink] = {}  # rank -> what the broker holds for its devices
         saved = self.store.load()
+        self.privacy: DifferentialPrivacy | None = None
         if saved is None:
             self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
             self.history: list[dict] = []
+            if cfg.privacy.enabled:
+                self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
+                self.metrics.dp_epsilon.set(0.0)
             self.coordinator = Coordinator(
-                cfg.rounds, self.strategy, cfg.job, clock, seed=cfg.seed, norm_prior=self.norm_prior()
+                cfg.rounds,
+                self.strategy,
+                cfg.job,
+                clock,
+                seed=cfg.seed,
+                norm_prior=self.norm_prior(),
+                privacy=self.privacy,
             )
             self._save(global_changed=True)
             self._event("job_started", job=cfg.job, strategy=self.strategy.name)
@@ -145,6 +159,8 @@ class Aggregator:
                 raise ProtocolError(f"state dir {cfg.state_dir} belongs to job {saved['job']!r}, not {cfg.job!r}")
             self.model = GlobalModel(self.manifest.rank, saved["global"], saved["base_delta"], saved["version"])
             self.history = saved["history"]
+            if cfg.privacy.enabled:
+                self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
             self.coordinator = Coordinator(
                 cfg.rounds,
                 self.strategy,
@@ -158,9 +174,12 @@ class Aggregator:
                 median_norm=next(
                     (h["median_norm"] for h in reversed(self.history) if h.get("ok") and h.get("median_norm")), 0.0
                 ),
+                privacy=self.privacy,
             )
             if saved["open_round"] is not None:
                 self.coordinator.resume(saved["open_round"])
+            if self.privacy is not None:
+                self.metrics.dp_epsilon.set(self.privacy.epsilons()[0])
             log.info(
                 "resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"]
             )
@@ -320,7 +339,16 @@ class Aggregator:
             head_codec=self.cfg.uplink_head_codec,
             strategy=StrategyInfo(self.strategy.name, self.strategy.trains_a, self.strategy.device_settings()),
             train=TrainInfo(t.local_steps, t.batch_size, t.lr, t.lr_rank_power),
+            privacy=self.round_privacy(),
         )
+
+    def round_privacy(self) -> PrivacyInfo | None:
+        """What devices do for DP in the open round: clip to its bound, add their noise share."""
+        rnd = self.coordinator.open
+        if self.privacy is None or rnd is None:
+            return None
+        # Devices clip to C itself; the round's bound (max_norm) leaves room for their noise.
+        return PrivacyInfo(min(rnd.max_norm, self.privacy.clip), self.privacy.device_noise_std(len(rnd.selected)))
 
     def announce(self) -> None:
         self._announced = self.announcement().to_bytes()
@@ -441,7 +469,11 @@ class Aggregator:
         self.metrics.devices_online.set(len(self.coordinator.online()))
 
     def open_next(self) -> bool:
+        stopped = self.coordinator.stopped
         opened = self.coordinator.maybe_open()
+        if self.coordinator.stopped and not stopped:
+            log.warning("job stopped: %s", self.coordinator.stopped)
+            self._event("job_stopped", reason=self.coordinator.stopped)
         if opened is None:
             return False
         self._round_bytes = {"wire": 0, "raw": 0}
@@ -596,6 +628,20 @@ class Aggregator:
         )
         self.ack(device, env.round, AckResult.ACCEPTED)
 
+    def add_privacy_noise(self, outcome: RoundOutcome, entry: dict) -> Partial:
+        """DP: the round's sums with their Gaussian noise, the clip bound of the next round, and
+        the privacy spent in the history row and the metrics (``server.privacy``)."""
+        assert self.privacy is not None
+        metrics = self._round_metrics + [{}] * (len(outcome.norms) - len(self._round_metrics))  # after a restart
+        bits = below_clip_bits(metrics, outcome.norms, self.privacy.clip)
+        partial, noise = self.privacy.noised(
+            outcome.partial, linear_keys(outcome.partial.sums), len(outcome.selected), bits
+        )
+        entry.update(self.privacy.record(outcome.sampling_rate, noise))
+        self.metrics.dp_epsilon.set(entry["dp_epsilon"])
+        self.metrics.dp_clip.set(noise.next_clip)
+        return partial
+
     def _observe_device(self, metrics: dict) -> None:
         if isinstance(metrics.get("step_time_s"), (int, float)):
             self.metrics.device_step_seconds.observe(metrics["step_time_s"])
@@ -671,7 +717,12 @@ class Aggregator:
         self.metrics.last_progress.set_to_current_time()
         if outcome.ok:
             start = time.perf_counter()
-            self.model = self.strategy.finalize(outcome.partial, self.model)
+            partial = outcome.partial
+            if self.privacy is not None:
+                partial = self.add_privacy_noise(outcome, entry)
+            self.model = self.strategy.finalize(partial, self.model)
+            if isinstance(self.strategy, RobustStrategy) and self.strategy.robust.method == "median_filter":
+                entry["robust_dropped"] = list(self.strategy.last_dropped)
             self.model.version = self.coordinator.version  # versions are the round ids that made them
             entry["aggregation_s"] = round(time.perf_counter() - start, 4)
             self.metrics.aggregation_seconds.observe(entry["aggregation_s"])

@@ -11,6 +11,8 @@ from core.codecs import get_codec
 from core.config import load
 from core.errors import ConfigError, ProtocolError
 from core.transport import BrokerConfig
+from server.privacy import PrivacySettings, check_budget, check_privacy
+from server.robust import RobustSettings
 from server.rounds import RoundSettings
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
 from server.strategies import strategy_settings
@@ -149,6 +151,9 @@ class ServerConfig:
     exit_when_finished: exit once every round is done; false keeps serving metrics and
         health until stopped (on Kubernetes, where an exit would restart the pod).
     kubernetes: leader election and Events (see KubernetesSettings).
+    robust: robust aggregation against poisoned updates (see server.robust.RobustSettings;
+        method ``mean``, the strategy's own, by default).
+    privacy: client-level differential privacy (see server.privacy.PrivacySettings; off by default).
     """
 
     job: str = "default"
@@ -173,6 +178,8 @@ class ServerConfig:
     seed: int = 0
     exit_when_finished: bool = True
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    robust: RobustSettings = field(default_factory=RobustSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
         if self.bundle is None:
@@ -202,6 +209,11 @@ class ServerConfig:
         if not isinstance(self.strategy_settings, dict):
             raise ConfigError(f"strategy_settings must be a mapping, got {self.strategy_settings!r}")
         self.strategy_settings = strategy_settings(self.strategy, self.strategy_settings).values()
+        check_privacy(self.privacy, self.strategy, self.strategy_settings, self.robust.method)
+        if self.privacy.enabled and self.rounds.norm_bound != "clip":
+            raise ConfigError("privacy needs rounds.norm_bound: clip (the clip bound is DP's sensitivity)")
+        r = self.rounds
+        check_budget(self.privacy, r.rounds, r.devices_per_round, r.min_devices)
 
 
 def load_server_config(path: str | Path | None = None, overrides: dict | None = None) -> ServerConfig:

@@ -75,6 +75,12 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
         )
+        self.dp_epsilon = Gauge(
+            "fedlora_dp_epsilon", "Differential privacy spent so far: epsilon at the configured delta", registry=r
+        )
+        self.dp_clip = Gauge(
+            "fedlora_dp_clip_norm", "Differential privacy: the next round's update clip bound", registry=r
+        )
         self.eval_loss = Gauge("fedlora_global_eval_loss", "Evaluation loss of the global adapter", registry=r)
         self.eval_accuracy = Gauge(
             "fedlora_global_eval_accuracy", "Evaluation accuracy of the global adapter", registry=r

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -17,6 +18,18 @@ from core.errors import ConfigError, UpdateRejected
 from server.strategies.base import ClientUpdate, Partial, Strategy
 
 NORM_BOUNDS = ("clip", "reject")
+
+
+class RoundPrivacy(Protocol):
+    """What the coordinator asks of differential privacy (``server.privacy.DifferentialPrivacy``)."""
+
+    def norm_bound(self, selected: int) -> float:
+        """The L2 bound of a round's updates as sent, with ``selected`` devices."""
+        ...
+
+    def refuses(self, selected: int, online: int) -> str:
+        """Why a round of ``selected`` of ``online`` devices must not open ('' : it may)."""
+        ...
 
 
 @dataclass
@@ -101,6 +114,7 @@ class OpenRound:
     max_weight: int = 0  # a device's weight cap this round (0: none), fixed when the round opens
     max_norm: float = 0.0  # the update norm bound of this round (0: none), fixed when the round opens
     norms: list[float] = field(default_factory=list)  # norms of the accepted updates, as sent
+    sampling_rate: float = 1.0  # devices selected / devices online when the round opened
 
 
 @dataclass
@@ -128,6 +142,8 @@ class RoundOutcome:
     partial: Partial
     duration: float
     median_norm: float = 0.0  # of the accepted updates, as sent: the next round's clipping reference
+    sampling_rate: float = 1.0
+    norms: list[float] = field(default_factory=list)
 
 
 class Coordinator:
@@ -145,12 +161,17 @@ class Coordinator:
         version: int = 0,
         norm_prior: float = 0.0,
         median_norm: float = 0.0,
+        privacy: RoundPrivacy | None = None,
     ):
         self.settings = settings
         self.strategy = strategy
         self.job = job
         self.clock = clock
-        self.rng = random.Random(seed)
+        # Differential privacy: each round's bound is the clip C, every update weighs 1, the
+        # selection is a secret uniform sample, and a round that would exceed the budget never opens.
+        self.privacy = privacy
+        self.rng: random.Random = random.SystemRandom() if privacy is not None else random.Random(seed)
+        self.stopped = ""  # why the job ended before its rounds (the privacy budget)
         self.devices: dict[str, DeviceInfo] = {}
         self.open: OpenRound | None = None
         self.next_round = next_round
@@ -173,7 +194,7 @@ class Coordinator:
 
     @property
     def finished(self) -> bool:
-        return self.settings.rounds > 0 and self.completed >= self.settings.rounds
+        return bool(self.stopped) or (self.settings.rounds > 0 and self.completed >= self.settings.rounds)
 
     # -- opening -------------------------------------------------------------------------
     def maybe_open(self) -> OpenRound | None:
@@ -182,8 +203,12 @@ class Coordinator:
         online = self.online()
         if len(online) < self.settings.min_devices:
             return None
-        k = self.settings.devices_per_round or len(online)
-        selected = sorted(self.rng.sample(online, min(k, len(online))))
+        k = min(self.settings.devices_per_round or len(online), len(online))
+        if self.privacy is not None:
+            self.stopped = self.privacy.refuses(k, len(online))
+            if self.stopped:
+                return None
+        selected = sorted(self.rng.sample(online, k))
         now = self.clock()
         self.open = OpenRound(
             self.next_round,
@@ -193,7 +218,8 @@ class Coordinator:
             self.version,
             partial=self.strategy.new_partial(),
             max_weight=self.weight_cap(selected),
-            max_norm=self.norm_cap(),
+            max_norm=self.norm_cap(len(selected)),
+            sampling_rate=k / len(online),
         )
         self.next_round += 1
         return self.open
@@ -211,9 +237,12 @@ class Coordinator:
             caps.append(self.settings.max_num_examples)
         return min(caps) if caps else 0
 
-    def norm_cap(self) -> float:
+    def norm_cap(self, selected: int = 0) -> float:
         """This round's update norm bound (0: none): the smallest of ``max_update_norm``, and
-        ``norm_clip_multiple`` times the last round's median norm or, before any round, the prior."""
+        ``norm_clip_multiple`` times the last round's median norm or, before any round, the prior.
+        Under differential privacy, DP's own bound alone (the clip, plus the devices' noise)."""
+        if self.privacy is not None:
+            return self.privacy.norm_bound(selected)
         s = self.settings
         caps = [s.max_update_norm] if s.max_update_norm else []
         if s.norm_clip_multiple:
@@ -255,6 +284,8 @@ class Coordinator:
         rnd = self.open
         assert rnd is not None
         weight = min(update.num_examples, rnd.max_weight) if rnd.max_weight else update.num_examples
+        if self.privacy is not None:
+            weight = 1  # DP bounds each device's share, whatever data it claims
         norm = update_norm(update.tensors)
         bound = rnd.max_norm
         tensors = update.tensors
@@ -318,5 +349,14 @@ class Coordinator:
         else:
             reason = f"quorum_not_met ({len(rnd.accepted)}/{self.settings.min_updates})"
         return RoundOutcome(
-            rnd.round, ok, reason, rnd.selected, dict(rnd.accepted), rnd.partial, now - rnd.opened_at, median_norm
+            rnd.round,
+            ok,
+            reason,
+            rnd.selected,
+            dict(rnd.accepted),
+            rnd.partial,
+            now - rnd.opened_at,
+            median_norm,
+            rnd.sampling_rate,
+            list(rnd.norms),
         )

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 
 from core.errors import FedloraError
+from server.privacy import PrivacySettings
+from server.robust import RobustSettings
 from server.strategies import STRATEGIES, declared_settings
+
+# Nested server settings with one flag per field: (group name, flag prefix, dataclass).
+NESTED = (("robust", "robust", RobustSettings), ("privacy", "dp", PrivacySettings))
 
 
 def _flag_type(kind: type):
@@ -77,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             metavar=info.kind.__name__.upper(),
             help=f"{owners}: {info.describe()}",
         )
+    for group, prefix, cls in NESTED:
+        nested = sim.add_argument_group(group, f"server config {group}: ({cls.__module__}.{cls.__name__})")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            nested.add_argument(
+                f"--{prefix}-{f.name.replace('_', '-')}",
+                dest=f"{group}_{f.name}",
+                type=_flag_type(hints[f.name]),
+                metavar=hints[f.name].__name__.upper(),
+                help=f"{group}.{f.name} (default {f.default!r})",
+            )
+    sim.add_argument(
+        "--devices-per-round", type=int, help="devices selected at random per round (default 0: every device)"
+    )
     sim.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--out", help="report folder (default runs/latest)")
@@ -100,8 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     from simulator.run import SimulateConfig, run_simulation
 
     given = vars(args)
-    values = {k: v for k, v in given.items() if k not in ("command", "verbose") and not k.startswith("setting_")}
+    nested = tuple(f"{group}_" for group, _, _ in NESTED)
+    values = {
+        k: v
+        for k, v in given.items()
+        if k not in ("command", "verbose", "devices_per_round") and not k.startswith(("setting_",) + nested)
+    }
     values["strategy_settings"] = {name: given[f"setting_{name}"] for name in settings if f"setting_{name}" in given}
+    for group, _, cls in NESTED:
+        values[group] = {
+            f.name: given[f"{group}_{f.name}"] for f in dataclasses.fields(cls) if f"{group}_{f.name}" in given
+        }
+    if "devices_per_round" in given:
+        values["round_settings"] = {"devices_per_round": given["devices_per_round"]}
     try:
         run_simulation(SimulateConfig(**values))
     except FedloraError as exc:

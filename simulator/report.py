@@ -63,6 +63,30 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
     return paths
 
 
+def _privacy_lines(history: list[dict]) -> list[str]:
+    """The privacy spent per round (``server.privacy``), when differential privacy was on."""
+    rows = [h for h in history if "dp_epsilon" in h]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Differential privacy",
+        "",
+        f"Epsilon at delta {rows[-1]['dp_delta']:g} after each round (dp-accounting, RDP): with amplification by the "
+        "round's sampling rate, and counting every round at rate 1 (the bound against a device that reads the "
+        "round announcements, which name the selected devices).",
+        "",
+        "| round | epsilon (sampled) | epsilon (every round) | sampling rate | noise multiplier | clip | next clip |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in rows:
+        lines.append(
+            f"| {h['round']} | {h['dp_epsilon']:.3f} | {h['dp_epsilon_every_round']:.3f} | "
+            f"{h['dp_sampling_rate']:.3g} | {h['dp_noise_multiplier']:g} | {h['dp_clip']:.4g} | {h['dp_next_clip']:.4g} |"
+        )
+    return lines
+
+
 def write_report(
     out: Path,
     settings: dict,
@@ -127,6 +151,7 @@ def write_report(
             f"{h.get('device_step_time_s_median', float('nan')) * 1000:.0f} ms | "
             f"{_fmt_bytes(h.get('device_peak_rss_bytes_max', 0))} |"
         )
+    lines += _privacy_lines(history)
     if generative:
         lines += [
             "",

@@ -77,6 +77,8 @@ class SimulateConfig:
         (0: off; see ``server.config.TrainSettings``).
     codec / head_codec / downlink_codec: uplink codec, the uplink codec of the classifier head
         (empty: ``codec``), and the codec of global deltas (empty: full copies only).
+    robust / privacy: ``ServerConfig.robust`` and ``ServerConfig.privacy`` as mappings (robust
+        aggregation, differential privacy); ``fedlora simulate`` has ``--robust-*`` and ``--dp-*`` flags.
     max_train: subsample the training set (0: all) for quick runs.
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
     """
@@ -100,6 +102,8 @@ class SimulateConfig:
     ranks: tuple[int, ...] = ()
     strategy: str = "fedavg"
     strategy_settings: dict = field(default_factory=dict)
+    robust: dict = field(default_factory=dict)
+    privacy: dict = field(default_factory=dict)
     max_length: int = 128
     broker: str | None = None
     out: Path = Path("runs/latest")
@@ -140,6 +144,11 @@ class SimulateConfig:
         from server.strategies import strategy_settings
 
         strategy_settings(self.strategy, self.strategy_settings)  # fails here, before any export
+        nested = nested_settings(self)  # so do bad robust or privacy settings, and ones that clash
+        from server.privacy import check_privacy
+
+        settings = strategy_settings(self.strategy, self.strategy_settings).values()
+        check_privacy(nested["privacy"], self.strategy, settings, nested["robust"].method)
         self.ranks = tuple(int(r) for r in self.ranks) or (int(self.rank),)
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")
@@ -474,7 +483,20 @@ def server_config(
         strategy=cfg.strategy,
         downlink_codec=cfg.downlink_codec,
         strategy_settings=dict(cfg.strategy_settings),
+        **nested_settings(cfg),
     )
+
+
+def nested_settings(cfg: SimulateConfig) -> dict:
+    """``robust`` and ``privacy`` of the aggregator's config, built (and checked) from ``cfg``'s mappings."""
+    from core.config import build
+    from server.privacy import PrivacySettings
+    from server.robust import RobustSettings
+
+    return {
+        "robust": build(RobustSettings, dict(cfg.robust), where="simulate robust"),
+        "privacy": build(PrivacySettings, dict(cfg.privacy), where="simulate privacy"),
+    }
 
 
 def start_devices(

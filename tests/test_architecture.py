@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# yaml and zstandard are optional on a device (a YAML config; the zstd codec stage): imported lazily.
-CORE_ALLOWED = {"core", "numpy", "paho", "yaml", "zstandard"}
+# yaml and zstandard are optional on a device (a YAML config; the zstd codec stage), and so are
+# cryptography and pycryptodome's Crypto (secure aggregation, core/secagg.py, the secagg extra):
+# imported lazily.
+CORE_ALLOWED = {"core", "numpy", "paho", "yaml", "zstandard", "cryptography", "Crypto"}
 DEVICE_ALLOWED = CORE_ALLOWED | {"edge_client", "tokenizers", "onnxruntime"}
 AGGREGATOR_FORBIDDEN = {"export", "simulator", "torch", "transformers", "peft", "onnx", "matplotlib", "bench", "tests"}
 EXPORT_FORBIDDEN = {"server", "simulator", "bench", "tests"}

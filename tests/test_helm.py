@@ -131,6 +131,11 @@ WRONG_VALUES = {
     "config: {device_limits: {messages_per_second: 5}}": "Additional property messages_per_second is not allowed",
     "config: {strategy_settings: {rank_norm_power: [1]}}": "config.strategy_settings.rank_norm_power: Invalid type",
     "config: {strategy_settings: {Rank-Norm: 1}}": "config.strategy_settings: Does not match pattern",
+    "config: {robust: {method: krum}}": "config.robust.method: config.robust.method must be one of",
+    "config: {robust: {trim_fraction: 0.5}}": "config.robust.trim_fraction: Must be less than",
+    "config: {privacy: {mode: off}}": "config.privacy.mode: Invalid type",
+    "config: {privacy: {delta: 0.5}}": "config.privacy.delta: Must be less than",
+    "config: {privacy: {epsilon: 8}}": "Additional property epsilon is not allowed",
     "broker: {tls: {generated: {ipAddresses: [mqtt.example.com]}}}": "broker.tls.generated.ipAddresses.0: Does not match",
 }
 
@@ -266,6 +271,24 @@ def test_device_limits_reach_the_aggregator_config():
     assert (
         limits.messages_per_s == 20 and limits.byte_burst == 1 << 20 and limits.partials_per_device == 2
     )  # the rest: defaults
+
+
+def test_robust_and_privacy_settings_reach_the_aggregator_config():
+    from core.config import build
+
+    config = server_yaml(
+        render(
+            None,
+            "config.privacy.mode=central",
+            "config.privacy.noise_multiplier=2",
+            "config.privacy.epsilon_budget=0",
+            "config.robust.method=mean",
+        )
+    )
+    cfg = build(ServerConfig, config, where="server.yaml")
+    assert cfg.privacy.mode == "central" and cfg.privacy.noise_multiplier == 2.0 and cfg.privacy.delta == 1e-5
+    default = build(ServerConfig, server_yaml(render(None, "config.robust.method=median")), where="server.yaml")
+    assert default.privacy.mode == "none" and default.robust.method == "median"
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
