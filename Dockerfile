@@ -51,7 +51,7 @@ RUN python -m venv /opt/fedlora \
       sympy onnx protobuf h5py cerberus flatbuffers huggingface_hub aiohttp aiohttp-retry setuptools pip \
  && rm -rf /opt/fedlora/lib/python*/site-packages/kubernetes/aio /opt/fedlora/bin/fedlora /opt/fedlora/bin/fedlora-export \
  && /opt/fedlora/bin/python -m compileall -q -j 0 /opt/fedlora/lib \
- && /opt/fedlora/bin/python -c "import server.cli, server.aggregator, server.leader, server.k8s, server.peft_adapter, \
+ && /opt/fedlora/bin/python -c "import server.cli, server.aggregator, server.leader, server.k8s, server.peft_adapter, server.privacy, server.robust, dp_accounting.rdp, \
 server.strategies, edge_client.data, tokenizers, safetensors, zstandard, kubernetes.client, kubernetes.config; \
 from edge_client.runtime import training_api; training_api()" \
  && if /opt/fedlora/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the aggregator image" >&2; exit 1; fi
