@@ -144,6 +144,7 @@ class Aggregator:
             if saved["job"] != cfg.job:
                 raise ProtocolError(f"state dir {cfg.state_dir} belongs to job {saved['job']!r}, not {cfg.job!r}")
             self.model = GlobalModel(self.manifest.rank, saved["global"], saved["base_delta"], saved["version"])
+            self.strategy.optimizer.load_state(*saved["server_optimizer"])  # its moments continue
             self.history = saved["history"]
             self.coordinator = Coordinator(
                 cfg.rounds,
@@ -191,6 +192,7 @@ class Aggregator:
             history=self.history,
             global_adapter=self.model.tensors if global_changed else None,
             base_delta=self.model.base_delta if global_changed else None,
+            server_optimizer=self.strategy.optimizer.state() if global_changed else None,
             open_round=c.open,
         )
 

@@ -69,13 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     knobs = sim.add_argument_group("strategy settings", "each strategy's own settings (fedlora-server --strategies)")
     settings = declared_settings()
     for info in settings.values():
-        owners = ", ".join(n for n, c in STRATEGIES.items() if info.name in c.Settings.__dataclass_fields__)
+        owners = [n for n, c in STRATEGIES.items() if info.name in c.Settings.__dataclass_fields__]
+        owners_text = "every strategy" if len(owners) == len(STRATEGIES) else ", ".join(owners)
         knobs.add_argument(
             info.flag,
             dest=f"setting_{info.name}",
             type=_flag_type(info.kind),
             metavar=info.kind.__name__.upper(),
-            help=f"{owners}: {info.describe()}",
+            help=f"{owners_text}: {info.describe()}",
         )
     sim.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
