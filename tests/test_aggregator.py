@@ -357,11 +357,11 @@ def run_fedadam_job(bundle_dir, state, url, job, rounds, restart_after=()):
     dev.online()
     try:
         for rnd in range(1, rounds + 1):
-            wait_for(lambda r=rnd: agg.coordinator.open is not None and agg.coordinator.open.round == r, what=f"{rnd}")
+            wait_for(lambda a=agg, r=rnd: a.coordinator.open is not None and a.coordinator.open.round == r, what="open")
             rng = np.random.default_rng(rnd)
             tensors = {p.name: rng.normal(0, 0.01, p.shape).astype(np.float32) for p in bundle.manifest.trainable}
             dev.send(update_payload(bundle, job, "d1", rnd, tensors=tensors))
-            wait_for(lambda r=rnd: agg.coordinator.completed == r, what=f"round {rnd} to complete")
+            wait_for(lambda a=agg, r=rnd: a.coordinator.completed == r, what=f"round {rnd} to complete")
             if rnd in restart_after:
                 stop.set()
                 thread.join(10)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -278,7 +278,7 @@ class Strategy(abc.ABC):
             raise ConfigError(f"{self.name}: rank must be >= 1, got {rank}")
         self.layout = layout
         self.rank = int(rank)
-        self.settings = self.Settings.build(settings, self.name)
+        self.settings = cast(CommonSettings, self.Settings.build(settings, self.name))
         self.optimizer = ServerOptimizer(self.settings)
 
     def device_settings(self) -> dict[str, Any]:
