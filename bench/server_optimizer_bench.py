@@ -3,8 +3,8 @@
 Each configuration is one real ``fedlora simulate`` run in its own process (embedded broker,
 torch-free device processes, the aggregator evaluating the global adapter after every round),
 on a small sample so that a sweep fits in an hour on a shared 2-core machine: FedAvg at rank 8,
-Dirichlet alpha 0.5 over 10 devices, 5 rounds, the default device training (20 steps of 8 at lr
-1e-3), and ``--max-train`` / ``--eval-max`` / ``--max-length`` to keep each run to minutes.
+Dirichlet alpha 0.5 over 10 devices, 5 rounds, the simulator's default device training (20
+steps of 8 at lr 2e-3), and ``--max-train`` / ``--eval-max`` / ``--max-length`` to keep each run to minutes.
 Rows are appended to ``docs/server_optimizer_bench.json`` as runs finish (a rerun skips the
 configurations it has), and every invocation rewrites its section of ``docs/benchmarks.md``.
 
@@ -36,10 +36,10 @@ CONFIGS: list[tuple[str, dict]] = [
     ("sgd lr 1 (default)", {}),
     ("fedavgm lr 1 m 0.5", {"server_optimizer": "fedavgm", "server_lr": 1.0, "server_momentum": 0.5}),
     ("fedadam lr 0.01", {"server_optimizer": "fedadam", "server_lr": 0.01}),
-    ("fedadam lr 0.003", {"server_optimizer": "fedadam", "server_lr": 0.003}),
+    ("sgd + fedprox mu 0.1", {"fedprox_mu": 0.1}),
     ("fedyogi lr 0.01", {"server_optimizer": "fedyogi", "server_lr": 0.01}),
     ("fedadagrad lr 0.01", {"server_optimizer": "fedadagrad", "server_lr": 0.01}),
-    ("sgd + fedprox mu 0.1", {"fedprox_mu": 0.1}),
+    ("fedadam lr 0.003", {"server_optimizer": "fedadam", "server_lr": 0.003}),
 ]
 SETTINGS = ("devices", "alpha", "rounds", "max_train", "eval_max", "max_length")
 
@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     if not args.report_only:
         picked = [CONFIGS[int(i)] for i in args.configs.split(",") if i] or CONFIGS
+        # configuration-major: an interrupted sweep has the first configurations on every data set
         for seed in (int(s) for s in args.seeds.split(",")):
-            for dataset in args.datasets.split(","):
-                for label, settings in picked:
+            for label, settings in picked:
+                for dataset in args.datasets.split(","):
                     if any(
                         r["dataset"] == dataset
                         and r["config"] == label

@@ -43,7 +43,8 @@ from server.strategies.settings import Range, StrategySettings, setting
 OPTIMIZERS = ("sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 # server_lr 0 means this: a fraction of the change for sgd / fedavgm, a per-entry step for the
-# adaptive ones (the devices' AdamW moves an entry up to lr * local_steps = 0.02 a round).
+# adaptive ones (the devices' AdamW moves an entry up to lr * local_steps a round: 0.02 to 0.04
+# with the aggregator's and the simulator's defaults).
 DEFAULT_LR = {"sgd": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.01}
 
 
