@@ -36,10 +36,10 @@ CONFIGS: list[tuple[str, dict]] = [
     ("sgd lr 1 (default)", {}),
     ("fedavgm lr 1 m 0.5", {"server_optimizer": "fedavgm", "server_lr": 1.0, "server_momentum": 0.5}),
     ("fedadam lr 0.01", {"server_optimizer": "fedadam", "server_lr": 0.01}),
+    ("fedadam lr 0.03", {"server_optimizer": "fedadam", "server_lr": 0.03}),
     ("sgd + fedprox mu 0.1", {"fedprox_mu": 0.1}),
     ("fedyogi lr 0.01", {"server_optimizer": "fedyogi", "server_lr": 0.01}),
     ("fedadagrad lr 0.01", {"server_optimizer": "fedadagrad", "server_lr": 0.01}),
-    ("fedadam lr 0.03", {"server_optimizer": "fedadam", "server_lr": 0.03}),
 ]
 SETTINGS = ("devices", "alpha", "rounds", "max_train", "eval_max", "max_length")
 
