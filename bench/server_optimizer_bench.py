@@ -42,6 +42,7 @@ CONFIGS: list[tuple[str, dict]] = [
     ("fedadagrad lr 0.01", {"server_optimizer": "fedadagrad", "server_lr": 0.01}),
 ]
 SETTINGS = ("devices", "alpha", "rounds", "max_train", "eval_max", "max_length")
+DETAILS = "(renders every run recorded in `docs/server_optimizer_bench.json`, whichever invocation ran it)"
 
 
 def final_accuracies(out: Path) -> list[float]:
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(run_one(args, dataset, label, settings, seed))
                     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     if rows:
-        SECTION.write(command_line(SECTION.script, sys.argv[1:] if argv is None else argv), report(rows))
+        command = command_line(SECTION.script, sys.argv[1:] if argv is None else argv)
+        SECTION.write(command, report(rows), DETAILS)
 
 
 if __name__ == "__main__":
