@@ -16,6 +16,10 @@ from core.errors import ConfigError
 
 A_SUFFIX = "lora_A.weight"
 B_SUFFIX = "lora_B.weight"
+# FedProx's frozen parameters in a bundle's checkpoint (``export.proximal``): the weight mu
+# (a float32 scalar) and one centre per trainable tensor, ``PROXIMAL_CENTER_PREFIX + name``.
+PROXIMAL_MU = "fedprox.mu"
+PROXIMAL_CENTER_PREFIX = "fedprox.center."
 
 
 def lora_pairs(names) -> list[tuple[str, str]]:

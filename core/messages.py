@@ -398,6 +398,7 @@ class RoundState(str, Enum):
 # those that differ from their default, beside ``name`` and ``trains_a``.
 DEVICE_SETTINGS: dict[str, tuple[float, float, float]] = {
     "prune_threshold": (0.0, 1.0, 0.0),  # HetLoRA rank self-pruning (lo, hi, default)
+    "fedprox_mu": (0.0, 10.0, 0.0),  # FedProx's proximal weight, every strategy
 }
 
 
@@ -410,6 +411,10 @@ class StrategyInfo:
     @property
     def prune_threshold(self) -> float:
         return float(self.settings.get("prune_threshold", DEVICE_SETTINGS["prune_threshold"][2]))
+
+    @property
+    def fedprox_mu(self) -> float:
+        return float(self.settings.get("fedprox_mu", DEVICE_SETTINGS["fedprox_mu"][2]))
 
 
 @dataclass(frozen=True)

@@ -375,11 +375,19 @@ class Device:
         log.info("round %s: training %d local steps (batch %s, lr %g)", ann.round, steps, train.batch_size, lr)
         start = time.perf_counter()
         start_from = self._start_from_global()
-        losses, times = self._train_local_steps(ann.round, train.batch_size, steps, lr, keep_a=not strategy.trains_a)
+        mu = self._proximal(ann.round, strategy.fedprox_mu)
+        try:
+            losses, times = self._train_local_steps(
+                ann.round, train.batch_size, steps, lr, keep_a=not strategy.trains_a
+            )
+        finally:
+            self.trainer.set_proximal(0.0)  # evaluation and later rounds score the plain loss
         sent_rank = self.rank
         local, new_rank = self._prune_rank(self.trainer.get_adapter(), strategy.prune_threshold)
         self.state.save_adapter(local)
         metrics = self._round_metrics(losses, times, steps, start, train.batch_size)
+        if mu:
+            metrics["fedprox_mu"] = mu
         env = self._update_envelope(ann, update_delta(local, start_from, sent_rank), sent_rank, metrics)
         log.info(
             "round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"]
@@ -389,6 +397,23 @@ class Device:
         if new_rank < sent_rank:
             self._switch_rank(new_rank)
         return payload
+
+    def _proximal(self, round_no: int, mu: float) -> float:
+        """FedProx: centre the proximal term on the adapter this round starts from (the global)
+        with the announced ``mu``; returns the mu in effect. A bundle exported without the term
+        trains the plain loss, and says so."""
+        if mu <= 0:
+            return 0.0
+        if not self.trainer.has_proximal:
+            log.warning(
+                "round %s asks for FedProx (fedprox_mu %g) but this device's bundle was exported without "
+                "the proximal term: training without it; re-export the model and reflash to use it",
+                round_no,
+                mu,
+            )
+            return 0.0
+        self.trainer.set_proximal(mu)
+        return mu
 
     def _local_steps(self, train: TrainInfo) -> int:
         """The announced local steps, capped by ``max_local_steps`` for a slow device."""

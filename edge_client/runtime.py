@@ -19,6 +19,7 @@ import numpy as np
 
 from core.bundle import Bundle
 from core.errors import BundleError
+from core.lora import PROXIMAL_CENTER_PREFIX, PROXIMAL_MU
 from core.protocol import adapter_part, frozen_changes
 from edge_client.data import IGNORE_INDEX, Batch, EncodedDataset
 
@@ -145,6 +146,34 @@ class Trainer:
         for name, change in frozen_changes(tensors).items():
             self.set_base_delta(name, change)
         return adapter
+
+    @property
+    def has_proximal(self) -> bool:
+        """Whether the bundle's loss has FedProx's proximal term (exported by a fedlora with
+        ``export.proximal``; older bundles train the plain loss only)."""
+        return PROXIMAL_MU in self.state.parameters
+
+    def set_proximal(self, mu: float, center: dict[str, np.ndarray] | None = None) -> None:
+        """FedProx: from the next step the loss is ``loss + mu / 2 * sum ||w - c||^2`` over the
+        trainable tensors, with the centre ``c`` = ``center`` (name -> tensor; default: the
+        adapter as it is now). ``mu`` 0 turns it off (the centres are then left alone). A
+        bundle without the term refuses ``mu`` > 0 with a BundleError."""
+        if not self.has_proximal:
+            if mu > 0:
+                raise BundleError(
+                    f"{self.bundle.root}: exported without FedProx's proximal term; re-export the "
+                    "model with this fedlora to train with fedprox_mu > 0"
+                )
+            return
+        params = self.state.parameters
+        if mu > 0:
+            center = self.get_adapter() if center is None else center
+            shapes = self.manifest.shapes
+            for name, value in center.items():
+                if tuple(value.shape) != shapes.get(name):
+                    raise BundleError(f"FedProx centre {name} {value.shape} is not a trainable tensor of this bundle")
+                params[PROXIMAL_CENTER_PREFIX + name].data = np.ascontiguousarray(value, dtype=np.float32)
+        params[PROXIMAL_MU].data = np.array(mu, dtype=np.float32)
 
     def save(self, path: str | Path) -> None:
         training_api().CheckpointState.save_checkpoint(self.state, str(path))

@@ -36,7 +36,7 @@ IGNORE_INDEX = -100
 # The causal LM graph's second output: the labels of the rows of its logits (the labeled positions).
 LABELED_TARGETS = "labeled_targets"
 # Bumped whenever the exported graphs or the manifest's fields change, so caches of exported bundles are rebuilt.
-EXPORT_RECIPE = 5
+EXPORT_RECIPE = 6  # 6: FedProx's proximal term in the loss (export.proximal)
 # What export() keeps of the tokenizer folder transformers writes (the device reads tokenizer.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -291,6 +291,8 @@ def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str
     import onnx
     from onnxruntime.training import artifacts, onnxblock
 
+    from export.proximal import add_proximal_parameters, proximal_loss
+
     model = onnx.load(str(onnx_path))
     # Causal LM: the loss block gets (logits, LABELED_TARGETS), both outputs of the model, and uses
     # the existing LABELED_TARGETS rather than adding a labels input; "labels" is already an input.
@@ -299,6 +301,8 @@ def generate(onnx_path: Path, trainable: list[str], frozen: list[str], task: str
         if task == "causal-lm"
         else artifacts.LossType.CrossEntropyLoss
     )
+    frozen = frozen + add_proximal_parameters(model, trainable)  # FedProx's mu and centres
+    loss = proximal_loss(loss, trainable)
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as scratch, native_stderr_captured() as captured:
         os.chdir(scratch)  # generate_artifacts may write temp.onnx into the working directory

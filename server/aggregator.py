@@ -158,6 +158,7 @@ class Aggregator:
             if saved["job"] != cfg.job:
                 raise ProtocolError(f"state dir {cfg.state_dir} belongs to job {saved['job']!r}, not {cfg.job!r}")
             self.model = GlobalModel(self.manifest.rank, saved["global"], saved["base_delta"], saved["version"])
+            self.strategy.optimizer.load_state(*saved["server_optimizer"])  # its moments continue
             self.history = saved["history"]
             if cfg.privacy.enabled:
                 self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
@@ -210,6 +211,7 @@ class Aggregator:
             history=self.history,
             global_adapter=self.model.tensors if global_changed else None,
             base_delta=self.model.base_delta if global_changed else None,
+            server_optimizer=self.strategy.optimizer.state() if global_changed else None,
             open_round=c.open,
         )
 

@@ -1,12 +1,13 @@
 """Aggregator state on disk: a SIGKILL or a power cut at any instant leaves the last commit.
 
 ``state.db`` (SQLite, WAL journal, ``synchronous=FULL``) holds the round counters, the
-history, the global adapter, ``base_delta``, the open round and its partial sums. Every
+history, the global adapter, ``base_delta``, the server optimizer's state (its step count and
+moments, ``server.strategies.server_optimizer``), the open round and its partial sums. Every
 ``save`` is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): the commit is the single
 point at which the new state replaces the old, so a crash anywhere before it leaves the
 previous state and anywhere after it the new one, never a mix. The open round is saved
 before an update is acknowledged. Arrays are stored as dtype, shape and raw bytes (never
-pickled); the global adapter and ``base_delta`` are rewritten only when given, the partial
+pickled); the global adapter, ``base_delta`` and the optimizer state are rewritten only when given, the partial
 sums on every save, and the history and other values only when they changed.
 
 The open round is stored field by field from ``dataclasses.fields(OpenRound)`` (all but
@@ -375,6 +376,7 @@ class StateStore:
                         return None
                     glob = self._read_arrays("global")
                     base_delta = self._read_arrays("base_delta")
+                    optimizer = self._read_arrays("server_optimizer")
                     sums = self._read_arrays("partial")
                 finally:
                     self._rollback()
@@ -402,6 +404,7 @@ class StateStore:
             "saved_at": rows.get("saved_at"),
             "global": glob,
             "base_delta": base_delta,
+            "server_optimizer": (int(rows.get("server_optimizer_step", 0)), optimizer),
         }
 
     def save(
@@ -415,10 +418,12 @@ class StateStore:
         global_adapter: dict[str, np.ndarray] | None,
         open_round: OpenRound | None,
         base_delta: dict[str, np.ndarray] | None = None,
+        server_optimizer: tuple[int, dict[str, np.ndarray]] | None = None,
     ) -> None:
         """Commit everything in one transaction; ``global_adapter`` None keeps the saved one (it did
         not change), and so does ``base_delta`` None (changes folded into frozen weights,
-        FLoRA/FedEx-LoRA). Raises ``StaleTerm`` (another store claimed a newer term) or
+        FLoRA/FedEx-LoRA) and ``server_optimizer`` None (its step count and moments,
+        ``ServerOptimizer.state()``). Raises ``StaleTerm`` (another store claimed a newer term) or
         ``StoreUnavailable`` (nothing could be written); either way the committed state is unchanged."""
         values = {
             "job": job,
@@ -436,12 +441,18 @@ class StateStore:
             partial_arrays = [(k, *_encode_array(k, v, np.float64)) for k, v in p.sums.items()]
         else:
             values["open_round"] = values["partial"] = None
+        optimizer = None
+        if server_optimizer is not None:
+            values["server_optimizer_step"] = int(server_optimizer[0])
+            optimizer = [(k, *_encode_array(k, v, np.float64)) for k, v in server_optimizer[1].items()]
         rows = {k: _dumps(v) for k, v in values.items()}
         glob = None if global_adapter is None else [(k, *_encode_array(k, v)) for k, v in global_adapter.items()]
         delta = None if base_delta is None else [(k, *_encode_array(k, v)) for k, v in base_delta.items()]
-        self._commit(rows, glob, delta, partial_arrays)
+        self._commit(rows, glob, delta, partial_arrays, optimizer)
 
-    def _commit(self, rows: dict[str, str], glob: list | None, delta: list | None, partial: list) -> None:
+    def _commit(
+        self, rows: dict[str, str], glob: list | None, delta: list | None, partial: list, optimizer: list | None
+    ) -> None:
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -457,6 +468,8 @@ class StateStore:
                     self._write_arrays("global", glob)
                 if delta is not None:
                     self._write_arrays("base_delta", delta)
+                if optimizer is not None:
+                    self._write_arrays("server_optimizer", optimizer)
                 self._write_arrays("partial", partial)
                 self._faults.hit("save:arrays")
                 changed = [(k, v) for k, v in rows.items() if cached.get(k) != v]

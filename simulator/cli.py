@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     knobs = sim.add_argument_group("strategy settings", "each strategy's own settings (fedlora-server --strategies)")
     settings = declared_settings()
     for info in settings.values():
-        owners = ", ".join(n for n, c in STRATEGIES.items() if info.name in c.Settings.__dataclass_fields__)
+        owners = [n for n, c in STRATEGIES.items() if info.name in c.Settings.__dataclass_fields__]
+        owners_text = "every strategy" if len(owners) == len(STRATEGIES) else ", ".join(owners)
         knobs.add_argument(
             info.flag,
             dest=f"setting_{info.name}",
             type=_flag_type(info.kind),
             metavar=info.kind.__name__.upper(),
-            help=f"{owners}: {info.describe()}",
+            help=f"{owners_text}: {info.describe()}",
         )
     for group, prefix, cls in NESTED:
         nested = sim.add_argument_group(group, f"server config {group}: ({cls.__module__}.{cls.__name__})")

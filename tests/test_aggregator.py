@@ -343,3 +343,45 @@ def test_a_slow_evaluation_does_not_hold_up_the_next_rounds_acks(tmp_path, minil
         thread.join(10)
         link.close()
         dev.link.close()
+
+
+def run_fedadam_job(bundle_dir, state, url, job, rounds, restart_after=()):
+    """``rounds`` rounds of FedAdam fed by one hand-driven device with round-dependent updates;
+    after each round in ``restart_after`` the aggregator is abandoned mid-job (its thread
+    stopped, its connection dropped, nothing flushed) and a new one is built from the state
+    directory. Returns the last aggregator's global adapter and optimizer."""
+    bundle = Bundle(bundle_dir)
+    settings = {"strategy_settings": {"server_optimizer": "fedadam", "server_lr": 0.005}}
+    agg, stop, thread, link = start_aggregator(bundle_dir, state, url, job=job, rounds=rounds, **settings)
+    dev = FakeDevice(url, job, "d1")
+    dev.online()
+    try:
+        for rnd in range(1, rounds + 1):
+            wait_for(lambda a=agg, r=rnd: a.coordinator.open is not None and a.coordinator.open.round == r, what="open")
+            rng = np.random.default_rng(rnd)
+            tensors = {p.name: rng.normal(0, 0.01, p.shape).astype(np.float32) for p in bundle.manifest.trainable}
+            dev.send(update_payload(bundle, job, "d1", rnd, tensors=tensors))
+            wait_for(lambda a=agg, r=rnd: a.coordinator.completed == r, what=f"round {rnd} to complete")
+            if rnd in restart_after:
+                stop.set()
+                thread.join(10)
+                link.close()
+                agg, stop, thread, link = start_aggregator(bundle_dir, state, url, job=job, rounds=rounds, **settings)
+        return {k: v.copy() for k, v in agg.global_adapter.items()}, agg.strategy.optimizer
+    finally:
+        stop.set()
+        thread.join(10)
+        link.close()
+        dev.link.close()
+
+
+def test_a_restarted_aggregator_resumes_the_server_optimizer_bit_identically(tmp_path, minilm_bundle, mosquitto):
+    want, straight = run_fedadam_job(minilm_bundle, tmp_path / "a", mosquitto.url, "adam-a", rounds=3)
+    got, resumed = run_fedadam_job(
+        minilm_bundle, tmp_path / "b", mosquitto.url, "adam-b", rounds=3, restart_after=(1, 2)
+    )
+    assert resumed.t == straight.t == 3 and set(resumed.m) == set(straight.m) and straight.m
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), name
+    for name in straight.m:
+        assert np.array_equal(resumed.m[name], straight.m[name]) and np.array_equal(resumed.v[name], straight.v[name])

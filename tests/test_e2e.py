@@ -188,3 +188,23 @@ def test_compressed_uplink_with_error_feedback(tmp_path, minilm_bundle, edge_pyt
     assert down(small) * 3 < down(fp32)  # round 2's global went out as an int8 delta
     # what compression dropped is kept on each device, across restarts
     assert all((d / "state" / "feedback.npz").is_file() for d in (cfg.out / "devices").iterdir())
+
+
+def test_fedadam_on_the_server_and_fedprox_on_the_devices_run_end_to_end(tmp_path, minilm_bundle, edge_python):
+    """The announced fedprox_mu reaches every device's training (each update reports the mu it
+    trained with), and the aggregator's FedAdam state is in its store after the run."""
+    from server.store import StateStore
+
+    cfg = _small(
+        tmp_path,
+        minilm_bundle,
+        edge_python,
+        strategy_settings={"server_optimizer": "fedadam", "fedprox_mu": 0.1},
+    )
+    result = run_simulation(cfg)
+    _check_run(result, cfg.out)
+    events = [json.loads(line) for line in (cfg.out / "aggregator" / "events.jsonl").read_text().splitlines()]
+    accepted = [e for e in events if e["event"] == "update_accepted"]
+    assert accepted and all(e["metrics"]["fedprox_mu"] == 0.1 for e in accepted)
+    t, moments = StateStore(cfg.out / "aggregator").load()["server_optimizer"]
+    assert t == 2 and moments and all(np.isfinite(v).all() for v in moments.values())

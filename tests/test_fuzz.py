@@ -291,6 +291,7 @@ FIELD_NAMES = (
     "name",
     "trains_a",
     "prune_threshold",
+    "fedprox_mu",
     "local_steps",
     "batch_size",
     "lr",

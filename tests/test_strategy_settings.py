@@ -219,9 +219,12 @@ def test_the_server_lists_every_strategy_and_setting():
 
 
 def test_strategy_settings_are_completed_with_defaults_and_checked_before_any_work():
+    from server.strategies.base import CommonSettings
+
+    common = CommonSettings().values()
     cfg = ServerConfig(bundle="/b", strategy="flexlora-delta")
-    assert cfg.strategy_settings == {"rank_norm_power": 0.0}
-    assert strategy_settings("fedavg", {"server_lr": "0.5"}).values() == {"server_lr": 0.5}
+    assert cfg.strategy_settings == {**common, "rank_norm_power": 0.0}
+    assert strategy_settings("fedavg", {"server_lr": "0.5"}).values() == {**common, "server_lr": 0.5}
     with pytest.raises(ConfigError, match="unknown strategy"):
         strategy_settings("fedprox", {})
     from simulator.run import SimulateConfig

@@ -2,7 +2,8 @@
 
 ``STRATEGIES`` maps the configuration name of each method to its class;
 ``make_strategy(name, layout, rank=..., **settings)`` builds one. Each class declares its own
-settings (``Strategy.Settings``; see ``server.strategies.settings``).
+settings (``Strategy.Settings``; see ``server.strategies.settings``) on top of those every
+strategy has (``CommonSettings``: the server optimizer, ``server_optimizer.py``, and FedProx).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from core.errors import ConfigError
-from server.strategies.base import AdapterLayout, Strategy
+from server.strategies.base import AdapterLayout, CommonSettings, Strategy
 from server.strategies.fedavg import FedAvg
 from server.strategies.fedex_lora import FedExLoRA
 from server.strategies.fedsa_lora import FedSALoRA
@@ -60,10 +61,14 @@ def declared_settings() -> dict[str, SettingInfo]:
 
 def describe_strategies() -> str:
     """Each strategy and its settings, as ``fedlora-server --strategies`` prints them."""
-    lines = []
+    common = {info.name for info in CommonSettings.declared()}
+
+    def describe(info) -> str:
+        return f"    {info.describe()}{' [sent to devices]' if info.device else ''}"
+
+    lines = ["every strategy:"] + [describe(info) for info in CommonSettings.declared()]
     for name, cls in STRATEGIES.items():
         doc = (sys.modules[cls.__module__].__doc__ or "").strip()
         lines.append(f"{name}: {doc.splitlines()[0] if doc else cls.__name__}")
-        for info in cls.Settings.declared():
-            lines.append(f"    {info.describe()}{' [sent to devices]' if info.device else ''}")
+        lines.extend(describe(info) for info in cls.Settings.declared() if info.name not in common)
     return "\n".join(lines)

@@ -27,12 +27,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
 from core.errors import BundleError, ConfigError, UpdateRejected
-from server.strategies.settings import StrategySettings
+from server.strategies.server_optimizer import ServerOptimizer, ServerOptimizerSettings
+from server.strategies.settings import Range, setting
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,20 @@ def check_same_tensors(
             raise UpdateRejected("non_finite", f"{name} contains NaN or infinity")
 
 
+@dataclass(frozen=True)
+class CommonSettings(ServerOptimizerSettings):
+    """The settings every strategy has: the server optimizer's (``server.strategies.server_optimizer``)
+    and FedProx's. A strategy's own ``Settings`` subclasses this."""
+
+    fedprox_mu: float = setting(
+        0.0,
+        range=Range(0.0, 10.0),
+        device=True,
+        help="FedProx (Li et al. 2020): devices add mu/2 * ||w - w_global||^2 over the trained adapter "
+        "to their loss (0: off; needs a bundle exported with the proximal term)",
+    )
+
+
 class Strategy(abc.ABC):
     """Base class: the checks, the partial sums and their merge that every strategy shares.
 
@@ -236,8 +251,13 @@ class Strategy(abc.ABC):
             name -> shape mapping is read with ``AdapterLayout.from_shapes``).
         rank: required. The one rank every device trains (strategies with ``same_rank``) or the
             largest rank a device may train and the rank of the global adapter (the others).
-        **settings: the strategy's own settings, as declared in its ``Settings`` (see
-            ``server.strategies.settings``); validated here, kept as ``self.settings``.
+        **settings: the strategy's settings, as declared in its ``Settings`` (see
+            ``server.strategies.settings``; every strategy has ``CommonSettings``: the server
+            optimizer and FedProx's mu); validated here, kept as ``self.settings``.
+
+    The server optimizer (``self.optimizer``) turns each aggregated quantity's change into
+    the global's step: ``finalize`` and ``finalize_modules`` pass every new value through
+    ``server_step``. Its moments are state across rounds (``ServerOptimizer.state``).
 
     Class attributes a subclass sets: ``name`` (registry key), ``Settings`` (its declared
     settings; none by default), ``trains_a`` (False: the device's A stays at its initial value
@@ -246,7 +266,7 @@ class Strategy(abc.ABC):
     """
 
     name = ""
-    Settings: ClassVar[type[StrategySettings]] = StrategySettings
+    Settings: ClassVar[type[CommonSettings]] = CommonSettings
     trains_a = True
     uploads_b = True
     same_rank = True
@@ -258,7 +278,8 @@ class Strategy(abc.ABC):
             raise ConfigError(f"{self.name}: rank must be >= 1, got {rank}")
         self.layout = layout
         self.rank = int(rank)
-        self.settings = self.Settings.build(settings, self.name)
+        self.settings = cast(CommonSettings, self.Settings.build(settings, self.name))
+        self.optimizer = ServerOptimizer(self.settings)
 
     def device_settings(self) -> dict[str, Any]:
         """What the round announcement tells devices about this strategy's settings."""
@@ -318,19 +339,27 @@ class Strategy(abc.ABC):
 
     # -- results -------------------------------------------------------------------------
     def finalize(self, partial: Partial, model: GlobalModel) -> GlobalModel:
-        """The next global model; an empty partial returns a copy of ``model`` unchanged."""
+        """The next global model; an empty partial returns a copy of ``model`` unchanged. A
+        non-empty one advances the server optimizer by a round (call it once per round)."""
         if partial.weight <= 0:
             return model.copy()
         out = model.copy()
         out.version += 1
+        self.optimizer.begin_round()
         for h in self.layout.head:
-            out.tensors[h] = (partial.sums[h] / partial.weight).astype(np.float32)
+            out.tensors[h] = self.server_step(h, model.tensors[h], partial.sums[h] / partial.weight)
         self.finalize_modules(partial, model, out)
         return out
 
     @abc.abstractmethod
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
-        """Set ``out``'s module tensors (and base_delta) from a non-empty ``partial``."""
+        """Set ``out``'s module tensors (and base_delta) from a non-empty ``partial``, each new
+        value through ``server_step``."""
+
+    def server_step(self, name: str, x: np.ndarray, target: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """The new value of quantity ``name`` (now ``x``) whose aggregate is ``target``: the
+        server optimizer's step (``target`` itself, as ``dtype``, under plain sgd)."""
+        return self.optimizer.step(name, x, target, dtype)
 
     def for_device(self, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
         """The adapter tensors a device of ``rank`` loads: the rank-``rank`` slice of the global

@@ -38,6 +38,11 @@ class FedExLoRA(Strategy):
     as in the paper; another rank is rejected with ``rank_mismatch``. Head tensors: the
     example-weighted mean.
 
+    The server optimizer steps A, B, the head and each module's frozen-weight change (its
+    pseudo-gradient is this round's residual ``scale * (mean(B_i A_i) - B A)``); its moments
+    are over all four. Under anything but plain sgd the exactness above holds for the targets,
+    not for the stepped global.
+
     Parameters:
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
         rank: required; the one rank every device trains (the bundle manifest's rank).
@@ -61,6 +66,6 @@ class FedExLoRA(Strategy):
             residual = partial.sums[m.key("BA")] / partial.weight - b.astype(np.float64) @ a.astype(np.float64)
             old = model.base_delta.get(m.base)
             old = np.zeros((m.out_features, m.in_features)) if old is None else old.astype(np.float64)
-            out.base_delta[m.base] = (old + scale * residual).astype(np.float32)
-            out.tensors[m.a] = a
-            out.tensors[m.b] = b
+            out.base_delta[m.base] = self.server_step(m.base, old, old + scale * residual)
+            out.tensors[m.a] = self.server_step(m.a, model.tensors[m.a], a)
+            out.tensors[m.b] = self.server_step(m.b, model.tensors[m.b], b)

@@ -22,7 +22,7 @@ class FedSALoRA(Strategy):
     client-specific and stay on each device (personalization).
 
     New global: ``A = sum_i p_i A_i`` (``p_i = n_i / sum_j n_j``), head = weighted mean; the
-    global B is left as it was. A device loads the global A and head and keeps its own B.
+    global B is left as it was. The server optimizer's moments are over A and the head. A device loads the global A and head and keeps its own B.
     B tensors in an update are optional and, when present, checked (shape, finite) but not
     aggregated: the server never sends B, so averaging it would make a model no device uses.
     Evaluating the global adapter alone therefore says little: each device's model is the
@@ -44,4 +44,4 @@ class FedSALoRA(Strategy):
 
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
         for m in self.layout.modules:
-            out.tensors[m.a] = (partial.sums[m.a] / partial.weight).astype(np.float32)
+            out.tensors[m.a] = self.server_step(m.a, model.tensors[m.a], partial.sums[m.a] / partial.weight)

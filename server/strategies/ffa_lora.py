@@ -23,7 +23,8 @@ class FFALoRA(Strategy):
     Because every device holds the same A, averaging B is exact:
     ``sum_i p_i B_i @ A = (sum_i p_i B_i) @ A``, so the global effective weight is the
     example-weighted mean of the devices' effective weights (``p_i = n_i / sum_j n_j``).
-    New global: ``B = sum_i p_i B_i``, ``A`` unchanged, head = weighted mean.
+    New global: ``B = sum_i p_i B_i``, ``A`` unchanged, head = weighted mean (each through the
+    server optimizer, whose moments are over B and the head).
 
     Rejected: an update carrying any A (``frozen_tensor_sent``: a device that trained A
     would break the exactness above), an update of another rank (``rank_mismatch``).
@@ -44,4 +45,4 @@ class FFALoRA(Strategy):
 
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
         for m in self.layout.modules:
-            out.tensors[m.b] = (partial.sums[m.b] / partial.weight).astype(np.float32)
+            out.tensors[m.b] = self.server_step(m.b, model.tensors[m.b], partial.sums[m.b] / partial.weight)

@@ -15,6 +15,7 @@ from core.errors import ConfigError
 from core.protocol import BASE_A_PREFIX, BASE_B_PREFIX
 from server.strategies.base import (
     ClientUpdate,
+    CommonSettings,
     GlobalModel,
     LoraModule,
     Partial,
@@ -22,7 +23,7 @@ from server.strategies.base import (
     module_product,
     weighted_sum_into,
 )
-from server.strategies.settings import Range, StrategySettings, setting
+from server.strategies.settings import Range, setting
 
 
 def svd_factors(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +68,10 @@ class FlexLoRA(Strategy):
     the number of devices, but the size of the adapted frozen weights, not of the adapter.
     Head tensors: the example-weighted mean.
 
+    The server optimizer steps each module's dense product from the global's
+    ``scale * B @ A`` towards ``dW`` before the SVD; its moments are over those products
+    (out x in per module, like the partial) and the head.
+
     Parameters:
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
         rank: required; the global adapter's rank, the largest a device may train (the top of
@@ -82,8 +87,11 @@ class FlexLoRA(Strategy):
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
         if model.rank != self.rank:
             raise ConfigError(f"{self.name} was set up for rank {self.rank}, the global model holds rank {model.rank}")
+        scale = self.layout.scale
         for m in self.layout.modules:
-            a, b = svd_factors(self.module_delta(partial, model, m), self.rank, self.layout.scale)
+            product = scale * model.tensors[m.b].astype(np.float64) @ model.tensors[m.a].astype(np.float64)
+            target = self.server_step(m.key("product"), product, self.module_delta(partial, model, m), np.float64)
+            a, b = svd_factors(target, self.rank, scale)
             out.tensors[m.a] = a.astype(np.float32)
             out.tensors[m.b] = b.astype(np.float32)
 
@@ -142,7 +150,7 @@ class FlexLoRADelta(FlexLoRA):
     name = "flexlora-delta"
 
     @dataclass(frozen=True)
-    class Settings(StrategySettings):
+    class Settings(CommonSettings):
         rank_norm_power: float = setting(
             0.0,
             range=Range(0.0, 2.0),

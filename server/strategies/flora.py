@@ -16,6 +16,7 @@ import numpy as np
 from core.errors import ConfigError
 from server.strategies.base import (
     ClientUpdate,
+    CommonSettings,
     GlobalModel,
     LoraModule,
     Partial,
@@ -23,7 +24,7 @@ from server.strategies.base import (
     module_product,
     weighted_sum_into,
 )
-from server.strategies.settings import Range, StrategySettings, setting
+from server.strategies.settings import Range, setting
 
 
 def stack(
@@ -70,7 +71,9 @@ class FLoRA(Strategy):
 
     ``for_device`` gives the rank-r slice of the fresh A and a zero B; the device must also
     load ``base_delta`` into its frozen weights (W + base_delta) before training.
-    Head tensors: the example-weighted mean.
+    Head tensors: the example-weighted mean. The server optimizer's moments are over each
+    module's frozen-weight change (dense, out x in: its pseudo-gradient is this round's fold
+    ``scale * sum_i p_i B_i @ A_i``) and the head; the fresh A and B are not optimized.
 
     Parameters:
         layout: the adapter (``AdapterLayout``, or a name -> shape mapping).
@@ -83,7 +86,7 @@ class FLoRA(Strategy):
     same_rank = False
 
     @dataclass(frozen=True)
-    class Settings(StrategySettings):
+    class Settings(CommonSettings):
         init_seed: int = setting(
             0,
             range=Range(0, 2**32 - 1),
@@ -107,6 +110,7 @@ class FLoRA(Strategy):
         for m in self.layout.modules:
             old = model.base_delta.get(m.base)
             old = np.zeros((m.out_features, m.in_features)) if old is None else old.astype(np.float64)
-            out.base_delta[m.base] = (old + scale * partial.sums[m.key("BA")] / partial.weight).astype(np.float32)
+            target = old + scale * partial.sums[m.key("BA")] / partial.weight
+            out.base_delta[m.base] = self.server_step(m.base, old, target)
             out.tensors[m.a] = reinit_a(m, model.rank, self.seed, out.version).astype(np.float32)
             out.tensors[m.b] = np.zeros((m.out_features, model.rank), np.float32)

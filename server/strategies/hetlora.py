@@ -14,12 +14,13 @@ from core.errors import ConfigError
 from core.lora import pad_a, pad_b
 from server.strategies.base import (
     ClientUpdate,
+    CommonSettings,
     GlobalModel,
     Partial,
     Strategy,
     weighted_sum_into,
 )
-from server.strategies.settings import Range, StrategySettings, setting
+from server.strategies.settings import Range, setting
 
 WEIGHTINGS = ("sparsity", "examples")
 
@@ -42,7 +43,8 @@ class HetLoRA(Strategy):
     As in the paper the padded zeros count in the mean: components that only high-rank
     devices train are shrunk by the weight of the low-rank ones. A device of rank r receives
     the top-r truncation ``A[:r]``, ``B[:, :r]`` (``for_device``). Head tensors: the
-    example-weighted mean.
+    example-weighted mean. The server optimizer's moments are over the padded A and B (at
+    ``rank``) and the head; a module no update touched this round keeps its moments.
 
     Rank self-pruning happens on the device (the ``prune_threshold`` setting, sent in the round
     announcement): after local training it gives up trailing components that carry little
@@ -61,7 +63,7 @@ class HetLoRA(Strategy):
     same_rank = False
 
     @dataclass(frozen=True)
-    class Settings(StrategySettings):
+    class Settings(CommonSettings):
         weighting: str = setting(
             "sparsity",
             choices=WEIGHTINGS,
@@ -96,8 +98,8 @@ class HetLoRA(Strategy):
         for m in self.layout.modules:
             w = float(partial.sums[m.key("weight")])
             if w > 0:
-                out.tensors[m.a] = (partial.sums[m.a] / w).astype(np.float32)
-                out.tensors[m.b] = (partial.sums[m.b] / w).astype(np.float32)
+                out.tensors[m.a] = self.server_step(m.a, model.tensors[m.a], partial.sums[m.a] / w)
+                out.tensors[m.b] = self.server_step(m.b, model.tensors[m.b], partial.sums[m.b] / w)
 
 
 def product_norm(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,182 @@
+"""Server optimizers and FedProx under label skew: which defaults win on more than one data set.
+
+Each configuration is one real ``fedlora simulate`` run in its own process (embedded broker,
+torch-free device processes, the aggregator evaluating the global adapter after every round),
+on a small sample so that a sweep fits in an hour on a shared 2-core machine: FedAvg at rank 8,
+Dirichlet alpha 0.5 over 10 devices, 5 rounds, the simulator's default device training (20
+steps of 8 at lr 2e-3), and ``--max-train`` / ``--eval-max`` / ``--max-length`` to keep each run to minutes.
+Rows are appended to ``docs/server_optimizer_bench.json`` as runs finish (a rerun skips the
+configurations it has), and every invocation rewrites its section of ``docs/benchmarks.md``.
+
+    .venv/bin/python bench/server_optimizer_bench.py --datasets bbc-news,20newsgroups --seeds 0
+    .venv/bin/python bench/server_optimizer_bench.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
+
+from devkit.docsection import DocSection, command_line  # noqa: E402
+
+RESULTS = ROOT / "docs" / "server_optimizer_bench.json"
+SECTION = DocSection(
+    "server_optimizer_bench", "bench/server_optimizer_bench.py", "## Server optimizers and FedProx under label skew"
+)
+# (label, strategy settings): today's default first, then each optimizer near its default.
+CONFIGS: list[tuple[str, dict]] = [
+    ("sgd lr 1 (default)", {}),
+    ("fedavgm lr 1 m 0.5", {"server_optimizer": "fedavgm", "server_lr": 1.0, "server_momentum": 0.5}),
+    ("fedadam lr 0.01", {"server_optimizer": "fedadam", "server_lr": 0.01}),
+    ("fedadam lr 0.03", {"server_optimizer": "fedadam", "server_lr": 0.03}),
+    ("sgd + fedprox mu 0.1", {"fedprox_mu": 0.1}),
+    ("fedyogi lr 0.01", {"server_optimizer": "fedyogi", "server_lr": 0.01}),
+    ("fedadagrad lr 0.01", {"server_optimizer": "fedadagrad", "server_lr": 0.01}),
+]
+SETTINGS = ("devices", "alpha", "rounds", "max_train", "eval_max", "max_length")
+DETAILS = "(renders every run recorded in `docs/server_optimizer_bench.json`, whichever invocation ran it)"
+
+
+def final_accuracies(out: Path) -> list[float]:
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [round(h["eval"]["accuracy"], 4) for h in history if h.get("eval")]
+
+
+def run_one(args, dataset: str, label: str, settings: dict, seed: int) -> dict:
+    slug = label.split(" (")[0].replace(" ", "_").replace("+", "plus")
+    out = ROOT / "runs" / "bench" / f"serveropt-{dataset}-{slug}-s{seed}"
+    flags = [x for k, v in settings.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    edge_python = ROOT / ".venv-edge" / "bin" / "python"
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulator.cli",
+        "simulate",
+        "--dataset",
+        dataset,
+        "--devices",
+        str(args.devices),
+        "--alpha",
+        str(args.alpha),
+        "--rounds",
+        str(args.rounds),
+        "--max-train",
+        str(args.max_train),
+        "--eval-max",
+        str(args.eval_max),
+        "--max-length",
+        str(args.max_length),
+        "--seed",
+        str(seed),
+        *flags,
+        "--out",
+        str(out),
+        "--device-python",
+        str(edge_python if edge_python.is_file() else sys.executable),
+    ]
+    print(f"[bench] {dataset} {label} seed {seed}", flush=True)
+    start = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".log"), "wb") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{dataset} {label} seed {seed} failed (exit {proc.returncode}); see {out}.log")
+    accs = final_accuracies(out)
+    row = {
+        "dataset": dataset,
+        "config": label,
+        "settings": settings,
+        **{k: getattr(args, k) for k in SETTINGS},
+        "seed": seed,
+        "accuracy_per_round": accs,
+        "final_accuracy": accs[-1],
+        "wall_s": round(time.time() - start, 1),
+    }
+    print(f"[bench]   final accuracy {row['final_accuracy']:.4f} {accs} in {row['wall_s']:.0f}s", flush=True)
+    return row
+
+
+def report(rows: list[dict]) -> str:
+    """Per data set, one line per configuration: mean final accuracy over its seeds, each seed's,
+    and the change against the default on the same seeds (paired)."""
+    lines = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        here = [r for r in rows if r["dataset"] == dataset]
+        s = here[0]
+        lines += [
+            f"**{dataset}**: {s['devices']} devices, Dirichlet alpha {s['alpha']}, {s['rounds']} rounds, "
+            f"{s['max_train']} training examples, {s['max_length']} tokens, test on {s['eval_max']}.",
+            "",
+            "| configuration | final accuracy (mean) | per seed | vs default, same seeds | per round (seed mean) |",
+            "|---|---|---|---|---|",
+        ]
+        base = {r["seed"]: r["final_accuracy"] for r in here if r["config"] == CONFIGS[0][0]}
+        for label, _ in CONFIGS:
+            runs = sorted((r for r in here if r["config"] == label), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            finals = [r["final_accuracy"] for r in runs]
+            paired = [r["final_accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base]
+            curves = [r["accuracy_per_round"] for r in runs]
+            mean_curve = [statistics.mean(a) for a in zip(*curves)]
+            lines.append(
+                f"| {label} | {statistics.mean(finals):.4f} | "
+                + ", ".join(f"s{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
+                + f" | {statistics.mean(paired):+.4f} |" * bool(paired)
+                + (" - |" if not paired else "")
+                + f" {' '.join(f'{a:.3f}' for a in mean_curve)} |"
+            )
+        lines.append("")
+    walls = [r["wall_s"] for r in rows]
+    lines.append(
+        f"{len(rows)} runs, {statistics.mean(walls):.0f} s each on average, on a 2-core machine shared "
+        "with other jobs (times are not comparable between runs)."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default="bbc-news,20newsgroups")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--configs", default="", help="comma-separated indexes into CONFIGS (default: all)")
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max-train", type=int, default=1000)
+    p.add_argument("--eval-max", type=int, default=500)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    if not args.report_only:
+        picked = [CONFIGS[int(i)] for i in args.configs.split(",") if i] or CONFIGS
+        # configuration-major: an interrupted sweep has the first configurations on every data set
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for label, settings in picked:
+                for dataset in args.datasets.split(","):
+                    if any(
+                        r["dataset"] == dataset
+                        and r["config"] == label
+                        and r["seed"] == seed
+                        and all(r[k] == getattr(args, k) for k in SETTINGS)
+                        for r in rows
+                    ):
+                        continue
+                    rows.append(run_one(args, dataset, label, settings, seed))
+                    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+    if rows:
+        command = command_line(SECTION.script, sys.argv[1:] if argv is None else argv)
+        SECTION.write(command, report(rows), DETAILS)
+
+
+if __name__ == "__main__":
+    main()
