@@ -361,10 +361,12 @@ def run_fedadam_job(bundle_dir, state, url, job, rounds, restart_after=()):
             rng = np.random.default_rng(rnd)
             tensors = {p.name: rng.normal(0, 0.01, p.shape).astype(np.float32) for p in bundle.manifest.trainable}
             dev.send(update_payload(bundle, job, "d1", rnd, tensors=tensors))
-            wait_for(lambda a=agg, r=rnd: a.coordinator.completed == r, what=f"round {rnd} to complete")
+            # the round counts as completed before finalize runs: wait for the version it makes
+            wait_for(lambda a=agg, r=rnd: a.model.version == r, what=f"round {rnd}'s global")
             if rnd in restart_after:
                 stop.set()
-                thread.join(10)
+                thread.join(30)
+                assert not thread.is_alive()
                 link.close()
                 agg, stop, thread, link = start_aggregator(bundle_dir, state, url, job=job, rounds=rounds, **settings)
         return {k: v.copy() for k, v in agg.global_adapter.items()}, agg.strategy.optimizer
