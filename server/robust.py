@@ -220,7 +220,8 @@ class RobustStrategy(Strategy):
         return partial
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
-        raise NotImplementedError("RobustStrategy.accumulate replaces the per-module accumulation")
+        """The wrapped strategy's plain sums (``accumulate`` keeps each device's terms apart)."""
+        self.inner.accumulate_modules(sums, update, n)
 
     def finalize(self, partial: Partial, model: GlobalModel) -> GlobalModel:
         if partial.weight <= 0:
@@ -262,7 +263,8 @@ class RobustStrategy(Strategy):
         return Partial(sums, weight, len(kept), kept), dropped
 
     def finalize_modules(self, partial: Partial, model: GlobalModel, out: GlobalModel) -> None:
-        raise NotImplementedError("RobustStrategy.finalize delegates to the wrapped strategy")
+        """The wrapped strategy's (``finalize`` hands it the robust partial)."""
+        self.inner.finalize_modules(partial, model, out)
 
     def for_device(self, model: GlobalModel, rank: int) -> dict[str, np.ndarray]:
         return self.inner.for_device(model, rank)
