@@ -26,6 +26,11 @@ from typing import Any
 from core.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
+# An announcement of asynchronous rounds (``mode: async``) is version 2: a device that predates
+# them refuses it (it would drop a pending update when a newer version is announced, and wait
+# for a selection that async rounds do not make), which is the safe failure.
+ASYNC_ANNOUNCEMENT_VERSION = 2
+ANNOUNCEMENT_VERSIONS = (PROTOCOL_VERSION, ASYNC_ANNOUNCEMENT_VERSION)
 MAX_DEPTH = 6
 # Status and acks are small; an announcement names every selected device (100k ids of <= 128
 # characters fit); an envelope header lists every tensor with its name and shape.
@@ -393,6 +398,15 @@ class RoundState(str, Enum):
     FINISHED = "finished"
 
 
+class RoundMode(str, Enum):
+    """``sync``: the selected devices train the announced version, until the round's deadline.
+    ``async`` (FedBuff): every device trains whenever it can on the latest version; an update
+    stays pending until it is acknowledged (accepted, or rejected as ``too_stale``)."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
 # The strategy settings a device acts on (``device=True`` in a strategy's declaration; see
 # ``server.strategies.settings``), each with the bounds a device accepts; the aggregator sends
 # those that differ from their default, beside ``name`` and ``trains_a``.
@@ -458,15 +472,20 @@ class Announcement:
     strategy: StrategyInfo | None = None
     train: TrainInfo | None = None
     privacy: PrivacyInfo | None = None
+    mode: RoundMode = RoundMode.SYNC
     v: int = PROTOCOL_VERSION
 
     @property
     def is_open(self) -> bool:
         return self.state is RoundState.OPEN
 
+    @property
+    def is_async(self) -> bool:
+        return self.mode is RoundMode.ASYNC
+
     def to_json(self) -> dict:
         body: dict = {
-            "v": self.v,
+            "v": ASYNC_ANNOUNCEMENT_VERSION if self.is_async else self.v,
             "job": self.job,
             "state": self.state.value,
             "round": self.round,
@@ -475,6 +494,8 @@ class Announcement:
             "completed": self.completed,
             "rounds": self.rounds,
         }
+        if self.is_async:
+            body["mode"] = self.mode.value
         if self.is_open:
             assert self.strategy is not None and self.train is not None
             strategy: dict = {"name": self.strategy.name, "trains_a": self.strategy.trains_a, **self.strategy.settings}
@@ -514,9 +535,15 @@ def _codec_spec(value: str, what: str) -> str:
 def parse_announcement(payload: bytes) -> Announcement:
     f = Fields(parse_json(payload, "round announcement", MAX_ANNOUNCEMENT_BYTES), "round announcement")
     v = f.int("v", 0, 1 << 16)
-    if v != PROTOCOL_VERSION:
-        raise ProtocolError(f"round announcement of protocol version {v} (this side speaks {PROTOCOL_VERSION})")
+    if v not in ANNOUNCEMENT_VERSIONS:
+        raise ProtocolError(
+            f"round announcement of protocol version {v} (this side speaks {', '.join(map(str, ANNOUNCEMENT_VERSIONS))})"
+        )
+    mode = RoundMode.SYNC
+    if v == ASYNC_ANNOUNCEMENT_VERSION:
+        mode = RoundMode(f.str("mode", 16, choices=(RoundMode.ASYNC.value,)))
     common: dict[str, Any] = dict(
+        mode=mode,
         job=f.str("job", 128, pattern=JOB_ID),
         state=RoundState(f.str("state", 16, choices=tuple(s.value for s in RoundState))),
         round=f.int("round", 0, MAX_ROUND),

@@ -353,7 +353,12 @@ class Device:
     def due_round(self) -> Announcement | None:
         """The open round this device should train now, if any."""
         ann = self.announcement
-        if not ann or not ann.is_open or self.cfg.device_id not in ann.selected:
+        if not ann or not ann.is_open:
+            return None
+        if ann.is_async:
+            if self.state.pending_round is not None:
+                return None  # async: one update in flight; the next trains on the version after its ack
+        elif self.cfg.device_id not in ann.selected:
             return None
         if ann.round <= self.state.last_round or self.state.pending_round == ann.round:
             return None
@@ -585,6 +590,8 @@ class Device:
     def _drop_stale_pending(self) -> None:
         """A later round is open: the pending update's round closed and will never take it."""
         ann = self.announcement
+        if ann and ann.is_async:
+            return  # async rounds take an update of an older round until it is too stale (then reject it)
         if self.state.pending_round is not None and ann and ann.is_open and ann.round > self.state.pending_round:
             log.warning("round %s closed before our update was acknowledged; dropping it", self.state.pending_round)
             self.state.clear_pending(None)
@@ -592,7 +599,7 @@ class Device:
     def _take_round(self, due: Announcement) -> bool:
         """Train the due round and keep its update as pending (persisted before it is sent), or skip
         the round if its deadline passed. False when training failed (the round is skipped too)."""
-        if time.time() > due.deadline:
+        if not due.is_async and time.time() > due.deadline:
             log.warning("round %s: deadline passed before training started; skipping", due.round)
             self._skip_round(due.round)
             return True

@@ -33,6 +33,7 @@ from core.messages import (
     Presence,
     PrivacyInfo,
     RepairRequest,
+    RoundMode,
     RoundState,
     StrategyInfo,
     TopicKind,
@@ -53,6 +54,7 @@ from core.protocol import (
 )
 from core.transport import MqttLink
 from edge_client.runtime import read_parameters
+from server.async_rounds import ASYNC, AsyncCoordinator, buffer_summary
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
@@ -137,6 +139,8 @@ class Aggregator:
         self._round_metrics: list[dict] = []
         self._downlinks: dict[int, RankDownlink] = {}  # rank -> what the broker holds for its devices
         saved = self.store.load()
+        self.asynchronous = cfg.rounds.mode == ASYNC
+        coordinator = AsyncCoordinator if self.asynchronous else Coordinator
         self.privacy: DifferentialPrivacy | None = None
         if saved is None:
             self.model = GlobalModel(self.manifest.rank, read_parameters(self.bundle), {}, 0)
@@ -144,7 +148,7 @@ class Aggregator:
             if cfg.privacy.enabled:
                 self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
                 self.metrics.dp_epsilon.set(0.0)
-            self.coordinator = Coordinator(
+            self.coordinator = coordinator(
                 cfg.rounds,
                 self.strategy,
                 cfg.job,
@@ -163,7 +167,7 @@ class Aggregator:
             self.history = saved["history"]
             if cfg.privacy.enabled:
                 self.privacy = DifferentialPrivacy(cfg.privacy, self.history, self.manifest.adapter_size)
-            self.coordinator = Coordinator(
+            self.coordinator = coordinator(
                 cfg.rounds,
                 self.strategy,
                 cfg.job,
@@ -321,6 +325,7 @@ class Aggregator:
     def announcement(self) -> Announcement:
         c = self.coordinator
         base = dict(
+            mode=RoundMode(self.cfg.rounds.mode),
             job=self.cfg.job,
             global_version=c.version,
             rank=self.manifest.rank,
@@ -579,9 +584,9 @@ class Aggregator:
             tensors=env.tensors,
             metrics=env.metrics,
         )
-        bounded = self.coordinator.judge(env.job, delta)
+        bounded = self.coordinator.judge(env.job, delta, env.base_version)
         downlink = self._downlinks.get(env.rank)
-        if downlink is None or downlink.adapter is None or env.base_version != self.coordinator.version:
+        if downlink is None or downlink.adapter is None or not self.coordinator.starts_from(env.base_version):
             raise UpdateRejected(
                 "wrong_base",
                 f"update starts from version {env.base_version} at rank {env.rank}; "
@@ -593,10 +598,13 @@ class Aggregator:
         """Admit a decoded update, add it to the round, persist, then acknowledge it."""
         bounded, base = self.admit(device, env)
         kept = bounded.update
-        # Strategies combine the devices' full local tensors: what we sent plus the delta.
+        # Strategies combine the devices' full local tensors: what we sent plus the delta (async:
+        # what we hold now plus the delta scaled by its staleness weight, server.async_rounds).
         full = {name: base[name] + value if name in base else value for name, value in kept.tensors.items()}
         undo = self.coordinator.accept(
-            ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics), bounded.norm
+            ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics),
+            bounded.norm,
+            bounded.staleness,
         )
         try:
             self._save()  # persisted before the ack
@@ -614,6 +622,11 @@ class Aggregator:
             self.metrics.updates_bounded.labels("norm_clipped").inc()
         if bounded.weight_capped:
             self.metrics.updates_bounded.labels("weight_capped").inc()
+        staleness = {}
+        if self.asynchronous:
+            self.metrics.update_staleness.observe(bounded.staleness)
+            self.metrics.buffer_updates.set(len(self.coordinator.open.accepted) if self.coordinator.open else 0)
+            staleness = {"staleness": bounded.staleness, "staleness_weight": round(bounded.staleness_weight, 6)}
         self._event(
             "update_accepted",
             round=env.round,
@@ -628,6 +641,7 @@ class Aggregator:
             codec=env.codec,
             decode_ms=round(decode_ms, 3),
             metrics=env.metrics,
+            **staleness,
         )
         self.ack(device, env.round, AckResult.ACCEPTED)
 
@@ -686,7 +700,7 @@ class Aggregator:
             return
         rnd = self.coordinator.open
         for stall in self.reassembler.stalled(self.cfg.chunk_repair_after_s):
-            if rnd is None or stall.source not in rnd.selected:
+            if rnd is None or not self.coordinator.expects_update_from(stall.source):
                 continue  # dropped when its round closes
             request = RepairRequest(rnd.round, stall.msg_id.hex(), stall.count, tuple(stall.missing))
             self.link.publish(self.topics.ack(stall.source), request.to_bytes())
@@ -713,6 +727,9 @@ class Aggregator:
             "uplink_bytes_raw": self._round_bytes["raw"],
             "median_norm": round(outcome.median_norm, 6),
         }
+        if self.asynchronous:
+            entry.update(buffer_summary(outcome))
+            self.metrics.buffer_updates.set(0)
         entry.update(_summarize(self._round_metrics))
         self.metrics.round_duration.observe(outcome.duration)
         self.metrics.selected.set(len(outcome.selected))

@@ -13,6 +13,7 @@ from core.codecs import get_codec
 from core.config import load
 from core.errors import ConfigError, ProtocolError
 from core.transport import BrokerConfig
+from server.async_rounds import check_async
 from server.privacy import PrivacySettings, check_budget, check_privacy
 from server.robust import RobustSettings
 from server.rounds import RoundSettings
@@ -221,6 +222,13 @@ class ServerConfig:
         if self.privacy.enabled and self.rounds.norm_bound != "clip":
             raise ConfigError("privacy needs rounds.norm_bound: clip (the clip bound is DP's sensitivity)")
         r = self.rounds
+        check_async(
+            r,
+            self.strategy,
+            STRATEGY_CLASSES[self.strategy].async_unsupported,
+            self.privacy.enabled,
+            self.robust.method,
+        )
         check_budget(self.privacy, r.rounds, r.devices_per_round, r.min_devices)
 
 

@@ -52,6 +52,15 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
+        self.update_staleness = Histogram(
+            "fedlora_update_staleness_versions",
+            "Async rounds: how many global versions behind each accepted update was",
+            registry=r,
+            buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 100),
+        )
+        self.buffer_updates = Gauge(
+            "fedlora_buffer_updates", "Async rounds: accepted updates in the buffer of the next version", registry=r
+        )
         self.updates_bounded = Counter(
             "fedlora_updates_bounded_total",
             "Accepted updates whose norm was clipped or weight capped",

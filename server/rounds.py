@@ -18,6 +18,8 @@ from core.errors import ConfigError, UpdateRejected
 from server.strategies.base import ClientUpdate, Partial, Strategy
 
 NORM_BOUNDS = ("clip", "reject")
+ROUND_MODES = ("sync", "async")
+STALENESS_WEIGHTINGS = ("constant", "polynomial", "hinge")
 
 
 class RoundPrivacy(Protocol):
@@ -55,6 +57,22 @@ class RoundSettings:
         their status (0: no cap). A device that lies about its data size then moves the global
         by at most its bounded share: ``ratio / (ratio + others)`` of the weight.
     max_num_examples: absolute cap on a device's weight (0: none).
+    mode: ``sync`` (rounds: selected devices train the same version, the round closes when they
+        reported or at its deadline) or ``async`` (FedBuff, Nguyen et al. 2022: every online
+        device trains whenever it can on the latest version it holds; a new version is made
+        every ``buffer_size`` accepted updates, each weighted down by its staleness;
+        ``server.async_rounds``). In async mode ``rounds`` counts versions, ``min_devices``
+        is needed only before the first buffer opens, ``round_timeout`` is how long a buffer
+        holding at least ``min_updates`` updates waits before it is applied short of
+        ``buffer_size``, and ``devices_per_round`` must be 0.
+    buffer_size: async: accepted updates per new global version (FedBuff's K).
+    staleness_weighting: async: how an update ``s`` versions behind counts: ``polynomial``
+        ``(1 + s) ** -a``, ``hinge`` 1 up to ``b`` versions behind then ``1 / (1 + a (s - b))``
+        (Xie et al. 2019), ``constant`` 1.
+    staleness_exponent: async: ``a`` above (the polynomial's exponent, the hinge's slope).
+    staleness_hinge: async: ``b`` above, the versions behind that still count fully (hinge).
+    max_staleness: async: an update more versions behind than this is refused (``too_stale``;
+        the device drops it and trains on the latest version).
     """
 
     rounds: int = 10
@@ -67,6 +85,12 @@ class RoundSettings:
     norm_bound: str = "clip"
     max_weight_ratio: float = 3.0
     max_num_examples: int = 0
+    mode: str = "sync"
+    buffer_size: int = 10
+    staleness_weighting: str = "polynomial"
+    staleness_exponent: float = 0.5
+    staleness_hinge: int = 4
+    max_staleness: int = 10
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -91,6 +115,33 @@ class RoundSettings:
             raise ConfigError(f"max_weight_ratio must be 0 (off) or in [1, 1e6], got {self.max_weight_ratio}")
         if self.max_num_examples < 0:
             raise ConfigError("max_num_examples must be >= 0 (0: no cap)")
+        self._check_async()
+
+    def _check_async(self) -> None:
+        if self.mode not in ROUND_MODES:
+            raise ConfigError(f"rounds.mode must be one of {', '.join(ROUND_MODES)}, not {self.mode!r}")
+        if self.staleness_weighting not in STALENESS_WEIGHTINGS:
+            raise ConfigError(
+                f"rounds.staleness_weighting must be one of {', '.join(STALENESS_WEIGHTINGS)}, "
+                f"not {self.staleness_weighting!r}"
+            )
+        if not 1 <= self.buffer_size <= 100_000:
+            raise ConfigError(f"rounds.buffer_size must be in [1, 100000], got {self.buffer_size}")
+        if not 0 <= self.staleness_exponent <= 100:
+            raise ConfigError(f"rounds.staleness_exponent must be in [0, 100], got {self.staleness_exponent}")
+        if not 0 <= self.staleness_hinge <= 1_000_000:
+            raise ConfigError(f"rounds.staleness_hinge must be in [0, 1000000], got {self.staleness_hinge}")
+        if not 0 <= self.max_staleness <= 1_000_000:
+            raise ConfigError(f"rounds.max_staleness must be in [0, 1000000], got {self.max_staleness}")
+        if self.mode == "async":
+            if self.devices_per_round:
+                raise ConfigError(
+                    "rounds.devices_per_round must be 0 in async mode: every online device trains when it can"
+                )
+            if self.min_updates > self.buffer_size:
+                raise ConfigError(
+                    f"rounds.min_updates {self.min_updates} exceeds rounds.buffer_size {self.buffer_size}"
+                )
 
 
 @dataclass
@@ -115,6 +166,10 @@ class OpenRound:
     max_norm: float = 0.0  # the update norm bound of this round (0: none), fixed when the round opens
     norms: list[float] = field(default_factory=list)  # norms of the accepted updates, as sent
     sampling_rate: float = 1.0  # devices selected / devices online when the round opened
+    # async mode (server.async_rounds): each accepted update's staleness in versions, and per
+    # device the last round whose update was accepted (kept across buffers: a resend is a duplicate)
+    staleness: list[int] = field(default_factory=list)
+    contributed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,6 +181,8 @@ class Bounded:
     norm: float
     clipped: bool = False
     weight_capped: bool = False
+    staleness: int = 0  # async: versions behind the current global
+    staleness_weight: float = 1.0  # async: the factor its change was scaled by
 
 
 def update_norm(tensors: dict[str, np.ndarray]) -> float:
@@ -144,6 +201,7 @@ class RoundOutcome:
     median_norm: float = 0.0  # of the accepted updates, as sent: the next round's clipping reference
     sampling_rate: float = 1.0
     norms: list[float] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)  # async: of each update in the buffer
 
 
 class Coordinator:
@@ -258,9 +316,18 @@ class Coordinator:
         self.next_round = max(self.next_round, state.round + 1)
 
     # -- updates -------------------------------------------------------------------------
-    def judge(self, job: str, update: ClientUpdate) -> Bounded:
+    def expects_update_from(self, device: str) -> bool:
+        """Whether the open round waits for an update of ``device`` (its missing chunks are asked for)."""
+        return self.open is not None and device in self.open.selected
+
+    def starts_from(self, base_version: int) -> bool:
+        """Whether an update computed from ``base_version`` may count (sync: the round's own)."""
+        return base_version == self.version
+
+    def judge(self, job: str, update: ClientUpdate, base_version: int | None = None) -> Bounded:
         """Raise UpdateRejected unless the update belongs in the open round; else the update as
-        it may count (``bounded``)."""
+        it may count (``bounded``). ``base_version``: the version it was computed from (async
+        mode weighs it by its staleness; sync mode checks it in ``starts_from``)."""
         rnd = self.open
         if job != self.job:
             raise UpdateRejected("wrong_job", f"update for job {job!r}, this aggregator runs {self.job!r}")
@@ -301,7 +368,7 @@ class Coordinator:
             weight_capped=weight < update.num_examples,
         )
 
-    def accept(self, update: ClientUpdate, norm: float = 0.0) -> Callable[[], None]:
+    def accept(self, update: ClientUpdate, norm: float = 0.0, staleness: int = 0) -> Callable[[], None]:
         """Add the update (``norm``: its norm as sent) to the open round; returns an undo (to
         the state before this call), for when the update cannot be persisted."""
         rnd = self.open

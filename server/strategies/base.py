@@ -262,7 +262,8 @@ class Strategy(abc.ABC):
     Class attributes a subclass sets: ``name`` (registry key), ``Settings`` (its declared
     settings; none by default), ``trains_a`` (False: the device's A stays at its initial value
     and is never sent), ``uploads_b`` (False: B stays on the device), ``same_rank`` (True:
-    updates of another rank are rejected).
+    updates of another rank are rejected), ``async_unsupported`` (why asynchronous rounds,
+    ``server.async_rounds``, cannot use it; empty: they can).
     """
 
     name = ""
@@ -270,6 +271,7 @@ class Strategy(abc.ABC):
     trains_a = True
     uploads_b = True
     same_rank = True
+    async_unsupported: ClassVar[str] = ""
 
     def __init__(self, layout: AdapterLayout | Mapping[str, tuple[int, ...]], rank: int, **settings: Any):
         if not isinstance(layout, AdapterLayout):

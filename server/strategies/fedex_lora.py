@@ -49,6 +49,10 @@ class FedExLoRA(Strategy):
     """
 
     name = "fedex-lora"
+    async_unsupported = (
+        "its residual mean(B A) - mean(B) mean(A) is folded into the frozen weights from the products of "
+        "one set of devices that started from the same version; updates of different versions have none"
+    )
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         terms = {}

@@ -80,6 +80,10 @@ class FlexLoRA(Strategy):
 
     name = "flexlora"
     same_rank = False
+    async_unsupported = (
+        "each version is a new SVD factorization of the products, so a change computed against an "
+        "older version's factors cannot be added to the current ones"
+    )
 
     def accumulate_modules(self, sums: dict[str, np.ndarray], update: ClientUpdate, n: float) -> None:
         weighted_sum_into(sums, {m.key("BA"): module_product(update, m) for m in self.layout.modules}, n)

@@ -84,6 +84,10 @@ class FLoRA(Strategy):
 
     name = "flora"
     same_rank = False
+    async_unsupported = (
+        "each version folds the stacked products into the frozen weights and starts a new adapter, "
+        "so an update trained on an older version's adapter belongs to weights that are gone"
+    )
 
     @dataclass(frozen=True)
     class Settings(CommonSettings):
