@@ -591,7 +591,12 @@ class Device:
         """A later round is open: the pending update's round closed and will never take it."""
         ann = self.announcement
         if ann and ann.is_async:
-            return  # async rounds take an update of an older round until it is too stale (then reject it)
+            # Async rounds take an update of an older round until it is too stale (then reject it);
+            # once the job is finished nothing will take it.
+            if self.state.pending_round is not None and ann.state is RoundState.FINISHED:
+                log.info("job finished before our update of round %s was taken; dropping it", self.state.pending_round)
+                self.state.clear_pending(None)
+            return
         if self.state.pending_round is not None and ann and ann.is_open and ann.round > self.state.pending_round:
             log.warning("round %s closed before our update was acknowledged; dropping it", self.state.pending_round)
             self.state.clear_pending(None)
