@@ -41,6 +41,15 @@ from server.rounds import Bounded, Coordinator, OpenRound, RoundOutcome, RoundSe
 from server.strategies.base import ClientUpdate, Partial
 
 ASYNC = "async"
+# The RoundSettings fields of async rounds (``fedlora simulate`` has a flag for each).
+ASYNC_SETTINGS = (
+    "mode",
+    "buffer_size",
+    "staleness_weighting",
+    "staleness_exponent",
+    "staleness_hinge",
+    "max_staleness",
+)
 
 
 def staleness_weight(staleness: int, weighting: str, exponent: float, hinge: int) -> float:

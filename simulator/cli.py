@@ -9,8 +9,10 @@ import sys
 import typing
 
 from core.errors import FedloraError
+from server.async_rounds import ASYNC_SETTINGS
 from server.privacy import PrivacySettings
 from server.robust import RobustSettings
+from server.rounds import RoundSettings
 from server.strategies import STRATEGIES, declared_settings
 
 # Nested server settings with one flag per field: (group name, flag prefix, dataclass).
@@ -96,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
                 metavar=hints[f.name].__name__.upper(),
                 help=f"{group}.{f.name} (default {f.default!r})",
             )
+    rounds = sim.add_argument_group("async rounds", "server config rounds: (server.rounds.RoundSettings)")
+    round_hints = typing.get_type_hints(RoundSettings)
+    round_fields = {f.name: f for f in dataclasses.fields(RoundSettings)}
+    for name in ASYNC_SETTINGS:
+        rounds.add_argument(
+            "--round-mode" if name == "mode" else f"--{name.replace('_', '-')}",
+            dest=f"rounds_{name}",
+            type=_flag_type(round_hints[name]),
+            metavar=round_hints[name].__name__.upper(),
+            help=f"rounds.{name} (default {round_fields[name].default!r}; sync or async, FedBuff)"
+            if name == "mode"
+            else f"rounds.{name} (default {round_fields[name].default!r})",
+        )
     sim.add_argument(
         "--devices-per-round", type=int, help="devices selected at random per round (default 0: every device)"
     )
@@ -129,15 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     values = {
         k: v
         for k, v in given.items()
-        if k not in ("command", "verbose", "devices_per_round") and not k.startswith(("setting_",) + nested)
+        if k not in ("command", "verbose", "devices_per_round") and not k.startswith(("setting_", "rounds_") + nested)
     }
     values["strategy_settings"] = {name: given[f"setting_{name}"] for name in settings if f"setting_{name}" in given}
     for group, _, cls in NESTED:
         values[group] = {
             f.name: given[f"{group}_{f.name}"] for f in dataclasses.fields(cls) if f"{group}_{f.name}" in given
         }
+    round_settings = {name: given[f"rounds_{name}"] for name in ASYNC_SETTINGS if f"rounds_{name}" in given}
     if "devices_per_round" in given:
-        values["round_settings"] = {"devices_per_round": given["devices_per_round"]}
+        round_settings["devices_per_round"] = given["devices_per_round"]
+    if round_settings:
+        values["round_settings"] = round_settings
     try:
         run_simulation(SimulateConfig(**values))
     except FedloraError as exc:

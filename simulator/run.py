@@ -158,6 +158,12 @@ class SimulateConfig:
 
         settings = strategy_settings(self.strategy, self.strategy_settings).values()
         check_privacy(nested["privacy"], self.strategy, settings, nested["robust"].method)
+        from server.async_rounds import check_async
+        from server.strategies import STRATEGIES
+
+        rounds = RoundSettings(rounds=self.rounds, min_devices=self.devices, **self.round_settings)
+        unsupported = STRATEGIES[self.strategy].async_unsupported
+        check_async(rounds, self.strategy, unsupported, nested["privacy"].enabled, nested["robust"].method)
         self.ranks = tuple(int(r) for r in self.ranks) or (int(self.rank),)
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")

@@ -352,3 +352,28 @@ def test_async_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("FEDLORA_ROUNDS_MAX_STALENESS", "3")
     r = load_server_config().rounds
     assert (r.mode, r.buffer_size, r.staleness_weighting, r.max_staleness) == ("async", 4, "hinge", 3)
+
+
+def test_simulate_flags_reach_the_round_settings(monkeypatch, tmp_path):
+    from simulator import cli, run
+
+    seen = {}
+    monkeypatch.setattr(run, "run_simulation", lambda cfg: seen.setdefault("cfg", cfg))
+    argv = ["simulate", "--round-mode", "async", "--buffer-size", "3", "--staleness-weighting", "hinge"]
+    argv += ["--staleness-exponent", "2", "--staleness-hinge", "1", "--max-staleness", "6"]
+    assert cli.main(argv) == 0
+    cfg = seen["cfg"]
+    assert cfg.round_settings == {
+        "mode": "async",
+        "buffer_size": 3,
+        "staleness_weighting": "hinge",
+        "staleness_exponent": 2.0,
+        "staleness_hinge": 1,
+        "max_staleness": 6,
+    }
+    from core.transport import BrokerConfig
+
+    server = run.server_config(cfg, "j", tmp_path, BrokerConfig(), tmp_path / "state")
+    assert server.rounds.mode == "async" and server.rounds.buffer_size == 3 and server.rounds.max_staleness == 6
+    seen.clear()
+    assert cli.main(["simulate", "--round-mode", "async", "--strategy", "flora"]) == 2  # refused with a message
