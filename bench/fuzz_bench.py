@@ -58,7 +58,7 @@ import traceback
 import tracemalloc
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ from core.messages import (
     Presence,
     PrivacyInfo,
     RepairRequest,
+    RoundMode,
     RoundState,
     Status,
     StrategyInfo,
@@ -856,6 +857,7 @@ class Corpus:
                     open_ann,
                     many,
                     Announcement(job="job1", state=RoundState.WAITING, round=5, global_version=4, rank=8),
+                    replace(open_ann, mode=RoundMode.ASYNC, selected=(), privacy=None),
                     Announcement(
                         job="job1",
                         state=RoundState.FINISHED,

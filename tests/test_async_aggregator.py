@@ -6,6 +6,7 @@ the middle of a buffer resumes it exactly."""
 import threading
 
 import numpy as np
+import pytest
 from test_aggregator import FakeDevice, update_payload, wait_for
 
 from core.bundle import Bundle
@@ -162,3 +163,45 @@ def test_versions_every_k_updates_staleness_weights_refusals_and_a_restart_mid_b
         stop_aggregator(stop, thread, link)
         for dev in devices.values():
             dev.link.close()
+
+
+def test_real_devices_of_different_speeds_make_a_version_every_k_updates(
+    tmp_path, minilm_bundle, edge_python, mosquitto
+):
+    """Three real device processes on the small bundle; one is a straggler whose updates go out
+    only after a newer version exists, so they arrive stale and count by the formula."""
+    import json
+    from pathlib import Path
+
+    from simulator.run import SimulateConfig, run_simulation
+
+    straggler = [edge_python, str(Path(__file__).with_name("straggler_device.py"))]
+    cfg = SimulateConfig(
+        bundle=minilm_bundle,
+        dataset="bbc-news",
+        devices=3,
+        rounds=3,
+        local_steps=2,
+        batch_size=4,
+        max_train=60,
+        eval_max=20,
+        split="iid",
+        out=tmp_path / "run",
+        broker=mosquitto.url,
+        device_python=edge_python,
+        round_settings={"mode": "async", "buffer_size": 2},
+        device_commands={2: straggler},
+    )
+    result = run_simulation(cfg)
+    history = result["history"]
+    assert [h["version"] for h in history] == [1, 2, 3]
+    assert all(h["ok"] and h["reason"] == "buffer_full" and h["buffer_updates"] == 2 for h in history)
+    assert all(0.0 <= h["eval"]["accuracy"] <= 1.0 for h in history)
+    events = [json.loads(line) for line in (cfg.out / "aggregator" / "events.jsonl").read_text().splitlines()]
+    accepted = [e for e in events if e["event"] == "update_accepted"]
+    assert len(accepted) == 6
+    late = [e for e in accepted if e["device"] == "dev002"]
+    assert late and all(e["staleness"] >= 1 for e in late)  # the straggler's, stale by construction
+    for e in accepted:
+        assert e["staleness_weight"] == pytest.approx((1 + e["staleness"]) ** -0.5, abs=1e-6)
+    assert max(h["staleness_max"] for h in history) >= 1

@@ -309,6 +309,7 @@ FIELD_NAMES = (
     "metrics",
     "base_version",
     "body_sha256",
+    "mode",
 )
 json_values = st.recursive(
     st.none()
@@ -316,7 +317,9 @@ json_values = st.recursive(
     | st.integers(-(2**70), 2**70)
     | st.floats()
     | st.text(max_size=40)
-    | st.sampled_from(["online", "offline", "accepted", "incomplete", "open", "update", "float32", "fp32", "int8"]),
+    | st.sampled_from(
+        ["online", "offline", "accepted", "incomplete", "open", "update", "float32", "fp32", "int8", "async"]
+    ),
     lambda children: (
         st.lists(children, max_size=5)
         | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8), children, max_size=8)

@@ -136,6 +136,9 @@ WRONG_VALUES = {
     "config: {privacy: {mode: off}}": "config.privacy.mode: Invalid type",
     "config: {privacy: {delta: 0.5}}": "config.privacy.delta: Must be less than",
     "config: {privacy: {epsilon: 8}}": "Additional property epsilon is not allowed",
+    "config: {rounds: {mode: fedbuff}}": "config.rounds.mode: config.rounds.mode must be one of",
+    "config: {rounds: {buffer_size: 0}}": "config.rounds.buffer_size: Must be greater than or equal to 1",
+    "config: {rounds: {staleness_weighting: linear}}": "config.rounds.staleness_weighting: config.rounds",
     "broker: {tls: {generated: {ipAddresses: [mqtt.example.com]}}}": "broker.tls.generated.ipAddresses.0: Does not match",
 }
 
@@ -289,6 +292,22 @@ def test_robust_and_privacy_settings_reach_the_aggregator_config():
     assert cfg.privacy.mode == "central" and cfg.privacy.noise_multiplier == 2.0 and cfg.privacy.delta == 1e-5
     default = build(ServerConfig, server_yaml(render(None, "config.robust.method=median")), where="server.yaml")
     assert default.privacy.mode == "none" and default.robust.method == "median"
+
+
+def test_async_round_settings_reach_the_aggregator_config():
+    from core.config import build
+
+    sets = ("mode=async", "buffer_size=4", "staleness_weighting=hinge", "staleness_exponent=2", "max_staleness=3")
+    config = server_yaml(render(None, *(f"config.rounds.{s}" for s in sets)))
+    r = build(ServerConfig, config, where="server.yaml").rounds
+    assert (r.mode, r.buffer_size, r.staleness_weighting, r.staleness_exponent, r.max_staleness) == (
+        "async",
+        4,
+        "hinge",
+        2.0,
+        3,
+    )
+    assert r.staleness_hinge == 4  # absent: the server's default
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
