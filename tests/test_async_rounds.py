@@ -377,3 +377,39 @@ def test_simulate_flags_reach_the_round_settings(monkeypatch, tmp_path):
     assert server.rounds.mode == "async" and server.rounds.buffer_size == 3 and server.rounds.max_staleness == 6
     seen.clear()
     assert cli.main(["simulate", "--round-mode", "async", "--strategy", "flora"]) == 2  # refused with a message
+
+
+def test_a_device_keeps_one_update_in_flight_across_versions_in_async_mode():
+    """due_round and _drop_stale_pending in async mode: no selection needed, no second update
+    while one is pending, a pending update of an older round kept until answered, and dropped
+    once the job is finished."""
+    import types
+
+    import edge_client.device as device
+
+    def fake(ann, pending):
+        cleared = []
+        state = types.SimpleNamespace(last_round=1, pending_round=pending, clear_pending=cleared.append)
+        return types.SimpleNamespace(
+            announcement=ann,
+            cfg=types.SimpleNamespace(device_id="d", train_window=""),
+            state=state,
+            global_version=3,
+            _window_wait_round=None,
+        ), cleared
+
+    ann = announcement(RoundMode.ASYNC)  # round 4 from version 3, nobody selected
+    free, _ = fake(ann, None)
+    assert device.Device.due_round(free) == ann  # every device of an async job may train
+    busy, cleared = fake(ann, 2)
+    assert device.Device.due_round(busy) is None  # its round-2 update is still pending
+    device.Device._drop_stale_pending(busy)
+    assert cleared == []  # kept: the aggregator takes it until it is too stale
+    sync, cleared = fake(announcement(RoundMode.SYNC), 2)
+    assert device.Device.due_round(sync) is None  # sync: not selected
+    device.Device._drop_stale_pending(sync)
+    assert cleared == [None]  # sync: a later round is open, the pending update is dropped
+    done = Announcement(job="j", state=RoundState.FINISHED, round=6, global_version=6, rank=8, mode=RoundMode.ASYNC)
+    ended, cleared = fake(done, 5)
+    device.Device._drop_stale_pending(ended)
+    assert cleared == [None]
