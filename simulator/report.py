@@ -63,6 +63,30 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
     return paths
 
 
+def _staleness_lines(history: list[dict]) -> list[str]:
+    """Per version of an async job (``server.async_rounds``): the updates in its buffer and how
+    many versions behind they were."""
+    rows = [h for h in history if "buffer_updates" in h]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Asynchronous rounds: staleness per version",
+        "",
+        "Each version is one applied buffer; an update's staleness is how many versions behind the "
+        "current one the version it trained on was.",
+        "",
+        "| version | updates in the buffer | staleness (mean) | staleness (max) | applied because |",
+        "|---|---|---|---|---|",
+    ]
+    for h in rows:
+        lines.append(
+            f"| {h['version']} | {h['buffer_updates']} | {h['staleness_mean']:.2f} | {h['staleness_max']} | "
+            f"{h['reason']} |"
+        )
+    return lines
+
+
 def _privacy_lines(history: list[dict]) -> list[str]:
     """The privacy spent per round (``server.privacy``), when differential privacy was on."""
     rows = [h for h in history if "dp_epsilon" in h]
@@ -151,6 +175,7 @@ def write_report(
             f"{h.get('device_step_time_s_median', float('nan')) * 1000:.0f} ms | "
             f"{_fmt_bytes(h.get('device_peak_rss_bytes_max', 0))} |"
         )
+    lines += _staleness_lines(history)
     lines += _privacy_lines(history)
     if generative:
         lines += [

@@ -205,3 +205,5 @@ def test_real_devices_of_different_speeds_make_a_version_every_k_updates(
     for e in accepted:
         assert e["staleness_weight"] == pytest.approx((1 + e["staleness"]) ** -0.5, abs=1e-6)
     assert max(h["staleness_max"] for h in history) >= 1
+    report = (cfg.out / "report.md").read_text()
+    assert "## Asynchronous rounds: staleness per version" in report and "| 3 | 2 |" in report
