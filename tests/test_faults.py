@@ -170,6 +170,57 @@ def test_aggregator_sigkilled_at_each_fault_point_mid_round(tmp_path, minilm_bun
             d.close()
 
 
+# -- 1b. a batch of updates (group commit) killed before and after its commit ---------------
+
+
+@pytest.mark.parametrize("point", ["save:before_commit", "save:after_commit"])
+def test_a_batch_killed_between_accept_and_commit_or_commit_and_ack(tmp_path, minilm_bundle, mosquitto, point):
+    """Updates queued at the broker while the aggregator is down arrive in a burst and are added
+    to the round together; the aggregator dies at its first commit of them: before it (accepted
+    in memory, nothing durable: nothing acknowledged, nothing committed) or after it (all of the
+    batch durable, none acknowledged). Restarted, it counts each update exactly once: the
+    committed ones answer their devices' resends as duplicates."""
+    job = "kill-batch"
+    n = 6
+    server = Server(tmp_path, minilm_bundle, mosquitto.url, job, rounds={"min_devices": n})
+    devices = hand_devices(mosquitto.url, job, minilm_bundle, n)
+    try:
+        server.start()
+        for d in devices:
+            d.online()
+        ann = wait_for(devices[0].open_round, 60, "round 1 to open", [server])
+        initial = {k: v.copy() for k, v in server.load()["global"].items()}
+        server.stop()  # its session keeps the updates sent meanwhile: they arrive in one burst
+        assert server.returncode == 0, server.tail()
+        for d in devices:
+            d.send(1, ann["global_version"])
+        server.start(fault=f"{point}@1")  # its first save after resuming: the burst's first commit
+        assert server.wait(30) == -9, f"the aggregator was to die at {point}@1:\n{server.tail()}"
+        time.sleep(0.5)  # an ack sent before the kill would have arrived
+        assert all(not d.accepted_rounds() for d in devices), "an update was acknowledged before its commit"
+        saved = server.load()
+        check_committed_open_round(saved, devices, acked_rounds(devices))
+        batch = set(saved["open_round"].accepted)
+        if point == "save:after_commit":
+            assert len(batch) >= 2, f"the burst was committed as a batch of {len(batch)}: {sorted(batch)}"
+        else:
+            assert batch == set(), f"nothing was committed, yet the round holds {sorted(batch)}"
+
+        server.start()
+        for d in devices:
+            d.auto.set()  # unacknowledged: resent when the round is announced again
+        assert server.wait(60) == 0, server.tail()
+        check_completed_round(server, 1, devices, devices, initial)
+        for d in devices:
+            if d.id in batch:  # committed before the kill: its resend is a duplicate, confirmed
+                assert any(a.get("reason") == "duplicate" for a in d.acks_for(1)), (d.id, d.acks_for(1))
+        assert "Traceback" not in server.text(), server.tail()
+    finally:
+        server.kill()
+        for d in devices:
+            d.close()
+
+
 # -- 2. SIGKILL at random instants under load ----------------------------------------------
 
 
