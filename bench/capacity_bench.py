@@ -194,11 +194,16 @@ class Sampler:
                 pass
 
     def cpu(self) -> dict[str, float]:
+        """CPU seconds of each process, and of the server's main thread apart (``server_main``):
+        the rest of the server's is mostly paho's network thread."""
         out = {}
         for name, p in self.procs.items():
             try:
                 t = p.cpu_times()
                 out[name] = t.user + t.system
+                if name == "server":
+                    main = [th for th in p.threads() if th.id == p.pid]
+                    out["server_main"] = main[0].user_time + main[0].system_time if main else float("nan")
             except Exception:
                 out[name] = float("nan")
         return out
@@ -289,6 +294,8 @@ class Step:
     server_rss_mib: float = 0.0
     broker_cpu: float = 0.0
     broker_rss_mib: float = 0.0
+    bench_cpu: float = 0.0
+    server_main_cpu: float = 0.0
     resent: int = 0
     rejected: int = 0
 
@@ -371,7 +378,7 @@ def run_config(
             time.sleep(0.1)
         assert len(fleet.announcement.selected) == len(devices), "every device must be selected"
         base_version = fleet.announcement.global_version
-        sampler = Sampler({"server": server.pid, "broker": broker.pid})
+        sampler = Sampler({"server": server.pid, "broker": broker.pid, "bench": os.getpid()})
         first = 0
         for rate, size in zip(rates, sizes):
             batch = devices[first : first + size]
@@ -437,6 +444,8 @@ def measure_step(fleet: Fleet, sampler: Sampler, payloads: dict[str, list[bytes]
         step.latency_ms_p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
     step.server_cpu = (cpu1["server"] - cpu0["server"]) / wall
     step.broker_cpu = (cpu1["broker"] - cpu0["broker"]) / wall
+    step.bench_cpu = (cpu1["bench"] - cpu0["bench"]) / wall
+    step.server_main_cpu = (cpu1.get("server_main", 0.0) - cpu0.get("server_main", 0.0)) / wall
     step.server_rss_mib = sampler.peak["server"] / 2**20
     step.broker_rss_mib = sampler.peak["broker"] / 2**20
     step.rejected = sum(d in fleet.rejected for d in payloads)
@@ -488,18 +497,20 @@ def verify(run: Run, state_dir: Path, code: Path, g0, pool, delta_of, weights, a
 
 
 # -- report ---------------------------------------------------------------------------------
-def render(runs: list[dict], command: str) -> str:
+def render(runs: list[dict]) -> str:
     lines = [
-        "| adapter | aggregator | offered /s | updates | sustained /s | latency median | p95 | aggregator CPU | "
-        "aggregator RSS | broker CPU | broker RSS | resent |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| adapter | aggregator | offered /s | updates | sustained /s | latency median | p95 | aggregator CPU (main thread) | "
+        "aggregator RSS | broker CPU | broker RSS | load generator CPU | resent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         for s in r["steps"]:
             lines.append(
                 f"| {r['adapter']} | {r['code']} | {s['offered']:g} | {s['updates']} | {s['sustained']:.0f} | "
-                f"{s['latency_ms_median']:.0f} ms | {s['latency_ms_p95']:.0f} ms | {s['server_cpu']:.2f} | "
-                f"{s['server_rss_mib']:.0f} MiB | {s['broker_cpu']:.2f} | {s['broker_rss_mib']:.0f} MiB | {s['resent']} |"
+                f"{s['latency_ms_median']:.0f} ms | {s['latency_ms_p95']:.0f} ms | "
+                f"{s['server_cpu']:.2f} ({s.get('server_main_cpu', 0):.2f}) | "
+                f"{s['server_rss_mib']:.0f} MiB | {s['broker_cpu']:.2f} | {s['broker_rss_mib']:.0f} MiB | "
+                f"{s.get('bench_cpu', 0):.2f} | {s['resent']} |"
             )
     lines.append("")
     lines.append(
@@ -560,8 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = command_line("bench/capacity_bench.py", sys.argv[1:] if argv is None else argv)
     if args.report_only:
-        saved = json.loads(RESULTS.read_text())
-        runs, command = saved["runs"], saved["command"]
+        runs = json.loads(RESULTS.read_text())["runs"]
     else:
         rates = [float(r) for r in args.rates.split(",")]
         extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -574,14 +584,31 @@ def main(argv: list[str] | None = None) -> int:
                 for code, label, cfg in codes:
                     profile = args.profile if code == ROOT else None
                     run = run_config(adapter, code, label, rates, args.seconds, args.cap, cfg, profile=profile)
-                    runs.append(asdict(run))
-        RESULTS.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
-    table = render(runs, command)
+                    runs.append({**asdict(run), "command": command})
+        if RESULTS.is_file():  # other adapters' and aggregators' runs stay, each with its own command
+            kept = [
+                r
+                for r in json.loads(RESULTS.read_text())["runs"]
+                if (r["adapter"], r["code"]) not in {(n["adapter"], n["code"]) for n in runs}
+            ]
+            runs = kept + runs
+        for r in runs:
+            r.setdefault("command", command)
+        RESULTS.write_text(json.dumps({"runs": runs}, indent=1))
+    table = render(runs)
     print(table)
     if args.write_docs:
         plot(runs, PLOT)
-        body = table + f"\n\n![sustained updates/s and p95 ack latency against the offered rate]({PLOT.name})\n"
-        DOC_SECTION.write(command, body)
+        commands = "\n".join(f"- `{c}`" for c in dict.fromkeys(r["command"] for r in runs))
+        body = (
+            f"Runs recorded in `docs/{RESULTS.name}`, made by\n{commands}\n\n{table}\n\n"
+            f"![sustained updates/s and p95 ack latency against the offered rate]({PLOT.name})\n"
+        )
+        DOC_SECTION.write(
+            command_line("bench/capacity_bench.py", ["--report-only", "--write-docs"]),
+            body,
+            "(renders every run recorded, whichever command made it)",
+        )
     return 0 if all(r["check"] == "ok" for r in runs) else 1
 
 
