@@ -654,11 +654,12 @@ class Aggregator:
                 retry = UpdateRejected("retry_later", f"the aggregator cannot persist updates now ({exc})")
                 self.reject(p.device, p.env.round, retry, p.msg_id)
             return
+        self._events([self.counted(p) for p in batch])  # logged, then acknowledged
         for p in batch:
-            self.acknowledge(p)
+            self.ack(p.device, p.env.round, AckResult.ACCEPTED)
 
-    def acknowledge(self, p: PendingUpdate) -> None:
-        """A committed update: counted, logged, and acknowledged to its device."""
+    def counted(self, p: PendingUpdate) -> tuple[str, dict]:
+        """A committed update in the metrics and the answers to resends; returns its event."""
         env, bounded, device = p.env, p.bounded, p.device
         kept = bounded.update
         if p.msg_id is not None:
@@ -673,8 +674,7 @@ class Aggregator:
             self.metrics.updates_bounded.labels("norm_clipped").inc()
         if bounded.weight_capped:
             self.metrics.updates_bounded.labels("weight_capped").inc()
-        self._event(
-            "update_accepted",
+        return "update_accepted", dict(
             round=env.round,
             device=device,
             rank=env.rank,
@@ -688,7 +688,6 @@ class Aggregator:
             decode_ms=round(p.decode_ms, 3),
             metrics=env.metrics,
         )
-        self.ack(device, env.round, AckResult.ACCEPTED)
 
     def add_privacy_noise(self, outcome: RoundOutcome, entry: dict) -> Partial:
         """DP: the round's sums with their Gaussian noise, the clip bound of the next round, and
@@ -738,8 +737,12 @@ class Aggregator:
 
     def _event(self, kind: str, **fields) -> None:
         """Log an event; the log is best effort (a full disk must not stop rounds)."""
+        self._events([(kind, fields)])
+
+    def _events(self, events: list[tuple[str, dict]]) -> None:
+        """Log events in one write (best effort, as ``_event``)."""
         try:
-            self.store.event(kind, **fields)
+            self.store.events_append(events)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
             self.refusals.refuse("event", "store_unavailable", str(exc))

@@ -686,9 +686,18 @@ class StateStore:
     # -- event log -----------------------------------------------------------------------
     def event(self, kind: str, **fields) -> dict:
         """Append one event; raises ``StoreUnavailable`` if it cannot be written."""
-        record = _clip_strings({"time": round(time.time(), 3), "event": kind, **fields})
-        record, line = _cap_record(record)
-        data = (line + "\n").encode("utf-8")
+        return self.events_append([(kind, fields)])[0]
+
+    def events_append(self, events: list[tuple[str, dict]]) -> list[dict]:
+        """Append events (kind, fields) in one write (a batch of accepted updates logs its
+        events together); raises ``StoreUnavailable`` if they cannot be written."""
+        now = round(time.time(), 3)
+        records, lines = [], []
+        for kind, fields in events:
+            record, line = _cap_record(_clip_strings({"time": now, "event": kind, **fields}))
+            records.append(record)
+            lines.append(line + "\n")
+        data = "".join(lines).encode("utf-8")
         with self._events_lock:
             try:
                 self._append(data)
@@ -696,7 +705,7 @@ class StateStore:
                 self._event_error = f"cannot append to {self.events_path}: {_describe(exc)}"
                 raise StoreUnavailable(self._event_error) from exc
             self._event_error = None
-        return record
+        return records
 
     def _append(self, data: bytes) -> None:
         fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
