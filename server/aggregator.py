@@ -630,8 +630,8 @@ class Aggregator:
         and norm, and either their tensors or, when those would take more room than the round's
         partial sums (a large batch) or ``commit.checkpoint_bytes`` of tensors were written since
         the sums last were, the sums instead: O(min(batch, model)) bytes, never the O(devices)
-        round. If it fails, the round goes back to before the batch and
-        every update of it is answered ``retry_later`` (the devices send again; nothing counts twice)."""
+        round. If it fails, the round goes back to before the batch and every update of it is
+        answered ``retry_later`` (the devices send again; nothing counts twice)."""
         batch, undo = self._batch, self._batch_undo
         if not batch:
             return
