@@ -11,19 +11,22 @@ optimizer state are rewritten only when given, the partial sums on every save, a
 and other values only when they changed.
 
 Accepted updates: checkpoint plus log. An update is committed before it is acknowledged, and a
-commit must cost what the update costs, not what the model and the round's device list cost.
-``append`` commits a batch of accepted updates of the open round as rows of ``updates`` (its
-place in the round, device, weight, norm, metrics, and the tensors exactly as the strategy
-accumulated them): O(the updates). ``save`` is the checkpoint: the open round with its partial
-sums as of its ``len(accepted)`` updates (``through``), and it deletes the rows the checkpoint
-covers. ``load`` returns the checkpoint and, in ``replay``, the rows after it in order;
-``load(strategy=...)`` (and ``Coordinator.resume``) add them to the open round again, which
-gives the same sums in the same order of additions, so the state after a crash is the state of
-the last commit, whichever kind it was.
+commit must cost what its updates cost, not what the state and the round's device list cost.
+``append`` commits a batch of accepted updates of the open round: a row of ``updates`` each (its
+place in the round, device, weight, norm, metrics) and either a row of ``update_tensors`` each
+(the tensors exactly as the strategy accumulated them) or, when the caller passes the round's
+partial, a checkpoint of the sums instead (with ``through``, the updates they hold): O(min(batch,
+model)) bytes, never the O(devices) open round. Tensor rows a checkpoint holds are deleted a few
+per commit. ``save`` writes everything, the open round with its accepted set included, and
+drops the rows it covers. ``load`` returns the open round as of the sums' checkpoint (the
+``updates`` rows it holds merged into ``accepted`` and ``norms``) and, in ``replay``, the updates
+after it in order; ``load(strategy=...)`` (or ``Coordinator.resume``) adds them to the round
+again, which gives the same sums in the same order of additions. So the state after a crash is
+the state of the last commit, whichever kind it was.
 
 The open round is stored field by field from ``dataclasses.fields(OpenRound)`` (all but
-``partial``, which is stored as its ``sums`` in float64 plus ``weight``, ``count`` and
-``devices``): a field added to ``OpenRound`` with a default round-trips with no change here,
+``partial``, which is stored as its ``sums`` in float64 plus ``weight``, ``count``, ``through``
+and ``devices``): a field added to ``OpenRound`` with a default round-trips with no change here,
 and a field missing from an older database takes its default.
 
 Fencing. The database holds a *term*. ``claim_term()`` increments it atomically and makes
@@ -92,6 +95,8 @@ _SCHEMA = (
     "shape TEXT NOT NULL, data BLOB NOT NULL, UNIQUE (kind, name))",
     "CREATE TABLE IF NOT EXISTS updates (round INTEGER NOT NULL, seq INTEGER NOT NULL, device TEXT NOT NULL, "
     "rank INTEGER NOT NULL, weight INTEGER NOT NULL, norm REAL NOT NULL, metrics TEXT NOT NULL, "
+    "PRIMARY KEY (round, seq))",
+    "CREATE TABLE IF NOT EXISTS update_tensors (round INTEGER NOT NULL, seq INTEGER NOT NULL, "
     "layout TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (round, seq))",
 )
 
@@ -148,15 +153,9 @@ def _decode_array(dtype: str, shape: str, blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=dt).reshape(tuple(json.loads(shape))).copy()  # writable, not the blob
 
 
-def _encode_update(round_id: int, record: Accepted, tensors: bool = True) -> tuple:
-    """A row of ``updates``: the tensors (unless the sums saved with it hold them) as one blob,
-    laid out by name, dtype and shape."""
+def _update_row(round_id: int, record: Accepted) -> tuple:
+    """A row of ``updates``: the update's place in the round and what it counted for."""
     u = record.update
-    layout, blobs = [], []
-    for name, value in u.tensors.items() if tensors else ():
-        dtype, shape, data = _encode_array(name, value)
-        layout.append([name, dtype, json.loads(shape)])
-        blobs.append(data)
     return (
         int(round_id),
         int(record.seq),
@@ -165,13 +164,22 @@ def _encode_update(round_id: int, record: Accepted, tensors: bool = True) -> tup
         int(u.num_examples),
         float(record.norm),
         _dumps(u.metrics),
-        _dumps(layout),
-        b"".join(blobs),
     )
 
 
-def _decode_update(round_id: int, row: tuple) -> Accepted:
-    seq, device, rank, weight, norm, metrics, layout, data = row
+def _tensors_row(round_id: int, record: Accepted) -> tuple:
+    """A row of ``update_tensors``: the update's tensors as one blob, laid out by name, dtype and shape."""
+    layout, blobs = [], []
+    for name, value in record.update.tensors.items():
+        dtype, shape, data = _encode_array(name, value)
+        layout.append([name, dtype, json.loads(shape)])
+        blobs.append(data)
+    return int(round_id), int(record.seq), _dumps(layout), b"".join(blobs)
+
+
+def _decode_update(round_id: int, row: tuple, stored: tuple[str, bytes] | None) -> Accepted:
+    seq, device, rank, weight, norm, metrics = row
+    layout, data = stored if stored is not None else ("[]", b"")
     tensors, offset = {}, 0
     for name, dtype, shape in json.loads(layout):
         dt = np.dtype(dtype)
@@ -498,11 +506,17 @@ class StateStore:
         round_id = int(rows["open_round"]["round"])
         saved = len(rows["open_round"].get("accepted", {}))
         cursor = self._conn.execute(
-            "SELECT seq, device, rank, weight, norm, metrics, layout, data FROM updates "
-            "WHERE round = ? AND seq > ? ORDER BY seq",
+            "SELECT seq, device, rank, weight, norm, metrics FROM updates WHERE round = ? AND seq > ? ORDER BY seq",
             (round_id, saved),
         )
-        return [_decode_update(round_id, row) for row in cursor]
+        rows = list(cursor)
+        stored = {
+            seq: (layout, data)
+            for seq, layout, data in self._conn.execute(
+                "SELECT seq, layout, data FROM update_tensors WHERE round = ? AND seq > ?", (round_id, saved)
+            )
+        }
+        return [_decode_update(round_id, row, stored.get(row[0])) for row in rows]
 
     def save(
         self,
@@ -578,8 +592,10 @@ class StateStore:
                 self._write_arrays("partial", partial)
                 if covered is None:  # no open round: its log is folded into the history
                     self._conn.execute("DELETE FROM updates")
+                    self._conn.execute("DELETE FROM update_tensors")
                 else:  # the checkpoint holds them now
                     self._conn.execute("DELETE FROM updates WHERE round != ? OR seq <= ?", covered)
+                    self._conn.execute("DELETE FROM update_tensors WHERE round != ? OR seq <= ?", covered)
                 self._faults.hit("save:arrays")
                 changed = [(k, v) for k, v in rows.items() if cached.get(k) != v]
                 self._conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", changed)
@@ -608,12 +624,14 @@ class StateStore:
 
     def append(self, round_id: int, records: list[Accepted], partial: Partial | None = None) -> None:
         """Commit accepted updates of open round ``round_id`` in one transaction: a row of
-        ``updates`` each (place, device, weight, norm, metrics) with its tensors, or, given the
-        round's ``partial`` after them, without: its sums are saved instead (a checkpoint of the
-        sums, O(model), cheaper than the tensors of a large batch). Never the O(devices) open
-        round. Same fencing, failures and fault points as ``save``; the committed state is
-        unchanged on error."""
-        encoded = [_encode_update(round_id, r, tensors=partial is None) for r in records]
+        ``updates`` each (place, device, weight, norm, metrics) and one of ``update_tensors``, or,
+        given the round's ``partial`` after them, their sums instead (a checkpoint of the sums,
+        O(model), cheaper than the tensors of a large batch). Never the O(devices) open round.
+        Tensor rows the sums hold are deleted a few per commit (as many as it adds, plus one), so
+        no commit pays for freeing all of them at once and they take bounded room. Same fencing,
+        failures and fault points as ``save``; the committed state is unchanged on error."""
+        rows = [_update_row(round_id, r) for r in records]
+        tensor_rows = [] if partial is not None else [_tensors_row(round_id, r) for r in records]
         sums = None
         if partial is not None:
             sums = [(k, *_encode_array(k, v, np.float64)) for k, v in partial.sums.items()]
@@ -628,15 +646,20 @@ class StateStore:
                 if stored < self._term:
                     self._set_meta("term", self._term)
                 generation = int(self._meta("generation", 0))
-                self._conn.executemany("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", encoded)
+                self._conn.executemany("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._conn.executemany("INSERT INTO update_tensors VALUES (?, ?, ?, ?)", tensor_rows)
                 if sums is not None:
                     self._write_arrays("partial", sums)
                     self._conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('partial', ?)", (sums_row,))
-                    # the tensors of earlier rows are in the sums now
-                    self._conn.execute(
-                        "UPDATE updates SET layout = '[]', data = x'' WHERE round = ? AND seq < ? AND length(data) > 0",
-                        (int(round_id), int(records[0].seq)),
-                    )
+                    through = records[-1].seq
+                else:
+                    row = self._conn.execute("SELECT value FROM state WHERE key = 'partial'").fetchone()
+                    through = int((json.loads(row[0]) or {}).get("through", 0)) if row else 0
+                self._conn.execute(  # the oldest tensor rows the sums hold: a few per commit
+                    "DELETE FROM update_tensors WHERE rowid IN (SELECT rowid FROM update_tensors "
+                    "WHERE round = ? AND seq <= ? ORDER BY round, seq LIMIT ?)",
+                    (int(round_id), int(through), len(records) + 1),
+                )
                 self._faults.hit("save:arrays")
                 self._set_meta("generation", generation + 1)
                 self._faults.hit("save:before_commit")
