@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -427,6 +428,62 @@ def test_disk_full_refuses_with_retry_later_and_recovers(tmp_path, minilm_bundle
         ok = next(i for i, a in enumerate(acks) if a["result"] == "accepted")
         assert ok >= 1 and all((a["result"], a["reason"]) == ("rejected", "retry_later") for a in acks[:ok]), acks
         assert all(a["result"] == "accepted" for a in acks[ok:]), acks
+        assert "Traceback" not in server.text(), server.tail()
+    finally:
+        server.kill()
+        for d in devices:
+            d.close()
+
+
+def test_a_batch_that_cannot_be_committed_is_undone_and_answered_retry_later(
+    tmp_path, minilm_bundle, mosquitto, small_volume
+):
+    """Updates sent together while the aggregator's volume is full: the commit of their batch (or
+    batches) fails, every one of them is answered ``retry_later`` and the round is as it was
+    (d0's committed update only); once space returns they are accepted, each once."""
+    job = "disk-full-batch"
+    n = 5
+    server = Server(
+        tmp_path,
+        minilm_bundle,
+        mosquitto.url,
+        job,
+        state_dir=small_volume / "state",
+        exit_when_finished=False,
+        rounds={"min_devices": n},
+    )
+    devices = hand_devices(mosquitto.url, job, minilm_bundle, n, retry_s=0.5)
+    d0, burst = devices[0], devices[1:]
+    filler = small_volume / "filler"
+    try:
+        server.start()
+        for d in devices:
+            d.online()
+        ann = wait_for(d0.open_round, 60, "round 1 to open", [server])
+        initial = {k: v.copy() for k, v in server.load()["global"].items()}
+        d0.send(1, ann["global_version"])
+        wait_for(lambda: 1 in d0.accepted_rounds(), 20, "d0's ack", [server])
+        assert fill(filler) > 0
+        senders = [threading.Thread(target=d.send, args=(1, ann["global_version"])) for d in burst]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(30)
+        wait_for(lambda: all(d.acks_for(1) for d in burst), 30, "an answer to every update of the burst", [server])
+        for d in burst:
+            first = d.acks_for(1)[0]
+            assert (first["result"], first["reason"]) == ("rejected", "retry_later"), (d.id, first)
+        assert server.load()["open_round"].accepted == {"d0": 1}, "a batch that failed to commit left a trace"
+
+        for d in burst:
+            d.auto.set()  # resent after retry_later
+        filler.unlink()
+        wait_for(lambda: all(1 in d.accepted_rounds() for d in burst), 30, "the burst accepted", [server])
+        wait_for(
+            lambda: metric(server.metrics(), "fedlora_rounds_completed_total") >= 1, 20, "round 1 to complete", [server]
+        )
+        server.stop()
+        check_completed_round(server, 1, devices, devices, initial)
         assert "Traceback" not in server.text(), server.tail()
     finally:
         server.kill()
