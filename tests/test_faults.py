@@ -5,6 +5,8 @@ or counted twice: an update whose ``accepted`` ack a device received is in the c
 
 - the aggregator SIGKILLed at each of its persisting fault points (``server.store.FAULT_POINTS``)
   in the middle of a round, and at random instants under a stream of updates;
+- a batch of updates (group commit) SIGKILLed between accepting and committing it and between
+  committing and acknowledging it, and a batch whose commit fails on a full volume;
 - the broker SIGKILLed mid-round and restarted without persistence (retained round, globals,
   statuses and sessions all gone);
 - the state volume full during a round (``retry_later``, /healthz ``degraded``, recovery);
