@@ -332,6 +332,7 @@ def run_config(
     extra: dict,
     seed: int = 0,
     profile: Path | None = None,
+    packet_limit: int = PACKET_LIMIT,
 ) -> Run:
     from edge_client.runtime import read_parameters
 
@@ -346,7 +347,7 @@ def run_config(
     delta_of = {d: i % len(pool) for i, d in enumerate(devices)}
     values = sum(v.size for v in g0.values())
     topic = f"fedlora/{JOB}/updates/{devices[0]}"
-    room = PACKET_LIMIT - PACKET_OVERHEAD - len(topic.encode()) - CHUNK_HEADER.size
+    room = packet_limit - PACKET_OVERHEAD - len(topic.encode()) - CHUNK_HEADER.size
 
     def encode(device: str, base_version: int) -> list[bytes]:
         env = Envelope(
@@ -568,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, help="run this tree's aggregator under cProfile, stats to this file (not recorded)"
     )
+    parser.add_argument(
+        "--packet-kib",
+        type=int,
+        default=PACKET_LIMIT // 1024,
+        help="the devices' MQTT packet limit, which their chunks stay below (default: BrokerConfig's)",
+    )
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--report-only", action="store_true", help=f"render {RESULTS.name} again")
     args = parser.parse_args(argv)
@@ -579,13 +586,25 @@ def main(argv: list[str] | None = None) -> int:
         extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
         runs = []
         with tempfile.TemporaryDirectory(prefix="fedlora-baseline-") as tmp:
-            codes = [(ROOT, "this tree", extra)]
+            variant = [f"{k}={json.dumps(v)}" for k, v in extra.items()]
+            variant += [f"{args.packet_kib} KiB packets"] if args.packet_kib * 1024 != PACKET_LIMIT else []
+            codes = [(ROOT, ", ".join(["this tree", *variant]), extra)]
             if args.baseline:
                 codes.insert(0, (baseline_tree(args.baseline, Path(tmp)), f"baseline {args.baseline}", {}))
             for adapter in args.adapter.split(","):
                 for code, label, cfg in codes:
                     profile = args.profile if code == ROOT else None
-                    run = run_config(adapter, code, label, rates, args.seconds, args.cap, cfg, profile=profile)
+                    run = run_config(
+                        adapter,
+                        code,
+                        label,
+                        rates,
+                        args.seconds,
+                        args.cap,
+                        cfg,
+                        profile=profile,
+                        packet_limit=args.packet_kib * 1024,
+                    )
                     runs.append({**asdict(run), "command": command})
         if args.profile:  # timings under cProfile are not the aggregator's: shown, not recorded
             print(render(runs))
