@@ -582,3 +582,32 @@ def test_a_gap_in_the_update_log_is_refused_with_a_clear_error(tmp_path):
         db.execute("DELETE FROM updates WHERE seq = 1")
     with pytest.raises(StoreUnavailable, match="committed update 2 where 1 was due"):
         StateStore(tmp_path).load(strategy)
+
+
+def test_a_format_2_database_is_upgraded_in_place(tmp_path):
+    """A database of the store before the update log (format 2: the partial's devices in its
+    state row, no ``updates`` tables) opens as format 3 with its open round intact."""
+    c, strategy, update = _round_with_updates()
+    c.add(update(0), norm=0.5)
+    c.add(update(1), norm=1.5)
+    store = StateStore(tmp_path)
+    _save_open(store, c)
+    store.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:  # as format 2 wrote it
+        db.execute("DROP TABLE updates")
+        db.execute("DROP TABLE update_tensors")
+        db.execute("UPDATE meta SET value = 2 WHERE key = 'format'")
+        db.execute("DELETE FROM state WHERE key = 'partial_devices'")
+        p = c.open.partial
+        row = json.dumps({"weight": p.weight, "count": p.count, "devices": list(p.devices)})
+        db.execute("UPDATE state SET value = ? WHERE key = 'partial'", (row,))
+    back = StateStore(tmp_path).load(strategy)
+    rnd = back["open_round"]
+    assert list(rnd.accepted) == ["d0", "d1"] and rnd.partial.devices == ["d0", "d1"] and rnd.norms == [0.5, 1.5]
+    for k, v in c.open.partial.sums.items():
+        assert np.array_equal(rnd.partial.sums[k], v), k
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == 3
+    store = StateStore(tmp_path)
+    store.append(rnd.round, [c.add(update(2))])  # and the log works from there
+    assert list(StateStore(tmp_path).load(strategy)["open_round"].accepted) == ["d0", "d1", "d2"]
