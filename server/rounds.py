@@ -8,7 +8,7 @@ reject an update and why, when to close) is made here, so tests drive it directl
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -115,6 +115,23 @@ class OpenRound:
     max_norm: float = 0.0  # the update norm bound of this round (0: none), fixed when the round opens
     norms: list[float] = field(default_factory=list)  # norms of the accepted updates, as sent
     sampling_rate: float = 1.0  # devices selected / devices online when the round opened
+
+
+@dataclass
+class Accepted:
+    """One update as the open round took it: ``seq``, its place in the round (1, 2, ...), the
+    update exactly as ``Strategy.accumulate`` added it (weight capped, clipped, the devices' full
+    tensors), and its norm as sent. What the state store commits per update, and replays onto
+    the round's last checkpoint after a restart."""
+
+    seq: int
+    update: ClientUpdate
+    norm: float
+
+    @property
+    def update_bytes(self) -> int:
+        """What its tensors take in the state store."""
+        return sum(int(np.asarray(v).nbytes) for v in self.update.tensors.values())
 
 
 @dataclass
@@ -252,10 +269,19 @@ class Coordinator:
                 caps.append(self.norm_prior)
         return min(caps) if caps else 0.0
 
-    def resume(self, state: OpenRound) -> None:
-        """Re-install a round persisted before a restart (its deadline is kept)."""
+    def resume(self, state: OpenRound, replay: Iterable[Accepted] = ()) -> None:
+        """Re-install a round persisted before a restart (its deadline is kept): its last
+        checkpoint, then the updates committed after it (``StateStore.load``'s ``replay``), added
+        again in their order, so the partial sums come out as they were."""
         self.open = state
         self.next_round = max(self.next_round, state.round + 1)
+        for record in replay:
+            if record.seq != len(state.accepted) + 1:
+                raise ValueError(
+                    f"round {state.round}: committed update {record.seq} follows {len(state.accepted)}; "
+                    "the state store lost a row"
+                )
+            self.add(record.update, record.norm)
 
     # -- updates -------------------------------------------------------------------------
     def judge(self, job: str, update: ClientUpdate) -> Bounded:
@@ -304,6 +330,14 @@ class Coordinator:
     def accept(self, update: ClientUpdate, norm: float = 0.0) -> Callable[[], None]:
         """Add the update (``norm``: its norm as sent) to the open round; returns an undo (to
         the state before this call), for when the update cannot be persisted."""
+        undo = self.savepoint()
+        self.add(update, norm)
+        return undo
+
+    def savepoint(self) -> Callable[[], None]:
+        """An undo back to the open round as it is now: the aggregator takes one before a batch
+        of updates and calls it if the batch cannot be committed (one copy of the partial per
+        batch, not per update)."""
         rnd = self.open
         assert rnd is not None
         before = (
@@ -320,10 +354,17 @@ class Coordinator:
         def undo() -> None:
             rnd.partial, rnd.accepted, rnd.norms = before
 
+        return undo
+
+    def add(self, update: ClientUpdate, norm: float = 0.0) -> Accepted:
+        """Add a judged update to the open round (no undo); returns what the state store keeps
+        of it to replay it (``Accepted``)."""
+        rnd = self.open
+        assert rnd is not None
         rnd.partial = self.strategy.accumulate(rnd.partial, update)
         rnd.accepted[update.device] = update.num_examples
         rnd.norms.append(norm)
-        return undo
+        return Accepted(len(rnd.accepted), update, norm)
 
     # -- closing -------------------------------------------------------------------------
     def maybe_close(self) -> RoundOutcome | None:
