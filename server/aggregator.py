@@ -2,7 +2,9 @@
 
 Where an update goes: chunk on ``updates/<device>`` -> Reassembler (size limit, hash) ->
 decode_envelope -> Coordinator.judge (job, round, selection, duplicate, strategy checks,
-norm) -> Strategy.accumulate into the round's partial -> state saved -> ack to the device.
+norm) -> Strategy.accumulate into the round's partial -> the batch of updates the inbox held
+committed in one transaction (group commit: ``StateStore.append``, or a checkpoint) -> an ack
+to each device of the batch.
 When the Coordinator closes the round: Strategy.finalize -> state saved -> new global
 adapter published (retained) -> next round announced (retained).
 """
@@ -10,6 +12,7 @@ adapter published (retained) -> next round announced (retained).
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
 import statistics
 import threading
@@ -60,7 +63,7 @@ from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
 from server.privacy import DifferentialPrivacy, below_clip_bits, linear_keys
 from server.robust import RobustStrategy, with_robust
-from server.rounds import Bounded, Coordinator, RoundOutcome
+from server.rounds import Accepted, Bounded, Coordinator, RoundOutcome
 from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
 from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Partial, Strategy
@@ -68,6 +71,7 @@ from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Par
 log = logging.getLogger("fedlora.aggregator")
 
 Evaluator = Callable[[dict[str, np.ndarray]], dict]
+STEP_OVERRUN_S = 1.0  # how long past its timeout one step goes on draining a busy inbox
 
 
 def make_strategy(cfg: ServerConfig, bundle: Bundle) -> Strategy:
@@ -138,6 +142,10 @@ class Aggregator:
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics: list[dict] = []
         self._downlinks: dict[int, RankDownlink] = {}  # rank -> what the broker holds for its devices
+        self._batch: list[PendingUpdate] = []  # accepted into the round, not yet committed nor acknowledged
+        self._batch_devices: set[str] = set()
+        self._batch_undo: Callable[[], None] | None = None  # back to the round before the batch
+        self._since_checkpoint = 0  # bytes of updates committed since the open round's last checkpoint
         saved = self.store.load()
         self.asynchronous = cfg.rounds.mode == ASYNC
         coordinator = AsyncCoordinator if self.asynchronous else Coordinator
@@ -183,7 +191,8 @@ class Aggregator:
                 privacy=self.privacy,
             )
             if saved["open_round"] is not None:
-                self.coordinator.resume(saved["open_round"])
+                self.coordinator.resume(saved["open_round"], saved["replay"])
+                self._since_checkpoint = sum(r.update_bytes for r in saved["replay"])
             if self.privacy is not None:
                 self.metrics.dp_epsilon.set(self.privacy.epsilons()[0])
             log.info(
@@ -207,6 +216,9 @@ class Aggregator:
 
     # -- persistence and publishing ------------------------------------------------------
     def _save(self, global_changed: bool = False) -> None:
+        """A full save: every value, and the open round's checkpoint."""
+        if self._batch:  # never reached: batches are committed before anything else saves
+            raise RuntimeError("a full save while a batch of updates waits for its commit")
         c = self.coordinator
         self.store.save(
             job=self.cfg.job,
@@ -219,6 +231,7 @@ class Aggregator:
             server_optimizer=self.strategy.optimizer.state() if global_changed else None,
             open_round=c.open,
         )
+        self._since_checkpoint = 0
 
     def write_adapter(self) -> Path | None:
         """The global adapter of this version as a PEFT folder, ``<state_dir>/adapters/v<version>``
@@ -434,12 +447,21 @@ class Aggregator:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                msg = (
-                    self.link.inbox.get(timeout=max(0.0, remaining)) if remaining > 0 else self.link.inbox.get_nowait()
-                )
-            except Exception:
-                break
+                if remaining > 0 and not self._batch:
+                    msg = self.link.inbox.get(timeout=remaining)
+                else:  # past the deadline, or a batch waits: take only what is there
+                    msg = self.link.inbox.get_nowait()
+            except queue.Empty:
+                if not self._batch:
+                    break
+                self.commit_batch()  # the inbox is drained: commit what it held, acknowledge it
+                continue
             self.handle(msg.topic, msg.payload)
+            if self.coordinator.buffer_full():
+                break  # async: apply the buffer (tick) before it takes another update
+            if remaining < -STEP_OVERRUN_S:
+                break  # a stream that never pauses still gets its ticks (deadlines, repairs)
+        self.commit_batch()
         self.tick()
         self.collect_evaluations()
         self.last_step = time.monotonic()
@@ -561,8 +583,7 @@ class Aggregator:
             self.reject(device, None, UpdateRejected("malformed", str(exc)), msg_id)
             return
         try:
-            self.accept(device, env, len(payload), decode_ms)
-            self._answered.remember(device, msg_id, Ack(env.round, AckResult.ACCEPTED))
+            self.accept(device, env, len(payload), decode_ms, msg_id)
         except UpdateRejected as exc:
             self.reject(device, env.round, exc, msg_id)
 
@@ -594,24 +615,68 @@ class Aggregator:
             )
         return bounded, downlink.adapter
 
-    def accept(self, device: str, env: Envelope, nbytes: int, decode_ms: float) -> None:
-        """Admit a decoded update, add it to the round, persist, then acknowledge it."""
+    def accept(self, device: str, env: Envelope, nbytes: int, decode_ms: float, msg_id: bytes | None = None) -> None:
+        """Admit a decoded update and add it to the round; it is committed with the batch the
+        inbox holds (``commit_batch``), and acknowledged only then."""
         bounded, base = self.admit(device, env)
         kept = bounded.update
         # Strategies combine the devices' full local tensors: what we sent plus the delta (async:
         # what we hold now plus the delta scaled by its staleness weight, server.async_rounds).
         full = {name: base[name] + value if name in base else value for name, value in kept.tensors.items()}
-        undo = self.coordinator.accept(
+        if not self._batch:
+            self._batch_undo = self.coordinator.savepoint()
+        record = self.coordinator.add(
             ClientUpdate(device, env.round, env.rank, kept.num_examples, full, env.metrics),
             bounded.norm,
             bounded.staleness,
         )
+        self._batch.append(PendingUpdate(device, env, nbytes, decode_ms, bounded, record, msg_id))
+        self._batch_devices.add(device)
+        if len(self._batch) >= self.cfg.commit.batch or self.coordinator.buffer_full():
+            self.commit_batch()
+
+    def commit_batch(self) -> None:
+        """Group commit: make the batch of accepted updates durable in one transaction, then
+        acknowledge each. The commit (``StateStore.append``) writes each update's place, weight
+        and norm, and either their tensors or, when those would take more room than the round's
+        partial sums (a large batch) or ``commit.checkpoint_bytes`` of tensors were written since
+        the sums last were, the sums instead: O(min(batch, model)) bytes, never the O(devices)
+        round. If it fails, the round goes back to before the batch and every update of it is
+        answered ``retry_later`` (the devices send again; nothing counts twice)."""
+        batch, undo = self._batch, self._batch_undo
+        if not batch:
+            return
+        self._batch, self._batch_devices, self._batch_undo = [], set(), None
+        rnd = self.coordinator.open
+        assert rnd is not None and undo is not None
+        size = sum(p.record.update_bytes for p in batch)
+        sums = sum(v.nbytes for v in rnd.partial.sums.values())
         try:
-            self._save()  # persisted before the ack
+            if self.asynchronous:
+                self._save()  # the whole buffer (its staleness and each device's last round), not a log
+            elif size >= sums or self._since_checkpoint + size > self.cfg.commit.checkpoint_bytes:
+                self.store.append(rnd.round, [p.record for p in batch], rnd.partial)  # the sums, not the tensors
+                self._since_checkpoint = 0
+            else:
+                self.store.append(rnd.round, [p.record for p in batch])
+                self._since_checkpoint += size
         except StoreUnavailable as exc:
-            undo()  # memory back to the last commit: the device sends again and nothing counts twice
+            undo()  # memory back to the last commit
             self.metrics.store_errors.inc()
-            raise UpdateRejected("retry_later", f"the aggregator cannot persist updates now ({exc})") from None
+            for p in batch:
+                retry = UpdateRejected("retry_later", f"the aggregator cannot persist updates now ({exc})")
+                self.reject(p.device, p.env.round, retry, p.msg_id)
+            return
+        self._events([self.counted(p) for p in batch])  # logged, then acknowledged
+        for p in batch:
+            self.ack(p.device, p.env.round, AckResult.ACCEPTED)
+
+    def counted(self, p: PendingUpdate) -> tuple[str, dict]:
+        """A committed update in the metrics and the answers to resends; returns its event."""
+        env, bounded, device = p.env, p.bounded, p.device
+        kept = bounded.update
+        if p.msg_id is not None:
+            self._answered.remember(device, p.msg_id, Ack(env.round, AckResult.ACCEPTED))
         raw = sum(v.size * 4 for v in env.tensors.values())
         self._round_bytes["raw"] += raw
         self.metrics.bytes_in.labels("raw").inc(raw)
@@ -627,8 +692,7 @@ class Aggregator:
             self.metrics.update_staleness.observe(bounded.staleness)
             self.metrics.buffer_updates.set(len(self.coordinator.open.accepted) if self.coordinator.open else 0)
             staleness = {"staleness": bounded.staleness, "staleness_weight": round(bounded.staleness_weight, 6)}
-        self._event(
-            "update_accepted",
+        return "update_accepted", dict(
             round=env.round,
             device=device,
             rank=env.rank,
@@ -636,14 +700,13 @@ class Aggregator:
             weight=kept.num_examples,
             norm=round(bounded.norm, 6),
             clipped=bounded.clipped,
-            bytes=nbytes,
+            bytes=p.nbytes,
             raw_bytes=raw,
             codec=env.codec,
-            decode_ms=round(decode_ms, 3),
+            decode_ms=round(p.decode_ms, 3),
             metrics=env.metrics,
             **staleness,
         )
-        self.ack(device, env.round, AckResult.ACCEPTED)
 
     def add_privacy_noise(self, outcome: RoundOutcome, entry: dict) -> Partial:
         """DP: the round's sums with their Gaussian noise, the clip bound of the next round, and
@@ -669,6 +732,11 @@ class Aggregator:
         """Refuse an update with its reason. ``msg_id``: the update's message id, so a resend of
         the same bytes gets the same answer without being decoded again, except after a
         ``retry_later``: then the resend is reassembled and judged anew."""
+        if exc.reason == "duplicate" and device in self._batch_devices:
+            self.commit_batch()  # its first copy waits for the commit: confirm only what is durable
+            rnd = self.coordinator.open
+            if rnd is None or device not in rnd.accepted:
+                exc = UpdateRejected("retry_later", "the aggregator could not persist this update's first copy")
         if exc.reason == "duplicate":
             # The device missed our ack and resent: confirm again, change nothing.
             self.metrics.updates.labels("duplicate", exc.reason).inc()
@@ -688,8 +756,12 @@ class Aggregator:
 
     def _event(self, kind: str, **fields) -> None:
         """Log an event; the log is best effort (a full disk must not stop rounds)."""
+        self._events([(kind, fields)])
+
+    def _events(self, events: list[tuple[str, dict]]) -> None:
+        """Log events in one write (best effort, as ``_event``)."""
         try:
-            self.store.event(kind, **fields)
+            self.store.events_append(events)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
             self.refusals.refuse("event", "store_unavailable", str(exc))
@@ -781,6 +853,19 @@ class Aggregator:
             self._evaluations.append((entry, self._eval_pool.submit(self.evaluator, tensors)))
         if self.on_round_closed is not None:
             self.on_round_closed(entry)
+
+
+@dataclass
+class PendingUpdate:
+    """An update added to the open round, waiting for its batch's commit before its ack."""
+
+    device: str
+    env: Envelope
+    nbytes: int
+    decode_ms: float
+    bounded: Bounded
+    record: Accepted
+    msg_id: bytes | None
 
 
 @dataclass

@@ -32,13 +32,13 @@ buffer is, with no selection (every device of the job may train) and the current
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from core.errors import ConfigError, UpdateRejected
-from server.rounds import Bounded, Coordinator, OpenRound, RoundOutcome, RoundSettings
-from server.strategies.base import ClientUpdate, Partial
+from server.rounds import Accepted, Bounded, Coordinator, OpenRound, RoundOutcome, RoundSettings
+from server.strategies.base import ClientUpdate
 
 ASYNC = "async"
 # The RoundSettings fields of async rounds (``fedlora simulate`` has a flag for each).
@@ -118,6 +118,13 @@ class AsyncCoordinator(Coordinator):
     def starts_from(self, base_version: int) -> bool:
         return 0 <= self.version - base_version <= self.settings.max_staleness
 
+    def resume(self, state: OpenRound, replay: Iterable[Accepted] = ()) -> None:
+        """Re-install a buffer persisted before a restart. The aggregator commits async buffers
+        whole (``Aggregator.commit_batch``): a logged update would lack its staleness."""
+        if list(replay):
+            raise ValueError(f"buffer {state.round}: logged updates to replay; async buffers are committed whole")
+        super().resume(state)
+
     # -- buffers -------------------------------------------------------------------------
     def _new_buffer(self, contributed: dict[str, int]) -> OpenRound:
         online = self.online()
@@ -187,29 +194,33 @@ class AsyncCoordinator(Coordinator):
             )
         return Bounded(kept, bounded.norm, bounded.clipped, bounded.weight_capped, staleness, weight)
 
-    def accept(self, update: ClientUpdate, norm: float = 0.0, staleness: int = 0) -> Callable[[], None]:
-        """Add the update to the buffer; returns an undo, for when it cannot be persisted."""
+    def savepoint(self) -> Callable[[], None]:
+        """An undo back to the buffer as it is now (with its staleness and contributions)."""
         rnd = self.open
         assert rnd is not None
-        p = rnd.partial
-        before = (
-            Partial({k: np.array(v, copy=True) for k, v in p.sums.items()}, p.weight, p.count, list(p.devices)),
-            dict(rnd.accepted),
-            list(rnd.norms),
-            list(rnd.staleness),
-            dict(rnd.contributed),
-        )
+        undo_round = super().savepoint()
+        before = (list(rnd.staleness), dict(rnd.contributed))
 
         def undo() -> None:
-            rnd.partial, rnd.accepted, rnd.norms, rnd.staleness, rnd.contributed = before
+            undo_round()
+            rnd.staleness, rnd.contributed = before
 
+        return undo
+
+    def add(self, update: ClientUpdate, norm: float = 0.0, staleness: int = 0) -> Accepted:
+        """Add a judged update to the buffer (no undo), with its staleness."""
+        rnd = self.open
+        assert rnd is not None
         rnd.partial = self.strategy.accumulate(rnd.partial, update)
         # A device may have two updates in one buffer (a stale one, then one from the latest version).
         rnd.accepted[f"{update.device}/{update.round}"] = update.num_examples
         rnd.norms.append(norm)
         rnd.staleness.append(staleness)
         rnd.contributed[update.device] = update.round
-        return undo
+        return Accepted(len(rnd.accepted), update, norm)
+
+    def buffer_full(self) -> bool:
+        return self.open is not None and len(self.open.accepted) >= self.settings.buffer_size
 
     # -- applying the buffer -------------------------------------------------------------
     def maybe_close(self) -> RoundOutcome | None:

@@ -127,6 +127,32 @@ class DeviceLimits:
 
 
 @dataclass
+class CommitSettings:
+    """How accepted updates become durable before they are acknowledged (group commit).
+
+    batch: the most updates committed together: the aggregator adds what its inbox holds to the
+        round, up to this many updates, commits them in one transaction, then acknowledges them
+        all; a failed commit undoes all of them and answers each ``retry_later`` (1: a commit
+        per update).
+    checkpoint_bytes: between checkpoints a commit writes only its updates (O(update)); once
+        this many bytes of updates were committed since the last checkpoint, the next commit
+        saves the open round's partial sums instead (O(model + devices)) and drops the updates
+        it covers. A restart replays at most this much onto the checkpoint.
+    """
+
+    batch: int = 256
+    checkpoint_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch <= 100_000:
+            raise ConfigError(f"commit.batch must be in [1, 100000], got {self.batch}")
+        if self.checkpoint_bytes < 0:
+            raise ConfigError(
+                f"commit.checkpoint_bytes must be >= 0 (0: a checkpoint every commit), got {self.checkpoint_bytes}"
+            )
+
+
+@dataclass
 class ServerConfig:
     """The aggregator's settings.
 
@@ -150,6 +176,7 @@ class ServerConfig:
         its missing chunks on the device's ack topic, and again after each such pause (0: off;
         devices then resend whole updates every 30 s).
     device_limits: per-device rate and memory limits (see DeviceLimits).
+    commit: group commit of accepted updates and checkpoints of the open round (see CommitSettings).
     adapter_versions: after each round, the new global adapter is written as a PEFT adapter
         folder (``adapter_config.json`` + ``adapter_model.safetensors``, what
         ``PeftModel.from_pretrained`` loads) to ``<state_dir>/adapters/v<version>``; this many
@@ -180,6 +207,7 @@ class ServerConfig:
     max_update_bytes: int = 64 * 1024 * 1024
     chunk_repair_after_s: float = 5.0
     device_limits: DeviceLimits = field(default_factory=DeviceLimits)
+    commit: CommitSettings = field(default_factory=CommitSettings)
     adapter_versions: int = 3
     health_stall_s: float = 120.0
     http_host: str = "0.0.0.0"

@@ -8,7 +8,7 @@ reject an update and why, when to close) is made here, so tests drive it directl
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -173,6 +173,23 @@ class OpenRound:
 
 
 @dataclass
+class Accepted:
+    """One update as the open round took it: ``seq``, its place in the round (1, 2, ...), the
+    update exactly as ``Strategy.accumulate`` added it (weight capped, clipped, the devices' full
+    tensors), and its norm as sent. What the state store commits per update, and replays onto
+    the round's last checkpoint after a restart."""
+
+    seq: int
+    update: ClientUpdate
+    norm: float
+
+    @property
+    def update_bytes(self) -> int:
+        """What its tensors take in the state store."""
+        return sum(int(np.asarray(v).nbytes) for v in self.update.tensors.values())
+
+
+@dataclass
 class Bounded:
     """An update after the round's bounds: ``update`` carries the capped weight and clipped
     tensors; ``norm`` is its norm as sent."""
@@ -310,12 +327,26 @@ class Coordinator:
                 caps.append(self.norm_prior)
         return min(caps) if caps else 0.0
 
-    def resume(self, state: OpenRound) -> None:
-        """Re-install a round persisted before a restart (its deadline is kept)."""
+    def resume(self, state: OpenRound, replay: Iterable[Accepted] = ()) -> None:
+        """Re-install a round persisted before a restart (its deadline is kept): its last
+        checkpoint, then the updates committed after it (``StateStore.load``'s ``replay``), added
+        again in their order, so the partial sums come out as they were."""
         self.open = state
         self.next_round = max(self.next_round, state.round + 1)
+        for record in replay:
+            if record.seq != len(state.accepted) + 1:
+                raise ValueError(
+                    f"round {state.round}: committed update {record.seq} follows {len(state.accepted)}; "
+                    "the state store lost a row"
+                )
+            self.add(record.update, record.norm)
 
     # -- updates -------------------------------------------------------------------------
+    def buffer_full(self) -> bool:
+        """Whether the open round must close before it takes another update (async mode's
+        buffer; a sync round closes on its own schedule, in ``maybe_close``)."""
+        return False
+
     def expects_update_from(self, device: str) -> bool:
         """Whether the open round waits for an update of ``device`` (its missing chunks are asked for)."""
         return self.open is not None and device in self.open.selected
@@ -371,6 +402,14 @@ class Coordinator:
     def accept(self, update: ClientUpdate, norm: float = 0.0, staleness: int = 0) -> Callable[[], None]:
         """Add the update (``norm``: its norm as sent) to the open round; returns an undo (to
         the state before this call), for when the update cannot be persisted."""
+        undo = self.savepoint()
+        self.add(update, norm, staleness)
+        return undo
+
+    def savepoint(self) -> Callable[[], None]:
+        """An undo back to the open round as it is now: the aggregator takes one before a batch
+        of updates and calls it if the batch cannot be committed (one copy of the partial per
+        batch, not per update)."""
         rnd = self.open
         assert rnd is not None
         before = (
@@ -387,10 +426,17 @@ class Coordinator:
         def undo() -> None:
             rnd.partial, rnd.accepted, rnd.norms = before
 
+        return undo
+
+    def add(self, update: ClientUpdate, norm: float = 0.0, staleness: int = 0) -> Accepted:
+        """Add a judged update to the open round (no undo); returns what the state store keeps
+        of it to replay it (``Accepted``). ``staleness``: async mode's (``server.async_rounds``)."""
+        rnd = self.open
+        assert rnd is not None
         rnd.partial = self.strategy.accumulate(rnd.partial, update)
         rnd.accepted[update.device] = update.num_examples
         rnd.norms.append(norm)
-        return undo
+        return Accepted(len(rnd.accepted), update, norm)
 
     # -- closing -------------------------------------------------------------------------
     def maybe_close(self) -> RoundOutcome | None:

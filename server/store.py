@@ -3,16 +3,30 @@
 ``state.db`` (SQLite, WAL journal, ``synchronous=FULL``) holds the round counters, the
 history, the global adapter, ``base_delta``, the server optimizer's state (its step count and
 moments, ``server.strategies.server_optimizer``), the open round and its partial sums. Every
-``save`` is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): the commit is the single
-point at which the new state replaces the old, so a crash anywhere before it leaves the
-previous state and anywhere after it the new one, never a mix. The open round is saved
-before an update is acknowledged. Arrays are stored as dtype, shape and raw bytes (never
-pickled); the global adapter, ``base_delta`` and the optimizer state are rewritten only when given, the partial
-sums on every save, and the history and other values only when they changed.
+``save`` and every ``append`` is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``): the
+commit is the single point at which the new state replaces the old, so a crash anywhere before
+it leaves the previous state and anywhere after it the new one, never a mix. Arrays are stored
+as dtype, shape and raw bytes (never pickled); the global adapter, ``base_delta`` and the
+optimizer state are rewritten only when given, the partial sums on every save, and the history
+and other values only when they changed.
+
+Accepted updates: checkpoint plus log. An update is committed before it is acknowledged, and a
+commit must cost what its updates cost, not what the state and the round's device list cost.
+``append`` commits a batch of accepted updates of the open round: a row of ``updates`` each (its
+place in the round, device, weight, norm, metrics) and either a row of ``update_tensors`` each
+(the tensors exactly as the strategy accumulated them) or, when the caller passes the round's
+partial, a checkpoint of the sums instead (with ``through``, the updates they hold): O(min(batch,
+model)) bytes, never the O(devices) open round. Tensor rows a checkpoint holds are deleted a few
+per commit. ``save`` writes everything, the open round with its accepted set included, and
+drops the rows it covers. ``load`` returns the open round as of the sums' checkpoint (the
+``updates`` rows it holds merged into ``accepted`` and ``norms``) and, in ``replay``, the updates
+after it in order; ``load(strategy=...)`` (or ``Coordinator.resume``) adds them to the round
+again, which gives the same sums in the same order of additions. So the state after a crash is
+the state of the last commit, whichever kind it was.
 
 The open round is stored field by field from ``dataclasses.fields(OpenRound)`` (all but
-``partial``, which is stored as its ``sums`` in float64 plus ``weight``, ``count`` and
-``devices``): a field added to ``OpenRound`` with a default round-trips with no change here,
+``partial``, which is stored as its ``sums`` in float64 plus ``weight``, ``count``, ``through``
+and ``devices``): a field added to ``OpenRound`` with a default round-trips with no change here,
 and a field missing from an older database takes its default.
 
 Fencing. The database holds a *term*. ``claim_term()`` increments it atomically and makes
@@ -61,14 +75,14 @@ import numpy as np
 
 from core.errors import FedloraError
 from edge_client.device_state import FAULT_POINT_ENV, FaultInjector, fsync_dir
-from server.rounds import OpenRound
-from server.strategies.base import Partial
+from server.rounds import Accepted, Coordinator, OpenRound, RoundSettings
+from server.strategies.base import ClientUpdate, Partial, Strategy
 
 __all__ = ["FAULT_POINTS", "FAULT_POINT_ENV", "STATE_FORMAT", "StaleTerm", "StateStore", "StoreUnavailable"]
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 2  # 1: state.json + npz files (imported on open)
+STATE_FORMAT = 3  # 1: state.json + npz files (imported on open); 2: no update log (upgraded on open)
 DB_NAME = "state.db"
 FAULT_POINTS = ("save:begin", "save:arrays", "save:before_commit", "save:after_commit", "event:write")
 EVENT_STRING_LIMIT = 512
@@ -79,6 +93,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS arrays (kind TEXT NOT NULL, name TEXT NOT NULL, dtype TEXT NOT NULL, "
     "shape TEXT NOT NULL, data BLOB NOT NULL, UNIQUE (kind, name))",
+    "CREATE TABLE IF NOT EXISTS updates (round INTEGER NOT NULL, seq INTEGER NOT NULL, device TEXT NOT NULL, "
+    "rank INTEGER NOT NULL, weight INTEGER NOT NULL, norm REAL NOT NULL, metrics TEXT NOT NULL, "
+    "PRIMARY KEY (round, seq))",
+    "CREATE TABLE IF NOT EXISTS update_tensors (round INTEGER NOT NULL, seq INTEGER NOT NULL, "
+    "layout TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (round, seq))",
 )
 
 
@@ -132,6 +151,52 @@ def _decode_array(dtype: str, shape: str, blob: bytes) -> np.ndarray:
     if dt.hasobject:
         raise ValueError(f"refusing to load an object array ({dtype})")
     return np.frombuffer(blob, dtype=dt).reshape(tuple(json.loads(shape))).copy()  # writable, not the blob
+
+
+def _update_row(round_id: int, record: Accepted) -> tuple:
+    """A row of ``updates``: the update's place in the round and what it counted for."""
+    u = record.update
+    return (
+        int(round_id),
+        int(record.seq),
+        u.device,
+        int(u.rank),
+        int(u.num_examples),
+        float(record.norm),
+        _dumps(u.metrics),
+    )
+
+
+def _tensors_row(round_id: int, record: Accepted) -> tuple:
+    """A row of ``update_tensors``: the update's tensors as one blob, laid out by name, dtype and shape."""
+    layout, blobs = [], []
+    for name, value in record.update.tensors.items():
+        dtype, shape, data = _encode_array(name, value)
+        layout.append([name, dtype, json.loads(shape)])
+        blobs.append(data)
+    return int(round_id), int(record.seq), _dumps(layout), b"".join(blobs)
+
+
+def _decode_update(round_id: int, row: tuple, stored: tuple[str, bytes] | None) -> Accepted:
+    seq, device, rank, weight, norm, metrics = row
+    layout, data = stored if stored is not None else ("[]", b"")
+    tensors, offset = {}, 0
+    for name, dtype, shape in json.loads(layout):
+        dt = np.dtype(dtype)
+        if dt.hasobject:
+            raise ValueError(f"refusing to load an object array ({dtype})")
+        count = int(np.prod(shape, dtype=np.int64))
+        tensors[name] = np.frombuffer(data, dtype=dt, count=count, offset=offset).reshape(shape).copy()
+        offset += count * dt.itemsize
+    if offset != len(data):
+        raise ValueError(f"update {seq} of round {round_id}: {len(data)} bytes stored, its layout says {offset}")
+    update = ClientUpdate(device, int(round_id), int(rank), int(weight), tensors, json.loads(metrics))
+    return Accepted(int(seq), update, float(norm))
+
+
+def _sums_row(partial: Partial, through: int) -> dict:
+    """The partial's scalars beside its sums: O(1); ``through``: the updates the sums hold."""
+    return {"weight": float(partial.weight), "count": int(partial.count), "through": int(through)}
 
 
 def _round_to_json(rnd: OpenRound) -> dict:
@@ -293,7 +358,7 @@ class StateStore:
                 for statement in _SCHEMA:
                     self._conn.execute(statement)
                 stored = self._meta("format")
-                if stored is None:
+                if stored is None or stored == 2:  # 2: the same tables but ``updates`` (just made)
                     self._set_meta("format", STATE_FORMAT)
                 elif stored != STATE_FORMAT:
                     raise ValueError(f"{self.db_path}: unsupported state format {stored!r}")
@@ -365,8 +430,14 @@ class StateStore:
             return term
 
     # -- whole state ---------------------------------------------------------------------
-    def load(self) -> dict | None:
-        """The committed state (with ``global`` arrays and the ``open_round``), or None if fresh."""
+    def load(self, strategy: Strategy | None = None) -> dict | None:
+        """The committed state (with ``global`` arrays and the ``open_round``), or None if fresh.
+
+        ``open_round`` is the open round as of its partial sums' last checkpoint (every update
+        the sums hold is in its ``accepted`` and ``norms``), and ``replay`` the updates committed
+        after it (``Accepted``, in order). With ``strategy`` they are added to the open round here
+        (``replay`` then lists what was added); without, the caller adds them
+        (``Coordinator.resume``) or needs only the rest (the global adapter)."""
         with self._lock:
             try:
                 self._conn.execute("BEGIN")  # one snapshot for every table
@@ -378,21 +449,40 @@ class StateStore:
                     base_delta = self._read_arrays("base_delta")
                     optimizer = self._read_arrays("server_optimizer")
                     sums = self._read_arrays("partial")
+                    logged = self._read_log(rows)
                 finally:
                     self._rollback()
             except (sqlite3.DatabaseError, OSError) as exc:
                 raise StoreUnavailable(f"cannot read the state store {self.db_path}: {_describe(exc)}") from exc
-        open_round = None
+        open_round, replay = None, []
         if rows.get("open_round") is not None:
             p = rows.get("partial") or {}
             accepted = rows["open_round"].get("accepted", {})
+            devices = p["devices"] if "devices" in p else rows.get("partial_devices", list(accepted))
             partial = Partial(
                 sums=sums,
                 weight=float(p.get("weight", 0.0)),
                 count=int(p.get("count", len(accepted))),
-                devices=list(p.get("devices", accepted)),
+                devices=list(devices),
             )
             open_round = _round_from_json(rows["open_round"], partial)
+            through = int(p.get("through", len(accepted)))
+            for expected, record in enumerate(logged, start=len(accepted) + 1):
+                if record.seq != expected:
+                    raise StoreUnavailable(
+                        f"{self.db_path}: round {open_round.round}: committed update {record.seq} where "
+                        f"{expected} was due; the update log has a gap"
+                    )
+                if record.seq > through:  # not in the sums yet: added again
+                    replay.append(record)
+                    continue
+                u = record.update  # in the checkpointed sums already: its place in the round
+                open_round.accepted[u.device] = u.num_examples
+                open_round.norms.append(record.norm)
+                partial.devices.append(u.device)
+            if strategy is not None:
+                coordinator = Coordinator(RoundSettings(), strategy, rows["job"], time.time)
+                coordinator.resume(open_round, replay)
         return {
             "format": STATE_FORMAT,
             "job": rows["job"],
@@ -405,7 +495,28 @@ class StateStore:
             "global": glob,
             "base_delta": base_delta,
             "server_optimizer": (int(rows.get("server_optimizer_step", 0)), optimizer),
+            "replay": replay,
         }
+
+    def _read_log(self, rows: dict) -> list[Accepted]:
+        """The open round's updates committed after its last full save, in order (those the
+        sums' checkpoint holds without their tensors)."""
+        if rows.get("open_round") is None:
+            return []
+        round_id = int(rows["open_round"]["round"])
+        saved = len(rows["open_round"].get("accepted", {}))
+        cursor = self._conn.execute(
+            "SELECT seq, device, rank, weight, norm, metrics FROM updates WHERE round = ? AND seq > ? ORDER BY seq",
+            (round_id, saved),
+        )
+        rows = list(cursor)
+        stored = {
+            seq: (layout, data)
+            for seq, layout, data in self._conn.execute(
+                "SELECT seq, layout, data FROM update_tensors WHERE round = ? AND seq > ?", (round_id, saved)
+            )
+        }
+        return [_decode_update(round_id, row, stored.get(row[0])) for row in rows]
 
     def save(
         self,
@@ -437,10 +548,11 @@ class StateStore:
         if open_round is not None:
             values["open_round"] = _round_to_json(open_round)
             p = open_round.partial
-            values["partial"] = {"weight": float(p.weight), "count": int(p.count), "devices": list(p.devices)}
+            values["partial"] = _sums_row(p, len(open_round.accepted))
+            values["partial_devices"] = list(p.devices)
             partial_arrays = [(k, *_encode_array(k, v, np.float64)) for k, v in p.sums.items()]
         else:
-            values["open_round"] = values["partial"] = None
+            values["open_round"] = values["partial"] = values["partial_devices"] = None
         optimizer = None
         if server_optimizer is not None:
             values["server_optimizer_step"] = int(server_optimizer[0])
@@ -448,10 +560,17 @@ class StateStore:
         rows = {k: _dumps(v) for k, v in values.items()}
         glob = None if global_adapter is None else [(k, *_encode_array(k, v)) for k, v in global_adapter.items()]
         delta = None if base_delta is None else [(k, *_encode_array(k, v)) for k, v in base_delta.items()]
-        self._commit(rows, glob, delta, partial_arrays, optimizer)
+        covered = None if open_round is None else (open_round.round, len(open_round.accepted))
+        self._commit(rows, glob, delta, partial_arrays, optimizer, covered)
 
     def _commit(
-        self, rows: dict[str, str], glob: list | None, delta: list | None, partial: list, optimizer: list | None
+        self,
+        rows: dict[str, str],
+        glob: list | None,
+        delta: list | None,
+        partial: list,
+        optimizer: list | None,
+        covered: tuple[int, int] | None,
     ) -> None:
         with self._lock:
             try:
@@ -471,6 +590,12 @@ class StateStore:
                 if optimizer is not None:
                     self._write_arrays("server_optimizer", optimizer)
                 self._write_arrays("partial", partial)
+                if covered is None:  # no open round: its log is folded into the history
+                    self._conn.execute("DELETE FROM updates")
+                    self._conn.execute("DELETE FROM update_tensors")
+                else:  # the checkpoint holds them now
+                    self._conn.execute("DELETE FROM updates WHERE round != ? OR seq <= ?", covered)
+                    self._conn.execute("DELETE FROM update_tensors WHERE round != ? OR seq <= ?", covered)
                 self._faults.hit("save:arrays")
                 changed = [(k, v) for k, v in rows.items() if cached.get(k) != v]
                 self._conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", changed)
@@ -497,6 +622,70 @@ class StateStore:
             self._save_error = None
         self._faults.hit("save:after_commit")
 
+    def append(self, round_id: int, records: list[Accepted], partial: Partial | None = None) -> None:
+        """Commit accepted updates of open round ``round_id`` in one transaction: a row of
+        ``updates`` each (place, device, weight, norm, metrics) and one of ``update_tensors``, or,
+        given the round's ``partial`` after them, their sums instead (a checkpoint of the sums,
+        O(model), cheaper than the tensors of a large batch). Never the O(devices) open round.
+        Tensor rows the sums hold are deleted a few per commit (as many as it adds, plus one), so
+        no commit pays for freeing all of them at once and they take bounded room. Same fencing,
+        failures and fault points as ``save``; the committed state is unchanged on error."""
+        rows = [_update_row(round_id, r) for r in records]
+        tensor_rows = [] if partial is not None else [_tensors_row(round_id, r) for r in records]
+        sums = None
+        if partial is not None:
+            sums = [(k, *_encode_array(k, v, np.float64)) for k, v in partial.sums.items()]
+            sums_row = _dumps(_sums_row(partial, records[-1].seq))
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._faults.hit("save:begin")
+                stored = int(self._meta("term", 0))
+                if stored > self._term:
+                    raise StaleTerm(self.db_path, self._term, stored)
+                if stored < self._term:
+                    self._set_meta("term", self._term)
+                generation = int(self._meta("generation", 0))
+                self._conn.executemany("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._conn.executemany("INSERT INTO update_tensors VALUES (?, ?, ?, ?)", tensor_rows)
+                if sums is not None:
+                    self._write_arrays("partial", sums)
+                    self._conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('partial', ?)", (sums_row,))
+                    through = records[-1].seq
+                else:
+                    row = self._conn.execute("SELECT value FROM state WHERE key = 'partial'").fetchone()
+                    through = int((json.loads(row[0]) or {}).get("through", 0)) if row else 0
+                self._conn.execute(  # the oldest tensor rows the sums hold: a few per commit
+                    "DELETE FROM update_tensors WHERE rowid IN (SELECT rowid FROM update_tensors "
+                    "WHERE round = ? AND seq <= ? ORDER BY round, seq LIMIT ?)",
+                    (int(round_id), int(through), len(records) + 1),
+                )
+                self._faults.hit("save:arrays")
+                self._set_meta("generation", generation + 1)
+                self._faults.hit("save:before_commit")
+                self._conn.execute("COMMIT")
+            except StaleTerm as exc:
+                self._rollback()
+                self._save_error = str(exc)
+                raise
+            except (sqlite3.DatabaseError, OSError) as exc:
+                self._rollback()
+                self._written, self._generation = {}, -1
+                self._save_error = (
+                    f"cannot commit {len(records)} updates to {self.db_path}: {_describe(exc)}; "
+                    "the last committed state is kept"
+                )
+                raise StoreUnavailable(self._save_error) from exc
+            except BaseException:
+                self._rollback()
+                self._written, self._generation = {}, -1
+                raise
+            if self._generation == generation:  # what this instance committed, still current
+                self._written = {**self._written, **({"partial": sums_row} if sums is not None else {})}
+                self._generation = generation + 1
+            self._save_error = None
+        self._faults.hit("save:after_commit")
+
     def _migrate(self) -> None:
         """Import a format-1 state directory once, in one transaction."""
         if not (self.root / "state.json").is_file():
@@ -520,9 +709,18 @@ class StateStore:
     # -- event log -----------------------------------------------------------------------
     def event(self, kind: str, **fields) -> dict:
         """Append one event; raises ``StoreUnavailable`` if it cannot be written."""
-        record = _clip_strings({"time": round(time.time(), 3), "event": kind, **fields})
-        record, line = _cap_record(record)
-        data = (line + "\n").encode("utf-8")
+        return self.events_append([(kind, fields)])[0]
+
+    def events_append(self, events: list[tuple[str, dict]]) -> list[dict]:
+        """Append events (kind, fields) in one write (a batch of accepted updates logs its
+        events together); raises ``StoreUnavailable`` if they cannot be written."""
+        now = round(time.time(), 3)
+        records, lines = [], []
+        for kind, fields in events:
+            record, line = _cap_record(_clip_strings({"time": now, "event": kind, **fields}))
+            records.append(record)
+            lines.append(line + "\n")
+        data = "".join(lines).encode("utf-8")
         with self._events_lock:
             try:
                 self._append(data)
@@ -530,7 +728,7 @@ class StateStore:
                 self._event_error = f"cannot append to {self.events_path}: {_describe(exc)}"
                 raise StoreUnavailable(self._event_error) from exc
             self._event_error = None
-        return record
+        return records
 
     def _append(self, data: bytes) -> None:
         fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)

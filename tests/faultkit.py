@@ -239,9 +239,18 @@ class Server(Proc):
         return StateStore(self.state_dir)
 
     def load(self) -> dict | None:
+        """The committed state, the open round's logged updates added to it by the job's strategy."""
+        from server.strategies import make_strategy
+        from server.strategies.base import AdapterLayout
+
+        cfg = json.loads(self.config.read_text())
+        manifest = bundle_of(Path(cfg["bundle"])).manifest
+        strategy = make_strategy(
+            cfg.get("strategy", "fedavg"), AdapterLayout.from_manifest(manifest), rank=manifest.rank
+        )
         store = self.store()
         try:
-            return store.load()
+            return store.load(strategy)
         finally:
             store.close()
 

@@ -263,8 +263,10 @@ def test_a_replica_whose_term_was_claimed_stops_writing(tmp_path, minilm_bundle,
         old.publish_global()
         assert old.open_next()
         StateStore(state).claim_term()  # another replica becomes leader
+        old.handle(old.topics.update("d1"), split_chunks(update_payload(bundle, "fence", "d1", 1), 1 << 20)[0])
+        assert old._batch, "the update waits for its batch's commit"
         with pytest.raises(StaleTerm):
-            old.handle(old.topics.update("d1"), split_chunks(update_payload(bundle, "fence", "d1", 1), 1 << 20)[0])
+            old.commit_batch()
         assert StateStore(state).load()["open_round"].accepted == {}  # nothing of the old leader's landed
     finally:
         link.close()

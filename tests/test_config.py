@@ -14,7 +14,9 @@ def test_file_then_env_then_overrides(tmp_path, monkeypatch):
     path.write_text("job: j1\nbundle: /b\nrounds:\n  rounds: 5\n  min_devices: 3\nbroker:\n  url: mqtt://h:1883\n")
     monkeypatch.setenv("FEDLORA_ROUNDS_ROUNDS", "7")
     monkeypatch.setenv("FEDLORA_BROKER_USERNAME", "agg")
+    monkeypatch.setenv("FEDLORA_COMMIT_BATCH", "16")
     cfg = load_server_config(path, overrides={"job": "j2"})
+    assert cfg.commit.batch == 16
     assert (cfg.job, cfg.rounds.rounds, cfg.rounds.min_devices, cfg.broker.url, cfg.broker.username) == (
         "j2",
         7,
@@ -35,6 +37,8 @@ def test_file_then_env_then_overrides(tmp_path, monkeypatch):
         ({}, "bundle is required"),
         ({"bundle": "/b", "broker": {"url": "http://x"}}, "broker url"),
         ({"bundle": "/b", "train": {"lr": 5}}, "lr"),
+        ({"bundle": "/b", "commit": {"batch": 0}}, "commit.batch"),
+        ({"bundle": "/b", "commit": {"checkpoint_bytes": -1}}, "commit.checkpoint_bytes"),
         ({"bundle": "/b", "strategy": "hetlora", "strategy_settings": {"prune_threshold": 1.0}}, "prune_threshold"),
         (
             {"bundle": "/b", "strategy": "fedavg", "strategy_settings": {"prune_threshold": 0.5}},

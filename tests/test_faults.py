@@ -5,6 +5,8 @@ or counted twice: an update whose ``accepted`` ack a device received is in the c
 
 - the aggregator SIGKILLed at each of its persisting fault points (``server.store.FAULT_POINTS``)
   in the middle of a round, and at random instants under a stream of updates;
+- a batch of updates (group commit) SIGKILLed between accepting and committing it and between
+  committing and acknowledging it, and a batch whose commit fails on a full volume;
 - the broker SIGKILLed mid-round and restarted without persistence (retained round, globals,
   statuses and sessions all gone);
 - the state volume full during a round (``retry_later``, /healthz ``degraded``, recovery);
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -163,6 +166,57 @@ def test_aggregator_sigkilled_at_each_fault_point_mid_round(tmp_path, minilm_bun
         check_completed_round(server, 1, devices, devices, initial, acked=[d0, d1] if step == "close" else None)
         assert "job_resumed" in {e["event"] for e in server.events()}
         assert len(d0.sends) == 1, "d0 had its ack and must not have resent"
+        assert "Traceback" not in server.text(), server.tail()
+    finally:
+        server.kill()
+        for d in devices:
+            d.close()
+
+
+# -- 1b. a batch of updates (group commit) killed before and after its commit ---------------
+
+
+@pytest.mark.parametrize("point", ["save:before_commit", "save:after_commit"])
+def test_a_batch_killed_between_accept_and_commit_or_commit_and_ack(tmp_path, minilm_bundle, mosquitto, point):
+    """Updates queued at the broker while the aggregator is down arrive in a burst and are added
+    to the round together; the aggregator dies at its first commit of them: before it (accepted
+    in memory, nothing durable: nothing acknowledged, nothing committed) or after it (all of the
+    batch durable, none acknowledged). Restarted, it counts each update exactly once: the
+    committed ones answer their devices' resends as duplicates."""
+    job = "kill-batch"
+    n = 6
+    server = Server(tmp_path, minilm_bundle, mosquitto.url, job, rounds={"min_devices": n})
+    devices = hand_devices(mosquitto.url, job, minilm_bundle, n)
+    try:
+        server.start()
+        for d in devices:
+            d.online()
+        ann = wait_for(devices[0].open_round, 60, "round 1 to open", [server])
+        initial = {k: v.copy() for k, v in server.load()["global"].items()}
+        server.stop()  # its session keeps the updates sent meanwhile: they arrive in one burst
+        assert server.returncode == 0, server.tail()
+        for d in devices:
+            d.send(1, ann["global_version"])
+        server.start(fault=f"{point}@1")  # its first save after resuming: the burst's first commit
+        assert server.wait(30) == -9, f"the aggregator was to die at {point}@1:\n{server.tail()}"
+        time.sleep(0.5)  # an ack sent before the kill would have arrived
+        assert all(not d.accepted_rounds() for d in devices), "an update was acknowledged before its commit"
+        saved = server.load()
+        check_committed_open_round(saved, devices, acked_rounds(devices))
+        batch = set(saved["open_round"].accepted)
+        if point == "save:after_commit":
+            assert len(batch) >= 2, f"the burst was committed as a batch of {len(batch)}: {sorted(batch)}"
+        else:
+            assert batch == set(), f"nothing was committed, yet the round holds {sorted(batch)}"
+
+        server.start()
+        for d in devices:
+            d.auto.set()  # unacknowledged: resent when the round is announced again
+        assert server.wait(60) == 0, server.tail()
+        check_completed_round(server, 1, devices, devices, initial)
+        for d in devices:
+            if d.id in batch:  # committed before the kill: its resend is a duplicate, confirmed
+                assert any(a.get("reason") == "duplicate" for a in d.acks_for(1)), (d.id, d.acks_for(1))
         assert "Traceback" not in server.text(), server.tail()
     finally:
         server.kill()
@@ -376,6 +430,62 @@ def test_disk_full_refuses_with_retry_later_and_recovers(tmp_path, minilm_bundle
         ok = next(i for i, a in enumerate(acks) if a["result"] == "accepted")
         assert ok >= 1 and all((a["result"], a["reason"]) == ("rejected", "retry_later") for a in acks[:ok]), acks
         assert all(a["result"] == "accepted" for a in acks[ok:]), acks
+        assert "Traceback" not in server.text(), server.tail()
+    finally:
+        server.kill()
+        for d in devices:
+            d.close()
+
+
+def test_a_batch_that_cannot_be_committed_is_undone_and_answered_retry_later(
+    tmp_path, minilm_bundle, mosquitto, small_volume
+):
+    """Updates sent together while the aggregator's volume is full: the commit of their batch (or
+    batches) fails, every one of them is answered ``retry_later`` and the round is as it was
+    (d0's committed update only); once space returns they are accepted, each once."""
+    job = "disk-full-batch"
+    n = 5
+    server = Server(
+        tmp_path,
+        minilm_bundle,
+        mosquitto.url,
+        job,
+        state_dir=small_volume / "state",
+        exit_when_finished=False,
+        rounds={"min_devices": n},
+    )
+    devices = hand_devices(mosquitto.url, job, minilm_bundle, n, retry_s=0.5)
+    d0, burst = devices[0], devices[1:]
+    filler = small_volume / "filler"
+    try:
+        server.start()
+        for d in devices:
+            d.online()
+        ann = wait_for(d0.open_round, 60, "round 1 to open", [server])
+        initial = {k: v.copy() for k, v in server.load()["global"].items()}
+        d0.send(1, ann["global_version"])
+        wait_for(lambda: 1 in d0.accepted_rounds(), 20, "d0's ack", [server])
+        assert fill(filler) > 0
+        senders = [threading.Thread(target=d.send, args=(1, ann["global_version"])) for d in burst]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(30)
+        wait_for(lambda: all(d.acks_for(1) for d in burst), 30, "an answer to every update of the burst", [server])
+        for d in burst:
+            first = d.acks_for(1)[0]
+            assert (first["result"], first["reason"]) == ("rejected", "retry_later"), (d.id, first)
+        assert server.load()["open_round"].accepted == {"d0": 1}, "a batch that failed to commit left a trace"
+
+        for d in burst:
+            d.auto.set()  # resent after retry_later
+        filler.unlink()
+        wait_for(lambda: all(1 in d.accepted_rounds() for d in burst), 30, "the burst accepted", [server])
+        wait_for(
+            lambda: metric(server.metrics(), "fedlora_rounds_completed_total") >= 1, 20, "round 1 to complete", [server]
+        )
+        server.stop()
+        check_completed_round(server, 1, devices, devices, initial)
         assert "Traceback" not in server.text(), server.tail()
     finally:
         server.kill()

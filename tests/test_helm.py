@@ -129,6 +129,7 @@ WRONG_VALUES = {
     "config: {rounds: {norm_bound: drop}}": "config.rounds.norm_bound: config.rounds.norm_bound must be one of",
     "config: {device_limits: {partials_per_device: 0}}": "config.device_limits.partials_per_device: Must be greater",
     "config: {device_limits: {messages_per_second: 5}}": "Additional property messages_per_second is not allowed",
+    "config: {commit: {batch: 0}}": "config.commit.batch: Must be greater than or equal to 1",
     "config: {strategy_settings: {rank_norm_power: [1]}}": "config.strategy_settings.rank_norm_power: Invalid type",
     "config: {strategy_settings: {Rank-Norm: 1}}": "config.strategy_settings: Does not match pattern",
     "config: {robust: {method: krum}}": "config.robust.method: config.robust.method must be one of",
@@ -274,6 +275,15 @@ def test_device_limits_reach_the_aggregator_config():
     assert (
         limits.messages_per_s == 20 and limits.byte_burst == 1 << 20 and limits.partials_per_device == 2
     )  # the rest: defaults
+
+
+def test_commit_settings_reach_the_aggregator_config():
+    from core.config import build
+
+    config = server_yaml(render(None, "config.commit.batch=32"))
+    assert config["commit"] == {"batch": 32}
+    commit = build(ServerConfig, config, where="server.yaml").commit
+    assert commit.batch == 32 and commit.checkpoint_bytes == 64 << 20  # the rest: defaults
 
 
 def test_robust_and_privacy_settings_reach_the_aggregator_config():

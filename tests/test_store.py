@@ -468,3 +468,146 @@ def test_sigkill_at_a_random_instant_leaves_a_consistent_commit(tmp_path):
         assert_is_commit(back, n)
         seen = [e["n"] for e in store.events()]
         assert seen == list(range(seen[0], seen[-1] + 1)) and seen[-1] in (n - 1, n) and seen[-1] >= last
+
+
+# -- the update log: group commits between checkpoints -------------------------------------
+
+
+def _round_with_updates(n_devices: int = 9):
+    from server.rounds import Coordinator, RoundSettings
+    from server.strategies import make_strategy
+
+    shapes = {"m.lora_A.weight": (2, 3), "m.lora_B.weight": (4, 2), "head.weight": (5,)}
+    strategy = make_strategy("fedavg", shapes, rank=2)
+    settings = RoundSettings(min_devices=1, norm_clip_multiple=0, max_weight_ratio=0)
+    c = Coordinator(settings, strategy, "j", time.time)
+    for j in range(n_devices):
+        c.device_status(f"d{j}", True, rank=2)
+    assert c.maybe_open() is not None
+    rng = np.random.default_rng(7)
+
+    def update(j: int):
+        from server.strategies.base import ClientUpdate
+
+        tensors = {k: rng.normal(0, 1, s).astype(np.float32) for k, s in shapes.items()}
+        return ClientUpdate(f"d{j}", c.open.round, 2, j + 1, tensors, {"train_loss": float(j)})
+
+    return c, strategy, update
+
+
+def _save_open(store: StateStore, c) -> None:
+    store.save(
+        job="j", next_round=c.next_round, completed=0, version=0, history=[], global_adapter={}, open_round=c.open
+    )
+
+
+def test_committed_updates_replay_onto_the_last_checkpoint_exactly(tmp_path):
+    """Batches committed as rows with their tensors, as rows beside a checkpoint of the sums, and
+    as tensors again: loading gives the round exactly as it was in memory (same sums, bit for bit,
+    same accepted order, norms and devices), and a full save drops the rows it covers."""
+    c, strategy, update = _round_with_updates()
+    store = StateStore(tmp_path)
+    _save_open(store, c)
+    j = 0
+    for size, with_sums in ((2, False), (3, True), (1, False), (3, False)):
+        records = [c.add(update(j + i), norm=0.5 + j + i) for i in range(size)]
+        j += size
+        store.append(c.open.round, records, c.open.partial if with_sums else None)
+    back = StateStore(tmp_path).load(strategy)
+    rnd, want = back["open_round"], c.open
+    assert [r.seq for r in back["replay"]] == [6, 7, 8, 9]  # the tensor rows after the sums' checkpoint
+    assert list(rnd.accepted.items()) == list(want.accepted.items())
+    assert rnd.norms == want.norms and rnd.partial.devices == want.partial.devices
+    assert (rnd.partial.count, rnd.partial.weight) == (want.partial.count, want.partial.weight)
+    assert set(rnd.partial.sums) == set(want.partial.sums)
+    for k, v in want.partial.sums.items():
+        assert np.array_equal(rnd.partial.sums[k], v), k
+    # without a strategy the caller replays: the rows come back as the updates were added
+    plain = StateStore(tmp_path).load()
+    assert len(plain["open_round"].accepted) == 5
+    assert [r.update.device for r in plain["replay"]] == ["d5", "d6", "d7", "d8"]
+    assert plain["replay"][0].update.metrics == {"train_loss": 5.0}
+    _save_open(store, c)  # a checkpoint of the whole round
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("SELECT count(*) FROM updates").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM update_tensors").fetchone()[0] == 0
+    again = StateStore(tmp_path).load(strategy)
+    assert again["replay"] == [] and list(again["open_round"].accepted) == list(want.accepted)
+
+
+def test_the_tensors_a_sums_checkpoint_holds_are_dropped_a_few_per_commit(tmp_path):
+    """No commit frees every covered tensor row at once (a latency spike): each drops as many as
+    it adds, plus one, so they drain while the log stays bounded."""
+    c, strategy, update = _round_with_updates()
+    store = StateStore(tmp_path)
+    _save_open(store, c)
+
+    def tensor_rows() -> list[int]:
+        with sqlite3.connect(tmp_path / "state.db") as db:
+            return [seq for (seq,) in db.execute("SELECT seq FROM update_tensors ORDER BY seq")]
+
+    for j in range(5):
+        store.append(c.open.round, [c.add(update(j))])
+    assert tensor_rows() == [1, 2, 3, 4, 5]
+    store.append(c.open.round, [c.add(update(5))], c.open.partial)  # the sums hold 1-6 now
+    assert tensor_rows() == [3, 4, 5]
+    store.append(c.open.round, [c.add(update(6))])
+    assert tensor_rows() == [5, 7]
+    store.append(c.open.round, [c.add(update(7))])
+    assert tensor_rows() == [7, 8]
+    back = StateStore(tmp_path).load(strategy)
+    assert [r.seq for r in back["replay"]] == [7, 8] and back["open_round"].partial.count == 8
+    for k, v in c.open.partial.sums.items():
+        assert np.array_equal(back["open_round"].partial.sums[k], v), k
+
+
+def test_an_append_by_a_fenced_store_commits_nothing(tmp_path):
+    c, strategy, update = _round_with_updates()
+    old = StateStore(tmp_path)
+    _save_open(old, c)
+    old.append(c.open.round, [c.add(update(0))])
+    StateStore(tmp_path).claim_term()
+    with pytest.raises(StaleTerm):
+        old.append(c.open.round, [c.add(update(1))])
+    back = StateStore(tmp_path).load(strategy)
+    assert list(back["open_round"].accepted) == ["d0"]
+
+
+def test_a_gap_in_the_update_log_is_refused_with_a_clear_error(tmp_path):
+    c, strategy, update = _round_with_updates()
+    store = StateStore(tmp_path)
+    _save_open(store, c)
+    store.append(c.open.round, [c.add(update(0)), c.add(update(1))])
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("DELETE FROM updates WHERE seq = 1")
+    with pytest.raises(StoreUnavailable, match="committed update 2 where 1 was due"):
+        StateStore(tmp_path).load(strategy)
+
+
+def test_a_format_2_database_is_upgraded_in_place(tmp_path):
+    """A database of the store before the update log (format 2: the partial's devices in its
+    state row, no ``updates`` tables) opens as format 3 with its open round intact."""
+    c, strategy, update = _round_with_updates()
+    c.add(update(0), norm=0.5)
+    c.add(update(1), norm=1.5)
+    store = StateStore(tmp_path)
+    _save_open(store, c)
+    store.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:  # as format 2 wrote it
+        db.execute("DROP TABLE updates")
+        db.execute("DROP TABLE update_tensors")
+        db.execute("UPDATE meta SET value = 2 WHERE key = 'format'")
+        db.execute("DELETE FROM state WHERE key = 'partial_devices'")
+        p = c.open.partial
+        row = json.dumps({"weight": p.weight, "count": p.count, "devices": list(p.devices)})
+        db.execute("UPDATE state SET value = ? WHERE key = 'partial'", (row,))
+    back = StateStore(tmp_path).load(strategy)
+    rnd = back["open_round"]
+    assert list(rnd.accepted) == ["d0", "d1"] and rnd.partial.devices == ["d0", "d1"] and rnd.norms == [0.5, 1.5]
+    for k, v in c.open.partial.sums.items():
+        assert np.array_equal(rnd.partial.sums[k], v), k
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == 3
+    store = StateStore(tmp_path)
+    store.append(rnd.round, [c.add(update(2))])  # and the log works from there
+    assert list(StateStore(tmp_path).load(strategy)["open_round"].accepted) == ["d0", "d1", "d2"]
