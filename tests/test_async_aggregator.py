@@ -207,3 +207,26 @@ def test_real_devices_of_different_speeds_make_a_version_every_k_updates(
     assert max(h["staleness_max"] for h in history) >= 1
     report = (cfg.out / "report.md").read_text()
     assert "## Asynchronous rounds: staleness per version" in report and "| 3 | 2 |" in report
+
+
+def test_a_burst_of_updates_never_overfills_a_buffer(tmp_path, minilm_bundle, mosquitto):
+    """Three updates arrive together (one batch for the group commit): the buffer of two is
+    applied after the second, and the third goes into the next buffer, one version stale."""
+    bundle = Bundle(minilm_bundle)
+    agg, stop, thread, link = start(minilm_bundle, tmp_path / "state", mosquitto.url, rounds=0)
+    devices = [FakeDevice(mosquitto.url, JOB, d) for d in ("b1", "b2", "b3")]
+    try:
+        for dev in devices:
+            dev.online()
+        wait_for(devices[0].open_round, what="the first buffer")
+        for dev in devices:
+            dev.send(update_payload(bundle, JOB, dev.id, 1, base_version=0))
+        for dev in devices:
+            wait_for(lambda d=dev: d.ack_count() >= 1, what=f"the ack of {dev.id}")
+            assert dev.acks[-1]["result"] == "accepted"
+        assert agg.history[0]["buffer_updates"] == 2 and agg.coordinator.version == 1
+        assert len(agg.coordinator.open.accepted) == 1 and agg.coordinator.open.staleness == [1]
+    finally:
+        stop_aggregator(stop, thread, link)
+        for dev in devices:
+            dev.link.close()
