@@ -689,7 +689,6 @@ class Aggregator:
             self.metrics.updates_bounded.labels("weight_capped").inc()
         staleness = {}
         if self.asynchronous:
-            self.metrics.update_staleness.observe(bounded.staleness)
             self.metrics.buffer_updates.set(len(self.coordinator.open.accepted) if self.coordinator.open else 0)
             staleness = {"staleness": bounded.staleness, "staleness_weight": round(bounded.staleness_weight, 6)}
         return "update_accepted", dict(
@@ -802,6 +801,8 @@ class Aggregator:
         if self.asynchronous:
             entry.update(buffer_summary(outcome))
             self.metrics.buffer_updates.set(0)
+            self.metrics.buffer_staleness.labels("mean").set(entry["staleness_mean"])
+            self.metrics.buffer_staleness.labels("max").set(entry["staleness_max"])
         entry.update(_summarize(self._round_metrics))
         self.metrics.round_duration.observe(outcome.duration)
         self.metrics.selected.set(len(outcome.selected))

@@ -52,11 +52,11 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
-        self.update_staleness = Histogram(
-            "fedlora_update_staleness_versions",
-            "Async rounds: how many global versions behind each accepted update was",
+        self.buffer_staleness = Gauge(
+            "fedlora_buffer_staleness",
+            "Async rounds: staleness (global versions behind) of the updates in the last applied buffer",
+            ["stat"],
             registry=r,
-            buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 100),
         )
         self.buffer_updates = Gauge(
             "fedlora_buffer_updates", "Async rounds: accepted updates in the buffer of the next version", registry=r

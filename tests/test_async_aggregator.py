@@ -149,8 +149,9 @@ def test_versions_every_k_updates_staleness_weights_refusals_and_a_restart_mid_b
         from prometheus_client import generate_latest
 
         text = generate_latest(agg.metrics.registry).decode()
-        assert 'fedlora_update_staleness_versions_bucket{le="0.0"} 1.0' in text  # d3's, since the restart
-        assert "fedlora_update_staleness_versions_count 1.0" in text
+        assert 'fedlora_buffer_staleness{stat="mean"} 0.5' in text  # buffer 3, applied since the restart
+        assert 'fedlora_buffer_staleness{stat="max"} 1.0' in text
+        assert "fedlora_buffer_updates 0.0" in text
 
         def finished_announcement():
             devices["d1"].pump()
