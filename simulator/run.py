@@ -689,9 +689,14 @@ def _print_eval(what: str, ev: dict) -> None:
 def _print_round(h: dict, rounds: int, evaluating: bool = False) -> None:
     ev = h.get("eval") or {}
     scores = "evaluating" if evaluating else _scores(ev) if ev else "not evaluated"
+    who = (
+        f"{h['buffer_updates']} updates (staleness mean {h['staleness_mean']:.2f}, max {h['staleness_max']})"
+        if "buffer_updates" in h  # async rounds: one applied buffer
+        else f"{h['participants']}/{h['selected']} devices"
+    )
     print(
         f"[simulate] round {h['round']}/{rounds} {'ok' if h['ok'] else 'FAILED: ' + h['reason']}: "
-        f"{scores}, {h['participants']}/{h['selected']} devices, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
+        f"{scores}, {who}, {h['uplink_bytes_wire'] / 1e6:.2f} MB up, "
         f"{h['duration_s']:.0f}s",
         flush=True,
     )
