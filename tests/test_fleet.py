@@ -1,0 +1,67 @@
+"""Many virtual devices over a Ray worker pool: a real run through a real Mosquitto with a real
+exported bundle, client sampling, an availability trace and stragglers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core.errors import ConfigError
+from simulator.fleet import FleetSettings, availability_trace, straggler_slowdowns
+from simulator.run import SimulateConfig, run_simulation
+
+
+def test_two_hundred_virtual_devices_on_two_ray_workers(tmp_path, minilm_bundle, mosquitto):
+    pytest.importorskip("ray", reason="the worker pool needs Ray (scripts/setup.sh installs it)")
+    fleet = {"workers": 2, "participation": 0.05, "availability": 0.5, "stragglers": 0.2, "straggler_slowdown": 2.0}
+    cfg = SimulateConfig(
+        bundle=minilm_bundle,
+        devices=200,
+        rounds=2,
+        local_steps=2,
+        batch_size=4,
+        max_train=1000,
+        eval_max=20,
+        broker=mosquitto.url,
+        out=tmp_path / "run",
+        fleet=fleet,
+    )
+    result = run_simulation(cfg)
+    history = result["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(h["ok"] and h["selected"] == 10 and h["participants"] == 10 for h in history)
+    assert all(h["online"] >= 10 and h["participation"] == 0.05 for h in history)
+    events = [json.loads(x) for x in (cfg.out / "aggregator" / "events.jsonl").read_text().splitlines()]
+    accepted = [(e["device"], e["round"]) for e in events if e["event"] == "update_accepted"]
+    assert len(accepted) == 20
+    # Each device that reported has its own persisted state: its round acknowledged, its adapter.
+    for device, rnd in accepted:
+        folder = cfg.out / "devices" / device / "state"
+        assert json.loads((folder / "state.json").read_text())["last_round"] >= rnd
+        assert (folder / "adapter.npz").stat().st_size > 0
+    reported = {d for d, _ in accepted}
+    untouched = [d for d in (cfg.out / "devices").iterdir() if d.name not in reported]
+    assert len(untouched) == 200 - len(reported)
+    assert not any((d / "state" / "adapter.npz").exists() for d in untouched)  # no one else trained
+    report = (cfg.out / "report.md").read_text()
+    assert "## Participation" in report and "workers 2" in report
+    assert len(list((cfg.out / "workers").glob("worker*.log"))) == 2
+
+
+def test_the_availability_trace_keeps_enough_devices_online_to_sample():
+    trace = availability_trace(100, 20, 0.3, least=40, seed=0)
+    assert trace.shape == (100, 21) and (trace.sum(axis=0) >= 40).all()
+    assert 0.3 <= trace.mean() <= 0.5  # mostly 30% online, topped up where a round had too few
+    slow = straggler_slowdowns(100, FleetSettings(stragglers=0.2, straggler_slowdown=5.0), seed=0)
+    assert sorted(np.unique(slow)) == [1.0, 5.0] and (slow == 5.0).sum() == 20
+
+
+def test_fleet_settings_refuse_what_cannot_run():
+    with pytest.raises(ConfigError, match="participation"):
+        FleetSettings(participation=0)
+    with pytest.raises(ConfigError, match="worker pool"):
+        FleetSettings(availability=0.5)
+    with pytest.raises(ConfigError, match="mixed ranks"):
+        SimulateConfig(devices=10, ranks=(2, 4), fleet={"workers": 2})
