@@ -21,6 +21,7 @@ stragglers whose updates take ``straggler_slowdown`` times as long.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -37,13 +38,19 @@ from core.transport import BrokerConfig, MqttLink
 
 log = logging.getLogger("fedlora.fleet")
 
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+# More devices than this run as virtual devices on the pool unless told otherwise: a device
+# process holds its own ONNX Runtime session (about 250 MiB for MiniLM-L6).
+MAX_DEVICE_PROCESSES = 32
+
 
 @dataclass
 class FleetSettings:
     """Many devices on few processes (``simulator.fleet``), client sampling and availability.
 
     workers: Ray worker processes the devices are multiplexed over, each with one ONNX Runtime
-        session (0: no pool, every device its own process).
+        session; 0: automatic: every device its own process up to ``MAX_DEVICE_PROCESSES``
+        devices (and no availability trace), else one worker per core.
     participation: fraction of the devices sampled per round (1: every online device).
     availability: fraction of the rounds each device is online (a fixed random trace per
         seed; only online devices are sampled). Needs ``workers``.
@@ -66,12 +73,16 @@ class FleetSettings:
             raise ConfigError(f"participation must be in (0, 1], got {self.participation}")
         if not 0 < self.availability <= 1:
             raise ConfigError(f"availability must be in (0, 1], got {self.availability}")
-        if self.availability < 1 and not self.workers:
-            raise ConfigError("availability below 1 needs the worker pool (workers >= 1)")
         if not 0 <= self.stragglers <= 1:
             raise ConfigError(f"stragglers must be in [0, 1], got {self.stragglers}")
         if not 1 <= self.straggler_slowdown <= 1000:
             raise ConfigError(f"straggler_slowdown must be in [1, 1000], got {self.straggler_slowdown}")
+
+    def resolved(self, devices: int) -> FleetSettings:
+        """These settings with ``workers`` decided for ``devices`` devices (see ``workers``)."""
+        if self.workers or (devices <= MAX_DEVICE_PROCESSES and self.availability == 1):
+            return self
+        return dataclasses.replace(self, workers=os.cpu_count() or 1)
 
     def sampled(self, devices: int) -> int:
         """Devices sampled per round out of ``devices``."""
@@ -232,9 +243,13 @@ class FleetPool:
         self._ray = ray
         self._started_ray = False
         if not ray.is_initialized():
+            local = not settings.ray_address
             ray.init(
                 address=settings.ray_address or None,
-                num_cpus=None if settings.ray_address else max(len(workers), os.cpu_count() or 1),
+                num_cpus=max(len(workers), os.cpu_count() or 1) if local else None,
+                # the workers pass little but their results: a small object store (Ray's default
+                # takes 30% of the memory)
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES if local else None,
                 include_dashboard=False,
                 log_to_driver=False,  # the workers log to files in the run's folder
                 logging_level=logging.WARNING,

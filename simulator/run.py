@@ -180,7 +180,7 @@ def fleet_settings(cfg: SimulateConfig) -> FleetSettings:
     """``cfg.fleet`` built (and checked) as ``FleetSettings``."""
     from core.config import build
 
-    return build(FleetSettings, dict(cfg.fleet), where="simulate fleet")
+    return build(FleetSettings, dict(cfg.fleet), where="simulate fleet").resolved(cfg.devices)
 
 
 def ensure_bundle(
