@@ -32,6 +32,22 @@ def _flag_type(kind: type):
     return boolean
 
 
+def _field_help(cls: type) -> dict[str, str]:
+    """``name: text`` entries of a settings class's docstring (continuation lines indented), by name."""
+    found: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").splitlines():
+        head, sep, text = line.strip().partition(": ")
+        if sep and line.startswith("    ") and not line.startswith("        ") and head.isidentifier():
+            name = head
+            found[name] = text
+        elif name and line.startswith("        "):
+            found[name] += " " + line.strip()
+        else:
+            name = None
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora", description="fedlora: federated LoRA on edge devices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     for group, prefix, cls in NESTED:
         nested = sim.add_argument_group(group, f"{group}: ({cls.__module__}.{cls.__name__})")
         hints = typing.get_type_hints(cls)
+        described = _field_help(cls)
         for f in dataclasses.fields(cls):
             nested.add_argument(
                 f"--{prefix}-{f.name.replace('_', '-')}" if prefix else f"--{f.name.replace('_', '-')}",
                 dest=f"{group}_{f.name}",
                 type=_flag_type(hints[f.name]),
                 metavar=hints[f.name].__name__.upper(),
-                help=f"{group}.{f.name} (default {f.default!r})",
+                help=f"{described[f.name]} " if f.name in described else f"{group}.{f.name} (default {f.default!r})",
             )
     sim.add_argument(
         "--devices-per-round", type=int, help="devices selected at random per round (default 0: every device)"

@@ -49,11 +49,11 @@ class FleetSettings:
     """Many devices on few processes (``simulator.fleet``), client sampling and availability.
 
     workers: Ray worker processes the devices are multiplexed over, each with one ONNX Runtime
-        session; 0: automatic: every device its own process up to ``MAX_DEVICE_PROCESSES``
-        devices (and no availability trace), else one worker per core.
+        session; 0: automatic: every device its own process up to 32 devices (without an
+        availability trace), else one worker per core.
     participation: fraction of the devices sampled per round (1: every online device).
     availability: fraction of the rounds each device is online (a fixed random trace per
-        seed; only online devices are sampled). Needs ``workers``.
+        seed; only online devices are sampled).
     stragglers: fraction of the devices that are slow.
     straggler_slowdown: how many times longer a straggler takes to train and send an update.
     ray_address: a Ray cluster to run the workers on (empty: a local Ray on this machine).

@@ -66,3 +66,27 @@ def test_fleet_settings_refuse_what_cannot_run():
     assert FleetSettings().resolved(1000).workers >= 1 and FleetSettings().resolved(10).workers == 0
     with pytest.raises(ConfigError, match="mixed ranks"):
         SimulateConfig(devices=10, ranks=(2, 4), fleet={"workers": 2})
+
+
+def test_simulate_flags_reach_the_fleet_settings_and_the_round_settings(monkeypatch):
+    from pathlib import Path
+
+    from simulator import cli, run
+
+    seen = []
+    monkeypatch.setattr(run, "run_simulation", lambda cfg: seen.append(cfg))
+    argv = ["simulate", "--devices", "1000", "--participation", "0.05", "--availability", "0.3"]
+    argv += ["--stragglers", "0.2", "--straggler-slowdown", "5", "--ray-address", "ray://head:10001"]
+    assert cli.main(argv) == 0
+    assert seen[0].fleet == {
+        "participation": 0.05,
+        "availability": 0.3,
+        "stragglers": 0.2,
+        "straggler_slowdown": 5.0,
+        "ray_address": "ray://head:10001",
+    }
+    fleet = run.fleet_settings(seen[0])
+    assert fleet.workers >= 1 and fleet.sampled(1000) == 50  # the pool, decided for 1,000 devices
+    server = run.server_config(seen[0], "job", Path("b"), run.BrokerConfig(url="mqtt://x:1"), Path("s"))
+    assert server.rounds.devices_per_round == 50 and server.rounds.min_devices == 50
+    assert cli.main(["simulate", "--participation", "0"]) == 2  # refused before any work
