@@ -11,7 +11,8 @@ Two configurations of the same small job, run one after the other in this invoca
 Per update (device, round): the ack latency, from the device's log line "update sent" to
 "update accepted"; how often a device sent a round's update again for want of an ack; and the
 number of tracebacks in the simulator's terminal (stdout and stderr of ``fedlora simulate``).
-The section of ``docs/benchmarks.md`` is rewritten.
+Rows are appended to ``docs/responsiveness_bench.json`` and the section of
+``docs/benchmarks.md`` renders them all.
 
     .venv/bin/python bench/responsiveness_bench.py --devices 8 --rounds 3 --max-train 1200
 """
@@ -37,6 +38,7 @@ from devkit.docsection import DocSection, command_line  # noqa: E402
 SECTION = DocSection(
     "responsiveness_bench", "bench/responsiveness_bench.py", "## A device that trains still answers (issue 18)"
 )
+RESULTS = ROOT / "docs" / "responsiveness_bench.json"  # every invocation's rows; the section renders them all
 CONFIGS = {
     "before": (["--embedded-broker", "amqtt"], {"FEDLORA_DEVICE_ISOLATE_TRAINING": "false"}),
     "after": ([], {}),
@@ -137,6 +139,8 @@ def run_one(name: str, args) -> dict:
         str(args.max_train),
         "--eval-max",
         str(args.eval_max),
+        "--batch-size",
+        str(args.batch_size),
         "--seed",
         "0",
         "--out",
@@ -177,26 +181,28 @@ def render_stalls(rows: list[dict]) -> str:
     )
 
 
-def render(rows: list[dict], args, load: tuple[float, float, float]) -> str:
+def render(rows: list[dict]) -> str:
     head = (
-        "| configuration | updates | ack latency median (s) | ack latency max (s) | updates sent again | "
-        "tracebacks in the terminal | round median (s) | run (s) |\n|---|---|---|---|---|---|---|---|\n"
+        "| devices | batch | configuration | updates | ack latency median (s) | ack latency max (s) | "
+        "updates sent again | tracebacks in the terminal | round median (s) | run (s) | load average before |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     labels = {
         "before": "before: embedded amqtt, training on the device's main thread",
         "after": "after: embedded Mosquitto, training in a child process",
     }
     body = "".join(
-        f"| {labels[r['config']]} | {r['updates']} | {r['ack_median_s']:.2f} | {r['ack_max_s']:.2f} | {r['repeats']} | "
-        f"{r['tracebacks']} | {r['round_median_s']:.1f} | {r['wall_s']:.0f} |\n"
+        f"| {r['devices']} | {r['batch_size']} | {labels[r['config']]} | {r['updates']} | {r['ack_median_s']:.2f} | "
+        f"{r['ack_max_s']:.2f} | {r['repeats']} | {r['tracebacks']} | {r['round_median_s']:.1f} | {r['wall_s']:.0f} | "
+        f"{r['load']} |\n"
         for r in rows
     )
     return (
-        f"BBC News, MiniLM-L6 rank 8 at 128 tokens, {args.devices} device processes, {args.rounds} rounds of the "
-        f"default 20 steps of 8, {args.max_train} training examples; both configurations in one invocation, one "
-        f"after the other, on a shared 2-core machine (load average before the runs {load[0]:.1f}, "
-        f"{load[1]:.1f}, {load[2]:.1f}). Ack latency: from a device's log line `update sent` to `update accepted`, "
-        "per update.\n\n" + head + body
+        "BBC News, MiniLM-L6 rank 8 at 128 tokens, device processes training the default 20 steps per round on "
+        f"{rows[0]['max_train']} training examples for {rows[0]['rounds']} rounds; before and after run one after the "
+        "other in one invocation (a row pair per invocation), on a shared 2-core machine. Ack latency: from a device's "
+        "log line `update sent` to `update accepted`, per update; a larger batch makes each step (and so each "
+        "stall of the network thread) longer.\n\n" + head + body
     )
 
 
@@ -206,18 +212,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-train", type=int, default=1200)
     parser.add_argument("--eval-max", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8, help="larger: longer steps (the stall grows with them)")
     parser.add_argument("--device-python", default=str(ROOT / ".venv-edge" / "bin" / "python"))
     parser.add_argument("--configs", default="before,after")
     args = parser.parse_args()
     load = os.getloadavg()
     stalls = thread_stalls(default_bundle())
     print(json.dumps(stalls), flush=True)
-    rows = []
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for name in args.configs.split(","):
-        rows.append(run_one(name, args))
-        print(json.dumps(rows[-1]), flush=True)
+        row = run_one(name, args)
+        row.update(devices=args.devices, batch_size=args.batch_size, rounds=args.rounds, max_train=args.max_train)
+        row["load"] = ", ".join(f"{x:.1f}" for x in load)
+        rows.append(row)
+        RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+        print(json.dumps(row), flush=True)
     argv = [a for a in sys.argv[1:]]
-    body = render(rows, args, load) + "\n" + render_stalls(stalls)
+    body = render(rows) + "\n" + render_stalls(stalls)
     SECTION.write(command_line("bench/responsiveness_bench.py", argv), body, f"({datetime.now():%Y-%m-%d})")
     print(body)
     return 0
