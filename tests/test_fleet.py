@@ -90,3 +90,33 @@ def test_simulate_flags_reach_the_fleet_settings_and_the_round_settings(monkeypa
     server = run.server_config(seen[0], "job", Path("b"), run.BrokerConfig(url="mqtt://x:1"), Path("s"))
     assert server.rounds.devices_per_round == 50 and server.rounds.min_devices == 50
     assert cli.main(["simulate", "--participation", "0"]) == 2  # refused before any work
+
+
+def test_virtual_devices_sharing_a_session_each_train_from_their_own_adapter(tmp_path, minilm_bundle):
+    """FedSA-LoRA's personal B, say: what the aggregator does not send stays each device's own."""
+    from core.bundle import Bundle
+    from edge_client.device import Device, DeviceConfig, SharedTrainer
+    from edge_client.runtime import RuntimeOptions, Trainer
+
+    bundle = Bundle(minilm_bundle)
+    trainer = Trainer(bundle, options=RuntimeOptions(intra_op_threads=1))
+    shared = SharedTrainer(bundle, trainer, trainer.get_adapter())
+    data = tmp_path / "local.csv"
+    data.write_text("text,label\n" + "".join(f"story {i},business\n" for i in range(10)))
+    a, b = (
+        Device(DeviceConfig(device_id=n, bundle=minilm_bundle, data=data, state_dir=tmp_path / n), shared=shared)
+        for n in ("a", "b")
+    )
+    personal = {p.name for p in bundle.manifest.trainable if p.role != "lora_A"}
+    own = {k: v + 0.5 for k, v in shared.initial.items()}
+    a.state.save_adapter(own)  # a trained before; b never did
+    sent = {k: v for k, v in shared.initial.items() if k not in personal}  # the global: the A factors only
+    for device in (a, b):
+        device.global_tensors = sent
+    a._start_from_global()
+    held = trainer.get_adapter()
+    assert all(np.array_equal(held[k], own[k]) for k in personal)
+    b._start_from_global()  # b's turn: the bundle's adapter, not a's
+    held = trainer.get_adapter()
+    assert all(np.array_equal(held[k], shared.initial[k]) for k in personal)
+    assert all(np.array_equal(held[k], sent[k]) for k in sent)
