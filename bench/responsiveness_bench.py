@@ -117,6 +117,10 @@ def thread_stalls(bundle_dir: Path, steps: int = 10) -> list[dict]:
     return rows
 
 
+def _count(path: Path, text: str) -> int:
+    return path.read_text(errors="replace").count(text) if path.exists() else 0
+
+
 def _tick(ticks: list[float], stop) -> None:
     while not stop.is_set():
         ticks.append(time.perf_counter())
@@ -164,6 +168,8 @@ def run_one(name: str, args) -> dict:
         "ack_max_s": max(latencies),
         "repeats": repeats,
         "tracebacks": terminal.count("Traceback"),
+        # amqtt gives a delivery up after 5 s without the client's PUBACK (its log, one line each)
+        "broker_timeouts": _count(out / "broker.log", "Timeout waiting for PUBACK"),
         "round_median_s": statistics.median(h["duration_s"] for h in history),
         "wall_s": wall,
     }
@@ -184,8 +190,8 @@ def render_stalls(rows: list[dict]) -> str:
 def render(rows: list[dict]) -> str:
     head = (
         "| devices | batch | configuration | updates | ack latency median (s) | ack latency max (s) | "
-        "updates sent again | tracebacks in the terminal | round median (s) | run (s) | load average before |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "updates sent again | deliveries the broker gave up | tracebacks in the terminal | round median (s) | "
+        "run (s) | load average before |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     labels = {
         "before": "before: embedded amqtt, training on the device's main thread",
@@ -193,7 +199,7 @@ def render(rows: list[dict]) -> str:
     }
     body = "".join(
         f"| {r['devices']} | {r['batch_size']} | {labels[r['config']]} | {r['updates']} | {r['ack_median_s']:.2f} | "
-        f"{r['ack_max_s']:.2f} | {r['repeats']} | {r['tracebacks']} | {r['round_median_s']:.1f} | {r['wall_s']:.0f} | "
+        f"{r['ack_max_s']:.2f} | {r['repeats']} | {r.get('broker_timeouts', 'not counted')} | {r['tracebacks']} | {r['round_median_s']:.1f} | {r['wall_s']:.0f} | "
         f"{r['load']} |\n"
         for r in rows
     )
