@@ -1,8 +1,11 @@
 """``fedlora simulate``: the whole system on one machine.
 
 Exports (or reuses) the bundle, splits a real data set across N devices, starts an embedded
-broker (or uses ``--broker``), runs the aggregator in this process and every device as a
-separate process with its own ONNX Runtime session and data shard, and writes a report.
+broker (Mosquitto, or amqtt where Mosquitto is not installed; or uses ``--broker``, whose
+retained topics of the job it clears at the end), runs the aggregator in this process and
+every device as a separate process with its own ONNX Runtime session and data shard (or, for
+many devices, as virtual devices over a pool of Ray workers: ``simulator.fleet``), and writes
+a report.
 """
 
 from __future__ import annotations
@@ -90,6 +93,11 @@ class SimulateConfig:
         aggregation, differential privacy); ``fedlora simulate`` has ``--robust-*`` and ``--dp-*`` flags.
     max_train: subsample the training set (0: all) for quick runs.
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
+    broker: an external broker's URL (the job's retained topics are cleared when the run ends);
+        none: an embedded one, ``embedded_broker``: auto (Mosquitto when installed, else
+        amqtt), mosquitto or amqtt; its log goes to ``out``/broker.log.
+    fleet: ``simulator.fleet.FleetSettings`` as a mapping (worker pool, participation,
+        availability trace, stragglers, Ray address).
     """
 
     task: str = "seq-cls"
