@@ -729,7 +729,11 @@ def write_outputs(
         "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
         "broker": cfg.broker or f"embedded ({cfg.embedded_broker})",
         "seed": cfg.seed,
-        "fleet": ", ".join(f"{k} {v}" for k, v in vars(fleet).items() if v not in ("", 0))
+        "fleet": ", ".join(
+            f"{k} {v}"
+            for k, v in vars(fleet).items()
+            if v not in ("", 0) and (k != "straggler_slowdown" or fleet.stragglers)
+        )
         if fleet.workers
         else "one process per device",
         "trained adapter": "adapter/ (PEFT: PeftModel.from_pretrained(model, 'adapter'))",
