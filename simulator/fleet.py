@@ -252,7 +252,7 @@ class FleetPool:
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES if local else None,
                 include_dashboard=False,
                 log_to_driver=False,  # the workers log to files in the run's folder
-                logging_level=logging.WARNING,
+                logging_level=logging.ERROR,  # not its notices (token authentication...) in the terminal
             )
             self._started_ray = True
         remote = ray.remote(num_cpus=1, max_restarts=0)(_FleetActor)
