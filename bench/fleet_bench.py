@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not ins
 from devkit.assets import cached_export, model_dir  # noqa: E402
 from devkit.docsection import DocSection, command_line  # noqa: E402
 
-SECTION = DocSection("fleet_bench", "bench/fleet_bench.py", "## Thousands of simulated devices on Ray (issue 18)")
+SECTION = DocSection("fleet_bench", "bench/fleet_bench.py", "## Thousands of simulated devices on Ray")
 PNG = ROOT / "docs" / "fleet_bench.png"
 BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 # (devices, workers, participation): the baseline (one process per device) and the pool at the

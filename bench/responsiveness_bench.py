@@ -2,7 +2,7 @@
 
 Two configurations of the same small job, run one after the other in this invocation:
 
-- ``before``: what ``fedlora simulate`` did up to issue 18: the embedded amqtt broker and each
+- ``before``: what ``fedlora simulate`` did before training moved to a child process: the embedded amqtt broker and each
   device training in its own process's main thread (``FEDLORA_DEVICE_ISOLATE_TRAINING=false``),
   so ONNX Runtime's step holds the GIL that paho's network thread needs;
 - ``after``: today's defaults: the embedded Mosquitto (amqtt where Mosquitto is not installed)
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not ins
 from devkit.docsection import DocSection, command_line  # noqa: E402
 
 SECTION = DocSection(
-    "responsiveness_bench", "bench/responsiveness_bench.py", "## A device that trains still answers (issue 18)"
+    "responsiveness_bench", "bench/responsiveness_bench.py", "## A device that trains still answers"
 )
 RESULTS = ROOT / "docs" / "responsiveness_bench.json"  # every invocation's rows; the section renders them all
 CONFIGS = {
