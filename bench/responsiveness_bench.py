@@ -35,9 +35,7 @@ sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not ins
 
 from devkit.docsection import DocSection, command_line  # noqa: E402
 
-SECTION = DocSection(
-    "responsiveness_bench", "bench/responsiveness_bench.py", "## A device that trains still answers"
-)
+SECTION = DocSection("responsiveness_bench", "bench/responsiveness_bench.py", "## A device that trains still answers")
 RESULTS = ROOT / "docs" / "responsiveness_bench.json"  # every invocation's rows; the section renders them all
 CONFIGS = {
     "before": (["--embedded-broker", "amqtt"], {"FEDLORA_DEVICE_ISOLATE_TRAINING": "false"}),
