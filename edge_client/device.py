@@ -8,11 +8,10 @@ training and acknowledgement loses nothing), and the local adapter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
-import resource
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,7 +60,8 @@ from edge_client.device_state import DeviceState
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from edge_client.instruct import encode_causal_lm_file
 from edge_client.privacy import Privatizer
-from edge_client.runtime import RuntimeOptions, Trainer
+from edge_client.runtime import RuntimeOptions, Trainer, peak_rss_bytes
+from edge_client.trainer_process import TrainerProcess, TrainerProcessDied
 
 log = logging.getLogger("fedlora.device")
 
@@ -90,6 +90,13 @@ class DeviceConfig:
     train_window: local time span ``"HH:MM-HH:MM"`` in which to train (may cross midnight:
         ``"22:00-06:00"``); outside it an open round waits, pending updates are still sent.
         Empty: any time.
+    slowdown: a simulated straggler (the simulator's availability traces): hold each trained
+        update for ``(slowdown - 1)`` times its training time before sending it, as a device
+        this many times slower would; 1: send at once.
+    isolate_training: train in a child process (``edge_client.trainer_process``) so the MQTT
+        connection keeps answering while a step runs (ONNX Runtime holds the GIL for a whole
+        step); false: train in this process (one interpreter less, about 20 MiB, for a device
+        whose steps are short and whose broker waits).
     """
 
     device_id: str = ""
@@ -109,6 +116,8 @@ class DeviceConfig:
     seed: int = 0
     exit_when_finished: bool = False
     train_window: str = ""
+    isolate_training: bool = True
+    slowdown: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -125,6 +134,8 @@ class DeviceConfig:
             raise ConfigError("threads, max_local_steps, memory_budget_mb and rank must be >= 0")
         if self.train_window:
             parse_train_window(self.train_window)
+        if not 1.0 <= self.slowdown <= 1000.0:
+            raise ConfigError(f"slowdown must be in [1, 1000], got {self.slowdown}")
 
 
 def parse_train_window(window: str) -> tuple[int, int]:
@@ -148,18 +159,10 @@ def load_device_config(path: str | Path | None = None, overrides: dict | None = 
     return load(DeviceConfig, path, env_prefix="FEDLORA_DEVICE", overrides=overrides)
 
 
-def peak_rss_bytes() -> int:
-    # Linux: VmHWM, this process's own peak. ru_maxrss also holds the parent's RSS at fork (kept
-    # across exec), so a probe started by the exporter (torch loaded) would report ~1.4 GB.
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+@functools.lru_cache(maxsize=4)
+def _text_encoder(tokenizer: Path, max_length: int, pad_token_id: int) -> TextEncoder:
+    """One tokenizer per bundle in a process, however many (virtual) devices encode with it."""
+    return TextEncoder(tokenizer, max_length, pad_token_id)
 
 
 @dataclass
@@ -179,7 +182,7 @@ def load_local_data(cfg: DeviceConfig, bundle: Bundle) -> LocalData:
     def encode(path: Path) -> EncodedDataset:
         if m.task == "causal-lm":
             return encode_causal_lm_file(path, bundle, cfg.text_column, cfg.label_column)
-        encoder = TextEncoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
+        encoder = _text_encoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
         return encode_classification(read_records(path, cfg.text_column, cfg.label_column), encoder, m.labels)
 
     train = encode(cfg.data)
@@ -207,16 +210,43 @@ def update_delta(local: dict[str, np.ndarray], start_from: dict[str, np.ndarray]
     return truncate_rank({name: local[name] - start_from[name] for name in start_from}, rank)
 
 
+@dataclass
+class SharedTrainer:
+    """One loaded bundle and training session that many virtual devices take turns on (the
+    simulator's fleet workers): before each device trains, the adapter is reset to ``initial``
+    (the bundle's) and the device's own saved adapter loaded over it. The optimizer's moments
+    stay the session's."""
+
+    bundle: Bundle
+    trainer: Trainer | TrainerProcess
+    initial: dict[str, np.ndarray]
+
+
 class Device:
-    def __init__(self, cfg: DeviceConfig, link: MqttLink | None = None):
+    """One device. ``link``: a connection to use instead of its own; ``shared``: a session to
+    take turns on instead of its own (``SharedTrainer``)."""
+
+    def __init__(self, cfg: DeviceConfig, link: MqttLink | None = None, shared: SharedTrainer | None = None):
         self.cfg = cfg
-        self.bundle = Bundle(choose_bundle(cfg.bundle, cfg.memory_budget_mb * 2**20, cfg.rank))
+        self.shared = shared
+        if shared is not None:
+            self.bundle = shared.bundle
+        else:
+            self.bundle = Bundle(choose_bundle(cfg.bundle, cfg.memory_budget_mb * 2**20, cfg.rank))
         self.manifest = self.bundle.manifest
         self.topics = Topics(cfg.job)
         self.data = load_local_data(cfg, self.bundle)
-        self.trainer = Trainer(self.bundle, options=RuntimeOptions(intra_op_threads=cfg.threads))
+        options = RuntimeOptions(intra_op_threads=cfg.threads)
+        self.trainer: Trainer | TrainerProcess
+        if shared is not None:
+            self.trainer = shared.trainer
+        elif cfg.isolate_training:
+            self.trainer = TrainerProcess(self.bundle, options=options)
+        else:
+            self.trainer = Trainer(self.bundle, options=options)
         self.state = DeviceState(Path(cfg.state_dir), cfg.job)
-        self.state.restore_adapter(self.trainer)
+        if shared is None:
+            self.state.restore_adapter(self.trainer)
         # The rank this device downloads, trains and sends: the bundle's, or less once HetLoRA
         # self-pruning gave components up (they stay zero in the bundle's larger tensors).
         self.rank = self.state.rank if self.state.rank and self.state.rank <= self.manifest.rank else self.manifest.rank
@@ -234,6 +264,7 @@ class Device:
         self.global_tensors: dict[str, np.ndarray] | None = None
         self._sent_at: float | None = None
         self._sent_whole_at: float | None = None  # when the broker had acked every chunk of the update
+        self._hold_until = 0.0  # a simulated straggler sends its update no earlier (monotonic)
         self._last_progress = time.monotonic()
         self.rounds_trained = 0
         self._window_wait_round: int | None = None
@@ -326,6 +357,22 @@ class Device:
         self.global_tensors = {k: (held[k] + env.tensors[k]).astype(np.float32) for k in held}
         # Deltas work for us: stop downloading full copies until we fall behind again.
         self.link.unsubscribe(self.topics.global_filter(self.rank))
+
+    def adopt_downlink(self, other: Device) -> None:
+        """Take the announcement and global adapter that ``other``, a device of the same job and
+        rank on the same connection, received (the simulator's fleet workers decode them once)."""
+        ann = other.announcement
+        if ann is not None and ann is not self.announcement:
+            if (
+                ann.is_open
+                and ann.round == self.state.pending_round
+                and self._sent_at is not None
+                and time.monotonic() - self._sent_at > ANNOUNCED_AGAIN_RESEND_S
+            ):
+                self._sent_at = None  # our round announced again: resend now (see _handle_announcement)
+            self.announcement = ann
+        self.global_version, self.global_tensors = other.global_version, other.global_tensors
+        self._last_progress = other._last_progress
 
     def _handle_ack(self, payload: bytes, received_at: float) -> None:
         ack = parse_ack(payload)
@@ -428,6 +475,9 @@ class Device:
         """Load the received global adapter (padded to the bundle's rank) into the trainer; returns
         what the update's delta is taken against."""
         assert self.global_tensors is not None
+        if self.shared is not None:  # our turn on a shared session: our own adapter first
+            self.trainer.set_adapter(self.shared.initial)
+            self.state.restore_adapter(self.trainer)
         return self.trainer.apply_global(pad_rank(self.global_tensors, self.manifest.shapes))
 
     def _train_local_steps(
@@ -478,7 +528,9 @@ class Device:
             "train_seconds": time.perf_counter() - start,
         }
         metrics.update(self._evaluate(batch_size))
-        metrics["peak_rss_bytes"] = peak_rss_bytes()
+        # isolated training: the device's memory is this process's and the training process's
+        isolated = self.trainer.peak_rss_bytes() if isinstance(self.trainer, TrainerProcess) else 0
+        metrics["peak_rss_bytes"] = peak_rss_bytes() + isolated
         return metrics
 
     def _evaluate(self, batch_size: int) -> dict:
@@ -543,12 +595,14 @@ class Device:
         self._announce_online()
 
     def send_pending(self) -> None:
-        payload = self.state.pending_payload()
-        if payload is None:
+        if self.state.pending_round is None or time.monotonic() < self._hold_until:
             return
         if self._sent_at is not None and time.monotonic() - self._sent_at < RESEND_AFTER_S:
             return
         if not self.link.connected.is_set():
+            return
+        payload = self.state.pending_payload()
+        if payload is None:
             return
         self._sent_at = time.monotonic()
         try:
@@ -608,8 +662,11 @@ class Device:
             log.warning("round %s: deadline passed before training started; skipping", due.round)
             self._skip_round(due.round)
             return True
+        started = time.monotonic()
         try:
             payload = self.train_round(due)
+        except TrainerProcessDied:
+            raise  # not the round's fault: the device exits and its supervisor restarts it
         except Exception:  # what an announcement made training do must not crash-loop the device
             log.exception("round %s: training failed; skipping the round", due.round)
             self._skip_round(due.round)
@@ -617,6 +674,9 @@ class Device:
         self.state.set_pending(due.round, payload)
         self.feedback.save(self.state.feedback_path)  # after the payload it belongs to
         self._sent_at = None
+        if self.cfg.slowdown > 1:
+            trained = time.monotonic() - started
+            self._hold_until = time.monotonic() + (self.cfg.slowdown - 1) * trained
         return True
 
     def _skip_round(self, round_no: int) -> None:
@@ -675,6 +735,16 @@ class Device:
                 log.exception("error handling a message")
 
     def _go_offline(self) -> None:
-        self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(Presence.OFFLINE), retain=True)
-        time.sleep(0.1)
-        self.link.close()
+        try:
+            self.link.publish(
+                self.topics.status(self.cfg.device_id), self.status_payload(Presence.OFFLINE), retain=True
+            )
+            time.sleep(0.1)
+        finally:
+            self.link.close()
+            self.close()
+
+    def close(self) -> None:
+        """End the training process (if training is isolated); the device is of no further use."""
+        if self.shared is None and isinstance(self.trainer, TrainerProcess):
+            self.trainer.close()

@@ -43,6 +43,7 @@ from core.errors import FedloraError
 
 if TYPE_CHECKING:
     from edge_client.runtime import Trainer
+    from edge_client.trainer_process import TrainerProcess
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class DeviceState:
         with contextlib.suppress(FileNotFoundError):
             self.pending_path.unlink()
 
-    def restore_adapter(self, trainer: Trainer) -> None:
+    def restore_adapter(self, trainer: Trainer | TrainerProcess) -> None:
         """Load the local adapter a previous run saved (personal tensors survive a restart)."""
         if not self.adapter_path.is_file():
             return

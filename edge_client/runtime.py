@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import resource
 import sys
 import types
 from dataclasses import dataclass
@@ -50,6 +51,20 @@ def training_api():
         finally:
             del sys.modules["onnxruntime.training.ortmodule"]
     return importlib.import_module("onnxruntime.training.api")
+
+
+def peak_rss_bytes() -> int:
+    # Linux: VmHWM, this process's own peak. ru_maxrss also holds the parent's RSS at fork (kept
+    # across exec), so a probe started by the exporter (torch loaded) would report ~1.4 GB.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ else
 fi
 stamp_of() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
-EXTRAS="export,server,sim,secagg"
+EXTRAS="export,server,sim,fleet,secagg"
 MODE=main
 if [ "${1:-}" = "--dev" ]; then EXTRAS="$EXTRAS,dev"; MODE=dev; fi
 # This machine's pip configuration may name local index folders that do not exist; pip warns

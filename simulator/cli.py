@@ -14,9 +14,11 @@ from server.privacy import PrivacySettings
 from server.robust import RobustSettings
 from server.rounds import RoundSettings
 from server.strategies import STRATEGIES, declared_settings
+from simulator.fleet import FleetSettings
 
-# Nested server settings with one flag per field: (group name, flag prefix, dataclass).
-NESTED = (("robust", "robust", RobustSettings), ("privacy", "dp", PrivacySettings))
+# Nested settings with one flag per field: (group name, flag prefix, dataclass); the server's
+# robust and privacy settings, and the simulator's fleet (flags without a prefix: --workers).
+NESTED = (("robust", "robust", RobustSettings), ("privacy", "dp", PrivacySettings), ("fleet", "", FleetSettings))
 
 
 def _flag_type(kind: type):
@@ -30,6 +32,22 @@ def _flag_type(kind: type):
         raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
     return boolean
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """``name: text`` entries of a settings class's docstring (continuation lines indented), by name."""
+    found: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").splitlines():
+        head, sep, text = line.strip().partition(": ")
+        if sep and line.startswith("    ") and not line.startswith("        ") and head.isidentifier():
+            name = head
+            found[name] = text
+        elif name and line.startswith("        "):
+            found[name] += " " + line.strip()
+        else:
+            name = None
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             help=f"{owners_text}: {info.describe()}",
         )
     for group, prefix, cls in NESTED:
-        nested = sim.add_argument_group(group, f"server config {group}: ({cls.__module__}.{cls.__name__})")
+        nested = sim.add_argument_group(group, f"{group}: ({cls.__module__}.{cls.__name__})")
         hints = typing.get_type_hints(cls)
+        described = _field_help(cls)
         for f in dataclasses.fields(cls):
             nested.add_argument(
-                f"--{prefix}-{f.name.replace('_', '-')}",
+                f"--{prefix}-{f.name.replace('_', '-')}" if prefix else f"--{f.name.replace('_', '-')}",
                 dest=f"{group}_{f.name}",
                 type=_flag_type(hints[f.name]),
                 metavar=hints[f.name].__name__.upper(),
-                help=f"{group}.{f.name} (default {f.default!r})",
+                help=f"{described[f.name]} " if f.name in described else f"{group}.{f.name} (default {f.default!r})",
             )
     rounds = sim.add_argument_group("async rounds", "server config rounds: (server.rounds.RoundSettings)")
     round_hints = typing.get_type_hints(RoundSettings)
@@ -116,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sim.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
+    sim.add_argument(
+        "--embedded-broker",
+        choices=("auto", "mosquitto", "amqtt"),
+        help="the broker started when no --broker is given: auto (Mosquitto when installed, else amqtt; the default)",
+    )
     sim.add_argument("--out", help="report folder (default runs/latest)")
     sim.add_argument("--centralized", action="store_true", help="also train centrally with the same sample passes")
     sim.add_argument(

@@ -216,6 +216,16 @@ def _check_devices(n_devices: int) -> None:
         raise ConfigError(f"n_devices must be a positive integer, got {n_devices!r}")
 
 
+def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Move random examples from the largest shards to those below ``min_size``."""
+    shards = [list(p) for p in parts]
+    for short in [i for i, p in enumerate(shards) if len(p) < min_size]:
+        while len(shards[short]) < min_size:
+            donor = max(range(len(shards)), key=lambda i: len(shards[i]))
+            shards[short].append(shards[donor].pop(int(rng.integers(len(shards[donor])))))
+    return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
+
+
 def split_iid(n_examples: int, n_devices: int, seed: int) -> list[np.ndarray]:
     """Shuffle, then cut into ``n_devices`` shards whose sizes differ by at most one."""
     _check_devices(n_devices)
@@ -226,14 +236,22 @@ def split_iid(n_examples: int, n_devices: int, seed: int) -> list[np.ndarray]:
 
 
 def split_dirichlet(
-    labels: Sequence[str], n_devices: int, alpha: float, seed: int, min_size: int = 2, max_tries: int = 100
+    labels: Sequence[str],
+    n_devices: int,
+    alpha: float,
+    seed: int,
+    min_size: int = 2,
+    max_tries: int = 100,
+    top_up: bool = False,
 ) -> list[np.ndarray]:
     """Label-skewed shards: each class is divided over devices in Dir(alpha) proportions.
 
     The partition of Hsu, Qi & Brown, "Measuring the Effects of Non-Identical Data
     Distribution for Federated Visual Classification" (2019). Small ``alpha`` gives each
     device few classes; large ``alpha`` approaches IID. Redrawn until every device holds at
-    least ``min_size`` examples, at most ``max_tries`` times.
+    least ``min_size`` examples, at most ``max_tries`` times; then, with ``top_up`` (hundreds
+    of devices, where no draw gives everyone ``min_size``), the last draw's short shards take
+    random examples from the largest ones, else DataError.
     """
     _check_devices(n_devices)
     if not alpha > 0 or not np.isfinite(alpha):
@@ -253,6 +271,8 @@ def split_dirichlet(
         parts = [np.sort(np.concatenate(s)) for s in shards]
         if min(len(p) for p in parts) >= min_size:
             return parts
+    if top_up:
+        return _top_up(parts, min_size, rng)
     raise DataError(
         f"no Dirichlet(alpha={alpha}) split gave all {n_devices} devices {min_size} examples in {max_tries} "
         "tries; use a larger alpha, fewer devices or a smaller min_size"
@@ -294,7 +314,7 @@ def partition(
     if scheme == "iid":
         return split_iid(len(dataset_train), n_devices, seed)
     if scheme == "dirichlet":
-        return split_dirichlet([e.label for e in dataset_train], n_devices, alpha, seed)
+        return split_dirichlet([e.label for e in dataset_train], n_devices, alpha, seed, top_up=True)
     if any(e.group is None for e in dataset_train):
         raise DataError("scheme 'group' needs a group on every example; load the data with group_column=...")
     return split_by_group([e.group for e in dataset_train], n_devices, seed)

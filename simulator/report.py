@@ -111,6 +111,27 @@ def _privacy_lines(history: list[dict]) -> list[str]:
     return lines
 
 
+def _participation_lines(history: list[dict]) -> list[str]:
+    """Client sampling and availability per round (runs with a ``participation`` or ``availability``
+    below 1): devices online by the trace, sampled, reported; in synchronous rounds every accepted
+    update was trained on the round's global version (staleness 0), in async ones the buffer's mean."""
+    rows = [h for h in history if "online" in h]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Participation",
+        "",
+        "| round | online (trace) | sampled | reported | participation (reported / devices) | staleness |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {h['round']} | {h['online']} | {h['selected']} | {h['participants']} | {h['participation']:.3f} | {h.get('staleness_mean', 0)} |"
+        for h in rows
+    ]
+    return lines
+
+
 def write_report(
     out: Path,
     settings: dict,
@@ -175,6 +196,7 @@ def write_report(
             f"{h.get('device_step_time_s_median', float('nan')) * 1000:.0f} ms | "
             f"{_fmt_bytes(h.get('device_peak_rss_bytes_max', 0))} |"
         )
+    lines += _participation_lines(history)
     lines += _staleness_lines(history)
     lines += _privacy_lines(history)
     if generative:

@@ -1,8 +1,11 @@
 """``fedlora simulate``: the whole system on one machine.
 
 Exports (or reuses) the bundle, splits a real data set across N devices, starts an embedded
-broker (or uses ``--broker``), runs the aggregator in this process and every device as a
-separate process with its own ONNX Runtime session and data shard, and writes a report.
+broker (Mosquitto, or amqtt where Mosquitto is not installed; or uses ``--broker``, whose
+retained topics of the job it clears at the end), runs the aggregator in this process and
+every device as a separate process with its own ONNX Runtime session and data shard (or, for
+many devices, as virtual devices over a pool of Ray workers: ``simulator.fleet``), and writes
+a report.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from core.bundle import DEFAULT_LR, TASKS, Bundle, choose_bundle
-from core.errors import BundleError, ConfigError
+from core.errors import BundleError, ConfigError, FedloraError
 from core.transport import BrokerConfig, MqttLink
 from edge_client.data import EncodedDataset, Record, TextEncoder, encode_classification
 from edge_client.generate import evaluate_instructions
@@ -32,7 +35,16 @@ from server.config import ServerConfig, TrainSettings
 from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
 from server.rounds import RoundSettings
+from simulator.broker import EMBEDDED_BROKERS, clear_retained, start_embedded_broker
 from simulator.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
+from simulator.fleet import (
+    FleetPool,
+    FleetSettings,
+    FleetWorker,
+    VirtualDevice,
+    availability_trace,
+    straggler_slowdowns,
+)
 from simulator.report import plot, write_metrics, write_report
 
 log = logging.getLogger("fedlora.simulate")
@@ -85,6 +97,11 @@ class SimulateConfig:
         ``centralized_lr`` (default per task: ``CENTRALIZED_LR``), as the reference.
     max_train: subsample the training set (0: all) for quick runs.
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
+    broker: an external broker's URL (the job's retained topics are cleared when the run ends);
+        none: an embedded one, ``embedded_broker``: auto (Mosquitto when installed, else
+        amqtt), mosquitto or amqtt; its log goes to ``out``/broker.log.
+    fleet: ``simulator.fleet.FleetSettings`` as a mapping (worker pool, participation,
+        availability trace, stragglers, Ray address).
     """
 
     task: str = "seq-cls"
@@ -110,6 +127,7 @@ class SimulateConfig:
     privacy: dict = field(default_factory=dict)
     max_length: int = 128
     broker: str | None = None
+    embedded_broker: str = "auto"
     out: Path = Path("runs/latest")
     cache: Path = Path(".cache/fedlora")
     centralized: bool = False
@@ -129,6 +147,9 @@ class SimulateConfig:
     # (``--config <device.json>`` is appended), e.g. a hostile device.
     round_settings: dict = field(default_factory=dict)
     device_commands: dict = field(default_factory=dict)
+    # ``simulator.fleet.FleetSettings`` as a mapping: the worker pool (Ray), client sampling,
+    # availability traces; ``fedlora simulate`` has a flag for each field.
+    fleet: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -148,6 +169,8 @@ class SimulateConfig:
             raise ConfigError("split 'group' needs --group-column (rotten-tomatoes groups by movie itself)")
         if self.rounds < 1:
             raise ConfigError("rounds must be >= 1")
+        if self.embedded_broker not in EMBEDDED_BROKERS:
+            raise ConfigError(f"embedded_broker must be one of {EMBEDDED_BROKERS}, not {self.embedded_broker!r}")
         if self.alpha <= 0:
             raise ConfigError("alpha must be positive")
         from server.strategies import strategy_settings
@@ -167,6 +190,25 @@ class SimulateConfig:
         self.ranks = tuple(int(r) for r in self.ranks) or (int(self.rank),)
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")
+        fleet = fleet_settings(self)
+        if fleet.workers and len(set(self.ranks)) > 1:
+            raise ConfigError(
+                "the worker pool shares one session per worker: one rank for every device, not mixed ranks"
+            )
+        if (fleet.participation < 1 or fleet.availability < 1) and "devices_per_round" in self.round_settings:
+            raise ConfigError("give participation or devices_per_round, not both")
+        if (fleet.participation < 1 or fleet.availability < 1) and rounds.mode == "async":
+            raise ConfigError(
+                "async rounds do not take participation or an availability trace yet: both sample the devices "
+                "of synchronous rounds (the trace is indexed by round); use rounds.mode sync"
+            )
+
+
+def fleet_settings(cfg: SimulateConfig) -> FleetSettings:
+    """``cfg.fleet`` built (and checked) as ``FleetSettings``."""
+    from core.config import build
+
+    return build(FleetSettings, dict(cfg.fleet), where="simulate fleet").resolved(cfg.devices)
 
 
 def ensure_bundle(
@@ -374,7 +416,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     test = TestSet(bundle, test_examples)
 
     job = f"sim-{int(started)}"
-    broker, broker_cfg = start_broker(cfg)
+    broker, broker_cfg = start_broker(cfg, out)
     server_cfg = server_config(cfg, job, bundle_dir, broker_cfg, out / "aggregator")
     if (out / "aggregator").exists():
         import shutil
@@ -396,6 +438,8 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         link.close()
         if broker is not None:
             broker.stop()
+        else:  # someone else's broker: take back what the job left retained there
+            _clear_job(broker_cfg, job)
 
     centralized = None
     if cfg.centralized:
@@ -466,21 +510,34 @@ def evaluation_sample(examples: list, eval_max: int, seed: int) -> list:
     return [examples[i] for i in sorted(pick)]
 
 
-def start_broker(cfg: SimulateConfig):
-    """``cfg.broker``, or an embedded amqtt broker started here (returned, to stop later)."""
+def start_broker(cfg: SimulateConfig, out: Path):
+    """``cfg.broker``, or an embedded broker started here (returned, to stop later): Mosquitto
+    when installed, else amqtt (``cfg.embedded_broker``), logging to ``out``/broker.log."""
     if cfg.broker:
         return None, BrokerConfig(url=cfg.broker)
-    from simulator.broker import EmbeddedBroker
+    broker = start_embedded_broker(cfg.embedded_broker, out)
+    print(f"[simulate] embedded broker ({broker.name}) on {broker.url}; its log: {broker.log_file}", flush=True)
+    return broker, BrokerConfig(url=broker.url, protocol=broker.protocol)
 
-    broker = EmbeddedBroker().start()
-    print(f"[simulate] embedded broker on {broker.url}", flush=True)
-    return broker, BrokerConfig(url=broker.url, protocol="3.1.1")  # amqtt speaks 3.1.1 only
+
+def _clear_job(broker: BrokerConfig, job: str) -> None:
+    try:
+        n = clear_retained(broker, job)
+        print(f"[simulate] cleared {n} retained topics of job {job} on {broker.url}", flush=True)
+    except FedloraError as exc:
+        print(f"[simulate] could not clear the job's retained topics on {broker.url}: {exc}", flush=True)
 
 
 def server_config(
     cfg: SimulateConfig, job: str, bundle_dir: Path, broker: BrokerConfig, state_dir: Path
 ) -> ServerConfig:
-    """The aggregator's settings for this job: every device must report in each round."""
+    """The aggregator's settings for this job: every device must report in each round, or with
+    client sampling (``participation``) the sampled ones, out of those online."""
+    fleet = fleet_settings(cfg)
+    rounds = {"min_devices": cfg.devices, **cfg.round_settings}
+    if fleet.participation < 1 or fleet.availability < 1:
+        sampled = fleet.sampled(cfg.devices)
+        rounds.update(min_devices=sampled, devices_per_round=sampled)
     return ServerConfig(
         job=job,
         bundle=bundle_dir,
@@ -488,9 +545,7 @@ def server_config(
         broker=broker,
         http_port=0,
         seed=cfg.seed,
-        rounds=RoundSettings(
-            rounds=cfg.rounds, min_devices=cfg.devices, round_timeout=cfg.round_timeout, **cfg.round_settings
-        ),
+        rounds=RoundSettings(rounds=cfg.rounds, round_timeout=cfg.round_timeout, **rounds),
         train=TrainSettings(
             local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_rank_power=cfg.lr_rank_power
         ),
@@ -526,19 +581,9 @@ def start_devices(
     """One process per device (``python -m edge_client.cli run``, or ``cfg.device_commands``),
     each with its config file and log in its folder, appended to ``procs`` as it starts."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
+    slowdowns = straggler_slowdowns(len(devices), fleet_settings(cfg), cfg.seed)
     for i, d in enumerate(devices):
-        dcfg = {
-            "device_id": d["device"],
-            "job": job,
-            "bundle": str(bundle_dir),
-            "rank": d["rank"],
-            "data": str(d["dir"] / "data.jsonl"),
-            "state_dir": str(d["dir"] / "state"),
-            "broker": {"url": broker.url, "protocol": broker.protocol},
-            "threads": cfg.device_threads,
-            "seed": cfg.seed,
-            "exit_when_finished": True,
-        }
+        dcfg = device_config(cfg, d, job, bundle_dir, broker, float(slowdowns[i]))
         (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
         log_file = open(d["dir"] / "device.log", "wb")
         command = list(cfg.device_commands.get(i, [cfg.device_python, "-m", "edge_client.cli", "run"]))
@@ -553,6 +598,49 @@ def start_devices(
         )
 
 
+def device_config(
+    cfg: SimulateConfig, device: dict, job: str, bundle_dir: Path, broker: BrokerConfig, slowdown: float = 1.0
+) -> dict:
+    """One device's settings (``edge_client.device.DeviceConfig`` fields), as its device.json holds them."""
+    return {
+        "device_id": device["device"],
+        "job": job,
+        "bundle": str(bundle_dir),
+        "rank": device["rank"],
+        "data": str(device["dir"] / "data.jsonl"),
+        "state_dir": str(device["dir"] / "state"),
+        "broker": {"url": broker.url, "protocol": broker.protocol},
+        "threads": cfg.device_threads,
+        "seed": cfg.seed,
+        "exit_when_finished": True,
+        "slowdown": slowdown,
+    }
+
+
+def start_fleet(
+    cfg: SimulateConfig, devices: list[dict], job: str, bundle_dir: Path, broker: BrokerConfig, out: Path
+) -> FleetPool:
+    """The devices as virtual devices over ``fleet.workers`` Ray workers (``simulator.fleet``),
+    each device with its row of the availability trace and its straggler slowdown."""
+    fleet = fleet_settings(cfg)
+    trace = availability_trace(cfg.devices, cfg.rounds, fleet.availability, fleet.sampled(cfg.devices), cfg.seed)
+    slowdowns = straggler_slowdowns(cfg.devices, fleet, cfg.seed)
+    specs = [
+        VirtualDevice(device_config(cfg, d, job, bundle_dir, broker, float(slowdowns[i])), trace[i].tolist())
+        for i, d in enumerate(devices)
+    ]
+    for d, spec in zip(devices, specs):
+        d["online_rounds"] = int(sum(spec.online[:-1]))
+    broker_fields = {"url": broker.url, "protocol": broker.protocol}
+    workers = [
+        FleetWorker(
+            w, str(bundle_dir), broker_fields, job, specs[w :: fleet.workers], str(out / "workers" / f"worker{w}.log")
+        )
+        for w in range(min(fleet.workers, len(specs)))
+    ]
+    return FleetPool(fleet, workers)
+
+
 def run_rounds(
     cfg: SimulateConfig,
     aggregator: Aggregator,
@@ -565,13 +653,17 @@ def run_rounds(
     """Start the devices and run the aggregator's loop until the last round; print each round
     as it closes; then wait for the devices to exit (they do once the job is announced finished)."""
     procs: list[subprocess.Popen] = []
+    pool: FleetPool | None = None
+    fleet = fleet_settings(cfg)
     grace = 0.0
     try:
-        start_devices(cfg, devices, job, bundle_dir, broker, procs)
-        print(
-            f"[simulate] {len(procs)} device processes started; {cfg.rounds} rounds of {cfg.local_steps} local steps",
-            flush=True,
-        )
+        if fleet.workers:
+            pool = start_fleet(cfg, devices, job, bundle_dir, broker, out)
+            what = f"{len(devices)} virtual devices on {fleet.workers} Ray workers (logs: {out}/workers/)"
+        else:
+            start_devices(cfg, devices, job, bundle_dir, broker, procs)
+            what = f"{len(procs)} device processes started"
+        print(f"[simulate] {what}; {cfg.rounds} rounds of {cfg.local_steps} local steps", flush=True)
         closed = scored = 0  # rounds printed as closed, and as evaluated
 
         def progress() -> None:
@@ -587,6 +679,9 @@ def run_rounds(
                 if history[scored].get("eval"):
                     _print_eval(f"round {history[scored]['round']}/{cfg.rounds} evaluated", history[scored]["eval"])
                 scored += 1
+            if pool is not None:
+                pool.check()  # a worker's error ends the run here
+                return
             dead = [p for p in procs if p.poll() is not None and p.returncode != 0]
             if len(dead) == len(procs):
                 raise RuntimeError(f"all device processes exited; see {out}/devices/*/device.log")
@@ -594,8 +689,12 @@ def run_rounds(
         aggregator.run(on_step=progress)  # ends announcing "finished": devices exit by themselves
         progress()  # the last round, evaluated once the loop ended
         grace = time.monotonic() + 60
+        if pool is not None:
+            pool.wait(60)
     finally:
         stop_devices(procs, grace)
+        if pool is not None:
+            pool.close()
 
 
 def stop_devices(procs: list[subprocess.Popen], grace: float) -> None:
@@ -627,6 +726,13 @@ def write_outputs(
     """metrics.jsonl, centralized.jsonl, the plots and report.md (``zero_shot``: the round-0
     evaluation of the base model); returns the report's path."""
     history = ([zero_shot] if zero_shot else []) + aggregator.history
+    fleet = fleet_settings(cfg)
+    if fleet.participation < 1 or fleet.availability < 1:
+        trace = availability_trace(cfg.devices, cfg.rounds, fleet.availability, fleet.sampled(cfg.devices), cfg.seed)
+        for h in history:
+            if "participants" in h:  # round r's selection saw the presence published at round r - 1
+                h["online"] = int(trace[:, min(h["round"] - 1, cfg.rounds)].sum())
+                h["participation"] = round(h["participants"] / cfg.devices, 4)
     settings = {
         "model": bundle.manifest.model_id,
         "dataset": data.name,
@@ -642,8 +748,15 @@ def write_outputs(
         "strategy": cfg.strategy,
         "uplink codec": cfg.codec + (f" (head: {cfg.head_codec})" if cfg.head_codec else ""),
         "downlink": f"deltas in {cfg.downlink_codec}" if cfg.downlink_codec else "full copies",
-        "broker": cfg.broker or "embedded amqtt (MQTT 3.1.1)",
+        "broker": cfg.broker or f"embedded ({cfg.embedded_broker})",
         "seed": cfg.seed,
+        "fleet": ", ".join(
+            f"{k} {v}"
+            for k, v in vars(fleet).items()
+            if v not in ("", 0) and (k != "straggler_slowdown" or fleet.stragglers)
+        )
+        if fleet.workers
+        else "one process per device",
         "trained adapter": "adapter/ (PEFT: PeftModel.from_pretrained(model, 'adapter'))",
     }
     write_metrics(out, history)

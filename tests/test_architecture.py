@@ -16,7 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # imported lazily.
 CORE_ALLOWED = {"core", "numpy", "paho", "yaml", "zstandard", "cryptography", "Crypto"}
 DEVICE_ALLOWED = CORE_ALLOWED | {"edge_client", "tokenizers", "onnxruntime"}
-AGGREGATOR_FORBIDDEN = {"export", "simulator", "torch", "transformers", "peft", "onnx", "matplotlib", "bench", "tests"}
+AGGREGATOR_FORBIDDEN = {
+    "export",
+    "simulator",
+    "torch",
+    "transformers",
+    "peft",
+    "onnx",
+    "matplotlib",
+    "ray",
+    "bench",
+    "tests",
+}
 EXPORT_FORBIDDEN = {"server", "simulator", "bench", "tests"}
 SIMULATOR_FORBIDDEN = {"bench", "tests"}
 

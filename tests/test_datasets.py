@@ -207,6 +207,16 @@ def test_dirichlet_that_cannot_meet_min_size_raises():
         split_dirichlet(["a"] * 10 + ["b"] * 10, 10, alpha=0.01, seed=0, max_tries=5)
 
 
+def test_dirichlet_over_hundreds_of_devices_tops_short_shards_up():
+    examples = _synthetic({"a": 600, "b": 300, "c": 100})
+    labels = [e.label for e in examples]
+    with pytest.raises(DataError, match="tries"):
+        split_dirichlet(labels, 400, alpha=0.5, seed=0, max_tries=3)
+    parts = split_dirichlet(labels, 400, alpha=0.5, seed=0, max_tries=3, top_up=True)
+    assert min(len(p) for p in parts) >= 2
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1000))  # every example once
+
+
 def test_group_split_never_puts_a_group_on_two_devices(rotten):
     groups = [e.group for e in rotten.train]
     parts = split_by_group(groups, 10, seed=0)

@@ -8,6 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from core.transport import BrokerConfig
+from simulator.broker import retained_topics
 from simulator.run import SimulateConfig, run_simulation
 
 
@@ -46,19 +48,26 @@ def _check_run(result, out):
     assert not any(e["event"] == "update_rejected" for e in events)
 
 
-def test_simulate_with_embedded_amqtt(tmp_path, minilm_bundle, edge_python):
-    cfg = _small(tmp_path, minilm_bundle, edge_python, centralized=True)
+def test_simulate_with_embedded_amqtt(tmp_path, minilm_bundle, edge_python, capfd):
+    cfg = _small(tmp_path, minilm_bundle, edge_python, centralized=True, embedded_broker="amqtt")
     result = run_simulation(cfg)
     _check_run(result, cfg.out)
     assert len(result["centralized"]) == 2
     assert "Centralized baseline" in (cfg.out / "report.md").read_text()
+    terminal = capfd.readouterr()
+    assert "embedded broker (amqtt)" in terminal.out and (cfg.out / "broker.log").exists()
+    assert "Traceback" not in terminal.out + terminal.err  # the broker's log goes to the run's file
 
 
-def test_simulate_against_mosquitto_mqtt5(tmp_path, minilm_bundle, edge_python, mosquitto):
+def test_simulate_against_mosquitto_mqtt5(tmp_path, minilm_bundle, edge_python, mosquitto, capfd):
     cfg = _small(tmp_path, minilm_bundle, edge_python, broker=mosquitto.url, split="iid")
     _check_run(run_simulation(cfg), cfg.out)
     logs = "".join(p.read_text() for p in (cfg.out / "devices").glob("*/device.log"))
     assert "with MQTT 5" in logs  # mosquitto offers v5 and the client takes it
+    # The job's round, global adapter and device status were retained on the broker: all cleared.
+    assert retained_topics(BrokerConfig(url=mosquitto.url), "fedlora/#") == set()
+    terminal = capfd.readouterr()
+    assert "cleared" in terminal.out and "Traceback" not in terminal.out + terminal.err
 
 
 def test_device_environment_has_no_torch(edge_python, minilm_bundle):
