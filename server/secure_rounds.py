@@ -473,3 +473,193 @@ class SecureRound:
         decoded = Quantizer(s.clip, len(s.key_list)).decode(codes)
         s.phase = "done"
         return Unmasked(codes, split_words(decoded, self.shapes), list(s.survivors))
+
+
+class SecureRounds:
+    """Secure aggregation inside the aggregator's rounds: ``server.aggregator.Aggregator``
+    calls it where a round opens, ticks, takes a masked input or a ``secagg`` message, and
+    closes; it drives the open round's ``SecureRound``, persists through the aggregator's
+    store and publishes on its link. ``last`` is the last unmasked result (its exact code sum)."""
+
+    def __init__(self, agg: Any):
+        self.agg = agg
+        self.settings: SecureAggregationSettings = agg.cfg.secure_aggregation
+        self._round: SecureRound | None = None
+        self._closing: dict | None = None  # the state of the round being closed, for its report
+        self.last: Unmasked | None = None
+
+    # -- the open round ------------------------------------------------------------------
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """What every masked input holds: the tensors of the adapter the devices were sent."""
+        from core.protocol import adapter_part
+
+        tensors = adapter_part(self.agg.strategy.for_device(self.agg.model, self.agg.manifest.rank))
+        return {k: tuple(v.shape) for k, v in tensors.items()}
+
+    def current(self) -> SecureRound | None:
+        """The open round's secure state (rebuilt from the store after a restart)."""
+        rnd = self.agg.coordinator.open
+        if rnd is None:
+            self._round = None
+            return None
+        if self._round is None or self._round.round != rnd.round:
+            if rnd.secagg is None:  # opened by an aggregator without secure aggregation
+                rnd.secagg = SecureRoundState(phase_started=rnd.opened_at).to_json()
+                rnd.partial = self.agg.strategy.new_partial()
+            self._round = SecureRound(
+                self.settings,
+                self.agg.cfg.job,
+                rnd.round,
+                rnd.selected,
+                self.shapes(),
+                SecureRoundState.from_json(rnd.secagg),
+                SecureRound.sums_from_store(rnd.partial.sums),
+            )
+        return self._round
+
+    def opened(self, rnd: Any) -> None:
+        """A round opened: it starts in the key phase (saved with the round by the caller)."""
+        rnd.secagg = SecureRoundState(phase_started=rnd.opened_at).to_json()
+        self._round = None
+
+    def persist(self) -> None:
+        """Save the secure state and the masked sum with the open round (raises StoreUnavailable)."""
+        from server.strategies.base import Partial
+
+        sr, rnd = self._round, self.agg.coordinator.open
+        assert sr is not None and rnd is not None
+        rnd.secagg = sr.state.to_json()
+        rnd.partial = Partial(sr.sums_for_store(), 0.0, len(sr.state.survivors), list(sr.state.survivors))
+        self.agg._save()
+
+    # -- messages ------------------------------------------------------------------------
+    def handle(self, device: str, payload: bytes) -> None:
+        """A device's keys, shares or reveal (``secagg/<device>``); refused with a reason and
+        counted under ``fedlora_messages_refused_total{kind="secagg"}`` unless it counts."""
+        from core.messages import parse_secagg_upload
+
+        msg = parse_secagg_upload(payload)  # ProtocolError: the caller refuses it as malformed
+        sr = self.current()
+        if sr is None:
+            self.agg.refuse("secagg", "no_open_round", f"{msg.step.value} from {device} while no round is open")
+            return
+        try:
+            sr.take(device, msg)
+        except SecaggRefused as exc:
+            self.agg.refuse("secagg", exc.reason, f"from {device} (round {msg.round}): {exc.detail}")
+
+    def accept(self, device: str, env: Envelope, nbytes: int) -> None:
+        """A masked input: judged, added to the ring sum, persisted, then acknowledged."""
+        from core.messages import AckResult
+        from server.store import StoreUnavailable
+
+        if env.kind != "masked":
+            raise UpdateRejected("secagg_required", "this job runs secure aggregation: send a masked input")
+        sr = self.current()
+        if sr is None:
+            raise UpdateRejected("no_open_round", f"masked input of round {env.round} while no round is open")
+        undo = sr.add_masked(device, sr.judge_masked(device, env))
+        try:
+            self.persist()
+        except StoreUnavailable as exc:
+            undo()
+            self.agg.metrics.store_errors.inc()
+            raise UpdateRejected("retry_later", f"the aggregator cannot persist updates now ({exc})") from None
+        agg = self.agg
+        agg._round_metrics.append(env.metrics)
+        agg.metrics.updates.labels("accepted", "ok").inc()
+        raw = 4 * sum(v.size for v in env.tensors.values())
+        agg._round_bytes["raw"] += raw
+        agg.metrics.bytes_in.labels("raw").inc(raw)
+        agg._event("masked_input_accepted", round=env.round, device=device, bytes=nbytes)
+        agg.ack(device, env.round, AckResult.ACCEPTED)
+
+    # -- phases --------------------------------------------------------------------------
+    def tick(self) -> Any:
+        """Advance the open secure round; the round's outcome once it closes (else None)."""
+        from server.store import StoreUnavailable
+
+        sr = self.current()
+        if sr is None:
+            return None
+        agg = self.agg
+        online = set(agg.coordinator.online())
+        before = sr.state.to_json()
+        transition = sr.advance(agg.clock(), online.__contains__, agg.coordinator.open.deadline)
+        if transition is None and sr.ready_to_unmask():
+            try:
+                return self._finish(sr)
+            except ProtocolError as exc:
+                transition = sr.fail(f"unmasking failed: {exc}")
+        if transition is None:
+            return None
+        try:
+            self.persist()  # before anything goes out: a restart resumes this phase
+        except StoreUnavailable as exc:
+            sr.state = SecureRoundState.from_json(before)
+            agg.metrics.store_errors.inc()
+            agg.refusals.refuse("secagg", "store_unavailable", f"round {sr.round}: {exc}")
+            return None
+        self.publish(transition)
+        if transition.closed:
+            agg._event("secagg_failed", round=sr.round, reason=sr.state.failure)
+            self._closing = sr.state.to_json()
+            return agg.coordinator.close_now(failure=f"secagg_failed: {sr.state.failure}")
+        return None
+
+    def _finish(self, sr: SecureRound) -> Any:
+        """Unmask, hand the decoded sum to the strategy as the round's partial, close the round."""
+        from server.strategies.base import ClientUpdate
+
+        agg = self.agg
+        rank = agg.manifest.rank
+        result = sr.unmask()  # ProtocolError: a secret did not match; the round fails
+        downlink = agg._downlinks.get(rank)
+        base = downlink.adapter if downlink is not None and downlink.adapter is not None else {}
+        n = len(result.survivors)
+        # Every input weighs 1: the strategy's weighted sum of the devices' full tensors is
+        # n * (what they started from) + the sum of their changes; a mean update of weight n gives it.
+        full = {k: np.asarray(base.get(k, 0.0), np.float64) + v / n for k, v in result.tensors.items()}
+        partial = agg.strategy.accumulate(agg.strategy.new_partial(), ClientUpdate("secagg", sr.round, rank, n, full, {}))
+        partial.count, partial.devices = n, list(result.survivors)
+        rnd = agg.coordinator.open
+        rnd.partial, rnd.accepted, rnd.norms = partial, {d: 1 for d in result.survivors}, []
+        rnd.secagg = self._closing = sr.state.to_json()
+        self.last = result
+        return agg.coordinator.close_now()
+
+    def publish(self, transition: Transition) -> None:
+        link, topics = self.agg.link, self.agg.topics
+        if transition.key_list is not None:
+            link.publish(topics.secagg_round("keys"), transition.key_list.to_bytes(), retain=True)
+        for device, forward in transition.forwards.items():
+            link.publish(topics.secagg_to(device), forward.to_bytes(), retain=True)
+        if transition.unmask is not None:
+            link.publish(topics.secagg_round("unmask"), transition.unmask.to_bytes(), retain=True)
+
+    def republish(self) -> None:
+        sr = self.current()
+        if sr is not None:
+            self.publish(sr.republish())
+
+    def closed(self, entry: dict) -> None:
+        """A secure round closed: its report in the history row, its retained messages cleared."""
+        state, self._closing = self._closing, None
+        if state is None:
+            return
+        s = SecureRoundState.from_json(state)
+        entry["secagg"] = {
+            "phase": s.phase,
+            "keys": len(s.key_list) or len(s.keys),
+            "threshold": s.threshold,
+            "masking": len(s.masking),
+            "survivors": len(s.survivors),
+            "dropped": list(s.dropped),
+            **({"failure": s.failure} if s.failure else {}),
+        }
+        link, topics = self.agg.link, self.agg.topics
+        link.publish(topics.secagg_round("keys"), b"", retain=True)
+        link.publish(topics.secagg_round("unmask"), b"", retain=True)
+        for device in s.masking:
+            link.publish(topics.secagg_to(device), b"", retain=True)
+        self._round = None
