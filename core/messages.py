@@ -682,7 +682,9 @@ def parse_header(obj: dict) -> EnvelopeHeader:
     f.done()
     masked = kind is EnvelopeKind.MASKED
     if masked != (header.codec == RING_CODEC):
-        raise ProtocolError(f"a {kind.value} envelope with codec {header.codec[:40]!r} ({RING_CODEC} is for masked ones)")
+        raise ProtocolError(
+            f"a {kind.value} envelope with codec {header.codec[:40]!r} ({RING_CODEC} is for masked ones)"
+        )
     if not masked:
         _codec_spec(header.codec, "envelope codec")
     names = set()

@@ -39,7 +39,8 @@ class ProtocolDevice:
     drop: ``after_shares`` goes offline once its shares are forwarded, before its masked input
     (the dropout SecAgg recovers from with Shamir shares); ``before_reveal`` sends its masked
     input but never reveals; ``before_keys`` never takes part. ``codes`` keeps each round's
-    ring codes before masking (what the unmasked sum must add up to)."""
+    ring codes before masking (what the unmasked sum must add up to). ``hold``: the masked input
+    waits until this event is set."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class ProtocolDevice:
         drop: str = "",
         rank: int = 4,
         seed: int = 0,
+        hold: threading.Event | None = None,
     ):
         assert drop in DROP_STEPS
         self.job, self.id, self.update, self.drop, self.rank = job, device_id, update, drop, rank
@@ -65,6 +67,7 @@ class ProtocolDevice:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done_rounds: set[int] = set()
+        self.hold = hold
 
     def start(self) -> ProtocolDevice:
         self.link.connect()
@@ -97,6 +100,9 @@ class ProtocolDevice:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            s = self.session
+            if s is not None and s.ready() and (self.hold is None or self.hold.is_set()):
+                self._send_masked(s)
             try:
                 msg = self.link.inbox.get(timeout=0.05)
             except Exception:
@@ -145,7 +151,8 @@ class ProtocolDevice:
                     if self.drop == "after_shares":
                         self.go_offline()
                         return
-                    self._send_masked(s)
+                    if self.hold is None or self.hold.is_set():
+                        self._send_masked(s)
             elif ref.channel is SecaggChannel.UNMASK:
                 request = parse_secagg_unmask(payload)
                 if request.round == s.round and self.drop != "before_reveal":
@@ -177,4 +184,3 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> ob
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-

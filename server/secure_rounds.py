@@ -273,7 +273,9 @@ class SecureRound:
 
     def _expect(self, phase: str, device: str, step: str) -> None:
         if self.state.phase != phase:
-            raise SecaggRefused("wrong_phase", f"{step} from {device} while the round is in its {self.state.phase} phase")
+            raise SecaggRefused(
+                "wrong_phase", f"{step} from {device} while the round is in its {self.state.phase} phase"
+            )
 
     def _take_keys(self, device: str, msg: SecaggKeys) -> bool:
         entry = [_b64(msg.cipher), _b64(msg.mask), _b64(msg.seed_hash)]
@@ -318,7 +320,9 @@ class SecureRound:
             raise SecaggRefused("not_a_survivor", f"{device} did not send a masked input in round {self.round}")
         owners = set(self.state.masking) - {device}
         if set(revealed) != owners:
-            raise SecaggRefused("wrong_peers", f"{device} revealed shares of {len(revealed)} devices, not {len(owners)}")
+            raise SecaggRefused(
+                "wrong_peers", f"{device} revealed shares of {len(revealed)} devices, not {len(owners)}"
+            )
         self.state.reveals[device] = revealed
         return True
 
@@ -347,7 +351,9 @@ class SecureRound:
             raise UpdateRejected(reason, f"masked input lacks {missing[:2]} or has extra {unknown[:2]}")
         for name, words in env.tensors.items():
             if tuple(words.shape) != self.shapes[name] or words.dtype != np.uint32:
-                raise UpdateRejected("wrong_shape", f"{name} is {words.dtype} {tuple(words.shape)}, not {self.shapes[name]}")
+                raise UpdateRejected(
+                    "wrong_shape", f"{name} is {words.dtype} {tuple(words.shape)}, not {self.shapes[name]}"
+                )
         return env.tensors
 
     def add_masked(self, device: str, words: Mapping[str, np.ndarray]) -> Callable[[], None]:
@@ -414,9 +420,7 @@ class SecureRound:
 
     def forward(self, device: str) -> SecaggForward:
         s = self.state
-        return SecaggForward(
-            self.job, self.round, {o: _raw(s.shares[o][device]) for o in s.masking if o != device}
-        )
+        return SecaggForward(self.job, self.round, {o: _raw(s.shares[o][device]) for o in s.masking if o != device})
 
     def _request_unmask(self, now: float) -> Transition:
         s = self.state
@@ -620,7 +624,9 @@ class SecureRounds:
         # Every input weighs 1: the strategy's weighted sum of the devices' full tensors is
         # n * (what they started from) + the sum of their changes; a mean update of weight n gives it.
         full = {k: np.asarray(base.get(k, 0.0), np.float64) + v / n for k, v in result.tensors.items()}
-        partial = agg.strategy.accumulate(agg.strategy.new_partial(), ClientUpdate("secagg", sr.round, rank, n, full, {}))
+        partial = agg.strategy.accumulate(
+            agg.strategy.new_partial(), ClientUpdate("secagg", sr.round, rank, n, full, {})
+        )
         partial.count, partial.devices = n, list(result.survivors)
         rnd = agg.coordinator.open
         rnd.partial, rnd.accepted, rnd.norms = partial, {d: 1 for d in result.survivors}, []
