@@ -33,17 +33,17 @@ from core.messages import (
 from core.protocol import RING_CODEC, Envelope
 from core.secagg import (
     DeviceKeys,
-    flatten,
-    min_threshold,
-    split_words,
     Quantizer,
     RandomBytes,
     Shares,
+    flatten,
     masked_input,
+    min_threshold,
     new_keys,
     open_shares,
     reveal,
     seal_shares,
+    split_words,
 )
 
 # What a masked input reports in the clear: nothing about the data (loss and accuracy would be).

@@ -174,7 +174,7 @@ def test_hostile_secagg_messages_are_refused_with_reasons_and_counted_and_the_ro
             (encode_envelope(Envelope("update", JOB, rnd, "evil", 4, "fp32", ups["d0"])), "secagg_required"),
         ]
         acks = []
-        for payload, reason in bad_updates:
+        for payload, _ in bad_updates:
             for chunk in split_chunks(payload, 64 * 1024):
                 evil.publish(topics.update("evil"), chunk).wait_for_publish(5)
         wait_until(lambda: _drain(evil, acks) >= len(bad_updates), 30, "answers to the bad updates")
