@@ -11,10 +11,15 @@ import typing
 from core.errors import FedloraError
 from server.privacy import PrivacySettings
 from server.robust import RobustSettings
+from server.secure_rounds import SecureAggregationSettings
 from server.strategies import STRATEGIES, declared_settings
 
 # Nested server settings with one flag per field: (group name, flag prefix, dataclass).
-NESTED = (("robust", "robust", RobustSettings), ("privacy", "dp", PrivacySettings))
+NESTED = (
+    ("robust", "robust", RobustSettings),
+    ("privacy", "dp", PrivacySettings),
+    ("secure_aggregation", "secagg", SecureAggregationSettings),
+)
 
 
 def _flag_type(kind: type):

@@ -544,3 +544,44 @@ def test_quantizer_bound_holds_for_the_largest_key_list():
     total = sum(c.astype(np.uint64) for c in codes) % 2**32
     assert np.allclose(q.decode(total.astype(np.uint32)), MAX_SECAGG_PEERS, atol=MAX_SECAGG_PEERS / q.scale)
     assert math.isfinite(q.scale)
+
+
+# -- fedlora simulate's flags --------------------------------------------------------------
+def test_every_secure_aggregation_setting_has_a_simulate_flag_that_reaches_the_server_config(monkeypatch):
+    import dataclasses
+    from pathlib import Path
+
+    from simulator import cli, run
+
+    seen = []
+    monkeypatch.setattr(run, "run_simulation", lambda cfg: seen.append(cfg))
+    argv = ["simulate", "--secagg-enabled", "true", "--secagg-value-clip", "0.2", "--secagg-threshold-fraction", "0.6"]
+    argv += ["--secagg-setup-timeout-s", "30", "--secagg-unmask-timeout-s", "45", "--dp-mode", "distributed"]
+    flags = {a for a in argv if a.startswith("--secagg-")}
+    assert {f"--secagg-{f.name.replace('_', '-')}" for f in dataclasses.fields(SecureAggregationSettings)} == flags
+    assert cli.main(argv) == 0
+    broker = run.BrokerConfig(url="mqtt://x:1")
+    server = run.server_config(seen[0], "job", Path("b"), broker, Path("s"))
+    s = server.secure_aggregation
+    assert (s.enabled, s.value_clip, s.threshold_fraction, s.setup_timeout_s, s.unmask_timeout_s) == (
+        True,
+        0.2,
+        0.6,
+        30.0,
+        45.0,
+    )
+    assert server.privacy.mode == "distributed"  # composes with the devices' noise
+
+
+def test_bad_simulate_secure_aggregation_settings_fail_before_any_work(capsys, monkeypatch):
+    from simulator import cli, run
+
+    monkeypatch.setattr(run, "run_simulation", lambda cfg: pytest.fail("the run started"))
+    assert cli.main(["simulate", "--secagg-enabled", "true", "--robust-method", "median"]) == 2
+    assert "needs the individual updates" in capsys.readouterr().err
+    assert cli.main(["simulate", "--secagg-enabled", "true", "--strategy", "flora"]) == 2
+    assert "plain sums" in capsys.readouterr().err
+    assert cli.main(["simulate", "--secagg-enabled", "true", "--devices", "2"]) == 2
+    assert "at least 3" in capsys.readouterr().err
+    assert cli.main(["simulate", "--secagg-threshold-fraction", "2"]) == 2
+    assert "threshold_fraction" in capsys.readouterr().err
