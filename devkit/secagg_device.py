@@ -1,4 +1,5 @@
-"""A secure-aggregation participant without a trainer, for tests and benchmarks.
+"""A secure-aggregation participant without a trainer, for tests and benchmarks (and, in a job
+without secure aggregation, a plain one sending the same change as an fp32 update).
 
 ``ProtocolDevice`` speaks the real protocol over a real broker (``core.transport.MqttLink``):
 status, the round announcement, the device's own ``edge_client.secure_update.SecureSession``
@@ -61,7 +62,8 @@ class ProtocolDevice:
         self.session: SecureSession | None = None
         self.codes: dict[int, np.ndarray] = {}
         self.acks: list = []
-        self.sent_bytes = 0
+        self.sent_bytes = 0  # every payload this device published (secagg steps and update chunks)
+        self.received_bytes = 0  # the secagg messages it received (key list, forward, unmask request)
         self.errors: list[str] = []
         self.rng = np.random.default_rng(seed)
         self._stop = threading.Event()
@@ -117,9 +119,13 @@ class ProtocolDevice:
             return
         ref = self.topics.parse(topic)
         s = self.session
+        if ref.kind is TopicKind.SECAGG:
+            self.received_bytes += len(payload)
         if ref.kind is TopicKind.ROUND:
             ann = parse_announcement(payload)
-            if ann.is_open and ann.secagg and self.id in ann.selected and ann.round not in self._done_rounds:
+            if ann.is_open and not ann.secagg and self.id in ann.selected and ann.round not in self._done_rounds:
+                self._send_plain(ann)
+            elif ann.is_open and ann.secagg and self.id in ann.selected and ann.round not in self._done_rounds:
                 if s is None or s.round != ann.round:
                     if self.drop == "before_keys":
                         return
@@ -160,6 +166,23 @@ class ProtocolDevice:
                     if revealed is not None:
                         self._send(self.topics.secagg(self.id), revealed.to_bytes())
                         self._done_rounds.add(s.round)
+
+    def _send_plain(self, ann) -> None:
+        """Without secure aggregation: the same change as a plain fp32 update (the baseline)."""
+        env = Envelope(
+            kind="update",
+            job=self.job,
+            round=ann.round,
+            sender=self.id,
+            rank=self.rank,
+            codec="fp32",
+            tensors=self.update(ann.round),
+            num_examples=10,
+            base_version=ann.global_version,
+        )
+        for chunk in split_chunks(encode_envelope(env), 64 * 1024):
+            self._send(self.topics.update(self.id), chunk)
+        self._done_rounds.add(ann.round)
 
     def _send_masked(self, s: SecureSession) -> None:
         if not s.ready():

@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -490,6 +491,7 @@ class SecureRounds:
         self.settings: SecureAggregationSettings = agg.cfg.secure_aggregation
         self._round: SecureRound | None = None
         self._closing: dict | None = None  # the state of the round being closed, for its report
+        self.unmask_s = 0.0  # how long the last unmasking took
         self.last: Unmasked | None = None
 
     # -- the open round ------------------------------------------------------------------
@@ -617,7 +619,9 @@ class SecureRounds:
 
         agg = self.agg
         rank = agg.manifest.rank
+        start = time.perf_counter()
         result = sr.unmask()  # ProtocolError: a secret did not match; the round fails
+        self.unmask_s = time.perf_counter() - start
         downlink = agg._downlinks.get(rank)
         base = downlink.adapter if downlink is not None and downlink.adapter is not None else {}
         n = len(result.survivors)
@@ -661,6 +665,7 @@ class SecureRounds:
             "masking": len(s.masking),
             "survivors": len(s.survivors),
             "dropped": list(s.dropped),
+            **({"unmask_s": round(self.unmask_s, 3)} if s.phase == "done" else {}),
             **({"failure": s.failure} if s.failure else {}),
         }
         link, topics = self.agg.link, self.agg.topics

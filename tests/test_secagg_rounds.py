@@ -242,3 +242,40 @@ def test_a_restarted_aggregator_keeps_the_masked_inputs_it_acknowledged(tmp_path
         link.close()
         for dev in devices:
             dev.stop()
+
+
+def test_real_devices_train_mask_and_unmask_with_distributed_dp_through_mosquitto(
+    tmp_path, minilm_bundle, edge_python, mosquitto
+):
+    """``fedlora simulate``'s own path: three edge-client processes (ONNX Runtime training) in a
+    secure job with distributed DP noise; two rounds, every update masked, every round unmasked."""
+    import json
+
+    from simulator.run import SimulateConfig, run_simulation
+
+    cfg = SimulateConfig(
+        bundle=minilm_bundle,
+        dataset="bbc-news",
+        devices=3,
+        rounds=2,
+        local_steps=3,
+        batch_size=4,
+        max_train=90,
+        eval_max=40,
+        out=tmp_path / "run",
+        device_python=edge_python,
+        broker=mosquitto.url,
+        secure_aggregation={"enabled": True, "value_clip": 0.5, "setup_timeout_s": 60},
+        privacy={"mode": "distributed", "noise_multiplier": 0.3, "clip_norm": 0.5},
+    )
+    history = run_simulation(cfg)["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    for h in history:
+        assert h["ok"] and h["participants"] == 3, h
+        assert h["secagg"]["survivors"] == 3 and h["secagg"]["dropped"] == [] and h["secagg"]["threshold"] == 2
+        assert h["dp_epsilon"] > 0 and np.isfinite(h["eval"]["loss"])
+    events = [json.loads(line) for line in (cfg.out / "aggregator" / "events.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "masked_input_accepted" for e in events) == 6
+    assert not any(e["event"] in ("update_accepted", "update_rejected", "secagg_failed") for e in events)
+    logs = "".join(p.read_text() for p in (cfg.out / "devices").glob("*/device.log"))
+    assert "masked input ready" in logs and "leaving secure aggregation" not in logs
