@@ -196,8 +196,9 @@ def encode_envelope(env: Envelope) -> bytes:
         raise ProtocolError(f"codec {RING_CODEC} is for masked envelopes only, and all of their tensors")
     for name, array in env.tensors.items():
         spec_codec = env.tensor_codecs.get(name, env.codec)
+        meta: dict = {}
         if masked:
-            data, meta = _ring_words(name, array), {}
+            data = _ring_words(name, array)
         else:
             data, meta = get_codec(spec_codec).encode(np.asarray(array, dtype=np.float32))
         parts.append(data)
