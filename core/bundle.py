@@ -17,6 +17,10 @@ from core.errors import BundleError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 TASKS = ("seq-cls", "causal-lm")
+# The devices' AdamW rate when a job does not set one, per task (docs/benchmarks.md, "Server
+# optimizers and FedProx under label skew"): a classifier's LoRA factors and new head take 5e-3
+# (2e-3 left label-skewed jobs at the majority class after the first round), an LLM's 1e-3.
+DEFAULT_LR = {"seq-cls": 5e-3, "causal-lm": 1e-3}
 REQUIRED_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
 

@@ -194,6 +194,7 @@ def role_of(name: str) -> str:
 def build_peft(loaded: LoadedModel, cfg: ExportConfig, rank: int):
     """A fresh LoRA model of this rank (same seed for every rank) wrapped for export."""
     import copy
+    import warnings
 
     import peft
     import torch
@@ -209,7 +210,9 @@ def build_peft(loaded: LoadedModel, cfg: ExportConfig, rank: int):
         modules_to_save=list(_head_names(base)) + list(cfg.extra_trainable) or None,
     )
     try:
-        model = peft.get_peft_model(base, lora)
+        with warnings.catch_warnings():  # peft reads a property transformers has deprecated
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            model = peft.get_peft_model(base, lora)
     except ValueError as exc:
         raise ConfigError(f"LoRA targets {list(targets)} do not match modules of this model: {exc}") from exc
 

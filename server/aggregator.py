@@ -110,6 +110,7 @@ class Aggregator:
         self.topics = Topics(cfg.job)
         self.bundle = Bundle(choose_bundle(cfg.bundle))  # a ladder: its largest rank
         self.manifest = self.bundle.manifest
+        self.train = cfg.train.for_task(self.manifest.task)  # lr 0: the task's default rate
         self.strategy = make_strategy(cfg, self.bundle)
         self.store = StateStore(cfg.state_dir)
         if claim_term:  # a new leader: writes of any older one are refused from now on
@@ -196,7 +197,7 @@ class Aggregator:
         ``lr`` a step, so an honest change is at most ``lr * steps * sqrt(values)`` long. With
         ``lr_rank_power`` p a rank-r device trains at ``lr * (R / r) ** p`` on about r / R of
         the values: up to ``R ** (p - 1/2)`` times more, for p above 1/2."""
-        t = self.cfg.train
+        t = self.train
         boost = self.manifest.rank ** max(0.0, t.lr_rank_power - 0.5)
         return t.lr * boost * t.local_steps * self.manifest.adapter_size**0.5
 
@@ -335,7 +336,7 @@ class Aggregator:
             return Announcement(
                 **base, state=RoundState.FINISHED if c.finished else RoundState.WAITING, round=c.next_round - 1
             )
-        t = self.cfg.train
+        t = self.train
         return Announcement(
             **base,
             state=RoundState.OPEN,

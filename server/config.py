@@ -3,10 +3,12 @@ variables and command-line overrides (in rising precedence)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.bundle import DEFAULT_LR
 from core.codecs import get_codec
 from core.config import load
 from core.errors import ConfigError, ProtocolError
@@ -25,7 +27,9 @@ STRATEGIES = tuple(STRATEGY_CLASSES)
 class TrainSettings:
     """What each device does in a round (sent in the round announcement).
 
-    local_steps: optimizer steps per round; batch_size: examples per step; lr: AdamW rate.
+    local_steps: optimizer steps per round; batch_size: examples per step; lr: AdamW rate (0:
+        the bundle's task's default, ``core.bundle.DEFAULT_LR``: 5e-3 for a classifier, 1e-3
+        for a causal LM; ``for_task`` resolves it).
     lr_rank_power: mixed ranks: a device of rank r trains at ``lr * (R / r) ** lr_rank_power``,
         R the global adapter's rank (0: the same rate at every rank). Every rank of a ladder
         has LoRA scale 2 (alpha = 2 r), and under Adam each factor entry moves about ``lr`` per
@@ -35,16 +39,20 @@ class TrainSettings:
 
     local_steps: int = 20
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 0.0
     lr_rank_power: float = 0.0
+
+    def for_task(self, task: str) -> TrainSettings:
+        """These settings with ``lr`` 0 replaced by the task's default rate."""
+        return self if self.lr else dataclasses.replace(self, lr=DEFAULT_LR[task])
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
             raise ConfigError("train.local_steps must be >= 1")
         if self.batch_size < 1:
             raise ConfigError("train.batch_size must be >= 1")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"train.lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.lr < 1:
+            raise ConfigError(f"train.lr must be in [0, 1) (0: the task's default), got {self.lr}")
         if not 0 <= self.lr_rank_power <= 2:
             raise ConfigError(f"train.lr_rank_power must be in [0, 2], got {self.lr_rank_power}")
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--rounds", type=int, help="default 5")
     sim.add_argument("--local-steps", type=int, help="default per task: 20 (seq-cls), 10 (causal-lm)")
     sim.add_argument("--batch-size", type=int, help="default per task: 8 (seq-cls), 2 (causal-lm)")
-    sim.add_argument("--lr", type=float, help="default per task: 2e-3 (seq-cls), 1e-3 (causal-lm)")
+    sim.add_argument("--lr", type=float, help="device AdamW rate; default per task: 5e-3 (seq-cls), 1e-3 (causal-lm)")
     sim.add_argument(
         "--lr-rank-power",
         type=float,
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--out", help="report folder (default runs/latest)")
     sim.add_argument("--centralized", action="store_true", help="also train centrally with the same sample passes")
+    sim.add_argument(
+        "--centralized-lr", type=float, help="the centralized run's AdamW rate (default per task: 2e-3, 1e-3)"
+    )
     sim.add_argument("--seed", type=int, help="default 0")
     sim.add_argument("--device-threads", type=int, help="ONNX Runtime threads per device (default 1)")
     sim.add_argument("--max-train", type=int, help="subsample the training set (0, the default: all)")

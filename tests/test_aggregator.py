@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from core.bundle import Bundle
 from core.protocol import Envelope, Topics, encode_envelope, split_chunks
@@ -387,3 +388,24 @@ def test_a_restarted_aggregator_resumes_the_server_optimizer_bit_identically(tmp
         assert np.array_equal(got[name], value), name
     for name in straight.m:
         assert np.array_equal(resumed.m[name], straight.m[name]) and np.array_equal(resumed.v[name], straight.v[name])
+
+
+def test_an_unset_learning_rate_is_announced_as_the_bundle_tasks_default(tmp_path, minilm_bundle):
+    from core.bundle import DEFAULT_LR
+
+    cfg = ServerConfig(
+        job="lr", bundle=minilm_bundle, state_dir=tmp_path / "state", http_port=0, rounds=RoundSettings(min_devices=1)
+    )
+    agg = Aggregator(cfg, link=None)  # no round runs: only what it would announce
+    assert cfg.train.lr == 0 and agg.train.lr == DEFAULT_LR["seq-cls"]
+    agg.coordinator.device_status("dev0", online=True)
+    assert agg.coordinator.maybe_open() is not None
+    assert agg.announcement().train.lr == DEFAULT_LR["seq-cls"]
+    # the first round's norm bound follows the rate devices actually train at
+    assert agg.norm_prior() == pytest.approx(
+        DEFAULT_LR["seq-cls"] * cfg.train.local_steps * agg.manifest.adapter_size**0.5
+    )
+    configured = ServerConfig(
+        job="lr2", bundle=minilm_bundle, state_dir=tmp_path / "state2", http_port=0, train=TrainSettings(lr=3e-4)
+    )
+    assert Aggregator(configured, link=None).train.lr == 3e-4

@@ -118,3 +118,28 @@ def test_rank_dependent_learning_rate_is_checked_on_both_sides():
     for train in ({"lr_rank_power": 5}, {"lr": 2.0}, {"lr": -1}):
         with pytest.raises(ProtocolError, match="outside"):
             parse_announcement(json.dumps({**ann, "train": {**ann["train"], **train}}).encode())
+
+
+def test_the_learning_rate_defaults_to_the_bundle_tasks_rate():
+    from core.bundle import DEFAULT_LR
+
+    assert TrainSettings().lr == 0  # 0: resolved per task by the aggregator
+    assert TrainSettings().for_task("seq-cls").lr == DEFAULT_LR["seq-cls"] == 5e-3
+    assert TrainSettings().for_task("causal-lm").lr == DEFAULT_LR["causal-lm"] == 1e-3
+    assert TrainSettings(lr=3e-4).for_task("seq-cls").lr == 3e-4  # a configured rate stays
+    for bad in (-1e-3, 1.0, 2.0):
+        with pytest.raises(ConfigError, match=r"train.lr must be in \[0, 1\)"):
+            TrainSettings(lr=bad)
+
+
+def test_simulate_defaults_devices_rate_and_the_centralized_references_rate_per_task():
+    from simulator.run import SimulateConfig
+
+    cls = SimulateConfig()
+    assert (cls.lr, cls.centralized_lr) == (5e-3, 2e-3)
+    llm = SimulateConfig(task="causal-lm")
+    assert (llm.lr, llm.centralized_lr) == (1e-3, 1e-3)
+    assert SimulateConfig(lr=1e-2, centralized_lr=1e-4).centralized_lr == 1e-4
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(ConfigError, match="centralized_lr"):
+            SimulateConfig(centralized_lr=bad)
