@@ -557,7 +557,17 @@ class Device:
             or (self.secure is not None and self.secure.round >= ann.round)
         ):
             return
-        self.secure = SecureSession(self.cfg.job, ann.round, self.cfg.device_id)
+        try:
+            self.secure = SecureSession(self.cfg.job, ann.round, self.cfg.device_id)
+        except ImportError as exc:  # cryptography / pycryptodome: the secagg extra is not installed
+            log.error(
+                "round %s runs secure aggregation, but this device lacks its libraries (%s): install the "
+                "secagg extra (pip install 'fedlora[secagg]'); skipping the round",
+                ann.round,
+                exc,
+            )
+            self._skip_round(ann.round)
+            return
         self._secure_send(self.secure.keys_message().to_bytes())
 
     def _secure_send(self, payload: bytes) -> None:

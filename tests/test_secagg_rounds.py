@@ -244,12 +244,13 @@ def test_a_restarted_aggregator_keeps_the_masked_inputs_it_acknowledged(tmp_path
             dev.stop()
 
 
-def test_real_devices_train_mask_and_unmask_with_distributed_dp_through_mosquitto(
-    tmp_path, minilm_bundle, edge_python, mosquitto
-):
+def test_real_devices_train_mask_and_unmask_with_distributed_dp_through_mosquitto(tmp_path, minilm_bundle, mosquitto):
     """``fedlora simulate``'s own path: three edge-client processes (ONNX Runtime training) in a
-    secure job with distributed DP noise; two rounds, every update masked, every round unmasked."""
+    secure job with distributed DP noise; two rounds, every update masked, every round unmasked.
+    The devices run this Python: the torch-free device environment has only the ``edge`` extra,
+    and secure aggregation needs the ``secagg`` one (cryptography, pycryptodome) on the device."""
     import json
+    import sys
 
     from simulator.run import SimulateConfig, run_simulation
 
@@ -263,7 +264,7 @@ def test_real_devices_train_mask_and_unmask_with_distributed_dp_through_mosquitt
         max_train=90,
         eval_max=40,
         out=tmp_path / "run",
-        device_python=edge_python,
+        device_python=sys.executable,
         broker=mosquitto.url,
         secure_aggregation={"enabled": True, "value_clip": 0.5, "setup_timeout_s": 60},
         privacy={"mode": "distributed", "noise_multiplier": 0.3, "clip_norm": 0.5},
