@@ -16,6 +16,7 @@ from core.transport import BrokerConfig
 from server.privacy import PrivacySettings, check_budget, check_privacy
 from server.robust import RobustSettings
 from server.rounds import RoundSettings
+from server.secure_rounds import SecureAggregationSettings, check_secure_aggregation
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
 from server.strategies import strategy_settings
 
@@ -189,6 +190,8 @@ class ServerConfig:
     robust: robust aggregation against poisoned updates (see server.robust.RobustSettings;
         method ``mean``, the strategy's own, by default).
     privacy: client-level differential privacy (see server.privacy.PrivacySettings; off by default).
+    secure_aggregation: the aggregator learns only each round's sum (see
+        server.secure_rounds.SecureAggregationSettings; off by default).
     """
 
     job: str = "default"
@@ -216,6 +219,7 @@ class ServerConfig:
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     robust: RobustSettings = field(default_factory=RobustSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
 
     def __post_init__(self) -> None:
         if self.bundle is None:
@@ -250,6 +254,15 @@ class ServerConfig:
             raise ConfigError("privacy needs rounds.norm_bound: clip (the clip bound is DP's sensitivity)")
         r = self.rounds
         check_budget(self.privacy, r.rounds, r.devices_per_round, r.min_devices)
+        check_secure_aggregation(
+            self.secure_aggregation,
+            self.strategy,
+            self.robust.method,
+            self.privacy.enabled and self.privacy.adaptive_clip,
+            r.min_devices,
+            r.devices_per_round,
+            r.round_timeout,
+        )
 
 
 def load_server_config(path: str | Path | None = None, overrides: dict | None = None) -> ServerConfig:
