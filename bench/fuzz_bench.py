@@ -13,6 +13,10 @@ Targets (each input is processed in this one process, one call per input):
     codec                       get_codec(spec).decode(data, {}, shape) for every spec the grammar builds
                                 from {-, topk, randk} x {fp32 .. int2-sr, sign} x {-, zlib, lzma, zstd}
     topic                       messages.parse_topic(topic, base)
+    secagg_upload               messages.parse_secagg_upload(bytes): a device's keys, shares or reveal
+    secagg_key_list, secagg_forward, secagg_unmask
+                                messages.parse_secagg_key_list / _forward / _unmask (bytes): what
+                                the aggregator sends in a secure round
 
 Inputs come from three families: (a) structure-aware generation from valid messages (JSON values
 replaced by huge, negative, fractional or non-finite literals, nesting thousands of levels deep,
@@ -75,11 +79,19 @@ from core.messages import (
     Ack,
     AckResult,
     Announcement,
+    PeerKeys,
     Presence,
     PrivacyInfo,
     RepairRequest,
     RoundMode,
     RoundState,
+    SecaggForward,
+    SecaggInfo,
+    SecaggKeyList,
+    SecaggKeys,
+    SecaggReveal,
+    SecaggShares,
+    SecaggUnmask,
     Status,
     StrategyInfo,
     TrainInfo,
@@ -87,6 +99,10 @@ from core.messages import (
     parse_announcement,
     parse_header,
     parse_json,
+    parse_secagg_forward,
+    parse_secagg_key_list,
+    parse_secagg_unmask,
+    parse_secagg_upload,
     parse_status,
     parse_topic,
 )
@@ -99,6 +115,7 @@ from core.protocol import (
     CHUNK_OVERHEAD,
     ENVELOPE_MAGIC,
     HEADER_ZLIB,
+    RING_CODEC,
     Envelope,
     EnvelopeLimits,
     Reassembler,
@@ -850,6 +867,7 @@ class Corpus:
                 codec="randk0.7+sign",
                 strategy=StrategyInfo("ffa", False),
                 train=TrainInfo(1, 1, 1e-12),
+                secagg=SecaggInfo(0.05),
             )
             return [
                 a.to_bytes()
@@ -871,6 +889,34 @@ class Corpus:
             ]
 
         return self._get("announcement", build)
+
+    # secure aggregation
+    @property
+    def secagg_upload(self) -> list[bytes]:
+        def build():
+            k = bytes(range(32))
+            peers = {f"dev{i:03d}": bytes([i]) * 96 for i in range(12)}
+            return [
+                SecaggKeys("job1", 4, "dev001", k, k[::-1], bytes(32)).to_bytes(),
+                SecaggShares("job1", 4, "dev001", peers).to_bytes(),
+                SecaggShares("job1", 4, "d" * 128, {f"p{i}": bytes(96) for i in range(200)}).to_bytes(),
+                SecaggReveal("job1", 4, "dev002", {p: v[:34] for p, v in peers.items()}).to_bytes(),
+            ]
+
+        return self._get("secagg_upload", build)
+
+    @property
+    def secagg_down(self) -> list[bytes]:
+        def build():
+            k = bytes(range(32))
+            devices = tuple(PeerKeys(f"dev{i:03d}", k, k[::-1]) for i in range(12))
+            return [
+                SecaggKeyList("job1", 4, 7, 0.05, devices).to_bytes(),
+                SecaggForward("job1", 4, {f"dev{i:03d}": bytes([i]) * 96 for i in range(11)}).to_bytes(),
+                SecaggUnmask("job1", 4, tuple(f"dev{i:03d}" for i in range(9)), ("dev010", "dev011")).to_bytes(),
+            ]
+
+        return self._get("secagg_down", build)
 
     # envelopes
     def _envelopes(self, kind: str) -> list[EnvSeed]:
@@ -900,6 +946,10 @@ class Corpus:
                             )
                         )
                     )
+                words = {k: rng.integers(0, 2**32, v, dtype=np.uint32) for k, v in rank_shapes(SHAPES, 4).items()}
+                seeds.append(
+                    make_env_seed(Envelope("masked", "job1", 7, "dev100", 4, RING_CODEC, words, base_version=6))
+                )
             if kind in ("global", "all"):
                 for i, spec in enumerate(("fp16", "int8", "topk0.1+int8+zlib", "fp32") if self.full else ("int8",)):
                     tensors = _adapter(rng, SHAPES)
@@ -1629,6 +1679,10 @@ def topic_gen(rng: random.Random) -> tuple[str, tuple[Any, str]]:
         t.status("dev0"),
         t.ack("dev0"),
         t.update("d" * 128),
+        t.secagg("dev0"),
+        t.secagg_round("keys"),
+        t.secagg_round("unmask"),
+        t.secagg_to("dev0"),
     )
     topic = rng.choice(valid)
     r = rng.random()
@@ -1734,6 +1788,12 @@ def make_targets(corpus: Corpus, amplify: bool = True, memory_bound: int = 1 << 
             Target("reassembler", 2, reasm, reasm.call, stateless=False),
             Target("codec", 2.5, CodecGen(corpus, amplify), codec_call),
             Target("topic", 3, topic_gen, lambda inp: parse_topic(*inp)),
+            Target("secagg_upload", 2, lambda rng: mutate_message(rng, corpus.secagg_upload), parse_secagg_upload),
+            Target(
+                "secagg_key_list", 1, lambda rng: mutate_message(rng, corpus.secagg_down[:1]), parse_secagg_key_list
+            ),
+            Target("secagg_forward", 1, lambda rng: mutate_message(rng, corpus.secagg_down[1:2]), parse_secagg_forward),
+            Target("secagg_unmask", 1, lambda rng: mutate_message(rng, corpus.secagg_down[2:]), parse_secagg_unmask),
         )
     }
 

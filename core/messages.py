@@ -14,6 +14,7 @@ into a ``TopicRef``, not matched by prefix.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import json
 import math
@@ -246,16 +247,28 @@ class TopicKind(str, Enum):
     UPDATES = "updates"
     STATUS = "status"
     ACK = "ack"
+    SECAGG = "secagg"  # secure aggregation: secagg/<device> up, secagg/round/<step> and secagg/to/<device> down
+
+
+class SecaggChannel(str, Enum):
+    """Which secure-aggregation topic a ``secagg/...`` topic is."""
+
+    UP = "up"  # secagg/<device>: the device's keys, shares and reveal
+    KEYS = "keys"  # secagg/round/keys (retained): the round's key list
+    UNMASK = "unmask"  # secagg/round/unmask (retained): survivors and dropped devices
+    TO = "to"  # secagg/to/<device> (retained): the sealed shares addressed to that device
 
 
 @dataclass(frozen=True)
 class TopicRef:
-    """A parsed topic of one job: its kind, and the device or (rank, chunk index) it names."""
+    """A parsed topic of one job: its kind, and the device or (rank, chunk index) it names;
+    for ``secagg`` topics also which one (``channel``)."""
 
     kind: TopicKind
     device: str = ""
     rank: int = 0
     index: int = 0
+    channel: SecaggChannel | None = None
 
 
 def parse_topic(topic: str, base: str) -> TopicRef:
@@ -275,6 +288,13 @@ def parse_topic(topic: str, base: str) -> TopicRef:
         and DEVICE_ID.fullmatch(parts[1])
     ):
         return TopicRef(kind, device=parts[1])
+    if kind is TopicKind.SECAGG:
+        if len(parts) == 2 and DEVICE_ID.fullmatch(parts[1]):
+            return TopicRef(kind, device=parts[1], channel=SecaggChannel.UP)
+        if len(parts) == 3 and parts[1] == "round" and parts[2] in ("keys", "unmask"):
+            return TopicRef(kind, channel=SecaggChannel(parts[2]))
+        if len(parts) == 3 and parts[1] == "to" and DEVICE_ID.fullmatch(parts[2]):
+            return TopicRef(kind, device=parts[2], channel=SecaggChannel.TO)
     if (
         kind in (TopicKind.GLOBAL, TopicKind.GDELTA)
         and len(parts) == 3
@@ -450,6 +470,15 @@ class PrivacyInfo:
     noise_std: float = 0.0
 
 
+@dataclass(frozen=True)
+class SecaggInfo:
+    """Secure aggregation in an open round (absent: off). The device advertises its keys on
+    ``secagg/<device>`` and, instead of a plain update, sends its change clipped to
+    ``[-clip, clip]`` per value, quantized into the ring and masked (a ``masked`` envelope)."""
+
+    clip: float
+
+
 MAX_CLIP = 1e6
 BELOW_CLIP_METRIC = "dp_below_clip"  # the update's metric: 1 if the change was within the clip, else 0
 
@@ -473,6 +502,7 @@ class Announcement:
     train: TrainInfo | None = None
     privacy: PrivacyInfo | None = None
     mode: RoundMode = RoundMode.SYNC
+    secagg: SecaggInfo | None = None
     v: int = PROTOCOL_VERSION
 
     @property
@@ -516,6 +546,8 @@ class Announcement:
             )
             if self.privacy is not None:
                 body["privacy"] = {"clip": self.privacy.clip, "noise_std": self.privacy.noise_std}
+            if self.secagg is not None:
+                body["secagg"] = {"clip": self.secagg.clip}
         return body
 
     def to_bytes(self) -> bytes:
@@ -573,6 +605,11 @@ def parse_announcement(payload: bytes) -> Announcement:
     if p is not None:
         privacy = PrivacyInfo(p.float("clip", 1e-12, MAX_CLIP), p.float("noise_std", 0.0, MAX_CLIP, 0.0))
         p.done()
+    sa = f.object("secagg", None)
+    secagg = None
+    if sa is not None:
+        secagg = SecaggInfo(sa.float("clip", 1e-12, MAX_CLIP))
+        sa.done()
     ann = Announcement(
         **common,
         deadline=f.float("deadline", 0.0, float(MAX_ROUND)),
@@ -582,6 +619,7 @@ def parse_announcement(payload: bytes) -> Announcement:
         strategy=strategy,
         train=train,
         privacy=privacy,
+        secagg=secagg,
     )
     if ann.head_codec:
         _codec_spec(ann.head_codec, "announced head codec")
@@ -593,6 +631,12 @@ def parse_announcement(payload: bytes) -> Announcement:
 class EnvelopeKind(str, Enum):
     UPDATE = "update"
     GLOBAL = "global"
+    MASKED = "masked"  # secure aggregation's masked input: uint32 ring words, codec RING_CODEC
+
+
+# The masked input's "codec": each value a little-endian uint32 word of Z_2^32, sent as is. It
+# is not a tensor codec (nothing float goes in) and only a ``masked`` envelope may use it.
+RING_CODEC = "ring32"
 
 
 @dataclass(frozen=True)
@@ -601,6 +645,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     nbytes: int
     codec: str = ""  # empty: the envelope's codec
+    dtype: str = "float32"  # "uint32" in a masked envelope
 
     @property
     def size(self) -> int:
@@ -632,8 +677,8 @@ def _tensor_spec(value: Any, what: str) -> TensorSpec:
         shape=f.list("shape", 8, _int_item(0, MAX_DIM)),
         nbytes=f.int("nbytes", 0, MAX_NBYTES),
         codec=f.str("codec", 80, ""),
+        dtype=f.str("dtype", 16, choices=("float32", "uint32")),
     )
-    f.str("dtype", 16, choices=("float32",))
     meta = f.object("meta", {})
     if meta is not None and meta.obj:
         raise ProtocolError(f"{what}.meta must be empty (no codec of protocol v1 uses it)")
@@ -654,7 +699,7 @@ def parse_header(obj: dict) -> EnvelopeHeader:
         round=f.int("round", 0, MAX_ROUND),
         sender=f.str("sender", 128, pattern=DEVICE_ID),
         rank=f.int("rank", 0, MAX_RANK),
-        codec=_codec_spec(f.str("codec", 80), "envelope codec"),
+        codec=f.str("codec", 80),
         tensors=f.list("tensors", MAX_TENSORS, _tensor_spec),
         body_sha256=f.str("body_sha256", 64, pattern=HEX64),
         num_examples=f.int("num_examples", 0, MAX_EXAMPLES, 0),
@@ -662,11 +707,273 @@ def parse_header(obj: dict) -> EnvelopeHeader:
         base_version=f.int("base_version", 0, MAX_ROUND, 0),
     )
     f.done()
+    masked = kind is EnvelopeKind.MASKED
+    if masked != (header.codec == RING_CODEC):
+        raise ProtocolError(
+            f"a {kind.value} envelope with codec {header.codec[:40]!r} ({RING_CODEC} is for masked ones)"
+        )
+    if not masked:
+        _codec_spec(header.codec, "envelope codec")
     names = set()
     for spec in header.tensors:
+        if spec.dtype != ("uint32" if masked else "float32") or (masked and spec.codec):
+            raise ProtocolError(f"tensor {spec.name[:80]} of a {kind.value} envelope is {spec.dtype} {spec.codec}")
         if spec.name in names:
             raise ProtocolError(f"tensor {spec.name[:80]} appears twice")
         names.add(spec.name)
         if spec.codec:
             _codec_spec(spec.codec, f"codec of {spec.name[:80]}")
     return header
+
+
+# -- secure aggregation --------------------------------------------------------------------
+# Sizes fixed by core.secagg (a test checks they agree): X25519 keys, sealed share pairs, shares.
+SECAGG_KEY_BYTES = 32
+SECAGG_SEALED_BYTES = 96
+SECAGG_SHARE_BYTES = 34
+MAX_SECAGG_PEERS = 1000  # core.secagg.MAX_PEERS: devices in one round's key list
+# A device's shares or reveal names each peer once: 1000 x (128-character id + base64) fits.
+MAX_SECAGG_BYTES = 512 * 1024
+MAX_SECAGG_LIST_BYTES = 1 << 20  # the key list and the survivors: 1000 devices with their keys
+
+
+class SecaggStep(str, Enum):
+    """The messages of one secure-aggregation round (docs/protocol.md), in order."""
+
+    KEYS = "keys"  # device -> aggregator: its two public keys
+    KEY_LIST = "key_list"  # aggregator -> devices: the round's devices, their keys, the threshold
+    SHARES = "shares"  # device -> aggregator: per peer, its sealed shares
+    FORWARD = "forward"  # aggregator -> one device: the sealed shares addressed to it
+    UNMASK = "unmask"  # aggregator -> devices: who sent a masked input and who dropped
+    REVEAL = "reveal"  # surviving device -> aggregator: per peer, the one share it may reveal
+
+
+def _b64(value: Any, what: str, nbytes: int) -> bytes:
+    """Exactly ``nbytes`` bytes as standard base64 (padded, no whitespace)."""
+    if not isinstance(value, str) or len(value) != 4 * ((nbytes + 2) // 3):
+        raise ProtocolError(f"{what} must be {nbytes} bytes in base64")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ProtocolError(f"{what} is not base64") from None
+    if len(raw) != nbytes:
+        raise ProtocolError(f"{what} must be {nbytes} bytes in base64")
+    return raw
+
+
+def _b64text(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _peer_map(fields: Fields | None, what: str, nbytes: int) -> dict[str, bytes]:
+    """``{device id: base64 of nbytes}`` with at most MAX_SECAGG_PEERS entries."""
+    if fields is None:
+        return {}
+    if len(fields.obj) > MAX_SECAGG_PEERS:
+        raise ProtocolError(f"{fields.what} names {len(fields.obj)} devices (at most {MAX_SECAGG_PEERS})")
+    out = {}
+    for key, value in fields.obj.items():
+        _device_item(key, f"{fields.what} key {str(key)[:40]!r}")
+        out[key] = _b64(value, f"{what} of {key[:40]!r}", nbytes)
+    return out
+
+
+@dataclass(frozen=True)
+class SecaggKeys:
+    """``secagg/<device>``, step ``keys``: the device's cipher and mask X25519 public keys, and
+    the sha256 of its self-mask seed (so the aggregator can tell a seed rebuilt from wrong
+    shares: a round then fails instead of releasing a wrong sum)."""
+
+    job: str
+    round: int
+    sender: str
+    cipher: bytes
+    mask: bytes
+    seed_hash: bytes
+    step: SecaggStep = SecaggStep.KEYS
+
+    def to_bytes(self) -> bytes:
+        return _secagg_bytes(
+            self, cipher=_b64text(self.cipher), mask=_b64text(self.mask), seed_hash=_b64text(self.seed_hash)
+        )
+
+
+@dataclass(frozen=True)
+class SecaggShares:
+    """``secagg/<device>``, step ``shares``: per peer, the pair of shares sealed for it."""
+
+    job: str
+    round: int
+    sender: str
+    shares: dict[str, bytes]
+    step: SecaggStep = SecaggStep.SHARES
+
+    def to_bytes(self) -> bytes:
+        return _secagg_bytes(self, shares={k: _b64text(v) for k, v in sorted(self.shares.items())})
+
+
+@dataclass(frozen=True)
+class SecaggReveal:
+    """``secagg/<device>``, step ``reveal``: per peer, its share of the peer's self seed (the
+    peer survived) or of its mask key (it dropped)."""
+
+    job: str
+    round: int
+    sender: str
+    shares: dict[str, bytes]
+    step: SecaggStep = SecaggStep.REVEAL
+
+    def to_bytes(self) -> bytes:
+        return _secagg_bytes(self, shares={k: _b64text(v) for k, v in sorted(self.shares.items())})
+
+
+@dataclass(frozen=True)
+class PeerKeys:
+    device: str
+    cipher: bytes
+    mask: bytes
+
+
+@dataclass(frozen=True)
+class SecaggKeyList:
+    """``secagg/round/keys`` (retained): the devices whose keys the aggregator took, with them,
+    the Shamir threshold and the value clip; these devices are one another's peers."""
+
+    job: str
+    round: int
+    threshold: int
+    clip: float
+    devices: tuple[PeerKeys, ...]
+    step: SecaggStep = SecaggStep.KEY_LIST
+
+    def to_bytes(self) -> bytes:
+        peers = [{"id": p.device, "cipher": _b64text(p.cipher), "mask": _b64text(p.mask)} for p in self.devices]
+        return _secagg_bytes(self, threshold=self.threshold, clip=self.clip, devices=peers, with_sender=False)
+
+
+@dataclass(frozen=True)
+class SecaggForward:
+    """``secagg/to/<device>`` (retained): the sealed shares addressed to that device, by owner.
+    Their owners are the round's masking set: the device masks with exactly these peers."""
+
+    job: str
+    round: int
+    shares: dict[str, bytes]
+    step: SecaggStep = SecaggStep.FORWARD
+
+    def to_bytes(self) -> bytes:
+        return _secagg_bytes(self, shares={k: _b64text(v) for k, v in sorted(self.shares.items())}, with_sender=False)
+
+
+@dataclass(frozen=True)
+class SecaggUnmask:
+    """``secagg/round/unmask`` (retained): whose masked input counts, and who dropped after the shares."""
+
+    job: str
+    round: int
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    step: SecaggStep = SecaggStep.UNMASK
+
+    def to_bytes(self) -> bytes:
+        return _secagg_bytes(self, survivors=list(self.survivors), dropped=list(self.dropped), with_sender=False)
+
+
+SecaggUpload = SecaggKeys | SecaggShares | SecaggReveal
+
+
+def _secagg_bytes(msg: Any, with_sender: bool = True, **fields: Any) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "step": msg.step.value, "job": msg.job, "round": msg.round}
+    if with_sender:
+        body["sender"] = msg.sender
+    body.update(fields)
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _secagg_fields(payload: bytes, what: str, max_bytes: int) -> tuple[Fields, SecaggStep, str, int]:
+    f = Fields(parse_json(payload, what, max_bytes), what)
+    v = f.int("v", 0, 1 << 16)
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} of protocol version {v} (this side speaks {PROTOCOL_VERSION})")
+    step = SecaggStep(f.str("step", 16, choices=tuple(s.value for s in SecaggStep)))
+    return f, step, f.str("job", 128, pattern=JOB_ID), f.int("round", 0, MAX_ROUND)
+
+
+def parse_secagg_upload(payload: bytes) -> SecaggUpload:
+    """A device's message on ``secagg/<device>``: its keys, its sealed shares or its reveal."""
+    f, step, job, rnd = _secagg_fields(payload, "secagg message", MAX_SECAGG_BYTES)
+    sender = f.str("sender", 128, pattern=DEVICE_ID)
+    msg: SecaggUpload
+    if step is SecaggStep.KEYS:
+        msg = SecaggKeys(
+            job,
+            rnd,
+            sender,
+            _b64(f.str("cipher", 64), "cipher key", SECAGG_KEY_BYTES),
+            _b64(f.str("mask", 64), "mask key", SECAGG_KEY_BYTES),
+            _b64(f.str("seed_hash", 64), "seed hash", SECAGG_KEY_BYTES),
+        )
+    elif step is SecaggStep.SHARES:
+        msg = SecaggShares(job, rnd, sender, _peer_map(f.object("shares"), "sealed shares", SECAGG_SEALED_BYTES))
+    elif step is SecaggStep.REVEAL:
+        msg = SecaggReveal(job, rnd, sender, _peer_map(f.object("shares"), "revealed share", SECAGG_SHARE_BYTES))
+    else:
+        raise ProtocolError(f"secagg step {step.value!r} is the aggregator's, not a device's")
+    f.done()
+    return msg
+
+
+def parse_secagg_key_list(payload: bytes) -> SecaggKeyList:
+    """``secagg/round/keys``: the round's devices and keys; each device once."""
+    f, step, job, rnd = _secagg_fields(payload, "secagg key list", MAX_SECAGG_LIST_BYTES)
+    if step is not SecaggStep.KEY_LIST:
+        raise ProtocolError(f"a {step.value} message on the key list topic")
+
+    def peer(value: Any, what: str) -> PeerKeys:
+        p = Fields(value, what)
+        keys = PeerKeys(
+            p.str("id", 128, pattern=DEVICE_ID),
+            _b64(p.str("cipher", 64), f"{what}.cipher", SECAGG_KEY_BYTES),
+            _b64(p.str("mask", 64), f"{what}.mask", SECAGG_KEY_BYTES),
+        )
+        p.done()
+        return keys
+
+    devices = f.list("devices", MAX_SECAGG_PEERS, peer)
+    ids = [d.device for d in devices]
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("secagg key list names a device twice")
+    threshold = f.int("threshold", 2, MAX_SECAGG_PEERS)
+    if threshold > len(devices):
+        raise ProtocolError(f"secagg threshold {threshold} exceeds the {len(devices)} devices of the key list")
+    msg = SecaggKeyList(job, rnd, threshold, f.float("clip", 1e-12, MAX_CLIP), devices)
+    f.done()
+    return msg
+
+
+def parse_secagg_forward(payload: bytes) -> SecaggForward:
+    """``secagg/to/<device>``: the sealed shares addressed to that device."""
+    f, step, job, rnd = _secagg_fields(payload, "secagg forward", MAX_SECAGG_BYTES)
+    if step is not SecaggStep.FORWARD:
+        raise ProtocolError(f"a {step.value} message on a forward topic")
+    msg = SecaggForward(job, rnd, _peer_map(f.object("shares"), "sealed shares", SECAGG_SEALED_BYTES))
+    f.done()
+    return msg
+
+
+def parse_secagg_unmask(payload: bytes) -> SecaggUnmask:
+    """``secagg/round/unmask``: survivors and dropped devices, disjoint."""
+    f, step, job, rnd = _secagg_fields(payload, "secagg unmask request", MAX_SECAGG_LIST_BYTES)
+    if step is not SecaggStep.UNMASK:
+        raise ProtocolError(f"a {step.value} message on the unmask topic")
+    msg = SecaggUnmask(
+        job,
+        rnd,
+        f.list("survivors", MAX_SECAGG_PEERS, _device_item),
+        f.list("dropped", MAX_SECAGG_PEERS, _device_item),
+    )
+    f.done()
+    named = msg.survivors + msg.dropped
+    if len(set(named)) != len(named):
+        raise ProtocolError("secagg unmask request names a device twice (or both surviving and dropped)")
+    return msg

@@ -42,6 +42,7 @@ from core.messages import (
     MAX_HEADER_BYTES,
     MAX_MISSING,
     PROTOCOL_VERSION,
+    RING_CODEC,
     EnvelopeHeader,
     TopicRef,
     parse_header,
@@ -145,6 +146,22 @@ class Topics:
     def ack(self, device: str) -> str:
         return f"{self.base}/ack/{device}"
 
+    def secagg(self, device: str) -> str:
+        """A device's secure-aggregation messages to the aggregator."""
+        return f"{self.base}/secagg/{device}"
+
+    @property
+    def secagg_filter(self) -> str:
+        return f"{self.base}/secagg/+"
+
+    def secagg_round(self, step: str) -> str:
+        """``keys`` or ``unmask``: what every device of a secure round reads (retained)."""
+        return f"{self.base}/secagg/round/{step}"
+
+    def secagg_to(self, device: str) -> str:
+        """The sealed shares addressed to one device (retained)."""
+        return f"{self.base}/secagg/to/{device}"
+
     def parse(self, topic: str) -> TopicRef:
         """What a topic of this job names (``messages.parse_topic``); ProtocolError otherwise."""
         return parse_topic(topic, self.base)
@@ -174,15 +191,22 @@ class Envelope:
 
 def encode_envelope(env: Envelope) -> bytes:
     parts, specs = [], []
+    masked = env.codec == RING_CODEC
+    if masked != (env.kind == "masked") or (masked and env.tensor_codecs):
+        raise ProtocolError(f"codec {RING_CODEC} is for masked envelopes only, and all of their tensors")
     for name, array in env.tensors.items():
         spec_codec = env.tensor_codecs.get(name, env.codec)
-        data, meta = get_codec(spec_codec).encode(np.asarray(array, dtype=np.float32))
+        meta: dict = {}
+        if masked:
+            data = _ring_words(name, array)
+        else:
+            data, meta = get_codec(spec_codec).encode(np.asarray(array, dtype=np.float32))
         parts.append(data)
         specs.append(
             {
                 "name": name,
                 "shape": list(array.shape),
-                "dtype": "float32",
+                "dtype": "uint32" if masked else "float32",
                 "nbytes": len(data),
                 "meta": meta,
                 **({"codec": spec_codec} if spec_codec != env.codec else {}),
@@ -210,6 +234,14 @@ def encode_envelope(env: Envelope) -> bytes:
     if len(packed) < len(raw):
         return ENVELOPE_MAGIC + struct.pack("<I", len(packed) | HEADER_ZLIB) + packed + body
     return ENVELOPE_MAGIC + struct.pack("<I", len(raw)) + raw + body
+
+
+def _ring_words(name: str, array: np.ndarray) -> bytes:
+    """A masked tensor's bytes: its uint32 ring words, little-endian (never a float cast)."""
+    array = np.asarray(array)
+    if array.dtype != np.uint32:
+        raise ProtocolError(f"masked tensor {name[:80]} must hold uint32 ring words, not {array.dtype}")
+    return np.ascontiguousarray(array, dtype="<u4").tobytes()
 
 
 def _read_header(payload: bytes) -> tuple[EnvelopeHeader, int]:
@@ -298,10 +330,14 @@ def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Env
     elif sum(spec.size for spec in header.tensors) > UNLIMITED_MAX_ELEMENTS:
         raise ProtocolError(f"envelope decodes to more than {UNLIMITED_MAX_ELEMENTS} values")
     body = memoryview(payload)[body_start:]
-    codecs = [get_codec(header.codec_of(spec)) for spec in header.tensors]
+    masked = header.codec == RING_CODEC  # parse_header: exactly the masked envelopes
+    codecs = [None if masked else get_codec(header.codec_of(spec)) for spec in header.tensors]
     for spec, codec in zip(header.tensors, codecs):
         element_count(spec.shape)
-        if spec.nbytes > codec.max_nbytes(spec.size):
+        if codec is None:
+            if spec.nbytes != 4 * spec.size:
+                raise ProtocolError(f"masked tensor {spec.name[:120]} has {spec.nbytes} bytes, not 4 per value")
+        elif spec.nbytes > codec.max_nbytes(spec.size):
             raise ProtocolError(
                 f"tensor {spec.name[:120]} claims {spec.nbytes} bytes, more than its codec needs for shape {spec.shape}"
             )
@@ -314,7 +350,10 @@ def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Env
     offset = 0
     for spec, codec in zip(header.tensors, codecs):
         end = offset + spec.nbytes
-        tensors[spec.name] = codec.decode(bytes(body[offset:end]), {}, spec.shape)
+        if codec is None:
+            tensors[spec.name] = np.frombuffer(bytes(body[offset:end]), "<u4").astype(np.uint32).reshape(spec.shape)
+        else:
+            tensors[spec.name] = codec.decode(bytes(body[offset:end]), {}, spec.shape)
         offset = end
     return Envelope(
         kind=header.kind.value,

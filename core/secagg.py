@@ -39,6 +39,7 @@ too slow: 12 s to rebuild one 32-byte secret from 51 shares, 20 minutes a round 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -342,3 +343,27 @@ def ring_sum(arrays: Iterable[np.ndarray]) -> np.ndarray:
     if total is None:
         raise ValueError("no arrays to sum")
     return total
+
+
+# -- layout and threshold shared by both sides ----------------------------------------------
+def min_threshold(peers: int) -> int:
+    """The least Shamir threshold a device accepts with ``peers`` peers: a strict majority of
+    them (and at least 2, what Shamir's scheme needs)."""
+    return max(2, peers // 2 + 1)
+
+
+def flatten(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The tensors as one vector, in sorted name order (the order every mask is laid over)."""
+    return np.concatenate([np.asarray(tensors[k], np.float64).ravel() for k in sorted(tensors)])
+
+
+def split_words(words: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """A vector laid out by ``flatten`` back into tensors of ``shapes``."""
+    out, offset = {}, 0
+    for name in sorted(shapes):
+        size = math.prod(shapes[name])
+        out[name] = words[offset : offset + size].reshape(shapes[name])
+        offset += size
+    if offset != words.size:
+        raise ValueError(f"{words.size} values do not fill tensors of {offset}")
+    return out

@@ -36,11 +36,16 @@ from core.messages import (
     PrivacyInfo,
     RepairRequest,
     RoundState,
+    SecaggChannel,
     Status,
     TopicKind,
+    TopicRef,
     TrainInfo,
     parse_ack,
     parse_announcement,
+    parse_secagg_forward,
+    parse_secagg_key_list,
+    parse_secagg_unmask,
 )
 from core.protocol import (
     Envelope,
@@ -61,6 +66,7 @@ from edge_client.feedback import ErrorFeedback, encode_with_feedback
 from edge_client.instruct import encode_causal_lm_file
 from edge_client.privacy import Privatizer
 from edge_client.runtime import RuntimeOptions, Trainer, peak_rss_bytes
+from edge_client.secure_update import SecureSession
 from edge_client.trainer_process import TrainerProcess, TrainerProcessDied
 
 log = logging.getLogger("fedlora.device")
@@ -71,6 +77,8 @@ RESEND_AFTER_S = 30.0
 # state are retained, so an idle device re-subscribes now and then to fetch them again.
 RESYNC_AFTER_S = 20.0
 ANNOUNCED_AGAIN_RESEND_S = 5.0
+# Secure aggregation: a step's message is sent again until the aggregator's next step shows it arrived.
+SECAGG_RESEND_S = 10.0
 
 
 @dataclass
@@ -268,6 +276,8 @@ class Device:
         self._last_progress = time.monotonic()
         self.rounds_trained = 0
         self._window_wait_round: int | None = None
+        self.secure: SecureSession | None = None  # this device's part in a secure round
+        self._secure_sent_at: float | None = None
 
     # -- messages ------------------------------------------------------------------------
     def status_payload(self, state: Presence = Presence.ONLINE) -> bytes:
@@ -294,6 +304,8 @@ class Device:
                 self._handle_global_chunk(payload, delta=ref.kind is TopicKind.GDELTA)
             elif ref.kind is TopicKind.ACK and ref.device == self.cfg.device_id:
                 self._handle_ack(payload, self._last_progress if received_at is None else received_at)
+            elif ref.kind is TopicKind.SECAGG:
+                self._handle_secagg(ref, payload)
             # else: a well-formed topic of the job this device does not handle (amqtt sometimes
             # delivers other devices' status): nothing to do
         except ProtocolError as exc:
@@ -317,6 +329,7 @@ class Device:
                 # broker that lost what we sent). Resend now rather than at the 30 s timer.
                 self._sent_at = None
         self.announcement = ann
+        self._start_secure(ann)
 
     def _handle_global_chunk(self, payload: bytes, delta: bool) -> None:
         """A chunk of the full global copy, or of the change from the previous version."""
@@ -411,6 +424,10 @@ class Device:
             return None
         if self.global_version != ann.global_version:
             return None  # wait for the matching global adapter
+        if ann.secagg is not None and (
+            self.secure is None or self.secure.round != ann.round or self.secure.update is not None
+        ):
+            return None  # secure round: trained once, or not ours (no session: we restarted mid-round)
         if not in_train_window(self.cfg.train_window, datetime.now()):
             if self._window_wait_round != ann.round:
                 self._window_wait_round = ann.round
@@ -418,8 +435,9 @@ class Device:
             return None
         return ann
 
-    def train_round(self, ann: Announcement) -> bytes:
-        """Train on the announced global adapter and return the encoded update envelope."""
+    def train_round(self, ann: Announcement) -> bytes | None:
+        """Train on the announced global adapter and return the encoded update envelope (None
+        in a secure round: the session holds the change until it can be masked)."""
         train, strategy = ann.train, ann.strategy
         assert train is not None and strategy is not None
         steps = self._local_steps(train)
@@ -445,7 +463,11 @@ class Device:
             "round %s: %d steps, loss %.4f, %.2fs", ann.round, steps, metrics["train_loss"], metrics["train_seconds"]
         )
         self.rounds_trained += 1
-        payload = self._encode_update(env, ann.privacy)
+        payload = None
+        if ann.secagg is not None:
+            self._hold_for_masking(env, ann.privacy)  # sent masked once the peers' shares are in
+        else:
+            payload = self._encode_update(env, ann.privacy)
         if new_rank < sent_rank:
             self._switch_rank(new_rank)
         return payload
@@ -580,6 +602,95 @@ class Device:
         metrics = {**env.metrics, BELOW_CLIP_METRIC: float(bool(privatize.below_clip))}
         return dataclasses.replace(env, tensors=tensors, metrics=metrics)
 
+    # -- secure aggregation (edge_client/secure_update.py) ---------------------------------
+    def _start_secure(self, ann: Announcement) -> None:
+        """A secure round that selected us and that we have not answered: a session, our keys."""
+        if (
+            ann.secagg is None
+            or not ann.is_open
+            or self.cfg.device_id not in ann.selected
+            or ann.round <= self.state.last_round
+            or self.state.pending_round == ann.round
+            or (self.secure is not None and self.secure.round >= ann.round)
+        ):
+            return
+        try:
+            self.secure = SecureSession(self.cfg.job, ann.round, self.cfg.device_id)
+        except ImportError as exc:  # cryptography / pycryptodome: the secagg extra is not installed
+            log.error(
+                "round %s runs secure aggregation, but this device lacks its libraries (%s): install the "
+                "secagg extra (pip install 'fedlora[secagg]'); skipping the round",
+                ann.round,
+                exc,
+            )
+            self._skip_round(ann.round)
+            return
+        self._secure_send(self.secure.keys_message().to_bytes())
+
+    def _secure_send(self, payload: bytes) -> None:
+        self._secure_sent_at = time.monotonic()
+        if self.link.connected.is_set():
+            self.link.publish(self.topics.secagg(self.cfg.device_id), payload)
+
+    def _handle_secagg(self, ref: TopicRef, payload: bytes) -> None:
+        """The key list, the shares forwarded to us, the unmask request: parsed, then for our session only."""
+        s = self.secure
+        if ref.channel is SecaggChannel.KEYS:
+            key_list = parse_secagg_key_list(payload)
+            if s is not None and (key_list.job, key_list.round) == (s.job, s.round):
+                shares = s.take_key_list(key_list)
+                if shares is not None:
+                    self._secure_send(shares.to_bytes())
+        elif ref.channel is SecaggChannel.TO and ref.device == self.cfg.device_id:
+            forward = parse_secagg_forward(payload)
+            if s is not None and (forward.job, forward.round) == (s.job, s.round):
+                s.take_forward(forward)
+        elif ref.channel is SecaggChannel.UNMASK:
+            request = parse_secagg_unmask(payload)
+            if s is not None and (request.job, request.round) == (s.job, s.round):
+                revealed = s.take_unmask(request)
+                if revealed is not None:
+                    self._secure_send(revealed.to_bytes())
+        if s is not None and s.failed:
+            self._secure_failed(s)
+
+    def _hold_for_masking(self, env: Envelope, privacy: PrivacyInfo | None) -> None:
+        """The trained change, privatized (DP's clip and noise, on the device), kept by the session."""
+        if privacy is not None:
+            env = self._privatize(env, privacy, lossless=True)
+        assert self.secure is not None  # due_round trains a secure round only with its session
+        self.secure.update = env
+
+    def _secure_step(self) -> None:
+        """Mask and queue the update once trained and forwarded; resend the step's message until
+        the aggregator's next step shows it arrived; forget a session whose round is over."""
+        s, ann = self.secure, self.announcement
+        if s is None or s.failed:
+            return
+        if ann is not None and (ann.round > s.round or not ann.is_open):
+            self.secure = None
+            return
+        if s.ready():
+            payload = encode_envelope(s.masked_update())
+            self.state.set_pending(s.round, payload)
+            self._sent_at = None
+            log.info("round %s: masked input ready (%d peers)", s.round, len(s.masking or ()))
+        if self._secure_sent_at is not None and time.monotonic() - self._secure_sent_at < SECAGG_RESEND_S:
+            return
+        if s.shares_sent is None:
+            self._secure_send(s.keys_message().to_bytes())
+        elif s.masking is None:
+            self._secure_send(s.shares_sent.to_bytes())
+        elif s.revealed is not None:
+            self._secure_send(s.revealed.to_bytes())
+
+    def _secure_failed(self, s: SecureSession) -> None:
+        """This device leaves the round's secure sum (the protocol tolerates it): skip the round."""
+        log.warning("round %s: leaving secure aggregation: %s", s.round, s.failed)
+        if self.state.pending_round != s.round and s.round > self.state.last_round:
+            self._skip_round(s.round)
+        self.secure = None
+
     def _switch_rank(self, rank: int) -> None:
         """HetLoRA self-pruning gave components up: from now on download, train and send rank
         ``rank``. The aggregator learns it from our status message and publishes that slice."""
@@ -638,6 +749,7 @@ class Device:
         due = self.due_round()
         if due is not None and not self._take_round(due):
             return
+        self._secure_step()
         self.send_pending()
         self.resync_if_stale()
 
@@ -671,6 +783,8 @@ class Device:
             log.exception("round %s: training failed; skipping the round", due.round)
             self._skip_round(due.round)
             return False
+        if payload is None:
+            return True  # a secure round: masked and sent by _secure_step
         self.state.set_pending(due.round, payload)
         self.feedback.save(self.state.feedback_path)  # after the payload it belongs to
         self._sent_at = None
@@ -721,6 +835,9 @@ class Device:
         self.link.subscribe(self.topics.global_filter(self.rank))
         self.link.subscribe(self.topics.delta_filter(self.rank))
         self.link.subscribe(self.topics.ack(self.cfg.device_id))
+        self.link.subscribe(self.topics.secagg_round("keys"))
+        self.link.subscribe(self.topics.secagg_round("unmask"))
+        self.link.subscribe(self.topics.secagg_to(self.cfg.device_id))
 
     def _handle_inbox(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for a message, then handle it and whatever else arrived."""

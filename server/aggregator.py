@@ -38,6 +38,8 @@ from core.messages import (
     RepairRequest,
     RoundMode,
     RoundState,
+    SecaggChannel,
+    SecaggInfo,
     StrategyInfo,
     TopicKind,
     TrainInfo,
@@ -64,6 +66,7 @@ from server.peft_adapter import write_peft_adapter
 from server.privacy import DifferentialPrivacy, below_clip_bits, linear_keys
 from server.robust import RobustStrategy, with_robust
 from server.rounds import Accepted, Bounded, Coordinator, RoundOutcome
+from server.secure_rounds import SecureRounds
 from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
 from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Partial, Strategy
@@ -199,6 +202,8 @@ class Aggregator:
                 "resumed job %s: %d rounds completed, global version %d", cfg.job, saved["completed"], saved["version"]
             )
             self._event("job_resumed", completed=saved["completed"], version=saved["version"])
+        # Secure aggregation: the round's sum only (server/secure_rounds.py); None when off.
+        self.secure = SecureRounds(self) if cfg.secure_aggregation.enabled else None
 
     def norm_prior(self) -> float:
         """The first round's update norm bound: under AdamW each value moves at most about
@@ -361,6 +366,7 @@ class Aggregator:
             strategy=StrategyInfo(self.strategy.name, self.strategy.trains_a, self.strategy.device_settings()),
             train=TrainInfo(t.local_steps, t.batch_size, t.lr, t.lr_rank_power),
             privacy=self.round_privacy(),
+            secagg=SecaggInfo(self.cfg.secure_aggregation.value_clip) if self.secure is not None else None,
         )
 
     def round_privacy(self) -> PrivacyInfo | None:
@@ -388,9 +394,13 @@ class Aggregator:
         self.link.subscribe(self.topics.status_filter)
         self.link.subscribe(self.topics.update_filter)
         self.link.subscribe(self.topics.round)  # to notice a foreign or lost announcement
+        if self.secure is not None:
+            self.link.subscribe(self.topics.secagg_filter)
         self.link.on_connect_hooks.append(self._on_reconnect)
         self.publish_global()
         self.announce()
+        if self.secure is not None:
+            self.secure.republish()  # a resumed secure round: its retained messages again
         self.metrics.last_progress.set_to_current_time()
 
     def _on_reconnect(self) -> None:
@@ -405,6 +415,8 @@ class Aggregator:
             downlink.version = None  # a full copy again (the broker may hold no base for a delta)
         self.publish_global()
         self.announce()
+        if self.secure is not None:
+            self.secure.republish()
         log.info("reconnected: republished the round announcement and %d global adapters", len(self._downlinks))
 
     def run(
@@ -490,7 +502,7 @@ class Aggregator:
             self._foreign_announcement = False
             self.announce()
         self.request_missing_chunks()
-        outcome = self.coordinator.maybe_close()
+        outcome = self.secure.tick() if self.secure is not None else self.coordinator.maybe_close()
         if outcome is not None:
             self.close_round(outcome)
         if self.open_next() or outcome is not None:
@@ -509,6 +521,8 @@ class Aggregator:
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics = []
         self.metrics.round.set(opened.round)
+        if self.secure is not None:
+            self.secure.opened(opened)
         self._save()
         self._event(
             "round_opened",
@@ -537,6 +551,8 @@ class Aggregator:
                 self.handle_chunk(ref.device, payload)
             elif ref.kind is TopicKind.ROUND:
                 self.check_announcement(payload)
+            elif ref.kind is TopicKind.SECAGG and ref.channel is SecaggChannel.UP and self.secure is not None:
+                self.secure.handle(ref.device, payload)
             else:
                 self.refuse(kind, "unexpected_topic", f"nothing is handled on {topic[:120]}")
         except ProtocolError as exc:
@@ -583,7 +599,11 @@ class Aggregator:
             self.reject(device, None, UpdateRejected("malformed", str(exc)), msg_id)
             return
         try:
-            self.accept(device, env, len(payload), decode_ms, msg_id)
+            if self.secure is not None or env.kind == "masked":
+                self.accept_masked(device, env, len(payload))  # persisted and acknowledged at once
+                self._answered.remember(device, msg_id, Ack(env.round, AckResult.ACCEPTED))
+            else:
+                self.accept(device, env, len(payload), decode_ms, msg_id)  # acknowledged at the batch's commit
         except UpdateRejected as exc:
             self.reject(device, env.round, exc, msg_id)
 
@@ -707,6 +727,12 @@ class Aggregator:
             **staleness,
         )
 
+    def accept_masked(self, device: str, env: Envelope, nbytes: int) -> None:
+        """Under secure aggregation every update is a masked input (``SecureRounds.accept``)."""
+        if self.secure is None:
+            raise UpdateRejected("malformed", "a masked input, but this job does not run secure aggregation")
+        self.secure.accept(device, env, nbytes)
+
     def add_privacy_noise(self, outcome: RoundOutcome, entry: dict) -> Partial:
         """DP: the round's sums with their Gaussian noise, the clip bound of the next round, and
         the privacy spent in the history row and the metrics (``server.privacy``)."""
@@ -804,6 +830,8 @@ class Aggregator:
             self.metrics.buffer_staleness.labels("mean").set(entry["staleness_mean"])
             self.metrics.buffer_staleness.labels("max").set(entry["staleness_max"])
         entry.update(_summarize(self._round_metrics))
+        if self.secure is not None:
+            self.secure.closed(entry)
         self.metrics.round_duration.observe(outcome.duration)
         self.metrics.selected.set(len(outcome.selected))
         self.metrics.participants.set(len(outcome.accepted))  # failed rounds too: the gauge is "last closed round"

@@ -22,8 +22,9 @@ Which strategies compose: those whose global evolves by averaging the factors (`
 ``ffa-lora``, ``fedsa-lora``, ``hetlora`` with its zero-padding). Those that refactor or fold
 each version (``flexlora``, ``flexlora-delta``, ``flora``, ``fedex-lora``) say why not in their
 ``async_unsupported``, and the configuration is refused (``check_async``). So are differential
-privacy (its accountant counts sampled rounds, and devices would not be sampled) and robust
-aggregation other than ``mean`` (not yet validated on buffers).
+privacy (its accountant counts sampled rounds, and devices would not be sampled), secure
+aggregation (masks cancel within one round's set of devices) and robust aggregation other
+than ``mean`` (not yet validated on buffers).
 
 Protocol: the announcement of an async job is version 2 with ``mode: async``, open whenever a
 buffer is, with no selection (every device of the job may train) and the current version as
@@ -75,10 +76,17 @@ def settings_weight(settings: RoundSettings, staleness: int) -> float:
     )
 
 
-def check_async(settings: RoundSettings, strategy: str, async_unsupported: str, privacy: bool, robust: str) -> None:
+def check_async(
+    settings: RoundSettings, strategy: str, async_unsupported: str, privacy: bool, robust: str, secure: bool = False
+) -> None:
     """Refuse, at configuration time, what async rounds cannot do (see the module docstring)."""
     if settings.mode != ASYNC:
         return
+    if secure:
+        raise ConfigError(
+            "rounds.mode async does not work with secure_aggregation: its masks cancel only in the sum of "
+            "one round's devices, which all start from the same version; use rounds.mode sync"
+        )
     if async_unsupported:
         raise ConfigError(
             f"rounds.mode async cannot use strategy {strategy}: {async_unsupported}; "

@@ -17,6 +17,7 @@ from server.async_rounds import check_async
 from server.privacy import PrivacySettings, check_budget, check_privacy
 from server.robust import RobustSettings
 from server.rounds import RoundSettings
+from server.secure_rounds import SecureAggregationSettings, check_secure_aggregation
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
 from server.strategies import strategy_settings
 
@@ -190,6 +191,8 @@ class ServerConfig:
     robust: robust aggregation against poisoned updates (see server.robust.RobustSettings;
         method ``mean``, the strategy's own, by default).
     privacy: client-level differential privacy (see server.privacy.PrivacySettings; off by default).
+    secure_aggregation: the aggregator learns only each round's sum (see
+        server.secure_rounds.SecureAggregationSettings; off by default).
     """
 
     job: str = "default"
@@ -217,6 +220,7 @@ class ServerConfig:
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     robust: RobustSettings = field(default_factory=RobustSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
 
     def __post_init__(self) -> None:
         if self.bundle is None:
@@ -256,8 +260,18 @@ class ServerConfig:
             STRATEGY_CLASSES[self.strategy].async_unsupported,
             self.privacy.enabled,
             self.robust.method,
+            self.secure_aggregation.enabled,
         )
         check_budget(self.privacy, r.rounds, r.devices_per_round, r.min_devices)
+        check_secure_aggregation(
+            self.secure_aggregation,
+            self.strategy,
+            self.robust.method,
+            self.privacy.enabled and self.privacy.adaptive_clip,
+            r.min_devices,
+            r.devices_per_round,
+            r.round_timeout,
+        )
 
 
 def load_server_config(path: str | Path | None = None, overrides: dict | None = None) -> ServerConfig:

@@ -170,6 +170,7 @@ class OpenRound:
     # device the last round whose update was accepted (kept across buffers: a resend is a duplicate)
     staleness: list[int] = field(default_factory=list)
     contributed: dict[str, int] = field(default_factory=dict)
+    secagg: dict | None = None  # a secure round's state (server.secure_rounds.SecureRoundState, as JSON)
 
 
 @dataclass
@@ -451,8 +452,22 @@ class Coordinator:
             return None
         if not waiting and not enough and now < rnd.deadline:
             return None  # everyone left: wait for the deadline, someone may come back
+        return self._close(rnd, now, waiting)
+
+    def close_now(self, failure: str = "") -> RoundOutcome | None:
+        """Close the open round now: a secure round once its sum is unmasked (its devices can
+        add nothing more), or, with ``failure``, as failed for that reason."""
+        rnd = self.open
+        if rnd is None:
+            return None
+        if failure:
+            rnd.accepted = {}
+        return self._close(rnd, self.clock(), [], failure)
+
+    def _close(self, rnd: OpenRound, now: float, waiting: list[str], failure: str = "") -> RoundOutcome:
+        enough = len(rnd.accepted) >= self.settings.min_updates
         self.open = None
-        ok = enough
+        ok = enough and not failure
         median_norm = float(np.median(rnd.norms)) if rnd.norms else 0.0
         if ok:
             self.completed += 1
@@ -460,7 +475,7 @@ class Coordinator:
             self.median_norm = median_norm or self.median_norm
             reason = "all_reported" if not waiting else "deadline"
         else:
-            reason = f"quorum_not_met ({len(rnd.accepted)}/{self.settings.min_updates})"
+            reason = failure or f"quorum_not_met ({len(rnd.accepted)}/{self.settings.min_updates})"
         return RoundOutcome(
             rnd.round,
             ok,

@@ -13,12 +13,19 @@ from server.async_rounds import ASYNC_SETTINGS
 from server.privacy import PrivacySettings
 from server.robust import RobustSettings
 from server.rounds import RoundSettings
+from server.secure_rounds import SecureAggregationSettings
 from server.strategies import STRATEGIES, declared_settings
 from simulator.fleet import FleetSettings
 
 # Nested settings with one flag per field: (group name, flag prefix, dataclass); the server's
-# robust and privacy settings, and the simulator's fleet (flags without a prefix: --workers).
-NESTED = (("robust", "robust", RobustSettings), ("privacy", "dp", PrivacySettings), ("fleet", "", FleetSettings))
+# robust, privacy and secure aggregation settings, and the simulator's fleet (flags without a
+# prefix: --workers).
+NESTED = (
+    ("robust", "robust", RobustSettings),
+    ("privacy", "dp", PrivacySettings),
+    ("secure_aggregation", "secagg", SecureAggregationSettings),
+    ("fleet", "", FleetSettings),
+)
 
 
 def _flag_type(kind: type):

@@ -91,8 +91,9 @@ class SimulateConfig:
         (0: off; see ``server.config.TrainSettings``).
     codec / head_codec / downlink_codec: uplink codec, the uplink codec of the classifier head
         (empty: ``codec``), and the codec of global deltas (empty: full copies only).
-    robust / privacy: ``ServerConfig.robust`` and ``ServerConfig.privacy`` as mappings (robust
-        aggregation, differential privacy); ``fedlora simulate`` has ``--robust-*`` and ``--dp-*`` flags.
+    robust / privacy / secure_aggregation: ``ServerConfig.robust``, ``ServerConfig.privacy`` and
+        ``ServerConfig.secure_aggregation`` as mappings (robust aggregation, differential privacy,
+        secure aggregation); ``fedlora simulate`` has ``--robust-*``, ``--dp-*`` and ``--secagg-*`` flags.
     centralized: also train one model on the pooled data with the same sample passes, at
         ``centralized_lr`` (default per task: ``CENTRALIZED_LR``), as the reference.
     max_train: subsample the training set (0: all) for quick runs.
@@ -125,6 +126,7 @@ class SimulateConfig:
     strategy_settings: dict = field(default_factory=dict)
     robust: dict = field(default_factory=dict)
     privacy: dict = field(default_factory=dict)
+    secure_aggregation: dict = field(default_factory=dict)
     max_length: int = 128
     broker: str | None = None
     embedded_broker: str = "auto"
@@ -186,7 +188,25 @@ class SimulateConfig:
 
         rounds = RoundSettings(rounds=self.rounds, min_devices=self.devices, **self.round_settings)
         unsupported = STRATEGIES[self.strategy].async_unsupported
-        check_async(rounds, self.strategy, unsupported, nested["privacy"].enabled, nested["robust"].method)
+        check_async(
+            rounds,
+            self.strategy,
+            unsupported,
+            nested["privacy"].enabled,
+            nested["robust"].method,
+            nested["secure_aggregation"].enabled,
+        )
+        from server.secure_rounds import check_secure_aggregation
+
+        check_secure_aggregation(
+            nested["secure_aggregation"],
+            self.strategy,
+            nested["robust"].method,
+            nested["privacy"].enabled and nested["privacy"].adaptive_clip,
+            self.devices,
+            int(self.round_settings.get("devices_per_round", 0)),
+            float(self.round_settings.get("round_timeout", self.round_timeout)),
+        )
         self.ranks = tuple(int(r) for r in self.ranks) or (int(self.rank),)
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive, got {list(self.ranks)}")
@@ -559,14 +579,19 @@ def server_config(
 
 
 def nested_settings(cfg: SimulateConfig) -> dict:
-    """``robust`` and ``privacy`` of the aggregator's config, built (and checked) from ``cfg``'s mappings."""
+    """``robust``, ``privacy`` and ``secure_aggregation`` of the aggregator's config, built (and
+    checked) from ``cfg``'s mappings."""
     from core.config import build
     from server.privacy import PrivacySettings
     from server.robust import RobustSettings
+    from server.secure_rounds import SecureAggregationSettings
 
     return {
         "robust": build(RobustSettings, dict(cfg.robust), where="simulate robust"),
         "privacy": build(PrivacySettings, dict(cfg.privacy), where="simulate privacy"),
+        "secure_aggregation": build(
+            SecureAggregationSettings, dict(cfg.secure_aggregation), where="simulate secure_aggregation"
+        ),
     }
 
 

@@ -335,6 +335,10 @@ def test_each_strategy_is_allowed_or_refused_in_async_mode_with_the_reason(name)
     [
         ({"privacy": {"mode": "central"}}, "does not work with privacy"),
         ({"robust": {"method": "median"}}, "robust.method mean only"),
+        (
+            {"secure_aggregation": {"enabled": True}, "rounds": {"mode": "async", "min_devices": 3}},
+            "secure_aggregation",
+        ),
     ],
 )
 def test_async_mode_refuses_privacy_and_robust_methods(extra, message):

@@ -26,6 +26,10 @@ from core.messages import (
     parse_announcement,
     parse_header,
     parse_json,
+    parse_secagg_forward,
+    parse_secagg_key_list,
+    parse_secagg_unmask,
+    parse_secagg_upload,
     parse_status,
     parse_topic,
 )
@@ -70,10 +74,19 @@ def _unknown(findings: list[dict]) -> list[dict]:
 
 def test_fuzz_sample_over_every_target_raises_only_protocol_error():
     t0 = time.perf_counter()
+    names = set(fb.make_targets(fb.Corpus()))
     results = fb.run(
-        inputs=3300, seed=1234, slow_s=2.0, alarm_s=10, trace_every=0, bomb_mb=8, amplify=False, full=False, quiet=True
+        inputs=300 * len(names),
+        seed=1234,
+        slow_s=2.0,
+        alarm_s=10,
+        trace_every=0,
+        bomb_mb=8,
+        amplify=False,
+        full=False,
+        quiet=True,
     )
-    assert set(results["targets"]) == set(fb.make_targets(fb.Corpus()))
+    assert set(results["targets"]) == names
     for name, s in results["targets"].items():
         assert s["inputs"] == 300, name
         assert s["refused"] > 0, f"{name}: nothing was refused; the generators do not reach the parser"
@@ -350,6 +363,10 @@ def test_any_bytes_reach_every_parser_and_only_protocol_error_comes_out(payload)
         _header,
         parse_chunk,
         decode_envelope,
+        parse_secagg_upload,
+        parse_secagg_key_list,
+        parse_secagg_forward,
+        parse_secagg_unmask,
         lambda b: decode_envelope(b, fb.LIMITS_UPDATE),
         lambda b: decode_envelope(b, fb.LIMITS_GLOBAL),
     ):
@@ -360,7 +377,16 @@ def test_any_bytes_reach_every_parser_and_only_protocol_error_comes_out(payload)
 @given(obj=json_objects, extra=st.sampled_from([b"", b" ", b"x", b"\xff"]))
 def test_any_json_object_is_parsed_or_refused_with_protocol_error(obj, extra):
     payload = json.dumps(obj).encode() + extra
-    for fn in (parse_status, parse_ack, parse_announcement, _header):
+    for fn in (
+        parse_status,
+        parse_ack,
+        parse_announcement,
+        _header,
+        parse_secagg_upload,
+        parse_secagg_key_list,
+        parse_secagg_forward,
+        parse_secagg_unmask,
+    ):
         _only_protocol_error(fn, payload)
 
 

@@ -140,6 +140,9 @@ WRONG_VALUES = {
     "config: {rounds: {mode: fedbuff}}": "config.rounds.mode: config.rounds.mode must be one of",
     "config: {rounds: {buffer_size: 0}}": "config.rounds.buffer_size: Must be greater than or equal to 1",
     "config: {rounds: {staleness_weighting: linear}}": "config.rounds.staleness_weighting: config.rounds",
+    "config: {secure_aggregation: {threshold_fraction: 0.3}}": "config.secure_aggregation.threshold_fraction: Must be",
+    "config: {secure_aggregation: {enabled: 'yes'}}": "config.secure_aggregation.enabled: Invalid type",
+    "config: {secure_aggregation: {threshold: 3}}": "Additional property threshold is not allowed",
     "broker: {tls: {generated: {ipAddresses: [mqtt.example.com]}}}": "broker.tls.generated.ipAddresses.0: Does not match",
 }
 
@@ -320,6 +323,22 @@ def test_async_round_settings_reach_the_aggregator_config():
     assert r.staleness_hinge == 4  # absent: the server's default
 
 
+def test_secure_aggregation_settings_reach_the_aggregator_config():
+    from core.config import build
+    from core.errors import ConfigError
+
+    sets = ("config.secure_aggregation.enabled=true", "config.secure_aggregation.value_clip=2")
+    config = server_yaml(render(None, *sets, "config.rounds.min_devices=3"))
+    cfg = build(ServerConfig, config, where="server.yaml")
+    assert cfg.secure_aggregation.enabled and cfg.secure_aggregation.value_clip == 2.0
+    assert cfg.secure_aggregation.unmask_timeout_s == 60  # the chart's default, the server's too
+    assert build(ServerConfig, server_yaml(render(None)), where="server.yaml").secure_aggregation.enabled is False
+    # the chart renders what the schema allows; the aggregator refuses what cannot work together
+    clash = server_yaml(render(None, *sets, "config.rounds.min_devices=3", "config.robust.method=median"))
+    with pytest.raises(ConfigError, match="needs the individual updates"):
+        build(ServerConfig, clash, where="server.yaml")
+
+
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_pods_have_secure_defaults(rendered, name):
     pods = [d["spec"]["template"]["spec"] for d in rendered[name] if d["kind"] == "Deployment"]
@@ -479,18 +498,24 @@ DEVICE_ACL = [
     "pattern read fedlora/default/round",
     "pattern read fedlora/default/global/#",
     "pattern read fedlora/default/gdelta/#",
+    "pattern read fedlora/default/secagg/round/#",
     "pattern read fedlora/default/ack/%u",
+    "pattern read fedlora/default/secagg/to/%u",
     "pattern write fedlora/default/status/%u",
     "pattern write fedlora/default/updates/%u",
+    "pattern write fedlora/default/secagg/%u",
 ]
 AGGREGATOR_ACL = [
     "user fedlora-aggregator",
     "topic read fedlora/default/updates/+",
     "topic read fedlora/default/status/+",
+    "topic read fedlora/default/secagg/+",
     "topic write fedlora/default/round",
     "topic write fedlora/default/global/#",
     "topic write fedlora/default/gdelta/#",
     "topic write fedlora/default/ack/+",
+    "topic write fedlora/default/secagg/round/#",
+    "topic write fedlora/default/secagg/to/+",
 ]
 
 
@@ -785,6 +810,7 @@ def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
         # (1) Devices read the retained round, global adapter and delta, and their own acks only.
         agg.subscribe(t.update_filter)
         agg.subscribe(t.status_filter)
+        agg.subscribe(t.secagg_filter)
         agg.publish(t.round, b"round-1", retain=True).wait_for_publish(5)
         agg.publish(t.global_chunk(8, 0), b"global-8", retain=True).wait_for_publish(5)
         agg.publish(t.delta_chunk(8, 0), b"gdelta-8", retain=True).wait_for_publish(5)
@@ -819,9 +845,17 @@ def test_bundled_broker_config_and_acl_work_in_real_mosquitto(tmp_path):
             (t.round, b"forged"),
             (t.global_chunk(8, 0), b"forged"),
             (t.ack("dev2"), b"forged"),
+            (t.secagg("dev1"), b"keys"),
+            (t.secagg("dev2"), b"forged"),
+            (t.secagg_round("keys"), b"forged"),
+            (t.secagg_to("dev2"), b"forged"),
         ):
             dev1.publish(topic, payload, retain=topic in (t.round, t.global_chunk(8, 0))).wait_for_publish(5)
-        assert sorted(drain(agg, expect=2)) == [(t.status("dev1"), b"online"), (t.update("dev1"), b"mine")]
+        assert sorted(drain(agg, expect=3)) == [
+            (t.secagg("dev1"), b"keys"),
+            (t.status("dev1"), b"online"),
+            (t.update("dev1"), b"mine"),
+        ]
         dev2 = broker.link("dev2", "pass2", "fedlora-default-dev2", protocol="3.1.1")
         dev2.subscribe(t.round)
         dev2.subscribe(t.global_filter(8))
