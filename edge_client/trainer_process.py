@@ -158,27 +158,32 @@ def _trainer_main(conn, bundle_root: str, checkpoint: str | None, options: Runti
 
     try:
         trainer = Trainer(Bundle(bundle_root), checkpoint=checkpoint, options=options)
+        reply: tuple = ("ok", trainer.has_proximal)
     except Exception as exc:
-        conn.send(("error", _described(exc)))
-        return
-    conn.send(("ok", trainer.has_proximal))
+        trainer, reply = None, ("error", _described(exc))
     while True:
         try:
+            conn.send(reply)
+            if trainer is None:
+                return
             request = conn.recv()
-        except (EOFError, OSError):  # the device process is gone
+        except (EOFError, OSError):  # the device process is gone (killed mid-call: a broken pipe)
             return
         if request is None:
             return
-        method, args = request
-        try:
-            if method == "peak_rss_bytes":
-                conn.send(("ok", peak_rss_bytes()))
-                continue
-            if method not in ALLOWED:
-                raise FedloraError(f"the training process has no method {method!r}")
-            conn.send(("ok", getattr(trainer, method)(*args)))
-        except Exception as exc:
-            conn.send(("error", _described(exc)))
+        reply = _answer(trainer, *request)
+
+
+def _answer(trainer, method: str, args: tuple) -> tuple:
+    """One call of the device's, answered as ("ok", result) or ("error", the exception)."""
+    try:
+        if method == "peak_rss_bytes":
+            return ("ok", peak_rss_bytes())
+        if method not in ALLOWED:
+            raise FedloraError(f"the training process has no method {method!r}")
+        return ("ok", getattr(trainer, method)(*args))
+    except Exception as exc:
+        return ("error", _described(exc))
 
 
 def _described(exc: Exception) -> tuple[str, str, str, str]:

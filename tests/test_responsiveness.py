@@ -124,3 +124,22 @@ def test_clear_retained_removes_the_jobs_retained_topics_only(tmp_path):
         link.close()
         assert clear_retained(cfg, "job1") == len(ours)
         assert retained_topics(cfg, "fedlora/#") == set(theirs)
+
+
+def test_a_training_process_whose_device_is_gone_exits_quietly(minilm_bundle, capfd):
+    """A device killed mid-call (a restart, the OOM killer) leaves its training process a
+    broken pipe: it must exit without printing a traceback into the device's log."""
+    import multiprocessing
+
+    from edge_client.trainer_process import _trainer_main
+
+    ctx = multiprocessing.get_context("spawn")
+    device_end, child_end = ctx.Pipe()
+    device_end.send(("peak_rss_bytes", ()))
+    device_end.close()  # the device is gone before its training process answers anything
+    proc = ctx.Process(target=_trainer_main, args=(child_end, str(minilm_bundle), None, RuntimeOptions()))
+    proc.start()
+    child_end.close()
+    proc.join(120)
+    assert proc.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
