@@ -4,7 +4,7 @@ Each configuration is one real ``fedlora simulate`` run in its own process (embe
 torch-free device processes, the aggregator evaluating the global adapter after every round),
 on a small sample so that a sweep fits in an hour on a shared 2-core machine: FedAvg at rank 8,
 Dirichlet alpha 0.5 over 10 devices, 5 rounds, the simulator's default device training (20
-steps of 8 at lr 2e-3), and ``--max-train`` / ``--eval-max`` / ``--max-length`` to keep each run to minutes.
+steps of 8; each configuration pins its AdamW rate), and ``--max-train`` / ``--eval-max`` / ``--max-length`` to keep each run to minutes.
 Rows are appended to ``docs/server_optimizer_bench.json`` as runs finish (a rerun skips the
 configurations it has), and every invocation rewrites its section of ``docs/benchmarks.md``.
 
