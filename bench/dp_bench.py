@@ -223,6 +223,7 @@ def fleet_render(rows: list[dict], args) -> str:
         )
     q = args.per_round / args.population
     acc = "\n".join(f"- {r['name']}: " + ", ".join(f"{a:.3f}" for a in r["accuracy"]) for r in rows)
+    eps = "\n".join(f"- {r['name']}: " + ", ".join(f"{e:.2f}" for e in r["epsilon"]) for r in rows if r["target"])
     return (
         f"A population of {args.population} devices (BBC News's 1,780 training articles split IID over them; "
         f"1,780 devices: one article each), {args.per_round} sampled per round (q = {q:.4f}, a uniform random sample from the "
@@ -238,6 +239,8 @@ def fleet_render(rows: list[dict], args) -> str:
         + "\n".join(lines)
         + "\n\nAccuracy per round:\n\n"
         + acc
+        + "\n\nEpsilon after each round (the accountant's, as in each run's report):\n\n"
+        + eps
         + "\n\n![accuracy per round, DP against no DP](dp_fleet.png)\n"
     )
 
