@@ -113,6 +113,7 @@ def _bundle(args) -> int:
         credentials=args.credentials,
         placeholder=args.placeholder,
         slim=args.slim,
+        secagg=args.secagg,
         client_wheel=args.client_wheel,
         cache_dir=args.cache,
         constraints=args.constraints,
@@ -127,7 +128,8 @@ def _bundle(args) -> int:
         f"{doc['archive']['path']}: {doc['archive']['size'] / 2**20:.1f} MiB "
         f"({doc['model_id']} rank {doc['rank']}; {len(doc['wheels'])} wheels {wheels / 2**20:.1f} MiB, "
         f"artifacts {artifacts / 2**20:.1f} MiB; for CPython {doc['target']['python_version']} on "
-        f"{doc['target']['platform']}, {'slim' if doc['slim'] else 'full closure'}; credentials: {doc['credentials']})"
+        f"{doc['target']['platform']}, {'slim' if doc['slim'] else 'full closure'}{', secure aggregation' if doc['secagg'] else ''}; "
+        f"credentials: {doc['credentials']})"
     )
     return 0
 
@@ -203,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="also every wheel those declare (ORT's onnx, sympy, h5py, ...; tokenizers' "
         "huggingface_hub): the closure pip check expects; a device imports none of them",
+    )
+    bundle.add_argument(
+        "--secagg",
+        action="store_true",
+        help="also ship the secagg extra (cryptography, cffi, pycryptodome; about 7 MB) so that the device can "
+        "take part in secure-aggregation rounds (default: not shipped; the device skips them)",
     )
     bundle.add_argument("--client-wheel", type=Path, help="prebuilt fedlora wheel (default: build from this checkout)")
     bundle.add_argument("--cache", type=Path, help="wheelhouse cache (default: ~/.cache/fedlora/wheelhouse)")

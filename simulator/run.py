@@ -552,12 +552,18 @@ def server_config(
     cfg: SimulateConfig, job: str, bundle_dir: Path, broker: BrokerConfig, state_dir: Path
 ) -> ServerConfig:
     """The aggregator's settings for this job: every device must report in each round, or with
-    client sampling (``participation``) the sampled ones, out of those online."""
+    client sampling (``participation``) the sampled ones, out of those online.
+
+    Under differential privacy with every device always online, the first round waits for the
+    whole population: opened as soon as the first ``sampled`` devices say they are online, it
+    would sample from those alone, at a sampling rate (and an epsilon) far above the rest."""
     fleet = fleet_settings(cfg)
     rounds = {"min_devices": cfg.devices, **cfg.round_settings}
     if fleet.participation < 1 or fleet.availability < 1:
         sampled = fleet.sampled(cfg.devices)
-        rounds.update(min_devices=sampled, devices_per_round=sampled)
+        private = nested_settings(cfg)["privacy"].enabled
+        least = cfg.devices if private and fleet.availability == 1 else sampled
+        rounds.update(min_devices=least, devices_per_round=sampled)
     return ServerConfig(
         job=job,
         bundle=bundle_dir,

@@ -601,6 +601,69 @@ def test_slim_placeholder_bundle_installs_offline_and_is_provisioned_after(tmp_p
     assert failed == ["broker"], provisioned.stdout  # nothing listens on port 9: the only failure
     assert re.search(r"^OK\s+config\s+.*device edge-42", provisioned.stdout, re.M)
     assert re.search(r"^OK\s+packages\s+the bundle's 5 wheels", provisioned.stdout, re.M)
+    assert re.search(r"^WARN\s+secagg\s+not available .*skips secure-aggregation rounds", provisioned.stdout, re.M)
+
+
+def test_secagg_bundle_ships_the_secagg_extra_and_the_installed_device_can_run_secure_rounds(
+    tmp_path, minilm_bundles, client_wheel
+):
+    """--secagg adds the secagg extra (cryptography, its cffi, pycryptodome) to a slim bundle; the
+    default leaves it out. Installed offline, the device's doctor finds secure aggregation working
+    (keys, sealed shares and Shamir: cryptography's bindings need cffi, which --no-deps would miss
+    were it not declared)."""
+    from edge_client.flashing.build import BundleOptions, stage_bundle
+
+    offline = offline_wrapper()
+    config = tmp_path / "class.json"
+    config.write_text(json.dumps({"device_id": "sa-1", "job": JOB, "bundle": "x", "data": "/srv/d.jsonl", "rank": 2}))
+    base = ["fedlora", "numpy", "onnxruntime-training-cpu", "paho-mqtt", "tokenizers"]
+    docs = {}
+    for secagg in (False, True):
+        opts = BundleOptions(
+            minilm_bundles, config, tmp_path / "o.tgz", secagg=secagg, client_wheel=client_wheel, cache_dir=WHEEL_CACHE
+        )
+        docs[secagg] = stage_bundle(opts, tmp_path / f"stage-{secagg}")
+    assert not docs[False]["secagg"] and sorted(w["name"] for w in docs[False]["wheels"]) == base
+    assert docs[True]["secagg"] and sorted(w["name"] for w in docs[True]["wheels"]) == sorted(
+        base + ["cffi", "cryptography", "pycryptodome"]
+    )
+    root = tmp_path / "stage-True" / "fedlora-edge-bundle"
+    assert re.search(
+        r"^cryptography==[\d.]+ --hash=sha256:[0-9a-f]{64}$", (root / "requirements.txt").read_text(), re.M
+    )
+    assert "Secure aggregation: included" in (root / "README.txt").read_text()
+    assert (
+        "Secure aggregation: not included"
+        in (tmp_path / "stage-False" / "fedlora-edge-bundle" / "README.txt").read_text()
+    )
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "a story", "label": "tech"}) + "\n")
+    prefix = tmp_path / "edge"
+    base_python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    install = subprocess.run(
+        offline + ["sh", str(root / "install.sh")],
+        capture_output=True,
+        text=True,
+        env=device_env(PREFIX=str(prefix), PYTHON=base_python, DATA=str(data)),
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
+    doctor = subprocess.run(
+        [str(prefix / "venv" / "bin" / "fedlora-edge"), "doctor", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=device_env(),
+    )
+    assert re.search(r"^OK\s+secagg\s+secure aggregation available: cryptography", doctor.stdout, re.M), doctor.stdout
+    assert re.search(r"^OK\s+packages\s+the bundle's 8 wheels", doctor.stdout, re.M), doctor.stdout
+    torch_free = subprocess.run(
+        [str(prefix / "venv" / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+        capture_output=True,
+        text=True,
+        env=device_env(),
+    )
+    assert torch_free.stdout.strip() == "None"
 
 
 def test_an_ort_wheel_file_is_bundled_in_place_of_the_pypi_requirement(tmp_path, minilm_bundle, client_wheel):

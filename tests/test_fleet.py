@@ -92,6 +92,24 @@ def test_simulate_flags_reach_the_fleet_settings_and_the_round_settings(monkeypa
     assert cli.main(["simulate", "--participation", "0"]) == 2  # refused before any work
 
 
+def test_under_privacy_the_first_round_samples_from_the_whole_population():
+    """Amplification by sampling counts the round's rate ``selected / online``: opening when the
+    first ``sampled`` devices are online would sample from them alone (rate 1 in the worst case)."""
+    from pathlib import Path
+
+    from simulator import run
+
+    fleet = {"workers": 2, "participation": 0.05}
+    private = {"mode": "central", "noise_multiplier": 0.7, "clip_norm": 0.5}
+    broker = run.BrokerConfig(url="mqtt://x:1")
+    for privacy, least in (({}, 50), (private, 1000)):
+        cfg = run.SimulateConfig(devices=1000, strategy="ffa-lora", fleet=fleet, privacy=privacy)
+        server = run.server_config(cfg, "job", Path("b"), broker, Path("s"))
+        assert server.rounds.devices_per_round == 50 and server.rounds.min_devices == least
+    trace = run.SimulateConfig(devices=1000, strategy="ffa-lora", fleet={**fleet, "availability": 0.5}, privacy=private)
+    assert run.server_config(trace, "job", Path("b"), broker, Path("s")).rounds.min_devices == 50  # the trace decides
+
+
 def test_virtual_devices_sharing_a_session_each_train_from_their_own_adapter(tmp_path, minilm_bundle):
     """FedSA-LoRA's personal B, say: what the aggregator does not send stays each device's own."""
     from core.bundle import Bundle

@@ -9,6 +9,7 @@ completes; an aggregator restarted mid-round keeps the masked inputs it acknowle
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -240,6 +241,69 @@ def test_a_restarted_aggregator_keeps_the_masked_inputs_it_acknowledged(tmp_path
         stop.set()
         thread.join(15)
         link.close()
+        for dev in devices:
+            dev.stop()
+
+
+def test_the_main_loop_answers_while_the_round_unmasks_and_a_restart_mid_unmask_completes_it(
+    tmp_path, minilm_bundle, mosquitto, monkeypatch
+):
+    """Unmasking (Shamir in pure Python: 15-20 s at 100 devices) runs off the main loop. Here it
+    is held at its first secret until the test lets it go: meanwhile the aggregator still refuses
+    a bad message (counted) and acknowledges an update (answered), and an aggregator stopped
+    mid-unmask and restarted on the same state unmasks again from what it saved."""
+    import server.secure_rounds as secure_rounds
+
+    bundle = Bundle(minilm_bundle)
+    ups = changes(bundle, seed=4)
+    cfg = server_config(minilm_bundle, tmp_path / "state", mosquitto.url)
+    entered, release = threading.Event(), threading.Event()
+    real_combine = secure_rounds.combine_secret
+
+    def held_combine(shares, threshold):  # the real reconstruction, once the test allows it
+        entered.set()
+        release.wait(20)
+        return real_combine(shares, threshold)
+
+    monkeypatch.setattr(secure_rounds, "combine_secret", held_combine)
+    agg, stop, thread, link = start(cfg)
+    topics = Topics(JOB)
+    evil = MqttLink(BrokerConfig(url=mosquitto.url, protocol="3.1.1"), client_id="evil").connect()
+    evil.subscribe(topics.ack("evil"))
+    devices = [ProtocolDevice(mosquitto.url, JOB, d, lambda r, d=d: ups[d], seed=i) for i, d in enumerate(DEVICES)]
+    try:
+        for dev in devices:
+            dev.start()
+        assert entered.wait(120), "unmasking never started"
+        rnd = agg.coordinator.open.round
+        started = time.monotonic()
+        evil.publish(topics.secagg("evil"), b"\x00\xffgarbage").wait_for_publish(5)
+        wait_until(lambda: refused(agg, "secagg", "malformed") >= 1, 5, "a refusal while unmasking")
+        update = encode_envelope(Envelope("update", JOB, rnd, "evil", 4, "fp32", ups["d0"]))
+        for chunk in split_chunks(update, 64 * 1024):
+            evil.publish(topics.update("evil"), chunk).wait_for_publish(5)
+        acks: list = []
+        wait_until(lambda: _drain(evil, acks) >= 1, 5, "an ack while unmasking")
+        assert acks[0]["reason"] == "secagg_required" and time.monotonic() - started < 10
+        assert not agg.history and agg.secure.current().state.phase == "unmask"
+        stop.set()  # stopped mid-unmask: the round was saved with its reveals before unmasking
+        thread.join(15)
+        link.close()
+        assert not thread.is_alive() and not agg.history
+        release.set()
+        agg, stop, thread, link = start(cfg, name="agg2")
+        wait_until(lambda: agg.history, 60, "the round to close after the restart")
+        row = agg.history[0]
+        assert row["ok"] and row["secagg"]["survivors"] == 10 and row["secagg"]["phase"] == "done", row
+        expected_sum = sum(dev.codes[1].astype(np.uint64) for dev in devices) % 2**32
+        assert np.array_equal(expected_sum.astype(np.uint32), agg.secure.last.codes)
+        assert all(not d.errors for d in devices), [d.errors for d in devices]
+    finally:
+        release.set()
+        stop.set()
+        thread.join(15)
+        link.close()
+        evil.close()
         for dev in devices:
             dev.stop()
 

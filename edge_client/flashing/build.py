@@ -122,6 +122,19 @@ def wheel_requirements(wheel: Path, extra: str = "edge") -> list[str]:
     return select_requirements(meta.get_all("Requires-Dist") or [], extra)
 
 
+def device_requirements(wheel: Path, secagg: bool = False) -> list[str]:
+    """What a device installs of the client wheel: its plain requirements and the ``edge`` extra,
+    and with ``secagg`` the ``secagg`` extra's too (cryptography, its cffi, pycryptodome: for
+    secure-aggregation rounds), each once."""
+    requirements = wheel_requirements(wheel, "edge")
+    if secagg:
+        extra = wheel_requirements(wheel, "secagg")
+        if extra == wheel_requirements(wheel, "none"):
+            raise BundleError(f"{wheel.name} declares no secagg extra: it predates secure aggregation")
+        requirements += [r for r in extra if r not in requirements]
+    return requirements
+
+
 def select_requirements(requires_dist: list[str], extra: str = "edge") -> list[str]:
     """The Requires-Dist entries of a plain install plus ``[extra]``, extra markers removed.
 
@@ -411,6 +424,9 @@ class BundleOptions:
         makes .venv-edge, where the tests run devices, the same way. About 40% of the full
         closure's installed packages; ``pip check`` names the declared dependencies left out.
         False (``--full``): the full declared closure.
+    secagg: also ship the ``secagg`` extra (cryptography, cffi, pycryptodome: about 7 MB of
+        wheels) so that the device can take part in secure-aggregation rounds; without it (the
+        default) a device skips a secure round and says so in its log.
     client_wheel: a prebuilt fedlora wheel (default: built from this source checkout).
     cache_dir: where downloaded wheelhouses are kept, keyed by what decides them.
     constraints: pip constraints for the download (default: the checkout's constraints.txt).
@@ -426,6 +442,7 @@ class BundleOptions:
     credentials: Path | None = None
     placeholder: bool = False
     slim: bool = True
+    secagg: bool = False
     client_wheel: Path | None = None
     cache_dir: Path | None = None
     constraints: Path | None = None
@@ -522,7 +539,7 @@ def stage_wheelhouse(opts: BundleOptions, wheelhouse: Path) -> ShippedWheels:
         client = Path(opts.client_wheel) if opts.client_wheel else build_client_wheel(Path(tmp))
         shutil.copyfile(client, wheelhouse / client.name)
         requirements, platforms = plan_download(
-            wheel_requirements(client, "edge"),
+            device_requirements(client, opts.secagg),
             opts.platform,
             Path(opts.ort_wheel).resolve() if opts.ort_wheel else None,
         )
@@ -627,6 +644,7 @@ def bundle_manifest(
             "custom_ort_wheel": bool(opts.ort_wheel),
         },
         "slim": opts.slim,
+        "secagg": opts.secagg,
         "model_id": rank.manifest.model_id,
         "task": rank.manifest.task,
         "rank": rank.manifest.rank,
@@ -660,6 +678,11 @@ def _readme(manifest, opts: BundleOptions, device: DeviceFiles, memory_max: int)
         if opts.slim
         else "its full dependency closure"
     )
+    secagg = (
+        "included (cryptography, cffi, pycryptodome)"
+        if opts.secagg
+        else "not included: this device skips secure rounds (build with --secagg to include it)"
+    )
     credentials = (
         "a placeholder: fill in PREFIX/config/credentials.env on each device, then start the service"
         if device.placeholder
@@ -674,6 +697,7 @@ Install (offline; as root on a systemd host it also installs and starts the serv
 Settings: PREFIX, STATE_DIR, DATA, PYTHON, SERVICE_USER, SYSTEMD=0, START=0 (see install.sh).
 
 Wheels: the client and {wheels}.
+Secure aggregation: {secagg}.
 Credentials: {credentials}.
 Memory: the service's MemoryMax is {f"{memory_max} MiB" if memory_max else "not set"}.
 
