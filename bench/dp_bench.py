@@ -6,7 +6,7 @@ Two modes:
 * ten devices (the default): every device takes part in every round (q = 1: no amplification
   by sampling), at epsilon 8 and 1;
 * ``--fleet``: a population of many devices on the Ray worker pool (``simulator.fleet``), of
-  which ``--per-round`` are a uniform random sample each round (q = per-round / population:
+  which ``--per-round`` are sampled each round, on average (Poisson sampling at q = per-round / population:
   amplification by sampling, ``privacy.accounting: sampled``), at ``--target-epsilon``. Each
   run is one ``fedlora simulate`` process; a finished run's result is kept in
   ``<out>/fleet/<run>.json`` and reused by the same command (so that the strategies can run
@@ -226,8 +226,9 @@ def fleet_render(rows: list[dict], args) -> str:
     eps = "\n".join(f"- {r['name']}: " + ", ".join(f"{e:.2f}" for e in r["epsilon"]) for r in rows if r["target"])
     return (
         f"A population of {args.population} devices (BBC News's 1,780 training articles split IID over them; "
-        f"1,780 devices: one article each), {args.per_round} sampled per round (q = {q:.4f}, a uniform random sample from the "
-        f"operating system's generator; the first round waits for the whole population), {args.rounds} rounds of "
+        f"1,780 devices: one article each), {args.per_round} sampled per round (q = {q:.4f}; the DP runs "
+        f"Poisson-sample, so their rounds hold {args.per_round} on average, from the operating system's generator; "
+        f"the first round waits for the whole population), {args.rounds} rounds of "
         f"{args.local_steps} local steps of {args.batch_size}"
         + (f" at device lr {args.lr:g}" if args.lr else "")
         + (f", server momentum {args.server_momentum:g} (FedAvgM)" if args.server_momentum else "")

@@ -284,7 +284,7 @@ class Coordinator:
             self.stopped = self.privacy.refuses(k, len(online))
             if self.stopped:
                 return None
-        selected = sorted(self.rng.sample(online, k))
+        selected = self.select(online, k)
         now = self.clock()
         self.open = OpenRound(
             self.next_round,
@@ -299,6 +299,18 @@ class Coordinator:
         )
         self.next_round += 1
         return self.open
+
+    def select(self, online: list[str], k: int) -> list[str]:
+        """The round's devices: a uniform sample of ``k`` of ``online``. Under DP with
+        amplification by sampling (``privacy.accounting: sampled``), Poisson sampling instead:
+        each online device independently with probability ``q = k / online``, the sampling the
+        accountant's ``PoissonSampledDpEvent`` composes (a fixed-size sample would need the
+        replace-one analysis, at a far larger epsilon); so the round's size varies around ``k``
+        and may be 0 (the round then fails at once, its quorum unmet)."""
+        if self.privacy is not None and self.privacy.settings.accounting == "sampled" and k < len(online):
+            q = k / len(online)
+            return [d for d in online if self.rng.random() < q]
+        return sorted(self.rng.sample(online, k))
 
     def weight_cap(self, selected: list[str]) -> int:
         """The most weight one device of ``selected`` may get (0: no cap): ``max_weight_ratio``
@@ -450,7 +462,7 @@ class Coordinator:
         enough = len(rnd.accepted) >= self.settings.min_updates
         if waiting and now < rnd.deadline:
             return None
-        if not waiting and not enough and now < rnd.deadline:
+        if not waiting and not enough and now < rnd.deadline and rnd.selected:
             return None  # everyone left: wait for the deadline, someone may come back
         return self._close(rnd, now, waiting)
 

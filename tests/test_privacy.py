@@ -182,6 +182,55 @@ def test_record_spends_the_round_and_a_restart_resumes_from_the_history():
     assert resumed.spent == dp.spent and resumed.clip == dp.clip == row["dp_next_clip"]
 
 
+def test_under_sampled_accounting_selection_is_poisson_sampling_the_accountant_assumes():
+    # PoissonSampledDpEvent(q) holds for a sample that takes each device independently with
+    # probability q: the round's size varies and every device is in about q of the rounds.
+    s = PrivacySettings(mode="central", noise_multiplier=1.0, clip_norm=0.5)
+    c = Coordinator(
+        RoundSettings(rounds=0, min_devices=2, devices_per_round=10),
+        make_strategy("fedavg", LAYOUT, rank=2),
+        "j",
+        lambda: 0.0,
+        privacy=DifferentialPrivacy(s, []),
+    )
+    for i in range(50):
+        c.device_status(f"d{i:02d}", True, rank=2, num_examples=10)
+    sizes, times = [], dict.fromkeys(c.online(), 0)
+    for _ in range(400):
+        rnd = c.maybe_open()
+        assert rnd is not None and rnd.sampling_rate == 0.2 and rnd.selected == sorted(set(rnd.selected))
+        sizes.append(len(rnd.selected))
+        for d in rnd.selected:
+            times[d] += 1
+        c.open = None
+    # Binomial(50, 0.2): mean 10, sd 2.83; over 400 rounds the mean is within 0.5 of 10 (4 sd)
+    assert abs(np.mean(sizes) - 10) < 0.5 and len(set(sizes)) > 5
+    assert all(40 <= n <= 120 for n in times.values())  # each about 80 (sd 8)
+    # the fixed-size sample stays where the accountant does not amplify (every_round) and without DP
+    every = Coordinator(
+        RoundSettings(rounds=0, min_devices=2, devices_per_round=10),
+        make_strategy("fedavg", LAYOUT, rank=2),
+        "j",
+        lambda: 0.0,
+        privacy=DifferentialPrivacy(PrivacySettings(mode="central", accounting="every_round"), []),
+    )
+    for i in range(50):
+        every.device_status(f"d{i:02d}", True, rank=2, num_examples=10)
+    assert all(len(every.select(every.online(), 10)) == 10 for _ in range(50))
+
+
+def test_an_empty_poisson_sample_fails_its_round_at_once_instead_of_waiting_for_the_deadline():
+    c = Coordinator(
+        RoundSettings(rounds=0, min_devices=1, min_updates=1), make_strategy("fedavg", LAYOUT, rank=2), "j", lambda: 0.0
+    )
+    c.device_status("d0", True, rank=2, num_examples=10)
+    rnd = c.maybe_open()
+    assert rnd is not None
+    rnd.selected = []  # what a Poisson sample drew
+    out = c.maybe_close()
+    assert out is not None and not out.ok and out.reason.startswith("quorum_not_met")
+
+
 def test_below_clip_bits_are_clamped_and_fall_back_to_the_norm_as_sent():
     bits = below_clip_bits(
         [{"dp_below_clip": 1.0}, {"dp_below_clip": 7.0}, {"dp_below_clip": -3.0}, {}], [0, 0, 0, 0.5], 1.0
@@ -193,12 +242,14 @@ def test_the_coordinator_under_privacy_weighs_each_update_once_clips_to_c_and_st
     s = PrivacySettings(mode="central", noise_multiplier=1.0, clip_norm=0.5, epsilon_budget=5.0)
     dp = DifferentialPrivacy(s, [])
     strategy = make_strategy("fedavg", LAYOUT, rank=2)
-    c = Coordinator(RoundSettings(rounds=0, min_devices=4, devices_per_round=2), strategy, "j", lambda: 0.0, privacy=dp)
-    for i in range(4):
+    c = Coordinator(
+        RoundSettings(rounds=0, min_devices=4, devices_per_round=20), strategy, "j", lambda: 0.0, privacy=dp
+    )
+    for i in range(40):  # a Poisson sample at q = 0.5: empty with probability 2^-40
         c.device_status(f"d{i}", True, rank=2, num_examples=1000)
     rnd = c.maybe_open()
     assert rnd is not None and rnd.max_norm == 0.5 and rnd.sampling_rate == 0.5
-    assert isinstance(c.rng, random.SystemRandom)  # a secret uniform sample, not the seeded selection
+    assert isinstance(c.rng, random.SystemRandom)  # a secret random sample, not the seeded selection
     big = {M.a: np.ones((2, 40), np.float32), M.b: np.ones((30, 2), np.float32), "cls": np.ones(3, np.float32)}
     bounded = c.judge("j", ClientUpdate(rnd.selected[0], rnd.round, 2, 1000, big))
     assert bounded.update.num_examples == 1 and bounded.clipped
