@@ -177,7 +177,7 @@ def _serve(cfg) -> int:
                 if recorder is not None:
                     recorder.leader_elected(identity, lease)
             leading = elector.is_leader if elector is not None else (lambda: True)
-            metrics.leader.set(1)
+            metrics.leader.set(0 if worker else 1)  # a worker runs no rounds
             finished = _lead(cfg, metrics, current, leading, term_over, recorder)
             metrics.leader.set(0)
             if elector is None or (finished and cfg.exit_when_finished):
