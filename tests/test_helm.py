@@ -918,7 +918,7 @@ def test_sharded_value_set_runs_one_worker_per_shard_with_its_own_volume(rendere
     env = {e["name"]: e for e in container["env"]}
     assert env["FEDLORA_SHARDS_ROLE"]["value"] == "worker"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert env["FEDLORA_BROKER_USERNAME"]["value"] == "$(POD_NAME)"  # its own account on the bundled broker
+    assert env["FEDLORA_BROKER_USERNAME"]["value"] == "$(POD_NAME)"  # its own account (the ACL's worker k)
     # The workers' labels are not the coordinator's: its Service, PDB and Lease stay its own.
     labels = spec["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "aggregator-worker"
