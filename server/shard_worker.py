@@ -78,7 +78,8 @@ class ShardWorker(Aggregator):
         if ref.kind is TopicKind.UPDATES and ref.shard == self.shard:
             self.shard_chunk(ref.device, payload)
         elif ref.kind is TopicKind.SHARDS and ref.channel is ShardChannel.PLAN:
-            self.take_plan(parse_shard_plan(payload))
+            if payload:  # empty: a plan of an earlier run, cleared
+                self.take_plan(parse_shard_plan(payload))
         elif ref.kind is TopicKind.GLOBAL:
             self.follow_global(ref.rank, payload)
         else:
@@ -129,6 +130,8 @@ class ShardWorker(Aggregator):
             return  # an older plan, delivered late
         if c.open is None or c.open.round < plan.round:
             self.open_round(plan)
+        elif plan.state is PlanState.OPEN:
+            self.report(self.accepted_so_far())  # the plan again: the coordinator may have restarted
         if plan.state is PlanState.SEAL:
             self.seal()
 
@@ -169,8 +172,6 @@ class ShardWorker(Aggregator):
             self.sealed = rnd.round
             self._event("round_sealed", round=rnd.round, shard=self.shard, updates=len(rnd.accepted))
             log.info("round %d sealed on shard %d: %d updates", rnd.round, self.shard, len(rnd.accepted))
-        if len(rnd.norms) != len(rnd.accepted):
-            raise RuntimeError(f"round {rnd.round}: {len(rnd.accepted)} updates but {len(rnd.norms)} norms")
         p = rnd.partial
         header = PartialHeader(
             job=self.cfg.job,
@@ -178,7 +179,7 @@ class ShardWorker(Aggregator):
             round=rnd.round,
             weight=float(p.weight),
             count=len(rnd.accepted),
-            accepted=tuple(ShardAccepted(d, w, n) for (d, w), n in zip(rnd.accepted.items(), rnd.norms)),
+            accepted=tuple(self.accepted_so_far()),
             tensors=tuple(PartialTensor(k, tuple(v.shape)) for k, v in p.sums.items()),
         )
         self.link.publish_chunked(self.topics.shard_partial(self.shard), encode_partial(header, p.sums))
@@ -205,12 +206,24 @@ class ShardWorker(Aggregator):
         rnd = self.coordinator.open
         if not batch or rnd is None:
             return
-        done = [p for p in batch if p.device in rnd.accepted and p.env.round == rnd.round]
-        if done:
-            progress = ShardProgress(
-                self.cfg.job,
-                self.shard,
-                rnd.round,
-                tuple(ShardAccepted(p.device, p.record.update.num_examples, p.bounded.norm) for p in done),
-            )
+        self.report(
+            [
+                ShardAccepted(p.device, p.record.update.num_examples, p.bounded.norm)
+                for p in batch
+                if p.device in rnd.accepted and p.env.round == rnd.round
+            ]
+        )
+
+    def report(self, accepted: list[ShardAccepted]) -> None:
+        """Tell the coordinator these updates of the open round are committed (and acknowledged)."""
+        rnd = self.coordinator.open
+        if accepted and rnd is not None:
+            progress = ShardProgress(self.cfg.job, self.shard, rnd.round, tuple(accepted))
             self.link.publish(self.topics.shard_progress(self.shard), progress.to_bytes())
+
+    def accepted_so_far(self) -> list[ShardAccepted]:
+        rnd = self.coordinator.open
+        assert rnd is not None
+        if len(rnd.norms) != len(rnd.accepted):
+            raise RuntimeError(f"round {rnd.round}: {len(rnd.accepted)} updates but {len(rnd.norms)} norms")
+        return [ShardAccepted(d, w, n) for (d, w), n in zip(rnd.accepted.items(), rnd.norms)]

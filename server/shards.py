@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from core.errors import ConfigError, ProtocolError
 from core.messages import (
     MAX_SHARD_MESSAGE_BYTES,
@@ -63,7 +65,7 @@ from core.messages import (
 )
 from core.protocol import Reassembler, decode_partial
 from server.rounds import RoundOutcome, RoundSettings
-from server.strategies.base import Partial, Strategy
+from server.strategies.base import ClientUpdate, Partial, Strategy
 
 if TYPE_CHECKING:
     from server.aggregator import Aggregator
@@ -74,8 +76,9 @@ COORDINATOR = "coordinator"
 WORKER = "worker"
 ROLES = (COORDINATOR, WORKER)
 # A partial holds the adapter's sums plus a strategy's extra sums per module (products, residuals):
-# at most this many times the adapter's values.
-PARTIAL_VALUES_PER_ADAPTER_VALUE = 64
+# the coordinator accepts at most this many times what its own strategy makes of one update, and
+# at least this many times the adapter's values.
+PARTIAL_VALUES_SLACK = 4
 
 
 @dataclass
@@ -156,6 +159,15 @@ def check_shards(
         )
 
 
+def partial_values_bound(strategy: Strategy, shapes: dict[str, tuple[int, ...]], rank: int) -> int:
+    """The most float64 values a worker's partial may hold: what ``strategy`` sums for one
+    update of the full adapter (its products and residuals included), with slack."""
+    zeros = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    one = strategy.accumulate(strategy.new_partial(), ClientUpdate("bound", 0, rank, 1, zeros))
+    values = sum(int(np.asarray(v).size) for v in one.sums.values())
+    return PARTIAL_VALUES_SLACK * max(values, sum(int(np.prod(s)) for s in shapes.values()))
+
+
 def merge_partials(strategy: Strategy, parts: list[Partial]) -> Partial:
     """The round's partial from its shards' partials (``Strategy.merge``, in shard order)."""
     out = strategy.new_partial()
@@ -193,7 +205,8 @@ class ShardedRounds:
         self.settings: ShardSettings = aggregator.cfg.shards
         self.count = self.settings.count
         self.topics = aggregator.topics
-        self.max_values = PARTIAL_VALUES_PER_ADAPTER_VALUE * max(1, aggregator.manifest.adapter_size)
+        m = aggregator.manifest
+        self.max_values = partial_values_bound(aggregator.strategy, dict(m.shapes), m.rank)
         self.partials = Reassembler(8 * self.max_values + MAX_SHARD_MESSAGE_BYTES, max_pending=2 * self.count)
         self.sealing: Sealing | None = None
         self._finished_sent = False
@@ -231,13 +244,17 @@ class ShardedRounds:
         self.publish(PlanState.OPEN)
 
     def republish(self) -> None:
-        """The plan as it stands (a restart, a reconnect): workers that hold it change nothing."""
+        """The plan as it stands (a restart, a reconnect): workers report their open round's
+        updates again (a restarted coordinator lost the reports) and change nothing else. With
+        no round yet, a plan an earlier run of the job left on the broker is cleared."""
         if self.sealing is not None:
             self.publish(PlanState.SEAL)
         elif self.agg.coordinator.open is not None:
             self.publish(PlanState.OPEN)
         elif self.agg.coordinator.finished:
             self.publish(PlanState.FINISHED)
+        else:
+            self.agg.link.publish(self.topics.shard_plan, b"", retain=True)
 
     # -- from the workers ------------------------------------------------------------------
     def handle(self, ref: TopicRef, payload: bytes) -> None:

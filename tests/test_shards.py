@@ -202,47 +202,75 @@ def test_a_worker_finds_its_shard_in_its_pod_name():
         ShardSettings(count=4, role="worker").shard_index("worker")
 
 
-# -- a coordinator and two workers through Mosquitto, one worker SIGKILLed mid-round --------
-@pytest.mark.integration
-def test_sigkilled_worker_loses_no_acknowledged_update(tmp_path, minilm_bundle, mosquitto):
-    from tests.faultkit import HandDevice, Server, bundle_of, multiplicities, wait_for
+# -- a coordinator and two workers through Mosquitto, one of them SIGKILLed mid-round ------
+def sharded_job(tmp_path, bundle_dir, url: str, job: str):
+    """A coordinator and 2 workers (real ``fedlora-server`` processes, not started) and 8
+    hand-driven devices d0..d7 (weights 1, 10, ..., 1e7; 4 of each shard)."""
+    from tests.faultkit import HandDevice, Server, bundle_of
 
-    job = "sharded"
     for name in ("coordinator", "worker0", "worker1"):
         (tmp_path / name).mkdir()
     shards = {"count": 2, "resend_s": 1.0}
     common = dict(commit={"batch": 4})
     coordinator = Server(
-        tmp_path / "coordinator", minilm_bundle, mosquitto.url, job, shards=shards, rounds={"min_devices": 8}, **common
+        tmp_path / "coordinator", bundle_dir, url, job, shards=shards, rounds={"min_devices": 8}, **common
     )
     workers = [
-        Server(
-            tmp_path / f"worker{k}",
-            minilm_bundle,
-            mosquitto.url,
-            job,
-            shards={**shards, "role": "worker", "index": k},
-            **common,
-        )
+        Server(tmp_path / f"worker{k}", bundle_dir, url, job, shards={**shards, "role": "worker", "index": k}, **common)
         for k in range(2)
     ]
+    bundle = bundle_of(bundle_dir)
+    devices = [HandDevice(url, job, f"d{i}", bundle, value=1e-4 * (i + 1), weight=10**i) for i in range(8)]
+    return coordinator, workers, devices
+
+
+def start_sharded(coordinator, workers, devices):
+    from tests.faultkit import wait_for
+
+    for w in workers:
+        w.start()
+    # Subscribed before any device sends: a message to a topic nobody subscribes to is gone.
+    wait_for(lambda: all("started" in w.text() for w in workers), 60, "the workers", workers)
+    coordinator.start()
+    for d in devices:
+        d.online()
+    ann = wait_for(devices[0].open_round, 60, "round 1 to open", [coordinator, *workers])
+    assert ann["v"] == 3 and ann["shards"] == 2 and len(ann["selected"]) == 8
+    return {k: v.copy() for k, v in coordinator.load()["global"].items()}
+
+
+def check_exact_round(coordinator, devices, g0) -> None:
+    """One completed round: every device counted once, the global their exact weighted mean."""
+    from tests.faultkit import multiplicities
+
+    saved = coordinator.load()
+    (entry,) = saved["history"]
+    assert entry["ok"] and entry["participants"] == len(devices), entry
+    assert multiplicities(entry["examples"], len(devices)) == [1] * len(devices)  # each device once
+    assert all(1 in d.accepted_rounds() for d in devices)
+    total = sum(d.weight for d in devices)
+    for name, base in g0.items():
+        acc = np.zeros(base.shape, np.float64)
+        for d in devices:
+            acc += d.weight * (base + d.value).astype(np.float64)  # the worker adds in float32 first
+        want = (acc / total).astype(np.float32)
+        error = np.abs(saved["global"][name].astype(np.float64) - want)
+        assert np.all(error <= 2 * np.spacing(np.abs(want))), f"{name}: off by up to {error.max():.3g}"
+
+
+@pytest.mark.integration
+def test_sigkilled_worker_loses_no_acknowledged_update(tmp_path, minilm_bundle, mosquitto):
+    from tests.faultkit import HandDevice, bundle_of, wait_for
+
+    job = "sharded"
+    coordinator, workers, devices = sharded_job(tmp_path, minilm_bundle, mosquitto.url, job)
     bundle = bundle_of(minilm_bundle)
-    devices = [HandDevice(mosquitto.url, job, f"d{i}", bundle, value=1e-4 * (i + 1), weight=10**i) for i in range(8)]
     by_shard = {k: [d for d in devices if shard_of(d.id, 2) == k] for k in range(2)}
     assert all(len(v) == 4 for v in by_shard.values())
     victim = workers[0]
     procs = [coordinator, *workers]
     try:
-        for w in workers:
-            w.start()
-        # Subscribed before any device sends: a message to a topic nobody subscribes to is gone.
-        wait_for(lambda: all("started" in w.text() for w in workers), 60, "the workers", workers)
-        coordinator.start()
-        for d in devices:
-            d.online()
-        ann = wait_for(devices[0].open_round, 60, "round 1 to open", procs)
-        assert ann["v"] == 3 and ann["shards"] == 2 and len(ann["selected"]) == 8
-        g0 = {k: v.copy() for k, v in coordinator.load()["global"].items()}
+        g0 = start_sharded(coordinator, workers, devices)
 
         # Two updates of each shard acknowledged, then the worker of shard 0 SIGKILLed.
         first = by_shard[0][:2] + by_shard[1][:2]
@@ -286,25 +314,40 @@ def test_sigkilled_worker_loses_no_acknowledged_update(tmp_path, minilm_bundle, 
         for w in workers:
             assert w.wait(30) == 0, w.tail()
 
-        saved = coordinator.load()
-        (entry,) = saved["history"]
-        assert entry["ok"] and entry["participants"] == 8, entry
-        assert multiplicities(entry["examples"], 8) == [1] * 8  # each device counted exactly once
-        assert all(1 in d.accepted_rounds() for d in devices)
-        # The global is the weighted mean of exactly the acknowledged updates, to float32 rounding.
-        total = sum(d.weight for d in devices)
-        for name, base in g0.items():
-            acc = np.zeros(base.shape, np.float64)
-            for d in devices:
-                acc += d.weight * (base + d.value).astype(np.float64)  # the worker adds in float32 first
-            want = (acc / total).astype(np.float32)
-            error = np.abs(saved["global"][name].astype(np.float64) - want)
-            assert np.all(error <= 2 * np.spacing(np.abs(want))), f"{name}: off by up to {error.max():.3g}"
+        check_exact_round(coordinator, devices, g0)
         resumed = [e for e in victim.events() if e["event"] == "job_resumed"]
         assert resumed, "the restarted worker must resume from its own state store"
         assert "Traceback" not in coordinator.text() + workers[1].text(), coordinator.tail()
     finally:
         for proc in procs:
+            proc.kill()
+        for d in devices:
+            d.close()
+
+
+@pytest.mark.integration
+def test_sigkilled_coordinator_resumes_the_round_from_its_workers_reports(tmp_path, minilm_bundle, mosquitto):
+    from tests.faultkit import wait_for
+
+    coordinator, workers, devices = sharded_job(tmp_path, minilm_bundle, mosquitto.url, "sharded-c")
+    try:
+        g0 = start_sharded(coordinator, workers, devices)
+        for d in devices[:7]:
+            d.send(1, 0)
+        wait_for(lambda: all(1 in d.accepted_rounds() for d in devices[:7]), 30, "7 acks", [coordinator, *workers])
+        coordinator.kill()  # its view of the round (the workers' reports) is gone
+        coordinator.start()
+        started = time.monotonic()
+        devices[7].auto.set()
+        # The workers report their updates again when the restarted coordinator republishes the
+        # plan, so the round closes once d7 is in, not at its deadline (120 s).
+        assert coordinator.wait(60) == 0, coordinator.tail()
+        assert time.monotonic() - started < 60
+        for w in workers:
+            assert w.wait(30) == 0, w.tail()
+        check_exact_round(coordinator, devices, g0)
+    finally:
+        for proc in (coordinator, *workers):
             proc.kill()
         for d in devices:
             d.close()
