@@ -628,7 +628,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
     ax2.grid(alpha=0.3)
-    fig.suptitle("One aggregator process through Mosquitto (2 cores, shared)")
+    fig.suptitle("Aggregator capacity through Mosquitto: one process, and sharded workers (2 cores, shared)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
