@@ -25,8 +25,15 @@ Python clients would measure the load generator instead of the aggregator.
 ``--baseline REV`` also measures the aggregator of git revision REV (``git archive``) on the same
 steps in the same run, for paired ratios.
 
+``--shards 1,2,4`` measures sharded aggregation instead (``server/shards.py``): for 1, one
+``fedlora-server`` process as above; for N > 1, a coordinator and N worker processes, each worker
+with its own state directory, and devices publishing to their shard's topic
+(``updates/<shard>/<device>``, as the round announcement's ``shards`` tells them). CPU is then
+recorded per process (coordinator, each worker, its main thread apart) and the check is the same:
+the coordinator's merged global against the acknowledged updates.
+
     .venv/bin/python bench/capacity_bench.py --adapter minilm-r8 --rates 100,250,500,1000,2000 \
-        [--baseline REV] [--write-docs]
+        [--baseline REV | --shards 1,2,4] [--write-docs]
 """
 
 from __future__ import annotations
@@ -142,12 +149,19 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def start_server(
-    workdir: Path, code: Path, bundle: Path, url: str, devices: int, extra: dict, profile: Path | None = None
+    workdir: Path,
+    code: Path,
+    bundle: Path,
+    url: str,
+    devices: int,
+    extra: dict,
+    profile: Path | None = None,
+    name: str = "server",
 ) -> subprocess.Popen:
     cfg = {
         "job": JOB,
         "bundle": str(bundle),
-        "state_dir": str(workdir / "state"),
+        "state_dir": str(workdir / f"{name}-state"),
         "broker": {"url": url, "protocol": "auto"},
         "http_port": 0,
         "exit_when_finished": True,
@@ -155,13 +169,13 @@ def start_server(
         "rounds": {"rounds": 1, "min_devices": devices, "round_timeout": 3600, "min_updates": 1},
         **extra,
     }
-    (workdir / "server.json").write_text(json.dumps(cfg))
+    (workdir / f"{name}.json").write_text(json.dumps(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLORA_")}
     env["PYTHONPATH"] = str(code)
-    log = open(workdir / "server.log", "wb")
+    log = open(workdir / f"{name}.log", "wb")
     wrap = ["-m", "cProfile", "-o", str(profile)] if profile else []
     return subprocess.Popen(
-        [sys.executable, *wrap, "-m", "server.cli", "--config", str(workdir / "server.json")],
+        [sys.executable, *wrap, "-m", "server.cli", "--config", str(workdir / f"{name}.json")],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=code,
@@ -194,16 +208,16 @@ class Sampler:
                 pass
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds of each process, and of the server's main thread apart (``server_main``):
-        the rest of the server's is mostly paho's network thread."""
+        """CPU seconds of each process, and of each aggregator process's main thread apart
+        (``<name>_main``): the rest of an aggregator's is mostly paho's network thread."""
         out = {}
         for name, p in self.procs.items():
             try:
                 t = p.cpu_times()
                 out[name] = t.user + t.system
-                if name == "server":
+                if name in AGGREGATOR_PROCESSES or name.startswith("worker"):
                     main = [th for th in p.threads() if th.id == p.pid]
-                    out["server_main"] = main[0].user_time + main[0].system_time if main else float("nan")
+                    out[f"{name}_main"] = main[0].user_time + main[0].system_time if main else float("nan")
             except Exception:
                 out[name] = float("nan")
         return out
@@ -217,13 +231,21 @@ class Sampler:
         self._stop.set()
 
 
+AGGREGATOR_PROCESSES = ("server",)  # and worker0, worker1, ... in a sharded run
+
+
+def aggregator_names(names) -> list[str]:
+    return [n for n in names if (n in AGGREGATOR_PROCESSES or n.startswith("worker")) and not n.endswith("_main")]
+
+
 # -- the fleet ------------------------------------------------------------------------------
 class Fleet:
     """Every device identity over one publishing and one subscribing MQTT connection."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, shards: int = 1):
         import paho.mqtt.client as mqtt
 
+        self.shards = shards
         host, port = url.split("://")[1].split(":")
         self.topics = Topics(JOB)
         self.lock = threading.Lock()
@@ -270,7 +292,7 @@ class Fleet:
             self.pub.publish(self.topics.status(d), b"", qos=1, retain=True)
 
     def send(self, device: str, chunks: list[bytes]) -> float:
-        topic = f"{self.topics.base}/updates/{device}"
+        topic = self.topics.update_for(device, self.shards)
         for chunk in chunks:
             self.pub.publish(topic, chunk, qos=1)
         return time.monotonic()
@@ -298,6 +320,8 @@ class Step:
     server_main_cpu: float = 0.0
     resent: int = 0
     rejected: int = 0
+    # a sharded run: cores of each aggregator process (coordinator "server", "worker0", ...) and main thread
+    process_cpu: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -316,6 +340,7 @@ class Run:
     load_before: float = 0.0
     load_after: float = 0.0
     seconds: float = 0.0
+    shards: int = 1
 
 
 def step_sizes(rates: list[float], seconds: float, cap: int) -> list[int]:
@@ -333,6 +358,7 @@ def run_config(
     seed: int = 0,
     profile: Path | None = None,
     packet_limit: int = PACKET_LIMIT,
+    shards: int = 1,
 ) -> Run:
     from edge_client.runtime import read_parameters
 
@@ -346,7 +372,7 @@ def run_config(
     pool = [{k: rng.normal(0, 1e-4, v.shape).astype(np.float32) for k, v in g0.items()} for _ in range(16)]
     delta_of = {d: i % len(pool) for i, d in enumerate(devices)}
     values = sum(v.size for v in g0.values())
-    topic = f"fedlora/{JOB}/updates/{devices[0]}"
+    topic = Topics(JOB).update_for(devices[0], shards)
     room = packet_limit - PACKET_OVERHEAD - len(topic.encode()) - CHUNK_HEADER.size
 
     def encode(device: str, base_version: int) -> list[bytes]:
@@ -365,12 +391,16 @@ def run_config(
 
     workdir = Path(tempfile.mkdtemp(prefix="fedlora-capacity-"))
     broker, url = start_broker(workdir)
+    workers = start_workers(workdir, code, bundle.root, url, len(devices), extra, shards)
+    if shards > 1:
+        extra = {**extra, "shards": {"count": shards}}
     server = start_server(workdir, code, bundle.root, url, len(devices), extra, profile)
+    aggregators = {"server": server, **{f"worker{k}": w for k, w in enumerate(workers)}}
     fleet = None
-    run = Run(adapter, label, values, 0, 0, len(devices), load_before=os.getloadavg()[0])
+    run = Run(adapter, label, values, 0, 0, len(devices), load_before=os.getloadavg()[0], shards=shards)
     started = time.monotonic()
     try:
-        fleet = Fleet(url)
+        fleet = Fleet(url, shards)
         fleet.online(weights, rank)
         deadline = time.monotonic() + 300
         while not (fleet.announcement is not None and fleet.announcement.state is RoundState.OPEN):
@@ -379,7 +409,7 @@ def run_config(
             time.sleep(0.1)
         assert len(fleet.announcement.selected) == len(devices), "every device must be selected"
         base_version = fleet.announcement.global_version
-        sampler = Sampler({"server": server.pid, "broker": broker.pid, "bench": os.getpid()})
+        sampler = Sampler({**{n: p.pid for n, p in aggregators.items()}, "broker": broker.pid, "bench": os.getpid()})
         first = 0
         for rate, size in zip(rates, sizes):
             batch = devices[first : first + size]
@@ -390,24 +420,53 @@ def run_config(
             run.steps.append(measure_step(fleet, sampler, payloads, rate))
             print(f"[bench] {label} {adapter} {asdict(run.steps[-1])}", flush=True)
         sampler.stop()
-        try:
-            server.wait(600)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError("the round did not close: the server is still running") from None
-        if server.returncode != 0:
-            raise RuntimeError(f"server exited {server.returncode}:\n{(workdir / 'server.log').read_text()[-3000:]}")
-        verify(run, workdir / "state", code, g0, pool, delta_of, weights, set(fleet.acked))
+        for name, proc in aggregators.items():
+            try:
+                proc.wait(600)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"the round did not close: {name} is still running") from None
+            if proc.returncode != 0:
+                tail = (workdir / f"{name}.log").read_text()[-3000:]
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n{tail}")
+        verify(run, workdir / "server-state", code, g0, pool, delta_of, weights, set(fleet.acked))
     finally:
         run.seconds = time.monotonic() - started
         run.load_after = os.getloadavg()[0]
         if fleet is not None:
             fleet.close()
-        for proc in (server, broker):
+        for proc in (*aggregators.values(), broker):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     return run
+
+
+def start_workers(
+    workdir: Path, code: Path, bundle: Path, url: str, devices: int, extra: dict, shards: int
+) -> list[subprocess.Popen]:
+    """A sharded run's workers, each subscribed (its log says so) before the coordinator starts."""
+    if shards <= 1:
+        return []
+    workers = [
+        start_server(
+            workdir,
+            code,
+            bundle,
+            url,
+            devices,
+            {**extra, "shards": {"count": shards, "role": "worker", "index": k}},
+            name=f"worker{k}",
+        )
+        for k in range(shards)
+    ]
+    deadline = time.monotonic() + 120
+    for k, w in enumerate(workers):
+        while "started" not in (workdir / f"worker{k}.log").read_text():
+            if w.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {k} did not start:\n{(workdir / f'worker{k}.log').read_text()[-3000:]}")
+            time.sleep(0.05)
+    return workers
 
 
 def measure_step(fleet: Fleet, sampler: Sampler, payloads: dict[str, list[bytes]], rate: float) -> Step:
@@ -443,11 +502,16 @@ def measure_step(fleet: Fleet, sampler: Sampler, payloads: dict[str, list[bytes]
     if latencies:
         step.latency_ms_median = statistics.median(latencies)
         step.latency_ms_p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-    step.server_cpu = (cpu1["server"] - cpu0["server"]) / wall
+    names = aggregator_names(cpu0)
+    step.server_cpu = sum(cpu1[n] - cpu0[n] for n in names) / wall  # every aggregator process
     step.broker_cpu = (cpu1["broker"] - cpu0["broker"]) / wall
     step.bench_cpu = (cpu1["bench"] - cpu0["bench"]) / wall
-    step.server_main_cpu = (cpu1.get("server_main", 0.0) - cpu0.get("server_main", 0.0)) / wall
-    step.server_rss_mib = sampler.peak["server"] / 2**20
+    step.server_main_cpu = sum(cpu1.get(f"{n}_main", 0.0) - cpu0.get(f"{n}_main", 0.0) for n in names) / wall
+    if len(names) > 1:
+        for n in names:
+            step.process_cpu[n] = (cpu1[n] - cpu0[n]) / wall
+            step.process_cpu[f"{n}_main"] = (cpu1.get(f"{n}_main", 0.0) - cpu0.get(f"{n}_main", 0.0)) / wall
+    step.server_rss_mib = sum(sampler.peak[n] for n in names) / 2**20
     step.broker_rss_mib = sampler.peak["broker"] / 2**20
     step.rejected = sum(d in fleet.rejected for d in payloads)
     return step
@@ -523,6 +587,25 @@ def render(runs: list[dict]) -> str:
             f"| {r['adapter']} | {r['code']} | {r['values']:,} | {r['update_bytes'] / 1024:.0f} KiB in {r['chunks']} chunks "
             f"| {r['devices']:,} | {r['acked']:,} | {r['lost']} | {r['check']} | {r['load_before']:.1f} -> {r['load_after']:.1f} |"
         )
+    sharded = [r for r in runs if r.get("shards", 1) > 1]
+    if sharded:
+        lines += [
+            "",
+            "Per aggregator process in the sharded runs, cores (main thread in brackets): the coordinator, then each worker.",
+            "",
+            "| adapter | aggregator | offered /s | sustained /s | coordinator | workers |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sharded:
+            for s in r["steps"]:
+                cpu = s.get("process_cpu", {})
+                workers = ", ".join(
+                    f"{cpu[f'worker{k}']:.2f} ({cpu[f'worker{k}_main']:.2f})" for k in range(r["shards"])
+                )
+                lines.append(
+                    f"| {r['adapter']} | {r['code']} | {s['offered']:g} | {s['sustained']:.0f} | "
+                    f"{cpu.get('server', 0):.2f} ({cpu.get('server_main', 0):.2f}) | {workers} |"
+                )
     return "\n".join(lines)
 
 
@@ -545,7 +628,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
     ax2.grid(alpha=0.3)
-    fig.suptitle("One aggregator process through Mosquitto (2 cores, shared)")
+    fig.suptitle("Aggregator capacity through Mosquitto: one process, and sharded workers (2 cores, shared)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -575,6 +658,12 @@ def main(argv: list[str] | None = None) -> int:
         default=PACKET_LIMIT // 1024,
         help="the devices' MQTT packet limit, which their chunks stay below (default: BrokerConfig's)",
     )
+    parser.add_argument(
+        "--shards",
+        default="",
+        help="comma-separated worker counts, e.g. 1,2,4: measure sharded aggregation (1: one process) "
+        "instead of this tree and --baseline",
+    )
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--report-only", action="store_true", help=f"render {RESULTS.name} again")
     args = parser.parse_args(argv)
@@ -588,11 +677,17 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fedlora-baseline-") as tmp:
             variant = [f"{k}={json.dumps(v)}" for k, v in extra.items()]
             variant += [f"{args.packet_kib} KiB packets"] if args.packet_kib * 1024 != PACKET_LIMIT else []
-            codes = [(ROOT, ", ".join(["this tree", *variant]), extra)]
+            codes = [(ROOT, ", ".join(["this tree", *variant]), extra, 1)]
             if args.baseline:
-                codes.insert(0, (baseline_tree(args.baseline, Path(tmp)), f"baseline {args.baseline}", {}))
+                codes.insert(0, (baseline_tree(args.baseline, Path(tmp)), f"baseline {args.baseline}", {}, 1))
+            if args.shards:
+                counts = [int(n) for n in args.shards.split(",")]
+                codes = [
+                    (ROOT, ", ".join([f"{n} worker{'s' * (n > 1)}" if n > 1 else "1 process", *variant]), extra, n)
+                    for n in counts
+                ]
             for adapter in args.adapter.split(","):
-                for code, label, cfg in codes:
+                for code, label, cfg, shards in codes:
                     profile = args.profile if code == ROOT else None
                     run = run_config(
                         adapter,
@@ -604,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                         cfg,
                         profile=profile,
                         packet_limit=args.packet_kib * 1024,
+                        shards=shards,
                     )
                     runs.append({**asdict(run), "command": command})
         if args.profile:  # timings under cProfile are not the aggregator's: shown, not recorded

@@ -17,6 +17,9 @@ Targets (each input is processed in this one process, one call per input):
     secagg_key_list, secagg_forward, secagg_unmask
                                 messages.parse_secagg_key_list / _forward / _unmask (bytes): what
                                 the aggregator sends in a secure round
+    shard_plan, shard_progress  messages.parse_shard_plan / parse_shard_progress (bytes): sharded
+                                aggregation's coordinator -> worker plan and worker -> coordinator report
+    shard_partial               protocol.decode_partial(bytes): a worker's sealed float64 partial sums
 
 Inputs come from three families: (a) structure-aware generation from valid messages (JSON values
 replaced by huge, negative, fractional or non-finite literals, nesting thousands of levels deep,
@@ -103,6 +106,8 @@ from core.messages import (
     parse_secagg_key_list,
     parse_secagg_unmask,
     parse_secagg_upload,
+    parse_shard_plan,
+    parse_shard_progress,
     parse_status,
     parse_topic,
 )
@@ -115,12 +120,14 @@ from core.protocol import (
     CHUNK_OVERHEAD,
     ENVELOPE_MAGIC,
     HEADER_ZLIB,
+    PARTIAL_MAGIC,
     RING_CODEC,
     Envelope,
     EnvelopeLimits,
     Reassembler,
     Topics,
     decode_envelope,
+    decode_partial,
     encode_envelope,
     frozen_changes,
     message_id,
@@ -917,6 +924,55 @@ class Corpus:
             ]
 
         return self._get("secagg_down", build)
+
+    @property
+    def shard_messages(self) -> list[bytes]:
+        """Sharded aggregation's plan (each state) and progress reports."""
+
+        def build():
+            from core.messages import PlanState, ShardAccepted, ShardPlan, ShardProgress
+
+            devices = tuple(f"dev{i:03d}" for i in range(12))
+            return [
+                ShardPlan("job1", PlanState.OPEN, 4, 4, 3, devices, 30, 1.5, 1e9, 1e9 + 600).to_bytes(),
+                ShardPlan("job1", PlanState.SEAL, 4, 4, 3, devices, 0, 0.0, 1e9, 1e9 + 600).to_bytes(),
+                ShardPlan("job1", PlanState.FINISHED, 9, 2).to_bytes(),
+                ShardProgress(
+                    "job1", 3, 4, tuple(ShardAccepted(d, i + 1, 0.1 * i) for i, d in enumerate(devices))
+                ).to_bytes(),
+                ShardProgress("job1", 0, 4, ()).to_bytes(),
+            ]
+
+        return self._get("shard_messages", build)
+
+    @property
+    def partials(self) -> list[tuple[bytes, bytes]]:
+        """Sealed partials as (header JSON, float64 body), valid ones."""
+
+        def build():
+            from core.messages import PartialHeader, PartialTensor, ShardAccepted
+            from core.protocol import encode_partial
+
+            rng = np.random.default_rng(self.seed)
+            out = []
+            for count in (0, 3):
+                accepted = tuple(ShardAccepted(f"dev{i:03d}", i + 1, 0.5) for i in range(count))
+                sums = {"a.lora_A.weight": rng.normal(size=(4, 16)), "a:BA": rng.normal(size=(8, 16))}
+                header = PartialHeader(
+                    "job1",
+                    1,
+                    4,
+                    float(sum(a.weight for a in accepted)),
+                    count,
+                    accepted,
+                    tuple(PartialTensor(k, v.shape) for k, v in sums.items()),
+                )
+                payload = encode_partial(header, sums)
+                hlen = struct.unpack_from("<I", payload, 4)[0]
+                out.append((payload[8 : 8 + hlen], payload[8 + hlen :]))
+            return out
+
+        return self._get("partials", build)
 
     # envelopes
     def _envelopes(self, kind: str) -> list[EnvSeed]:
@@ -1749,6 +1805,33 @@ def topic_gen(rng: random.Random) -> tuple[str, tuple[Any, str]]:
     return "type", (rng.choice((None, b"fedlora/job1/round", 7, ["fedlora"], BASE + "/round" + "/x" * 600)), BASE)
 
 
+PARTIAL_MAX_VALUES = 1 << 16  # what the fuzzed coordinator's job allows in a partial
+
+
+def partial_gen(corpus: Corpus) -> Callable[[random.Random], tuple[str, bytes]]:
+    """Sealed partials: a mutated JSON header before a valid, cut or lengthened body (a), byte-level
+    mutation of a whole valid partial (b), or random bytes after the magic (c)."""
+
+    def frame(header: bytes, body: bytes) -> bytes:
+        return PARTIAL_MAGIC + struct.pack("<I", len(header)) + header + body
+
+    def gen(rng: random.Random) -> tuple[str, bytes]:
+        seeds = corpus.partials
+        header, body = rng.choice(seeds)
+        r = rng.random()
+        if r < 0.6:
+            family, mutated = mutate_message(rng, [h for h, _ in seeds])
+            if rng.random() < 0.3:
+                body = body[: rng.randrange(len(body) + 1)] if rng.random() < 0.5 else body + rng.randbytes(8)
+            return family, frame(mutated, body)
+        if r < 0.9:
+            whole = [frame(h, b) for h, b in seeds]
+            return "bytes", havoc(rng, rng.choice(whole), whole)
+        return "random", PARTIAL_MAGIC + rng.randbytes(rng.randint(0, 64))
+
+    return gen
+
+
 def make_targets(corpus: Corpus, amplify: bool = True, memory_bound: int = 1 << 30) -> dict[str, Target]:
     """Every target, generators bound to ``corpus``. ``amplify`` adds the rare inputs with the
     largest shapes (slow, memory-heavy by design: left out of the test suite's sample)."""
@@ -1794,6 +1877,11 @@ def make_targets(corpus: Corpus, amplify: bool = True, memory_bound: int = 1 << 
             ),
             Target("secagg_forward", 1, lambda rng: mutate_message(rng, corpus.secagg_down[1:2]), parse_secagg_forward),
             Target("secagg_unmask", 1, lambda rng: mutate_message(rng, corpus.secagg_down[2:]), parse_secagg_unmask),
+            Target("shard_plan", 1, lambda rng: mutate_message(rng, corpus.shard_messages[:3]), parse_shard_plan),
+            Target(
+                "shard_progress", 1, lambda rng: mutate_message(rng, corpus.shard_messages[3:]), parse_shard_progress
+            ),
+            Target("shard_partial", 1, partial_gen(corpus), lambda b: decode_partial(b, PARTIAL_MAX_VALUES)),
         )
     }
 

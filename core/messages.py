@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import hashlib
 import json
 import math
 import re
@@ -31,7 +32,11 @@ PROTOCOL_VERSION = 1
 # them refuses it (it would drop a pending update when a newer version is announced, and wait
 # for a selection that async rounds do not make), which is the safe failure.
 ASYNC_ANNOUNCEMENT_VERSION = 2
-ANNOUNCEMENT_VERSIONS = (PROTOCOL_VERSION, ASYNC_ANNOUNCEMENT_VERSION)
+# An announcement of a sharded job (``shards`` > 1: devices send their updates to the topic of
+# their shard, ``updates/<shard>/<device>``) is version 3: a device that predates sharding
+# refuses it rather than send where no worker listens.
+SHARDED_ANNOUNCEMENT_VERSION = 3
+ANNOUNCEMENT_VERSIONS = (PROTOCOL_VERSION, ASYNC_ANNOUNCEMENT_VERSION, SHARDED_ANNOUNCEMENT_VERSION)
 MAX_DEPTH = 6
 # Status and acks are small; an announcement names every selected device (100k ids of <= 128
 # characters fit); an envelope header lists every tensor with its name and shape.
@@ -50,6 +55,8 @@ MAX_EXAMPLES = 10**12  # what a device may claim; the aggregator bounds the weig
 MAX_RANK = 4096
 MAX_DIM = 1 << 31
 MAX_NBYTES = 1 << 34
+MAX_SHARDS = 256  # aggregator workers of one job
+MAX_SHARD_MESSAGE_BYTES = 32 << 20  # a worker's progress or partial header names up to MAX_SELECTED devices
 DEVICE_ID = re.compile(r"[^/#+\0\s]{1,128}")
 JOB_ID = re.compile(r"[^/#+\0\s]{1,128}")
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -248,6 +255,7 @@ class TopicKind(str, Enum):
     STATUS = "status"
     ACK = "ack"
     SECAGG = "secagg"  # secure aggregation: secagg/<device> up, secagg/round/<step> and secagg/to/<device> down
+    SHARDS = "shards"  # sharded aggregation: shards/plan down, shards/progress/<k> and shards/partial/<k> up
 
 
 class SecaggChannel(str, Enum):
@@ -259,16 +267,43 @@ class SecaggChannel(str, Enum):
     TO = "to"  # secagg/to/<device> (retained): the sealed shares addressed to that device
 
 
+class ShardChannel(str, Enum):
+    """Which sharded-aggregation topic a ``shards/...`` topic is."""
+
+    PLAN = "plan"  # shards/plan (retained): the coordinator's open or sealed round, to every worker
+    PROGRESS = "progress"  # shards/progress/<k>: worker k's updates committed, after each group commit
+    PARTIAL = "partial"  # shards/partial/<k>: worker k's sealed partial sums (chunked)
+
+
 @dataclass(frozen=True)
 class TopicRef:
     """A parsed topic of one job: its kind, and the device or (rank, chunk index) it names;
-    for ``secagg`` topics also which one (``channel``)."""
+    for ``secagg`` and ``shards`` topics also which one (``channel``); ``shard``: the shard a
+    sharded update topic (``updates/<shard>/<device>``) or a worker's topic names (-1: none)."""
 
     kind: TopicKind
     device: str = ""
     rank: int = 0
     index: int = 0
-    channel: SecaggChannel | None = None
+    channel: SecaggChannel | ShardChannel | None = None
+    shard: int = -1
+
+
+def shard_of(device: str, shards: int) -> int:
+    """The shard (0 .. shards - 1) whose worker takes ``device``'s updates: the first 8 bytes of
+    sha256 of the device id, big-endian, modulo ``shards``. The same on every device, worker and
+    Python (not ``hash()``, which is salted per process), so a resend always reaches the worker
+    that took, or refused, the first copy."""
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ProtocolError(f"shard count {shards} is outside [1, {MAX_SHARDS}]")
+    return int.from_bytes(hashlib.sha256(device.encode()).digest()[:8], "big") % shards
+
+
+def _shard_index(text: str) -> int:
+    index = int(text) if _DIGITS.fullmatch(text) else MAX_SHARDS
+    if index >= MAX_SHARDS:
+        raise ProtocolError(f"shard index {text[:20]!r} is not in [0, {MAX_SHARDS})")
+    return index
 
 
 def parse_topic(topic: str, base: str) -> TopicRef:
@@ -288,6 +323,13 @@ def parse_topic(topic: str, base: str) -> TopicRef:
         and DEVICE_ID.fullmatch(parts[1])
     ):
         return TopicRef(kind, device=parts[1])
+    if kind is TopicKind.UPDATES and len(parts) == 3 and DEVICE_ID.fullmatch(parts[2]):
+        return TopicRef(kind, device=parts[2], shard=_shard_index(parts[1]))
+    if kind is TopicKind.SHARDS:
+        if len(parts) == 2 and parts[1] == ShardChannel.PLAN.value:
+            return TopicRef(kind, channel=ShardChannel.PLAN)
+        if len(parts) == 3 and parts[1] in (ShardChannel.PROGRESS.value, ShardChannel.PARTIAL.value):
+            return TopicRef(kind, channel=ShardChannel(parts[1]), shard=_shard_index(parts[2]))
     if kind is TopicKind.SECAGG:
         if len(parts) == 2 and DEVICE_ID.fullmatch(parts[1]):
             return TopicRef(kind, device=parts[1], channel=SecaggChannel.UP)
@@ -503,6 +545,7 @@ class Announcement:
     privacy: PrivacyInfo | None = None
     mode: RoundMode = RoundMode.SYNC
     secagg: SecaggInfo | None = None
+    shards: int = 1  # > 1: send updates to ``updates/<shard_of(device, shards)>/<device>`` (version 3)
     v: int = PROTOCOL_VERSION
 
     @property
@@ -513,9 +556,16 @@ class Announcement:
     def is_async(self) -> bool:
         return self.mode is RoundMode.ASYNC
 
+    @property
+    def version(self) -> int:
+        """The protocol version this announcement needs: 2 for async rounds, 3 for a sharded job."""
+        if self.shards > 1:
+            return SHARDED_ANNOUNCEMENT_VERSION
+        return ASYNC_ANNOUNCEMENT_VERSION if self.is_async else self.v
+
     def to_json(self) -> dict:
         body: dict = {
-            "v": ASYNC_ANNOUNCEMENT_VERSION if self.is_async else self.v,
+            "v": self.version,
             "job": self.job,
             "state": self.state.value,
             "round": self.round,
@@ -526,6 +576,8 @@ class Announcement:
         }
         if self.is_async:
             body["mode"] = self.mode.value
+        if self.shards > 1:
+            body["shards"] = self.shards
         if self.is_open:
             assert self.strategy is not None and self.train is not None
             strategy: dict = {"name": self.strategy.name, "trains_a": self.strategy.trains_a, **self.strategy.settings}
@@ -574,8 +626,10 @@ def parse_announcement(payload: bytes) -> Announcement:
     mode = RoundMode.SYNC
     if v == ASYNC_ANNOUNCEMENT_VERSION:
         mode = RoundMode(f.str("mode", 16, choices=(RoundMode.ASYNC.value,)))
+    shards = f.int("shards", 2, MAX_SHARDS) if v == SHARDED_ANNOUNCEMENT_VERSION else 1
     common: dict[str, Any] = dict(
         mode=mode,
+        shards=shards,
         job=f.str("job", 128, pattern=JOB_ID),
         state=RoundState(f.str("state", 16, choices=tuple(s.value for s in RoundState))),
         round=f.int("round", 0, MAX_ROUND),
@@ -977,3 +1031,200 @@ def parse_secagg_unmask(payload: bytes) -> SecaggUnmask:
     if len(set(named)) != len(named):
         raise ProtocolError("secagg unmask request names a device twice (or both surviving and dropped)")
     return msg
+
+
+# -- sharded aggregation: coordinator <-> workers ------------------------------------------
+class PlanState(str, Enum):
+    """What the coordinator asks of its workers for ``ShardPlan.round``."""
+
+    OPEN = "open"  # take the round's updates from the devices of your shard
+    SEAL = "seal"  # stop taking them, and publish your partial sums (again, if asked again)
+    FINISHED = "finished"  # the job is done: exit (or idle) like the coordinator
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """``shards/plan`` (retained): the round the workers take updates for, with the bounds the
+    coordinator fixed when it opened (each worker judges updates exactly as one aggregator would)."""
+
+    job: str
+    state: PlanState
+    round: int
+    shards: int
+    base_version: int = 0
+    selected: tuple[str, ...] = ()
+    max_weight: int = 0
+    max_norm: float = 0.0
+    opened_at: float = 0.0
+    deadline: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "v": PROTOCOL_VERSION,
+            "job": self.job,
+            "state": self.state.value,
+            "round": self.round,
+            "shards": self.shards,
+            "base_version": self.base_version,
+            "selected": list(self.selected),
+            "max_weight": self.max_weight,
+            "max_norm": self.max_norm,
+            "opened_at": self.opened_at,
+            "deadline": self.deadline,
+        }
+        return json.dumps(body, allow_nan=False).encode()
+
+
+def _version_1(f: Fields, what: str) -> None:
+    v = f.int("v", 0, 1 << 16)
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} of protocol version {v} (this side speaks {PROTOCOL_VERSION})")
+
+
+def parse_shard_plan(payload: bytes) -> ShardPlan:
+    f = Fields(parse_json(payload, "shard plan", MAX_SHARD_MESSAGE_BYTES), "shard plan")
+    _version_1(f, "shard plan")
+    plan = ShardPlan(
+        job=f.str("job", 128, pattern=JOB_ID),
+        state=PlanState(f.str("state", 16, choices=tuple(s.value for s in PlanState))),
+        round=f.int("round", 0, MAX_ROUND),
+        shards=f.int("shards", 1, MAX_SHARDS),
+        base_version=f.int("base_version", 0, MAX_ROUND),
+        selected=f.list("selected", MAX_SELECTED, _device_item),
+        max_weight=f.int("max_weight", 0, MAX_EXAMPLES),
+        max_norm=f.float("max_norm", 0.0, 1e300),
+        opened_at=f.float("opened_at", 0.0, float(MAX_ROUND)),
+        deadline=f.float("deadline", 0.0, float(MAX_ROUND)),
+    )
+    f.done()
+    return plan
+
+
+@dataclass(frozen=True)
+class ShardAccepted:
+    """One update a worker committed: its device, the weight it counts with, its norm as sent."""
+
+    device: str
+    weight: int
+    norm: float
+
+    def to_json(self) -> list:
+        return [self.device, self.weight, self.norm]
+
+
+def _accepted_item(value: Any, what: str) -> ShardAccepted:
+    if not isinstance(value, list) or len(value) != 3:
+        raise ProtocolError(f"{what} must be [device, weight, norm]")
+    device, weight, norm = value
+    if not isinstance(device, str) or not DEVICE_ID.fullmatch(device):
+        raise ProtocolError(f"{what}: not a device id")
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_EXAMPLES:
+        raise ProtocolError(f"{what}: weight must be an integer in [0, {MAX_EXAMPLES}]")
+    if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not 0 <= norm <= 1e300:
+        raise ProtocolError(f"{what}: norm must be a number in [0, 1e300]")
+    return ShardAccepted(device, weight, float(norm))
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """``shards/progress/<k>``: the updates worker ``shard`` committed (and acknowledged) in one
+    group commit; the coordinator decides when the round closes from these, as from its own."""
+
+    job: str
+    shard: int
+    round: int
+    accepted: tuple[ShardAccepted, ...]
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "v": PROTOCOL_VERSION,
+            "job": self.job,
+            "shard": self.shard,
+            "round": self.round,
+            "accepted": [a.to_json() for a in self.accepted],
+        }
+        return json.dumps(body, allow_nan=False).encode()
+
+
+def parse_shard_progress(payload: bytes) -> ShardProgress:
+    f = Fields(parse_json(payload, "shard progress", MAX_SHARD_MESSAGE_BYTES), "shard progress")
+    _version_1(f, "shard progress")
+    msg = ShardProgress(
+        job=f.str("job", 128, pattern=JOB_ID),
+        shard=f.int("shard", 0, MAX_SHARDS - 1),
+        round=f.int("round", 0, MAX_ROUND),
+        accepted=f.list("accepted", MAX_SELECTED, _accepted_item),
+    )
+    f.done()
+    return msg
+
+
+@dataclass(frozen=True)
+class PartialTensor:
+    """One float64 sum of a partial: its key (a tensor name or a strategy's ``module:what``) and shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def _partial_tensor(value: Any, what: str) -> PartialTensor:
+    f = Fields(value, what)
+    spec = PartialTensor(f.str("name", MAX_NAME), f.list("shape", 8, _int_item(0, MAX_DIM)))
+    f.done()
+    return spec
+
+
+@dataclass(frozen=True)
+class PartialHeader:
+    """The header of worker ``shard``'s sealed partial of ``round`` (``shards/partial/<k>``):
+    ``Partial.weight`` and ``count``, every update it holds (``accepted``, in the order they were
+    added), and its sums' keys and shapes, in the order of the float64 body."""
+
+    job: str
+    shard: int
+    round: int
+    weight: float
+    count: int
+    accepted: tuple[ShardAccepted, ...]
+    tensors: tuple[PartialTensor, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "v": PROTOCOL_VERSION,
+            "job": self.job,
+            "shard": self.shard,
+            "round": self.round,
+            "weight": self.weight,
+            "count": self.count,
+            "accepted": [a.to_json() for a in self.accepted],
+            "tensors": [{"name": t.name, "shape": list(t.shape)} for t in self.tensors],
+        }
+
+
+def parse_partial_header(obj: dict) -> PartialHeader:
+    """A partial's header (already limited JSON) as a typed PartialHeader; its counts must agree."""
+    f = Fields(obj, "partial header")
+    _version_1(f, "partial header")
+    header = PartialHeader(
+        job=f.str("job", 128, pattern=JOB_ID),
+        shard=f.int("shard", 0, MAX_SHARDS - 1),
+        round=f.int("round", 0, MAX_ROUND),
+        weight=f.float("weight", 0.0, float(MAX_EXAMPLES) * MAX_SELECTED),
+        count=f.int("count", 0, MAX_SELECTED),
+        accepted=f.list("accepted", MAX_SELECTED, _accepted_item),
+        tensors=f.list("tensors", MAX_TENSORS, _partial_tensor),
+    )
+    f.done()
+    if header.count != len(header.accepted):
+        raise ProtocolError(f"partial header: count {header.count} but {len(header.accepted)} updates listed")
+    if header.weight != sum(a.weight for a in header.accepted):
+        raise ProtocolError(f"partial header: weight {header.weight:g} is not the sum of its updates' weights")
+    if len({a.device for a in header.accepted}) != len(header.accepted):
+        raise ProtocolError("partial header: a device is listed twice")
+    if len({t.name for t in header.tensors}) != len(header.tensors):
+        raise ProtocolError("partial header: a sum is listed twice")
+    return header

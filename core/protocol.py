@@ -18,6 +18,10 @@ Chunk (one MQTT message)::
 
 The message id is the first 16 bytes of sha256(envelope), so reassembly checks the whole
 payload's hash before anything is decoded.
+
+Partial (a sharded worker's sealed sums, sent chunked like an envelope)::
+
+    b"FLP1" | u32 header length | header (UTF-8 JSON, ``messages.PartialHeader``) | float64 sums
 """
 
 from __future__ import annotations
@@ -41,18 +45,23 @@ from core.lora import A_SUFFIX, lora_pairs
 from core.messages import (
     MAX_HEADER_BYTES,
     MAX_MISSING,
+    MAX_SHARD_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     RING_CODEC,
     EnvelopeHeader,
+    PartialHeader,
     TopicRef,
     parse_header,
     parse_json,
+    parse_partial_header,
     parse_topic,
+    shard_of,
 )
 
 log = logging.getLogger("fedlora.protocol")
 
 ENVELOPE_MAGIC = b"FLE1"
+PARTIAL_MAGIC = b"FLP1"
 CHUNK_MAGIC = b"FLC1"
 CHUNK_HEADER = struct.Struct("<4s16sIIQ")
 HEADER_ZLIB = 1 << 31  # flag bit in the header length word
@@ -135,6 +144,41 @@ class Topics:
     @property
     def update_filter(self) -> str:
         return f"{self.base}/updates/+"
+
+    def shard_update(self, shard: int, device: str) -> str:
+        """Where a device of a sharded job (``shards`` > 1) sends its update: its shard's topic."""
+        return f"{self.base}/updates/{shard}/{device}"
+
+    def shard_update_filter(self, shard: int) -> str:
+        return f"{self.base}/updates/{shard}/+"
+
+    def update_for(self, device: str, shards: int) -> str:
+        """A device's update topic under the announced shard count (1: ``updates/<device>``)."""
+        return self.update(device) if shards <= 1 else self.shard_update(shard_of(device, shards), device)
+
+    @property
+    def shard_plan(self) -> str:
+        """The coordinator's plan for its workers (retained): ``messages.ShardPlan``."""
+        return f"{self.base}/shards/plan"
+
+    def shard_progress(self, shard: int) -> str:
+        return f"{self.base}/shards/progress/{shard}"
+
+    @property
+    def shard_progress_filter(self) -> str:
+        return f"{self.base}/shards/progress/+"
+
+    def shard_partial(self, shard: int) -> str:
+        return f"{self.base}/shards/partial/{shard}"
+
+    @property
+    def shard_partial_filter(self) -> str:
+        return f"{self.base}/shards/partial/+"
+
+    @property
+    def global_all_filter(self) -> str:
+        """Every rank's full global adapter chunks (what a sharded worker follows)."""
+        return f"{self.base}/global/+/+"
 
     def status(self, device: str) -> str:
         return f"{self.base}/status/{device}"
@@ -371,6 +415,43 @@ def decode_envelope(payload: bytes, limits: EnvelopeLimits | None = None) -> Env
 
 
 # -- chunking ------------------------------------------------------------------------------
+# -- partial sums (sharded aggregation) ----------------------------------------------------
+def encode_partial(header: PartialHeader, sums: Mapping[str, np.ndarray]) -> bytes:
+    """A worker's sealed partial: the typed header, then each sum as little-endian float64 in
+    the header's order (exact: the coordinator adds the very numbers the worker added)."""
+    names = [t.name for t in header.tensors]
+    if set(names) != set(sums):
+        raise ProtocolError("a partial's header must list exactly its sums")
+    raw = json.dumps(header.to_json(), allow_nan=False, separators=(",", ":")).encode()
+    body = b"".join(np.ascontiguousarray(sums[n], dtype="<f8").tobytes() for n in names)
+    return PARTIAL_MAGIC + struct.pack("<I", len(raw)) + raw + body
+
+
+def decode_partial(payload: bytes, max_values: int) -> tuple[PartialHeader, dict[str, np.ndarray]]:
+    """Parse and check a partial: typed header (``messages.parse_partial_header``), at most
+    ``max_values`` float64 values in all, a body of exactly their bytes, every value finite."""
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) < 8 or payload[:4] != PARTIAL_MAGIC:
+        raise ProtocolError("not a fedlora partial (bad magic)")
+    (hlen,) = struct.unpack_from("<I", payload, 4)
+    if hlen > MAX_SHARD_MESSAGE_BYTES or 8 + hlen > len(payload):
+        raise ProtocolError(f"partial header length {hlen} exceeds the payload")
+    header = parse_partial_header(parse_json(payload[8 : 8 + hlen], "partial header", MAX_SHARD_MESSAGE_BYTES))
+    total = sum(t.size for t in header.tensors)
+    if total > max_values:
+        raise ProtocolError(f"partial of {total} values exceeds the {max_values} this job's sums may hold")
+    body = memoryview(payload)[8 + hlen :]
+    if len(body) != 8 * total:
+        raise ProtocolError(f"partial body of {len(body)} bytes, its header lists {8 * total}")
+    sums, offset = {}, 0
+    for t in header.tensors:
+        array = np.frombuffer(body, dtype="<f8", count=t.size, offset=offset).reshape(t.shape).astype(np.float64)
+        if not np.all(np.isfinite(array)):
+            raise ProtocolError(f"partial sum {t.name[:80]} holds non-finite values")
+        sums[t.name] = array
+        offset += 8 * t.size
+    return header, sums
+
+
 def message_id(payload: bytes) -> bytes:
     return hashlib.sha256(payload).digest()[:16]
 

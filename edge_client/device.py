@@ -705,6 +705,12 @@ class Device:
         self.link.subscribe(self.topics.delta_filter(rank))
         self._announce_online()
 
+    def update_topic(self) -> str:
+        """Where this device's update goes: ``updates/<device>``, or in a sharded job (the
+        announcement's ``shards``) its shard's topic, the same for every resend."""
+        shards = self.announcement.shards if self.announcement is not None else 1
+        return self.topics.update_for(self.cfg.device_id, shards)
+
     def send_pending(self) -> None:
         if self.state.pending_round is None or time.monotonic() < self._hold_until:
             return
@@ -717,7 +723,7 @@ class Device:
             return
         self._sent_at = time.monotonic()
         try:
-            n = self.link.publish_chunked(self.topics.update(self.cfg.device_id), payload)
+            n = self.link.publish_chunked(self.update_topic(), payload)
             self._sent_whole_at = time.monotonic()
             log.info("round %s: update sent (%d bytes, %d chunks)", self.state.pending_round, len(payload), n)
         except FedloraError as exc:
@@ -731,7 +737,7 @@ class Device:
             return  # not (or no longer) what we are sending
         if self._sent_whole_at is not None and received_at < self._sent_whole_at:
             return  # asked while our whole update was still going out (a slow link): it may be complete now
-        topic = self.topics.update(self.cfg.device_id)
+        topic = self.update_topic()
         indices = None  # our chunking changed (another packet limit): the aggregator starts over
         if request.count == self.link.chunk_count(topic, len(payload)):
             indices = set(request.missing)  # each below count: the parser checked

@@ -42,6 +42,7 @@ from core.messages import (
     SecaggInfo,
     StrategyInfo,
     TopicKind,
+    TopicRef,
     TrainInfo,
     parse_status,
 )
@@ -67,6 +68,7 @@ from server.privacy import DifferentialPrivacy, below_clip_bits, linear_keys
 from server.robust import RobustStrategy, with_robust
 from server.rounds import Accepted, Bounded, Coordinator, RoundOutcome
 from server.secure_rounds import SecureRounds
+from server.shards import ShardedRounds
 from server.store import StaleTerm, StateStore, StoreUnavailable
 from server.strategies import make_strategy as build_strategy
 from server.strategies.base import AdapterLayout, ClientUpdate, GlobalModel, Partial, Strategy
@@ -75,6 +77,7 @@ log = logging.getLogger("fedlora.aggregator")
 
 Evaluator = Callable[[dict[str, np.ndarray]], dict]
 STEP_OVERRUN_S = 1.0  # how long past its timeout one step goes on draining a busy inbox
+AGGREGATOR_TOPICS = (TopicKind.SHARDS, TopicKind.GLOBAL)  # what the aggregator tier publishes for itself
 
 
 def make_strategy(cfg: ServerConfig, bundle: Bundle) -> Strategy:
@@ -204,6 +207,8 @@ class Aggregator:
             self._event("job_resumed", completed=saved["completed"], version=saved["version"])
         # Secure aggregation: the round's sum only (server/secure_rounds.py); None when off.
         self.secure = SecureRounds(self) if cfg.secure_aggregation.enabled else None
+        # Sharded aggregation: workers take the updates, this coordinator merges (server/shards.py).
+        self.shards = ShardedRounds(self) if cfg.shards.sharded and cfg.shards.role == "coordinator" else None
 
     def norm_prior(self) -> float:
         """The first round's update norm bound: under AdamW each value moves at most about
@@ -352,7 +357,10 @@ class Aggregator:
         )
         if c.open is None:
             return Announcement(
-                **base, state=RoundState.FINISHED if c.finished else RoundState.WAITING, round=c.next_round - 1
+                **base,
+                state=RoundState.FINISHED if c.finished else RoundState.WAITING,
+                round=c.next_round - 1,
+                shards=self.cfg.shards.count,
             )
         t = self.train
         return Announcement(
@@ -367,6 +375,7 @@ class Aggregator:
             train=TrainInfo(t.local_steps, t.batch_size, t.lr, t.lr_rank_power),
             privacy=self.round_privacy(),
             secagg=SecaggInfo(self.cfg.secure_aggregation.value_clip) if self.secure is not None else None,
+            shards=self.cfg.shards.count,
         )
 
     def round_privacy(self) -> PrivacyInfo | None:
@@ -392,12 +401,17 @@ class Aggregator:
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.link.subscribe(self.topics.status_filter)
-        self.link.subscribe(self.topics.update_filter)
+        if self.shards is not None:
+            self.shards.subscribe()  # the workers take the updates
+        else:
+            self.link.subscribe(self.topics.update_filter)
         self.link.subscribe(self.topics.round)  # to notice a foreign or lost announcement
         if self.secure is not None:
             self.link.subscribe(self.topics.secagg_filter)
         self.link.on_connect_hooks.append(self._on_reconnect)
         self.publish_global()
+        if self.shards is not None:
+            self.shards.republish()  # a resumed round: the workers' plan before the devices' announcement
         self.announce()
         if self.secure is not None:
             self.secure.republish()  # a resumed secure round: its retained messages again
@@ -414,6 +428,8 @@ class Aggregator:
         for downlink in self._downlinks.values():
             downlink.version = None  # a full copy again (the broker may hold no base for a delta)
         self.publish_global()
+        if self.shards is not None:
+            self.shards.republish()
         self.announce()
         if self.secure is not None:
             self.secure.republish()
@@ -502,7 +518,12 @@ class Aggregator:
             self._foreign_announcement = False
             self.announce()
         self.request_missing_chunks()
-        outcome = self.secure.tick() if self.secure is not None else self.coordinator.maybe_close()
+        if self.secure is not None:
+            outcome = self.secure.tick()
+        elif self.shards is not None:
+            outcome = self.shards.tick()
+        else:
+            outcome = self.coordinator.maybe_close()
         if outcome is not None:
             self.close_round(outcome)
         if self.open_next() or outcome is not None:
@@ -524,6 +545,8 @@ class Aggregator:
         if self.secure is not None:
             self.secure.opened(opened)
         self._save()
+        if self.shards is not None:
+            self.shards.opened()
         self._event(
             "round_opened",
             round=opened.round,
@@ -543,24 +566,33 @@ class Aggregator:
         try:
             ref = self.topics.parse(topic)
             kind = ref.kind.value
-            if not self.senders.allow(ref.device, len(payload)):
+            # The aggregator tier's own topics (a worker's reports, the global adapter a worker
+            # follows) are not a device's: the broker's ACL guards them, not a device's rate.
+            if ref.kind not in AGGREGATOR_TOPICS and not self.senders.allow(ref.device, len(payload)):
                 self.refuse(kind, "rate_limited", f"{ref.device} exceeds its message or byte rate")
-            elif ref.kind is TopicKind.STATUS:
-                self.handle_status(ref.device, payload)
-            elif ref.kind is TopicKind.UPDATES:
-                self.handle_chunk(ref.device, payload)
-            elif ref.kind is TopicKind.ROUND:
-                self.check_announcement(payload)
-            elif ref.kind is TopicKind.SECAGG and ref.channel is SecaggChannel.UP and self.secure is not None:
-                self.secure.handle(ref.device, payload)
             else:
-                self.refuse(kind, "unexpected_topic", f"nothing is handled on {topic[:120]}")
+                self.dispatch(ref, topic, payload)
         except ProtocolError as exc:
             self.refuse(kind, "malformed", str(exc))
         except StaleTerm:
             raise  # another replica leads now: this one must stop, not carry on
         except Exception as exc:  # a bug or an input nobody foresaw: refuse the message, keep serving
             self.refuse(kind, "internal_error", f"{type(exc).__name__}: {exc}", unexpected=True)
+
+    def dispatch(self, ref: TopicRef, topic: str, payload: bytes) -> None:
+        """One parsed message to its handler (a sharded worker has its own, ``server.shard_worker``)."""
+        if ref.kind is TopicKind.STATUS:
+            self.handle_status(ref.device, payload)
+        elif ref.kind is TopicKind.UPDATES and ref.shard < 0 and self.shards is None:
+            self.handle_chunk(ref.device, payload)
+        elif ref.kind is TopicKind.ROUND:
+            self.check_announcement(payload)
+        elif ref.kind is TopicKind.SECAGG and ref.channel is SecaggChannel.UP and self.secure is not None:
+            self.secure.handle(ref.device, payload)
+        elif ref.kind is TopicKind.SHARDS and self.shards is not None:
+            self.shards.handle(ref, payload)
+        else:
+            self.refuse(ref.kind.value, "unexpected_topic", f"nothing is handled on {topic[:120]}")
 
     def refuse(self, kind: str, reason: str, detail: str, unexpected: bool = False) -> None:
         self.metrics.messages_refused.labels(kind, reason).inc()

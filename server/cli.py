@@ -105,7 +105,8 @@ def _serve(cfg) -> int:
     kube = cfg.kubernetes
     elector = recorder = None
     identity = lease = ""
-    if kube.leader_election or kube.events:
+    worker = cfg.shards.role == "worker"  # a sharded worker: its shard is its own, no Lease to hold
+    if (kube.leader_election and not worker) or kube.events:
         from kubernetes import client
 
         from server import k8s
@@ -125,7 +126,7 @@ def _serve(cfg) -> int:
                 request_timeout=timeout,
                 on_result=lambda ok: ok or metrics.kubernetes_errors.labels("event_create").inc(),
             ).start()
-        if kube.leader_election:
+        if kube.leader_election and not worker:
             elector = LeaderElector(
                 LeaseLock(client.CoordinationV1Api(api), namespace, kube.lease_name, request_timeout=timeout),
                 identity,
@@ -176,7 +177,7 @@ def _serve(cfg) -> int:
                 if recorder is not None:
                     recorder.leader_elected(identity, lease)
             leading = elector.is_leader if elector is not None else (lambda: True)
-            metrics.leader.set(1)
+            metrics.leader.set(0 if worker else 1)  # a worker runs no rounds
             finished = _lead(cfg, metrics, current, leading, term_over, recorder)
             metrics.leader.set(0)
             if elector is None or (finished and cfg.exit_when_finished):
@@ -201,22 +202,31 @@ def _lead(cfg, metrics, current: dict, leading, term_over: threading.Event, reco
     from server.store import StaleTerm
 
     # One client id for every replica: the broker hands the session (and the updates queued
-    # while no aggregator was connected) to the new leader, and drops an old one still on.
-    link = MqttLink(cfg.broker, client_id=f"fedlora-{cfg.job}-aggregator")
+    # while no aggregator was connected) to the new leader, and drops an old one still on. A
+    # sharded worker's is its shard's, so a restarted worker gets what was queued for it.
+    shard = cfg.shards.shard_index() if cfg.shards.role == "worker" else -1
+    client_id = f"fedlora-{cfg.job}-aggregator" if shard < 0 else f"fedlora-{cfg.job}-worker-{shard}"
+    link = MqttLink(cfg.broker, client_id=client_id)
     current["link"] = link
     try:
         link.connect_retrying(term_over)
         if term_over.is_set() or not leading():
             return False
-        # Under leader election each term claims the store: a deposed leader that still runs
-        # (a long pause, a partition) can no longer write.
-        aggregator = Aggregator(
-            cfg,
-            link,
-            metrics,
-            on_round_closed=recorder.round_closed if recorder else None,
-            claim_term=cfg.kubernetes.leader_election,
-        )
+        aggregator: Aggregator
+        if shard >= 0:
+            from server.shard_worker import ShardWorker
+
+            aggregator = ShardWorker(cfg, link, shard, metrics)
+        else:
+            # Under leader election each term claims the store: a deposed leader that still runs
+            # (a long pause, a partition) can no longer write.
+            aggregator = Aggregator(
+                cfg,
+                link,
+                metrics,
+                on_round_closed=recorder.round_closed if recorder else None,
+                claim_term=cfg.kubernetes.leader_election,
+            )
         current["aggregator"] = aggregator
         return aggregator.run(term_over, leading=leading, exit_when_finished=cfg.exit_when_finished)
     except StaleTerm as exc:

@@ -18,6 +18,7 @@ from server.privacy import PrivacySettings, check_budget, check_privacy
 from server.robust import RobustSettings
 from server.rounds import RoundSettings
 from server.secure_rounds import SecureAggregationSettings, check_secure_aggregation
+from server.shards import ShardSettings, check_shards
 from server.strategies import STRATEGIES as STRATEGY_CLASSES
 from server.strategies import strategy_settings
 
@@ -193,6 +194,8 @@ class ServerConfig:
     privacy: client-level differential privacy (see server.privacy.PrivacySettings; off by default).
     secure_aggregation: the aggregator learns only each round's sum (see
         server.secure_rounds.SecureAggregationSettings; off by default).
+    shards: sharded aggregation, N workers and a coordinator (see server.shards.ShardSettings;
+        one process by default).
     """
 
     job: str = "default"
@@ -221,6 +224,7 @@ class ServerConfig:
     robust: RobustSettings = field(default_factory=RobustSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
+    shards: ShardSettings = field(default_factory=ShardSettings)
 
     def __post_init__(self) -> None:
         if self.bundle is None:
@@ -271,6 +275,13 @@ class ServerConfig:
             r.min_devices,
             r.devices_per_round,
             r.round_timeout,
+        )
+        check_shards(
+            self.shards,
+            r,
+            self.robust.method,
+            self.secure_aggregation.enabled,
+            self.privacy.enabled and self.privacy.adaptive_clip,
         )
 
 

@@ -122,6 +122,17 @@ class Metrics:
         self.round_timeout = Gauge(
             "fedlora_round_timeout_seconds", "Configured time from opening a round to its deadline", registry=r
         )
+        self.shard_updates = Gauge(
+            "fedlora_shard_round_updates",
+            "Sharded aggregation: updates each worker committed in the open round (the coordinator's view)",
+            ["shard"],
+            registry=r,
+        )
+        self.shard_partials_waiting = Gauge(
+            "fedlora_shard_partials_waiting",
+            "Sharded aggregation: workers whose sealed partial the coordinator still waits for",
+            registry=r,
+        )
         self.job_finished = Gauge("fedlora_job_finished", "1 once every configured round is done", registry=r)
         self.leader = Gauge(
             "fedlora_leader", "1 if this replica runs rounds (holds the leader Lease), else 0", registry=r

@@ -454,6 +454,14 @@ class Coordinator:
     # -- closing -------------------------------------------------------------------------
     def maybe_close(self) -> RoundOutcome | None:
         """Close when every selected device reported or dropped out, or at the deadline."""
+        waiting = self.close_due()
+        return None if waiting is None else self.close(waiting)
+
+    def close_due(self) -> list[str] | None:
+        """Whether the open round is over (every selected device reported or dropped out, or its
+        deadline passed): None while it goes on, else the selected devices still online that have
+        not reported. A sharded coordinator asks this, seals the round on its workers, and closes
+        it (``close``) once their partials are merged (``server.shards``)."""
         rnd = self.open
         if rnd is None:
             return None
@@ -464,7 +472,12 @@ class Coordinator:
             return None
         if not waiting and not enough and now < rnd.deadline and rnd.selected:
             return None  # everyone left: wait for the deadline, someone may come back
-        return self._close(rnd, now, waiting)
+        return waiting
+
+    def close(self, waiting: list[str]) -> RoundOutcome:
+        """Close the open round as it is now; ``waiting``: its devices that never reported."""
+        assert self.open is not None
+        return self._close(self.open, self.clock(), waiting)
 
     def close_now(self, failure: str = "") -> RoundOutcome | None:
         """Close the open round now: a secure round once its sum is unmasked (its devices can

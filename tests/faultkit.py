@@ -387,9 +387,11 @@ class HandDevice:
             self._fresh = False
             self._retry_at = None
             self.sends.append(self._last_send)
+        with self.lock:
+            shards = (self.announcement or {}).get("shards", 1)  # a sharded job: our shard's topic
         try:
             for c in split_chunks(self.payload(rnd, base_version), self.chunk):
-                self.link.publish(self.topics.update(self.id), c).wait_for_publish(5)
+                self.link.publish(self.topics.update_for(self.id, shards), c).wait_for_publish(5)
         except (RuntimeError, ValueError, OSError):
             pass  # not connected: the next resend goes out
 

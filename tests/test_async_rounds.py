@@ -289,7 +289,8 @@ def test_an_async_announcement_is_protocol_version_2_and_round_trips():
         ({"v": 2}, "field 'mode' is missing"),
         ({"v": 2, "mode": "sync"}, "is not one of async"),
         ({"v": 2, "mode": ["async"]}, "must be a string"),
-        ({"v": 3, "mode": "async"}, "protocol version 3"),
+        ({"v": 4, "mode": "async"}, "protocol version 4"),
+        ({"v": 3, "shards": 2, "mode": "async"}, "unknown field 'mode'"),  # sharded rounds are sync
     ],
 )
 def test_malformed_mode_fields_are_refused(change, message):

@@ -30,6 +30,8 @@ from core.messages import (
     parse_secagg_key_list,
     parse_secagg_unmask,
     parse_secagg_upload,
+    parse_shard_plan,
+    parse_shard_progress,
     parse_status,
     parse_topic,
 )
@@ -38,6 +40,7 @@ from core.protocol import (
     HEADER_ZLIB,
     Reassembler,
     decode_envelope,
+    decode_partial,
     parse_chunk,
 )
 
@@ -367,6 +370,9 @@ def test_any_bytes_reach_every_parser_and_only_protocol_error_comes_out(payload)
         parse_secagg_key_list,
         parse_secagg_forward,
         parse_secagg_unmask,
+        parse_shard_plan,
+        parse_shard_progress,
+        lambda b: decode_partial(b, 1 << 16),
         lambda b: decode_envelope(b, fb.LIMITS_UPDATE),
         lambda b: decode_envelope(b, fb.LIMITS_GLOBAL),
     ):
@@ -386,6 +392,8 @@ def test_any_json_object_is_parsed_or_refused_with_protocol_error(obj, extra):
         parse_secagg_key_list,
         parse_secagg_forward,
         parse_secagg_unmask,
+        parse_shard_plan,
+        parse_shard_progress,
     ):
         _only_protocol_error(fn, payload)
 

@@ -901,3 +901,69 @@ def test_without_username_client_ids_a_device_account_can_kick_the_aggregator(tm
         assert agg.reconnects >= 1  # it was thrown off (and paho reconnected)
     finally:
         broker.close()
+
+
+# -- sharded aggregation: workers, their accounts and the ACL -------------------------------
+def test_sharded_value_set_runs_one_worker_per_shard_with_its_own_volume(rendered):
+    from core.config import build
+
+    docs = rendered["sharded"]
+    sts = find(docs, "StatefulSet", "rel-fedlora-aggregator-worker")
+    spec = sts["spec"]
+    assert spec["replicas"] == 4 and spec["serviceName"] == "rel-fedlora-aggregator-worker"
+    assert find(docs, "Service", "rel-fedlora-aggregator-worker")["spec"]["clusterIP"] == "None"
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "state" and claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FEDLORA_SHARDS_ROLE"]["value"] == "worker"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["FEDLORA_BROKER_USERNAME"]["value"] == "$(POD_NAME)"  # its own account (the ACL's worker k)
+    # The workers' labels are not the coordinator's: its Service, PDB and Lease stay its own.
+    labels = spec["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "aggregator-worker"
+    assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "aggregator-worker"
+    # Every pod reads the same server.yaml: the coordinator as it is, a worker with the role the
+    # StatefulSet's environment sets, its shard from its pod name.
+    config = server_yaml(docs)
+    coordinator = build(ServerConfig, config, where="server.yaml")
+    assert coordinator.shards.count == 4 and coordinator.shards.role == "coordinator"
+    worker = build(ServerConfig, {**config, "shards": {**config["shards"], "role": "worker"}}, where="server.yaml")
+    assert worker.shards.shard_index("rel-fedlora-aggregator-worker-3") == 3
+    assert not [d for d in rendered["default"] if d["kind"] == "StatefulSet"]  # unsharded: no workers
+
+
+def test_sharded_acl_gives_each_worker_its_shard_only_in_real_mosquitto(tmp_path):
+    from core.protocol import Topics
+
+    t = Topics("default")
+    docs = render(None, *BROKER_USERS, "config.shards.count=2")
+    lines = acl_lines(find(docs, "ConfigMap", BROKER)["data"]["acl"])
+    assert "pattern write fedlora/default/updates/+/%u" in lines
+    assert "user rel-fedlora-aggregator-worker-1" in lines and "topic read fedlora/default/updates/1/+" in lines
+    broker = RenderedBroker(docs, tmp_path / "broker")
+    try:
+        agg = broker.link("fedlora-aggregator", "agg-pass", "fedlora-default-aggregator")
+        w0 = broker.link("rel-fedlora-aggregator-worker-0", "agg-pass", "fedlora-default-worker-0")
+        w1 = broker.link("rel-fedlora-aggregator-worker-1", "agg-pass", "fedlora-default-worker-1")
+        for w in (w0, w1):
+            w.subscribe(t.update_filter.replace("/+", "/#"))  # asks for more than its shard
+            w.subscribe(t.shard_plan)
+        agg.subscribe(t.shard_progress_filter)
+        agg.subscribe(t.shard_partial_filter)
+        agg.publish(t.shard_plan, b"plan", retain=True).wait_for_publish(5)
+        assert sorted(drain(w0, expect=1)) == [(t.shard_plan, b"plan")]
+        assert sorted(drain(w1, expect=1)) == [(t.shard_plan, b"plan")]
+        dev1 = broker.link("dev1", "pass1", "fedlora-default-dev1")
+        for topic in (t.shard_update(0, "dev1"), t.shard_update(1, "dev1"), t.shard_update(0, "dev2"), t.shard_plan):
+            dev1.publish(topic, b"from-dev1").wait_for_publish(5)
+        # Each worker gets its shard's topic only; nobody gets dev1's forgery of dev2 or of the plan.
+        assert drain(w0, expect=1) == [(t.shard_update(0, "dev1"), b"from-dev1")]
+        assert drain(w1, expect=1) == [(t.shard_update(1, "dev1"), b"from-dev1")]
+        w1.publish(t.shard_progress(1), b"progress-1").wait_for_publish(5)
+        w1.publish(t.shard_progress(0), b"forged").wait_for_publish(5)  # not its shard
+        w1.publish(t.shard_plan, b"forged", retain=True).wait_for_publish(5)
+        assert drain(agg, expect=1) == [(t.shard_progress(1), b"progress-1")]
+        assert w0.connected.is_set() and w1.connected.is_set() and agg.reconnects == 0  # three sessions
+    finally:
+        broker.close()

@@ -36,6 +36,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: aggregator
 {{- end }}
 
+{{- define "fedlora.workerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "fedlora.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: aggregator-worker
+{{- end }}
+
+{{/* Sharded aggregation's worker count (config.shards.count; 1: no workers). */}}
+{{- define "fedlora.shardCount" -}}
+{{- int (default 1 (.Values.config.shards).count) }}
+{{- end }}
+
 {{- define "fedlora.broker.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "fedlora.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
