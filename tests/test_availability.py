@@ -198,3 +198,29 @@ def test_async_rounds_under_an_availability_schedule_with_stragglers(tmp_path, m
     report = (cfg.out / "report.md").read_text()
     assert "## Participation" in report and "wall time (s)" in report and "staleness (max)" in report
     assert (cfg.out / "accuracy_time.png").stat().st_size > 0
+
+
+def test_async_rounds_under_a_schedule_on_the_ray_pool(tmp_path, minilm_bundle, mosquitto):
+    """The same schedules drive virtual devices on the pool: each follows its own sessions."""
+    pytest.importorskip("ray", reason="the worker pool needs Ray (scripts/setup.sh installs it)")
+    from simulator.run import SimulateConfig, run_simulation
+
+    cfg = SimulateConfig(
+        bundle=minilm_bundle,
+        devices=12,
+        rounds=3,
+        local_steps=2,
+        batch_size=4,
+        max_train=240,
+        eval_max=20,
+        split="iid",
+        out=tmp_path / "run",
+        broker=mosquitto.url,
+        round_settings={"mode": "async", "buffer_size": 2, "max_staleness": 20},
+        fleet={"workers": 2, "availability": 0.5, "mean_session_s": 5.0, "stragglers": 0.25},
+    )
+    history = run_simulation(cfg)["history"]
+    assert [h["version"] for h in history] == [1, 2, 3] and all(h["ok"] for h in history)
+    assert all("time_s" in h and 0 <= h["online"] <= 12 for h in history)
+    logs = "".join(p.read_text() for p in (cfg.out / "workers").glob("worker*.log"))
+    assert "schedule: offline" in logs  # the virtual devices followed their sessions
