@@ -88,7 +88,7 @@ def common_args(args, bundle_dir: Path) -> list[str]:
 
 
 def run_one(name: str, extra: list[str], args, bundle_dir: Path) -> dict:
-    out = ROOT / "runs" / "bench" / f"async-bench-{name}"
+    out = run_folder(name, args.seed)
     cmd = [sys.executable, "-m", "simulator.cli", "simulate", *common_args(args, bundle_dir), "--out", str(out)]
     cmd += extra
     print(f"[async_bench] {name}: {' '.join(cmd[3:])}", flush=True)
@@ -99,12 +99,16 @@ def run_one(name: str, extra: list[str], args, bundle_dir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: fedlora simulate failed:\n{terminal[-4000:]}")
     (out / "bench_wall_s.txt").write_text(f"{time.monotonic() - started:.1f}\n")
-    return load_run(name)
+    return load_run(name, args.seed)
 
 
-def load_run(name: str) -> dict:
+def run_folder(name: str, seed: int) -> Path:
+    return ROOT / "runs" / "bench" / f"async-bench-{name}-seed{seed}"
+
+
+def load_run(name: str, seed: int) -> dict:
     """What a finished run left in its folder: its history, updates, losses and tracebacks."""
-    out = ROOT / "runs" / "bench" / f"async-bench-{name}"
+    out = run_folder(name, seed)
     terminal = (out / "terminal.log").read_text()
     wall = float((out / "bench_wall_s.txt").read_text()) if (out / "bench_wall_s.txt").is_file() else float("nan")
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -267,7 +271,7 @@ def main() -> int:
     )
     parser.add_argument("--device-python", default=str(ROOT / ".venv-edge" / "bin" / "python"))
     args = parser.parse_args()
-    load_file = ROOT / "runs" / "bench" / "async-bench-load.json"  # the load before the runs, for --from-runs
+    load_file = run_folder("load", args.seed).with_suffix(".json")  # the load before the runs, for --from-runs
     if args.from_runs:
         load = tuple(json.loads(load_file.read_text()))
     else:
@@ -276,7 +280,7 @@ def main() -> int:
         load_file.write_text(json.dumps([round(x, 2) for x in load]))
     bundle_dir = bundle(args.rank)
     if args.from_runs:
-        sync, asyn = load_run("sync"), load_run("async")
+        sync, asyn = load_run("sync", args.seed), load_run("async", args.seed)
     else:
         sync = run_one("sync", ["--rounds", str(args.sync_rounds)], args, bundle_dir)
         print(json.dumps({"sync": summary(sync), "updates": sync["updates"]}), flush=True)
