@@ -60,6 +60,7 @@ from core.protocol import (
     message_id,
 )
 from core.transport import BrokerConfig, MqttLink
+from edge_client.availability import OnlineSchedule
 from edge_client.data import EncodedDataset, TextEncoder, encode_classification, read_records
 from edge_client.device_state import DeviceState
 from edge_client.feedback import ErrorFeedback, encode_with_feedback
@@ -100,7 +101,13 @@ class DeviceConfig:
         Empty: any time.
     slowdown: a simulated straggler (the simulator's availability traces): hold each trained
         update for ``(slowdown - 1)`` times its training time before sending it, as a device
-        this many times slower would; 1: send at once.
+        this many times slower would; 1: send at once. The hold is a wait, not work: the
+        machine's cores stay free for the other simulated devices, and the update leaves when a
+        device this many times slower would have sent it (its staleness grows meanwhile).
+    online_schedule: a simulated availability schedule (``edge_client.availability``:
+        ``origin``, ``horizon_s``, ``periods``); empty: always online. Outside its periods the
+        device says it is offline and does not train, and an update it was offline for at any
+        moment between the start of its training and its sending is lost.
     isolate_training: train in a child process (``edge_client.trainer_process``) so the MQTT
         connection keeps answering while a step runs (ONNX Runtime holds the GIL for a whole
         step); false: train in this process (one interpreter less, about 20 MiB, for a device
@@ -126,6 +133,7 @@ class DeviceConfig:
     train_window: str = ""
     isolate_training: bool = True
     slowdown: float = 1.0
+    online_schedule: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -144,6 +152,8 @@ class DeviceConfig:
             parse_train_window(self.train_window)
         if not 1.0 <= self.slowdown <= 1000.0:
             raise ConfigError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+        if self.online_schedule:
+            OnlineSchedule.from_dict(self.online_schedule)
 
 
 def parse_train_window(window: str) -> tuple[int, int]:
@@ -273,6 +283,9 @@ class Device:
         self._sent_at: float | None = None
         self._sent_whole_at: float | None = None  # when the broker had acked every chunk of the update
         self._hold_until = 0.0  # a simulated straggler sends its update no earlier (monotonic)
+        self.schedule = OnlineSchedule.from_dict(cfg.online_schedule) if cfg.online_schedule else None
+        self._online = self.online_now()  # the presence last published
+        self._trained_since: float | None = None  # unix time the pending update's training began, until it is sent
         self._last_progress = time.monotonic()
         self.rounds_trained = 0
         self._window_wait_round: int | None = None
@@ -283,8 +296,9 @@ class Device:
     def status_payload(self, state: Presence = Presence.ONLINE) -> bytes:
         return Status(state, self.rank, len(self.data.train), self.manifest.model_id[:256]).to_bytes()
 
-    def _announce_online(self) -> None:
-        self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(), retain=True)
+    def announce_presence(self) -> None:
+        presence = Presence.ONLINE if self._online else Presence.OFFLINE  # a simulated schedule may say offline
+        self.link.publish(self.topics.status(self.cfg.device_id), self.status_payload(presence), retain=True)
         self._sent_at = None  # after a reconnect, resend a pending update at once
 
     def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
@@ -413,7 +427,7 @@ class Device:
     def due_round(self) -> Announcement | None:
         """The open round this device should train now, if any."""
         ann = self.announcement
-        if not ann or not ann.is_open:
+        if not ann or not ann.is_open or not self._online:
             return None
         if ann.is_async:
             if self.state.pending_round is not None:
@@ -703,7 +717,7 @@ class Device:
         self.global_version, self.global_tensors = None, None  # wait for the full copy at the new rank
         self.link.subscribe(self.topics.global_filter(rank))
         self.link.subscribe(self.topics.delta_filter(rank))
-        self._announce_online()
+        self.announce_presence()
 
     def update_topic(self) -> str:
         """Where this device's update goes: ``updates/<device>``, or in a sharded job (the
@@ -712,7 +726,7 @@ class Device:
         return self.topics.update_for(self.cfg.device_id, shards)
 
     def send_pending(self) -> None:
-        if self.state.pending_round is None or time.monotonic() < self._hold_until:
+        if self.state.pending_round is None or time.monotonic() < self._hold_until or not self._online:
             return
         if self._sent_at is not None and time.monotonic() - self._sent_at < RESEND_AFTER_S:
             return
@@ -725,6 +739,7 @@ class Device:
         try:
             n = self.link.publish_chunked(self.update_topic(), payload)
             self._sent_whole_at = time.monotonic()
+            self._trained_since = None  # sent: going offline now loses nothing
             log.info("round %s: update sent (%d bytes, %d chunks)", self.state.pending_round, len(payload), n)
         except FedloraError as exc:
             log.warning("sending the update failed, will retry: %s", exc)
@@ -751,13 +766,43 @@ class Device:
             log.warning("resending missing chunks failed, will retry: %s", exc)
 
     def step(self) -> None:
+        self.follow_schedule()
         self._drop_stale_pending()
         due = self.due_round()
         if due is not None and not self._take_round(due):
             return
+        self.follow_schedule()  # training took time: the device may have gone offline meanwhile
         self._secure_step()
         self.send_pending()
         self.resync_if_stale()
+
+    # -- simulated availability ----------------------------------------------------------
+    def online_now(self) -> bool:
+        """Whether the device is online now by its simulated schedule (always, without one)."""
+        return self.schedule is None or self.schedule.online_at(time.time())
+
+    def follow_schedule(self) -> None:
+        """Publish the presence the schedule gives when it changes, and lose an update not yet
+        sent whose device went offline after its training began (``DeviceConfig.online_schedule``)."""
+        if self.schedule is None:
+            return
+        now = time.time()
+        online = self.schedule.online_at(now)
+        if online != self._online:
+            self._online = online
+            log.info("schedule: %s", "online" if online else "offline")
+            self.announce_presence()
+        since = self._trained_since
+        if (
+            since is not None
+            and self.state.pending_round is not None
+            and not self.schedule.online_throughout(since, now)
+        ):
+            log.warning(
+                "round %s: went offline before the update was sent; the update is lost", self.state.pending_round
+            )
+            self._trained_since = None
+            self.state.clear_pending(None)  # trains again once online (sync: if its round is still open)
 
     def _drop_stale_pending(self) -> None:
         """A later round is open: the pending update's round closed and will never take it."""
@@ -781,6 +826,7 @@ class Device:
             self._skip_round(due.round)
             return True
         started = time.monotonic()
+        began = time.time()
         try:
             payload = self.train_round(due)
         except TrainerProcessDied:
@@ -794,6 +840,7 @@ class Device:
         self.state.set_pending(due.round, payload)
         self.feedback.save(self.state.feedback_path)  # after the payload it belongs to
         self._sent_at = None
+        self._trained_since = began if self.schedule is not None else None
         if self.cfg.slowdown > 1:
             trained = time.monotonic() - started
             self._hold_until = time.monotonic() + (self.cfg.slowdown - 1) * trained
@@ -818,7 +865,7 @@ class Device:
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
-        self.link.on_connect_hooks.append(self._announce_online)
+        self.link.on_connect_hooks.append(self.announce_presence)
         self._subscribe()
         if not self.link.connected.is_set():
             self.link.connect_retrying(stop)

@@ -107,7 +107,13 @@ class Aggregator:
         clock=time.time,
         on_round_closed: Callable[[dict], None] | None = None,
         claim_term: bool = False,
+        evaluate_every: int = 1,
     ):
+        """``evaluator`` scores the global adapter of every ``evaluate_every``-th completed round
+        (async: version), and of the last one."""
+        if evaluate_every < 1:
+            raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
+        self.evaluate_every = evaluate_every
         self.cfg = cfg
         self.on_round_closed = on_round_closed  # called with each closed round's history entry
         self.link = link
@@ -852,6 +858,7 @@ class Aggregator:
             "participants": len(outcome.accepted),
             "examples": int(sum(outcome.accepted.values())),
             "duration_s": round(outcome.duration, 3),
+            "closed_at": round(self.clock(), 3),
             "uplink_bytes_wire": self._round_bytes["wire"],
             "uplink_bytes_raw": self._round_bytes["raw"],
             "median_norm": round(outcome.median_norm, 6),
@@ -908,10 +915,12 @@ class Aggregator:
             # the simulator's runs in a child process, simulator.run.EvaluatorProcess).
             self.open_next()
             self.announce()
-            tensors = {k: v.copy() for k, v in downlink_tensors(self.strategy, self.model, self.manifest.rank).items()}
-            if self._eval_pool is None:
-                self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="fedlora-eval")
-            self._evaluations.append((entry, self._eval_pool.submit(self.evaluator, tensors)))
+            if self.coordinator.completed % self.evaluate_every == 0 or self.coordinator.finished:
+                tensors = downlink_tensors(self.strategy, self.model, self.manifest.rank)
+                tensors = {k: v.copy() for k, v in tensors.items()}
+                if self._eval_pool is None:
+                    self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="fedlora-eval")
+                self._evaluations.append((entry, self._eval_pool.submit(self.evaluator, tensors)))
         if self.on_round_closed is not None:
             self.on_round_closed(entry)
 

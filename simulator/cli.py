@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--device-threads", type=int, help="ONNX Runtime threads per device (default 1)")
     sim.add_argument("--max-train", type=int, help="subsample the training set (0, the default: all)")
     sim.add_argument("--eval-max", type=int, help="evaluate on at most this many test examples (0, the default: all)")
+    sim.add_argument(
+        "--eval-every", type=int, help="evaluate every this many rounds (async: versions) and the last (default 1)"
+    )
     sim.add_argument("--device-python", help="python of the device processes (default: this one)")
     sim.add_argument("--codec", help="uplink codec, e.g. fp16, int8, topk0.05+int8+zlib (default fp32)")
     sim.add_argument("--head-codec", help="uplink codec of the classifier head (default: --codec)")

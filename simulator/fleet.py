@@ -14,9 +14,12 @@ cluster at ``ray_address``; the code is the same. On a cluster the run's folder 
 shards, device state) must be on a path every node sees, with fedlora installed there.
 
 ``FleetSettings`` is the one declaration of the fleet's knobs (``fedlora simulate`` has a flag
-for each): the pool size, client sampling (``participation``), and the availability trace:
-each device is online for a fraction of the rounds, and a fraction of the devices are
-stragglers whose updates take ``straggler_slowdown`` times as long.
+for each): the pool size, client sampling (``participation``), and availability: each device
+is online a fraction of the time, and a fraction of the devices are stragglers whose updates
+take ``straggler_slowdown`` times as long. With ``mean_session_s`` the availability is a
+schedule in wall-clock time (``edge_client.availability``: online and offline sessions), the
+same model for synchronous and asynchronous rounds, for device processes and for this pool;
+without it, a trace indexed by synchronous round (``availability_trace``).
 """
 
 from __future__ import annotations
@@ -52,10 +55,16 @@ class FleetSettings:
         session; 0: automatic: every device its own process up to 32 devices (without an
         availability trace), else one worker per core.
     participation: fraction of the devices sampled per round (1: every online device).
-    availability: fraction of the rounds each device is online (a fixed random trace per
-        seed; only online devices are sampled).
+    availability: fraction of the time each device is online (a fixed random trace per seed;
+        only online devices are sampled). Without ``mean_session_s``: of the synchronous rounds.
+    mean_session_s: with ``availability`` below 1, devices alternate online and offline
+        sessions in wall-clock time, online ones this many seconds long on average (exponential;
+        ``edge_client.availability``); works in sync and async rounds, with device processes
+        or the pool. 0: the per-round trace (sync rounds on the pool only).
     stragglers: fraction of the devices that are slow.
-    straggler_slowdown: how many times longer a straggler takes to train and send an update.
+    straggler_slowdown: how many times longer a straggler takes to train and send an update
+        (it holds each trained update for ``slowdown - 1`` times its measured training time:
+        ``edge_client.device.DeviceConfig.slowdown``).
     ray_address: a Ray cluster to run the workers on (empty: a local Ray on this machine).
     """
 
@@ -64,6 +73,7 @@ class FleetSettings:
     availability: float = 1.0
     stragglers: float = 0.0
     straggler_slowdown: float = 5.0
+    mean_session_s: float = 0.0
     ray_address: str = ""
 
     def __post_init__(self) -> None:
@@ -77,10 +87,17 @@ class FleetSettings:
             raise ConfigError(f"stragglers must be in [0, 1], got {self.stragglers}")
         if not 1 <= self.straggler_slowdown <= 1000:
             raise ConfigError(f"straggler_slowdown must be in [1, 1000], got {self.straggler_slowdown}")
+        if not 0 <= self.mean_session_s <= 1e6:
+            raise ConfigError(f"mean_session_s must be in [0, 1e6] (0: the per-round trace), got {self.mean_session_s}")
+
+    @property
+    def timed(self) -> bool:
+        """Whether availability is a wall-clock schedule (``mean_session_s``) rather than the per-round trace."""
+        return self.availability < 1 and self.mean_session_s > 0
 
     def resolved(self, devices: int) -> FleetSettings:
         """These settings with ``workers`` decided for ``devices`` devices (see ``workers``)."""
-        if self.workers or (devices <= MAX_DEVICE_PROCESSES and self.availability == 1):
+        if self.workers or (devices <= MAX_DEVICE_PROCESSES and (self.availability == 1 or self.timed)):
             return self
         return dataclasses.replace(self, workers=os.cpu_count() or 1)
 
@@ -114,7 +131,8 @@ def straggler_slowdowns(devices: int, settings: FleetSettings, seed: int) -> np.
 
 @dataclass
 class VirtualDevice:
-    """What a worker needs to build one device: its ``device.json`` settings and availability row."""
+    """What a worker needs to build one device: its ``device.json`` settings and availability row
+    (empty: a wall-clock schedule in its settings, ``online_schedule``, or always online)."""
 
     config: dict
     online: list[bool]
@@ -174,13 +192,16 @@ class FleetWorker:
         for device_id in devices:
             link.subscribe(topics.ack(device_id))
         link.connect_retrying()
+        if not self.specs[0].online:  # each device publishes its presence, and follows its schedule in step()
+            for device in devices.values():
+                device.announce_presence()
         presence_round = -1
         trained = 0
         while True:
             self._drain(link, topics, devices, lead)
             ann = lead.announcement
             current = ann.round if ann is not None else 0
-            if current != presence_round:  # a new round: who is online for the next selection
+            if current != presence_round and self.specs[0].online:  # a new round: who is online for the next selection
                 presence_round = current
                 self._publish_presence(link, topics, devices, current, ann.selected if ann and ann.is_open else ())
             for device in devices.values():

@@ -60,6 +60,18 @@ def plot(out: Path, history: list[dict], centralized: list[dict] | None) -> list
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
+    timed = [h for h in history if h.get("eval") and "time_s" in h]
+    if timed:  # what time-to-accuracy is read from
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([h["time_s"] for h in timed], [h["eval"]["accuracy"] for h in timed], marker=".")
+        ax.set_xlabel("wall time since the devices started (s)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / "accuracy_time.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
     return paths
 
 
@@ -76,13 +88,16 @@ def _staleness_lines(history: list[dict]) -> list[str]:
         "Each version is one applied buffer; an update's staleness is how many versions behind the "
         "current one the version it trained on was.",
         "",
-        "| version | updates in the buffer | staleness (mean) | staleness (max) | applied because |",
-        "|---|---|---|---|---|",
+        "| version | wall time (s) | test acc | updates in the buffer | staleness (mean) | staleness (max) "
+        "| applied because |",
+        "|---|---|---|---|---|---|---|",
     ]
     for h in rows:
+        acc = (h.get("eval") or {}).get("accuracy")
         lines.append(
-            f"| {h['version']} | {h['buffer_updates']} | {h['staleness_mean']:.2f} | {h['staleness_max']} | "
-            f"{h['reason']} |"
+            f"| {h['version']} | {format(h['time_s'], '.1f') if 'time_s' in h else ''} | "
+            f"{'' if acc is None else format(acc, '.4f')} | {h['buffer_updates']} | {h['staleness_mean']:.2f} | "
+            f"{h['staleness_max']} | {h['reason']} |"
         )
     return lines
 
@@ -113,8 +128,10 @@ def _privacy_lines(history: list[dict]) -> list[str]:
 
 def _participation_lines(history: list[dict]) -> list[str]:
     """Client sampling and availability per round (runs with a ``participation`` or ``availability``
-    below 1): devices online by the trace, sampled, reported; in synchronous rounds every accepted
-    update was trained on the round's global version (staleness 0), in async ones the buffer's mean."""
+    below 1): when it closed, the global adapter's accuracy, devices online by the trace, sampled,
+    reported; in synchronous rounds every accepted update was trained on the round's global
+    version (staleness 0), in async ones (a row per version, every online device may train) the
+    buffer's mean and max."""
     rows = [h for h in history if "online" in h]
     if not rows:
         return []
@@ -122,13 +139,24 @@ def _participation_lines(history: list[dict]) -> list[str]:
         "",
         "## Participation",
         "",
-        "| round | online (trace) | sampled | reported | participation (reported / devices) | staleness |",
-        "|---|---|---|---|---|---|",
+        "Wall time: seconds from the devices' start to the round's close (async: the version's). "
+        "Online: devices online when the round opened (async: when the version was made).",
+        "",
+        "| round | wall time (s) | test acc | online | sampled | reported | participation (reported / devices) "
+        "| staleness (mean) | staleness (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {h['round']} | {h['online']} | {h['selected']} | {h['participants']} | {h['participation']:.3f} | {h.get('staleness_mean', 0)} |"
-        for h in rows
-    ]
+    for h in rows:
+        acc = (h.get("eval") or {}).get("accuracy")
+        lines.append(
+            f"| {h['round']} | {h['time_s']:.1f} | {'' if acc is None else format(acc, '.4f')} | {h['online']} | "
+            f"{h['selected'] if 'buffer_updates' not in h else 'all online'} | {h['participants']} | "
+            f"{h['participation']:.3f} | {h.get('staleness_mean', 0)} | {h.get('staleness_max', 0)} |"
+            if "time_s" in h
+            else f"| {h['round']} | | {'' if acc is None else format(acc, '.4f')} | {h['online']} | {h['selected']} | "
+            f"{h['participants']} | {h['participation']:.3f} | {h.get('staleness_mean', 0)} | "
+            f"{h.get('staleness_max', 0)} |"
+        )
     return lines
 
 
@@ -261,6 +289,8 @@ def write_report(
                 "(as fp32 tensors, and as encoded), without resends.",
             ]
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", "", "![loss](loss.png)", ""]
+    if any(h.get("eval") and "time_s" in h for h in history):
+        lines += ["![accuracy against wall time](accuracy_time.png)", ""]
     if generative:
         lines += ["![perplexity](perplexity.png)", ""]
     path = out / "report.md"

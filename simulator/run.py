@@ -25,6 +25,7 @@ import numpy as np
 from core.bundle import DEFAULT_LR, TASKS, Bundle, choose_bundle
 from core.errors import BundleError, ConfigError, FedloraError
 from core.transport import BrokerConfig, MqttLink
+from edge_client.availability import OnlineSchedule, session_schedule
 from edge_client.data import EncodedDataset, Record, TextEncoder, encode_classification
 from edge_client.generate import evaluate_instructions
 from edge_client.instruct import InstructionEncoder, encode_instructions, labeled_to_instructions
@@ -98,6 +99,8 @@ class SimulateConfig:
         ``centralized_lr`` (default per task: ``CENTRALIZED_LR``), as the reference.
     max_train: subsample the training set (0: all) for quick runs.
     eval_max: evaluate the global adapter on at most this many test examples (0: all).
+    eval_every: evaluate the global adapter after every this many rounds (async: versions) and
+        after the last (1: every one; async runs make many versions, each evaluation takes cores).
     broker: an external broker's URL (the job's retained topics are cleared when the run ends);
         none: an embedded one, ``embedded_broker``: auto (Mosquitto when installed, else
         amqtt), mosquitto or amqtt; its log goes to ``out``/broker.log.
@@ -138,6 +141,7 @@ class SimulateConfig:
     device_threads: int = 1
     max_train: int = 0
     eval_max: int = 0
+    eval_every: int = 1
     round_timeout: float = 900.0
     device_python: str = sys.executable
     codec: str = "fp32"
@@ -171,6 +175,8 @@ class SimulateConfig:
             raise ConfigError("split 'group' needs --group-column (rotten-tomatoes groups by movie itself)")
         if self.rounds < 1:
             raise ConfigError("rounds must be >= 1")
+        if self.eval_every < 1:
+            raise ConfigError("eval_every must be >= 1")
         if self.embedded_broker not in EMBEDDED_BROKERS:
             raise ConfigError(f"embedded_broker must be one of {EMBEDDED_BROKERS}, not {self.embedded_broker!r}")
         if self.alpha <= 0:
@@ -217,10 +223,15 @@ class SimulateConfig:
             )
         if (fleet.participation < 1 or fleet.availability < 1) and "devices_per_round" in self.round_settings:
             raise ConfigError("give participation or devices_per_round, not both")
-        if (fleet.participation < 1 or fleet.availability < 1) and rounds.mode == "async":
+        if rounds.mode == "async" and fleet.participation < 1:
             raise ConfigError(
-                "async rounds do not take participation or an availability trace yet: both sample the devices "
-                "of synchronous rounds (the trace is indexed by round); use rounds.mode sync"
+                "async rounds take no participation: every online device trains whenever it can; "
+                "give availability with mean_session_s (--availability, --mean-session-s) to have fewer at a time"
+            )
+        if rounds.mode == "async" and fleet.availability < 1 and not fleet.timed:
+            raise ConfigError(
+                "async rounds need availability in wall-clock time: give mean_session_s (--mean-session-s), the "
+                "mean length of an online session; without it the trace is indexed by synchronous round"
             )
 
 
@@ -444,14 +455,18 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         shutil.rmtree(out / "aggregator")
     link = MqttLink(broker_cfg, client_id=f"fedlora-{job}-aggregator").connect()
     evaluator = None
+    origin: float | None = None
+    schedules: list[OnlineSchedule] | None = None
     try:
         evaluator = EvaluatorProcess(bundle, test_examples)
         zero_shot = None
         if bundle.manifest.task == "causal-lm":  # round 0: the base model with the untrained adapter (B = 0)
             zero_shot = {"round": 0, "eval": evaluator(read_parameters(bundle))}
             _print_eval("round 0 (zero-shot)", zero_shot["eval"])
-        aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator)
-        run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out)
+        aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator, evaluate_every=cfg.eval_every)
+        origin = time.time()  # the devices' clock: wall time since they started, their schedules' origin
+        schedules = online_schedules(cfg, origin)
+        run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out, schedules)
     finally:
         if evaluator is not None:
             evaluator.close()
@@ -467,7 +482,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
     wall = time.time() - started
     report = write_outputs(
-        cfg, out, bundle, data, len(test_examples), aggregator, devices, centralized, wall, zero_shot
+        cfg, out, bundle, data, len(test_examples), aggregator, devices, centralized, wall, zero_shot, origin, schedules
     )
     history = aggregator.history
     final = history[-1]["eval"] if history and history[-1].get("eval") else {}
@@ -552,15 +567,22 @@ def server_config(
     cfg: SimulateConfig, job: str, bundle_dir: Path, broker: BrokerConfig, state_dir: Path
 ) -> ServerConfig:
     """The aggregator's settings for this job: every device must report in each round, or with
-    client sampling (``participation``) the sampled ones, out of those online.
+    client sampling (``participation``) the sampled ones, out of those online. With a wall-clock
+    availability schedule (``FleetSettings.timed``) a round (async: the first buffer) opens once
+    half the devices expected online (or half the sample) are.
 
     Under differential privacy with every device always online, the first round waits for the
     whole population: opened as soon as the first ``sampled`` devices say they are online, it
     would sample from those alone, at a sampling rate (and an epsilon) far above the rest."""
     fleet = fleet_settings(cfg)
     rounds = {"min_devices": cfg.devices, **cfg.round_settings}
-    if fleet.participation < 1 or fleet.availability < 1:
-        sampled = fleet.sampled(cfg.devices)
+    sampled = fleet.sampled(cfg.devices)
+    if fleet.timed:  # a wall-clock schedule: a round samples among whoever is online when it opens
+        least = max(1, round(min(sampled, fleet.availability * cfg.devices) / 2))
+        rounds.update(min_devices=least)
+        if fleet.participation < 1:
+            rounds.update(devices_per_round=sampled)
+    elif fleet.participation < 1 or fleet.availability < 1:
         private = nested_settings(cfg)["privacy"].enabled
         least = cfg.devices if private and fleet.availability == 1 else sampled
         rounds.update(min_devices=least, devices_per_round=sampled)
@@ -608,13 +630,15 @@ def start_devices(
     bundle_dir: Path,
     broker: BrokerConfig,
     procs: list[subprocess.Popen],
+    schedules: list[OnlineSchedule] | None = None,
 ) -> None:
     """One process per device (``python -m edge_client.cli run``, or ``cfg.device_commands``),
     each with its config file and log in its folder, appended to ``procs`` as it starts."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.device_threads), **cfg.extra_device_env}
     slowdowns = straggler_slowdowns(len(devices), fleet_settings(cfg), cfg.seed)
     for i, d in enumerate(devices):
-        dcfg = device_config(cfg, d, job, bundle_dir, broker, float(slowdowns[i]))
+        schedule = schedules[i] if schedules else None
+        dcfg = device_config(cfg, d, job, bundle_dir, broker, float(slowdowns[i]), schedule)
         (d["dir"] / "device.json").write_text(json.dumps(dcfg, indent=1))
         log_file = open(d["dir"] / "device.log", "wb")
         command = list(cfg.device_commands.get(i, [cfg.device_python, "-m", "edge_client.cli", "run"]))
@@ -630,7 +654,13 @@ def start_devices(
 
 
 def device_config(
-    cfg: SimulateConfig, device: dict, job: str, bundle_dir: Path, broker: BrokerConfig, slowdown: float = 1.0
+    cfg: SimulateConfig,
+    device: dict,
+    job: str,
+    bundle_dir: Path,
+    broker: BrokerConfig,
+    slowdown: float = 1.0,
+    schedule: OnlineSchedule | None = None,
 ) -> dict:
     """One device's settings (``edge_client.device.DeviceConfig`` fields), as its device.json holds them."""
     return {
@@ -645,23 +675,51 @@ def device_config(
         "seed": cfg.seed,
         "exit_when_finished": True,
         "slowdown": slowdown,
+        "online_schedule": schedule.to_dict() if schedule is not None else {},
     }
 
 
+def online_schedules(cfg: SimulateConfig, origin: float) -> list[OnlineSchedule] | None:
+    """Each device's wall-clock availability schedule from ``origin`` (unix time), when the
+    fleet's availability is timed (``FleetSettings.mean_session_s``); None otherwise. They cover
+    the longest the job may run (every round to its deadline); devices are online after that."""
+    fleet = fleet_settings(cfg)
+    if not fleet.timed:
+        return None
+    horizon = cfg.rounds * float(cfg.round_settings.get("round_timeout", cfg.round_timeout)) + 600.0
+    return [
+        session_schedule(i, fleet.availability, fleet.mean_session_s, horizon, cfg.seed, origin)
+        for i in range(cfg.devices)
+    ]
+
+
 def start_fleet(
-    cfg: SimulateConfig, devices: list[dict], job: str, bundle_dir: Path, broker: BrokerConfig, out: Path
+    cfg: SimulateConfig,
+    devices: list[dict],
+    job: str,
+    bundle_dir: Path,
+    broker: BrokerConfig,
+    out: Path,
+    schedules: list[OnlineSchedule] | None = None,
 ) -> FleetPool:
     """The devices as virtual devices over ``fleet.workers`` Ray workers (``simulator.fleet``),
-    each device with its row of the availability trace and its straggler slowdown."""
+    each device with its row of the availability trace (or its wall-clock schedule) and its
+    straggler slowdown."""
     fleet = fleet_settings(cfg)
-    trace = availability_trace(cfg.devices, cfg.rounds, fleet.availability, fleet.sampled(cfg.devices), cfg.seed)
     slowdowns = straggler_slowdowns(cfg.devices, fleet, cfg.seed)
-    specs = [
-        VirtualDevice(device_config(cfg, d, job, bundle_dir, broker, float(slowdowns[i])), trace[i].tolist())
-        for i, d in enumerate(devices)
-    ]
-    for d, spec in zip(devices, specs):
-        d["online_rounds"] = int(sum(spec.online[:-1]))
+    if schedules is not None:
+        specs = [
+            VirtualDevice(device_config(cfg, d, job, bundle_dir, broker, float(slowdowns[i]), schedules[i]), [])
+            for i, d in enumerate(devices)
+        ]
+    else:
+        trace = availability_trace(cfg.devices, cfg.rounds, fleet.availability, fleet.sampled(cfg.devices), cfg.seed)
+        specs = [
+            VirtualDevice(device_config(cfg, d, job, bundle_dir, broker, float(slowdowns[i])), trace[i].tolist())
+            for i, d in enumerate(devices)
+        ]
+        for d, spec in zip(devices, specs):
+            d["online_rounds"] = int(sum(spec.online[:-1]))
     broker_fields = {"url": broker.url, "protocol": broker.protocol}
     workers = [
         FleetWorker(
@@ -680,6 +738,7 @@ def run_rounds(
     bundle_dir: Path,
     broker: BrokerConfig,
     out: Path,
+    schedules: list[OnlineSchedule] | None = None,
 ) -> None:
     """Start the devices and run the aggregator's loop until the last round; print each round
     as it closes; then wait for the devices to exit (they do once the job is announced finished)."""
@@ -689,10 +748,10 @@ def run_rounds(
     grace = 0.0
     try:
         if fleet.workers:
-            pool = start_fleet(cfg, devices, job, bundle_dir, broker, out)
+            pool = start_fleet(cfg, devices, job, bundle_dir, broker, out, schedules)
             what = f"{len(devices)} virtual devices on {fleet.workers} Ray workers (logs: {out}/workers/)"
         else:
-            start_devices(cfg, devices, job, bundle_dir, broker, procs)
+            start_devices(cfg, devices, job, bundle_dir, broker, procs, schedules)
             what = f"{len(procs)} device processes started"
         print(f"[simulate] {what}; {cfg.rounds} rounds of {cfg.local_steps} local steps", flush=True)
         closed = scored = 0  # rounds printed as closed, and as evaluated
@@ -753,17 +812,15 @@ def write_outputs(
     centralized: list[dict] | None,
     wall: float,
     zero_shot: dict | None = None,
+    origin: float | None = None,
+    schedules: list[OnlineSchedule] | None = None,
 ) -> Path:
     """metrics.jsonl, centralized.jsonl, the plots and report.md (``zero_shot``: the round-0
-    evaluation of the base model); returns the report's path."""
+    evaluation of the base model; ``origin``: when the devices started, unix time; ``schedules``:
+    their availability schedules, if timed); returns the report's path."""
     history = ([zero_shot] if zero_shot else []) + aggregator.history
     fleet = fleet_settings(cfg)
-    if fleet.participation < 1 or fleet.availability < 1:
-        trace = availability_trace(cfg.devices, cfg.rounds, fleet.availability, fleet.sampled(cfg.devices), cfg.seed)
-        for h in history:
-            if "participants" in h:  # round r's selection saw the presence published at round r - 1
-                h["online"] = int(trace[:, min(h["round"] - 1, cfg.rounds)].sum())
-                h["participation"] = round(h["participants"] / cfg.devices, 4)
+    add_participation(cfg, history, origin, schedules)
     settings = {
         "model": bundle.manifest.model_id,
         "dataset": data.name,
@@ -805,6 +862,33 @@ def write_outputs(
     per_device = uplink_by_device(aggregator.store.events())
     rows = [{**{k: v for k, v in d.items() if k != "dir"}, **per_device.get(d["device"], {})} for d in devices]
     return write_report(out, settings, history, centralized, rows, wall, labels=list(data.labels))
+
+
+def add_participation(
+    cfg: SimulateConfig, history: list[dict], origin: float | None, schedules: list[OnlineSchedule] | None
+) -> None:
+    """Into each closed round's (async: version's) history row: ``time_s``, when it closed in
+    seconds since the devices started; and with client sampling or availability below 1,
+    ``online`` (devices online when the round opened, async: when the version was made, by the
+    trace or the schedules) and ``participation`` (updates it took per device of the job)."""
+    fleet = fleet_settings(cfg)
+    sampling = fleet.participation < 1 or fleet.availability < 1
+    trace = None
+    if sampling and schedules is None:
+        trace = availability_trace(cfg.devices, cfg.rounds, fleet.availability, fleet.sampled(cfg.devices), cfg.seed)
+    for h in history:
+        if "participants" not in h:
+            continue  # round 0: the base model
+        if origin is not None and "closed_at" in h:
+            h["time_s"] = round(h["closed_at"] - origin, 2)
+        if not sampling:
+            continue
+        if schedules is not None:
+            at = h["closed_at"] - (0.0 if "buffer_updates" in h else h["duration_s"])
+            h["online"] = sum(s.online_at(at) for s in schedules)
+        elif trace is not None:  # round r's selection saw the presence published at round r - 1
+            h["online"] = int(trace[:, min(h["round"] - 1, cfg.rounds)].sum())
+        h["participation"] = round(h["participants"] / cfg.devices, 4)
 
 
 def uplink_by_device(events: list[dict]) -> dict[str, dict]:

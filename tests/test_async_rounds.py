@@ -401,6 +401,7 @@ def test_a_device_keeps_one_update_in_flight_across_versions_in_async_mode():
             state=state,
             global_version=3,
             _window_wait_round=None,
+            _online=True,
         ), cleared
 
     ann = announcement(RoundMode.ASYNC)  # round 4 from version 3, nobody selected

@@ -113,6 +113,7 @@ def test_due_round_waits_outside_the_training_window(monkeypatch):
         state=types.SimpleNamespace(last_round=2, pending_round=None),
         global_version=2,
         _window_wait_round=None,
+        _online=True,
     )
     for hour, due in ((12, None), (23, ann)):
         monkeypatch.setattr(device, "datetime", types.SimpleNamespace(now=lambda h=hour: datetime(2026, 1, 1, h, 0)))
