@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -931,6 +932,56 @@ def test_sharded_value_set_runs_one_worker_per_shard_with_its_own_volume(rendere
     worker = build(ServerConfig, {**config, "shards": {**config["shards"], "role": "worker"}}, where="server.yaml")
     assert worker.shards.shard_index("rel-fedlora-aggregator-worker-3") == 3
     assert not [d for d in rendered["default"] if d["kind"] == "StatefulSet"]  # unsharded: no workers
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions In) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In", e
+        if labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def test_sharded_workers_are_scraped_under_the_alerts_job_and_let_through_the_network_policies(rendered):
+    docs = render(
+        VALUE_SETS["sharded"],
+        "metrics.serviceMonitor.enabled=true",
+        "networkPolicy.enabled=true",
+        "networkPolicy.egress.enabled=true",
+        "networkPolicy.brokerFrom[0].ipBlock.cidr=10.0.0.0/8",
+    )
+    worker_service = find(docs, "Service", "rel-fedlora-aggregator-worker")
+    worker_pod = find(docs, "StatefulSet", "rel-fedlora-aggregator-worker")["spec"]["template"]["metadata"]["labels"]
+    coordinator_pod = find(docs, "Deployment", "rel-fedlora-aggregator")["spec"]["template"]["metadata"]["labels"]
+
+    monitor = find(docs, "ServiceMonitor", "rel-fedlora-aggregator-worker")
+    assert selects(monitor["spec"]["selector"], worker_service["metadata"]["labels"])
+    assert not selects(
+        monitor["spec"]["selector"], find(docs, "Service", "rel-fedlora-aggregator")["metadata"]["labels"]
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in [p["name"] for p in worker_service["spec"]["ports"]] and endpoint["path"] == "/metrics"
+    # the job label the alerts select on is the coordinator Service's name (the chart's metricsJob)
+    job = {r["targetLabel"]: r for r in endpoint["relabelings"]}["job"]
+    assert job["replacement"] == "rel-fedlora-aggregator"
+    shard = {r["targetLabel"]: r for r in endpoint["relabelings"]}["shard"]
+    assert re.fullmatch(shard["regex"], "rel-fedlora-aggregator-worker-3").group(1) == "3"
+
+    # the aggregator's policy covers the workers (metrics in; DNS and the broker out), and the
+    # broker's lets them in, while an ipBlock restricts everyone else
+    policy = find(docs, "NetworkPolicy", "rel-fedlora-aggregator")
+    assert selects(policy["spec"]["podSelector"], worker_pod) and selects(
+        policy["spec"]["podSelector"], coordinator_pod
+    )
+    broker_in = find(docs, "NetworkPolicy", "rel-fedlora-aggregator-broker")["spec"]["ingress"][0]["from"]
+    pods = [peer["podSelector"] for peer in broker_in if "podSelector" in peer]
+    assert any(selects(sel, worker_pod) for sel in pods) and any(selects(sel, coordinator_pod) for sel in pods)
+
+    unsharded = render(VALUE_SETS["monitoring"])
+    assert [d["metadata"]["name"] for d in unsharded if d["kind"] == "ServiceMonitor"] == ["rel-fedlora-aggregator"]
 
 
 def test_sharded_acl_gives_each_worker_its_shard_only_in_real_mosquitto(tmp_path):
