@@ -883,6 +883,7 @@ class Corpus:
                     many,
                     Announcement(job="job1", state=RoundState.WAITING, round=5, global_version=4, rank=8),
                     replace(open_ann, mode=RoundMode.ASYNC, selected=(), privacy=None),
+                    replace(open_ann, shards=4),  # version 3: sharded aggregation
                     Announcement(
                         job="job1",
                         state=RoundState.FINISHED,
