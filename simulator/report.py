@@ -93,13 +93,21 @@ def _staleness_lines(history: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for h in rows:
-        acc = (h.get("eval") or {}).get("accuracy")
         lines.append(
-            f"| {h['version']} | {format(h['time_s'], '.1f') if 'time_s' in h else ''} | "
-            f"{'' if acc is None else format(acc, '.4f')} | {h['buffer_updates']} | {h['staleness_mean']:.2f} | "
-            f"{h['staleness_max']} | {h['reason']} |"
+            f"| {h['version']} | {_time_cell(h)} | {_accuracy_cell(h)} | {h['buffer_updates']} | "
+            f"{h['staleness_mean']:.2f} | {h['staleness_max']} | {h['reason']} |"
         )
     return lines
+
+
+def _time_cell(row: dict) -> str:
+    """A history row's wall time (s) for a table ('' for a row from before it was recorded)."""
+    return format(row["time_s"], ".1f") if "time_s" in row else ""
+
+
+def _accuracy_cell(row: dict) -> str:
+    acc = (row.get("eval") or {}).get("accuracy")
+    return "" if acc is None else format(acc, ".4f")
 
 
 def _privacy_lines(history: list[dict]) -> list[str]:
@@ -147,13 +155,9 @@ def _participation_lines(history: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for h in rows:
-        acc = (h.get("eval") or {}).get("accuracy")
+        sampled = h["selected"] if "buffer_updates" not in h or "time_s" not in h else "all online"
         lines.append(
-            f"| {h['round']} | {h['time_s']:.1f} | {'' if acc is None else format(acc, '.4f')} | {h['online']} | "
-            f"{h['selected'] if 'buffer_updates' not in h else 'all online'} | {h['participants']} | "
-            f"{h['participation']:.3f} | {h.get('staleness_mean', 0)} | {h.get('staleness_max', 0)} |"
-            if "time_s" in h
-            else f"| {h['round']} | | {'' if acc is None else format(acc, '.4f')} | {h['online']} | {h['selected']} | "
+            f"| {h['round']} | {_time_cell(h)} | {_accuracy_cell(h)} | {h['online']} | {sampled} | "
             f"{h['participants']} | {h['participation']:.3f} | {h.get('staleness_mean', 0)} | "
             f"{h.get('staleness_max', 0)} |"
         )
