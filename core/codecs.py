@@ -58,6 +58,9 @@ class Codec(abc.ABC):
 
     name: str = ""
     lossless: bool = False
+    # The NumPy dtype the encoding is, when it is just the values in that dtype (fp32): a run of
+    # such tensors decodes as views of one array (``protocol.decode_envelope``).
+    raw_dtype: str | None = None
 
     def encode(self, array: np.ndarray) -> tuple[bytes, dict]:
         flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
@@ -120,6 +123,7 @@ class Float32(_FixedSize):
 
     name = "fp32"
     lossless = True
+    raw_dtype = "<f4"
 
     def nbytes(self, n):
         return 4 * n

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import functools
 import hashlib
 import json
 import math
@@ -93,8 +94,13 @@ def _depth(value: Any, limit: int) -> None:
             stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
-def parse_json(payload: bytes, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> dict:
-    """``payload`` as a JSON object, refusing oversize, non-UTF-8, non-finite or deep input."""
+def parse_json(payload: bytes, what: str, max_bytes: int, max_depth: int | None = MAX_DEPTH) -> dict:
+    """``payload`` as a JSON object, refusing oversize, non-UTF-8, non-finite or deep input.
+
+    ``max_depth=None``: the typed parser that follows bounds the depth itself (every field it
+    reads has a fixed type and it refuses unknown fields unread), so the walk over every
+    container is skipped; the JSON decoder still refuses input nested beyond its recursion
+    limit."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{what}: payload is not bytes")
     if len(payload) > max_bytes:
@@ -110,7 +116,8 @@ def parse_json(payload: bytes, what: str, max_bytes: int, max_depth: int = MAX_D
         raise ProtocolError(f"{what} is not JSON ({str(exc)[:120]})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} is not a JSON object")
-    _depth(obj, max_depth)
+    if max_depth is not None:
+        _depth(obj, max_depth)
     return obj
 
 
@@ -701,7 +708,7 @@ class TensorSpec:
     codec: str = ""  # empty: the envelope's codec
     dtype: str = "float32"  # "uint32" in a masked envelope
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return math.prod(self.shape)
 
@@ -740,6 +747,28 @@ def _tensor_spec(value: Any, what: str) -> TensorSpec:
     return spec
 
 
+# Every device of a job sends the same few tensor lists (one per rank and codec): a list whose
+# repr was parsed recently is not parsed again. The repr tells apart what ``==`` would not
+# (``true``, ``1`` and ``1.0``), so a cached list is one that passed ``_tensor_spec`` as it is.
+_SPEC_CACHE: dict[str, tuple[TensorSpec, ...]] = {}
+_SPEC_CACHE_SIZE = 64
+
+
+def _tensor_specs(f: Fields) -> tuple[TensorSpec, ...]:
+    raw = f.obj.get("tensors")
+    key = repr(raw) if isinstance(raw, list) and len(raw) <= MAX_TENSORS else None
+    cached = _SPEC_CACHE.get(key) if key is not None else None
+    if cached is not None:
+        f.seen.add("tensors")
+        return cached
+    specs = f.list("tensors", MAX_TENSORS, _tensor_spec)
+    if key is not None:
+        if len(_SPEC_CACHE) >= _SPEC_CACHE_SIZE:
+            _SPEC_CACHE.pop(next(iter(_SPEC_CACHE)))
+        _SPEC_CACHE[key] = specs
+    return specs
+
+
 def parse_header(obj: dict) -> EnvelopeHeader:
     """An envelope header (already limited JSON) as a typed EnvelopeHeader."""
     f = Fields(obj, "envelope header")
@@ -754,7 +783,7 @@ def parse_header(obj: dict) -> EnvelopeHeader:
         sender=f.str("sender", 128, pattern=DEVICE_ID),
         rank=f.int("rank", 0, MAX_RANK),
         codec=f.str("codec", 80),
-        tensors=f.list("tensors", MAX_TENSORS, _tensor_spec),
+        tensors=_tensor_specs(f),
         body_sha256=f.str("body_sha256", 64, pattern=HEX64),
         num_examples=f.int("num_examples", 0, MAX_EXAMPLES, 0),
         metrics=_metrics(f.object("metrics", {})),

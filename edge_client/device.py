@@ -359,7 +359,7 @@ class Device:
     def _decode_global(self, payload: bytes) -> Envelope:
         """A global envelope of this job whose adapter has this device's shapes at its rank; else
         ProtocolError."""
-        env = decode_envelope(payload, self.global_limits)
+        env = decode_envelope(payload, self.global_limits, reassembled=True)
         frozen_changes(env.tensors)  # factored changes to frozen weights must pair up
         if env.kind != "global" or env.job != self.cfg.job:
             raise ProtocolError(f"a {env.kind} envelope of job {env.job!r} on a global topic of job {self.cfg.job!r}")

@@ -610,8 +610,9 @@ class Aggregator:
         status = parse_status(payload)
         online = status.state is Presence.ONLINE
         self.coordinator.device_status(device, online, rank=status.rank, num_examples=status.num_examples)
-        if online:
-            self.publish_global()  # a rank no one held before gets its slice now
+        served = self._downlinks.get(status.rank or self.manifest.rank)
+        if online and (served is None or served.version != self.coordinator.version):
+            self.publish_global()  # a rank no one held before gets its slice now (a pass over every device)
 
     def handle_chunk(self, device: str, message: bytes) -> None:
         self.metrics.bytes_in.labels("wire").inc(len(message))
@@ -625,7 +626,7 @@ class Aggregator:
             if payload is None:
                 return
             t0 = time.perf_counter()
-            env = decode_envelope(payload, self.update_limits)
+            env = decode_envelope(payload, self.update_limits, reassembled=True)
             decode_ms = 1000 * (time.perf_counter() - t0)
         except ReassemblyBusy as exc:
             self.refuse("updates", "busy", str(exc))  # the device resends; an ack per chunk would be a flood

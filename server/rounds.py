@@ -7,6 +7,7 @@ reject an update and why, when to close) is made here, so tests drive it directl
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -204,7 +205,12 @@ class Bounded:
 
 
 def update_norm(tensors: dict[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in tensors.values())))
+    """The L2 norm over all tensors, summed in float64."""
+    total = 0.0
+    for v in tensors.values():
+        flat = np.asarray(v, dtype=np.float64).reshape(-1)
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
 
 
 @dataclass

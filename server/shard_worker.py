@@ -106,7 +106,7 @@ class ShardWorker(Aggregator):
         payload = self.globals.add(f"rank-{rank}", message)
         if payload is None:
             return
-        env = decode_envelope(payload, self.global_limits)
+        env = decode_envelope(payload, self.global_limits, reassembled=True)
         if env.kind != "global" or env.rank != rank or env.job != self.cfg.job:
             raise ProtocolError(f"global/{rank} holds a {env.kind} envelope of job {env.job!r} at rank {env.rank}")
         d = self._downlinks.setdefault(rank, RankDownlink())

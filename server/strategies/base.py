@@ -25,6 +25,7 @@ Conventions shared by every strategy:
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -225,8 +226,19 @@ def check_same_tensors(
         expected = tuple(shapes[name] if name in shapes else optional[name])
         if tuple(value.shape) != expected:
             raise UpdateRejected("wrong_shape", f"{name} has shape {tuple(value.shape)}, expected {expected}")
-        if not np.isfinite(value).all():
-            raise UpdateRejected("non_finite", f"{name} contains NaN or infinity")
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, value in update.tensors.items():
+            if not all_finite(value):
+                raise UpdateRejected("non_finite", f"{name} contains NaN or infinity")
+
+
+def all_finite(value: np.ndarray) -> bool:
+    """``np.isfinite(value).all()``, four times faster for the small tensors of an update (one
+    call, no boolean array): a sum of squares is finite only if every value is, and one that
+    overflows (finite values near float32's limit) falls back to the exact test. Call it under
+    ``np.errstate(over="ignore", invalid="ignore")``: the overflow is expected."""
+    flat = value.reshape(-1)
+    return math.isfinite(float(np.dot(flat, flat))) or bool(np.isfinite(flat).all())
 
 
 @dataclass(frozen=True)
