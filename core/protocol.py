@@ -532,7 +532,7 @@ class Chunk:
     index: int
     count: int
     total: int
-    data: bytes | memoryview
+    data: memoryview  # a view of the message: no copy
 
 
 def parse_chunk(message: bytes) -> Chunk:
@@ -545,14 +545,14 @@ def parse_chunk(message: bytes) -> Chunk:
         raise ProtocolError(f"chunk index {index} out of range for count {count}")
     if count > max(1, total):
         raise ProtocolError(f"{count} chunks cannot carry a message of {total} bytes")
-    return Chunk(mid, index, count, total, memoryview(message)[CHUNK_HEADER.size :])  # no copy of the data
+    return Chunk(mid, index, count, total, memoryview(message)[CHUNK_HEADER.size :])
 
 
 @dataclass
 class _Pending:
     chunk_count: int
     total: int
-    parts: dict[int, bytes]
+    parts: dict[int, memoryview]
     first_seen: float
     received: int = 0
     last_seen: float = 0.0  # when the last new chunk arrived
