@@ -957,7 +957,10 @@ class Corpus:
             rng = np.random.default_rng(self.seed)
             out = []
             for count in (0, 3):
-                accepted = tuple(ShardAccepted(f"dev{i:03d}", i + 1, 0.5) for i in range(count))
+                accepted = tuple(
+                    ShardAccepted(f"dev{i:03d}", i + 1, 0.5, *((1200, 4096, {"train_loss": 0.5}) if i == 0 else ()))
+                    for i in range(count)
+                )  # the first with its report for the history (the long form), the rest without
                 sums = {"a.lora_A.weight": rng.normal(size=(4, 16)), "a:BA": rng.normal(size=(8, 16))}
                 header = PartialHeader(
                     "job1",

@@ -21,7 +21,8 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -750,22 +751,33 @@ def _tensor_spec(value: Any, what: str) -> TensorSpec:
 # Every device of a job sends the same few tensor lists (one per rank and codec): a list whose
 # repr was parsed recently is not parsed again. The repr tells apart what ``==`` would not
 # (``true``, ``1`` and ``1.0``), so a cached list is one that passed ``_tensor_spec`` as it is.
+# At most 64 lists of at most 256 KiB of repr each are kept (an LLM's list is about 30 KiB).
 _SPEC_CACHE: dict[str, tuple[TensorSpec, ...]] = {}
+_SPEC_CACHE_LOCK = threading.Lock()
 _SPEC_CACHE_SIZE = 64
+_SPEC_KEY_MAX = 256 * 1024
 
 
 def _tensor_specs(f: Fields) -> tuple[TensorSpec, ...]:
     raw = f.obj.get("tensors")
-    key = repr(raw) if isinstance(raw, list) and len(raw) <= MAX_TENSORS else None
+    key = None
+    if isinstance(raw, list) and len(raw) <= MAX_TENSORS:
+        try:
+            key = repr(raw)
+        except RecursionError:  # nested past the interpreter's limit: the typed parse refuses it
+            key = None
+        if key is not None and len(key) > _SPEC_KEY_MAX:
+            key = None
     cached = _SPEC_CACHE.get(key) if key is not None else None
     if cached is not None:
         f.seen.add("tensors")
         return cached
     specs = f.list("tensors", MAX_TENSORS, _tensor_spec)
     if key is not None:
-        if len(_SPEC_CACHE) >= _SPEC_CACHE_SIZE:
-            _SPEC_CACHE.pop(next(iter(_SPEC_CACHE)))
-        _SPEC_CACHE[key] = specs
+        with _SPEC_CACHE_LOCK:
+            if len(_SPEC_CACHE) >= _SPEC_CACHE_SIZE:
+                _SPEC_CACHE.pop(next(iter(_SPEC_CACHE)))
+            _SPEC_CACHE[key] = specs
     return specs
 
 
@@ -1131,27 +1143,41 @@ def parse_shard_plan(payload: bytes) -> ShardPlan:
 
 @dataclass(frozen=True)
 class ShardAccepted:
-    """One update a worker committed: its device, the weight it counts with, its norm as sent."""
+    """One update a worker committed: its device, the weight it counts with, its norm as sent;
+    in a sealed partial also what the coordinator's round history reports of it: its bytes on
+    the wire and decoded, and the device's own metrics (empty after a worker restarted)."""
 
     device: str
     weight: int
     norm: float
+    wire_bytes: int = 0
+    raw_bytes: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> list:
-        return [self.device, self.weight, self.norm]
+        short = [self.device, self.weight, self.norm]
+        if not (self.wire_bytes or self.raw_bytes or self.metrics):
+            return short
+        return [*short, self.wire_bytes, self.raw_bytes, dict(self.metrics)]
 
 
 def _accepted_item(value: Any, what: str) -> ShardAccepted:
-    if not isinstance(value, list) or len(value) != 3:
-        raise ProtocolError(f"{what} must be [device, weight, norm]")
-    device, weight, norm = value
+    if not isinstance(value, list) or len(value) not in (3, 6):
+        raise ProtocolError(f"{what} must be [device, weight, norm] or [device, weight, norm, wire, raw, metrics]")
+    device, weight, norm = value[:3]
     if not isinstance(device, str) or not DEVICE_ID.fullmatch(device):
         raise ProtocolError(f"{what}: not a device id")
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_EXAMPLES:
         raise ProtocolError(f"{what}: weight must be an integer in [0, {MAX_EXAMPLES}]")
     if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not 0 <= norm <= 1e300:
         raise ProtocolError(f"{what}: norm must be a number in [0, 1e300]")
-    return ShardAccepted(device, weight, float(norm))
+    if len(value) == 3:
+        return ShardAccepted(device, weight, float(norm))
+    wire, raw, metrics = value[3:]
+    for name, count in (("wire", wire), ("raw", raw)):
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_NBYTES:
+            raise ProtocolError(f"{what}: {name} bytes must be an integer in [0, {MAX_NBYTES}]")
+    return ShardAccepted(device, weight, float(norm), wire, raw, _metrics(Fields(metrics, f"{what} metrics")))
 
 
 @dataclass(frozen=True)

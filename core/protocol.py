@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Mapping
@@ -421,6 +422,7 @@ class _Layout:
 
 
 _LAYOUTS: dict[tuple[int, str, int], _Layout] = {}
+_LAYOUTS_LOCK = threading.Lock()
 
 
 def _layout(header: EnvelopeHeader, limits: EnvelopeLimits | None) -> _Layout:
@@ -452,9 +454,10 @@ def _layout(header: EnvelopeHeader, limits: EnvelopeLimits | None) -> _Layout:
     if raw is not None and any(spec.nbytes != np.dtype(raw).itemsize * spec.size for spec in header.tensors):
         raw = None  # a byte count the codec refuses: the per-tensor path says which
     layout = _Layout(header.tensors, limits, codecs, sum(spec.nbytes for spec in header.tensors), raw)
-    if len(_LAYOUTS) >= 64:
-        _LAYOUTS.pop(next(iter(_LAYOUTS)))
-    _LAYOUTS[key] = layout
+    with _LAYOUTS_LOCK:
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = layout
     return layout
 
 

@@ -766,6 +766,13 @@ class Aggregator:
             **staleness,
         )
 
+    def took_elsewhere(self, wire: int, raw: int, metrics: list[dict]) -> None:
+        """The open round's updates as other processes took them (a sharded coordinator's
+        workers): their bytes on the wire and decoded, and their devices' metrics, in the order
+        of the round's norms, for its history row."""
+        self._round_bytes = {"wire": wire, "raw": raw}
+        self._round_metrics = metrics
+
     def accept_masked(self, device: str, env: Envelope, nbytes: int) -> None:
         """Under secure aggregation every update is a masked input (``SecureRounds.accept``)."""
         if self.secure is None:
@@ -993,19 +1000,23 @@ class AnsweredUpdates:
         return True
 
 
+# What a round's history row summarizes of the devices' own metrics (a sharded worker sends
+# the coordinator these of each update).
+SUMMARIZED_METRICS = (
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "eval_perplexity",
+    "step_time_s",
+    "peak_rss_bytes",
+    "train_seconds",
+)
+
+
 def _summarize(device_metrics: list[dict]) -> dict:
     """Weighted view of what the devices reported for one round."""
     out: dict = {}
-    keys = (
-        "train_loss",
-        "eval_loss",
-        "eval_accuracy",
-        "eval_perplexity",
-        "step_time_s",
-        "peak_rss_bytes",
-        "train_seconds",
-    )
-    for key in keys:
+    for key in SUMMARIZED_METRICS:
         values = [m[key] for m in device_metrics if isinstance(m.get(key), (int, float))]
         if values:
             out[f"device_{key}_median"] = statistics.median(values)

@@ -29,7 +29,7 @@ from core.messages import (
 )
 from core.protocol import Envelope, Reassembler, adapter_part, decode_envelope, encode_partial, parse_chunk
 from core.transport import MqttLink
-from server.aggregator import Aggregator, RankDownlink
+from server.aggregator import SUMMARIZED_METRICS, Aggregator, RankDownlink
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.rounds import OpenRound
@@ -47,6 +47,8 @@ class ShardWorker(Aggregator):
         self.plan: ShardPlan | None = None  # the coordinator's latest, once read (none: take no update)
         self.sealed: int | None = None  # the round this worker sealed (it takes no new update of it)
         self.globals = Reassembler(8 * cfg.max_update_bytes, max_pending=64, per_source=2)
+        # the open round's updates committed by this process: (wire bytes, raw bytes, metrics)
+        self._reports: dict[str, tuple[int, int, dict[str, float]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,6 +161,7 @@ class ShardWorker(Aggregator):
         self.sealed = None
         self._round_bytes = {"wire": 0, "raw": 0}
         self._round_metrics = []
+        self._reports = {}
         self.metrics.round.set(plan.round)
         self._save()
         self._event("round_opened", round=plan.round, shard=self.shard, base_version=plan.base_version)
@@ -179,7 +182,7 @@ class ShardWorker(Aggregator):
             round=rnd.round,
             weight=float(p.weight),
             count=len(rnd.accepted),
-            accepted=tuple(self.accepted_so_far()),
+            accepted=tuple(self.accepted_so_far(reported=True)),
             tensors=tuple(PartialTensor(k, tuple(v.shape)) for k, v in p.sums.items()),
         )
         self.link.publish_chunked(self.topics.shard_partial(self.shard), encode_partial(header, p.sums))
@@ -206,6 +209,10 @@ class ShardWorker(Aggregator):
         rnd = self.coordinator.open
         if not batch or rnd is None:
             return
+        for p in batch:  # for the round's history, with the sealed partial
+            if p.device in rnd.accepted and p.env.round == rnd.round:
+                metrics = {k: v for k, v in p.env.metrics.items() if k in SUMMARIZED_METRICS}
+                self._reports[p.device] = (p.nbytes, sum(v.size * 4 for v in p.env.tensors.values()), metrics)
         self.report(
             [
                 ShardAccepted(p.device, p.record.update.num_examples, p.bounded.norm)
@@ -221,9 +228,16 @@ class ShardWorker(Aggregator):
             progress = ShardProgress(self.cfg.job, self.shard, rnd.round, tuple(accepted))
             self.link.publish(self.topics.shard_progress(self.shard), progress.to_bytes())
 
-    def accepted_so_far(self) -> list[ShardAccepted]:
+    def accepted_so_far(self, reported: bool = False) -> list[ShardAccepted]:
+        """The open round's updates; ``reported``: with their bytes and metrics (the sealed
+        partial's; those committed before a restart of this worker have none)."""
         rnd = self.coordinator.open
         assert rnd is not None
         if len(rnd.norms) != len(rnd.accepted):
             raise RuntimeError(f"round {rnd.round}: {len(rnd.accepted)} updates but {len(rnd.norms)} norms")
-        return [ShardAccepted(d, w, n) for (d, w), n in zip(rnd.accepted.items(), rnd.norms)]
+        if not reported:
+            return [ShardAccepted(d, w, n) for (d, w), n in zip(rnd.accepted.items(), rnd.norms)]
+        return [
+            ShardAccepted(d, w, n, *self._reports.get(d, (0, 0, {})))
+            for (d, w), n in zip(rnd.accepted.items(), rnd.norms)
+        ]

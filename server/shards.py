@@ -344,6 +344,10 @@ class ShardedRounds:
         rnd.partial = merge_partials(self.agg.strategy, [p.partial for p in shards])
         rnd.accepted = {a.device: a.weight for p in shards for a in p.header.accepted}
         rnd.norms = [a.norm for p in shards for a in p.header.accepted]
+        reports = [a for p in shards for a in p.header.accepted]
+        self.agg.took_elsewhere(
+            sum(a.wire_bytes for a in reports), sum(a.raw_bytes for a in reports), [dict(a.metrics) for a in reports]
+        )
         self.sealing = None
         self.agg.metrics.shard_partials_waiting.set(0)
         log.info(

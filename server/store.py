@@ -380,6 +380,40 @@ class StateStore:
             self._rollback()
             raise
 
+    @contextlib.contextmanager
+    def _fenced(self, failure: str):
+        """One write transaction of ``save`` or ``append`` (under the lock): fenced by the term
+        (a newer term in the store raises StaleTerm), it yields the committed generation it
+        starts from and commits the next. On any error it rolls back, forgets what it believed
+        was written, and raises StoreUnavailable ("``failure`` <db>: why") for a database or
+        disk error; the committed state is unchanged."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._faults.hit("save:begin")
+            stored = int(self._meta("term", 0))
+            if stored > self._term:
+                raise StaleTerm(self.db_path, self._term, stored)
+            if stored < self._term:
+                self._set_meta("term", self._term)
+            generation = int(self._meta("generation", 0))
+            yield generation
+            self._set_meta("generation", generation + 1)
+            self._faults.hit("save:before_commit")
+            self._conn.execute("COMMIT")
+        except StaleTerm as exc:
+            self._rollback()
+            self._save_error = str(exc)
+            raise
+        except (sqlite3.DatabaseError, OSError) as exc:
+            self._rollback()
+            self._written, self._generation = {}, -1
+            self._save_error = f"{failure} {self.db_path}: {_describe(exc)}; the last committed state is kept"
+            raise StoreUnavailable(self._save_error) from exc
+        except BaseException:
+            self._rollback()
+            self._written, self._generation = {}, -1
+            raise
+
     def _rollback(self) -> None:
         try:
             if self._conn.in_transaction:
@@ -573,15 +607,7 @@ class StateStore:
         covered: tuple[int, int] | None,
     ) -> None:
         with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._faults.hit("save:begin")
-                stored = int(self._meta("term", 0))
-                if stored > self._term:
-                    raise StaleTerm(self.db_path, self._term, stored)
-                if stored < self._term:
-                    self._set_meta("term", self._term)
-                generation = int(self._meta("generation", 0))
+            with self._fenced("cannot save the state to") as generation:
                 cached = self._written if generation == self._generation else {}
                 if glob is not None:
                     self._write_arrays("global", glob)
@@ -599,24 +625,6 @@ class StateStore:
                 self._faults.hit("save:arrays")
                 changed = [(k, v) for k, v in rows.items() if cached.get(k) != v]
                 self._conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", changed)
-                self._set_meta("generation", generation + 1)
-                self._faults.hit("save:before_commit")
-                self._conn.execute("COMMIT")
-            except StaleTerm as exc:
-                self._rollback()
-                self._save_error = str(exc)
-                raise
-            except (sqlite3.DatabaseError, OSError) as exc:
-                self._rollback()
-                self._written, self._generation = {}, -1
-                self._save_error = (
-                    f"cannot save the state to {self.db_path}: {_describe(exc)}; the last committed state is kept"
-                )
-                raise StoreUnavailable(self._save_error) from exc
-            except BaseException:
-                self._rollback()
-                self._written, self._generation = {}, -1
-                raise
             self._written = {**cached, **dict(changed)}
             self._generation = generation + 1
             self._save_error = None
@@ -637,15 +645,7 @@ class StateStore:
             sums = [(k, *_encode_array(k, v, np.float64)) for k, v in partial.sums.items()]
             sums_row = _dumps(_sums_row(partial, records[-1].seq))
         with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._faults.hit("save:begin")
-                stored = int(self._meta("term", 0))
-                if stored > self._term:
-                    raise StaleTerm(self.db_path, self._term, stored)
-                if stored < self._term:
-                    self._set_meta("term", self._term)
-                generation = int(self._meta("generation", 0))
+            with self._fenced(f"cannot commit {len(records)} updates to") as generation:
                 self._conn.executemany("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 self._conn.executemany("INSERT INTO update_tensors VALUES (?, ?, ?, ?)", tensor_rows)
                 if sums is not None:
@@ -661,25 +661,6 @@ class StateStore:
                     (int(round_id), int(through), len(records) + 1),
                 )
                 self._faults.hit("save:arrays")
-                self._set_meta("generation", generation + 1)
-                self._faults.hit("save:before_commit")
-                self._conn.execute("COMMIT")
-            except StaleTerm as exc:
-                self._rollback()
-                self._save_error = str(exc)
-                raise
-            except (sqlite3.DatabaseError, OSError) as exc:
-                self._rollback()
-                self._written, self._generation = {}, -1
-                self._save_error = (
-                    f"cannot commit {len(records)} updates to {self.db_path}: {_describe(exc)}; "
-                    "the last committed state is kept"
-                )
-                raise StoreUnavailable(self._save_error) from exc
-            except BaseException:
-                self._rollback()
-                self._written, self._generation = {}, -1
-                raise
             if self._generation == generation:  # what this instance committed, still current
                 self._written = {**self._written, **({"partial": sums_row} if sums is not None else {})}
                 self._generation = generation + 1

@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument(
         "--devices-per-round", type=int, help="devices selected at random per round (default 0: every device)"
     )
+    sim.add_argument(
+        "--shards",
+        type=int,
+        help="aggregator workers sharing the update stream, each a fedlora-server process, with this "
+        "simulation's aggregator as their coordinator (default 1: one aggregator; sync rounds only)",
+    )
     sim.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument(

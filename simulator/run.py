@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ from simulator.fleet import (
     straggler_slowdowns,
 )
 from simulator.report import plot, write_metrics, write_report
+from simulator.shard_workers import coordinator_config, start_workers, stop_workers
 
 log = logging.getLogger("fedlora.simulate")
 
@@ -104,6 +106,10 @@ class SimulateConfig:
     broker: an external broker's URL (the job's retained topics are cleared when the run ends);
         none: an embedded one, ``embedded_broker``: auto (Mosquitto when installed, else
         amqtt), mosquitto or amqtt; its log goes to ``out``/broker.log.
+    shards: aggregator workers sharing the update stream (``server.shards``; 1: the one
+        in-process aggregator): the simulation's aggregator coordinates, N ``fedlora-server``
+        processes take the updates (``simulator.shard_workers``). Sync rounds, robust mean, no
+        secure aggregation and no adaptive DP clip, as in production.
     fleet: ``simulator.fleet.FleetSettings`` as a mapping (worker pool, participation,
         availability trace, stragglers, Ray address).
     """
@@ -156,6 +162,7 @@ class SimulateConfig:
     # ``simulator.fleet.FleetSettings`` as a mapping: the worker pool (Ray), client sampling,
     # availability traces; ``fedlora simulate`` has a flag for each field.
     fleet: dict = field(default_factory=dict)
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -169,6 +176,7 @@ class SimulateConfig:
             raise ConfigError(f"centralized_lr must be in (0, 1), got {self.centralized_lr}")
         if self.devices < 1:
             raise ConfigError("devices must be >= 1")
+        _check_shards(self)
         if self.split not in SCHEMES:
             raise ConfigError(f"split must be one of {SCHEMES}, not {self.split!r}")
         if self.split == "group" and not self.group_column and self.dataset != "rotten-tomatoes":
@@ -233,6 +241,22 @@ class SimulateConfig:
                 "async rounds need availability in wall-clock time: give mean_session_s (--mean-session-s), the "
                 "mean length of an online session; without it the trace is indexed by synchronous round"
             )
+
+
+def _check_shards(cfg: SimulateConfig) -> None:
+    """``--shards``: in range, and with settings sharded aggregation supports (refused before any work)."""
+    from server.shards import MAX_SHARDS, ShardSettings, check_shards
+
+    if not 1 <= cfg.shards <= MAX_SHARDS:
+        raise ConfigError(f"shards must be in [1, {MAX_SHARDS}], got {cfg.shards}")
+    nested = nested_settings(cfg)
+    check_shards(
+        ShardSettings(count=cfg.shards),
+        RoundSettings(**cfg.round_settings),
+        nested["robust"].method,
+        nested["secure_aggregation"].enabled,
+        nested["privacy"].enabled and nested["privacy"].adaptive_clip,
+    )
 
 
 def fleet_settings(cfg: SimulateConfig) -> FleetSettings:
@@ -448,16 +472,17 @@ def run_simulation(cfg: SimulateConfig) -> dict:
 
     job = f"sim-{int(started)}"
     broker, broker_cfg = start_broker(cfg, out)
-    server_cfg = server_config(cfg, job, bundle_dir, broker_cfg, out / "aggregator")
-    if (out / "aggregator").exists():
-        import shutil
-
-        shutil.rmtree(out / "aggregator")
+    server_cfg = coordinator_config(server_config(cfg, job, bundle_dir, broker_cfg, out / "aggregator"), cfg.shards)
+    for old in [out / "aggregator", *out.glob("aggregator-worker-*")]:  # an earlier run's state
+        if old.exists():
+            shutil.rmtree(old)
     link = MqttLink(broker_cfg, client_id=f"fedlora-{job}-aggregator").connect()
     evaluator = None
     origin: float | None = None
     schedules: list[OnlineSchedule] | None = None
+    workers: list[subprocess.Popen] = []
     try:
+        workers = start_workers(server_cfg, out)  # sharded: the workers take the updates
         evaluator = EvaluatorProcess(bundle, test_examples)
         zero_shot = None
         if bundle.manifest.task == "causal-lm":  # round 0: the base model with the untrained adapter (B = 0)
@@ -466,10 +491,11 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator, evaluate_every=cfg.eval_every)
         origin = time.time()  # the devices' clock: wall time since they started, their schedules' origin
         schedules = online_schedules(cfg, origin)
-        run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out, schedules)
+        run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out, schedules, workers)
     finally:
         if evaluator is not None:
             evaluator.close()
+        stop_workers(workers, 60.0)  # they exit by themselves once the job is announced finished
         link.close()
         if broker is not None:
             broker.stop()
@@ -739,9 +765,11 @@ def run_rounds(
     broker: BrokerConfig,
     out: Path,
     schedules: list[OnlineSchedule] | None = None,
+    workers: list[subprocess.Popen] | None = None,
 ) -> None:
     """Start the devices and run the aggregator's loop until the last round; print each round
-    as it closes; then wait for the devices to exit (they do once the job is announced finished)."""
+    as it closes; then wait for the devices to exit (they do once the job is announced finished).
+    ``workers``: the aggregator workers of a sharded job; one that exits ends the run."""
     procs: list[subprocess.Popen] = []
     pool: FleetPool | None = None
     fleet = fleet_settings(cfg)
@@ -769,6 +797,11 @@ def run_rounds(
                 if history[scored].get("eval"):
                     _print_eval(f"round {history[scored]['round']}/{cfg.rounds} evaluated", history[scored]["eval"])
                 scored += 1
+            for k, worker in enumerate(workers or []):
+                if worker.poll() is not None and not aggregator.coordinator.finished:
+                    raise FedloraError(
+                        f"aggregator worker {k} exited ({worker.returncode}); see {out}/shard-workers/worker-{k}.log"
+                    )
             if pool is not None:
                 pool.check()  # a worker's error ends the run here
                 return

@@ -70,6 +70,38 @@ def test_simulate_against_mosquitto_mqtt5(tmp_path, minilm_bundle, edge_python, 
     assert "cleared" in terminal.out and "Traceback" not in terminal.out + terminal.err
 
 
+def test_simulate_with_sharded_aggregators(tmp_path, minilm_bundle, edge_python, mosquitto, capfd):
+    """``--shards 2``: two fedlora-server workers take the updates, the simulation's aggregator
+    coordinates; the rounds, their history and the report are those of one aggregator."""
+    cfg = _small(tmp_path, minilm_bundle, edge_python, broker=mosquitto.url, split="iid", shards=2)
+    result = run_simulation(cfg)
+    history = result["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(h["ok"] and h["participants"] == 3 for h in history), history
+    values = 4 * sum(int(np.prod(s)) for s in _update_shapes(minilm_bundle))
+    for h in history:  # what the workers took, reported with their sealed partials
+        assert h["uplink_bytes_raw"] == 3 * values and h["uplink_bytes_wire"] > values, h
+        assert h["device_peak_rss_bytes_max"] > 50 * 2**20 and np.isfinite(h["device_train_loss_median"]), h
+    accepted = [
+        json.loads(line)
+        for k in range(2)
+        for line in (cfg.out / f"aggregator-worker-{k}" / "events.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] == "update_accepted"
+    ]
+    assert len(accepted) == 6 and {e["device"] for e in accepted} == {"dev000", "dev001", "dev002"}
+    assert (cfg.out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    logs = "".join((cfg.out / "shard-workers" / f"worker-{k}.log").read_text() for k in range(2))
+    assert "Traceback" not in logs
+    terminal = capfd.readouterr()
+    assert "2 aggregator workers started" in terminal.out and "Traceback" not in terminal.out + terminal.err
+
+
+def _update_shapes(bundle_dir):
+    from core.bundle import Bundle, choose_bundle
+
+    return [p.shape for p in Bundle(choose_bundle(bundle_dir)).manifest.trainable]
+
+
 def test_device_environment_has_no_torch(edge_python, minilm_bundle):
     assert subprocess.run([edge_python, "-c", "import torch"], capture_output=True).returncode != 0
     code = (

@@ -352,3 +352,84 @@ def test_frozen_changes_sum_dense_and_factored_changes_per_weight():
 def test_frozen_changes_refuse_unpaired_or_misshaped_factors(tensors, match):
     with pytest.raises(ProtocolError, match=match):
         frozen_changes(tensors)
+
+
+# -- the decoder's fast paths: each must refuse exactly what the full path refuses ------------
+def test_a_remembered_tensor_list_does_not_admit_a_list_that_is_equal_but_typed_otherwise():
+    """The header parser remembers tensor lists it accepted; ``true == 1`` and ``4.0 == 4`` in
+    Python, so a list that compares equal to a remembered one must still be parsed on its own."""
+    payload = encode_envelope(_env())
+    header, body = _plain_header(payload)
+    assert decode_envelope(payload).tensors  # the list is now remembered
+    for typed_otherwise in (b'"nbytes":true', b'"nbytes":24.0'):
+        obj = json.loads(header)
+        obj["tensors"][0]["nbytes"] = 1  # placeholder, replaced below as raw JSON
+        raw = json.dumps(obj, separators=(",", ":")).encode().replace(b'"nbytes":1', typed_otherwise, 1)
+        assert json.loads(raw)["tensors"][0]["nbytes"] == (1 if typed_otherwise.endswith(b"true") else 24)
+        with pytest.raises(ProtocolError, match="nbytes"):
+            decode_envelope(_with_header(raw, body))
+
+
+def test_a_remembered_layout_is_checked_again_against_other_limits():
+    from core.protocol import EnvelopeLimits
+
+    env = _env()
+    payload = encode_envelope(env)
+    wide = EnvelopeLimits.for_update({"a": (2, 3), "b": (4,)})
+    narrow = EnvelopeLimits.for_update({"a": (2, 2), "b": (4,)})
+    assert decode_envelope(payload, wide).tensors["a"].shape == (2, 3)
+    with pytest.raises(ProtocolError, match="beyond"):
+        decode_envelope(payload, narrow)
+    with pytest.raises(ProtocolError, match="not part of this job"):
+        decode_envelope(payload, EnvelopeLimits.for_update({"b": (4,)}))
+
+
+def test_fp32_tensors_are_read_only_views_of_the_payload_with_the_right_values():
+    rng = np.random.default_rng(3)
+    tensors = {f"t{i}": rng.normal(size=(3, 5)).astype(np.float32) for i in range(4)}
+    back = decode_envelope(encode_envelope(_env(tensors=tensors)))
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back.tensors[name], value)
+        assert back.tensors[name].dtype == np.float32 and not back.tensors[name].flags.writeable
+    # mixed codecs take the per-tensor path, and agree with it
+    mixed = decode_envelope(encode_envelope(_env(tensors=tensors, tensor_codecs={"t1": "fp16"})))
+    np.testing.assert_array_equal(mixed.tensors["t0"], tensors["t0"])
+    np.testing.assert_allclose(mixed.tensors["t1"], tensors["t1"], rtol=2**-10)
+
+
+def test_a_reassembled_envelope_is_hashed_once_and_a_tampered_one_still_fails():
+    payload = encode_envelope(_env())
+    header, body = _plain_header(payload)
+    forged = json.loads(header)
+    forged["body_sha256"] = "0" * 64  # the sender's own wrong body hash, inside what it hashed whole
+    lying = _with_header(json.dumps(forged, separators=(",", ":")).encode(), body)
+    with pytest.raises(ProtocolError, match="sha256"):
+        decode_envelope(lying)  # not through a reassembler: the body hash is checked
+    assert decode_envelope(lying, reassembled=True).sender == "d1"  # the message id covered it
+    r = Reassembler(max_bytes=1 << 20)
+    chunks = split_chunks(payload, 64)
+    bad = bytearray(chunks[-1])
+    bad[-1] ^= 1
+    for c in chunks[:-1]:
+        assert r.add("d1", c) is None
+    with pytest.raises(ProtocolError, match="hash check"):
+        r.add("d1", bytes(bad))
+
+
+@pytest.mark.parametrize("field", ["tensors", "metrics"])
+def test_a_deeply_nested_header_is_refused_as_malformed_without_the_depth_walk(field):
+    """The envelope header skips the generic depth walk (its typed fields bound the depth): a
+    list nested 900 deep, within the JSON decoder's recursion limit, is still a ProtocolError."""
+    payload = encode_envelope(_env())
+    header, body = _plain_header(payload)
+    obj = json.loads(header)
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    deep = b"[" * 900 + b"]" * 900
+    hostile = (
+        raw.replace(b'"metrics":{"train_loss":0.5}', b'"metrics":{"x":' + deep + b"}")
+        if field == "metrics"
+        else (raw.replace(b'"tensors":[', b'"tensors":[' + deep + b",", 1))
+    )
+    assert hostile != raw
+    with pytest.raises(ProtocolError):
+        decode_envelope(_with_header(hostile, body))

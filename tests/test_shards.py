@@ -111,6 +111,23 @@ def partial_message(sums: dict, accepted=(("d0", 2, 0.5), ("d1", 3, 0.25))) -> b
     return encode_partial(header, sums)
 
 
+def test_a_sealed_partial_reports_each_updates_bytes_and_metrics_for_the_history_and_bounds_them():
+    sums = {"x": np.arange(4.0)}
+    reported = (("d0", 2, 0.5, 300_000, 302_612, {"train_loss": 0.7, "peak_rss_bytes": 2.5e8}), ("d1", 3, 0.25))
+    header, _ = decode_partial(partial_message(sums, reported), max_values=100)
+    first, second = header.accepted
+    assert (first.wire_bytes, first.raw_bytes, dict(first.metrics)) == (300_000, 302_612, reported[0][5])
+    assert (second.wire_bytes, second.raw_bytes, dict(second.metrics)) == (0, 0, {})  # e.g. before a restart
+    for bad in (
+        ("d0", 2, 0.5, -1, 0, {}),  # negative bytes
+        ("d0", 2, 0.5, 1, True, {}),  # a bool is not a count
+        ("d0", 2, 0.5, 1, 1, {"train_loss": "high"}),  # metrics are numbers
+        ("d0", 2, 0.5, 1, 1, {f"m{i}": 1.0 for i in range(65)}),  # at most MAX_METRICS of them
+    ):
+        with pytest.raises(ProtocolError):
+            decode_partial(partial_message(sums, (bad,)), max_values=100)
+
+
 def test_partial_round_trips_float64_exactly_and_is_bounded():
     sums = {"x": np.array([[0.1, 1e-300], [1 / 3, -7.0]]), "m:BA": np.arange(3.0)}
     header, back = decode_partial(partial_message(sums), max_values=100)
@@ -246,6 +263,10 @@ def check_exact_round(coordinator, devices, g0) -> None:
     saved = coordinator.load()
     (entry,) = saved["history"]
     assert entry["ok"] and entry["participants"] == len(devices), entry
+    # the workers' reports of what they took (those committed before a worker's restart have none)
+    values = sum(v.size for v in g0.values())
+    assert entry["uplink_bytes_wire"] > 0 and entry["uplink_bytes_raw"] % (4 * values) == 0, entry
+    assert entry["uplink_bytes_raw"] // (4 * values) >= len(devices) // 2, entry
     assert multiplicities(entry["examples"], len(devices)) == [1] * len(devices)  # each device once
     assert all(1 in d.accepted_rounds() for d in devices)
     total = sum(d.weight for d in devices)

@@ -615,3 +615,31 @@ def test_rank_heterogeneous_strategies_serve_every_rank_up_to_the_global(name):
         np.testing.assert_array_equal(dev[M.a], glob.tensors[M.a][:r])
     with pytest.raises(ConfigError):
         s.for_device(glob, 3)
+
+
+@pytest.mark.parametrize(
+    "values, finite",
+    [
+        ([0.5, -2.0, 0.0], True),
+        ([3e38, -3e38, 1e30], True),  # finite, but their sum of squares overflows float32
+        ([1.0, np.nan, 2.0], False),
+        ([np.inf, 0.0], False),
+        ([-np.inf, np.inf], False),
+        ([], True),
+    ],
+)
+def test_finiteness_check_agrees_with_numpy_even_where_its_shortcut_overflows(values, finite):
+    import warnings
+
+    from server.strategies.base import check_same_tensors
+
+    array = np.array(values, np.float32)
+    update = ClientUpdate("d", 1, 1, 1, {"x": array})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shortcut's expected overflow must not warn
+        if finite:
+            check_same_tensors(update, {"x": array.shape})
+        else:
+            with pytest.raises(UpdateRejected, match="NaN or infinity"):
+                check_same_tensors(update, {"x": array.shape})
+    assert bool(np.isfinite(array).all()) == finite
