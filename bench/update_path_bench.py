@@ -37,33 +37,32 @@ SECTION = DocSection(
     "update_path_bench", "bench/update_path_bench.py", "## Aggregator capacity: updates a second through Mosquitto"
 )
 JOB = "path"
-# The stages of an update, each the cumulative cProfile time of its functions (file, function),
-# minus what a later stage's functions took inside it.
+# The stages of an update, each the cumulative cProfile time of its functions (file, function
+# name), minus what an earlier stage's functions took inside it.
 STAGES = (
     ("sha256 of the reassembled payload", [("protocol.py", "message_id")], []),
-    ("reassembly (chunks, join)", [("protocol.py", "Reassembler.add")], ["sha256 of the reassembled payload"]),
+    ("reassembly (chunks, join)", [("protocol.py", "add")], ["sha256 of the reassembled payload"]),
     ("envelope header (zlib, JSON, typed fields)", [("protocol.py", "_read_header")], []),
     (
         "envelope layout and tensor views",
         [("protocol.py", "decode_envelope")],
         ["envelope header (zlib, JSON, typed fields)"],
     ),
-    ("strategy checks (tensors, shapes, finiteness)", [("base.py", "Strategy.check")], []),
-    ("norm and bounds", [("rounds.py", "Coordinator.bounded")], []),
-    ("base + change, float64 sums", [("aggregator.py", "<dictcomp>"), ("rounds.py", "Coordinator.add")], []),
-    ("group commit (SQLite) and acks", [("aggregator.py", "Aggregator.commit_batch")], []),
+    ("strategy checks (tensors, shapes, finiteness)", [("base.py", "check")], []),
+    ("norm and bounds", [("rounds.py", "bounded")], []),
+    ("base + change, float64 sums", [("aggregator.py", "<dictcomp>"), ("rounds.py", "add")], []),
+    ("group commit (SQLite) and acks", [("aggregator.py", "commit_batch")], []),
 )
 
 
-def measure(code: Path, updates: int, batch: int, profile: str = "") -> dict:
-    """One repeat in a fresh process: ``code``'s aggregator, ``updates`` updates through handle()."""
+def measure(code: Path, bundle: Path, url: str, job: str, updates: int, batch: int, profile: str = "") -> dict:
+    """One repeat in a fresh process that imports ``code`` only: its aggregator, ``updates``
+    updates through handle() (the parent holds the broker and the bundle)."""
     script = f"""
-import sys, json, tempfile, time, os
-sys.path.insert(0, {str(code)!r}); sys.path.insert(1, {str(ROOT / "bench")!r})
+import sys, json, tempfile, time, shutil
+sys.path.insert(0, {str(code)!r})
 from pathlib import Path
 import numpy as np
-sys.path.insert(0, {str(code)!r})
-import capacity_bench as cb
 from core.bundle import Bundle
 from core.messages import Presence, Status
 from core.protocol import CHUNK_HEADER, Envelope, Topics, encode_envelope, split_chunks
@@ -71,20 +70,20 @@ from core.transport import PACKET_OVERHEAD, MqttLink
 from edge_client.runtime import read_parameters
 from server.aggregator import Aggregator
 from server.config import load_server_config
+assert Aggregator.__module__ and sys.modules["server.aggregator"].__file__.startswith({str(code)!r})
 work = Path(tempfile.mkdtemp(prefix="fedlora-path-"))
-broker, url = cb.start_broker(work)
 try:
-    bundle = Bundle(cb.minilm_bundle())
+    bundle = Bundle({str(bundle)!r})
     g0 = read_parameters(bundle)
     n = {updates}
     devices = [f"dev{{i:05d}}" for i in range(n)]
-    cfg = load_server_config(None, {{"job": {JOB!r}, "bundle": str(bundle.root), "state_dir": str(work / "state"),
-        "broker": {{"url": url}}, "http_port": 0, "adapter_versions": 0,
+    cfg = load_server_config(None, {{"job": {job!r}, "bundle": str(bundle.root), "state_dir": str(work / "state"),
+        "broker": {{"url": {url!r}}}, "http_port": 0, "adapter_versions": 0,
         "rounds": {{"rounds": 1, "min_devices": n, "round_timeout": 3600, "min_updates": 1}}}})
-    link = MqttLink(cfg.broker, client_id="path-bench").connect()
+    link = MqttLink(cfg.broker, client_id="path-bench-{job}").connect()
     agg = Aggregator(cfg, link)
     agg.start()
-    topics = Topics({JOB!r})
+    topics = Topics({job!r})
     for i, d in enumerate(devices):
         agg.handle(topics.status(d), Status(Presence.ONLINE, bundle.manifest.rank, 1 + i % 5, "bench").to_bytes())
     agg.tick()
@@ -92,7 +91,7 @@ try:
     rng = np.random.default_rng(0)
     pool = [{{k: rng.normal(0, 1e-4, v.shape).astype(np.float32) for k, v in g0.items()}} for _ in range(16)]
     room = 128 * 1024 - PACKET_OVERHEAD - len(topics.update(devices[0]).encode()) - CHUNK_HEADER.size
-    msgs = [(topics.update(d), split_chunks(encode_envelope(Envelope(kind="update", job={JOB!r}, round=1, sender=d,
+    msgs = [(topics.update(d), split_chunks(encode_envelope(Envelope(kind="update", job={job!r}, round=1, sender=d,
              rank=bundle.manifest.rank, codec="fp32", tensors=pool[i % 16], num_examples=1 + i % 5,
              base_version=agg.coordinator.version)), room)) for i, d in enumerate(devices)]
     while not link.inbox.empty():
@@ -118,10 +117,10 @@ try:
     link.close()
     print(json.dumps({{"ms": 1000 * cpu / n}}))
 finally:
-    broker.kill()
-    import shutil; shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLORA_")}
+    env["PYTHONPATH"] = str(code)
     proc = subprocess.run([sys.executable, "-c", script], cwd=code, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the bench's aggregator in {code} failed:\n{proc.stderr[-3000:]}")
@@ -136,7 +135,7 @@ def stages(stats_file: str) -> list[tuple[str, float]]:
     stats = profile.stats  # type: ignore[attr-defined]
 
     def cumulative(file: str, func: str) -> float:
-        return sum(v[3] for (f, _line, name), v in stats.items() if f.endswith(file) and name.endswith(func))
+        return sum(v[3] for (f, _line, name), v in stats.items() if f.endswith("/" + file) and name == func)
 
     own = {}
     for name, functions, minus in STAGES:
@@ -163,22 +162,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="profile one more repeat of this tree, by stage")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import capacity_bench
+
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-path-base-"))
+    broker, url = capacity_bench.start_broker(tmp)
     try:
+        bundle = capacity_bench.minilm_bundle()
         codes = {"this tree": ROOT}
         if args.baseline:
-            codes = {f"baseline {args.baseline}": baseline_tree(args.baseline, tmp), **codes}
+            codes = {f"baseline {args.baseline}": baseline_tree(args.baseline, tmp / "baseline"), **codes}
         ms: dict[str, list[float]] = {name: [] for name in codes}
         for i in range(args.repeats):  # alternating, so that a noisy minute hits both
-            for name, code in codes.items():
-                ms[name].append(measure(code, args.updates, args.batch)["ms"])
+            for j, (name, code) in enumerate(codes.items()):
+                ms[name].append(measure(code, bundle, url, f"path{i}-{j}", args.updates, args.batch)["ms"])
                 print(f"[path] repeat {i + 1}/{args.repeats} {name}: {ms[name][-1]:.3f} ms an update", flush=True)
         shares = []
         if args.profile:
             stats_file = str(tmp / "profile.out")
-            measure(ROOT, args.updates, args.batch, profile=stats_file)
+            measure(ROOT, bundle, url, "path-profile", args.updates, args.batch, profile=stats_file)
             shares = stages(stats_file)
     finally:
+        broker.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [
         f"{args.updates} MiniLM-L6 rank-8 fp32 updates (296 KiB in 3 chunks each) through `Aggregator.handle`, "
