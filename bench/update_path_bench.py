@@ -146,13 +146,6 @@ def stages(stats_file: str) -> list[tuple[str, float]]:
     return [(name, t / whole) for name, t in rows]
 
 
-def baseline_tree(rev: str, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=3000)
@@ -171,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         bundle = capacity_bench.minilm_bundle()
         codes = {"this tree": ROOT}
         if args.baseline:
-            codes = {f"baseline {args.baseline}": baseline_tree(args.baseline, tmp / "baseline"), **codes}
+            codes = {
+                f"baseline {args.baseline}": capacity_bench.baseline_tree(args.baseline, tmp / "baseline"),
+                **codes,
+            }
         ms: dict[str, list[float]] = {name: [] for name in codes}
         for i in range(args.repeats):  # alternating, so that a noisy minute hits both
             for j, (name, code) in enumerate(codes.items()):
