@@ -9,7 +9,7 @@ the chunks of ``--updates`` real encoded updates (MiniLM-L6 rank 8, fp32, cut be
 packet limit as devices cut them) go straight to ``Aggregator.handle`` in one thread, group
 committed every ``--batch`` updates (``commit.batch``, as the loop does at saturation). Per repeat: the process CPU time per update
 (paho's thread sending the acks included); the median of ``--repeats`` fresh aggregators is
-reported, this tree and the baseline alternating, with their paired ratio. ``--profile`` also
+reported, this tree and the baseline alternating (each first in turn), with their paired ratio. ``--profile`` also
 prints where one repeat of this tree's time goes (cProfile, grouped by stage).
 
     .venv/bin/python bench/update_path_bench.py --baseline 2961080 [--profile] [--write-docs]
@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                 **codes,
             }
         ms: dict[str, list[float]] = {name: [] for name in codes}
-        for i in range(args.repeats):  # alternating, so that a noisy minute hits both
-            for j, (name, code) in enumerate(codes.items()):
+        for i in range(args.repeats):  # alternating, and in turn first, so that neither gains by order
+            pairs = list(codes.items())
+            for j, (name, code) in enumerate(pairs if i % 2 == 0 else pairs[::-1]):
                 ms[name].append(measure(code, bundle, url, f"path{i}-{j}", args.updates, args.batch)["ms"])
                 print(f"[path] repeat {i + 1}/{args.repeats} {name}: {ms[name][-1]:.3f} ms an update", flush=True)
         shares = []
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [
         f"{args.updates} MiniLM-L6 rank-8 fp32 updates (296 KiB in 3 chunks each) through `Aggregator.handle`, "
-        f"group commits of {args.batch}, {args.repeats} repeats each, alternating; load average "
+        f"group commits of {args.batch}, {args.repeats} repeats each, alternating, each first in turn; load average "
         f"{os.getloadavg()[0]:.1f} after.",
         "",
         "| aggregator | CPU ms an update, median | repeats | updates/s one core could take |",
