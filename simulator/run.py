@@ -481,6 +481,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     origin: float | None = None
     schedules: list[OnlineSchedule] | None = None
     workers: list[subprocess.Popen] = []
+    finished = False
     try:
         workers = start_workers(server_cfg, out)  # sharded: the workers take the updates
         evaluator = EvaluatorProcess(bundle, test_examples)
@@ -492,10 +493,11 @@ def run_simulation(cfg: SimulateConfig) -> dict:
         origin = time.time()  # the devices' clock: wall time since they started, their schedules' origin
         schedules = online_schedules(cfg, origin)
         run_rounds(cfg, aggregator, devices, job, bundle_dir, broker_cfg, out, schedules, workers)
+        finished = True
     finally:
         if evaluator is not None:
             evaluator.close()
-        stop_workers(workers, 60.0)  # they exit by themselves once the job is announced finished
+        stop_workers(workers, 60.0 if finished else 0.0)  # a finished job's workers exit by themselves
         link.close()
         if broker is not None:
             broker.stop()
