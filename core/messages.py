@@ -985,12 +985,17 @@ def _secagg_bytes(msg: Any, with_sender: bool = True, **fields: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _secagg_fields(payload: bytes, what: str, max_bytes: int) -> tuple[Fields, SecaggStep, str, int]:
+def _secagg_fields(
+    payload: bytes, what: str, max_bytes: int, only: tuple[SecaggStep, str] | None = None
+) -> tuple[Fields, SecaggStep, str, int]:
+    """The fields every secagg message has; ``only``: the one step a topic carries, and where."""
     f = Fields(parse_json(payload, what, max_bytes), what)
     v = f.int("v", 0, 1 << 16)
     if v != PROTOCOL_VERSION:
         raise ProtocolError(f"{what} of protocol version {v} (this side speaks {PROTOCOL_VERSION})")
     step = SecaggStep(f.str("step", 16, choices=tuple(s.value for s in SecaggStep)))
+    if only is not None and step is not only[0]:
+        raise ProtocolError(f"a {step.value} message on {only[1]}")
     return f, step, f.str("job", 128, pattern=JOB_ID), f.int("round", 0, MAX_ROUND)
 
 
@@ -1020,9 +1025,9 @@ def parse_secagg_upload(payload: bytes) -> SecaggUpload:
 
 def parse_secagg_key_list(payload: bytes) -> SecaggKeyList:
     """``secagg/round/keys``: the round's devices and keys; each device once."""
-    f, step, job, rnd = _secagg_fields(payload, "secagg key list", MAX_SECAGG_LIST_BYTES)
-    if step is not SecaggStep.KEY_LIST:
-        raise ProtocolError(f"a {step.value} message on the key list topic")
+    f, _, job, rnd = _secagg_fields(
+        payload, "secagg key list", MAX_SECAGG_LIST_BYTES, (SecaggStep.KEY_LIST, "the key list topic")
+    )
 
     def peer(value: Any, what: str) -> PeerKeys:
         p = Fields(value, what)
@@ -1048,9 +1053,9 @@ def parse_secagg_key_list(payload: bytes) -> SecaggKeyList:
 
 def parse_secagg_forward(payload: bytes) -> SecaggForward:
     """``secagg/to/<device>``: the sealed shares addressed to that device."""
-    f, step, job, rnd = _secagg_fields(payload, "secagg forward", MAX_SECAGG_BYTES)
-    if step is not SecaggStep.FORWARD:
-        raise ProtocolError(f"a {step.value} message on a forward topic")
+    f, _, job, rnd = _secagg_fields(
+        payload, "secagg forward", MAX_SECAGG_BYTES, (SecaggStep.FORWARD, "a forward topic")
+    )
     msg = SecaggForward(job, rnd, _peer_map(f.object("shares"), "sealed shares", SECAGG_SEALED_BYTES))
     f.done()
     return msg
@@ -1058,9 +1063,9 @@ def parse_secagg_forward(payload: bytes) -> SecaggForward:
 
 def parse_secagg_unmask(payload: bytes) -> SecaggUnmask:
     """``secagg/round/unmask``: survivors and dropped devices, disjoint."""
-    f, step, job, rnd = _secagg_fields(payload, "secagg unmask request", MAX_SECAGG_LIST_BYTES)
-    if step is not SecaggStep.UNMASK:
-        raise ProtocolError(f"a {step.value} message on the unmask topic")
+    f, _, job, rnd = _secagg_fields(
+        payload, "secagg unmask request", MAX_SECAGG_LIST_BYTES, (SecaggStep.UNMASK, "the unmask topic")
+    )
     msg = SecaggUnmask(
         job,
         rnd,

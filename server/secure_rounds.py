@@ -322,13 +322,20 @@ class SecureRound:
                 "wrong_phase", f"{step} from {device} while the round is in its {self.state.phase} phase"
             )
 
+    def _first(self, taken: dict, device: str, entry, what: str) -> bool:
+        """Whether ``entry`` is ``device``'s first message of its step; False for a resend of the
+        same one; refused (``duplicate``) when it differs from what the device sent before."""
+        known = taken.get(device)
+        if known is None:
+            return True
+        if known == entry:
+            return False  # a resend
+        raise SecaggRefused("duplicate", f"{device} already {what} for round {self.round}")
+
     def _take_keys(self, device: str, msg: SecaggKeys) -> bool:
         entry = [_b64(msg.cipher), _b64(msg.mask), _b64(msg.seed_hash)]
-        known = self.state.keys.get(device)
-        if known is not None:
-            if known == entry:
-                return False  # a resend
-            raise SecaggRefused("duplicate", f"{device} already sent other keys for round {self.round}")
+        if not self._first(self.state.keys, device, entry, "sent other keys"):
+            return False
         self._expect("keys", device, "keys")
         if msg.cipher == msg.mask or any(entry[:2] == other[:2] for other in self.state.keys.values()):
             raise SecaggRefused("bad_keys", f"{device} sent keys that are not fresh (reused or equal)")
@@ -337,11 +344,8 @@ class SecureRound:
 
     def _take_shares(self, device: str, msg: SecaggShares) -> bool:
         sealed = {k: _b64(v) for k, v in msg.shares.items()}
-        known = self.state.shares.get(device)
-        if known is not None:
-            if known == sealed:
-                return False
-            raise SecaggRefused("duplicate", f"{device} already sent other shares for round {self.round}")
+        if not self._first(self.state.shares, device, sealed, "sent other shares"):
+            return False
         self._expect("shares", device, "shares")
         if device not in self.state.key_list:
             raise SecaggRefused("not_in_key_list", f"{device} is not in round {self.round}'s key list")
@@ -355,11 +359,8 @@ class SecureRound:
 
     def _take_reveal(self, device: str, msg: SecaggReveal) -> bool:
         revealed = {k: _b64(v) for k, v in msg.shares.items()}
-        known = self.state.reveals.get(device)
-        if known is not None:
-            if known == revealed:
-                return False
-            raise SecaggRefused("duplicate", f"{device} already revealed other shares for round {self.round}")
+        if not self._first(self.state.reveals, device, revealed, "revealed other shares"):
+            return False
         self._expect("unmask", device, "reveal")
         if device not in self.state.survivors:
             raise SecaggRefused("not_a_survivor", f"{device} did not send a masked input in round {self.round}")
