@@ -736,7 +736,7 @@ class Aggregator:
         kept = bounded.update
         if p.msg_id is not None:
             self._answered.remember(device, p.msg_id, Ack(env.round, AckResult.ACCEPTED))
-        raw = sum(v.size * 4 for v in env.tensors.values())
+        raw = raw_bytes(env)
         self._round_bytes["raw"] += raw
         self.metrics.bytes_in.labels("raw").inc(raw)
         self._round_metrics.append(env.metrics)
@@ -998,6 +998,11 @@ class AnsweredUpdates:
             self.publish(device, ack)
             self._answers[(device, msg_id)] = (ack, time.monotonic())
         return True
+
+
+def raw_bytes(env: Envelope) -> int:
+    """An update's size decoded (float32), as the round's history and metrics count it."""
+    return sum(v.size * 4 for v in env.tensors.values())
 
 
 # What a round's history row summarizes of the devices' own metrics (a sharded worker sends

@@ -29,7 +29,7 @@ from core.messages import (
 )
 from core.protocol import Envelope, Reassembler, adapter_part, decode_envelope, encode_partial, parse_chunk
 from core.transport import MqttLink
-from server.aggregator import SUMMARIZED_METRICS, Aggregator, RankDownlink
+from server.aggregator import SUMMARIZED_METRICS, Aggregator, RankDownlink, raw_bytes
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.rounds import OpenRound
@@ -212,7 +212,7 @@ class ShardWorker(Aggregator):
         for p in batch:  # for the round's history, with the sealed partial
             if p.device in rnd.accepted and p.env.round == rnd.round:
                 metrics = {k: v for k, v in p.env.metrics.items() if k in SUMMARIZED_METRICS}
-                self._reports[p.device] = (p.nbytes, sum(v.size * 4 for v in p.env.tensors.values()), metrics)
+                self._reports[p.device] = (p.nbytes, raw_bytes(p.env), metrics)
         self.report(
             [
                 ShardAccepted(p.device, p.record.update.num_examples, p.bounded.norm)

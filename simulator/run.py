@@ -249,6 +249,8 @@ def _check_shards(cfg: SimulateConfig) -> None:
 
     if not 1 <= cfg.shards <= MAX_SHARDS:
         raise ConfigError(f"shards must be in [1, {MAX_SHARDS}], got {cfg.shards}")
+    if cfg.shards == 1:
+        return
     nested = nested_settings(cfg)
     check_shards(
         ShardSettings(count=cfg.shards),

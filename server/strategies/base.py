@@ -222,12 +222,11 @@ def check_same_tensors(
         raise UpdateRejected("missing_tensor", f"{len(missing)} tensors missing, e.g. {missing[0]}")
     if extra:
         raise UpdateRejected("unknown_tensor", f"{len(extra)} unknown tensors, e.g. {extra[0]}")
-    for name, value in update.tensors.items():
-        expected = tuple(shapes[name] if name in shapes else optional[name])
-        if tuple(value.shape) != expected:
-            raise UpdateRejected("wrong_shape", f"{name} has shape {tuple(value.shape)}, expected {expected}")
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # all_finite's overflow is expected
         for name, value in update.tensors.items():
+            expected = tuple(shapes[name] if name in shapes else optional[name])
+            if tuple(value.shape) != expected:
+                raise UpdateRejected("wrong_shape", f"{name} has shape {tuple(value.shape)}, expected {expected}")
             if not all_finite(value):
                 raise UpdateRejected("non_finite", f"{name} contains NaN or infinity")
 
