@@ -193,11 +193,14 @@ class EncodedDataset:
 def encode_classification(records: Sequence[Record], encoder: TextEncoder, labels: Sequence[str]) -> EncodedDataset:
     """Encode records whose labels must be among ``labels`` (the bundle's label list)."""
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted({r.label for r in records if r.label not in index})
+    given = [r.label for r in records if r.label is not None]
+    if len(given) < len(records):
+        raise DataError(f"{len(records) - len(given)} of {len(records)} records have no label: a classifier needs one")
+    unknown = sorted({label for label in given if label not in index})
     if unknown:
         raise DataError(f"labels not in the bundle's label set {list(labels)}: {unknown[:5]}")
     ids, mask = encoder.encode([r.text for r in records])
-    y = np.array([index[r.label] for r in records], dtype=np.int64)
+    y = np.array([index[label] for label in given], dtype=np.int64)
     return EncodedDataset(ids, mask, y)
 
 

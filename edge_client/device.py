@@ -203,6 +203,7 @@ def load_local_data(cfg: DeviceConfig, bundle: Bundle) -> LocalData:
         encoder = _text_encoder(bundle.path(m.tokenizer), m.max_length, m.pad_token_id)
         return encode_classification(read_records(path, cfg.text_column, cfg.label_column), encoder, m.labels)
 
+    assert cfg.data is not None  # DeviceConfig refuses a config without it
     train = encode(cfg.data)
     if cfg.eval_data is not None:
         return LocalData(train, encode(cfg.eval_data))
@@ -250,6 +251,7 @@ class Device:
         if shared is not None:
             self.bundle = shared.bundle
         else:
+            assert cfg.bundle is not None  # DeviceConfig refuses a config without one
             self.bundle = Bundle(choose_bundle(cfg.bundle, cfg.memory_budget_mb * 2**20, cfg.rank))
         self.manifest = self.bundle.manifest
         self.topics = Topics(cfg.job)

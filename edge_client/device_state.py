@@ -35,7 +35,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-Writer = bytes | Callable[[object], object]
+Writer = bytes | Callable[[BinaryIO], object]
 
 
 def atomic_write(path: str | Path, data: Writer, faults: FaultInjector | None = None, point: str = "") -> None:
@@ -213,15 +213,16 @@ class DeviceState:
 
     def _check_pending(self) -> bytes | None:
         """The pending payload if it is there and matches the recorded sha256; else drop it."""
+        payload: bytes | None = None
+        problem: str | None = None
         try:
             payload = self.pending_path.read_bytes()
         except FileNotFoundError:
-            payload, problem = None, "it is missing"
+            problem = "it is missing"
         except OSError as exc:
-            payload, problem = None, f"it cannot be read ({exc})"
+            problem = f"it cannot be read ({exc})"
         else:
             digest = hashlib.sha256(payload).hexdigest()
-            problem = None
             if self.pending_sha256 is not None and digest != self.pending_sha256:
                 recorded = self.pending_sha256
                 payload, problem = None, f"its sha256 {digest[:12]}... is not the recorded {recorded[:12]}..."
@@ -290,4 +291,7 @@ class DeviceState:
             log.warning("ignoring the saved local adapter %s: %s", self.adapter_path, exc)
 
     def save_adapter(self, tensors: dict[str, np.ndarray]) -> None:
-        atomic_write(self.adapter_path, lambda fh: np.savez(fh, **tensors), self._faults, "device:adapter")
+        def save(fh: BinaryIO) -> None:
+            np.savez(fh, **tensors)  # type: ignore[arg-type]  # mypy reads a **dict as maybe allow_pickle
+
+        atomic_write(self.adapter_path, save, self._faults, "device:adapter")

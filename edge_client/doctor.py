@@ -238,12 +238,12 @@ def check_memory(cfg, bundle, doc: dict | None) -> Check:
     need = int((m.extra.get("memory") or {}).get("peak_rss_bytes") or 0)
     info = _meminfo()
     total, available = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
-    limits = {
+    candidates = {
         "cgroup limit": _cgroup_limit(),
         "memory_budget_mb": cfg.memory_budget_mb * MIB or None,
         "service MemoryMax": ((doc or {}).get("memory", {}).get("memory_max_mb") or 0) * MIB or None,
     }
-    limits = {k: v for k, v in limits.items() if v}
+    limits = {k: v for k, v in candidates.items() if v}
     detail = f"{available / MIB:.0f} MiB available of {total / MIB:.0f} MiB"
     if limits:
         detail += "; " + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in limits.items())
@@ -301,12 +301,14 @@ def check_clock(cfg, doc: dict | None, now: float | None = None) -> Check:
 
     now = time.time() if now is None else now
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
-    floor = int((doc or {}).get("created_unix") or 0)
+    doc = doc or {}
+    floor = int(doc.get("created_unix") or 0)
     if floor and now < floor - 300:
+        built = doc.get("created") or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(floor))
         return Check(
             "clock",
             FAIL,
-            f"{stamp} is before the bundle was built ({doc['created']}): set the time "
+            f"{stamp} is before the bundle was built ({built}): set the time "
             "(NTP) or TLS will reject the broker's certificate",
         )
     if time.gmtime(now).tm_year < 2024:
@@ -315,7 +317,7 @@ def check_clock(cfg, doc: dict | None, now: float | None = None) -> Check:
         import ssl
 
         try:
-            cert = ssl._ssl._test_decode_cert(cfg.broker.ca_file)  # stdlib, undocumented but stable
+            cert = ssl._ssl._test_decode_cert(cfg.broker.ca_file)  # type: ignore[attr-defined]  # stdlib, undocumented but stable
             start, end = ssl.cert_time_to_seconds(cert["notBefore"]), ssl.cert_time_to_seconds(cert["notAfter"])
             if not start <= now <= end:
                 return Check(

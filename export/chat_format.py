@@ -30,11 +30,9 @@ SLOTS = ("system", "user", "assistant")
 # Sentinels: letters and digits only, so templates that trim or escape content keep them whole.
 _SENTINEL = "FEDLORASLOT{}{}Q"
 # What a device's formatting is checked against: real text, with newlines and punctuation inside.
-_CHECK = {
-    "system": "You are a careful assistant.\nAnswer briefly.",
-    "user": ["What is 2 + 2?", "And 3 + 3?\nThanks.", "Name a colour."],
-    "assistant": ["It is 4.", "6.\nYou are welcome.", "Blue."],
-}
+_CHECK_SYSTEM = "You are a careful assistant.\nAnswer briefly."
+_CHECK_USERS = ["What is 2 + 2?", "And 3 + 3?\nThanks.", "Name a colour."]
+_CHECK_ASSISTANTS = ["It is 4.", "6.\nYou are welcome.", "Blue."]
 SYSTEM_JOIN = "\n\n"
 
 
@@ -177,7 +175,7 @@ def derive_chat_format(render: Render) -> ChatFormat:
 
 def check_chat_format(fmt: ChatFormat, render: Render) -> None:
     """Every conversation of the check set, formatted from the parts, equals the template's render."""
-    system, users, assistants = _CHECK["system"], _CHECK["user"], _CHECK["assistant"]
+    system, users, assistants = _CHECK_SYSTEM, _CHECK_USERS, _CHECK_ASSISTANTS
     cases = []
     for with_system in (True, False):
         for turns in (1, 2, 3):

@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,10 @@ from core.errors import ConfigError
 from export.chat_format import end_of_turn_id
 from export.config import ExportConfig
 from export.preflight import ExportError, Plan, log, preflight
+
+if TYPE_CHECKING:
+    import onnx
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -79,8 +84,8 @@ def native_stderr_captured():
 
 @dataclass
 class LoadedModel:
-    model: object  # transformers PreTrainedModel
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     task: str
     model_type: str
     labels: tuple[str, ...]
@@ -144,7 +149,7 @@ def _zero_dropout_modules(model) -> None:
             module.p = 0.0
 
 
-def _load_weights(cfg: ExportConfig, plan: Plan, config):
+def _load_weights(cfg: ExportConfig, plan: Plan, config) -> PreTrainedModel:
     """The float32 model for the plan's task; a classifier gets a fresh head for its labels (seeded)."""
     import torch
 
@@ -204,7 +209,8 @@ def build_peft(loaded: LoadedModel, cfg: ExportConfig, rank: int):
     base = copy.deepcopy(loaded.model)
     lora = peft.LoraConfig(
         r=rank,
-        lora_alpha=cfg.alpha_for(rank),
+        # peft annotates lora_alpha as int but only divides by it (scaling = lora_alpha / r); alpha may be fractional
+        lora_alpha=cfg.alpha_for(rank),  # type: ignore[arg-type]
         target_modules=list(targets),
         lora_dropout=0.0,
         modules_to_save=list(_head_names(base)) + list(cfg.extra_trainable) or None,
@@ -423,7 +429,8 @@ def rewrite_cpu_gradients(training_model: Path) -> dict[str, int]:
     if not 13 <= opset < 18:  # ReduceMean takes axes as an attribute, ReduceSum as an input
         return {}
     read = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-    nodes, counts = [], {}
+    nodes: list[onnx.NodeProto] = []
+    counts: dict[str, int] = {}
     constants = {
         "fedlora.half": 0.5,
         "fedlora.one": 1.0,
@@ -686,17 +693,18 @@ def self_check(
         batch = verification_batch(loaded, cfg, loaded.model.config.vocab_size)
         ort1, ort2 = ort_two_losses(bundle_dir, batch, cfg.verify_lr)
         pt1, pt2 = torch_two_losses(wrapper, batch, cfg.verify_lr)
+        rel_diff = [abs(ort1 - pt1) / max(abs(pt1), 1e-12), abs(ort2 - pt2) / max(abs(pt2), 1e-12)]
         check = {
             "torch_loss": [pt1, pt2],
             "ort_loss": [ort1, ort2],
-            "rel_diff": [abs(ort1 - pt1) / max(abs(pt1), 1e-12), abs(ort2 - pt2) / max(abs(pt2), 1e-12)],
+            "rel_diff": rel_diff,
             "tolerance": cfg.verify_tolerance,
         }
         log(f"r={rank}: loss before step torch {pt1:.6f} ort {ort1:.6f}; after step torch {pt2:.6f} ort {ort2:.6f}")
-        if max(check["rel_diff"]) > cfg.verify_tolerance:
+        if max(rel_diff) > cfg.verify_tolerance:
             raise ExportError(
                 f"self-check failed for rank {rank}: ORT and PyTorch losses differ by "
-                f"{max(check['rel_diff']):.2e} relative (> {cfg.verify_tolerance:g}): {check}"
+                f"{max(rel_diff):.2e} relative (> {cfg.verify_tolerance:g}): {check}"
             )
     return check
 
@@ -749,18 +757,15 @@ def export(cfg: ExportConfig) -> list[Path]:
         for i, rank in enumerate(cfg.ranks, start=1):
             log(f"rank {rank} ({i}/{len(cfg.ranks)})")
             bundles.append(export_rank(loaded, cfg, rank, tok_dir))
-    ladder = {
-        "model_id": plan.model_id,
-        "task": loaded.task,
-        "ranks": {str(r): {"path": f"r{r}"} for r in cfg.ranks},
-    }
+    ranks: dict[str, dict[str, object]] = {str(r): {"path": f"r{r}"} for r in cfg.ranks}
+    ladder = {"model_id": plan.model_id, "task": loaded.task, "ranks": ranks}
     for rank, path in zip(cfg.ranks, bundles):
         m = Bundle(path, verify=False).manifest
-        ladder["ranks"][str(rank)]["adapter_parameters"] = m.adapter_size
-        ladder["ranks"][str(rank)]["adapter_bytes_fp32"] = 4 * m.adapter_size
+        ranks[str(rank)]["adapter_parameters"] = m.adapter_size
+        ranks[str(rank)]["adapter_bytes_fp32"] = 4 * m.adapter_size
         if "memory" in m.extra:
-            ladder["ranks"][str(rank)]["peak_rss_bytes"] = m.extra["memory"]["peak_rss_bytes"]
-            ladder["ranks"][str(rank)]["step_time_s"] = m.extra["memory"]["step_time_s"]
+            ranks[str(rank)]["peak_rss_bytes"] = m.extra["memory"]["peak_rss_bytes"]
+            ranks[str(rank)]["step_time_s"] = m.extra["memory"]["step_time_s"]
     (cfg.output_dir / "ladder.json").write_text(json.dumps(ladder, indent=1) + "\n", encoding="utf-8")
     log(f"wrote {len(bundles)} bundle(s) to {cfg.output_dir}")
     return bundles

@@ -38,14 +38,21 @@ def adapter_task_and_labels(adapter: Path) -> tuple[str, tuple[str, ...]]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{config_path} is not readable JSON: {exc}") from exc
-    task = TASKS.get(config.get("task_type")) if isinstance(config, dict) else None
+    task_type = config.get("task_type") if isinstance(config, dict) else None
+    task = TASKS.get(task_type) if isinstance(task_type, str) else None
     if task is None:
         raise ConfigError(f"{config_path}: task_type must be one of {sorted(TASKS)}")
     with safe_open(str(weights_path), framework="np") as f:
         metadata = f.metadata() or {}
     labels: tuple[str, ...] = ()
     if LABELS_METADATA in metadata:
-        labels = tuple(str(x) for x in json.loads(metadata[LABELS_METADATA]))
+        try:
+            named = json.loads(metadata[LABELS_METADATA])
+        except ValueError:
+            named = None
+        if not isinstance(named, list) or not all(isinstance(x, str) for x in named):
+            raise ConfigError(f"{weights_path}: its {LABELS_METADATA} metadata is not a JSON list of class names")
+        labels = tuple(named)
     if task == "seq-cls" and not labels:
         raise ConfigError(f"{weights_path} does not name its classes ({LABELS_METADATA} metadata)")
     return task, labels
@@ -63,7 +70,12 @@ def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, gg
         raise ConfigError(f"the output {output} exists and is not empty")
     with tempfile.TemporaryDirectory() as scratch:  # the export's checks want an output folder; nothing goes there
         cfg = ExportConfig(
-            model_dir=model, output_dir=scratch, task=task, labels=labels, gguf_file=gguf_file, measure=False
+            model_dir=Path(model),
+            output_dir=Path(scratch),
+            task=task,
+            labels=labels,
+            gguf_file=gguf_file,
+            measure=False,
         )
         loaded = load_model(cfg)
     log(f"merging {adapter} into {loaded.plan.model_id if loaded.plan else model}")

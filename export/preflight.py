@@ -18,11 +18,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import ConfigError, FedloraError
 from export.architectures import FAMILIES, PRESETS, UNSUPPORTED, Family, resolve_targets, supported_types
 from export.chat_format import ChatFormat, ChatFormatError, derive_chat_format
 from export.config import ExportConfig, check_labels
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # transformers' model type of a GGUF ``general.architecture`` where the two differ
 GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
@@ -63,13 +67,13 @@ class Plan:
     """What the export will do, decided before the weights load."""
 
     source: ModelSource
-    config: object  # the transformers config, set up for the task
+    config: PretrainedConfig  # set up for the task
     model_type: str
     family: Family | None
     task: str
     targets: tuple[str, ...]
     labels: tuple[str, ...]
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     model_id: str
     chat_format: ChatFormat | None = None
     chat_note: str = ""  # why there is no chat format, when there is none

@@ -11,6 +11,7 @@ adapter published (retained) -> next round announced (retained).
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import shutil
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +125,7 @@ class Aggregator:
         self._evaluations: list[tuple[dict, Future]] = []  # (history entry, its evaluation) not yet collected
         self.clock = clock
         self.topics = Topics(cfg.job)
+        assert cfg.bundle is not None  # AggregatorConfig refuses a config without one
         self.bundle = Bundle(choose_bundle(cfg.bundle))  # a ladder: its largest rank
         self.manifest = self.bundle.manifest
         self.train = cfg.train.for_task(self.manifest.task)  # lr 0: the task's default rate
@@ -328,7 +331,7 @@ class Aggregator:
                 decoded = decode_envelope(payload, self.global_limits).tensors
                 target = {k: (view[k] + decoded[k]).astype(np.float32) for k in target}
                 d.delta_chunks = self._publish_retained(
-                    lambda i, r=rank: self.topics.delta_chunk(r, i), payload, d.delta_chunks
+                    functools.partial(self.topics.delta_chunk, rank), payload, d.delta_chunks
                 )
                 d.delta_bytes = len(payload)
                 self.metrics.bytes_out.labels("wire").inc(len(payload))
@@ -337,7 +340,7 @@ class Aggregator:
             d.view = decode_envelope(full, self.global_limits).tensors
             d.adapter = adapter_part(d.view)
             d.full_chunks = self._publish_retained(
-                lambda i, r=rank: self.topics.global_chunk(r, i), full, d.full_chunks
+                functools.partial(self.topics.global_chunk, rank), full, d.full_chunks
             )
             d.version, d.full_bytes = version, len(full)
             self.metrics.bytes_out.labels("wire").inc(len(full))
@@ -353,7 +356,7 @@ class Aggregator:
 
     def announcement(self) -> Announcement:
         c = self.coordinator
-        base = dict(
+        base: dict[str, Any] = dict(
             mode=RoundMode(self.cfg.rounds.mode),
             job=self.cfg.job,
             global_version=c.version,
@@ -976,7 +979,7 @@ class AnsweredUpdates:
     missed its ack resends the same bytes (its pending update): the answer goes out again, at
     most once per ``every_s`` (a resend is many chunks), without reassembling or judging it."""
 
-    def __init__(self, publish: Callable[[str, Ack], None], capacity: int = 100_000, every_s: float = 5.0):
+    def __init__(self, publish: Callable[[str, Ack], object], capacity: int = 100_000, every_s: float = 5.0):
         self.publish = publish
         self.capacity = capacity
         self.every_s = every_s

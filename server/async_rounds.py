@@ -34,6 +34,7 @@ buffer is, with no selection (every device of the job may train) and the current
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class AsyncCoordinator(Coordinator):
     """The Coordinator of async rounds: the open "round" is the buffer of the next version
     (round id = that version), open to every device; see the module docstring."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._opened: OpenRound | None = None  # a buffer opened by maybe_close, for maybe_open to report
 

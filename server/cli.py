@@ -118,13 +118,18 @@ def _serve(cfg) -> int:
         api = k8s.api_client(f"fedlora-aggregator ({identity})")
         timeout = min(5.0, kube.renew_deadline / 2)
         if kube.events:
+
+            def count_failures(ok: bool) -> None:
+                if not ok:
+                    metrics.kubernetes_errors.labels("event_create").inc()
+
             recorder = k8s.EventRecorder(
                 client.CoreV1Api(api),
                 namespace,
                 identity,
                 kube.pod_uid,
                 request_timeout=timeout,
-                on_result=lambda ok: ok or metrics.kubernetes_errors.labels("event_create").inc(),
+                on_result=count_failures,
             ).start()
         if kube.leader_election and not worker:
             elector = LeaderElector(

@@ -62,8 +62,9 @@ def default_identity() -> str:
     return os.environ.get("POD_NAME") or socket.gethostname()
 
 
-def _time(wall: float) -> str:
-    return datetime.fromtimestamp(wall, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _time(wall: float) -> datetime:
+    """An Event's time: UTC to the second (the client writes it as RFC 3339, ``+00:00``)."""
+    return datetime.fromtimestamp(int(wall), tz=timezone.utc)
 
 
 class EventRecorder:

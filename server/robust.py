@@ -244,7 +244,8 @@ class RobustStrategy(Strategy):
         }
         median = {k: np.median(np.stack([c[k] for c in changes.values() if k in c]), axis=0) for k in keys}
         scale = math.sqrt(sum(float(np.square(v).sum()) for v in median.values()))
-        kept, dropped = [], []
+        kept: list[str] = []
+        dropped: list[str] = []
         for g, change in changes.items():
             dot = sum(float(np.vdot(change[k], median[k])) for k in change)
             (kept if scale == 0 or dot > 0 else dropped).append(g)

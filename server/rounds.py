@@ -11,12 +11,15 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from core.errors import ConfigError, UpdateRejected
 from server.strategies.base import ClientUpdate, Partial, Strategy
+
+if TYPE_CHECKING:
+    from server.privacy import PrivacySettings
 
 NORM_BOUNDS = ("clip", "reject")
 ROUND_MODES = ("sync", "async")
@@ -25,6 +28,8 @@ STALENESS_WEIGHTINGS = ("constant", "polynomial", "hinge")
 
 class RoundPrivacy(Protocol):
     """What the coordinator asks of differential privacy (``server.privacy.DifferentialPrivacy``)."""
+
+    settings: PrivacySettings
 
     def norm_bound(self, selected: int) -> float:
         """The L2 bound of a round's updates as sent, with ``selected`` devices."""

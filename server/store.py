@@ -70,6 +70,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -204,7 +205,8 @@ def _round_to_json(rnd: OpenRound) -> dict:
 
 
 def _round_from_json(data: dict, partial: Partial) -> OpenRound:
-    kwargs, later = {}, {}
+    kwargs: dict[str, Any] = {}
+    later: dict[str, Any] = {}
     for f in dataclasses.fields(OpenRound):
         if f.name == "partial":
             continue
@@ -543,14 +545,14 @@ class StateStore:
             "SELECT seq, device, rank, weight, norm, metrics FROM updates WHERE round = ? AND seq > ? ORDER BY seq",
             (round_id, saved),
         )
-        rows = list(cursor)
+        logged = list(cursor)
         stored = {
             seq: (layout, data)
             for seq, layout, data in self._conn.execute(
                 "SELECT seq, layout, data FROM update_tensors WHERE round = ? AND seq > ?", (round_id, saved)
             )
         }
-        return [_decode_update(round_id, row, stored.get(row[0])) for row in rows]
+        return [_decode_update(round_id, row, stored.get(row[0])) for row in logged]
 
     def save(
         self,

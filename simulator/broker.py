@@ -24,10 +24,14 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import FedloraError
 from core.protocol import Topics
 from core.transport import BrokerConfig, MqttLink
+
+if TYPE_CHECKING:
+    from amqtt.broker import Broker
 
 log = logging.getLogger("fedlora.simulate")
 
@@ -66,7 +70,7 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.log_file = Path(log_file) if log_file is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._broker = None
+        self._broker: Broker | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None

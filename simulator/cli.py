@@ -180,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     from simulator.run import SimulateConfig, run_simulation
 
     given = vars(args)
-    nested = tuple(f"{group}_" for group, _, _ in NESTED)
+    nested_prefixes = tuple(f"{group}_" for group, _, _ in NESTED)
     values = {
         k: v
         for k, v in given.items()
-        if k not in ("command", "verbose", "devices_per_round") and not k.startswith(("setting_", "rounds_") + nested)
+        if k not in ("command", "verbose", "devices_per_round")
+        and not k.startswith(("setting_", "rounds_") + nested_prefixes)
     }
     values["strategy_settings"] = {name: given[f"setting_{name}"] for name in settings if f"setting_{name}" in given}
     for group, _, cls in NESTED:

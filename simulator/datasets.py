@@ -290,8 +290,8 @@ def split_by_group(groups: Sequence[str], n_devices: int, seed: int) -> list[np.
     if len(names) < n_devices:
         raise DataError(f"only {len(names)} groups for {n_devices} devices; each device needs a whole group")
     members = [np.flatnonzero(g == i) for i in range(len(names))]
-    order = np.random.default_rng(seed).permutation(len(names))
-    order = sorted(order, key=lambda i: -len(members[i]))  # stable: shuffled order among equal sizes
+    shuffled = np.random.default_rng(seed).permutation(len(names))
+    order = sorted(shuffled, key=lambda i: -len(members[i]))  # stable: shuffled order among equal sizes
     load = [(0, d) for d in range(n_devices)]
     shards: list[list[np.ndarray]] = [[] for _ in range(n_devices)]
     for i in order:
@@ -315,9 +315,10 @@ def partition(
         return split_iid(len(dataset_train), n_devices, seed)
     if scheme == "dirichlet":
         return split_dirichlet([e.label for e in dataset_train], n_devices, alpha, seed, top_up=True)
-    if any(e.group is None for e in dataset_train):
+    groups = [e.group for e in dataset_train if e.group is not None]
+    if len(groups) < len(dataset_train):
         raise DataError("scheme 'group' needs a group on every example; load the data with group_column=...")
-    return split_by_group([e.group for e in dataset_train], n_devices, seed)
+    return split_by_group(groups, n_devices, seed)
 
 
 # ---------------------------------------------------------------------------------------------

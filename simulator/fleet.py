@@ -31,6 +31,7 @@ import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from core.errors import ConfigError, FedloraError, ProtocolError
 from core.messages import Presence, RoundState, Status, TopicKind
 from core.protocol import Topics
 from core.transport import BrokerConfig, MqttLink
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 log = logging.getLogger("fedlora.fleet")
 
@@ -277,7 +281,8 @@ class FleetPool:
             )
             self._started_ray = True
         remote = ray.remote(num_cpus=1, max_restarts=0)(_FleetActor)
-        self._actors = [remote.remote(w) for w in workers]
+        # Ray types ActorClass.remote() as ActorHandle | type (for its method typing); it returns a handle
+        self._actors = [cast("ActorHandle[_FleetActor]", remote.remote(w)) for w in workers]
         self._runs = [a.run.remote() for a in self._actors]
         self.results: list[dict] = []
 

@@ -279,8 +279,7 @@ def ensure_bundle(
 
     ranks = tuple(sorted(set(ranks)))
     parts = [str(model_dir.resolve()), labels, ranks, max_length, EXPORT_RECIPE] + ([task] if task != "seq-cls" else [])
-    key = hashlib.sha256(json.dumps(parts).encode())
-    key = key.hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     root = cache / "bundles" / f"{model_dir.name}-{key}"
     try:
         for rank in ranks:
@@ -435,6 +434,7 @@ def centralized_baseline(
 ) -> list[dict]:
     """Train the same model on the pooled data with the same total sample passes (at
     ``cfg.centralized_lr``)."""
+    assert cfg.centralized_lr is not None and cfg.batch_size is not None  # set by SimulateConfig.__post_init__
     trainer = Trainer(bundle, options=RuntimeOptions())
     trainer.set_learning_rate(cfg.centralized_lr)
     rng = np.random.default_rng(cfg.seed)
@@ -487,10 +487,11 @@ def run_simulation(cfg: SimulateConfig) -> dict:
     try:
         workers = start_workers(server_cfg, out)  # sharded: the workers take the updates
         evaluator = EvaluatorProcess(bundle, test_examples)
-        zero_shot = None
+        zero_shot: dict | None = None
         if bundle.manifest.task == "causal-lm":  # round 0: the base model with the untrained adapter (B = 0)
-            zero_shot = {"round": 0, "eval": evaluator(read_parameters(bundle))}
-            _print_eval("round 0 (zero-shot)", zero_shot["eval"])
+            zero_shot_eval = evaluator(read_parameters(bundle))
+            zero_shot = {"round": 0, "eval": zero_shot_eval}
+            _print_eval("round 0 (zero-shot)", zero_shot_eval)
         aggregator = Aggregator(server_cfg, link, Metrics(), evaluator=evaluator, evaluate_every=cfg.eval_every)
         origin = time.time()  # the devices' clock: wall time since they started, their schedules' origin
         schedules = online_schedules(cfg, origin)
@@ -508,6 +509,7 @@ def run_simulation(cfg: SimulateConfig) -> dict:
 
     centralized = None
     if cfg.centralized:
+        assert cfg.local_steps is not None  # set by SimulateConfig.__post_init__
         train_all = encode_training_set(bundle, data.train)
         centralized = centralized_baseline(bundle, train_all, test, cfg, steps_per_round=cfg.local_steps * cfg.devices)
     wall = time.time() - started
@@ -604,6 +606,7 @@ def server_config(
     Under differential privacy with every device always online, the first round waits for the
     whole population: opened as soon as the first ``sampled`` devices say they are online, it
     would sample from those alone, at a sampling rate (and an epsilon) far above the rest."""
+    assert cfg.local_steps is not None and cfg.batch_size is not None and cfg.lr is not None  # set by __post_init__
     fleet = fleet_settings(cfg)
     rounds = {"min_devices": cfg.devices, **cfg.round_settings}
     sampled = fleet.sampled(cfg.devices)

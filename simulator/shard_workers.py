@@ -66,11 +66,11 @@ def start_workers(server_cfg: ServerConfig, out: Path) -> list[subprocess.Popen]
                     )
                 )
         deadline = time.monotonic() + START_TIMEOUT_S
-        for k, (proc, log) in enumerate(zip(workers, logs)):
-            while STARTED.format(k=k, count=count) not in log.read_text(errors="replace"):
+        for k, (proc, log_path) in enumerate(zip(workers, logs)):
+            while STARTED.format(k=k, count=count) not in log_path.read_text(errors="replace"):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace")[-2000:]
-                    raise FedloraError(f"aggregator worker {k} did not start (its log, {log}):\n{tail}")
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise FedloraError(f"aggregator worker {k} did not start (its log, {log_path}):\n{tail}")
                 time.sleep(0.05)
     except BaseException:
         stop_workers(workers, 0.0)

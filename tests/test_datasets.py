@@ -153,6 +153,19 @@ def test_write_jsonl_is_read_back_by_the_device_reader(tmp_path):
     assert [(r.text, r.label) for r in read_records(path)] == [("naïve café", "fr"), ("plain", "en")]
 
 
+def test_device_encoder_names_unknown_and_missing_labels():
+    from edge_client.data import Record, encode_classification
+
+    class Words:  # the encoder's interface; the checks come before any encoding
+        def encode(self, texts):
+            raise AssertionError("encoded records that fail the label checks")
+
+    with pytest.raises(DataError, match=r"\['z'\]"):
+        encode_classification([Record("a", "x"), Record("b", "z")], Words(), ["x", "y"])
+    with pytest.raises(DataError, match="1 of 2 records have no label"):
+        encode_classification([Record("a", "x"), Record("b", None)], Words(), ["x", "y"])
+
+
 def test_label_histogram_counts_and_rejects_unknown_labels():
     examples = [Example("a", "x"), Example("b", "z"), Example("c", "x")]
     assert label_histogram(examples, ["x", "y", "z"]).tolist() == [2, 0, 1]

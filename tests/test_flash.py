@@ -146,6 +146,9 @@ def test_doctor_fails_a_clock_behind_the_bundle():
     doc = {"created_unix": 1_800_000_000, "created": "2027-01-15T08:00:00Z"}
     assert check_clock(cfg, doc, now=1_700_000_000).status == FAIL
     assert check_clock(cfg, doc, now=1_800_000_100).status in (OK, "WARN")
+    # a build record without its readable time still says when the bundle was built
+    behind = check_clock(cfg, {"created_unix": 1_800_000_000}, now=1_700_000_000)
+    assert behind.status == FAIL and "2027-01-15 08:00:00 UTC" in behind.detail
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -258,6 +258,9 @@ def test_round_events_reach_the_api_server(apiserver):
         "uid": "uid-1",
     }
     assert second["reason"] == "RoundFailed" and second["type"] == "Warning"
+    stamp = datetime.fromisoformat(first["firstTimestamp"])  # RFC 3339 in UTC, to the second
+    assert stamp.utcoffset() == timedelta(0) and abs(stamp.timestamp() - time.time()) < 60
+    assert first["lastTimestamp"] == first["firstTimestamp"]
 
 
 # -- two real aggregator processes -----------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.bundle import Bundle
-from core.errors import BundleError
+from core.errors import BundleError, ConfigError
 from server.peft_adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -302,3 +302,25 @@ def test_the_aggregator_writes_each_version_keeps_the_latest_and_the_cli_writes_
         )
         == 2
     )  # no state there: a clear error
+
+
+@pytest.mark.parametrize(
+    "config, labels, message",
+    [
+        ({"task_type": ["SEQ_CLS"]}, '["a"]', "task_type must be one of"),
+        ({"task_type": {"x": 1}}, '["a"]', "task_type must be one of"),
+        ([1, 2], '["a"]', "task_type must be one of"),
+        ({"task_type": "SEQ_CLS"}, "not json", "not a JSON list of class names"),
+        ({"task_type": "SEQ_CLS"}, '{"a": 1}', "not a JSON list of class names"),
+        ({"task_type": "SEQ_CLS"}, "[1, 2]", "not a JSON list of class names"),
+    ],
+)
+def test_a_malformed_adapter_folder_is_refused_with_a_reason(tmp_path, config, labels, message):
+    from safetensors.numpy import save_file
+
+    from export.merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS_METADATA, adapter_task_and_labels
+
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(config), encoding="utf-8")
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / ADAPTER_WEIGHTS), metadata={LABELS_METADATA: labels})
+    with pytest.raises(ConfigError, match=message):
+        adapter_task_and_labels(tmp_path)
