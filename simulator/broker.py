@@ -226,18 +226,11 @@ class MosquittoBroker:
 def start_embedded_broker(kind: str, folder: str | Path) -> MosquittoBroker | EmbeddedBroker:
     """``kind``: mosquitto, amqtt, or auto (Mosquitto when installed, else amqtt); its log in
     ``folder``/broker.log."""
-    if embedded_broker_name(kind) == "mosquitto":
-        return MosquittoBroker(folder).start()
-    return EmbeddedBroker(log_file=Path(folder) / "broker.log").start()
-
-
-def embedded_broker_name(kind: str) -> str:
-    """The broker ``start_embedded_broker(kind)`` starts: mosquitto, or amqtt (``auto`` where
-    Mosquitto is not installed). amqtt has no shared subscriptions (``$share/...``): it accepts
-    one and delivers nothing on it, so sharded aggregators need Mosquitto or an external broker."""
     if kind not in EMBEDDED_BROKERS:
         raise FedloraError(f"embedded broker must be one of {EMBEDDED_BROKERS}, not {kind!r}")
-    return "mosquitto" if kind == "mosquitto" or (kind == "auto" and mosquitto_binary()) else "amqtt"
+    if kind == "mosquitto" or (kind == "auto" and mosquitto_binary()):
+        return MosquittoBroker(folder).start()
+    return EmbeddedBroker(log_file=Path(folder) / "broker.log").start()
 
 
 def retained_topics(broker: BrokerConfig, topic_filter: str, wait: float = 10.0) -> set[str]:

@@ -37,7 +37,7 @@ from server.config import ServerConfig, TrainSettings
 from server.metrics import Metrics
 from server.peft_adapter import write_peft_adapter
 from server.rounds import RoundSettings
-from simulator.broker import EMBEDDED_BROKERS, clear_retained, embedded_broker_name, start_embedded_broker
+from simulator.broker import EMBEDDED_BROKERS, clear_retained, start_embedded_broker
 from simulator.datasets import SCHEMES, Dataset, label_histogram, load_dataset, partition, write_jsonl
 from simulator.fleet import (
     FleetPool,
@@ -176,6 +176,7 @@ class SimulateConfig:
             raise ConfigError(f"centralized_lr must be in (0, 1), got {self.centralized_lr}")
         if self.devices < 1:
             raise ConfigError("devices must be >= 1")
+        _check_shards(self)
         if self.split not in SCHEMES:
             raise ConfigError(f"split must be one of {SCHEMES}, not {self.split!r}")
         if self.split == "group" and not self.group_column and self.dataset != "rotten-tomatoes":
@@ -186,7 +187,6 @@ class SimulateConfig:
             raise ConfigError("eval_every must be >= 1")
         if self.embedded_broker not in EMBEDDED_BROKERS:
             raise ConfigError(f"embedded_broker must be one of {EMBEDDED_BROKERS}, not {self.embedded_broker!r}")
-        _check_shards(self)
         if self.alpha <= 0:
             raise ConfigError("alpha must be positive")
         from server.strategies import strategy_settings
@@ -251,12 +251,6 @@ def _check_shards(cfg: SimulateConfig) -> None:
         raise ConfigError(f"shards must be in [1, {MAX_SHARDS}], got {cfg.shards}")
     if cfg.shards == 1:
         return
-    if cfg.broker is None and embedded_broker_name(cfg.embedded_broker) == "amqtt":
-        raise ConfigError(
-            "shards > 1 needs MQTT shared subscriptions ($share/...), which the embedded amqtt broker lacks (its "
-            "workers would receive no update): install Mosquitto (apt-get install mosquitto), or give --broker a "
-            "broker that has them (Mosquitto 2, EMQX, VerneMQ, HiveMQ)"
-        )
     nested = nested_settings(cfg)
     check_shards(
         ShardSettings(count=cfg.shards),

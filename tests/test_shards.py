@@ -219,19 +219,6 @@ def test_a_worker_finds_its_shard_in_its_pod_name():
         ShardSettings(count=4, role="worker").shard_index("worker")
 
 
-def test_simulate_refuses_shards_it_cannot_run_before_any_work():
-    from simulator.run import SimulateConfig
-
-    with pytest.raises(ConfigError, match="shared subscriptions"):  # amqtt accepts $share/... and delivers nothing
-        SimulateConfig(shards=2, embedded_broker="amqtt")
-    with pytest.raises(ConfigError, match=r"shards must be in \[1, "):
-        SimulateConfig(shards=0)
-    with pytest.raises(ConfigError, match="secure"):
-        SimulateConfig(shards=2, broker="mqtt://127.0.0.1:1", secure_aggregation={"enabled": True})
-    assert SimulateConfig(shards=2, broker="mqtt://127.0.0.1:1").shards == 2  # an external broker may have them
-    assert SimulateConfig(shards=1, embedded_broker="amqtt").shards == 1
-
-
 # -- a coordinator and two workers through Mosquitto, one of them SIGKILLed mid-round ------
 def sharded_job(tmp_path, bundle_dir, url: str, job: str):
     """A coordinator and 2 workers (real ``fedlora-server`` processes, not started) and 8
