@@ -219,6 +219,16 @@ def test_a_worker_finds_its_shard_in_its_pod_name():
         ShardSettings(count=4, role="worker").shard_index("worker")
 
 
+def test_simulate_refuses_shards_it_cannot_run_before_any_work():
+    from simulator.run import SimulateConfig
+
+    with pytest.raises(ConfigError, match=r"shards must be in \[1, "):
+        SimulateConfig(shards=0)
+    with pytest.raises(ConfigError, match="secure"):
+        SimulateConfig(shards=2, secure_aggregation={"enabled": True})
+    assert SimulateConfig(shards=2, embedded_broker="amqtt").shards == 2  # per-shard topics: any MQTT 3.1.1 broker
+
+
 # -- a coordinator and two workers through Mosquitto, one of them SIGKILLed mid-round ------
 def sharded_job(tmp_path, bundle_dir, url: str, job: str):
     """A coordinator and 2 workers (real ``fedlora-server`` processes, not started) and 8
