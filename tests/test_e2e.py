@@ -70,10 +70,16 @@ def test_simulate_against_mosquitto_mqtt5(tmp_path, minilm_bundle, edge_python, 
     assert "cleared" in terminal.out and "Traceback" not in terminal.out + terminal.err
 
 
-def test_simulate_with_sharded_aggregators(tmp_path, minilm_bundle, edge_python, mosquitto, capfd):
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded-amqtt"])
+def test_simulate_with_sharded_aggregators(tmp_path, minilm_bundle, edge_python, broker, request, capfd):
     """``--shards 2``: two fedlora-server workers take the updates, the simulation's aggregator
-    coordinates; the rounds, their history and the report are those of one aggregator."""
-    cfg = _small(tmp_path, minilm_bundle, edge_python, broker=mosquitto.url, split="iid", shards=2)
+    coordinates; the rounds, their history and the report are those of one aggregator. Through
+    Mosquitto and through the embedded amqtt fallback (the shards are topics: no broker feature
+    beyond MQTT 3.1.1)."""
+    where = (
+        {"broker": request.getfixturevalue("mosquitto").url} if broker == "mosquitto" else {"embedded_broker": "amqtt"}
+    )
+    cfg = _small(tmp_path, minilm_bundle, edge_python, split="iid", shards=2, **where)
     result = run_simulation(cfg)
     history = result["history"]
     assert [h["round"] for h in history] == [1, 2]
