@@ -185,6 +185,7 @@ def render(sync: dict, asyn: dict, args, load: tuple[float, float, float]) -> tu
     held = time_to_sustained(asyn, target)
     held_ratio = held / s["wall"] if held is not None else None
     durations = [h["duration_s"] for h in sync["history"] if "duration_s" in h and "participants" in h]
+    best_at, best = max(curve(asyn), key=lambda point: (point[1], -point[0]), default=(None, None))
     result = {
         "sync_final": target,
         "sync_wall": s["wall"],
@@ -193,6 +194,8 @@ def render(sync: dict, asyn: dict, args, load: tuple[float, float, float]) -> tu
         "ratio": ratio,
         "async_sustained": held,
         "sustained_ratio": held_ratio,
+        "async_best": best,  # the async run's best evaluation, and when it first scored it
+        "async_best_at": best_at,
     }
     head = (
         "| mode | rounds / versions | updates taken | updates lost offline | refused | online (mean) "
@@ -329,10 +332,17 @@ def seed_table(results: list[dict]) -> str:
     for r in results:
         text += (
             f"| {r['seed']} | {r['sync_wall']:.0f} | {r.get('sync_round_median', float('nan')):.0f} "
-            f"| {r['sync_final']:.3f} | {_secs(r['async_reached'])} "
+            f"| {r['sync_final']:.3f} | {_reached(r)} "
             f"| {_ratio(r['ratio'])} | {_secs(r['async_sustained'])} | {_ratio(r['sustained_ratio'])} |\n"
         )
     return text
+
+
+def _reached(r: dict) -> str:
+    """When async reached the sync final accuracy; if never, its best and when."""
+    if r["async_reached"] is not None or r.get("async_best") is None:
+        return _secs(r["async_reached"])
+    return f"never (best {r['async_best']:.3f}, at {r['async_best_at']:.0f} s)"
 
 
 def _ratio(x: float | None) -> str:
