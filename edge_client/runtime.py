@@ -45,7 +45,7 @@ def training_api():
         # that imports torch wherever torch is installed (build host, simulator: ~300 MiB of RSS
         # per client). A None entry makes the probe fail as it does on a device; we never use
         # ORTModule.
-        sys.modules["onnxruntime.training.ortmodule"] = None
+        sys.modules["onnxruntime.training.ortmodule"] = None  # type: ignore[assignment]  # None blocks the import
         try:
             importlib.import_module("onnxruntime")
         finally:

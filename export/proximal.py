@@ -59,6 +59,8 @@ def proximal_loss(inner, trainable: list[str]):
     from onnxruntime.training import artifacts, onnxblock
     from onnxruntime.training.onnxblock import _graph_utils
 
+    if not trainable:
+        raise ValueError("the proximal term needs at least one trainable parameter")
     if isinstance(inner, artifacts.LossType):
         inner = {
             artifacts.LossType.CrossEntropyLoss: onnxblock.loss.CrossEntropyLoss,
@@ -79,11 +81,12 @@ def proximal_loss(inner, trainable: list[str]):
                 graph.node.append(onnx.helper.make_node(op, ins, [out], name=out + "_node", **attrs))
                 return out
 
-            total = None
+            total: str | None = None
             for name in trainable:
                 diff = node("Sub", [name, center_name(name)])
                 squares = node("ReduceSum", [node("Mul", [diff, diff])], keepdims=0)
                 total = squares if total is None else node("Add", [total, squares])
+            assert total is not None  # trainable is not empty (checked above)
             half = _graph_utils.generate_graph_name("fedprox_half")
             graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), half))
             term = node("Mul", [node("Mul", [PROXIMAL_MU, half]), total])

@@ -34,7 +34,7 @@ class CausalLMWrapper(torch.nn.Module):
         super().__init__()
         self.model = inner
         self.ignore_index = ignore_index
-        self._rows = None
+        self._rows: torch.Tensor | None = None
         inner.get_base_model().get_output_embeddings().register_forward_pre_hook(self._labeled_rows_only)
 
     def _labeled_rows_only(self, module, args):
