@@ -317,7 +317,8 @@ def check_clock(cfg, doc: dict | None, now: float | None = None) -> Check:
         import ssl
 
         try:
-            cert = ssl._ssl._test_decode_cert(cfg.broker.ca_file)  # type: ignore[attr-defined]  # stdlib, undocumented but stable
+            # the stdlib's own certificate decoder: undocumented (so untyped) but stable
+            cert = ssl._ssl._test_decode_cert(cfg.broker.ca_file)  # type: ignore[attr-defined]
             start, end = ssl.cert_time_to_seconds(cert["notBefore"]), ssl.cert_time_to_seconds(cert["notAfter"])
             if not start <= now <= end:
                 return Check(

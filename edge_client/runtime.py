@@ -44,8 +44,8 @@ def training_api():
         # onnxruntime's own __init__ probes onnxruntime.training.ortmodule to name its build, and
         # that imports torch wherever torch is installed (build host, simulator: ~300 MiB of RSS
         # per client). A None entry makes the probe fail as it does on a device; we never use
-        # ORTModule.
-        sys.modules["onnxruntime.training.ortmodule"] = None  # type: ignore[assignment]  # None blocks the import
+        # ORTModule. (typeshed types sys.modules without the None that blocks an import.)
+        sys.modules["onnxruntime.training.ortmodule"] = None  # type: ignore[assignment]
         try:
             importlib.import_module("onnxruntime")
         finally:
