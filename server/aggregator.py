@@ -122,7 +122,8 @@ class Aggregator:
         self.metrics = metrics or Metrics()
         self.evaluator = evaluator
         self._eval_pool: ThreadPoolExecutor | None = None  # one worker: evaluations run in round order
-        self._evaluations: list[tuple[dict, Future]] = []  # (history entry, its evaluation) not yet collected
+        # (history entry, its evaluation, the evaluated version as a GlobalModel) not yet collected
+        self._evaluations: list[tuple[dict, Future, GlobalModel]] = []
         self.clock = clock
         self.topics = Topics(cfg.job)
         assert cfg.bundle is not None  # AggregatorConfig refuses a config without one
@@ -505,20 +506,47 @@ class Aggregator:
 
     def evaluation_pending(self, entry: dict) -> bool:
         """Whether the evaluation of this history entry's global adapter is still running."""
-        return any(e is entry for e, _ in self._evaluations)
+        return any(e is entry for e, _, _ in self._evaluations)
 
     def collect_evaluations(self, wait: bool = False) -> None:
         """Put finished evaluations (all of them, with ``wait``) into their history entries, in
         round order, and commit; an evaluator's exception is raised here, in the main loop."""
         while self._evaluations and (wait or self._evaluations[0][1].done()):
-            entry, future = self._evaluations.pop(0)
+            entry, future, evaluated = self._evaluations.pop(0)
             result = future.result()
+            best = self.best_score()
             entry["eval"] = result
             if "loss" in result:
                 self.metrics.eval_loss.set(result["loss"])
             if "accuracy" in result:
                 self.metrics.eval_accuracy.set(result["accuracy"])
             self._save()
+            score = eval_score(result)
+            if score is not None and (best is None or score > best):
+                self.write_best_adapter(evaluated, result)
+
+    def best_score(self) -> float | None:
+        """The best evaluation in the round history so far (``eval_score``; None: none yet)."""
+        scores = [s for h in self.history if (s := eval_score(h.get("eval") or {})) is not None]
+        return max(scores, default=None)
+
+    def write_best_adapter(self, model: GlobalModel, result: dict) -> None:
+        """The best-evaluated global adapter as a PEFT folder, ``<state_dir>/adapters/best``
+        (the global of async rounds, or of rounds under drift, is not monotone: the last version
+        need not be the best). Written when an evaluation beats every earlier one in the history,
+        so a restart keeps it; with ``adapter_versions`` 0, none is written. A failure is logged
+        and counted, never fatal, as ``write_adapter``'s."""
+        if not self.cfg.adapter_versions:
+            return
+        folder = Path(self.cfg.state_dir) / "adapters" / "best"
+        scores = {k: result[k] for k in ("accuracy", "loss") if k in result}
+        about = {"job": self.cfg.job, "version": model.version, "strategy": self.strategy.name, **scores}
+        try:
+            write_peft_adapter(folder, self.manifest, model.tensors, model.base_delta, about=about)
+            log.info("version %d is the best evaluated so far (%s): %s", model.version, scores, folder)
+        except (OSError, BundleError) as exc:
+            self.metrics.store_errors.inc()
+            log.error("could not write the best adapter (version %d) under %s: %s", model.version, folder, exc)
 
     def tick(self) -> None:
         if self._resync:
@@ -931,9 +959,20 @@ class Aggregator:
                 tensors = {k: v.copy() for k, v in tensors.items()}
                 if self._eval_pool is None:
                     self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="fedlora-eval")
-                self._evaluations.append((entry, self._eval_pool.submit(self.evaluator, tensors)))
+                future = self._eval_pool.submit(self.evaluator, tensors)
+                self._evaluations.append((entry, future, self.model.copy()))
         if self.on_round_closed is not None:
             self.on_round_closed(entry)
+
+
+def eval_score(result: dict) -> float | None:
+    """How good an evaluation is, higher better: its accuracy, else its negative loss (a causal
+    LM scored by loss alone); None when it has neither or they are not finite."""
+    for key, sign in (("accuracy", 1.0), ("loss", -1.0)):
+        value = result.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            return sign * float(value)
+    return None
 
 
 @dataclass

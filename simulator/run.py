@@ -547,6 +547,23 @@ def resolve_bundle(cfg: SimulateConfig, labels: list[str]) -> tuple[Path, Bundle
     return bundle_dir, Bundle(choose_bundle(bundle_dir))  # the largest rank: the aggregator's adapter
 
 
+def copy_best_adapter(source: Path, target: Path) -> str:
+    """The aggregator's best-evaluated adapter (``Aggregator.write_best_adapter``) copied to
+    ``target``; what the report says of it ('' when there is none)."""
+    if not (source / "adapter_model.safetensors").is_file():
+        return ""
+    from safetensors import safe_open
+
+    with safe_open(str(source / "adapter_model.safetensors"), framework="np") as f:
+        about = f.metadata() or {}
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    scores = ", ".join(
+        f"{k} {float(about[f'fedlora_{k}']):.4f}" for k in ("accuracy", "loss") if f"fedlora_{k}" in about
+    )
+    return f"{target.name}/ (version {about.get('fedlora_version', '?')}: {scores})"
+
+
 def write_device_shards(cfg: SimulateConfig, data: Dataset, out: Path) -> list[dict]:
     """Split the training set over the devices and write each shard as the device's JSONL file;
     one row per device (id, folder, examples, rank, label histogram)."""
@@ -887,6 +904,9 @@ def write_outputs(
         else "one process per device",
         "trained adapter": "adapter/ (PEFT: PeftModel.from_pretrained(model, 'adapter'))",
     }
+    best = copy_best_adapter(out / "aggregator" / "adapters" / "best", out / "adapter-best")
+    if best:
+        settings["best evaluated adapter"] = best
     write_metrics(out, history)
     if centralized:
         (out / "centralized.jsonl").write_text("".join(json.dumps(c) + "\n" for c in centralized))

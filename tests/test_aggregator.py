@@ -348,6 +348,57 @@ def test_a_slow_evaluation_does_not_hold_up_the_next_rounds_acks(tmp_path, minil
         dev.link.close()
 
 
+def test_eval_score_prefers_accuracy_then_a_lower_loss():
+    from server.aggregator import eval_score
+
+    assert eval_score({"accuracy": 0.5, "loss": 9.0}) == 0.5
+    assert eval_score({"loss": 2.0}) > eval_score({"loss": 3.0})
+    for bad in ({}, {"accuracy": float("nan")}, {"accuracy": True}, {"loss": "1"}):
+        assert eval_score(bad) is None
+
+
+def test_the_best_evaluated_version_is_kept_as_a_peft_adapter(tmp_path, minilm_bundle, mosquitto):
+    """Evaluations of 0.5, 0.7 and 0.6: ``adapters/best`` is version 2's adapter, the same files
+    as ``adapters/v000002``, and an aggregator restarted on the state knows 0.7 is the bar."""
+    from safetensors import safe_open
+
+    bundle = Bundle(minilm_bundle)
+    scores = iter([0.5, 0.7, 0.6])
+    state = tmp_path / "state"
+    agg, stop, thread, link = start_aggregator(minilm_bundle, state, mosquitto.url, job="best", rounds=3)
+    agg.evaluator = lambda tensors: {"accuracy": next(scores)}
+    dev = FakeDevice(mosquitto.url, "best", "d1")
+    try:
+        dev.online()
+        for rnd in (1, 2, 3):
+            wait_for(lambda r=rnd: (dev.open_round() or {}).get("round") == r, what=f"round {rnd}")
+            rng = np.random.default_rng(rnd)
+            tensors = {q.name: rng.normal(0, 0.01, q.shape).astype(np.float32) for q in bundle.manifest.trainable}
+            dev.send(update_payload(bundle, "best", "d1", rnd, tensors=tensors))
+            wait_for(lambda r=rnd: dev.ack_count() >= r, what=f"the ack of round {rnd}")
+        thread.join(30)
+        assert not thread.is_alive() and [h["eval"]["accuracy"] for h in agg.history] == [0.5, 0.7, 0.6]
+    finally:
+        stop.set()
+        thread.join(10)
+        link.close()
+        dev.link.close()
+    best, second = state / "adapters" / "best", state / "adapters" / "v000002"
+    with safe_open(str(best / "adapter_model.safetensors"), framework="np") as f:
+        assert f.metadata()["fedlora_version"] == "2" and float(f.metadata()["fedlora_accuracy"]) == 0.7
+        kept = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(second / "adapter_model.safetensors"), framework="np") as f:
+        assert kept.keys() == set(f.keys()) and all(np.array_equal(kept[k], f.get_tensor(k)) for k in kept)
+    assert (best / "adapter_config.json").read_text() == (second / "adapter_config.json").read_text()
+    again, stop, thread, link = start_aggregator(minilm_bundle, state, mosquitto.url, job="best", rounds=3)
+    try:
+        assert again.best_score() == 0.7  # from the restored history: a worse version will not replace it
+    finally:
+        stop.set()
+        thread.join(10)
+        link.close()
+
+
 def run_fedadam_job(bundle_dir, state, url, job, rounds, restart_after=()):
     """``rounds`` rounds of FedAdam fed by one hand-driven device with round-dependent updates;
     after each round in ``restart_after`` the aggregator is abandoned mid-job (its thread
