@@ -44,7 +44,8 @@ def _check_run(result, out):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())  # the trained adapter, for PEFT
     assert adapter["peft_type"] == "LORA" and (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     best = json.loads((out / "adapter-best" / "adapter_config.json").read_text())  # the best-evaluated version
-    assert best == adapter and "best evaluated adapter | adapter-best/ (version " in report
+    assert best["peft_type"] == "LORA" and (out / "adapter-best" / "adapter_model.safetensors").stat().st_size > 0
+    assert "best evaluated adapter | adapter-best/ (version " in report
     events = [json.loads(line) for line in (out / "aggregator" / "events.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "update_accepted" for e in events) == 6
     assert not any(e["event"] == "update_rejected" for e in events)
